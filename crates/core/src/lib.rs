@@ -1,0 +1,14 @@
+//! Domain types of tuna, shared by the API, the queue, the worker and the trainer. No IO.
+//!
+//! - `ids`: prefixed random ids (`ftjob-…`, `file-…`, …).
+//! - `status`: the job state machine.
+//! - `spec`: the fine-tuning job request, its validation and the resolved [`spec::JobSpec`].
+//! - `data`: dataset formats (JSONL chat / prompt-completion / text / text+label, CSV, TSV),
+//!   parsed and checked line by line with line numbers and rule names.
+//! - `hf_config`: Hugging Face `config.json` parsing (old and new key forms) and model facts.
+
+pub mod data;
+pub mod hf_config;
+pub mod ids;
+pub mod spec;
+pub mod status;

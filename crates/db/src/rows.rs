@@ -1,0 +1,105 @@
+//! Row types shared by the queue and the API-facing queries. Columns as in migrations/0001_init.sql.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    pub job_id: String,
+    pub seq: i64,
+    pub organization_id: String,
+    pub status: String,
+    pub model: String,
+    pub training_file: Option<String>,
+    pub validation_file: Option<String>,
+    /// The resolved `tuna_core::spec::JobSpec` as JSON.
+    pub spec: Value,
+    pub suffix: Option<String>,
+    pub seed: i64,
+    pub metadata: Option<Value>,
+    pub integrations: Option<Value>,
+    pub priority: i32,
+    pub required_device: Option<String>,
+    pub min_gpu_memory_mb: Option<i64>,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub infra_retries: i32,
+    pub max_infra_retries: i32,
+    pub lease_owner: Option<String>,
+    pub lease_token: Option<Uuid>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub attempted_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub pause_requested_at: Option<DateTime<Utc>>,
+    pub checkpoint_step: Option<i64>,
+    pub checkpoint_uri: Option<String>,
+    pub progress: Option<Value>,
+    pub estimated_finish: Option<DateTime<Utc>>,
+    pub fine_tuned_model: Option<String>,
+    pub trained_tokens: Option<i64>,
+    pub result_files: Value,
+    pub error: Option<Value>,
+    pub idempotency_key: Option<String>,
+    pub scheduled_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FileRow {
+    pub file_id: String,
+    pub seq: i64,
+    pub organization_id: String,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: i64,
+    pub status: String,
+    pub status_details: Option<String>,
+    pub format: Option<String>,
+    pub example_count: Option<i64>,
+    pub storage_key: String,
+    pub sha256: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub event_id: String,
+    pub seq: i64,
+    pub job_id: String,
+    pub created_at: DateTime<Utc>,
+    pub level: String,
+    pub message: String,
+    pub data: Option<Value>,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CheckpointRow {
+    pub checkpoint_id: String,
+    pub seq: i64,
+    pub job_id: String,
+    pub step_number: i64,
+    pub metrics: Value,
+    pub fine_tuned_model_checkpoint: String,
+    pub artifact_prefix: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ModelRow {
+    pub model_id: String,
+    pub seq: i64,
+    pub organization_id: Option<String>,
+    pub kind: String,
+    pub location: String,
+    pub job_id: Option<String>,
+    pub architecture: Value,
+    pub created_at: DateTime<Utc>,
+}

