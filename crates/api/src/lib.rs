@@ -1,1 +1,121 @@
-//! placeholder
+//! tuna's HTTP API: OpenAI-compatible `/v1/fine_tuning/jobs` and `/v1/files`, `/v1/models`, and
+//! operations endpoints (`/healthz`, `/readyz`, `/metrics`).
+//!
+//! - `error`: [`error::ApiError`], the one error type, answered in OpenAI's error shape.
+//! - `auth`: Bearer API keys ([`auth::Caller`]), open access for local use.
+//! - `files`, `jobs`, `models`, `ops`: one module per resource, each with a `router()`.
+//! - `objects`: the JSON objects the API answers (jobs, events, checkpoints, files, models).
+//! - `query`: list parameters (`after`, `limit`, `order`, `metadata[k]`) and list envelopes.
+//! - `validate`: the check a new job goes through before it is queued.
+//! - [`ROUTES`]: every route the router serves; a test compares it with `openapi.yaml`.
+//!
+//! Handlers stay short and call named functions over the pool; only `tuna_db::queue` changes a
+//! job's status. The crate never links libtorch.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use tuna_db::PgPool;
+
+pub mod auth;
+pub mod error;
+pub mod files;
+pub mod jobs;
+pub mod models;
+pub mod objects;
+pub mod ops;
+pub mod query;
+pub mod validate;
+
+/// Server settings the handlers need.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where uploaded files are stored (`<data_dir>/files/<file_id>`).
+    pub data_dir: PathBuf,
+    /// Requests without a valid key act as the default organisation (loopback only).
+    pub open_access: bool,
+    /// Accept `file://` dataset URLs.
+    pub allow_file_urls: bool,
+    /// Largest accepted upload, in bytes.
+    pub max_upload_bytes: u64,
+    /// Largest accepted JSON body, in bytes.
+    pub max_json_bytes: usize,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            open_access: false,
+            allow_file_urls: false,
+            max_upload_bytes: 512 * 1024 * 1024,
+            max_json_bytes: 1024 * 1024,
+        }
+    }
+
+    pub fn files_dir(&self) -> PathBuf {
+        self.data_dir.join("files")
+    }
+}
+
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub config: Arc<Config>,
+}
+
+impl AppState {
+    pub fn new(db: PgPool, config: Config) -> AppState {
+        AppState { db, config: Arc::new(config) }
+    }
+}
+
+/// Every route: (method, path), paths in axum's (and OpenAPI's) `{param}` syntax.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files"),
+    ("GET", "/v1/files/{file_id}"),
+    ("DELETE", "/v1/files/{file_id}"),
+    ("GET", "/v1/files/{file_id}/content"),
+    ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"),
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+];
+
+/// The whole application: resource routers, error fallbacks and the middleware stack.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .merge(files::router(&state.config))
+        .merge(jobs::router(&state.config))
+        .merge(models::router(&state.config))
+        .merge(ops::router());
+    ops::layers(api, state)
+}
+
+/// Finishes what a previous run left (jobs still validating). Call once at startup.
+pub async fn start_background(state: &AppState) -> Result<usize, error::ApiError> {
+    validate::sweep(state).await
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` resolves, then drains open requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

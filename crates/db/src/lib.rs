@@ -15,6 +15,12 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 pub use sqlx::PgPool;
 
+pub mod checkpoints;
+pub mod events;
+pub mod files;
+pub mod jobs;
+pub mod keys;
+pub mod models;
 pub mod pg;
 pub mod queue;
 pub mod rows;

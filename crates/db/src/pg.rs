@@ -47,7 +47,11 @@ pub struct PgBinaries {
 impl PgBinaries {
     /// Finds `initdb`, `pg_ctl` and `postgres`.
     pub fn find() -> Result<PgBinaries> {
-        let has_all = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file());
+        let has_all = |dir: &Path| {
+            ["initdb", "pg_ctl", "postgres"]
+                .iter()
+                .all(|b| dir.join(b).is_file())
+        };
         // Debian/Ubuntu layout: /usr/lib/postgresql/<major>/bin; take the highest major.
         let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
             .into_iter()
@@ -99,7 +103,11 @@ impl PgBinaries {
         // "pg_ctl (PostgreSQL) 15.8 (Debian 15.8-0+deb12u1)"
         text.split_whitespace()
             .find_map(|w| w.split('.').next().and_then(|m| m.parse::<u32>().ok()))
-            .ok_or_else(|| cluster_err(format!("cannot read the PostgreSQL version from `pg_ctl --version`: {text}")))
+            .ok_or_else(|| {
+                cluster_err(format!(
+                    "cannot read the PostgreSQL version from `pg_ctl --version`: {text}"
+                ))
+            })
     }
 }
 
@@ -116,12 +124,20 @@ impl RunAs {
             return Ok(RunAs { user: None });
         }
         let name = std::env::var("TUNA_PG_USER").unwrap_or_else(|_| "postgres".to_string());
-        let user = match User::from_name(&name).map_err(|e| cluster_err(format!("looking up user {name}: {e}")))? {
+        let user = match User::from_name(&name)
+            .map_err(|e| cluster_err(format!("looking up user {name}: {e}")))?
+        {
             Some(u) => u,
             None => {
                 tracing::warn!(user = %name, "creating system user for the private PostgreSQL cluster");
                 let status = Command::new("useradd")
-                    .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", &name])
+                    .args([
+                        "--system",
+                        "--no-create-home",
+                        "--shell",
+                        "/usr/sbin/nologin",
+                        &name,
+                    ])
                     .status();
                 match status {
                     Ok(s) if s.success() => {}
@@ -134,36 +150,48 @@ impl RunAs {
                         )))
                     }
                 }
-                User::from_name(&name)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| cluster_err(format!("user {name} still missing after useradd")))?
+                User::from_name(&name).ok().flatten().ok_or_else(|| {
+                    cluster_err(format!("user {name} still missing after useradd"))
+                })?
             }
         };
         if user.uid.is_root() {
-            return Err(cluster_err(format!("TUNA_PG_USER={name} is root; PostgreSQL must run as an unprivileged user")));
+            return Err(cluster_err(format!(
+                "TUNA_PG_USER={name} is root; PostgreSQL must run as an unprivileged user"
+            )));
         }
-        Ok(RunAs { user: Some((name, user.uid, user.gid, user.dir)) })
+        Ok(RunAs {
+            user: Some((name, user.uid, user.gid, user.dir)),
+        })
     }
 
     fn command(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);
         cmd.current_dir("/");
         // Messages in English whatever the locale, and no stray libpq settings of the caller.
-        cmd.env("LC_MESSAGES", "C").env_remove("PGDATA").env_remove("PGPORT").env_remove("PGHOST");
+        cmd.env("LC_MESSAGES", "C")
+            .env_remove("PGDATA")
+            .env_remove("PGPORT")
+            .env_remove("PGHOST");
         if let Some((name, uid, gid, home)) = &self.user {
             // std drops the supplementary groups when a root process sets a uid.
-            cmd.uid(uid.as_raw()).gid(gid.as_raw()).env("USER", name).env("LOGNAME", name).env("HOME", home);
+            cmd.uid(uid.as_raw())
+                .gid(gid.as_raw())
+                .env("USER", name)
+                .env("LOGNAME", name)
+                .env("HOME", home);
         }
         cmd
     }
 
     /// Makes `dir` (created if missing) owned by the server's user, mode 0700.
     fn own_dir(&self, dir: &Path) -> Result<()> {
-        fs::create_dir_all(dir).map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
+        fs::create_dir_all(dir)
+            .map_err(|e| DbError::io(format!("creating {}", dir.display()), e))?;
         if let Some((name, uid, gid, _)) = &self.user {
-            nix::unistd::chown(dir, Some(*uid), Some(*gid))
-                .map_err(|e| cluster_err(format!("cannot give {} to user {name}: {e}", dir.display())))?;
+            nix::unistd::chown(dir, Some(*uid), Some(*gid)).map_err(|e| {
+                cluster_err(format!("cannot give {} to user {name}: {e}", dir.display()))
+            })?;
             check_reachable(dir, *uid, *gid, name)?;
         }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
@@ -175,7 +203,9 @@ impl RunAs {
 /// Checks that `uid` can walk down to `dir` (every ancestor searchable by it).
 fn check_reachable(dir: &Path, uid: Uid, gid: Gid, name: &str) -> Result<()> {
     for anc in dir.ancestors().skip(1) {
-        let Ok(meta) = fs::metadata(anc) else { continue };
+        let Ok(meta) = fs::metadata(anc) else {
+            continue;
+        };
         let mode = meta.mode();
         let ok = if meta.uid() == uid.as_raw() {
             mode & 0o100 != 0
@@ -198,7 +228,9 @@ fn check_reachable(dir: &Path, uid: Uid, gid: Gid, name: &str) -> Result<()> {
 }
 
 fn run_checked(mut cmd: Command, what: &str) -> Result<Output> {
-    let out = cmd.output().map_err(|e| DbError::io(format!("running {what}"), e))?;
+    let out = cmd
+        .output()
+        .map_err(|e| DbError::io(format!("running {what}"), e))?;
     if !out.status.success() {
         return Err(cluster_err(format!(
             "{what} failed ({}): {}{}",
@@ -223,7 +255,11 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { max_connections: 100, unsafe_fast: false, create_database: true }
+        ClusterOptions {
+            max_connections: 100,
+            unsafe_fast: false,
+            create_database: true,
+        }
     }
 }
 
@@ -240,8 +276,14 @@ fn read_pid_file(data_dir: &Path) -> Option<PidFile> {
     let lines: Vec<&str> = text.lines().collect();
     Some(PidFile {
         pid: lines.first()?.trim().parse().ok()?,
-        port: lines.get(3).and_then(|l| l.trim().parse().ok()).unwrap_or(0),
-        status: lines.get(7).map(|l| l.trim().to_string()).unwrap_or_default(),
+        port: lines
+            .get(3)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0),
+        status: lines
+            .get(7)
+            .map(|l| l.trim().to_string())
+            .unwrap_or_default(),
     })
 }
 
@@ -284,8 +326,11 @@ fn running_state(data_dir: &Path) -> Running {
 
 /// A free TCP port on 127.0.0.1 (free when asked; the server start retries on a clash).
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| DbError::io("finding a free port", e))?;
-    Ok(l.local_addr().map_err(|e| DbError::io("finding a free port", e))?.port())
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| DbError::io("finding a free port", e))?;
+    Ok(l.local_addr()
+        .map_err(|e| DbError::io("finding a free port", e))?
+        .port())
 }
 
 /// Directory for the unix socket: the data directory when its path is short enough for a
@@ -323,9 +368,18 @@ impl PrivateCluster {
     pub fn start_with(data_dir: &Path, opts: &ClusterOptions) -> Result<PrivateCluster> {
         let bins = PgBinaries::find()?;
         let run_as = RunAs::detect()?;
-        fs::create_dir_all(data_dir).map_err(|e| DbError::io(format!("creating {}", data_dir.display()), e))?;
-        let data_dir = fs::canonicalize(data_dir).map_err(|e| DbError::io(format!("resolving {}", data_dir.display()), e))?;
-        let mut cluster = PrivateCluster { data_dir, port: 0, bins, run_as, opts: opts.clone(), stopped: true };
+        fs::create_dir_all(data_dir)
+            .map_err(|e| DbError::io(format!("creating {}", data_dir.display()), e))?;
+        let data_dir = fs::canonicalize(data_dir)
+            .map_err(|e| DbError::io(format!("resolving {}", data_dir.display()), e))?;
+        let mut cluster = PrivateCluster {
+            data_dir,
+            port: 0,
+            bins,
+            run_as,
+            opts: opts.clone(),
+            stopped: true,
+        };
         cluster.init_if_needed()?;
         cluster.write_conf()?;
         cluster.start_server()?;
@@ -358,7 +412,10 @@ impl PrivateCluster {
         let dir = &self.data_dir;
         let version_file = dir.join("PG_VERSION");
         if version_file.exists() {
-            let have = fs::read_to_string(&version_file).unwrap_or_default().trim().to_string();
+            let have = fs::read_to_string(&version_file)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             let bin_major = self.bins.major_version()?;
             if have != bin_major.to_string() {
                 return Err(cluster_err(format!(
@@ -370,13 +427,18 @@ impl PrivateCluster {
             // Ownership may have been lost (copied directory, different run-as user).
             self.run_as.own_dir(dir)?;
             if let Some((_, uid, gid, _)) = &self.run_as.user {
-                if fs::metadata(dir).map(|m| m.uid() != uid.as_raw()).unwrap_or(false) {
+                if fs::metadata(dir)
+                    .map(|m| m.uid() != uid.as_raw())
+                    .unwrap_or(false)
+                {
                     chown_recursive(dir, *uid, *gid)?;
                 }
             }
             return Ok(());
         }
-        let non_empty = fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+        let non_empty = fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
         if non_empty {
             return Err(cluster_err(format!(
                 "{} is not empty but holds no PostgreSQL cluster (no PG_VERSION); choose an empty directory",
@@ -386,15 +448,23 @@ impl PrivateCluster {
         self.run_as.own_dir(dir)?;
         tracing::info!(dir = %dir.display(), "initialising private PostgreSQL cluster");
         let mut cmd = self.run_as.command(&self.bins.bin("initdb"));
-        cmd.arg("-D")
-            .arg(dir)
-            .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-locale", "--no-instructions"]);
+        cmd.arg("-D").arg(dir).args([
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-instructions",
+        ]);
         run_checked(cmd, "initdb")?;
         // Everything tuna manages goes to tuna.conf, rewritten at every start.
         let conf = dir.join("postgresql.conf");
-        let mut text = fs::read_to_string(&conf).map_err(|e| DbError::io(format!("reading {}", conf.display()), e))?;
+        let mut text = fs::read_to_string(&conf)
+            .map_err(|e| DbError::io(format!("reading {}", conf.display()), e))?;
         text.push_str("\n# Settings managed by tuna (rewritten at each start).\ninclude_if_exists = 'tuna.conf'\n");
-        fs::write(&conf, text).map_err(|e| DbError::io(format!("writing {}", conf.display()), e))?;
+        fs::write(&conf, text)
+            .map_err(|e| DbError::io(format!("writing {}", conf.display()), e))?;
         Ok(())
     }
 
@@ -418,10 +488,13 @@ impl PrivateCluster {
             opts.max_connections,
         );
         if opts.unsafe_fast {
-            conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n");
+            conf.push_str(
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\nlog_checkpoints = off\n",
+            );
         }
         let path = self.data_dir.join("tuna.conf");
-        fs::write(&path, conf).map_err(|e| DbError::io(format!("writing {}", path.display()), e))?;
+        fs::write(&path, conf)
+            .map_err(|e| DbError::io(format!("writing {}", path.display()), e))?;
         if let Some((_, uid, gid, _)) = &self.run_as.user {
             let _ = nix::unistd::chown(&path, Some(*uid), Some(*gid));
         }
@@ -450,7 +523,11 @@ impl PrivateCluster {
                 Running::No => {}
             }
             let mut cmd = self.run_as.command(&self.bins.bin("pg_ctl"));
-            cmd.arg("-D").arg(&self.data_dir).arg("-l").arg(self.log_path()).args(["-w", "-t", "60", "-s", "start"]);
+            cmd.arg("-D")
+                .arg(&self.data_dir)
+                .arg("-l")
+                .arg(self.log_path())
+                .args(["-w", "-t", "60", "-s", "start"]);
             match run_checked(cmd, "pg_ctl start") {
                 Ok(_) => {}
                 Err(e) => {
@@ -461,8 +538,19 @@ impl PrivateCluster {
                         self.write_conf()?;
                         continue;
                     }
-                    let tail: String = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-                    return Err(cluster_err(format!("{e}\nserver log ({}):\n{tail}", self.log_path().display())));
+                    let tail: String = log
+                        .lines()
+                        .rev()
+                        .take(10)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    return Err(cluster_err(format!(
+                        "{e}\nserver log ({}):\n{tail}",
+                        self.log_path().display()
+                    )));
                 }
             }
             if let Running::Ready(port) = running_state(&self.data_dir) {
@@ -481,20 +569,37 @@ impl PrivateCluster {
     /// this crate's sync code).
     fn psql(&self, database: &str, sql: &str) -> Result<String> {
         let mut cmd = self.run_as.command(&self.bins.bin("psql"));
-        cmd.args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", SUPERUSER])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-d")
-            .arg(database)
-            .arg("-c")
-            .arg(sql);
+        cmd.args([
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            SUPERUSER,
+        ])
+        .arg("-p")
+        .arg(self.port.to_string())
+        .arg("-d")
+        .arg(database)
+        .arg("-c")
+        .arg(sql);
         let out = run_checked(cmd, "psql")?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// Creates `name` if it does not exist.
     pub fn create_database(&self, name: &str) -> Result<()> {
-        let exists = self.psql("postgres", &format!("select 1 from pg_database where datname = '{}'", name.replace('\'', "''")))?;
+        let exists = self.psql(
+            "postgres",
+            &format!(
+                "select 1 from pg_database where datname = '{}'",
+                name.replace('\'', "''")
+            ),
+        )?;
         if exists != "1" {
             let sql = format!("create database \"{}\"", name.replace('"', "\"\""));
             if let Err(e) = self.psql("postgres", &sql) {
@@ -527,7 +632,9 @@ fn stop_dir(bins: &PgBinaries, run_as: &RunAs, data_dir: &Path) -> Result<()> {
         return Ok(());
     }
     let mut cmd = run_as.command(&bins.bin("pg_ctl"));
-    cmd.arg("-D").arg(data_dir).args(["-m", "fast", "-w", "-t", "60", "-s", "stop"]);
+    cmd.arg("-D")
+        .arg(data_dir)
+        .args(["-m", "fast", "-w", "-t", "60", "-s", "stop"]);
     run_checked(cmd, "pg_ctl stop")?;
     tracing::info!(dir = %data_dir.display(), "private PostgreSQL stopped");
     Ok(())
@@ -606,7 +713,11 @@ mod tests {
         assert_eq!(socket_dir(short), short);
         let long = PathBuf::from(format!("/{}", "x".repeat(120)));
         let s = socket_dir(&long);
-        assert!(s.starts_with("/tmp/tuna-pg-") && s.as_os_str().len() < 40);
+        assert!(
+            s.to_string_lossy().starts_with("/tmp/tuna-pg-") && s.as_os_str().len() < 40,
+            "{}",
+            s.display()
+        );
     }
 
     #[test]

@@ -98,7 +98,11 @@ pub struct JobError {
 
 impl JobError {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> JobError {
-        JobError { code: code.into(), message: message.into(), param: None }
+        JobError {
+            code: code.into(),
+            message: message.into(),
+            param: None,
+        }
     }
 
     fn to_json(&self) -> Value {
@@ -161,7 +165,10 @@ async fn insert_event(
 }
 
 async fn notify_queued(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("select pg_notify($1, 'queued')").bind(CHANNEL_QUEUED).execute(conn).await?;
+    sqlx::query("select pg_notify($1, 'queued')")
+        .bind(CHANNEL_QUEUED)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -182,10 +189,22 @@ pub struct ControlMessage {
     pub worker_id: Option<String>,
 }
 
-async fn notify_control(conn: &mut PgConnection, job: &JobRow, action: ControlAction) -> sqlx::Result<()> {
-    let msg = ControlMessage { job_id: job.job_id.clone(), action, worker_id: job.lease_owner.clone() };
+async fn notify_control(
+    conn: &mut PgConnection,
+    job: &JobRow,
+    action: ControlAction,
+) -> sqlx::Result<()> {
+    let msg = ControlMessage {
+        job_id: job.job_id.clone(),
+        action,
+        worker_id: job.lease_owner.clone(),
+    };
     let payload = serde_json::to_string(&msg).unwrap_or_default();
-    sqlx::query("select pg_notify($1, $2)").bind(CHANNEL_CONTROL).bind(payload).execute(conn).await?;
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(CHANNEL_CONTROL)
+        .bind(payload)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -241,7 +260,9 @@ impl Inserted {
 pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
     if let Some(dev) = &job.required_device {
         if dev != "cpu" && dev != "cuda" {
-            return Err(QueueError::Invalid(format!("required_device must be 'cpu' or 'cuda', not '{dev}'")));
+            return Err(QueueError::Invalid(format!(
+                "required_device must be 'cpu' or 'cuda', not '{dev}'"
+            )));
         }
     }
     let mut tx = pool.begin().await?;
@@ -271,23 +292,36 @@ pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
     .await?;
     if let Some(row) = created {
         let msg = format!("Created fine-tuning job: {}", row.job_id);
-        insert_event(&mut tx, &row.job_id, Level::Info, &msg, None, EventKind::Message).await?;
+        insert_event(
+            &mut tx,
+            &row.job_id,
+            Level::Info,
+            &msg,
+            None,
+            EventKind::Message,
+        )
+        .await?;
         tx.commit().await?;
         return Ok(Inserted::Created(row));
     }
     tx.commit().await?;
-    let existing: JobRow = sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
-        .bind(&job.organization_id)
-        .bind(&job.idempotency_key)
-        .fetch_one(pool)
-        .await?;
+    let existing: JobRow =
+        sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
+            .bind(&job.organization_id)
+            .bind(&job.idempotency_key)
+            .fetch_one(pool)
+            .await?;
     Ok(Inserted::Existing(existing))
 }
 
 /// Ends file validation: `validating_files` -> `queued` (and notifies workers) or `failed`
 /// (error stored, error event). `None` when the job is not in `validating_files` (for example
 /// cancelled meanwhile).
-pub async fn finish_validation(pool: &PgPool, job_id: &str, outcome: Result<(), JobError>) -> Result<Option<JobRow>> {
+pub async fn finish_validation(
+    pool: &PgPool,
+    job_id: &str,
+    outcome: Result<(), JobError>,
+) -> Result<Option<JobRow>> {
     let mut tx = pool.begin().await?;
     let row: Option<JobRow> = match &outcome {
         Ok(()) => {
@@ -310,13 +344,28 @@ pub async fn finish_validation(pool: &PgPool, job_id: &str, outcome: Result<(), 
     };
     match &outcome {
         Ok(()) => {
-            insert_event(&mut tx, job_id, Level::Info, "Files validated, moving job to queued state", None, EventKind::Message)
-                .await?;
+            insert_event(
+                &mut tx,
+                job_id,
+                Level::Info,
+                "Files validated, moving job to queued state",
+                None,
+                EventKind::Message,
+            )
+            .await?;
             notify_queued(&mut tx).await?;
         }
         Err(e) => {
             let data = e.to_json();
-            insert_event(&mut tx, job_id, Level::Error, &e.message, Some(&data), EventKind::Message).await?;
+            insert_event(
+                &mut tx,
+                job_id,
+                Level::Error,
+                &e.message,
+                Some(&data),
+                EventKind::Message,
+            )
+            .await?;
         }
     }
     tx.commit().await?;
@@ -325,20 +374,35 @@ pub async fn finish_validation(pool: &PgPool, job_id: &str, outcome: Result<(), 
 
 /// Jobs still in `validating_files`, oldest first (to finish after a server restart).
 pub async fn validating_jobs(pool: &PgPool) -> Result<Vec<JobRow>> {
-    Ok(sqlx::query_as("select * from jobs where status = 'validating_files' order by seq").fetch_all(pool).await?)
+    Ok(
+        sqlx::query_as("select * from jobs where status = 'validating_files' order by seq")
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 /// One job by id.
 pub async fn job(pool: &PgPool, job_id: &str) -> Result<Option<JobRow>> {
-    Ok(sqlx::query_as("select * from jobs where job_id = $1").bind(job_id).fetch_optional(pool).await?)
+    Ok(sqlx::query_as("select * from jobs where job_id = $1")
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await?)
 }
 
 /// Number of jobs per status (statuses with no job are absent), sorted by status.
 pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as("select status, count(*) from jobs group by status order by status").fetch_all(pool).await?)
+    Ok(
+        sqlx::query_as("select status, count(*) from jobs group by status order by status")
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
-async fn lock_for_control(conn: &mut PgConnection, organization_id: &str, job_id: &str) -> Result<JobRow, ControlError> {
+async fn lock_for_control(
+    conn: &mut PgConnection,
+    organization_id: &str,
+    job_id: &str,
+) -> Result<JobRow, ControlError> {
     sqlx::query_as("select * from jobs where job_id = $1 and organization_id = $2 for update")
         .bind(job_id)
         .bind(organization_id)
@@ -351,7 +415,11 @@ async fn lock_for_control(conn: &mut PgConnection, organization_id: &str, job_id
 /// `cancel_requested_at` and its worker is notified (it stays `running` until the worker
 /// finishes it, or the rescuer finds its lease expired). Repeating the request on a running job
 /// is harmless. Terminal jobs: `Conflict`.
-pub async fn request_cancel(pool: &PgPool, organization_id: &str, job_id: &str) -> Result<JobRow, ControlError> {
+pub async fn request_cancel(
+    pool: &PgPool,
+    organization_id: &str,
+    job_id: &str,
+) -> Result<JobRow, ControlError> {
     let mut tx = pool.begin().await?;
     let job = lock_for_control(&mut tx, organization_id, job_id).await?;
     let row: JobRow = match job.status.as_str() {
@@ -363,7 +431,15 @@ pub async fn request_cancel(pool: &PgPool, organization_id: &str, job_id: &str) 
             .bind(job_id)
             .fetch_one(&mut *tx)
             .await?;
-            insert_event(&mut tx, job_id, Level::Info, "Job cancelled", None, EventKind::Message).await?;
+            insert_event(
+                &mut tx,
+                job_id,
+                Level::Info,
+                "Job cancelled",
+                None,
+                EventKind::Message,
+            )
+            .await?;
             row
         }
         "running" => {
@@ -374,7 +450,15 @@ pub async fn request_cancel(pool: &PgPool, organization_id: &str, job_id: &str) 
             .fetch_one(&mut *tx)
             .await?;
             if job.cancel_requested_at.is_none() {
-                insert_event(&mut tx, job_id, Level::Info, "Cancellation requested", None, EventKind::Message).await?;
+                insert_event(
+                    &mut tx,
+                    job_id,
+                    Level::Info,
+                    "Cancellation requested",
+                    None,
+                    EventKind::Message,
+                )
+                .await?;
             }
             notify_control(&mut tx, &job, ControlAction::Cancel).await?;
             row
@@ -388,16 +472,29 @@ pub async fn request_cancel(pool: &PgPool, organization_id: &str, job_id: &str) 
 /// Pauses a job. A queued job is paused at once; a running job gets `pause_requested_at` and
 /// its worker is notified (it saves a checkpoint and calls [`release_paused`]). Anything else:
 /// `Conflict`.
-pub async fn request_pause(pool: &PgPool, organization_id: &str, job_id: &str) -> Result<JobRow, ControlError> {
+pub async fn request_pause(
+    pool: &PgPool,
+    organization_id: &str,
+    job_id: &str,
+) -> Result<JobRow, ControlError> {
     let mut tx = pool.begin().await?;
     let job = lock_for_control(&mut tx, organization_id, job_id).await?;
     let row: JobRow = match job.status.as_str() {
         "queued" => {
-            let row = sqlx::query_as("update jobs set status = 'paused' where job_id = $1 returning *")
-                .bind(job_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            insert_event(&mut tx, job_id, Level::Info, "Job paused", None, EventKind::Message).await?;
+            let row =
+                sqlx::query_as("update jobs set status = 'paused' where job_id = $1 returning *")
+                    .bind(job_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            insert_event(
+                &mut tx,
+                job_id,
+                Level::Info,
+                "Job paused",
+                None,
+                EventKind::Message,
+            )
+            .await?;
             row
         }
         "running" if job.cancel_requested_at.is_some() => {
@@ -411,13 +508,25 @@ pub async fn request_pause(pool: &PgPool, organization_id: &str, job_id: &str) -
             .fetch_one(&mut *tx)
             .await?;
             if job.pause_requested_at.is_none() {
-                insert_event(&mut tx, job_id, Level::Info, "Pause requested", None, EventKind::Message).await?;
+                insert_event(
+                    &mut tx,
+                    job_id,
+                    Level::Info,
+                    "Pause requested",
+                    None,
+                    EventKind::Message,
+                )
+                .await?;
             }
             notify_control(&mut tx, &job, ControlAction::Pause).await?;
             row
         }
         "paused" => return Err(ControlError::Conflict("job is already paused".to_string())),
-        other => return Err(ControlError::Conflict(format!("cannot pause a job that is {other}"))),
+        other => {
+            return Err(ControlError::Conflict(format!(
+                "cannot pause a job that is {other}"
+            )))
+        }
     };
     tx.commit().await?;
     Ok(row)
@@ -425,11 +534,18 @@ pub async fn request_pause(pool: &PgPool, organization_id: &str, job_id: &str) -
 
 /// Resumes a paused job: back to `queued` (workers notified), keeping `checkpoint_step` and
 /// `checkpoint_uri` so the next run continues from there. Anything else: `Conflict`.
-pub async fn resume(pool: &PgPool, organization_id: &str, job_id: &str) -> Result<JobRow, ControlError> {
+pub async fn resume(
+    pool: &PgPool,
+    organization_id: &str,
+    job_id: &str,
+) -> Result<JobRow, ControlError> {
     let mut tx = pool.begin().await?;
     let job = lock_for_control(&mut tx, organization_id, job_id).await?;
     if job.status != "paused" {
-        return Err(ControlError::Conflict(format!("cannot resume a job that is {} (only paused jobs)", job.status)));
+        return Err(ControlError::Conflict(format!(
+            "cannot resume a job that is {} (only paused jobs)",
+            job.status
+        )));
     }
     let row: JobRow =
         sqlx::query_as("update jobs set status = 'queued', pause_requested_at = null where job_id = $1 returning *")
@@ -465,7 +581,10 @@ pub struct WorkerInfo {
 /// Registers (or re-registers) a worker. Must precede [`claim`].
 pub async fn register_worker(pool: &PgPool, w: &WorkerInfo) -> Result<()> {
     if w.device_kind != "cpu" && w.device_kind != "cuda" {
-        return Err(QueueError::Invalid(format!("device_kind must be 'cpu' or 'cuda', not '{}'", w.device_kind)));
+        return Err(QueueError::Invalid(format!(
+            "device_kind must be 'cpu' or 'cuda', not '{}'",
+            w.device_kind
+        )));
     }
     sqlx::query(
         "insert into workers (worker_id, hostname, device_kind, gpu_name, gpu_memory_mb, labels) \
@@ -488,17 +607,22 @@ pub async fn register_worker(pool: &PgPool, w: &WorkerInfo) -> Result<()> {
 /// Refreshes the worker's `last_heartbeat_at`; returns whether it is asked to drain (claim
 /// nothing new).
 pub async fn worker_heartbeat(pool: &PgPool, worker_id: &str) -> Result<bool> {
-    let draining: Option<bool> =
-        sqlx::query_scalar("update workers set last_heartbeat_at = now() where worker_id = $1 returning draining")
-            .bind(worker_id)
-            .fetch_optional(pool)
-            .await?;
+    let draining: Option<bool> = sqlx::query_scalar(
+        "update workers set last_heartbeat_at = now() where worker_id = $1 returning draining",
+    )
+    .bind(worker_id)
+    .fetch_optional(pool)
+    .await?;
     Ok(draining.unwrap_or(false))
 }
 
 /// Sets a worker's `draining` flag (a draining worker claims nothing).
 pub async fn set_worker_draining(pool: &PgPool, worker_id: &str, draining: bool) -> Result<()> {
-    sqlx::query("update workers set draining = $2 where worker_id = $1").bind(worker_id).bind(draining).execute(pool).await?;
+    sqlx::query("update workers set draining = $2 where worker_id = $1")
+        .bind(worker_id)
+        .bind(draining)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -560,19 +684,37 @@ pub async fn claim(pool: &PgPool, worker: &WorkerInfo, ttl: Duration) -> Result<
         "Fine-tuning job started".to_string()
     } else {
         match job.checkpoint_step {
-            Some(step) => format!("Job restarted on worker {}, resuming from checkpoint step {step}", worker.worker_id),
-            None => format!("Job restarted on worker {} from the beginning", worker.worker_id),
+            Some(step) => format!(
+                "Job restarted on worker {}, resuming from checkpoint step {step}",
+                worker.worker_id
+            ),
+            None => format!(
+                "Job restarted on worker {} from the beginning",
+                worker.worker_id
+            ),
         }
     };
     let data = json!({"worker_id": worker.worker_id, "attempt": job.attempt, "infra_retries": job.infra_retries,
                       "checkpoint_step": job.checkpoint_step});
-    insert_event(&mut tx, &job.job_id, Level::Info, &msg, Some(&data), EventKind::Message).await?;
+    insert_event(
+        &mut tx,
+        &job.job_id,
+        Level::Info,
+        &msg,
+        Some(&data),
+        EventKind::Message,
+    )
+    .await?;
     sqlx::query("update workers set last_heartbeat_at = now() where worker_id = $1")
         .bind(&worker.worker_id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    let lease = Lease { job_id: job.job_id.clone(), token, worker_id: worker.worker_id.clone() };
+    let lease = Lease {
+        job_id: job.job_id.clone(),
+        token,
+        worker_id: worker.worker_id.clone(),
+    };
     Ok(Some(Claimed { job, lease }))
 }
 
@@ -620,7 +762,9 @@ pub async fn heartbeat(
 }
 
 fn lost(lease: &Lease) -> QueueError {
-    QueueError::LeaseLost { job_id: lease.job_id.clone() }
+    QueueError::LeaseLost {
+        job_id: lease.job_id.clone(),
+    }
 }
 
 /// Appends an event to the leased job (fenced).
@@ -748,9 +892,24 @@ pub async fn complete(pool: &PgPool, lease: &Lease, done: &Completion) -> Result
         .await?;
     }
     let msg = format!("New fine-tuned model created: {}", done.fine_tuned_model);
-    insert_event(&mut tx, &lease.job_id, Level::Info, &msg, None, EventKind::Message).await?;
-    insert_event(&mut tx, &lease.job_id, Level::Info, "The job has successfully completed", None, EventKind::Message)
-        .await?;
+    insert_event(
+        &mut tx,
+        &lease.job_id,
+        Level::Info,
+        &msg,
+        None,
+        EventKind::Message,
+    )
+    .await?;
+    insert_event(
+        &mut tx,
+        &lease.job_id,
+        Level::Info,
+        "The job has successfully completed",
+        None,
+        EventKind::Message,
+    )
+    .await?;
     tx.commit().await?;
     Ok(row)
 }
@@ -763,13 +922,34 @@ pub async fn fail(pool: &PgPool, lease: &Lease, error: &JobError) -> Result<JobR
 /// A job failure (fenced). With attempts left (`attempt < max_attempts`) the job moves to its
 /// next attempt: queued again after `retry_delay` (or paused / cancelled when that was
 /// requested meanwhile). Otherwise it fails with `error`.
-pub async fn fail_with_retry_delay(pool: &PgPool, lease: &Lease, error: &JobError, retry_delay: Duration) -> Result<JobRow> {
+pub async fn fail_with_retry_delay(
+    pool: &PgPool,
+    lease: &Lease,
+    error: &JobError,
+    retry_delay: Duration,
+) -> Result<JobRow> {
     let mut tx = pool.begin().await?;
     let job = lock_leased(&mut tx, lease).await?;
     let data = error.to_json();
     let row: JobRow = if job.cancel_requested_at.is_some() {
-        insert_event(&mut tx, &job.job_id, Level::Error, &error.message, Some(&data), EventKind::Message).await?;
-        insert_event(&mut tx, &job.job_id, Level::Info, "Job cancelled", None, EventKind::Message).await?;
+        insert_event(
+            &mut tx,
+            &job.job_id,
+            Level::Error,
+            &error.message,
+            Some(&data),
+            EventKind::Message,
+        )
+        .await?;
+        insert_event(
+            &mut tx,
+            &job.job_id,
+            Level::Info,
+            "Job cancelled",
+            None,
+            EventKind::Message,
+        )
+        .await?;
         sqlx::query_as(&format!(
             "update jobs set status = 'cancelled', finished_at = now(), {CLEAR_LEASE}, pause_requested_at = null \
              where job_id = $1 returning *"
@@ -778,12 +958,24 @@ pub async fn fail_with_retry_delay(pool: &PgPool, lease: &Lease, error: &JobErro
         .fetch_one(&mut *tx)
         .await?
     } else if job.attempt < job.max_attempts {
-        let next = if job.pause_requested_at.is_some() { "paused" } else { "queued" };
+        let next = if job.pause_requested_at.is_some() {
+            "paused"
+        } else {
+            "queued"
+        };
         let msg = format!(
             "Attempt {} of {} failed: {}; the job will be retried",
             job.attempt, job.max_attempts, error.message
         );
-        insert_event(&mut tx, &job.job_id, Level::Warn, &msg, Some(&data), EventKind::Message).await?;
+        insert_event(
+            &mut tx,
+            &job.job_id,
+            Level::Warn,
+            &msg,
+            Some(&data),
+            EventKind::Message,
+        )
+        .await?;
         let row = sqlx::query_as(&format!(
             "update jobs set status = $2, attempt = attempt + 1, {CLEAR_LEASE}, pause_requested_at = null, \
                scheduled_at = now() + make_interval(secs => $3) \
@@ -799,7 +991,15 @@ pub async fn fail_with_retry_delay(pool: &PgPool, lease: &Lease, error: &JobErro
         }
         row
     } else {
-        insert_event(&mut tx, &job.job_id, Level::Error, &error.message, Some(&data), EventKind::Message).await?;
+        insert_event(
+            &mut tx,
+            &job.job_id,
+            Level::Error,
+            &error.message,
+            Some(&data),
+            EventKind::Message,
+        )
+        .await?;
         sqlx::query_as(&format!(
             "update jobs set status = 'failed', finished_at = now(), error = $2, {CLEAR_LEASE}, pause_requested_at = null \
              where job_id = $1 returning *"
@@ -825,7 +1025,15 @@ pub async fn finish_cancelled(pool: &PgPool, lease: &Lease) -> Result<JobRow> {
     .bind(&lease.job_id)
     .fetch_one(&mut *tx)
     .await?;
-    insert_event(&mut tx, &lease.job_id, Level::Info, "Job cancelled", None, EventKind::Message).await?;
+    insert_event(
+        &mut tx,
+        &lease.job_id,
+        Level::Info,
+        "Job cancelled",
+        None,
+        EventKind::Message,
+    )
+    .await?;
     tx.commit().await?;
     Ok(row)
 }
@@ -845,7 +1053,15 @@ pub async fn release_paused(pool: &PgPool, lease: &Lease) -> Result<JobRow> {
         Some(step) => format!("Job paused at checkpoint step {step}"),
         None => "Job paused".to_string(),
     };
-    insert_event(&mut tx, &lease.job_id, Level::Info, &msg, None, EventKind::Message).await?;
+    insert_event(
+        &mut tx,
+        &lease.job_id,
+        Level::Info,
+        &msg,
+        None,
+        EventKind::Message,
+    )
+    .await?;
     tx.commit().await?;
     Ok(row)
 }
@@ -860,7 +1076,13 @@ pub async fn release(pool: &PgPool, lease: &Lease) -> Result<JobRow> {
     } else if job.pause_requested_at.is_some() {
         ("paused", "Job paused".to_string())
     } else {
-        ("queued", format!("Worker {} released the job; it is queued again", lease.worker_id))
+        (
+            "queued",
+            format!(
+                "Worker {} released the job; it is queued again",
+                lease.worker_id
+            ),
+        )
     };
     let row: JobRow = sqlx::query_as(&format!(
         "update jobs set status = $2, {CLEAR_LEASE}, pause_requested_at = null, \
@@ -871,7 +1093,15 @@ pub async fn release(pool: &PgPool, lease: &Lease) -> Result<JobRow> {
     .bind(status)
     .fetch_one(&mut *tx)
     .await?;
-    insert_event(&mut tx, &lease.job_id, Level::Info, &msg, None, EventKind::Message).await?;
+    insert_event(
+        &mut tx,
+        &lease.job_id,
+        Level::Info,
+        &msg,
+        None,
+        EventKind::Message,
+    )
+    .await?;
     if status == "queued" {
         notify_queued(&mut tx).await?;
     }
@@ -894,15 +1124,31 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<String>> {
     let mut requeued = false;
     let mut ids = Vec::with_capacity(expired.len());
     for job in expired {
-        let worker = job.lease_owner.clone().unwrap_or_else(|| "(unknown)".to_string());
+        let worker = job
+            .lease_owner
+            .clone()
+            .unwrap_or_else(|| "(unknown)".to_string());
         let resume_from = match job.checkpoint_step {
             Some(step) => format!("will resume from checkpoint step {step}"),
             None => "will restart from the beginning".to_string(),
         };
-        let (status, level, msg, error): (&str, Level, String, Option<Value>) = if job.cancel_requested_at.is_some() {
-            ("cancelled", Level::Warn, format!("Worker {worker} was lost while cancelling; job cancelled"), None)
+        let (status, level, msg, error): (&str, Level, String, Option<Value>) = if job
+            .cancel_requested_at
+            .is_some()
+        {
+            (
+                "cancelled",
+                Level::Warn,
+                format!("Worker {worker} was lost while cancelling; job cancelled"),
+                None,
+            )
         } else if job.pause_requested_at.is_some() {
-            ("paused", Level::Warn, format!("Worker {worker} was lost while pausing; job paused, resume {resume_from}"), None)
+            (
+                "paused",
+                Level::Warn,
+                format!("Worker {worker} was lost while pausing; job paused, resume {resume_from}"),
+                None,
+            )
         } else if job.infra_retries < job.max_infra_retries {
             let msg = format!(
                 "Worker {worker} stopped renewing its lease; the job was re-queued (infrastructure retry {} of {}) and {resume_from}",
@@ -913,7 +1159,10 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<String>> {
         } else {
             let e = JobError::new(
                 "worker_lost",
-                format!("The job's worker was lost {} times; giving up", job.infra_retries + 1),
+                format!(
+                    "The job's worker was lost {} times; giving up",
+                    job.infra_retries + 1
+                ),
             );
             ("failed", Level::Error, e.message.clone(), Some(e.to_json()))
         };
@@ -932,7 +1181,15 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<String>> {
         let data = json!({"reason": "lease_expired", "worker_id": job.lease_owner, "status": status,
                           "infra_retries": job.infra_retries + i32::from(status == "queued"),
                           "checkpoint_step": job.checkpoint_step});
-        insert_event(&mut tx, &job.job_id, level, &msg, Some(&data), EventKind::Message).await?;
+        insert_event(
+            &mut tx,
+            &job.job_id,
+            level,
+            &msg,
+            Some(&data),
+            EventKind::Message,
+        )
+        .await?;
         requeued |= status == "queued";
         ids.push(job.job_id);
     }

@@ -65,7 +65,8 @@ pub fn stop_test_cluster() -> Result<()> {
 fn ensure_test_cluster() -> Result<u16> {
     let dir = test_cluster_dir();
     if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| DbError::io(format!("creating {}", parent.display()), e))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| DbError::io(format!("creating {}", parent.display()), e))?;
     }
     let lock_path = dir.with_extension("lock");
     let file = OpenOptions::new()
@@ -79,7 +80,11 @@ fn ensure_test_cluster() -> Result<u16> {
     if let Some(port) = crate::pg::running_port(&dir) {
         return Ok(port);
     }
-    let opts = ClusterOptions { max_connections: 300, unsafe_fast: true, create_database: false };
+    let opts = ClusterOptions {
+        max_connections: 300,
+        unsafe_fast: true,
+        create_database: false,
+    };
     let cluster = PrivateCluster::start_with(&dir, &opts)?;
     let port = cluster.port();
     // Left running for the other tests and test processes.
@@ -108,7 +113,10 @@ fn with_database(url: &str, db: &str) -> String {
         None => (url, ""),
     };
     let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let host_end = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
     format!("{}/{}{}", &base[..host_end], db, query)
 }
 
@@ -120,14 +128,26 @@ async fn server() -> Result<&'static (String, String)> {
                 _ => {
                     let port = tokio::task::spawn_blocking(ensure_test_cluster)
                         .await
-                        .map_err(|e| DbError::Cluster(format!("starting the test cluster panicked: {e}")))??;
-                    (format!("postgres://{}@127.0.0.1:{port}/postgres", crate::pg::SUPERUSER), true)
+                        .map_err(|e| {
+                            DbError::Cluster(format!("starting the test cluster panicked: {e}"))
+                        })??;
+                    (
+                        format!(
+                            "postgres://{}@127.0.0.1:{port}/postgres",
+                            crate::pg::SUPERUSER
+                        ),
+                        true,
+                    )
                 }
             };
             let template = template_name();
-            let mut conn = PgConnection::connect(&admin_url)
-                .await
-                .map_err(|source| DbError::Connect { url: crate::redact_url(&admin_url), source })?;
+            let mut conn =
+                PgConnection::connect(&admin_url)
+                    .await
+                    .map_err(|source| DbError::Connect {
+                        url: crate::redact_url(&admin_url),
+                        source,
+                    })?;
             if private {
                 drop_orphans(&mut conn).await;
             }
@@ -142,31 +162,49 @@ async fn server() -> Result<&'static (String, String)> {
 /// concurrent test processes build it once).
 async fn ensure_template(conn: &mut PgConnection, admin_url: &str, template: &str) -> Result<()> {
     const LOCK: i64 = 0x7475_6e61_7470_6c00; // "tunatpl\0"
-    sqlx::query("select pg_advisory_lock($1)").bind(LOCK).execute(&mut *conn).await?;
+    sqlx::query("select pg_advisory_lock($1)")
+        .bind(LOCK)
+        .execute(&mut *conn)
+        .await?;
     let result = async {
-        let exists: bool = sqlx::query_scalar("select exists(select 1 from pg_database where datname = $1)")
-            .bind(template)
-            .fetch_one(&mut *conn)
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("select exists(select 1 from pg_database where datname = $1)")
+                .bind(template)
+                .fetch_one(&mut *conn)
+                .await?;
         if exists {
             return Ok(());
         }
         let building = format!("{template}_building");
-        sqlx::query(&format!("drop database if exists {} with (force)", quote_ident(&building))).execute(&mut *conn).await?;
-        sqlx::query(&format!("create database {}", quote_ident(&building))).execute(&mut *conn).await?;
+        sqlx::query(&format!(
+            "drop database if exists {} with (force)",
+            quote_ident(&building)
+        ))
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(&format!("create database {}", quote_ident(&building)))
+            .execute(&mut *conn)
+            .await?;
         {
             let url = with_database(admin_url, &building);
             let mut c = PgConnection::connect(&url).await?;
             crate::MIGRATOR.run(&mut c).await?;
             c.close().await?;
         }
-        sqlx::query(&format!("alter database {} rename to {}", quote_ident(&building), quote_ident(template)))
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(&format!(
+            "alter database {} rename to {}",
+            quote_ident(&building),
+            quote_ident(template)
+        ))
+        .execute(&mut *conn)
+        .await?;
         Ok::<_, DbError>(())
     }
     .await;
-    let _ = sqlx::query("select pg_advisory_unlock($1)").bind(LOCK).execute(&mut *conn).await;
+    let _ = sqlx::query("select pg_advisory_unlock($1)")
+        .bind(LOCK)
+        .execute(&mut *conn)
+        .await;
     result
 }
 
@@ -179,10 +217,18 @@ async fn drop_orphans(conn: &mut PgConnection) {
             .await
             .unwrap_or_default();
     for name in names {
-        let pid: i32 = name["tuna_test_".len()..].split('_').next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let gone = pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err();
+        let pid: i32 = name["tuna_test_".len()..]
+            .split('_')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let gone =
+            pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err();
         if gone {
-            let sql = format!("drop database if exists {} with (force)", quote_ident(&name));
+            let sql = format!(
+                "drop database if exists {} with (force)",
+                quote_ident(&name)
+            );
             let _ = sqlx::query(&sql).execute(&mut *conn).await;
         }
     }
@@ -197,11 +243,23 @@ impl TestDb {
     /// [`TestDb::new`] with a given pool size.
     pub async fn with_pool_size(max_connections: u32) -> Result<TestDb> {
         let (admin_url, template) = server().await?;
-        let name = format!("tuna_test_{}_{:08x}", std::process::id(), rand::thread_rng().gen::<u32>());
-        let mut conn = PgConnection::connect(admin_url)
-            .await
-            .map_err(|source| DbError::Connect { url: crate::redact_url(admin_url), source })?;
-        let create = format!("create database {} template {}", quote_ident(&name), quote_ident(template));
+        let name = format!(
+            "tuna_test_{}_{:08x}",
+            std::process::id(),
+            rand::thread_rng().gen::<u32>()
+        );
+        let mut conn =
+            PgConnection::connect(admin_url)
+                .await
+                .map_err(|source| DbError::Connect {
+                    url: crate::redact_url(admin_url),
+                    source,
+                })?;
+        let create = format!(
+            "create database {} template {}",
+            quote_ident(&name),
+            quote_ident(template)
+        );
         // The template is briefly busy when another process copies it at the same instant in
         // old servers, or autovacuum visits it: retry a few times.
         let mut tries = 0;
@@ -218,7 +276,12 @@ impl TestDb {
         let _ = conn.close().await;
         let url = with_database(admin_url, &name);
         let pool = crate::connect_with_size(&url, max_connections).await?;
-        Ok(TestDb { pool, url, name, admin_url: admin_url.clone() })
+        Ok(TestDb {
+            pool,
+            url,
+            name,
+            admin_url: admin_url.clone(),
+        })
     }
 }
 
@@ -228,10 +291,16 @@ impl Drop for TestDb {
             return;
         }
         let admin_url = self.admin_url.clone();
-        let sql = format!("drop database if exists {} with (force)", quote_ident(&self.name));
+        let sql = format!(
+            "drop database if exists {} with (force)",
+            quote_ident(&self.name)
+        );
         // Drop runs inside the test's runtime: do the async work on a thread of its own.
         let handle = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async move {
                 let mut conn = PgConnection::connect(&admin_url).await.ok()?;
                 sqlx::query(&sql).execute(&mut conn).await.ok()?;
@@ -248,8 +317,14 @@ mod tests {
 
     #[test]
     fn replaces_the_database_of_a_url() {
-        assert_eq!(with_database("postgres://u@h:1/a", "b"), "postgres://u@h:1/b");
+        assert_eq!(
+            with_database("postgres://u@h:1/a", "b"),
+            "postgres://u@h:1/b"
+        );
         assert_eq!(with_database("postgres://u@h:1", "b"), "postgres://u@h:1/b");
-        assert_eq!(with_database("postgres://u@h/a?sslmode=disable", "b"), "postgres://u@h/b?sslmode=disable");
+        assert_eq!(
+            with_database("postgres://u@h/a?sslmode=disable", "b"),
+            "postgres://u@h/b?sslmode=disable"
+        );
     }
 }

@@ -9,12 +9,19 @@
 //! - model side: `config.rs`, `loader.rs`, `layers.rs`, `lora.rs`, `models/` (one architecture per file).
 //! - training side: `tokenizer.rs`, `data.rs`, `optim.rs`, `schedule.rs`, `checkpoint.rs`, `trainer.rs`.
 
+pub mod checkpoint;
+pub mod data;
 pub mod freeze;
 pub mod layers;
 pub mod loader;
 pub mod lora;
+pub mod metrics;
 pub mod model;
 pub mod models;
+pub mod optim;
+pub mod schedule;
+pub mod tokenizer;
+pub mod trainer;
 
 pub use models::load_model;
 

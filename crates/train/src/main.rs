@@ -1,1 +1,264 @@
-fn main() {}
+//! `tuna-trainer`: runs one fine-tuning job per process (the worker starts it as a child).
+//!
+//! ```text
+//! tuna-trainer run --model-dir DIR --spec spec.json --train-file F [--valid-file V]
+//!                  --output-dir OUT [--resume-from CKPT_DIR] [--device auto|cpu|cuda]
+//! tuna-trainer info --model-dir DIR
+//! ```
+//! `spec.json` is a serialised `tuna_core::spec::JobSpec`; the data files are in any format of
+//! `tuna_core::data` (chosen by file name: `.csv`, `.tsv`, else JSONL). `--device` overrides the
+//! spec's device.
+//!
+//! # Protocol (stdout, one JSON object per line; logs go to stderr)
+//! - `{"event":"phase","phase":"loading_model|tokenizing|training|evaluating|saving","message":..}`
+//! - `{"event":"data","train":{examples,truncated,dropped,tokens,target_tokens},"valid":{..}|null,
+//!   "labels":[..]|null,"total_steps":N,"notes":[..]}`
+//! - `{"event":"metrics","step","total_steps","epoch","train_loss",
+//!   "train_mean_token_accuracy" (causal) | "train_accuracy" (classification),"learning_rate",
+//!   "grad_norm","tokens_per_second","examples_per_second","elapsed_seconds","eta_seconds",
+//!   "trained_tokens"}` every `log_interval` steps and at the last step
+//! - `{"event":"eval","step","valid_loss","valid_mean_token_accuracy" | "valid_accuracy",
+//!   "valid_macro_f1","valid_examples"}`
+//! - `{"event":"checkpoint","step","path","metrics":{latest metrics}}`
+//! - `{"event":"warning","message"}`
+//! - terminal, exactly one: `{"event":"done","trained_tokens","steps","final_dir","metrics"}`,
+//!   `{"event":"paused","checkpoint","step"}`, `{"event":"cancelled","step"}`,
+//!   `{"event":"error","code":"out_of_memory|nan_loss|invalid_data|invalid_model|internal",
+//!   "message","param"}`.
+//! - `info` prints one line: the model's `ModelInfo` as JSON.
+//!
+//! # Control (stdin lines)
+//! `pause` saves a checkpoint at the next step boundary, prints `paused` and exits; `cancel`
+//! stops at the next step boundary and prints `cancelled`. EOF on stdin (the worker died) stops
+//! at once without a checkpoint and exits with status 3 (nothing is printed).
+//!
+//! Exit status: 0 done/paused/cancelled; 2 job error (an `error` event was printed); 3 aborted by
+//! stdin EOF; anything else is a crash.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tuna_core::data::{read_all, Example, Format};
+use tuna_core::spec::JobSpec;
+use tuna_train::trainer::{self, Control, TrainOutcome};
+use tuna_train::Error;
+
+#[derive(Parser)]
+#[command(name = "tuna-trainer", about = "Runs one tuna fine-tuning job (the worker's child process)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train: prints JSON events on stdout, reads pause/cancel on stdin.
+    Run {
+        #[arg(long)]
+        model_dir: PathBuf,
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        train_file: PathBuf,
+        #[arg(long)]
+        valid_file: Option<PathBuf>,
+        #[arg(long)]
+        output_dir: PathBuf,
+        #[arg(long)]
+        resume_from: Option<PathBuf>,
+        /// auto, cpu or cuda (default: the spec's device).
+        #[arg(long)]
+        device: Option<String>,
+        /// Intra-op CPU threads (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
+    },
+    /// Prints the model's facts (ModelInfo) as JSON.
+    Info {
+        #[arg(long)]
+        model_dir: PathBuf,
+    },
+}
+
+fn emit(v: &Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn error_event(code: &str, message: &str, param: Option<&str>) -> Value {
+    json!({"event": "error", "code": code, "message": message, "param": param})
+}
+
+fn code_of(e: &Error) -> &'static str {
+    match e {
+        Error::OutOfMemory { .. } => "out_of_memory",
+        Error::NonFiniteLoss { .. } => "nan_loss",
+        Error::Data(_) => "invalid_data",
+        Error::Config(_) | Error::Weights(_) => "invalid_model",
+        _ => "internal",
+    }
+}
+
+fn read_examples(path: &std::path::Path, what: &str) -> Result<Vec<(u64, Example)>, (String, &'static str)> {
+    let file = std::fs::File::open(path).map_err(|e| (format!("cannot open the {what} {}: {e}", path.display()), "invalid_data"))?;
+    let format = Format::from_filename(&path.to_string_lossy());
+    read_all(std::io::BufReader::new(file), format, 10)
+        .map_err(|report| (format!("the {what} is invalid: {}", report.summary()), "invalid_data"))
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    ).init();
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Info { model_dir } => info(&model_dir),
+        Cmd::Run { model_dir, spec, train_file, valid_file, output_dir, resume_from, device, threads } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(t);
+            }
+            run(model_dir, spec, train_file, valid_file, output_dir, resume_from, device)
+        }
+    };
+    std::process::exit(code);
+}
+
+fn info(model_dir: &std::path::Path) -> i32 {
+    let hf = match tuna_train::models::read_config(model_dir) {
+        Ok(h) => h,
+        Err(e) => {
+            emit(&error_event("invalid_model", &e.to_string(), None));
+            return 2;
+        }
+    };
+    let task = if hf.is_decoder() {
+        tuna_train::model::TaskHead::CausalLm
+    } else {
+        tuna_train::model::TaskHead::SequenceClassification { id2label: vec!["0".into(), "1".into()] }
+    };
+    let opts = tuna_train::model::LoadOptions {
+        device: tch::Device::Cpu,
+        base_kind: tch::Kind::Float,
+        task,
+        lora: None,
+        freeze: Default::default(),
+        init_seed: 0,
+    };
+    match tuna_train::load_model(model_dir, &opts) {
+        Ok(m) => {
+            emit(&serde_json::to_value(m.info()).unwrap_or(Value::Null));
+            0
+        }
+        Err(e) => {
+            emit(&error_event("invalid_model", &e.to_string(), None));
+            2
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    model_dir: PathBuf,
+    spec_path: PathBuf,
+    train_file: PathBuf,
+    valid_file: Option<PathBuf>,
+    output_dir: PathBuf,
+    resume_from: Option<PathBuf>,
+    device: Option<String>,
+) -> i32 {
+    let fail = |msg: String, code: &str, param: Option<&str>| {
+        emit(&error_event(code, &msg, param));
+        2
+    };
+    let spec: JobSpec = match std::fs::read_to_string(&spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot read the job spec {}: {e}", spec_path.display()), "internal", None),
+    };
+    let dev_choice = match device.as_deref() {
+        None => spec.device,
+        Some("auto") => tuna_core::spec::Device::Auto,
+        Some("cpu") => tuna_core::spec::Device::Cpu,
+        Some("cuda") => tuna_core::spec::Device::Cuda,
+        Some(other) => return fail(format!("--device must be auto, cpu or cuda, not {other}"), "internal", Some("device")),
+    };
+    let device = match trainer::resolve_device(dev_choice) {
+        Ok(d) => d,
+        Err(e) => return fail(e.to_string(), "internal", Some("device")),
+    };
+    let train = match read_examples(&train_file, "training file") {
+        Ok(t) => t,
+        Err((m, c)) => return fail(m, c, Some("training_file")),
+    };
+    let valid = match valid_file.as_deref().map(|p| read_examples(p, "validation file")).transpose() {
+        Ok(v) => v,
+        Err((m, c)) => return fail(m, c, Some("validation_file")),
+    };
+
+    let control = Arc::new(Control::new());
+    {
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                match line.as_deref().map(str::trim) {
+                    Ok("pause") => control.pause(),
+                    Ok("cancel") => control.cancel(),
+                    Ok(other) => tracing::warn!("ignoring control line {other:?}"),
+                    Err(_) => break,
+                }
+            }
+            // EOF: the worker is gone. Stop at once.
+            control.abort();
+        });
+    }
+    tracing::info!(?device, model_dir = %model_dir.display(), "starting");
+    let mut callback = |ev: trainer::TrainEvent| {
+        if let Ok(v) = serde_json::to_value(&ev) {
+            emit(&v);
+        }
+    };
+    let result = trainer::train(
+        &model_dir,
+        &spec,
+        &train,
+        valid.as_deref(),
+        &output_dir,
+        resume_from.as_deref(),
+        device,
+        &mut callback,
+        &control,
+    );
+    if control.is_aborted() {
+        return 3;
+    }
+    match result {
+        Ok(TrainOutcome::Done { final_dir, trained_tokens, steps, metrics }) => {
+            emit(&json!({"event": "done", "trained_tokens": trained_tokens, "steps": steps,
+                "final_dir": final_dir.display().to_string(), "metrics": metrics}));
+            0
+        }
+        Ok(TrainOutcome::Paused { checkpoint, step }) => {
+            emit(&json!({"event": "paused", "checkpoint": checkpoint.display().to_string(), "step": step}));
+            0
+        }
+        Ok(TrainOutcome::Cancelled { step }) => {
+            emit(&json!({"event": "cancelled", "step": step}));
+            0
+        }
+        Err(e) => {
+            let param = match &e {
+                Error::OutOfMemory { .. } => Some("batch_size"),
+                Error::NonFiniteLoss { .. } => Some("learning_rate"),
+                _ => None,
+            };
+            fail(e.to_string(), code_of(&e), param)
+        }
+    }
+}

@@ -182,6 +182,7 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
         report.push(format!("{}: max diff {diff:.2e}", c.name));
         bad |= diff >= 1e-4;
     }
+    eprintln!("{}", report.join("\n"));
     assert!(!bad, "logits differ from transformers/PEFT:\n{}", report.join("\n"));
     for line in stdout.lines() {
         let v: Value = serde_json::from_str(line).unwrap();

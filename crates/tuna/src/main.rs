@@ -1,1 +1,75 @@
-fn main() {}
+//! The `tuna` command.
+//!
+//! - `tuna serve`: the HTTP API (private PostgreSQL under `<data-dir>/pg` unless `DATABASE_URL`
+//!   is set; an admin key is created on first start and written to `<data-dir>/admin_key`).
+//! - `tuna keys create|list`: API keys.
+//! - `tuna models register <id> <dir>`: registers a Hugging Face checkpoint as a base model.
+//!
+//! `main` only parses arguments, sets up logging and runs the chosen command (`serve.rs`,
+//! `admin.rs`).
+
+mod admin;
+mod db;
+mod serve;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "tuna", version, about = "Fine-tuning job server with an OpenAI-compatible API")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "TUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP API.
+    Serve(serve::ServeArgs),
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeysCommand,
+    },
+    /// Manage base models.
+    Models {
+        #[command(subcommand)]
+        command: admin::ModelsCommand,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let Cli { log_format, command } = Cli::parse();
+    init_logging(log_format);
+    let result = match command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Keys { command } => admin::keys(command).await,
+        Command::Models { command } => admin::models(command).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tuna: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

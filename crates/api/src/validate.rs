@@ -1,0 +1,283 @@
+//! The check a new job goes through in `validating_files` before it is queued: everything that
+//! can be known without training.
+//!
+//! - The base model is registered (or is one of the organisation's fine-tuned models), its
+//!   architecture supports the task, `max_seq_length` fits its context length, LoRA target
+//!   modules and freeze patterns name modules it has, `freeze_layers` is below its depth.
+//! - The training and validation files (uploaded ones; `dataset_url` data cannot be read here)
+//!   have a shape the task can use: causal LM needs chat, prompt/completion or text records;
+//!   classification needs text+label records with at least two distinct labels.
+//!
+//! The outcome goes to `tuna_db::queue::finish_validation` (queued, or failed with an error
+//! naming the cause and what would fit). Jobs left in `validating_files` by a previous run are
+//! picked up by [`sweep`] at startup.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tuna_core::data::{self, Format, Shape};
+use tuna_core::hf_config::HfConfig;
+use tuna_core::spec::{JobSpec, Task};
+use tuna_db::queue::{self, JobError};
+use tuna_db::rows::JobRow;
+use tuna_db::{files as dbfiles, models};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Starts the validation of a job in the background.
+pub fn spawn(st: AppState, job: JobRow) {
+    tokio::spawn(async move { run(&st, &job).await });
+}
+
+/// Validates every job still in `validating_files`; returns how many were started.
+pub async fn sweep(st: &AppState) -> Result<usize, ApiError> {
+    let jobs = queue::validating_jobs(&st.db).await?;
+    let n = jobs.len();
+    for job in jobs {
+        spawn(st.clone(), job);
+    }
+    Ok(n)
+}
+
+#[tracing::instrument(skip_all, fields(job_id = %job.job_id))]
+async fn run(st: &AppState, job: &JobRow) {
+    let outcome = match check(st, job).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::warn!(error = %e, "job validation could not run; it stays in validating_files until the next start");
+            return;
+        }
+    };
+    if let Err(e) = &outcome {
+        tracing::info!(code = %e.code, message = %e.message, "job failed validation");
+    }
+    if let Err(e) = queue::finish_validation(&st.db, &job.job_id, outcome).await {
+        tracing::warn!(error = %e, "recording the validation outcome failed");
+    }
+}
+
+/// The architecture summary stored with a model (`ModelDescription`); every field optional so
+/// that rows written by other versions still load.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Arch {
+    tasks: Option<Vec<Task>>,
+    context_length: Option<i64>,
+    num_layers: Option<i64>,
+    lora_target_modules: Option<Vec<String>>,
+    freeze_patterns: Option<Vec<String>>,
+}
+
+fn fail(code: &str, param: &str, message: String) -> JobError {
+    JobError { code: code.to_string(), message, param: Some(param.to_string()) }
+}
+
+/// `Ok(Err(..))`: the job is invalid; `Err(..)`: the check itself could not run.
+pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, ApiError> {
+    let spec: JobSpec = match serde_json::from_value(job.spec.clone()) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(JobError::new("invalid_spec", format!("the stored job spec cannot be read: {e}")))),
+    };
+    if let Err(e) = check_model(st, job, &spec).await? {
+        return Ok(Err(e));
+    }
+    for (file_id, param) in [(&spec.training_file, "training_file"), (&spec.validation_file, "validation_file")] {
+        if let Some(file_id) = file_id {
+            if let Err(e) = check_data(st, job, &spec, file_id, param).await? {
+                return Ok(Err(e));
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
+async fn check_model(st: &AppState, job: &JobRow, spec: &JobSpec) -> Result<Result<(), JobError>, ApiError> {
+    let Some(model) = models::get_model(&st.db, &job.organization_id, &spec.model).await? else {
+        let known: Vec<String> =
+            models::list_models(&st.db, &job.organization_id).await?.into_iter().map(|m| m.model_id).collect();
+        let list = if known.is_empty() { "none are registered".to_string() } else { known.join(", ") };
+        return Ok(Err(fail(
+            "model_not_found",
+            "model",
+            format!(
+                "model '{}' is not registered on this server (available: {list}); an operator adds base models with `tuna models register <id> <dir>`",
+                spec.model
+            ),
+        )));
+    };
+    let arch: Arch = serde_json::from_value(model.architecture.clone()).unwrap_or_default();
+    let config = read_config(PathBuf::from(&model.location)).await;
+    Ok(check_arch(spec, &arch, config.as_ref()))
+}
+
+async fn read_config(dir: PathBuf) -> Option<HfConfig> {
+    let text = tokio::fs::read_to_string(dir.join("config.json")).await.ok()?;
+    HfConfig::parse(&text).ok()
+}
+
+fn check_arch(spec: &JobSpec, arch: &Arch, config: Option<&HfConfig>) -> Result<(), JobError> {
+    if let Some(tasks) = &arch.tasks {
+        if !tasks.contains(&spec.task) {
+            let names: Vec<&str> = tasks.iter().map(|t| t.as_str()).collect();
+            return Err(fail(
+                "unsupported_task",
+                "task",
+                format!("model '{}' does not support task '{}'; it supports: {}", spec.model, spec.task.as_str(), names.join(", ")),
+            ));
+        }
+    }
+    if let Some(ctx) = arch.context_length {
+        if i64::from(spec.max_seq_length) > ctx {
+            return Err(fail(
+                "invalid_hyperparameters",
+                "max_seq_length",
+                format!("max_seq_length {} exceeds the context length of '{}' ({ctx}); use at most {ctx}", spec.max_seq_length, spec.model),
+            ));
+        }
+    }
+    if let (Some(layers), true) = (arch.num_layers, spec.freeze.layers > 0) {
+        if i64::from(spec.freeze.layers) >= layers {
+            return Err(fail(
+                "invalid_hyperparameters",
+                "freeze_layers",
+                format!("freeze_layers {} leaves nothing to train: '{}' has {layers} layers; use at most {}", spec.freeze.layers, spec.model, layers - 1),
+            ));
+        }
+    }
+    if let (Some(lora), Some(known)) = (&spec.lora, &arch.lora_target_modules) {
+        if let Some(bad) = lora.target_modules.iter().find(|m| !known.contains(m)) {
+            return Err(fail(
+                "invalid_hyperparameters",
+                "lora_target_modules",
+                format!("'{}' has no module '{bad}' to put LoRA on; valid target modules: {}", spec.model, known.join(", ")),
+            ));
+        }
+    }
+    let candidates = freeze_candidates(arch, config);
+    if !candidates.is_empty() {
+        if let Some(bad) = spec.freeze.patterns.iter().find(|p| !pattern_matches_any(p, &candidates)) {
+            let examples = arch.freeze_patterns.clone().unwrap_or_default().join(", ");
+            return Err(fail(
+                "invalid_hyperparameters",
+                "freeze_patterns",
+                format!("freeze pattern '{bad}' matches no parameter of '{}'; patterns look like: {examples}", spec.model),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parameter-like names of the model: every linear module's weight and bias, plus the example
+/// freeze patterns with their wildcards filled in.
+fn freeze_candidates(arch: &Arch, config: Option<&HfConfig>) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(cfg) = config {
+        for m in cfg.linear_modules() {
+            out.push(format!("{m}.weight"));
+            out.push(format!("{m}.bias"));
+        }
+    }
+    for p in arch.freeze_patterns.iter().flatten() {
+        out.push(p.replace(".*", ".0.weight").replace('*', "0"));
+        out.push(p.replace(".*", ".weight").replace('*', "0"));
+    }
+    out
+}
+
+/// A pattern fits when it matches a candidate, or when its literal part before the first
+/// wildcard is a prefix of one (patterns may name parameters the candidates do not list).
+fn pattern_matches_any(pattern: &str, candidates: &[String]) -> bool {
+    let literal = pattern.split('*').next().unwrap_or_default();
+    candidates.iter().any(|c| glob(pattern, c) || (!literal.is_empty() && c.starts_with(literal)))
+}
+
+/// `*` matches any run of characters.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+async fn check_data(
+    st: &AppState,
+    job: &JobRow,
+    spec: &JobSpec,
+    file_id: &str,
+    param: &str,
+) -> Result<Result<(), JobError>, ApiError> {
+    let code = if param == "training_file" { "invalid_training_file" } else { "invalid_validation_file" };
+    let Some(file) = dbfiles::get_file(&st.db, &job.organization_id, file_id).await? else {
+        return Ok(Err(fail(code, param, format!("file '{file_id}' no longer exists"))));
+    };
+    let path = st.config.files_dir().join(&file.storage_key);
+    let filename = file.filename.clone();
+    let report = tokio::task::spawn_blocking(move || -> std::io::Result<data::Report> {
+        let f = std::fs::File::open(&path)?;
+        Ok(data::scan(std::io::BufReader::new(f), Format::from_filename(&filename), 5, |_, _| {}))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("data check task: {e}")))??;
+    if !report.is_ok() {
+        return Ok(Err(fail(code, param, format!("file '{file_id}' is not valid: {}", report.summary()))));
+    }
+    Ok(check_shape(spec.task, report.shape, &report.labels, file_id, code, param))
+}
+
+fn check_shape(task: Task, shape: Option<Shape>, labels: &[data::Label], file_id: &str, code: &str, param: &str) -> Result<(), JobError> {
+    let Some(shape) = shape else {
+        return Err(fail(code, param, format!("file '{file_id}' holds no examples")));
+    };
+    match task {
+        Task::CausalLm if !shape.fits_causal_lm() => Err(fail(
+            code,
+            param,
+            format!(
+                "file '{file_id}' holds `{}` records, which task 'causal_lm' cannot train on; use chat `messages`, `prompt`/`completion` or `text` records, or set task 'sequence_classification'",
+                shape.as_str()
+            ),
+        )),
+        Task::SequenceClassification if !shape.fits_classification() => Err(fail(
+            code,
+            param,
+            format!(
+                "file '{file_id}' holds `{}` records, but task 'sequence_classification' needs `text` + `label` records",
+                shape.as_str()
+            ),
+        )),
+        Task::SequenceClassification if labels.len() < 2 && param == "training_file" => Err(fail(
+            code,
+            param,
+            format!("file '{file_id}' has {} distinct label(s); classification needs at least 2", labels.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs() {
+        assert!(glob("transformer.h.*.attn.*", "transformer.h.3.attn.c_attn.weight"));
+        assert!(glob("*", "x"));
+        assert!(glob("a*b*c", "aXbYc"));
+        assert!(!glob("a*b*c", "aXc"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exactly"));
+    }
+}

@@ -1,0 +1,297 @@
+//! `/v1/fine_tuning/jobs`: create, validation, idempotency, paging, control, events,
+//! checkpoints, tenant isolation; `/v1/models`.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tuna_db::queue::{self, Control, WorkerInfo};
+
+use crate::helpers::{error_of, json, spawn_app, TestApp, CHAT, LABELED};
+
+async fn create(app: &TestApp, body: Value) -> Value {
+    let (status, job) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
+    assert_eq!(status, 200, "{job}");
+    job
+}
+
+#[tokio::test]
+async fn create_resolves_hyperparameters_echoes_extensions_and_queues() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("train.jsonl", CHAT).await;
+    let job = create(
+        &app,
+        json!({
+            "model": "gpt2", "training_file": file, "suffix": "demo", "metadata": {"team": "a"},
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "n_epochs": 2, "batch_size": "auto", "lora_r": 4, "lora_target_modules": ["c_attn"]}}},
+            "warmup_ratio": 0.1, "max_seq_length": 32, "eval_interval": 5
+        }),
+    )
+    .await;
+    assert!(job["id"].as_str().unwrap().starts_with("ftjob-"));
+    assert_eq!(job["object"], "fine_tuning.job");
+    assert_eq!(job["status"], "validating_files");
+    assert_eq!(job["hyperparameters"], json!({"batch_size": 8, "learning_rate_multiplier": 1.0, "n_epochs": 2}));
+    let hp = &job["method"]["supervised"]["hyperparameters"];
+    assert_eq!((hp["lora_r"].as_i64(), hp["warmup_ratio"].as_f64()), (Some(4), Some(0.1)));
+    assert_eq!((hp["max_seq_length"].as_i64(), hp["eval_interval"].as_i64()), (Some(32), Some(5)));
+    assert_eq!(hp["training_type"], "lora");
+    assert_eq!(job["user_provided_suffix"], "demo");
+    assert_eq!(job["metadata"], json!({"team": "a"}));
+    assert_eq!(job["task"], "causal_lm");
+    for k in ["error", "fine_tuned_model", "finished_at", "trained_tokens", "validation_file", "estimated_finish", "integrations"] {
+        assert!(job.get(k).is_some_and(Value::is_null), "{k} should be present and null: {job}");
+    }
+    assert_eq!(job["result_files"], json!([]));
+    assert!(job["seed"].as_i64().is_some());
+    let done = app.wait_validated(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "queued", "{done}");
+}
+
+#[tokio::test]
+async fn validation_failures_name_the_cause() {
+    let app = spawn_app().await;
+    let chat = app.upload_ok("chat.jsonl", CHAT).await;
+    let cases = [
+        (json!({"model": "nope", "training_file": chat}), "model_not_found", "model"),
+        (json!({"model": "gpt2", "training_file": chat, "task": "sequence_classification"}), "invalid_training_file", "training_file"),
+        (json!({"model": "gpt2", "training_file": chat, "max_seq_length": 100000}), "invalid_hyperparameters", "max_seq_length"),
+        (json!({"model": "gpt2", "training_file": chat, "lora_target_modules": ["q_proj"]}), "invalid_hyperparameters", "lora_target_modules"),
+        (json!({"model": "gpt2", "training_file": chat, "freeze_patterns": ["model.layers.*"]}), "invalid_hyperparameters", "freeze_patterns"),
+        (json!({"model": "gpt2", "dataset_url": "https://example.com/d.jsonl", "freeze_layers": 50}), "invalid_hyperparameters", "freeze_layers"),
+    ];
+    for (body, code, param) in cases {
+        let job = create(&app, body.clone()).await;
+        let done = app.wait_validated(job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "failed", "{body} -> {done}");
+        assert_eq!(done["error"]["code"], code, "{body} -> {done}");
+        assert_eq!(done["error"]["param"], param, "{body} -> {done}");
+        assert!(done["finished_at"].is_i64());
+    }
+    let labeled = app.upload_ok("l.jsonl", LABELED).await;
+    let ok = create(&app, json!({"model": "gpt2", "training_file": labeled, "task": "sequence_classification",
+                                 "freeze_patterns": ["transformer.h.0.*"]}))
+    .await;
+    // "auto" max_seq_length is fitted to the tiny model's context length (64).
+    assert_eq!(ok["method"]["supervised"]["hyperparameters"]["max_seq_length"], 64);
+    assert_eq!(app.wait_validated(ok["id"].as_str().unwrap()).await["status"], "queued");
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_job() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let body = json!({"model": "gpt2", "training_file": file});
+    let send = || app.req(Method::POST, "/v1/fine_tuning/jobs").header("Idempotency-Key", "k-1").json(&body).send();
+    let (_, a) = json(send().await.unwrap()).await;
+    let (_, b) = json(send().await.unwrap()).await;
+    assert_eq!(a["id"], b["id"]);
+    let (_, list) = json(app.get("/v1/fine_tuning/jobs").await).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    // Another organisation's key space is separate.
+    let other_file = {
+        let resp = app.upload(&app.other_key, "t.jsonl", CHAT.as_bytes().to_vec(), "fine-tune").await;
+        json(resp).await.1["id"].as_str().unwrap().to_string()
+    };
+    let body2 = json!({"model": "gpt2", "training_file": other_file});
+    let resp = app.req_as(&app.other_key, Method::POST, "/v1/fine_tuning/jobs").header("Idempotency-Key", "k-1").json(&body2).send();
+    let (_, c) = json(resp.await.unwrap()).await;
+    assert_ne!(c["id"], a["id"]);
+}
+
+#[tokio::test]
+async fn jobs_list_pages_newest_first_and_filters_metadata() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let job = create(&app, json!({"model": "gpt2", "training_file": file, "metadata": {"i": i.to_string()}})).await;
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/v1/fine_tuning/jobs?limit=2&after={a}"),
+            None => "/v1/fine_tuning/jobs?limit=2".to_string(),
+        };
+        let (_, page) = json(app.get(&path).await).await;
+        let data = page["data"].as_array().unwrap();
+        seen.extend(data.iter().map(|j| j["id"].as_str().unwrap().to_string()));
+        if page["has_more"] == false {
+            break;
+        }
+        after = data.last().map(|j| j["id"].as_str().unwrap().to_string());
+    }
+    ids.reverse();
+    assert_eq!(seen, ids);
+    let (_, filtered) = json(app.get("/v1/fine_tuning/jobs?metadata[i]=3").await).await;
+    assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
+    assert_eq!(filtered["data"][0]["metadata"]["i"], "3");
+}
+
+#[tokio::test]
+async fn another_organisations_job_is_404() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let job = create(&app, json!({"model": "gpt2", "training_file": file})).await;
+    let id = job["id"].as_str().unwrap();
+    for (method, path) in [
+        (Method::GET, format!("/v1/fine_tuning/jobs/{id}")),
+        (Method::GET, format!("/v1/fine_tuning/jobs/{id}/events")),
+        (Method::GET, format!("/v1/fine_tuning/jobs/{id}/checkpoints")),
+        (Method::POST, format!("/v1/fine_tuning/jobs/{id}/cancel")),
+        (Method::POST, format!("/v1/fine_tuning/jobs/{id}/pause")),
+        (Method::POST, format!("/v1/fine_tuning/jobs/{id}/resume")),
+    ] {
+        let (status, body) = json(app.req_as(&app.other_key, method, &path).send().await.unwrap()).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        error_of(&body);
+    }
+    // Using another organisation's file is refused too.
+    let resp = app.req_as(&app.other_key, Method::POST, "/v1/fine_tuning/jobs").json(&json!({"model": "gpt2", "training_file": file}));
+    let (status, body) = json(resp.send().await.unwrap()).await;
+    assert_eq!((status, &body["error"]["param"]), (400, &json!("training_file")));
+}
+
+async fn queued_job(app: &TestApp) -> String {
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let job = create(app, json!({"model": "gpt2", "training_file": file})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(app.wait_validated(&id).await["status"], "queued");
+    id
+}
+
+#[tokio::test]
+async fn pause_resume_cancel_and_conflicts() {
+    let app = spawn_app().await;
+    let id = queued_job(&app).await;
+    let post = |op: &str| app.req(Method::POST, &format!("/v1/fine_tuning/jobs/{id}/{op}")).send();
+    let (status, job) = json(post("pause").await.unwrap()).await;
+    assert_eq!((status, job["status"].as_str()), (200, Some("paused")));
+    let (status, body) = json(post("pause").await.unwrap()).await;
+    assert_eq!(status, 409, "{body}");
+    let (_, job) = json(post("resume").await.unwrap()).await;
+    assert_eq!(job["status"], "queued");
+    let (_, job) = json(post("cancel").await.unwrap()).await;
+    assert_eq!(job["status"], "cancelled");
+    assert!(job["finished_at"].is_i64());
+    let resp = post("cancel").await.unwrap();
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    let (status, body) = json(resp).await;
+    assert_eq!(status, 409);
+    assert_eq!(error_of(&body)["code"], "conflict");
+}
+
+fn worker() -> WorkerInfo {
+    WorkerInfo {
+        worker_id: tuna_core::ids::new_id(tuna_core::ids::WORKER),
+        hostname: "test".into(),
+        device_kind: "cpu".into(),
+        gpu_name: None,
+        gpu_memory_mb: None,
+        labels: json!({}),
+    }
+}
+
+#[tokio::test]
+async fn cancel_and_pause_reach_the_lease_holder() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let ttl = Duration::from_secs(60);
+    for op in ["pause", "cancel"] {
+        let id = queued_job(&app).await;
+        let w = worker();
+        queue::register_worker(pool, &w).await.unwrap();
+        let claimed = queue::claim(pool, &w, ttl).await.unwrap().expect("claimed");
+        assert_eq!(claimed.job.job_id, id);
+        let (status, job) = json(app.req(Method::POST, &format!("/v1/fine_tuning/jobs/{id}/{op}")).send().await.unwrap()).await;
+        assert_eq!(status, 200, "{job}");
+        assert_eq!(job["status"], "running");
+        assert_eq!(job[format!("{op}_requested")], true);
+        let control = queue::heartbeat(pool, &claimed.lease, ttl, None, None).await.unwrap();
+        let expected = if op == "pause" { Control::Pause } else { Control::Cancel };
+        assert_eq!(control, expected);
+        if op == "pause" {
+            queue::release_paused(pool, &claimed.lease).await.unwrap();
+            let (_, job) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}")).await).await;
+            assert_eq!(job["status"], "paused");
+        } else {
+            queue::finish_cancelled(pool, &claimed.lease).await.unwrap();
+            let (_, job) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}")).await).await;
+            assert_eq!(job["status"], "cancelled");
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_and_checkpoints_page_newest_first() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let id = queued_job(&app).await;
+    let w = worker();
+    queue::register_worker(pool, &w).await.unwrap();
+    let claimed = queue::claim(pool, &w, Duration::from_secs(60)).await.unwrap().unwrap();
+    for step in [10, 20, 30] {
+        let metrics = json!({"step": step, "train_loss": 1.0 / step as f64});
+        queue::record_checkpoint(pool, &claimed.lease, step, &metrics, &format!("jobs/{id}/step-{step}"), "ft:gpt2:x").await.unwrap();
+        queue::append_event(pool, &claimed.lease, queue::Level::Info, &format!("step {step}"), Some(&metrics), queue::EventKind::Metrics)
+            .await
+            .unwrap();
+    }
+    let (_, page) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=2")).await).await;
+    let data = page["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!((data[0]["step_number"].as_i64(), data[1]["step_number"].as_i64()), (Some(30), Some(20)));
+    assert_eq!(data[0]["object"], "fine_tuning.job.checkpoint");
+    assert_eq!(data[0]["fine_tuned_model_checkpoint"], "ft:gpt2:x:ckpt-step-30");
+    assert_eq!(data[0]["fine_tuning_job_id"], id.as_str());
+    assert_eq!((&page["first_id"], &page["last_id"], &page["has_more"]), (&data[0]["id"], &data[1]["id"], &json!(true)));
+    let last = page["last_id"].as_str().unwrap();
+    let (_, rest) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?after={last}")).await).await;
+    assert_eq!(rest["data"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["data"][0]["step_number"], 10);
+    assert_eq!(rest["has_more"], false);
+
+    let (_, events) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=2")).await).await;
+    let ev = events["data"].as_array().unwrap();
+    assert_eq!(ev[0]["message"], "step 30");
+    assert_eq!(ev[0]["type"], "metrics");
+    assert_eq!(ev[0]["object"], "fine_tuning.job.event");
+    assert_eq!(events["has_more"], true);
+    let mut all = ev.len();
+    let mut after = ev.last().unwrap()["id"].as_str().unwrap().to_string();
+    loop {
+        let (_, p) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=2&after={after}")).await).await;
+        let d = p["data"].as_array().unwrap();
+        all += d.len();
+        if p["has_more"] == false {
+            break;
+        }
+        after = d.last().unwrap()["id"].as_str().unwrap().to_string();
+    }
+    // created, validated, started, 3 metrics events.
+    assert_eq!(all, 6);
+}
+
+#[tokio::test]
+async fn models_list_and_retrieve() {
+    let app = spawn_app().await;
+    let (_, list) = json(app.get("/v1/models").await).await;
+    let gpt2 = list["data"].as_array().unwrap().iter().find(|m| m["id"] == "gpt2").cloned().expect("gpt2 listed");
+    assert_eq!(gpt2["object"], "model");
+    assert_eq!(gpt2["owned_by"], "tuna");
+    assert_eq!(gpt2["architecture"]["family"], "gpt2");
+    let (status, one) = json(app.get("/v1/models/gpt2").await).await;
+    assert_eq!((status, &one["id"]), (200, &json!("gpt2")));
+    let (status, body) = json(app.get("/v1/models/unknown").await).await;
+    assert_eq!(status, 404);
+    error_of(&body);
+    let path = crate::helpers::fixture("llama");
+    let (status, body) = json(app.post_json("/v1/models", &json!({"id": "tiny-llama", "path": path})).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["architecture"]["family"], "llama");
+    let (status, body) = json(app.post_json("/v1/models", &json!({"id": "x", "path": "/nonexistent"})).await).await;
+    assert_eq!((status, &body["error"]["param"]), (400, &json!("path")));
+}

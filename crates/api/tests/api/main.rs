@@ -1,0 +1,8 @@
+//! Black-box tests of the API: a real server on a real socket, a fresh Postgres database per
+//! test (`tuna_db::testing::TestDb`), requests with reqwest.
+
+mod errors;
+mod files;
+mod helpers;
+mod jobs;
+mod openapi;

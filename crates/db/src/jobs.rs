@@ -1,0 +1,55 @@
+//! Reading jobs for the API (writes go through `queue`).
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::rows::JobRow;
+use crate::Result;
+
+/// The `metadata` filter of a job listing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetadataFilter {
+    Any,
+    /// Only jobs without metadata (`metadata=null`).
+    Null,
+    /// Jobs whose metadata holds all these pairs.
+    Contains(Value),
+}
+
+/// A job of the organisation.
+pub async fn get_job(pool: &PgPool, organization_id: &str, job_id: &str) -> Result<Option<JobRow>> {
+    Ok(sqlx::query_as("select * from jobs where job_id = $1 and organization_id = $2")
+        .bind(job_id)
+        .bind(organization_id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// Up to `limit` jobs of the organisation, newest first, after the job `after`.
+pub async fn list_jobs(
+    pool: &PgPool,
+    organization_id: &str,
+    after: Option<&str>,
+    limit: i64,
+    metadata: &MetadataFilter,
+) -> Result<Vec<JobRow>> {
+    let (null_only, contains) = match metadata {
+        MetadataFilter::Any => (false, None),
+        MetadataFilter::Null => (true, None),
+        MetadataFilter::Contains(v) => (false, Some(v)),
+    };
+    Ok(sqlx::query_as(
+        "select * from jobs where organization_id = $1 \
+           and ($2::text is null or seq < (select seq from jobs where job_id = $2 and organization_id = $1)) \
+           and (not $3 or metadata is null or metadata = 'null'::jsonb) \
+           and ($4::jsonb is null or metadata @> $4) \
+         order by seq desc limit $5",
+    )
+    .bind(organization_id)
+    .bind(after)
+    .bind(null_only)
+    .bind(contains)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}

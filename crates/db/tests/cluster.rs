@@ -1,0 +1,96 @@
+//! The private PostgreSQL cluster: created (as the `postgres` user when running as root),
+//! started on a free port, connected to, stopped, restarted over the same data, and a stale
+//! `postmaster.pid` cleaned up.
+
+use std::os::unix::fs::PermissionsExt;
+
+use tuna_db::pg::PrivateCluster;
+
+fn tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    // The server may run as another user (root -> postgres): it must reach the data directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_cluster_starts_connects_stops_and_restarts() {
+    let tmp = tempdir();
+    let data = tmp.path().join("pg");
+    let d = data.clone();
+    let mut cluster = tokio::task::spawn_blocking(move || PrivateCluster::start(&d))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        cluster.url().starts_with("postgres://postgres@127.0.0.1:"),
+        "{}",
+        cluster.url()
+    );
+    let pool = tuna_db::connect(&cluster.url()).await.unwrap();
+    tuna_db::migrate(&pool).await.unwrap();
+    let one: i32 = sqlx::query_scalar("select 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    sqlx::query("insert into organizations (organization_id, name) values ('org-kept', 'k')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let owner: String = sqlx::query_scalar("select current_user::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, "postgres");
+    pool.close().await;
+    tokio::task::spawn_blocking(move || cluster.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !data.join("postmaster.pid").exists(),
+        "server still running after stop"
+    );
+
+    // A stale pid file (a crash) does not prevent the restart; the data is reused.
+    std::fs::write(
+        data.join("postmaster.pid"),
+        "999999\n/nowhere\n0\n5432\n\n\n\nready\n",
+    )
+    .unwrap();
+    let d = data.clone();
+    let cluster = tokio::task::spawn_blocking(move || PrivateCluster::start(&d))
+        .await
+        .unwrap()
+        .unwrap();
+    let pool = tuna_db::connect(&cluster.url()).await.unwrap();
+    let n: i64 =
+        sqlx::query_scalar("select count(*) from organizations where organization_id = 'org-kept'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(n, 1);
+    pool.close().await;
+    // Dropping the value stops the server.
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+    assert!(
+        !data.join("postmaster.pid").exists(),
+        "server still running after drop"
+    );
+}
+
+#[test]
+fn unreachable_data_dir_is_a_clear_error_when_root() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return; // only root switches to the postgres user
+    }
+    let tmp = tempfile::tempdir().unwrap(); // mode 0700, owned by root
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = PrivateCluster::start(&tmp.path().join("pg"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chmod o+x"), "{err}");
+}

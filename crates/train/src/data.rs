@@ -1,0 +1,436 @@
+//! From parsed records ([`tuna_core::data::Example`]) to token features and padded batches.
+//!
+//! Causal LM (`labels[i]` is the target for position `i`; the loss compares position `i - 1`'s
+//! logits with it, so position 0 is never a target):
+//! - `{"text"}`: the text with the tokenizer's special tokens (BOS for Llama) plus EOS; every
+//!   token is a target.
+//! - `{"prompt", "completion"}`: the prompt (with special tokens) and the completion (without)
+//!   are tokenized separately and concatenated, plus EOS; only completion tokens and EOS are
+//!   targets.
+//! - `{"messages"}`: rendered with the model's chat template (see [`crate::tokenizer`]) and
+//!   tokenized without extra special tokens, as transformers' `apply_chat_template` does. Only
+//!   assistant turns are targets: the span of turn `i` is the text that
+//!   `render(messages[..=i])` adds to `render(messages[..i], add_generation_prompt=true)`; it
+//!   includes the end-of-turn token (`<|im_end|>`, EOS, ...) so the model learns to stop. Tokens
+//!   are mapped to spans by their byte offsets. An assistant message with `weight: 0` is not a
+//!   target. When a template does not render prefixes consistently, the span falls back to the
+//!   message content found in the full text plus the token that follows it.
+//!
+//! Sequence classification: the text with the tokenizer's special tokens ([CLS] ... [SEP]),
+//! truncated keeping the trailing special tokens; labels are mapped to ids by [`LabelMap`]
+//! (sorted: integers in numeric order, then names).
+//!
+//! Everything is cut to `max_len` tokens (the start is kept). Cuts are counted in [`DataStats`];
+//! a causal example left with no target after the cut is dropped and counted. A record that
+//! yields nothing to learn from, a record of the wrong shape and (at evaluation) a label unseen
+//! in training are [`Error::Data`] naming the file and line.
+
+use std::collections::BTreeMap;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::{Device, Kind, Tensor};
+use tuna_core::data::{Example, Label};
+use tuna_core::spec::Task;
+
+use crate::tokenizer::{ChatMessage, Tok};
+use crate::{Error, Result};
+
+/// One tokenized example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features {
+    /// 1-based line in the source file.
+    pub line: u64,
+    pub input_ids: Vec<i64>,
+    /// Causal LM: per-position target id or -100. Classification: empty.
+    pub labels: Vec<i64>,
+    pub token_type_ids: Vec<i64>,
+    /// Classification: the label id.
+    pub class: Option<i64>,
+}
+
+impl Features {
+    /// Tokens that count in the loss.
+    pub fn targets(&self) -> usize {
+        match self.class {
+            Some(_) => 1,
+            None => self.labels.iter().skip(1).filter(|l| **l != -100).count(),
+        }
+    }
+}
+
+/// What tokenization did to a file.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DataStats {
+    pub examples: usize,
+    pub truncated: usize,
+    /// Causal examples with no target left after truncation.
+    pub dropped: usize,
+    pub tokens: usize,
+    pub target_tokens: usize,
+}
+
+/// Label names ↔ ids for sequence classification.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelMap {
+    pub labels: Vec<Label>,
+    index: BTreeMap<Label, i64>,
+}
+
+impl LabelMap {
+    /// The sorted distinct labels of the training examples.
+    pub fn from_examples(examples: &[(u64, Example)]) -> LabelMap {
+        let set: std::collections::BTreeSet<Label> = examples
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Example::Labeled { label, .. } => Some(label.clone()),
+                _ => None,
+            })
+            .collect();
+        Self::new(set.into_iter().collect())
+    }
+
+    pub fn new(labels: Vec<Label>) -> LabelMap {
+        let index = labels.iter().enumerate().map(|(i, l)| (l.clone(), i as i64)).collect();
+        LabelMap { labels, index }
+    }
+
+    /// `id2label` as transformers writes it in config.json.
+    pub fn id2label(&self) -> Vec<String> {
+        self.labels.iter().map(ToString::to_string).collect()
+    }
+
+    pub fn get(&self, label: &Label) -> Option<i64> {
+        self.index.get(label).copied().or_else(|| match label {
+            // "1" in a JSONL string and 1 in a TSV are the same label.
+            Label::Name(s) => s.parse::<i64>().ok().and_then(|i| self.index.get(&Label::Int(i)).copied()),
+            Label::Int(i) => self.index.get(&Label::Name(i.to_string())).copied(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// Tokenizes `examples` for `task`. `source` names the file in error messages.
+pub fn featurize(
+    tok: &Tok,
+    task: Task,
+    examples: &[(u64, Example)],
+    max_len: usize,
+    labels: Option<&LabelMap>,
+    source: &str,
+) -> Result<(Vec<Features>, DataStats)> {
+    let mut out = Vec::with_capacity(examples.len());
+    let mut stats = DataStats::default();
+    let err = |line: u64, msg: String| Error::Data(format!("{source} line {line}: {msg}"));
+    for (line, ex) in examples {
+        let line = *line;
+        let mut f = match (task, ex) {
+            (Task::CausalLm, Example::Text { text }) => {
+                let mut ids = tok.ids(text, true).map_err(|e| err(line, e.to_string()))?;
+                ids.extend(eos(tok));
+                let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+                Features { line, labels: ids.clone(), input_ids: ids, token_type_ids: vec![], class: None }
+            }
+            (Task::CausalLm, Example::PromptCompletion { prompt, completion }) => {
+                let p = if prompt.is_empty() { Vec::new() } else { tok.ids(prompt, true).map_err(|e| err(line, e.to_string()))? };
+                let mut c = tok.ids(completion, false).map_err(|e| err(line, e.to_string()))?;
+                c.extend(eos(tok));
+                let input_ids: Vec<i64> = p.iter().chain(c.iter()).map(|i| i64::from(*i)).collect();
+                let labels: Vec<i64> = std::iter::repeat_n(-100, p.len()).chain(c.iter().map(|i| i64::from(*i))).collect();
+                Features { line, input_ids, labels, token_type_ids: vec![], class: None }
+            }
+            (Task::CausalLm, Example::Chat { messages }) => chat_features(tok, messages).map_err(|e| err(line, e.to_string()))?.with_line(line),
+            (Task::SequenceClassification, Example::Labeled { text, label }) => {
+                let map = labels.ok_or_else(|| Error::Data("no label map".into()))?;
+                let class = map.get(label).ok_or_else(|| {
+                    err(line, format!("label `{label}` does not occur in the training data (labels: {})", map.id2label().join(", ")))
+                })?;
+                let (ids, types, cut) = tok.encode_truncated(text, max_len).map_err(|e| err(line, e.to_string()))?;
+                if cut {
+                    stats.truncated += 1;
+                }
+                Features {
+                    line,
+                    input_ids: ids.into_iter().map(i64::from).collect(),
+                    labels: vec![],
+                    token_type_ids: types.into_iter().map(i64::from).collect(),
+                    class: Some(class),
+                }
+            }
+            (task, ex) => {
+                return Err(err(
+                    line,
+                    format!("a `{}` record cannot train a {} job", ex.shape().as_str(), task.as_str()),
+                ))
+            }
+        };
+        if f.input_ids.is_empty() || (f.class.is_none() && f.targets() == 0) {
+            return Err(err(line, "the example has no tokens to learn from".into()));
+        }
+        if f.input_ids.len() > max_len {
+            stats.truncated += 1;
+            f.input_ids.truncate(max_len);
+            f.labels.truncate(max_len);
+            f.token_type_ids.truncate(max_len);
+            if f.class.is_none() && f.targets() == 0 {
+                stats.dropped += 1;
+                continue;
+            }
+        }
+        stats.examples += 1;
+        stats.tokens += f.input_ids.len();
+        stats.target_tokens += f.targets();
+        out.push(f);
+    }
+    Ok((out, stats))
+}
+
+fn eos(tok: &Tok) -> Option<u32> {
+    tok.eos.as_ref().map(|e| e.id)
+}
+
+impl Features {
+    fn with_line(mut self, line: u64) -> Features {
+        self.line = line;
+        self
+    }
+}
+
+/// Byte spans of the assistant turns to learn from, in the rendered conversation.
+pub fn assistant_spans(tok: &Tok, messages: &[tuna_core::data::Message], full: &str) -> Result<Vec<(usize, usize, bool)>> {
+    let msgs: Vec<ChatMessage<'_>> = messages.iter().map(|m| ChatMessage { role: &m.role, content: &m.content }).collect();
+    let mut spans = Vec::new();
+    let mut cursor = 0usize;
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let before = tok.render_chat(&msgs[..i], true).ok();
+        let upto = tok.render_chat(&msgs[..=i], false).ok();
+        let exact = match (&before, &upto) {
+            (Some(b), Some(u)) if u.starts_with(b.as_str()) && full.starts_with(u.as_str()) && u.len() > b.len() => {
+                Some((b.len(), u.len()))
+            }
+            _ => None,
+        };
+        let span = match exact {
+            Some((s, e)) => (s, e, false),
+            None => match full[cursor..].find(m.content.as_str()) {
+                Some(pos) if !m.content.is_empty() => (cursor + pos, cursor + pos + m.content.len(), true),
+                _ => {
+                    return Err(Error::Data(format!(
+                        "cannot locate assistant message {i} in the rendered chat template output"
+                    )))
+                }
+            },
+        };
+        cursor = span.1;
+        if m.weight != Some(0) {
+            spans.push(span);
+        }
+    }
+    Ok(spans)
+}
+
+/// Tokens and labels of one conversation (line set by the caller).
+fn chat_features(tok: &Tok, messages: &[tuna_core::data::Message]) -> Result<Features> {
+    let msgs: Vec<ChatMessage<'_>> = messages.iter().map(|m| ChatMessage { role: &m.role, content: &m.content }).collect();
+    let full = tok.render_chat(&msgs, false)?;
+    let spans = assistant_spans(tok, messages, &full)?;
+    let enc = tok.encode(&full, false)?;
+    let mut labels = vec![-100i64; enc.ids.len()];
+    for (s, e, extend) in spans {
+        let mut last = None;
+        for (j, (a, b)) in enc.offsets.iter().enumerate() {
+            // A token belongs to the span if it starts inside it (or, for zero-width tokens, sits in it).
+            if (*a >= s && *a < e) || (*a == *b && *a > s && *a <= e) {
+                labels[j] = i64::from(enc.ids[j]);
+                last = Some(j);
+            }
+        }
+        if extend {
+            if let Some(j) = last {
+                if j + 1 < labels.len() {
+                    labels[j + 1] = i64::from(enc.ids[j + 1]);
+                }
+            }
+        }
+    }
+    Ok(Features {
+        line: 0,
+        input_ids: enc.ids.iter().map(|i| i64::from(*i)).collect(),
+        labels,
+        token_type_ids: vec![],
+        class: None,
+    })
+}
+
+/// Splits off `fraction` of `examples` for validation, seeded (`floor(n * fraction)` examples;
+/// none when that is 0 or would leave no training data).
+pub fn split_validation<T: Clone>(examples: &[T], fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    let n = examples.len();
+    let k = (n as f64 * fraction).floor() as usize;
+    if k == 0 || k >= n {
+        return (examples.to_vec(), Vec::new());
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ SPLIT_SALT);
+    idx.shuffle(&mut rng);
+    let mut valid_idx: Vec<usize> = idx[..k].to_vec();
+    valid_idx.sort_unstable();
+    let mut is_valid = vec![false; n];
+    for i in &valid_idx {
+        is_valid[*i] = true;
+    }
+    let train = examples.iter().enumerate().filter(|(i, _)| !is_valid[*i]).map(|(_, e)| e.clone()).collect();
+    let valid = valid_idx.into_iter().map(|i| examples[i].clone()).collect();
+    (train, valid)
+}
+
+/// Mixed into the seed so the validation split and the epoch orders differ.
+const SPLIT_SALT: u64 = 0x5eed_5911_da7a;
+
+/// The order of the training examples in `epoch` (0-based): a permutation seeded by
+/// `(seed, epoch)`, so a resumed run sees the same order.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch));
+    idx.shuffle(&mut rng);
+    idx
+}
+
+/// A padded batch on the model's device.
+pub struct Collated {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    /// Causal: `[b, t]` with -100 on padding and non-targets. Classification: `[b]`.
+    pub labels: Tensor,
+    pub token_type_ids: Option<Tensor>,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Non-padding tokens.
+    pub tokens: usize,
+    /// Tokens (causal) or examples (classification) in the loss.
+    pub targets: usize,
+}
+
+/// Right-pads `items` to the longest one: `pad_id` in `input_ids`, 0 in the attention mask and
+/// -100 in the labels.
+pub fn collate(items: &[&Features], pad_id: i64, device: Device, with_types: bool) -> Result<Collated> {
+    let b = items.len();
+    let t = items.iter().map(|f| f.input_ids.len()).max().unwrap_or(0);
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0i64; b * t];
+    let mut types = vec![0i64; b * t];
+    let classification = items.first().is_some_and(|f| f.class.is_some());
+    let mut labels = if classification { vec![0i64; b] } else { vec![-100i64; b * t] };
+    let mut tokens = 0;
+    let mut targets = 0;
+    for (r, f) in items.iter().enumerate() {
+        let n = f.input_ids.len();
+        ids[r * t..r * t + n].copy_from_slice(&f.input_ids);
+        mask[r * t..r * t + n].iter_mut().for_each(|m| *m = 1);
+        if !f.token_type_ids.is_empty() {
+            types[r * t..r * t + n].copy_from_slice(&f.token_type_ids[..n]);
+        }
+        match f.class {
+            Some(c) => labels[r] = c,
+            None => labels[r * t..r * t + n].copy_from_slice(&f.labels),
+        }
+        tokens += n;
+        targets += f.targets();
+    }
+    let shape = [b as i64, t as i64];
+    let to = |v: &[i64], s: &[i64]| -> Result<Tensor> { Ok(Tensor::f_from_slice(v)?.f_view(s)?.f_to_device(device)?) };
+    Ok(Collated {
+        input_ids: to(&ids, &shape)?,
+        attention_mask: to(&mask, &shape)?,
+        labels: if classification { to(&labels, &[b as i64])? } else { to(&labels, &shape)? },
+        token_type_ids: if with_types { Some(to(&types, &shape)?) } else { None },
+        batch_size: b,
+        seq_len: t,
+        tokens,
+        targets,
+    })
+}
+
+/// Sum of the token cross-entropy (causal: logits at `i - 1` against labels at `i`) or example
+/// cross-entropy (classification), in fp32, plus the number of correct predictions; both as
+/// 0-dim tensors on the device (no host sync).
+pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, causal: bool) -> Result<(Tensor, Tensor)> {
+    let logits = logits.f_to_kind(Kind::Float)?;
+    if causal {
+        let v = *logits.size().last().unwrap_or(&1);
+        let t = logits.size()[1];
+        let shift_logits = logits.f_narrow(1, 0, t - 1)?.f_reshape([-1, v])?;
+        let shift_labels = labels.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
+        let loss = shift_logits.f_cross_entropy_loss(&shift_labels, None::<Tensor>, tch::Reduction::Sum, -100, 0.0)?;
+        let pred = shift_logits.f_argmax(-1, false)?;
+        let valid = shift_labels.f_ne(-100)?;
+        let correct = pred.f_eq_tensor(&shift_labels)?.f_logical_and(&valid)?.f_sum(Kind::Int64)?;
+        Ok((loss, correct))
+    } else {
+        let loss = logits.f_cross_entropy_loss(labels, None::<Tensor>, tch::Reduction::Sum, -100, 0.0)?;
+        let pred = logits.f_argmax(-1, false)?;
+        let correct = pred.f_eq_tensor(labels)?.f_sum(Kind::Int64)?;
+        Ok((loss, correct))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_seeded_and_disjoint() {
+        let v: Vec<u32> = (0..100).collect();
+        let (t, va) = split_validation(&v, 0.1, 7);
+        assert_eq!((t.len(), va.len()), (90, 10));
+        assert_eq!(split_validation(&v, 0.1, 7).1, va);
+        assert_ne!(split_validation(&v, 0.1, 8).1, va);
+        assert!(va.iter().all(|x| !t.contains(x)));
+        assert_eq!(split_validation(&v[..5], 0.1, 7).1.len(), 0);
+    }
+
+    #[test]
+    fn epoch_order_is_a_permutation() {
+        let o = epoch_order(50, 1, 0);
+        let mut s = o.clone();
+        s.sort_unstable();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+        assert_eq!(o, epoch_order(50, 1, 0));
+        assert_ne!(o, epoch_order(50, 1, 1));
+    }
+
+    #[test]
+    fn label_map_orders_ints_numerically() {
+        let ex: Vec<(u64, Example)> = [10, 2, 1]
+            .iter()
+            .map(|i| (1, Example::Labeled { text: "x".into(), label: Label::Int(*i) }))
+            .collect();
+        let m = LabelMap::from_examples(&ex);
+        assert_eq!(m.id2label(), vec!["1", "2", "10"]);
+        assert_eq!(m.get(&Label::Name("10".into())), Some(2));
+        assert_eq!(m.get(&Label::Int(3)), None);
+    }
+
+    #[test]
+    fn collate_pads_right() {
+        let a = Features { line: 1, input_ids: vec![5, 6, 7], labels: vec![5, 6, 7], token_type_ids: vec![], class: None };
+        let b = Features { line: 2, input_ids: vec![8], labels: vec![-100], token_type_ids: vec![], class: None };
+        let c = collate(&[&a, &b], 0, Device::Cpu, false).unwrap();
+        assert_eq!(c.input_ids.size(), vec![2, 3]);
+        let labels: Vec<i64> = Vec::try_from(c.labels.view([-1])).unwrap();
+        assert_eq!(labels, vec![5, 6, 7, -100, -100, -100]);
+        let mask: Vec<i64> = Vec::try_from(c.attention_mask.view([-1])).unwrap();
+        assert_eq!(mask, vec![1, 1, 1, 1, 0, 0]);
+        assert_eq!((c.tokens, c.targets), (4, 2));
+    }
+}

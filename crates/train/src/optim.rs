@@ -1,0 +1,213 @@
+//! AdamW over tch tensors with state we own (so it can be saved and resumed), and gradient
+//! clipping by global norm.
+//!
+//! The update is torch.optim.AdamW's single-tensor path (decoupled weight decay, bias
+//! correction, `eps` added after the corrected square root):
+//! `p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
+//! p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
+//! Moments are fp32 whatever the parameter kind; a non-fp32 parameter is updated in fp32 and
+//! copied back. Weight decay is off for biases and normalisation weights (by name: ending in
+//! `bias`, or containing `norm` or `ln_`), like transformers' Trainer.
+//!
+//! Everything runs under `no_grad` with in-place ops and no host synchronisation; the only sync of
+//! an optimiser step is the one the trainer does to read the loss and the norm together.
+//! State is saved to safetensors as `exp_avg.<param>`, `exp_avg_sq.<param>` and `step`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+struct Slot {
+    name: String,
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    decay: bool,
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    slots: Vec<Slot>,
+    /// Completed optimiser steps.
+    pub step: i64,
+}
+
+/// Whether weight decay applies to a parameter, by its name.
+pub fn decays(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !(lower.ends_with("bias") || lower.contains("norm") || lower.contains("ln_"))
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Result<AdamW> {
+        let mut slots = Vec::with_capacity(params.len());
+        for (name, param) in params {
+            let zeros = || Tensor::f_zeros_like(&param).and_then(|z| z.f_to_kind(Kind::Float));
+            slots.push(Slot { decay: decays(&name), exp_avg: zeros()?, exp_avg_sq: zeros()?, name, param });
+        }
+        Ok(AdamW { config, slots, step: 0 })
+    }
+
+    pub fn param_names(&self) -> Vec<String> {
+        self.slots.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Names of the parameters that get weight decay.
+    pub fn decayed(&self) -> Vec<String> {
+        self.slots.iter().filter(|s| s.decay).map(|s| s.name.clone()).collect()
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero_grad(&mut self) {
+        for s in &mut self.slots {
+            s.param.zero_grad();
+        }
+    }
+
+    /// The global L2 norm of the gradients as a 0-dim fp32 tensor (no host sync); a parameter
+    /// without a gradient counts as zero.
+    pub fn grad_norm(&self) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let device = self.slots.first().map(|s| s.param.device()).unwrap_or(tch::Device::Cpu);
+        let mut norms = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let g = s.param.grad();
+            if g.defined() {
+                norms.push(g.f_to_kind(Kind::Float)?.f_norm()?);
+            }
+        }
+        if norms.is_empty() {
+            return Ok(Tensor::f_zeros([], (Kind::Float, device))?);
+        }
+        Ok(Tensor::f_stack(&norms, 0)?.f_norm()?)
+    }
+
+    /// Scales the gradients so their global norm is at most `max_norm`, as
+    /// torch.nn.utils.clip_grad_norm_ does (`coef = min(1, max_norm / (norm + 1e-6))`), without a
+    /// host sync. `norm` is [`AdamW::grad_norm`]'s result.
+    pub fn clip_grad_norm(&mut self, norm: &Tensor, max_norm: f64) -> Result<()> {
+        if max_norm <= 0.0 {
+            return Ok(());
+        }
+        let _g = tch::no_grad_guard();
+        let coef = norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+        for s in &mut self.slots {
+            let mut g = s.param.grad();
+            if g.defined() {
+                let c = coef.f_to_kind(g.kind())?;
+                let _ = g.f_mul_(&c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One AdamW step at learning rate `lr`. Parameters without a gradient are skipped.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as f64;
+        let bc1 = 1.0 - c.beta1.powf(t);
+        let bc2 = 1.0 - c.beta2.powf(t);
+        let step_size = lr / bc1;
+        let bc2_sqrt = bc2.sqrt();
+        for s in &mut self.slots {
+            let g = s.param.grad();
+            if !g.defined() {
+                continue;
+            }
+            let g = if g.kind() == Kind::Float { g } else { g.f_to_kind(Kind::Float)? };
+            let fp32 = s.param.kind() == Kind::Float;
+            let mut p = if fp32 { s.param.shallow_clone() } else { s.param.f_to_kind(Kind::Float)? };
+            if s.decay && c.weight_decay != 0.0 {
+                let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
+            }
+            let _ = s.exp_avg.f_lerp_(&g, 1.0 - c.beta1)?;
+            let _ = s.exp_avg_sq.f_mul_scalar_(c.beta2)?;
+            let gg = g.f_mul(&g)?.f_mul_scalar(1.0 - c.beta2)?;
+            let _ = s.exp_avg_sq.f_add_(&gg)?;
+            let mut denom = s.exp_avg_sq.f_sqrt()?;
+            let _ = denom.f_div_scalar_(bc2_sqrt)?;
+            let _ = denom.f_add_scalar_(c.eps)?;
+            let upd = s.exp_avg.f_div(&denom)?.f_mul_scalar(-step_size)?;
+            let _ = p.f_add_(&upd)?;
+            if !fp32 {
+                s.param.f_copy_(&p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The state as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`, `step`), on CPU.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * self.slots.len() + 1);
+        for s in &self.slots {
+            out.push((format!("exp_avg.{}", s.name), s.exp_avg.f_to_device(tch::Device::Cpu)?.f_contiguous()?));
+            out.push((format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.f_to_device(tch::Device::Cpu)?.f_contiguous()?));
+        }
+        out.push(("step".to_string(), Tensor::from_slice(&[self.step])));
+        Ok(out)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors = self.state_tensors()?;
+        Tensor::write_safetensors(&tensors, path).map_err(Error::from)
+    }
+
+    /// Restores the state written by [`AdamW::save`]; every parameter must be present.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let map: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)?.into_iter().collect();
+        self.load_tensors(&map)
+    }
+
+    pub fn load_tensors(&mut self, map: &BTreeMap<String, Tensor>) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let step = map.get("step").ok_or_else(|| Error::Config("optimizer state has no `step`".into()))?;
+        let step = step.f_int64_value(&[0])?;
+        for s in &mut self.slots {
+            for (prefix, dst) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
+                let key = format!("{prefix}.{}", s.name);
+                let src = map.get(&key).ok_or_else(|| Error::Config(format!("optimizer state lacks {key}")))?;
+                if src.size() != dst.size() {
+                    return Err(Error::Config(format!("optimizer state {key}: shape {:?}, expected {:?}", src.size(), dst.size())));
+                }
+                dst.f_copy_(src)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_decay_names() {
+        assert!(!decays("transformer.h.0.ln_1.weight"));
+        assert!(!decays("model.layers.0.input_layernorm.weight"));
+        assert!(!decays("bert.embeddings.LayerNorm.weight"));
+        assert!(!decays("classifier.bias"));
+        assert!(!decays("model.norm.weight"));
+        assert!(decays("model.layers.0.self_attn.q_proj.weight"));
+        assert!(decays("transformer.wte.weight"));
+    }
+}

@@ -1,0 +1,206 @@
+//! Training runs on the tiny fixtures (CPU): the loss goes down for causal LM (GPT-2) and
+//! sequence classification (BERT); a paused-then-resumed run repeats the uninterrupted one
+//! exactly; one step of 8 examples equals 8 accumulated micro-batches of 1; checkpoints hold
+//! what transformers needs plus the training state. Seeds are process-global in libtorch, so the
+//! tests take a global lock.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde_json::json;
+use tch::Tensor;
+use tuna_core::data::{Example, Label};
+use tuna_core::spec::{parse_create_request, JobSpec, SpecPolicy};
+use tuna_train::trainer::{train, Control, TrainEvent, TrainOutcome};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    tch::set_num_threads(2);
+    g
+}
+
+fn fixture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.fixtures").join(name);
+    assert!(p.join("config.json").is_file(), "fixture {} is missing: run scripts/setup.sh", p.display());
+    p
+}
+
+fn spec(extra: serde_json::Value) -> JobSpec {
+    let mut body = json!({"model": "m", "training_file": "file-x", "seed": 3});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    parse_create_request(&body, &SpecPolicy::default(), 1).unwrap().spec
+}
+
+fn texts() -> Vec<(u64, Example)> {
+    let base = [
+        "the cat sat on the mat",
+        "the dog sat on the log",
+        "a bird sang in the tree",
+        "the cat ate the fish",
+        "a dog ran to the park",
+        "the bird flew over the tree",
+    ];
+    (0..24).map(|i| (i as u64 + 1, Example::Text { text: base[i % base.len()].to_string() })).collect()
+}
+
+struct Run {
+    losses: Vec<(u64, f64)>,
+    evals: Vec<serde_json::Value>,
+    checkpoints: Vec<String>,
+    outcome: TrainOutcome,
+}
+
+fn run(model: &Path, spec: &JobSpec, data: &[(u64, Example)], out: &Path, resume: Option<&Path>, pause_at: Option<u64>) -> Run {
+    let control = Control::new();
+    let mut losses = Vec::new();
+    let mut evals = Vec::new();
+    let mut checkpoints = Vec::new();
+    let mut cb = |ev: TrainEvent| match ev {
+        TrainEvent::Metrics(m) => {
+            losses.push((m.step, m.train_loss));
+            if Some(m.step) == pause_at {
+                control.pause();
+            }
+        }
+        TrainEvent::Eval { metrics, .. } => evals.push(serde_json::to_value(metrics).unwrap()),
+        TrainEvent::Checkpoint { path, .. } => checkpoints.push(path),
+        _ => {}
+    };
+    let outcome = train(model, spec, data, None, out, resume, tch::Device::Cpu, &mut cb, &control).unwrap();
+    Run { losses, evals, checkpoints, outcome }
+}
+
+#[test]
+fn causal_lm_loss_goes_down_and_checkpoints_are_complete() {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(json!({"n_epochs": 8, "batch_size": 4, "learning_rate": 3e-3, "log_interval": 1, "validation_split": 0.25, "warmup_steps": 2}));
+    let r = run(&fixture("gpt2"), &s, &texts(), dir.path(), None, None);
+    let first = r.losses[0].1;
+    let last = r.losses.last().unwrap().1;
+    assert!(last < first * 0.6, "loss {first} -> {last}");
+    assert_eq!(r.losses.len(), 8 * 5, "18 train examples / 4 = 5 steps per epoch");
+    assert_eq!(r.evals.len(), 8, "one evaluation per epoch");
+    let e0 = r.evals[0]["valid_loss"].as_f64().unwrap();
+    let e1 = r.evals.last().unwrap()["valid_loss"].as_f64().unwrap();
+    assert!(e1 < e0, "valid loss {e0} -> {e1}");
+    assert!(r.evals[0]["valid_mean_token_accuracy"].is_number());
+    let TrainOutcome::Done { final_dir, steps, .. } = &r.outcome else { panic!("{:?}", r.outcome) };
+    assert_eq!(*steps, 40);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(final_dir.join(f).is_file(), "final/{f}");
+    }
+    let ck = PathBuf::from(r.checkpoints.last().unwrap());
+    assert!(ck.ends_with("checkpoints/step-40"));
+    for f in ["model.safetensors", "tokenizer.json", "training_state/optimizer.safetensors", "training_state/trainer_state.json"] {
+        assert!(ck.join(f).is_file(), "checkpoint {f}");
+    }
+}
+
+#[test]
+fn classification_loss_goes_down_bert() {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let pos = ["good great fine", "great good", "fine good nice", "nice great"];
+    let neg = ["bad awful poor", "awful bad", "poor bad terrible", "terrible awful"];
+    let mut data = Vec::new();
+    for i in 0..24 {
+        let (t, l) = if i % 2 == 0 { (pos[i / 2 % 4], "positive") } else { (neg[i / 2 % 4], "negative") };
+        data.push((i as u64 + 2, Example::Labeled { text: t.into(), label: Label::Name(l.into()) }));
+    }
+    let s = spec(json!({"task": "sequence_classification", "n_epochs": 10, "batch_size": 8, "learning_rate": 1e-3, "log_interval": 1, "validation_split": 0.0}));
+    let r = run(&fixture("bert"), &s, &data, dir.path(), None, None);
+    let first = r.losses[0].1;
+    let last = r.losses.last().unwrap().1;
+    assert!(last < first * 0.5, "loss {first} -> {last}");
+    let TrainOutcome::Done { final_dir, .. } = &r.outcome else { panic!() };
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(final_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["id2label"], json!({"0": "negative", "1": "positive"}));
+}
+
+#[test]
+fn resume_after_pause_repeats_the_uninterrupted_run() {
+    let _g = lock();
+    // Dropout is on in the fixture (0.1): the masks must repeat too.
+    let s = spec(json!({"n_epochs": 3, "batch_size": 4, "learning_rate": 2e-3, "log_interval": 1, "validation_split": 0.0, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01}));
+    let data = texts();
+    let a = tempfile::tempdir().unwrap();
+    let full = run(&fixture("gpt2"), &s, &data, a.path(), None, None);
+    assert_eq!(full.losses.len(), 18);
+    let b = tempfile::tempdir().unwrap();
+    let first = run(&fixture("gpt2"), &s, &data, b.path(), None, Some(7));
+    let TrainOutcome::Paused { checkpoint, step } = &first.outcome else { panic!("{:?}", first.outcome) };
+    assert_eq!(*step, 7);
+    assert!(checkpoint.ends_with("checkpoints/step-7"));
+    let second = run(&fixture("gpt2"), &s, &data, b.path(), Some(checkpoint), None);
+    let resumed: Vec<(u64, f64)> = first.losses.iter().chain(second.losses.iter()).copied().collect();
+    assert_eq!(resumed, full.losses, "losses after resume equal the uninterrupted run's");
+    let wa = tuna_train::loader::read_safetensors(&a.path().join("final/model.safetensors")).unwrap();
+    let wb = tuna_train::loader::read_safetensors(&b.path().join("final/model.safetensors")).unwrap();
+    for (k, t) in &wa {
+        assert!(t.equal(&wb[k]), "{k} differs");
+    }
+}
+
+/// A copy of a fixture with every dropout set to 0.
+fn without_dropout(name: &str, dest: &Path) -> PathBuf {
+    let src = fixture(name);
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dest.join(e.file_name())).unwrap();
+    }
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    for k in ["attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"] {
+        if cfg.get(k).is_some() {
+            cfg[k] = json!(0.0);
+        }
+    }
+    std::fs::write(dest.join("config.json"), cfg.to_string()).unwrap();
+    dest.to_path_buf()
+}
+
+#[test]
+fn one_step_of_8_equals_8_accumulated_micro_batches() {
+    let _g = lock();
+    let m = tempfile::tempdir().unwrap();
+    let model = without_dropout("gpt2", m.path());
+    // Examples of different lengths, so padding and per-token normalisation matter.
+    let data: Vec<(u64, Example)> = [
+        "the cat",
+        "the cat sat on the mat today",
+        "a bird",
+        "the dog ran to the park and back again",
+        "fish",
+        "the bird flew over the tree",
+        "a dog ran",
+        "the cat ate the fish in the kitchen",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, t)| (i as u64 + 1, Example::Text { text: t.to_string() }))
+    .collect();
+    let mut finals = Vec::new();
+    for accum in [1, 8] {
+        let out = tempfile::tempdir().unwrap();
+        let s = spec(json!({"n_epochs": 1, "batch_size": 8, "gradient_accumulation_steps": accum, "learning_rate": 1e-3, "lr_scheduler": "constant", "validation_split": 0.0, "log_interval": 1, "max_grad_norm": 0.0}));
+        let r = run(&model, &s, &data, out.path(), None, None);
+        assert_eq!(r.losses.len(), 1);
+        finals.push((r.losses[0].1, tuna_train::loader::read_safetensors(&out.path().join("final/model.safetensors")).unwrap()));
+    }
+    assert!((finals[0].0 - finals[1].0).abs() < 1e-5, "loss {} vs {}", finals[0].0, finals[1].0);
+    let base = tuna_train::loader::read_safetensors(&model.join("model.safetensors")).unwrap();
+    let mut moved = 0.0f64;
+    for (k, t) in &finals[0].1 {
+        let d = f64::try_from((t - &finals[1].1[k]).abs().max()).unwrap();
+        assert!(d < 1e-5, "{k}: max diff {d}");
+        if let Some(b) = base.get(k) {
+            moved = moved.max(f64::try_from((t - b).abs().max()).unwrap());
+        }
+    }
+    assert!(moved > 1e-4, "the step changed the weights ({moved})");
+    let _ = Tensor::from(0);
+}

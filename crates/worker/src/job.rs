@@ -1,0 +1,739 @@
+//! Running one claimed job: prepare its inputs, run the trainer child, turn its events into job
+//! events, progress, checkpoints and artifacts, and end the job through the fenced queue calls.
+//!
+//! While the job runs a heartbeat task renews the lease every `heartbeat_every` (carrying the
+//! progress) and reports cancel/pause requests; the worker also acts at once on control
+//! notifications. A lost lease (the heartbeat is refused, or cannot get through for longer than
+//! the lease) kills the child at once and nothing more is written.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Map, Value};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tuna_core::spec::{Device, JobSpec};
+use tuna_db::queue::{self, Claimed, Completion, Control, EventKind, JobError, Lease, Level, Listener, QueueError, Wake};
+use tuna_db::rows::JobRow;
+
+use crate::child::{describe_exit, TrainerCommand, TrainerEvent, TrainerProcess};
+use crate::inputs::{self, LocalDataset};
+use crate::results::Results;
+use crate::{Outcome, WorkerConfig, WorkerError};
+
+/// The lease is gone: stop, write nothing.
+#[derive(Debug)]
+struct LeaseLost;
+
+#[derive(Debug, Clone, Default)]
+struct ProgressState {
+    value: Option<Value>,
+    eta: Option<DateTime<Utc>>,
+}
+
+/// Why the worker asked the trainer to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Cancel,
+    Pause,
+    /// The worker shuts down: checkpoint (like a pause), then give the job back.
+    Shutdown,
+}
+
+struct Ctx<'a> {
+    pool: &'a PgPool,
+    cfg: &'a WorkerConfig,
+    lease: Lease,
+    job: JobRow,
+    progress: Arc<Mutex<ProgressState>>,
+    lost: CancellationToken,
+}
+
+impl Ctx<'_> {
+    /// A fenced event; a database hiccup is logged and skipped, a lost lease stops the job.
+    async fn event(&self, level: Level, message: &str, data: Option<&Value>, kind: EventKind) -> Result<(), LeaseLost> {
+        if self.lost.is_cancelled() {
+            return Err(LeaseLost);
+        }
+        match queue::append_event(self.pool, &self.lease, level, message, data, kind).await {
+            Ok(()) => Ok(()),
+            Err(QueueError::LeaseLost { .. }) => {
+                self.lost.cancel();
+                Err(LeaseLost)
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %self.lease.job_id, error = %e, "could not write a job event");
+                Ok(())
+            }
+        }
+    }
+
+    async fn phase(&self, phase: &str, message: &str) -> Result<(), LeaseLost> {
+        self.event(Level::Info, message, Some(&json!({"phase": phase})), EventKind::Message).await
+    }
+
+    fn job_prefix(&self) -> String {
+        format!("jobs/{}", self.job.job_id)
+    }
+}
+
+fn lost_or<T>(r: Result<T, QueueError>, lost: &CancellationToken) -> Result<T, WorkerError> {
+    match r {
+        Err(QueueError::LeaseLost { job_id }) => {
+            lost.cancel();
+            Err(WorkerError::LeaseLost(job_id))
+        }
+        Err(e) => Err(WorkerError::Queue(e)),
+        Ok(v) => Ok(v),
+    }
+}
+
+/// The name of the model a job produces: `ft:<base>:<organization>[:<suffix>]:<job id tail>`.
+pub fn fine_tuned_model_name(job: &JobRow) -> String {
+    let tail = job.job_id.strip_prefix(tuna_core::ids::JOB).unwrap_or(&job.job_id);
+    let tail: String = tail.chars().take(8).collect();
+    match job.suffix.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => format!("ft:{}:{}:{s}:{tail}", job.model, job.organization_id),
+        None => format!("ft:{}:{}:{tail}", job.model, job.organization_id),
+    }
+}
+
+/// Runs a claimed job to its end. `listener` (when given) delivers control notifications.
+pub(crate) async fn run_job(
+    pool: &PgPool,
+    cfg: &WorkerConfig,
+    worker_device: &str,
+    claimed: Claimed,
+    listener: Option<&mut Listener>,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, WorkerError> {
+    let Claimed { job, lease } = claimed;
+    let job_id = job.job_id.clone();
+    let work = cfg.data_dir.join("work").join(format!("{}-{}", job.job_id, &lease.token.simple().to_string()[..8]));
+    let progress = Arc::new(Mutex::new(ProgressState::default()));
+    let lost = CancellationToken::new();
+    let (ctl_tx, ctl_rx) = watch::channel(Control::Continue);
+    let hb_stop = CancellationToken::new();
+    let hb = tokio::spawn(heartbeat_loop(
+        pool.clone(),
+        lease.clone(),
+        cfg.lease_ttl,
+        cfg.heartbeat_every,
+        progress.clone(),
+        ctl_tx,
+        lost.clone(),
+        hb_stop.clone(),
+    ));
+    let ctx = Ctx { pool, cfg, lease, job, progress, lost: lost.clone() };
+    let result = execute(&ctx, &work, worker_device, ctl_rx, listener, shutdown).await;
+    hb_stop.cancel();
+    let _ = hb.await;
+    if !cfg.keep_work_dirs {
+        let _ = tokio::fs::remove_dir_all(&work).await;
+    }
+    match result {
+        Err(WorkerError::LeaseLost(_)) => {
+            tracing::warn!(%job_id, "lease lost; the job was stopped");
+            Ok(Outcome::LeaseLost { job_id })
+        }
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn heartbeat_loop(
+    pool: PgPool,
+    lease: Lease,
+    ttl: Duration,
+    every: Duration,
+    progress: Arc<Mutex<ProgressState>>,
+    tx: watch::Sender<Control>,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let snap = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let r = tokio::time::timeout(every.max(Duration::from_secs(5)), queue::heartbeat(&pool, &lease, ttl, snap.value.as_ref(), snap.eta))
+            .await;
+        match r {
+            Ok(Ok(c)) => {
+                last_ok = Instant::now();
+                if c != Control::Continue {
+                    tx.send_replace(c);
+                }
+            }
+            Ok(Err(QueueError::LeaseLost { .. })) => {
+                lost.cancel();
+                return;
+            }
+            other => {
+                let msg = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_string(),
+                };
+                tracing::warn!(job_id = %lease.job_id, error = %msg, "heartbeat failed");
+                // Stop before the lease can expire: the rescuer may hand the job to another
+                // worker after that.
+                if last_ok.elapsed() + every >= ttl {
+                    tracing::error!(job_id = %lease.job_id, "cannot renew the lease; stopping the job");
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What preparing the inputs produced.
+struct Prepared {
+    model: inputs::ResolvedModel,
+    train: LocalDataset,
+    valid: Option<LocalDataset>,
+    resume: Option<PathBuf>,
+    spec_path: PathBuf,
+}
+
+async fn prepare(ctx: &Ctx<'_>, spec: &JobSpec, work: &Path) -> Result<Result<Prepared, JobError>, LeaseLost> {
+    let data_dir = work.join("data");
+    if let Err(e) = tokio::fs::create_dir_all(&data_dir).await {
+        return Ok(Err(JobError::new("internal", format!("cannot create {}: {e}", data_dir.display()))));
+    }
+    let cfg = ctx.cfg;
+    let org = &ctx.job.organization_id;
+    ctx.phase("downloading", "Downloading the base model and the training data").await?;
+    let model = match inputs::resolve_model(ctx.pool, &cfg.store, org, &spec.model, &cfg.data_dir.join("model-cache")).await {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(e)),
+    };
+    let fetch = |file: Option<String>, url: Option<String>, file_param: &'static str, url_param: &'static str, stem: &'static str| {
+        let data_dir = data_dir.clone();
+        async move {
+            match (file, url) {
+                (Some(id), _) => Some(
+                    inputs::fetch_uploaded(ctx.pool, &cfg.store, org, &id, file_param, &data_dir, stem).await.map(|d| (d, file_param)),
+                ),
+                (None, Some(u)) => {
+                    Some(inputs::fetch_url(&u, url_param, &data_dir, stem, &cfg.fetch, &cfg.s3).await.map(|d| (d, url_param)))
+                }
+                (None, None) => None,
+            }
+        }
+    };
+    let train = match fetch(spec.training_file.clone(), spec.dataset_url.clone(), "training_file", "dataset_url", "train").await {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return Ok(Err(e)),
+        None => return Ok(Err(JobError { code: "invalid_file".into(), message: "the job has no training data".into(), param: Some("training_file".into()) })),
+    };
+    let valid = match fetch(
+        spec.validation_file.clone(),
+        spec.validation_dataset_url.clone(),
+        "validation_file",
+        "validation_dataset_url",
+        "valid",
+    )
+    .await
+    {
+        Some(Ok(v)) => Some(v),
+        Some(Err(e)) => return Ok(Err(e)),
+        None => None,
+    };
+
+    ctx.phase("validating", "Validating the training data").await?;
+    let report = match inputs::validate_dataset(&train.0, train.1, "training data").await {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some((v, param)) = &valid {
+        if let Err(e) = inputs::validate_dataset(v, param, "validation data").await {
+            return Ok(Err(e));
+        }
+    }
+    let msg = format!("Training data: {} examples ({} bytes)", report.examples, train.0.bytes);
+    ctx.event(Level::Info, &msg, Some(&json!({"examples": report.examples, "bytes": train.0.bytes})), EventKind::Message)
+        .await?;
+
+    let resume = match (&ctx.job.checkpoint_uri, ctx.job.checkpoint_step) {
+        (Some(uri), Some(step)) => {
+            let dir = work.join("resume");
+            match cfg.store.download_prefix(uri, &dir).await {
+                Ok(_) => {
+                    ctx.phase("downloading", &format!("Downloaded the checkpoint of step {step} to resume from")).await?;
+                    Some(dir)
+                }
+                Err(e) => {
+                    let msg = format!("The checkpoint of step {step} could not be downloaded ({e}); training restarts from the beginning");
+                    ctx.event(Level::Warn, &msg, None, EventKind::Message).await?;
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let spec_path = work.join("spec.json");
+    let text = serde_json::to_vec_pretty(spec).unwrap_or_default();
+    if let Err(e) = tokio::fs::write(&spec_path, text).await {
+        return Ok(Err(JobError::new("internal", format!("cannot write {}: {e}", spec_path.display()))));
+    }
+    Ok(Ok(Prepared { model, train: train.0, valid: valid.map(|v| v.0), resume, spec_path }))
+}
+
+/// A checkpoint to upload and record.
+struct CkptJob {
+    step: i64,
+    path: PathBuf,
+    metrics: Value,
+}
+
+async fn upload_checkpoint(ctx: &Ctx<'_>, model_name: &str, c: &CkptJob) -> Result<(), WorkerError> {
+    let prefix = format!("{}/checkpoints/step-{}", ctx.job_prefix(), c.step);
+    ctx.cfg.store.upload_dir(&c.path, &prefix).await.map_err(|e| WorkerError::Store(e.to_string()))?;
+    if ctx.lost.is_cancelled() {
+        return Err(WorkerError::LeaseLost(ctx.lease.job_id.clone()));
+    }
+    let row = lost_or(queue::record_checkpoint(ctx.pool, &ctx.lease, c.step, &c.metrics, &prefix, model_name).await, &ctx.lost)?;
+    let msg = format!("Checkpoint saved at step {} ({})", c.step, row.fine_tuned_model_checkpoint);
+    let data = json!({"step": c.step, "checkpoint_id": row.checkpoint_id, "metrics": c.metrics});
+    ctx.event(Level::Info, &msg, Some(&data), EventKind::Message)
+        .await
+        .map_err(|_| WorkerError::LeaseLost(ctx.lease.job_id.clone()))
+}
+
+fn update_progress(ctx: &Ctx<'_>, m: &Map<String, Value>, total_hint: Option<i64>) {
+    let step = m.get("step").and_then(Value::as_i64);
+    let total = m.get("total_steps").and_then(Value::as_i64).or(total_hint);
+    let eta = m.get("eta_seconds").and_then(Value::as_f64).filter(|e| e.is_finite() && *e >= 0.0);
+    let mut p = ctx.progress.lock().unwrap_or_else(|p| p.into_inner());
+    let percent = match (step, total) {
+        (Some(s), Some(t)) if t > 0 => Some(((s as f64 / t as f64) * 1000.0).round() / 10.0),
+        _ => None,
+    };
+    p.value = Some(json!({
+        "step": step, "total_steps": total, "percent": percent,
+        "seconds_remaining": eta.map(|e| e.round() as i64),
+        "epoch": m.get("epoch"),
+        "train_loss": m.get("train_loss"),
+    }));
+    p.eta = eta.map(|e| Utc::now() + chrono::Duration::milliseconds((e * 1000.0) as i64));
+}
+
+fn fmt_num(m: &Map<String, Value>, k: &str) -> Option<String> {
+    m.get(k).and_then(Value::as_f64).map(|v| format!("{k}={v:.4}"))
+}
+
+async fn execute(
+    ctx: &Ctx<'_>,
+    work: &Path,
+    worker_device: &str,
+    mut ctl_rx: watch::Receiver<Control>,
+    mut listener: Option<&mut Listener>,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, WorkerError> {
+    let job_id = ctx.job.job_id.clone();
+    let lost_err = || WorkerError::LeaseLost(job_id.clone());
+    let spec: JobSpec = match serde_json::from_value(ctx.job.spec.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let err = JobError::new("internal", format!("the job's stored spec cannot be read: {e}"));
+            return finish_failed(ctx, &err).await;
+        }
+    };
+
+    // Inputs, abandoned at once on a lost lease, cancel, pause or shutdown.
+    let prepared = {
+        let mut rx = ctl_rx.clone();
+        tokio::select! {
+            r = prepare(ctx, &spec, work) => match r {
+                Ok(r) => r,
+                Err(LeaseLost) => return Err(lost_err()),
+            },
+            _ = ctx.lost.cancelled() => return Err(lost_err()),
+            _ = rx.wait_for(|c| *c != Control::Continue) => {
+                let c = *rx.borrow();
+                return if c == Control::Cancel { finish_cancelled(ctx).await } else { finish_paused(ctx).await };
+            }
+            _ = shutdown.cancelled() => return finish_released(ctx).await,
+        }
+    };
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => return finish_failed(ctx, &e).await,
+    };
+
+    let model_name = fine_tuned_model_name(&ctx.job);
+    let output = work.join("output");
+    let device = match spec.device {
+        Device::Auto => Some(worker_device),
+        _ => None,
+    };
+    let cmd = TrainerCommand::run(
+        &ctx.cfg.trainer_bin,
+        &prepared.model.dir,
+        &prepared.spec_path,
+        &prepared.train.path,
+        prepared.valid.as_ref().map(|v| v.path.as_path()),
+        &output,
+        prepared.resume.as_deref(),
+        device,
+        ctx.cfg.trainer_threads,
+    );
+    let mut proc = match TrainerProcess::spawn(&cmd) {
+        Ok(p) => p,
+        Err(e) => {
+            // A broken worker, not a broken job: give the job back and report.
+            let _ = queue::release(ctx.pool, &ctx.lease).await;
+            return Err(WorkerError::Trainer(format!("cannot start {}: {e}", ctx.cfg.trainer_bin.display())));
+        }
+    };
+    if let Some(step) = ctx.job.checkpoint_step.filter(|_| prepared.resume.is_some()) {
+        ctx.phase("training", &format!("Training resumes from checkpoint step {step}")).await.map_err(|_| lost_err())?;
+    }
+
+    // Checkpoint uploads run beside the event loop so control stays responsive.
+    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<CkptJob>();
+    let uploads = async {
+        let mut last: Option<i64> = None;
+        while let Some(c) = up_rx.recv().await {
+            if let Err(e) = upload_checkpoint(ctx, &model_name, &c).await {
+                return (last, Err(e));
+            }
+            last = Some(c.step);
+        }
+        (last, Ok(()))
+    };
+    tokio::pin!(uploads);
+    let mut uploads_done: Option<(Option<i64>, Result<(), WorkerError>)> = None;
+
+    let mut results = Results::default();
+    let mut total_steps: Option<i64> = None;
+    let mut terminal: Option<TrainerEvent> = None;
+    let mut request: Option<Request> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut killed = false;
+    let mut hb_open = true;
+    let mut up_tx = Some(up_tx);
+    let mut eof = false;
+
+    while !eof {
+        let kill_sleep = async {
+            match kill_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let notified = async {
+            match listener.as_deref_mut() {
+                Some(l) => l.next(Duration::from_secs(3600)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut new_request: Option<Request> = None;
+        tokio::select! {
+            line = proc.next_line() => match line {
+                None => eof = true,
+                Some(line) => {
+                    if ctx.lost.is_cancelled() {
+                        continue;
+                    }
+                    let ev = TrainerEvent::parse(&line);
+                    let r = handle_event(ctx, &ev, &mut results, &mut total_steps, up_tx.as_ref()).await;
+                    if r.is_err() {
+                        proc.close_stdin();
+                        proc.kill();
+                        continue;
+                    }
+                    if ev.is_terminal() {
+                        terminal = Some(ev);
+                    }
+                }
+            },
+            _ = ctx.lost.cancelled(), if !killed => {
+                proc.close_stdin();
+                proc.kill();
+                killed = true;
+            }
+            r = ctl_rx.changed(), if hb_open && request.is_none() => match r {
+                Err(_) => hb_open = false,
+                Ok(()) => new_request = match *ctl_rx.borrow() {
+                    Control::Cancel => Some(Request::Cancel),
+                    Control::Pause => Some(Request::Pause),
+                    Control::Continue => None,
+                },
+            },
+            w = notified, if request.is_none() => {
+                if let Wake::Control(m) = w {
+                    if m.job_id == job_id {
+                        new_request = Some(match m.action {
+                            queue::ControlAction::Cancel => Request::Cancel,
+                            queue::ControlAction::Pause => Request::Pause,
+                        });
+                    }
+                }
+            }
+            _ = shutdown.cancelled(), if request.is_none() => new_request = Some(Request::Shutdown),
+            _ = kill_sleep, if kill_at.is_some() => {
+                tracing::warn!(%job_id, "the trainer did not stop in time; killing it");
+                proc.kill();
+                kill_at = None;
+                killed = true;
+            }
+            done = &mut uploads, if uploads_done.is_none() => {
+                let failed = done.1.is_err();
+                uploads_done = Some(done);
+                if failed {
+                    // The lease is lost or the store failed: stop training.
+                    proc.close_stdin();
+                    proc.kill();
+                    killed = true;
+                }
+            }
+        }
+        if let Some(r) = new_request {
+            request = Some(r);
+            let (line, grace) = match r {
+                Request::Cancel => ("cancel", ctx.cfg.cancel_grace),
+                Request::Pause | Request::Shutdown => ("pause", ctx.cfg.pause_grace),
+            };
+            tracing::info!(%job_id, ?r, "asking the trainer to stop");
+            proc.send(line).await;
+            kill_at = Some(Instant::now() + grace);
+        }
+    }
+    let status = proc.wait().await;
+    drop(up_tx.take());
+    let (last_uploaded, upload_result) = match uploads_done {
+        Some(d) => d,
+        None => uploads.await,
+    };
+    if ctx.lost.is_cancelled() {
+        return Err(lost_err());
+    }
+    if let Err(e) = upload_result {
+        if let WorkerError::LeaseLost(_) = e {
+            return Err(e);
+        }
+        let err = JobError::new("artifact_store_error", format!("saving a checkpoint to the artifact store failed: {e}"));
+        return finish_failed(ctx, &err).await;
+    }
+
+    match terminal {
+        Some(TrainerEvent::Done { trained_tokens, final_dir, metrics }) => {
+            finish_succeeded(ctx, &model_name, &prepared, &final_dir, trained_tokens, &metrics, &results).await
+        }
+        Some(TrainerEvent::Paused { checkpoint, step }) => {
+            if let (Some(path), Some(step)) = (checkpoint, step) {
+                if last_uploaded != Some(step) {
+                    let c = CkptJob { step, path, metrics: json!({}) };
+                    if let Err(e) = upload_checkpoint(ctx, &model_name, &c).await {
+                        if let WorkerError::LeaseLost(_) = e {
+                            return Err(e);
+                        }
+                        let msg = format!("The pause checkpoint could not be saved ({e}); the job keeps its previous checkpoint");
+                        ctx.event(Level::Warn, &msg, None, EventKind::Message).await.map_err(|_| lost_err())?;
+                    }
+                }
+            }
+            if request == Some(Request::Shutdown) {
+                finish_released(ctx).await
+            } else {
+                finish_paused(ctx).await
+            }
+        }
+        Some(TrainerEvent::Cancelled) => finish_cancelled(ctx).await,
+        Some(TrainerEvent::Error { code, message, param }) => {
+            finish_failed(ctx, &JobError { code, message, param }).await
+        }
+        _ => match request {
+            Some(Request::Cancel) => finish_cancelled(ctx).await,
+            Some(Request::Pause) => {
+                let msg = "The trainer did not stop in time; the job is paused at its last saved checkpoint";
+                ctx.event(Level::Warn, msg, None, EventKind::Message).await.map_err(|_| lost_err())?;
+                finish_paused(ctx).await
+            }
+            Some(Request::Shutdown) => finish_released(ctx).await,
+            None => {
+                let how = match &status {
+                    Ok(s) => describe_exit(s),
+                    Err(e) => format!("its status is unknown: {e}"),
+                };
+                let tail = proc.stderr_tail();
+                let tail: Vec<&String> = tail.iter().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+                let mut message = format!("The training process crashed ({how}) without reporting an error.");
+                if !tail.is_empty() {
+                    message.push_str(&format!(" Its last output: {}", tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" | ")));
+                }
+                finish_failed(ctx, &JobError::new("trainer_crashed", message)).await
+            }
+        },
+    }
+}
+
+async fn handle_event(
+    ctx: &Ctx<'_>,
+    ev: &TrainerEvent,
+    results: &mut Results,
+    total_steps: &mut Option<i64>,
+    uploads: Option<&mpsc::UnboundedSender<CkptJob>>,
+) -> Result<(), LeaseLost> {
+    match ev {
+        TrainerEvent::Phase { phase, message } => {
+            let label = match phase.as_str() {
+                "loading_model" => "Loading the base model",
+                "tokenizing" => "Tokenizing the data",
+                "training" => "Training",
+                "evaluating" => "Evaluating",
+                "saving" => "Saving the model",
+                _ => "Working",
+            };
+            let msg = if message.is_empty() { label.to_string() } else { format!("{label}: {message}") };
+            ctx.phase(phase, &msg).await
+        }
+        TrainerEvent::Data(m) => {
+            *total_steps = m.get("total_steps").and_then(Value::as_i64);
+            let n = |k: &str| m.get(k).and_then(|v| v.get("examples")).and_then(Value::as_i64);
+            let mut msg = format!("Data tokenized: {} training examples", n("train").unwrap_or(0));
+            if let Some(v) = n("valid") {
+                msg.push_str(&format!(", {v} validation examples"));
+            }
+            if let Some(t) = *total_steps {
+                msg.push_str(&format!("; {t} training steps"));
+            }
+            ctx.event(Level::Info, &msg, Some(&Value::Object(m.clone())), EventKind::Message).await
+        }
+        TrainerEvent::Metrics(m) => {
+            results.add_metrics(m);
+            update_progress(ctx, m, *total_steps);
+            let step = m.get("step").and_then(Value::as_i64).unwrap_or(0);
+            let total = m.get("total_steps").and_then(Value::as_i64).or(*total_steps);
+            let mut msg = match total {
+                Some(t) => format!("Step {step}/{t}"),
+                None => format!("Step {step}"),
+            };
+            let parts: Vec<String> =
+                ["train_loss", "train_mean_token_accuracy", "train_accuracy"].iter().filter_map(|k| fmt_num(m, k)).collect();
+            if !parts.is_empty() {
+                msg.push_str(": ");
+                msg.push_str(&parts.join(", "));
+            }
+            ctx.event(Level::Info, &msg, Some(&Value::Object(m.clone())), EventKind::Metrics).await
+        }
+        TrainerEvent::Eval(m) => {
+            results.add_eval(m);
+            let step = m.get("step").and_then(Value::as_i64).unwrap_or(0);
+            let parts: Vec<String> = ["valid_loss", "valid_mean_token_accuracy", "valid_accuracy"]
+                .iter()
+                .filter_map(|k| fmt_num(m, k))
+                .collect();
+            let msg = format!("Step {step}: {}", parts.join(", "));
+            ctx.event(Level::Info, &msg, Some(&Value::Object(m.clone())), EventKind::Metrics).await
+        }
+        TrainerEvent::Checkpoint { step, path, metrics } => {
+            if let Some(tx) = uploads {
+                let _ = tx.send(CkptJob { step: *step, path: path.clone(), metrics: metrics.clone() });
+            }
+            Ok(())
+        }
+        TrainerEvent::Warning(msg) => ctx.event(Level::Warn, msg, None, EventKind::Message).await,
+        TrainerEvent::Other(line) => {
+            tracing::debug!(job_id = %ctx.job.job_id, "trainer: {line}");
+            Ok(())
+        }
+        // Terminal events are handled after the child exits.
+        _ => Ok(()),
+    }
+}
+
+async fn finish_failed(ctx: &Ctx<'_>, err: &JobError) -> Result<Outcome, WorkerError> {
+    let row = lost_or(queue::fail(ctx.pool, &ctx.lease, err).await, &ctx.lost)?;
+    Ok(Outcome::Finished { job_id: row.job_id, status: row.status })
+}
+
+async fn finish_cancelled(ctx: &Ctx<'_>) -> Result<Outcome, WorkerError> {
+    let row = lost_or(queue::finish_cancelled(ctx.pool, &ctx.lease).await, &ctx.lost)?;
+    Ok(Outcome::Finished { job_id: row.job_id, status: row.status })
+}
+
+async fn finish_paused(ctx: &Ctx<'_>) -> Result<Outcome, WorkerError> {
+    let row = lost_or(queue::release_paused(ctx.pool, &ctx.lease).await, &ctx.lost)?;
+    Ok(Outcome::Finished { job_id: row.job_id, status: row.status })
+}
+
+async fn finish_released(ctx: &Ctx<'_>) -> Result<Outcome, WorkerError> {
+    let row = lost_or(queue::release(ctx.pool, &ctx.lease).await, &ctx.lost)?;
+    Ok(Outcome::Released { job_id: row.job_id, status: row.status })
+}
+
+async fn finish_succeeded(
+    ctx: &Ctx<'_>,
+    model_name: &str,
+    prepared: &Prepared,
+    final_dir: &Path,
+    trained_tokens: Option<i64>,
+    metrics: &Value,
+    results: &Results,
+) -> Result<Outcome, WorkerError> {
+    let lost_err = || WorkerError::LeaseLost(ctx.lease.job_id.clone());
+    ctx.phase("uploading", "Uploading the fine-tuned model").await.map_err(|_| lost_err())?;
+    let prefix = format!("{}/final", ctx.job_prefix());
+    let uploaded = match ctx.cfg.store.upload_dir(final_dir, &prefix).await {
+        Ok(u) => u,
+        Err(e) => {
+            let err = JobError::new("artifact_store_error", format!("uploading the fine-tuned model failed: {e}"));
+            return finish_failed(ctx, &err).await;
+        }
+    };
+    let bytes: u64 = uploaded.iter().map(|o| o.size).sum();
+    let msg = format!("Uploaded the fine-tuned model ({} files, {bytes} bytes)", uploaded.len());
+    ctx.event(Level::Info, &msg, Some(&json!({"prefix": prefix, "metrics": metrics})), EventKind::Message)
+        .await
+        .map_err(|_| lost_err())?;
+
+    // The results file.
+    let file_id = tuna_core::ids::new_id(tuna_core::ids::FILE);
+    let key = format!("files/{file_id}");
+    let csv = results.to_csv();
+    let info = ctx.cfg.store.put_bytes(&key, csv).await.map_err(|e| WorkerError::Store(e.to_string()))?;
+    sqlx::query(
+        "insert into files (file_id, organization_id, filename, purpose, bytes, status, format, example_count, storage_key, sha256) \
+         values ($1, $2, 'step_metrics.csv', 'fine-tune-results', $3, 'processed', 'csv', $4, $5, $6)",
+    )
+    .bind(&file_id)
+    .bind(&ctx.job.organization_id)
+    .bind(info.size as i64)
+    .bind(results_rows(results))
+    .bind(&key)
+    .bind(&info.sha256)
+    .execute(ctx.pool)
+    .await
+    .map_err(|e| WorkerError::Queue(QueueError::Db(e)))?;
+
+    let done = Completion {
+        fine_tuned_model: model_name.to_string(),
+        trained_tokens,
+        result_files: vec![file_id.clone()],
+        model_location: Some(prefix),
+        architecture: Some(prepared.model.architecture.clone()),
+    };
+    match queue::complete(ctx.pool, &ctx.lease, &done).await {
+        Ok(row) => Ok(Outcome::Finished { job_id: row.job_id, status: row.status }),
+        Err(e) => {
+            // Not ours any more: take the results file back.
+            let _ = sqlx::query("delete from files where file_id = $1").bind(&file_id).execute(ctx.pool).await;
+            let _ = ctx.cfg.store.delete(&key).await;
+            lost_or(Err(e), &ctx.lost)
+        }
+    }
+}
+
+fn results_rows(r: &Results) -> i64 {
+    let csv = r.to_csv();
+    (csv.iter().filter(|b| **b == b'\n').count() as i64 - 1).max(0)
+}
