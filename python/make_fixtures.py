@@ -18,6 +18,8 @@ Fixtures:
 - llama-sharded: the same weights as `llama`, saved in several shards with an index.
 - llama-tied:    LlamaForCausalLM, tied embeddings, linear rope scaling, 5.x keys.
 - qwen2:         Qwen2ForCausalLM (q/k/v bias), chat template the OLD way (in tokenizer_config.json).
+- qwen2-yarn:    Qwen2ForCausalLM with YaRN rope scaling, old `rope_scaling.type` key, tied head.
+- llama-dynamic: LlamaForCausalLM with dynamic NTK scaling, reference longer than max positions.
 - mistral:       MistralForCausalLM, GQA, sliding window smaller than the reference length.
 - bert:          BertModel with pooler, WordPiece tokenizer, num_labels 2.
 - minilm-reference.safetensors: last_hidden_state of the real all-MiniLM-L6-v2 (when its package
@@ -163,8 +165,9 @@ def reference_inputs(vocab_size, pad_id, first_id=None, seed=0, bert=False):
     return out
 
 
-def old_style_config(out):
-    """Rewrites config.json with the keys transformers < 5 wrote (rope_theta/rope_scaling/torch_dtype)."""
+def old_style_config(out, type_key="rope_type"):
+    """Rewrites config.json with the keys transformers < 5 wrote (rope_theta/rope_scaling/torch_dtype);
+    `type_key="type"` writes the still older `rope_scaling.type` (as Qwen2.5's YaRN configs do)."""
     path = os.path.join(out, "config.json")
     with open(path) as f:
         cfg = json.load(f)
@@ -176,6 +179,7 @@ def old_style_config(out):
             if v.get("rope_type", "default") == "default":
                 new["rope_scaling"] = None
             else:
+                v[type_key] = v.pop("rope_type")
                 new["rope_scaling"] = v
         elif k == "dtype":
             new["torch_dtype"] = v
@@ -216,7 +220,7 @@ def write_reference(out, cls, inputs, bert=False):
 
 
 def decoder_fixture(root, name, cfg_cls, model_cls, tok, specials, cfg_kwargs, seed, *,
-                    chat=True, old_keys=False, old_chat=False, shard=None, pad_token=None):
+                    chat=True, old_keys=False, old_chat=False, shard=None, pad_token=None, type_key="rope_type"):
     out = os.path.join(root, name)
     torch.manual_seed(seed)
     cfg = cfg_cls(vocab_size=tok.get_vocab_size(), **cfg_kwargs)
@@ -226,7 +230,7 @@ def decoder_fixture(root, name, cfg_cls, model_cls, tok, specials, cfg_kwargs, s
     model.save_pretrained(out, max_shard_size=shard) if shard else model.save_pretrained(out)
     save_tokenizer(tok, out, chat_template=CHATML if chat else None, **specials)
     if old_keys:
-        old_style_config(out)
+        old_style_config(out, type_key)
     if old_chat:
         chat_template_in_tokenizer_config(out)
     pad_id = tok.token_to_id(pad_token or specials.get("pad_token") or specials["eos_token"])
@@ -244,7 +248,7 @@ def main():
         sys.exit("usage: make_fixtures.py OUTDIR")
     root = sys.argv[1]
     os.makedirs(root, exist_ok=True)
-    for sub in ("gpt2", "llama", "llama-sharded", "llama-tied", "qwen2", "mistral", "bert"):
+    for sub in ("gpt2", "llama", "llama-sharded", "llama-tied", "qwen2", "qwen2-yarn", "llama-dynamic", "mistral", "bert"):
         shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
     torch.set_num_threads(2)
 
@@ -286,6 +290,26 @@ def main():
              rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
         seed=4, old_chat=True,
+    )
+
+    # Qwen2 with YaRN, configured the Qwen2.5 way: old keys, `rope_scaling.type = "yarn"`.
+    decoder_fixture(
+        root, "qwen2-yarn", Qwen2Config, Qwen2ForCausalLM, qwen_tok,
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None},
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2, bos_token_id=None,
+             rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 16}),
+        seed=7, old_keys=True, type_key="type",
+    )
+    # Llama with dynamic NTK scaling and max_position_embeddings (8) below the reference length
+    # (12), so the rescaled base is in play.
+    decoder_fixture(
+        root, "llama-dynamic", LlamaConfig, LlamaForCausalLM, llama_tok, sp,
+        dict(llama_cfg, num_hidden_layers=1, max_position_embeddings=8,
+             rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+        seed=8,
     )
 
     # Mistral: GQA and a sliding window (8) shorter than the reference sequence (12).

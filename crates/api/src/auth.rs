@@ -23,7 +23,9 @@ impl Caller {
         if self.is_admin {
             Ok(())
         } else {
-            Err(ApiError::Forbidden("This request needs an admin API key.".into()))
+            Err(ApiError::Forbidden(
+                "This request needs an admin API key.".into(),
+            ))
         }
     }
 }
@@ -31,25 +33,39 @@ impl Caller {
 fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts);
         if let Some(token) = token {
             if let Some(owner) = keys::authenticate(&state.db, token).await? {
-                return Ok(Caller { organization_id: owner.organization_id, is_admin: owner.is_admin });
+                return Ok(Caller {
+                    organization_id: owner.organization_id,
+                    is_admin: owner.is_admin,
+                });
             }
         }
         if state.config.open_access {
-            return Ok(Caller { organization_id: keys::DEFAULT_ORG.to_string(), is_admin: true });
+            return Ok(Caller {
+                organization_id: keys::DEFAULT_ORG.to_string(),
+                is_admin: true,
+            });
         }
         Err(ApiError::Unauthorized(match token {
             Some(_) => "Incorrect API key provided.".into(),
-            None => "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into(),
+            None => {
+                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into()
+            }
         }))
     }
 }

@@ -20,7 +20,11 @@ use tuna_db::DbError;
 pub enum ApiError {
     /// 400: the request is malformed or names something unusable.
     #[error("{message}")]
-    BadRequest { message: String, param: Option<String>, code: Option<&'static str> },
+    BadRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
     /// 401: no key, or not a live key.
     #[error("{0}")]
     Unauthorized(String),
@@ -41,7 +45,10 @@ pub enum ApiError {
     PayloadTooLarge(String),
     /// 422: well-formed but semantically unusable.
     #[error("{message}")]
-    Unprocessable { message: String, param: Option<String> },
+    Unprocessable {
+        message: String,
+        param: Option<String>,
+    },
     /// 429: too many requests.
     #[error("{0}")]
     TooManyRequests(String),
@@ -57,15 +64,30 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
-        ApiError::BadRequest { message: message.into(), param: param.map(str::to_string), code: None }
+        ApiError::BadRequest {
+            message: message.into(),
+            param: param.map(str::to_string),
+            code: None,
+        }
     }
 
-    pub fn bad_request_code(message: impl Into<String>, param: Option<&str>, code: &'static str) -> Self {
-        ApiError::BadRequest { message: message.into(), param: param.map(str::to_string), code: Some(code) }
+    pub fn bad_request_code(
+        message: impl Into<String>,
+        param: Option<&str>,
+        code: &'static str,
+    ) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: param.map(str::to_string),
+            code: Some(code),
+        }
     }
 
     pub fn not_found(what: &str, id: &str) -> Self {
-        ApiError::NotFound { message: format!("No {what} found with id '{id}'."), code: "not_found" }
+        ApiError::NotFound {
+            message: format!("No {what} found with id '{id}'."),
+            code: "not_found",
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -112,8 +134,12 @@ impl ApiError {
 
     fn client_message(&self) -> String {
         match self {
-            ApiError::Unavailable(_) => "The service is temporarily unavailable (database unreachable); retry later.".into(),
-            ApiError::Internal(_) => "The server had an error while processing your request.".into(),
+            ApiError::Unavailable(_) => {
+                "The service is temporarily unavailable (database unreachable); retry later.".into()
+            }
+            ApiError::Internal(_) => {
+                "The server had an error while processing your request.".into()
+            }
             ApiError::MethodNotAllowed => "This method is not allowed for this route.".into(),
             other => other.to_string(),
         }
@@ -121,7 +147,9 @@ impl ApiError {
 
     fn param(&self) -> Option<&str> {
         match self {
-            ApiError::BadRequest { param, .. } | ApiError::Unprocessable { param, .. } => param.as_deref(),
+            ApiError::BadRequest { param, .. } | ApiError::Unprocessable { param, .. } => {
+                param.as_deref()
+            }
             _ => None,
         }
     }
@@ -142,8 +170,12 @@ impl IntoResponse for ApiError {
             "code": self.code(),
         }});
         let mut resp = (status, Json(body)).into_response();
-        if !matches!(self, ApiError::TooManyRequests(_) | ApiError::Unavailable(_)) {
-            resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+        if !matches!(
+            self,
+            ApiError::TooManyRequests(_) | ApiError::Unavailable(_)
+        ) {
+            resp.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp
     }
@@ -151,17 +183,26 @@ impl IntoResponse for ApiError {
 
 impl From<SpecError> for ApiError {
     fn from(e: SpecError) -> Self {
-        ApiError::BadRequest { message: e.message, param: e.param, code: Some("invalid_request_parameter") }
+        ApiError::BadRequest {
+            message: e.message,
+            param: e.param,
+            code: Some("invalid_request_parameter"),
+        }
     }
 }
 
 /// Connection-level failures are 503; anything else is a 500.
 pub fn from_sqlx(e: sqlx::Error) -> ApiError {
     match &e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-            ApiError::Unavailable(e.to_string())
-        }
-        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => ApiError::Unavailable(e.to_string()),
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+        {
             ApiError::Unavailable(e.to_string())
         }
         _ => ApiError::Internal(e.to_string()),
@@ -197,7 +238,10 @@ impl From<QueueError> for ApiError {
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         match e {
-            ControlError::NotFound => ApiError::NotFound { message: "No such fine-tuning job.".into(), code: "not_found" },
+            ControlError::NotFound => ApiError::NotFound {
+                message: "No such fine-tuning job.".into(),
+                code: "not_found",
+            },
             ControlError::Conflict(m) => ApiError::Conflict(m),
             ControlError::Db(e) => from_sqlx(e),
         }
@@ -226,14 +270,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
 fn json_rejection(rej: JsonRejection) -> ApiError {
     match rej.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge("The request body is too large.".into()),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge("The request body is too large.".into())
+        }
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::bad_request_code(
             "Expected a JSON body with `Content-Type: application/json`.",
             None,
             "invalid_content_type",
         ),
         _ => ApiError::bad_request_code(
-            format!("We could not parse the JSON body of your request: {}", rej.body_text()),
+            format!(
+                "We could not parse the JSON body of your request: {}",
+                rej.body_text()
+            ),
             None,
             "invalid_json",
         ),
@@ -243,7 +292,11 @@ fn json_rejection(rej: JsonRejection) -> ApiError {
 /// Fallback for unknown routes.
 pub async fn unknown_route(req: Request) -> ApiError {
     ApiError::NotFound {
-        message: format!("Unknown request URL: {} {}.", req.method(), req.uri().path()),
+        message: format!(
+            "Unknown request URL: {} {}.",
+            req.method(),
+            req.uri().path()
+        ),
         code: "unknown_url",
     }
 }

@@ -25,7 +25,15 @@ use crate::query::{page, ListParams};
 use crate::{objects, AppState, Config};
 
 /// Purposes OpenAI knows; only `fine-tune` files are checked.
-pub const PURPOSES: &[&str] = &["fine-tune", "fine-tune-results", "assistants", "batch", "vision", "user_data", "evals"];
+pub const PURPOSES: &[&str] = &[
+    "fine-tune",
+    "fine-tune-results",
+    "assistants",
+    "batch",
+    "vision",
+    "user_data",
+    "evals",
+];
 
 /// How many line errors an upload report shows.
 const MAX_REPORTED_ERRORS: usize = 5;
@@ -36,7 +44,10 @@ const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
 
 pub fn router(_config: &Config) -> Router<AppState> {
     Router::new()
-        .route("/v1/files", get(list).post(upload).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/v1/files",
+            get(list).post(upload).layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/files/{file_id}", get(retrieve).delete(delete))
         .route("/v1/files/{file_id}/content", get(content))
 }
@@ -49,7 +60,11 @@ async fn upload(
 ) -> ApiResult<Json<Value>> {
     check_length(&headers, st.config.max_upload_bytes)?;
     let multipart = multipart.map_err(|e| {
-        ApiError::bad_request_code(format!("expected a multipart/form-data body: {}", e.body_text()), None, "invalid_multipart")
+        ApiError::bad_request_code(
+            format!("expected a multipart/form-data body: {}", e.body_text()),
+            None,
+            "invalid_multipart",
+        )
     })?;
     let row = receive(&st, &caller, multipart).await?;
     Ok(Json(objects::file(&row)))
@@ -57,16 +72,36 @@ async fn upload(
 
 async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiResult<Json<Value>> {
     let limit = q.limit(10_000, 10_000)?;
-    let order = if q.descending()? { Order::Desc } else { Order::Asc };
-    let rows = db::list_files(&st.db, &caller.organization_id, q.purpose(), q.after(), limit + 1, order).await?;
+    let order = if q.descending()? {
+        Order::Desc
+    } else {
+        Order::Asc
+    };
+    let rows = db::list_files(
+        &st.db,
+        &caller.organization_id,
+        q.purpose(),
+        q.after(),
+        limit + 1,
+        order,
+    )
+    .await?;
     Ok(Json(page(rows, limit, objects::file)))
 }
 
-async fn retrieve(State(st): State<AppState>, caller: Caller, UrlPath(file_id): UrlPath<String>) -> ApiResult<Json<Value>> {
+async fn retrieve(
+    State(st): State<AppState>,
+    caller: Caller,
+    UrlPath(file_id): UrlPath<String>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(objects::file(&find(&st, &caller, &file_id).await?)))
 }
 
-async fn delete(State(st): State<AppState>, caller: Caller, UrlPath(file_id): UrlPath<String>) -> ApiResult<Json<Value>> {
+async fn delete(
+    State(st): State<AppState>,
+    caller: Caller,
+    UrlPath(file_id): UrlPath<String>,
+) -> ApiResult<Json<Value>> {
     let row = db::delete_file(&st.db, &caller.organization_id, &file_id)
         .await?
         .ok_or_else(|| ApiError::not_found("file", &file_id))?;
@@ -74,10 +109,16 @@ async fn delete(State(st): State<AppState>, caller: Caller, UrlPath(file_id): Ur
     if let Err(e) = tokio::fs::remove_file(&path).await {
         tracing::warn!(path = %path.display(), error = %e, "removing a deleted file's bytes failed");
     }
-    Ok(Json(json!({"id": row.file_id, "object": "file", "deleted": true})))
+    Ok(Json(
+        json!({"id": row.file_id, "object": "file", "deleted": true}),
+    ))
 }
 
-async fn content(State(st): State<AppState>, caller: Caller, UrlPath(file_id): UrlPath<String>) -> ApiResult<Response> {
+async fn content(
+    State(st): State<AppState>,
+    caller: Caller,
+    UrlPath(file_id): UrlPath<String>,
+) -> ApiResult<Response> {
     let row = find(&st, &caller, &file_id).await?;
     let file = tokio::fs::File::open(st.config.files_dir().join(&row.storage_key)).await?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
@@ -86,16 +127,23 @@ async fn content(State(st): State<AppState>, caller: Caller, UrlPath(file_id): U
 
 /// A live file of the caller's organisation, or 404.
 pub async fn find(st: &AppState, caller: &Caller, file_id: &str) -> ApiResult<FileRow> {
-    db::get_file(&st.db, &caller.organization_id, file_id).await?.ok_or_else(|| ApiError::not_found("file", file_id))
+    db::get_file(&st.db, &caller.organization_id, file_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", file_id))
 }
 
 fn too_large(max: u64) -> ApiError {
-    ApiError::PayloadTooLarge(format!("The file is larger than this server's upload limit of {max} bytes."))
+    ApiError::PayloadTooLarge(format!(
+        "The file is larger than this server's upload limit of {max} bytes."
+    ))
 }
 
 /// Rejects at once a body announced far above the limit.
 fn check_length(headers: &HeaderMap, max: u64) -> ApiResult<()> {
-    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     match announced {
         Some(n) if n > max.saturating_add(DRAIN_LIMIT) => Err(too_large(max)),
         _ => Ok(()),
@@ -106,7 +154,11 @@ fn multipart_err(e: axum::extract::multipart::MultipartError) -> ApiError {
     if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::PayloadTooLarge("The request body is too large.".into());
     }
-    ApiError::bad_request_code(format!("could not read the multipart body: {}", e.body_text()), None, "invalid_multipart")
+    ApiError::bad_request_code(
+        format!("could not read the multipart body: {}", e.body_text()),
+        None,
+        "invalid_multipart",
+    )
 }
 
 /// A file part written to disk.
@@ -151,7 +203,12 @@ async fn receive(st: &AppState, caller: &Caller, mut mp: Multipart) -> ApiResult
     let check = if purpose == "fine-tune" {
         check_file(final_path, stored.filename).await?
     } else {
-        FileCheck { status: "processed".into(), status_details: None, format: None, example_count: None }
+        FileCheck {
+            status: "processed".into(),
+            status_details: None,
+            format: None,
+            example_count: None,
+        }
     };
     let row = db::set_check(&st.db, &row.file_id, &check).await?;
     if row.status == "error" {
@@ -178,11 +235,17 @@ async fn read_parts(mp: &mut Multipart, part: &Path, max: u64) -> ApiResult<(Str
             _ => skip(field).await?,
         }
     }
-    let stored = stored.ok_or_else(|| ApiError::bad_request("the multipart body has no `file` part", Some("file")))?;
-    let purpose = purpose.ok_or_else(|| ApiError::bad_request("`purpose` is required", Some("purpose")))?;
+    let stored = stored.ok_or_else(|| {
+        ApiError::bad_request("the multipart body has no `file` part", Some("file"))
+    })?;
+    let purpose =
+        purpose.ok_or_else(|| ApiError::bad_request("`purpose` is required", Some("purpose")))?;
     if !PURPOSES.contains(&purpose.as_str()) {
         return Err(ApiError::bad_request(
-            format!("'{purpose}' is not a supported purpose; use one of {}", PURPOSES.join(", ")),
+            format!(
+                "'{purpose}' is not a supported purpose; use one of {}",
+                PURPOSES.join(", ")
+            ),
             Some("purpose"),
         ));
     }
@@ -192,7 +255,10 @@ async fn read_parts(mp: &mut Multipart, part: &Path, max: u64) -> ApiResult<(Str
 async fn small_text(field: Field<'_>) -> ApiResult<String> {
     let text = field.text().await.map_err(multipart_err)?;
     if text.len() > 1024 {
-        return Err(ApiError::bad_request("this form field is too long", Some("purpose")));
+        return Err(ApiError::bad_request(
+            "this form field is too long",
+            Some("purpose"),
+        ));
     }
     Ok(text.trim().to_string())
 }
@@ -203,7 +269,11 @@ async fn skip(mut field: Field<'_>) -> ApiResult<()> {
 }
 
 async fn store_field(mut field: Field<'_>, part: &Path, max: u64) -> ApiResult<Stored> {
-    let filename = field.file_name().map(str::to_string).filter(|s| !s.is_empty()).unwrap_or_else(|| "upload.jsonl".into());
+    let filename = field
+        .file_name()
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "upload.jsonl".into());
     let mut out = tokio::fs::File::create(part).await?;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
@@ -225,14 +295,23 @@ async fn store_field(mut field: Field<'_>, part: &Path, max: u64) -> ApiResult<S
     }
     out.flush().await?;
     out.sync_all().await?;
-    Ok(Stored { filename, bytes, sha256: hex::encode(hasher.finalize()) })
+    Ok(Stored {
+        filename,
+        bytes,
+        sha256: hex::encode(hasher.finalize()),
+    })
 }
 
 /// Scans a stored fine-tune file (on a blocking thread, streaming) into a [`FileCheck`].
 pub async fn check_file(path: PathBuf, filename: String) -> ApiResult<FileCheck> {
     let report = tokio::task::spawn_blocking(move || -> std::io::Result<data::Report> {
         let f = std::fs::File::open(&path)?;
-        Ok(data::scan(std::io::BufReader::new(f), Format::from_filename(&filename), MAX_REPORTED_ERRORS, |_, _| {}))
+        Ok(data::scan(
+            std::io::BufReader::new(f),
+            Format::from_filename(&filename),
+            MAX_REPORTED_ERRORS,
+            |_, _| {},
+        ))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("file check task: {e}")))??;

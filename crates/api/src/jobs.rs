@@ -23,11 +23,26 @@ pub fn router(config: &Config) -> Router<AppState> {
     Router::new()
         .route("/v1/fine_tuning/jobs", get(list).post(create).layer(limit))
         .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}", get(retrieve))
-        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", post(cancel))
-        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause", post(pause))
-        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume", post(resume))
-        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", get(list_events))
-        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", get(list_checkpoints))
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel",
+            post(cancel),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause",
+            post(pause),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume",
+            post(resume),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+            get(list_events),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+            get(list_checkpoints),
+        )
 }
 
 #[tracing::instrument(skip_all, fields(job_id = tracing::field::Empty))]
@@ -45,27 +60,61 @@ async fn create(
 
 async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiResult<Json<Value>> {
     let limit = q.limit(20, 100)?;
-    let rows = db::list_jobs(&st.db, &caller.organization_id, q.after(), limit + 1, &q.metadata()?).await?;
+    let rows = db::list_jobs(
+        &st.db,
+        &caller.organization_id,
+        q.after(),
+        limit + 1,
+        &q.metadata()?,
+    )
+    .await?;
     Ok(Json(page(rows, limit, objects::job)))
 }
 
-async fn retrieve(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn retrieve(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(objects::job(&find(&st, &caller, &id).await?)))
 }
 
-async fn cancel(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(objects::job(&queue::request_cancel(&st.db, &caller.organization_id, &id).await?)))
+async fn cancel(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(objects::job(
+        &queue::request_cancel(&st.db, &caller.organization_id, &id).await?,
+    )))
 }
 
-async fn pause(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(objects::job(&queue::request_pause(&st.db, &caller.organization_id, &id).await?)))
+async fn pause(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(objects::job(
+        &queue::request_pause(&st.db, &caller.organization_id, &id).await?,
+    )))
 }
 
-async fn resume(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(objects::job(&queue::resume(&st.db, &caller.organization_id, &id).await?)))
+async fn resume(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(objects::job(
+        &queue::resume(&st.db, &caller.organization_id, &id).await?,
+    )))
 }
 
-async fn list_events(State(st): State<AppState>, caller: Caller, Path(id): Path<String>, q: ListParams) -> ApiResult<Json<Value>> {
+async fn list_events(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    q: ListParams,
+) -> ApiResult<Json<Value>> {
     let job = find(&st, &caller, &id).await?;
     let limit = q.limit(20, 100)?;
     let rows = events::list_events(&st.db, &job.job_id, q.after(), limit + 1).await?;
@@ -82,7 +131,10 @@ async fn list_checkpoints(
     let limit = q.limit(10, 100)?;
     let rows = checkpoints::list_checkpoints(&st.db, &job.job_id, q.after(), limit + 1).await?;
     let mut out = page(rows, limit, objects::checkpoint);
-    let ids: Vec<Value> = out["data"].as_array().map(|d| d.iter().map(|c| c["id"].clone()).collect()).unwrap_or_default();
+    let ids: Vec<Value> = out["data"]
+        .as_array()
+        .map(|d| d.iter().map(|c| c["id"].clone()).collect())
+        .unwrap_or_default();
     out["first_id"] = ids.first().cloned().unwrap_or(Value::Null);
     out["last_id"] = ids.last().cloned().unwrap_or(Value::Null);
     Ok(Json(out))
@@ -100,19 +152,32 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
         None => Ok(None),
         Some(v) => match v.to_str() {
             Ok(s) if !s.trim().is_empty() && s.len() <= 255 => Ok(Some(s.trim().to_string())),
-            _ => Err(ApiError::bad_request("`Idempotency-Key` must be 1 to 255 visible ASCII characters", None)),
+            _ => Err(ApiError::bad_request(
+                "`Idempotency-Key` must be 1 to 255 visible ASCII characters",
+                None,
+            )),
         },
     }
 }
 
 /// Validates a create request, checks its files, inserts the job (or finds the one with the
 /// same idempotency key) and starts its validation.
-pub async fn create_job(st: &AppState, caller: &Caller, body: &Value, key: Option<String>) -> ApiResult<JobRow> {
-    let policy = SpecPolicy { allow_file_urls: st.config.allow_file_urls };
+pub async fn create_job(
+    st: &AppState,
+    caller: &Caller,
+    body: &Value,
+    key: Option<String>,
+) -> ApiResult<JobRow> {
+    let policy = SpecPolicy {
+        allow_file_urls: st.config.allow_file_urls,
+    };
     let seed = rand::thread_rng().gen_range(0..=2_147_483_647u64);
     let mut req = spec::parse_create_request(body, &policy, seed)?;
     fit_auto_to_model(st, caller, body, &mut req).await?;
-    for (id, param) in [(&req.spec.training_file, "training_file"), (&req.spec.validation_file, "validation_file")] {
+    for (id, param) in [
+        (&req.spec.training_file, "training_file"),
+        (&req.spec.validation_file, "validation_file"),
+    ] {
         if let Some(id) = id {
             check_input_file(st, caller, id, param).await?;
         }
@@ -127,20 +192,36 @@ pub async fn create_job(st: &AppState, caller: &Caller, body: &Value, key: Optio
     }
 }
 
-async fn check_input_file(st: &AppState, caller: &Caller, file_id: &str, param: &str) -> ApiResult<()> {
-    let file = files::find(st, caller, file_id)
-        .await
-        .map_err(|_| ApiError::bad_request_code(format!("invalid {param}: no file '{file_id}'"), Some(param), "invalid_file"))?;
+async fn check_input_file(
+    st: &AppState,
+    caller: &Caller,
+    file_id: &str,
+    param: &str,
+) -> ApiResult<()> {
+    let file = files::find(st, caller, file_id).await.map_err(|_| {
+        ApiError::bad_request_code(
+            format!("invalid {param}: no file '{file_id}'"),
+            Some(param),
+            "invalid_file",
+        )
+    })?;
     if file.status != "processed" {
         return Err(ApiError::bad_request_code(
-            format!("invalid {param}: file '{file_id}' has status '{}': {}", file.status, file.status_details.unwrap_or_default()),
+            format!(
+                "invalid {param}: file '{file_id}' has status '{}': {}",
+                file.status,
+                file.status_details.unwrap_or_default()
+            ),
             Some(param),
             "invalid_file",
         ));
     }
     if file.purpose != "fine-tune" {
         return Err(ApiError::bad_request_code(
-            format!("invalid {param}: file '{file_id}' was uploaded with purpose '{}', not 'fine-tune'", file.purpose),
+            format!(
+                "invalid {param}: file '{file_id}' was uploaded with purpose '{}', not 'fine-tune'",
+                file.purpose
+            ),
             Some(param),
             "invalid_file",
         ));
@@ -159,14 +240,25 @@ fn explicit(body: &Value, key: &str) -> bool {
 
 /// Resolves "auto" knobs that depend on the model: `max_seq_length` is capped at the model's
 /// context length when the request left it to the server.
-async fn fit_auto_to_model(st: &AppState, caller: &Caller, body: &Value, req: &mut CreateRequest) -> ApiResult<()> {
+async fn fit_auto_to_model(
+    st: &AppState,
+    caller: &Caller,
+    body: &Value,
+    req: &mut CreateRequest,
+) -> ApiResult<()> {
     if explicit(body, "max_seq_length") {
         return Ok(());
     }
-    let Some(model) = tuna_db::models::get_model(&st.db, &caller.organization_id, &req.spec.model).await? else {
+    let Some(model) =
+        tuna_db::models::get_model(&st.db, &caller.organization_id, &req.spec.model).await?
+    else {
         return Ok(());
     };
-    if let Some(ctx) = model.architecture.get("context_length").and_then(Value::as_u64) {
+    if let Some(ctx) = model
+        .architecture
+        .get("context_length")
+        .and_then(Value::as_u64)
+    {
         if ctx > 0 && u64::from(req.spec.max_seq_length) > ctx {
             req.spec.max_seq_length = ctx.min(u64::from(u32::MAX)) as u32;
         }
@@ -182,7 +274,8 @@ fn new_job(caller: &Caller, req: &CreateRequest, key: Option<String>) -> ApiResu
         model: s.model.clone(),
         training_file: s.training_file.clone(),
         validation_file: s.validation_file.clone(),
-        spec: serde_json::to_value(s).map_err(|e| ApiError::Internal(format!("serialising the job spec: {e}")))?,
+        spec: serde_json::to_value(s)
+            .map_err(|e| ApiError::Internal(format!("serialising the job spec: {e}")))?,
         suffix: req.suffix.clone(),
         seed: s.seed as i64,
         metadata: req.metadata.clone().map(Value::Object),

@@ -69,7 +69,10 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(db: PgPool, config: Config) -> AppState {
-        AppState { db, config: Arc::new(config) }
+        AppState {
+            db,
+            config: Arc::new(config),
+        }
     }
 }
 
@@ -90,7 +93,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"),
     ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"),
-    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+    ),
     ("GET", "/v1/models"),
     ("POST", "/v1/models"),
     ("GET", "/v1/models/{model}"),
@@ -117,5 +123,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

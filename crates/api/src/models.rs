@@ -18,18 +18,29 @@ use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::{objects, AppState, Config};
 
 pub fn router(_config: &Config) -> Router<AppState> {
-    Router::new().route("/v1/models", get(list).post(register)).route("/v1/models/{model}", get(retrieve))
+    Router::new()
+        .route("/v1/models", get(list).post(register))
+        .route("/v1/models/{model}", get(retrieve))
 }
 
 async fn list(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     let rows = db::list_models(&st.db, &caller.organization_id).await?;
-    Ok(Json(json!({"object": "list", "data": rows.iter().map(objects::model).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"object": "list", "data": rows.iter().map(objects::model).collect::<Vec<_>>()}),
+    ))
 }
 
-async fn retrieve(State(st): State<AppState>, caller: Caller, Path(model): Path<String>) -> ApiResult<Json<Value>> {
+async fn retrieve(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(model): Path<String>,
+) -> ApiResult<Json<Value>> {
     let row = db::get_model(&st.db, &caller.organization_id, &model)
         .await?
-        .ok_or_else(|| ApiError::NotFound { message: format!("The model '{model}' does not exist."), code: "model_not_found" })?;
+        .ok_or_else(|| ApiError::NotFound {
+            message: format!("The model '{model}' does not exist."),
+            code: "model_not_found",
+        })?;
     Ok(Json(objects::model(&row)))
 }
 
@@ -40,10 +51,18 @@ struct RegisterBody {
     path: String,
 }
 
-async fn register(State(st): State<AppState>, caller: Caller, ApiJson(body): ApiJson<Value>) -> ApiResult<Json<Value>> {
+async fn register(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
-    let body: RegisterBody = serde_json::from_value(body)
-        .map_err(|e| ApiError::bad_request(format!("expected {{\"id\": string, \"path\": string}}: {e}"), None))?;
+    let body: RegisterBody = serde_json::from_value(body).map_err(|e| {
+        ApiError::bad_request(
+            format!("expected {{\"id\": string, \"path\": string}}: {e}"),
+            None,
+        )
+    })?;
     let row = register_base_model(&st.db, &body.id, FsPath::new(&body.path)).await?;
     Ok(Json(objects::model(&row)))
 }
@@ -52,17 +71,32 @@ async fn register(State(st): State<AppState>, caller: Caller, ApiJson(body): Api
 /// Shared with `tuna models register`.
 pub async fn register_base_model(pool: &PgPool, id: &str, dir: &FsPath) -> ApiResult<ModelRow> {
     if id.trim().is_empty() || id.len() > 256 || id.chars().any(char::is_whitespace) {
-        return Err(ApiError::bad_request("`id` must be 1 to 256 characters without spaces", Some("id")));
+        return Err(ApiError::bad_request(
+            "`id` must be 1 to 256 characters without spaces",
+            Some("id"),
+        ));
     }
-    let dir = tokio::fs::canonicalize(dir)
-        .await
-        .map_err(|e| ApiError::bad_request(format!("cannot open '{}': {e}", dir.display()), Some("path")))?;
+    let dir = tokio::fs::canonicalize(dir).await.map_err(|e| {
+        ApiError::bad_request(
+            format!("cannot open '{}': {e}", dir.display()),
+            Some("path"),
+        )
+    })?;
     let text = tokio::fs::read_to_string(dir.join("config.json"))
         .await
-        .map_err(|e| ApiError::bad_request(format!("cannot read {}/config.json: {e}", dir.display()), Some("path")))?;
-    let config = HfConfig::parse(&text).map_err(|e| ApiError::bad_request(e.to_string(), Some("path")))?;
-    let architecture = serde_json::to_value(config.describe()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| {
+            ApiError::bad_request(
+                format!("cannot read {}/config.json: {e}", dir.display()),
+                Some("path"),
+            )
+        })?;
+    let config =
+        HfConfig::parse(&text).map_err(|e| ApiError::bad_request(e.to_string(), Some("path")))?;
+    let architecture =
+        serde_json::to_value(config.describe()).map_err(|e| ApiError::Internal(e.to_string()))?;
     db::register_base(pool, id, &dir.to_string_lossy(), &architecture)
         .await?
-        .ok_or_else(|| ApiError::Conflict(format!("'{id}' is already the name of a fine-tuned model")))
+        .ok_or_else(|| {
+            ApiError::Conflict(format!("'{id}' is already the name of a fine-tuned model"))
+        })
 }

@@ -25,7 +25,13 @@ pub fn job(row: &JobRow) -> Value {
             json!(s.dataset_url),
             json!(s.validation_dataset_url),
         ),
-        None => (json!({}), Value::Null, Value::Null, Value::Null, Value::Null),
+        None => (
+            json!({}),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        ),
     };
     json!({
         "id": row.job_id,

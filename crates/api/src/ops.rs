@@ -30,7 +30,10 @@ use crate::AppState;
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/metrics", get(metrics_text))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
 }
 
 async fn healthz() -> Json<Value> {
@@ -38,7 +41,10 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(st): State<AppState>) -> ApiResult<Json<Value>> {
-    sqlx::query("select 1").execute(&st.db).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    sqlx::query("select 1")
+        .execute(&st.db)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(Json(json!({"status": "ready"})))
 }
 
@@ -46,29 +52,46 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
     match queue::count_by_status(&st.db).await {
         Ok(counts) => {
             for s in JobStatus::ALL {
-                let n = counts.iter().find(|(k, _)| k == s.as_str()).map_or(0, |(_, n)| *n);
+                let n = counts
+                    .iter()
+                    .find(|(k, _)| k == s.as_str())
+                    .map_or(0, |(_, n)| *n);
                 metrics::gauge!("tuna_jobs", "status" => s.as_str()).set(n as f64);
             }
         }
         Err(e) => tracing::warn!(error = %e, "counting jobs for /metrics failed"),
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        prometheus().render(),
+    )
+        .into_response()
 }
 
 /// The process-wide Prometheus recorder (installed on first use).
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+        let buckets = [
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
         let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full("tuna_http_request_duration_seconds".into()), &buckets)
+            .set_buckets_for_metric(
+                Matcher::Full("tuna_http_request_duration_seconds".into()),
+                &buckets,
+            )
             .expect("non-empty buckets");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("a metrics recorder was already installed; /metrics shows only tuna's own registry");
+            tracing::warn!(
+                "a metrics recorder was already installed; /metrics shows only tuna's own registry"
+            );
         }
-        metrics::describe_counter!("tuna_http_requests_total", "HTTP requests answered, by method, route and status");
+        metrics::describe_counter!(
+            "tuna_http_requests_total",
+            "HTTP requests answered, by method, route and status"
+        );
         metrics::describe_histogram!(
             "tuna_http_request_duration_seconds",
             metrics::Unit::Seconds,
@@ -94,7 +117,10 @@ async fn track(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().to_string();
     let resp = next.run(req).await;
-    let route = resp.extensions().get::<RouteLabel>().map_or_else(|| "unmatched".to_string(), |r| r.0.clone());
+    let route = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or_else(|| "unmatched".to_string(), |r| r.0.clone());
     let status = resp.status().as_u16().to_string();
     metrics::counter!("tuna_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
         .increment(1);
@@ -119,7 +145,10 @@ pub fn layers(api: Router<AppState>, state: AppState) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(
             ServiceBuilder::new()
-                .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeRequestUuid))
+                .layer(SetRequestIdLayer::new(
+                    X_REQUEST_ID.clone(),
+                    MakeRequestUuid,
+                ))
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
                 .layer(trace)
                 .layer(middleware::from_fn(track))

@@ -21,14 +21,22 @@ impl<S: Send + Sync> FromRequestParts<S> for ListParams {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match Query::<Vec<(String, String)>>::from_request_parts(parts, state).await {
             Ok(Query(pairs)) => Ok(ListParams(pairs)),
-            Err(e) => Err(ApiError::bad_request_code(format!("invalid query string: {}", e.body_text()), None, "invalid_query")),
+            Err(e) => Err(ApiError::bad_request_code(
+                format!("invalid query string: {}", e.body_text()),
+                None,
+                "invalid_query",
+            )),
         }
     }
 }
 
 impl ListParams {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// `after`, if given and non-empty.
@@ -42,7 +50,10 @@ impl ListParams {
             None | Some("") => Ok(default),
             Some(s) => match s.parse::<i64>() {
                 Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => Err(ApiError::bad_request(format!("`limit` must be an integer from 1 to {max}, got '{s}'"), Some("limit"))),
+                _ => Err(ApiError::bad_request(
+                    format!("`limit` must be an integer from 1 to {max}, got '{s}'"),
+                    Some("limit"),
+                )),
             },
         }
     }
@@ -52,7 +63,10 @@ impl ListParams {
         match self.get("order") {
             None | Some("") | Some("desc") => Ok(true),
             Some("asc") => Ok(false),
-            Some(o) => Err(ApiError::bad_request(format!("`order` must be 'asc' or 'desc', got '{o}'"), Some("order"))),
+            Some(o) => Err(ApiError::bad_request(
+                format!("`order` must be 'asc' or 'desc', got '{o}'"),
+                Some("order"),
+            )),
         }
     }
 
@@ -68,13 +82,23 @@ impl ListParams {
                 if v == "null" {
                     return Ok(MetadataFilter::Null);
                 }
-                return Err(ApiError::bad_request("use `metadata[key]=value` or `metadata=null`", Some("metadata")));
+                return Err(ApiError::bad_request(
+                    "use `metadata[key]=value` or `metadata=null`",
+                    Some("metadata"),
+                ));
             }
-            if let Some(key) = k.strip_prefix("metadata[").and_then(|r| r.strip_suffix(']')) {
+            if let Some(key) = k
+                .strip_prefix("metadata[")
+                .and_then(|r| r.strip_suffix(']'))
+            {
                 pairs.insert(key.to_string(), Value::String(v.clone()));
             }
         }
-        Ok(if pairs.is_empty() { MetadataFilter::Any } else { MetadataFilter::Contains(Value::Object(pairs)) })
+        Ok(if pairs.is_empty() {
+            MetadataFilter::Any
+        } else {
+            MetadataFilter::Contains(Value::Object(pairs))
+        })
     }
 }
 

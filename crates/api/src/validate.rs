@@ -70,19 +70,31 @@ struct Arch {
 }
 
 fn fail(code: &str, param: &str, message: String) -> JobError {
-    JobError { code: code.to_string(), message, param: Some(param.to_string()) }
+    JobError {
+        code: code.to_string(),
+        message,
+        param: Some(param.to_string()),
+    }
 }
 
 /// `Ok(Err(..))`: the job is invalid; `Err(..)`: the check itself could not run.
 pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, ApiError> {
     let spec: JobSpec = match serde_json::from_value(job.spec.clone()) {
         Ok(s) => s,
-        Err(e) => return Ok(Err(JobError::new("invalid_spec", format!("the stored job spec cannot be read: {e}")))),
+        Err(e) => {
+            return Ok(Err(JobError::new(
+                "invalid_spec",
+                format!("the stored job spec cannot be read: {e}"),
+            )))
+        }
     };
     if let Err(e) = check_model(st, job, &spec).await? {
         return Ok(Err(e));
     }
-    for (file_id, param) in [(&spec.training_file, "training_file"), (&spec.validation_file, "validation_file")] {
+    for (file_id, param) in [
+        (&spec.training_file, "training_file"),
+        (&spec.validation_file, "validation_file"),
+    ] {
         if let Some(file_id) = file_id {
             if let Err(e) = check_data(st, job, &spec, file_id, param).await? {
                 return Ok(Err(e));
@@ -92,11 +104,22 @@ pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, 
     Ok(Ok(()))
 }
 
-async fn check_model(st: &AppState, job: &JobRow, spec: &JobSpec) -> Result<Result<(), JobError>, ApiError> {
+async fn check_model(
+    st: &AppState,
+    job: &JobRow,
+    spec: &JobSpec,
+) -> Result<Result<(), JobError>, ApiError> {
     let Some(model) = models::get_model(&st.db, &job.organization_id, &spec.model).await? else {
-        let known: Vec<String> =
-            models::list_models(&st.db, &job.organization_id).await?.into_iter().map(|m| m.model_id).collect();
-        let list = if known.is_empty() { "none are registered".to_string() } else { known.join(", ") };
+        let known: Vec<String> = models::list_models(&st.db, &job.organization_id)
+            .await?
+            .into_iter()
+            .map(|m| m.model_id)
+            .collect();
+        let list = if known.is_empty() {
+            "none are registered".to_string()
+        } else {
+            known.join(", ")
+        };
         return Ok(Err(fail(
             "model_not_found",
             "model",
@@ -112,7 +135,9 @@ async fn check_model(st: &AppState, job: &JobRow, spec: &JobSpec) -> Result<Resu
 }
 
 async fn read_config(dir: PathBuf) -> Option<HfConfig> {
-    let text = tokio::fs::read_to_string(dir.join("config.json")).await.ok()?;
+    let text = tokio::fs::read_to_string(dir.join("config.json"))
+        .await
+        .ok()?;
     HfConfig::parse(&text).ok()
 }
 
@@ -123,7 +148,12 @@ fn check_arch(spec: &JobSpec, arch: &Arch, config: Option<&HfConfig>) -> Result<
             return Err(fail(
                 "unsupported_task",
                 "task",
-                format!("model '{}' does not support task '{}'; it supports: {}", spec.model, spec.task.as_str(), names.join(", ")),
+                format!(
+                    "model '{}' does not support task '{}'; it supports: {}",
+                    spec.model,
+                    spec.task.as_str(),
+                    names.join(", ")
+                ),
             ));
         }
     }
@@ -150,13 +180,22 @@ fn check_arch(spec: &JobSpec, arch: &Arch, config: Option<&HfConfig>) -> Result<
             return Err(fail(
                 "invalid_hyperparameters",
                 "lora_target_modules",
-                format!("'{}' has no module '{bad}' to put LoRA on; valid target modules: {}", spec.model, known.join(", ")),
+                format!(
+                    "'{}' has no module '{bad}' to put LoRA on; valid target modules: {}",
+                    spec.model,
+                    known.join(", ")
+                ),
             ));
         }
     }
     let candidates = freeze_candidates(arch, config);
     if !candidates.is_empty() {
-        if let Some(bad) = spec.freeze.patterns.iter().find(|p| !pattern_matches_any(p, &candidates)) {
+        if let Some(bad) = spec
+            .freeze
+            .patterns
+            .iter()
+            .find(|p| !pattern_matches_any(p, &candidates))
+        {
             let examples = arch.freeze_patterns.clone().unwrap_or_default().join(", ");
             return Err(fail(
                 "invalid_hyperparameters",
@@ -189,7 +228,9 @@ fn freeze_candidates(arch: &Arch, config: Option<&HfConfig>) -> Vec<String> {
 /// wildcard is a prefix of one (patterns may name parameters the candidates do not list).
 fn pattern_matches_any(pattern: &str, candidates: &[String]) -> bool {
     let literal = pattern.split('*').next().unwrap_or_default();
-    candidates.iter().any(|c| glob(pattern, c) || (!literal.is_empty() && c.starts_with(literal)))
+    candidates
+        .iter()
+        .any(|c| glob(pattern, c) || (!literal.is_empty() && c.starts_with(literal)))
 }
 
 /// `*` matches any run of characters.
@@ -219,27 +260,62 @@ async fn check_data(
     file_id: &str,
     param: &str,
 ) -> Result<Result<(), JobError>, ApiError> {
-    let code = if param == "training_file" { "invalid_training_file" } else { "invalid_validation_file" };
+    let code = if param == "training_file" {
+        "invalid_training_file"
+    } else {
+        "invalid_validation_file"
+    };
     let Some(file) = dbfiles::get_file(&st.db, &job.organization_id, file_id).await? else {
-        return Ok(Err(fail(code, param, format!("file '{file_id}' no longer exists"))));
+        return Ok(Err(fail(
+            code,
+            param,
+            format!("file '{file_id}' no longer exists"),
+        )));
     };
     let path = st.config.files_dir().join(&file.storage_key);
     let filename = file.filename.clone();
     let report = tokio::task::spawn_blocking(move || -> std::io::Result<data::Report> {
         let f = std::fs::File::open(&path)?;
-        Ok(data::scan(std::io::BufReader::new(f), Format::from_filename(&filename), 5, |_, _| {}))
+        Ok(data::scan(
+            std::io::BufReader::new(f),
+            Format::from_filename(&filename),
+            5,
+            |_, _| {},
+        ))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("data check task: {e}")))??;
     if !report.is_ok() {
-        return Ok(Err(fail(code, param, format!("file '{file_id}' is not valid: {}", report.summary()))));
+        return Ok(Err(fail(
+            code,
+            param,
+            format!("file '{file_id}' is not valid: {}", report.summary()),
+        )));
     }
-    Ok(check_shape(spec.task, report.shape, &report.labels, file_id, code, param))
+    Ok(check_shape(
+        spec.task,
+        report.shape,
+        &report.labels,
+        file_id,
+        code,
+        param,
+    ))
 }
 
-fn check_shape(task: Task, shape: Option<Shape>, labels: &[data::Label], file_id: &str, code: &str, param: &str) -> Result<(), JobError> {
+fn check_shape(
+    task: Task,
+    shape: Option<Shape>,
+    labels: &[data::Label],
+    file_id: &str,
+    code: &str,
+    param: &str,
+) -> Result<(), JobError> {
     let Some(shape) = shape else {
-        return Err(fail(code, param, format!("file '{file_id}' holds no examples")));
+        return Err(fail(
+            code,
+            param,
+            format!("file '{file_id}' holds no examples"),
+        ));
     };
     match task {
         Task::CausalLm if !shape.fits_causal_lm() => Err(fail(
@@ -273,7 +349,10 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob("transformer.h.*.attn.*", "transformer.h.3.attn.c_attn.weight"));
+        assert!(glob(
+            "transformer.h.*.attn.*",
+            "transformer.h.3.attn.c_attn.weight"
+        ));
         assert!(glob("*", "x"));
         assert!(glob("a*b*c", "aXbYc"));
         assert!(!glob("a*b*c", "aXc"));

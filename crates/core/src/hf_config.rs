@@ -247,8 +247,8 @@ impl Obj<'_> {
 impl HfConfig {
     /// Parses the text of a config.json.
     pub fn parse(text: &str) -> Result<Self, HfConfigError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| HfConfigError(format!("not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| HfConfigError(format!("not valid JSON: {e}")))?;
         Self::from_value(&value)
     }
 
@@ -264,7 +264,10 @@ impl HfConfig {
         };
         let architectures = match o.get("architectures") {
             None => Vec::new(),
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
             Some(v) => return err(format!("`architectures` must be a list, got {v}")),
         };
         let dtype = match o.get("dtype").or_else(|| o.get("torch_dtype")) {
@@ -285,7 +288,11 @@ impl HfConfig {
             }
             Some(v) => match v.as_i64() {
                 Some(n) => vec![n],
-                None => return err(format!("`eos_token_id` must be an integer or a list, got {v}")),
+                None => {
+                    return err(format!(
+                        "`eos_token_id` must be an integer or a list, got {v}"
+                    ))
+                }
             },
         };
         let id2label = match o.get("id2label") {
@@ -296,7 +303,10 @@ impl HfConfig {
                     let Ok(i) = k.parse::<usize>() else {
                         return err(format!("`id2label` keys must be label indices, got {k:?}"));
                     };
-                    let name = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+                    let name = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
                     pairs.push((i, name));
                 }
                 pairs.sort();
@@ -412,7 +422,15 @@ impl HfConfig {
     pub fn module_names(&self) -> Vec<String> {
         let names: &[&str] = match &self.arch {
             Arch::Gpt2(_) => &["c_attn", "c_proj", "c_fc"],
-            Arch::Llama(_) => &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            Arch::Llama(_) => &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
             Arch::Bert(_) => &["query", "key", "value", "dense"],
         };
         names.iter().map(|s| s.to_string()).collect()
@@ -466,9 +484,27 @@ impl HfConfig {
     /// Glob patterns over parameter names, one per kind of module, to show as freeze examples.
     pub fn freeze_patterns(&self) -> Vec<String> {
         let v: &[&str] = match &self.arch {
-            Arch::Gpt2(_) => &["transformer.wte.*", "transformer.wpe.*", "transformer.h.*.attn.*", "transformer.h.*.mlp.*", "transformer.h.*.ln_*"],
-            Arch::Llama(_) => &["model.embed_tokens.*", "model.layers.*.self_attn.*", "model.layers.*.mlp.*", "model.layers.*_layernorm.*", "model.norm.*"],
-            Arch::Bert(_) => &["embeddings.*", "encoder.layer.*.attention.*", "encoder.layer.*.intermediate.*", "encoder.layer.*.output.*", "pooler.*"],
+            Arch::Gpt2(_) => &[
+                "transformer.wte.*",
+                "transformer.wpe.*",
+                "transformer.h.*.attn.*",
+                "transformer.h.*.mlp.*",
+                "transformer.h.*.ln_*",
+            ],
+            Arch::Llama(_) => &[
+                "model.embed_tokens.*",
+                "model.layers.*.self_attn.*",
+                "model.layers.*.mlp.*",
+                "model.layers.*_layernorm.*",
+                "model.norm.*",
+            ],
+            Arch::Bert(_) => &[
+                "embeddings.*",
+                "encoder.layer.*.attention.*",
+                "encoder.layer.*.intermediate.*",
+                "encoder.layer.*.output.*",
+                "pooler.*",
+            ],
         };
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -501,7 +537,9 @@ pub fn module_names(cfg: &HfConfig) -> Vec<String> {
 
 fn check_heads(hidden: i64, heads: i64, what: &str) -> Result<(), HfConfigError> {
     if hidden % heads != 0 {
-        return err(format!("{what} ({hidden}) is not divisible by the number of attention heads ({heads})"));
+        return err(format!(
+            "{what} ({hidden}) is not divisible by the number of attention heads ({heads})"
+        ));
     }
     Ok(())
 }
@@ -536,11 +574,22 @@ fn parse_gpt2(o: &Obj<'_>) -> Result<Gpt2Config, HfConfigError> {
 }
 
 /// Activations the models implement.
-pub const ACTIVATIONS: &[&str] = &["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish"];
+pub const ACTIVATIONS: &[&str] = &[
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+    "relu",
+    "silu",
+    "swish",
+];
 
 fn check_activation(act: &str, key: &str) -> Result<(), HfConfigError> {
     if !ACTIVATIONS.contains(&act) {
-        return err(format!("`{key}` '{act}' is not supported (supported: {})", ACTIVATIONS.join(", ")));
+        return err(format!(
+            "`{key}` '{act}' is not supported (supported: {})",
+            ACTIVATIONS.join(", ")
+        ));
     }
     Ok(())
 }
@@ -622,11 +671,18 @@ fn parse_rope(o: &Obj<'_>, max_pos: i64) -> Result<RopeConfig, HfConfigError> {
             ))
         }
     };
-    let partial = p.float_opt("partial_rotary_factor")?.or(o.float_opt("partial_rotary_factor")?).unwrap_or(1.0);
+    let partial = p
+        .float_opt("partial_rotary_factor")?
+        .or(o.float_opt("partial_rotary_factor")?)
+        .unwrap_or(1.0);
     if partial != 1.0 {
         return err("partial rotary embeddings (`partial_rotary_factor` < 1) are not supported");
     }
-    Ok(RopeConfig { theta, scaling, partial_rotary_factor: partial })
+    Ok(RopeConfig {
+        theta,
+        scaling,
+        partial_rotary_factor: partial,
+    })
 }
 
 fn parse_llama(o: &Obj<'_>, model_type: &str) -> Result<LlamaConfig, HfConfigError> {
@@ -647,7 +703,9 @@ fn parse_llama(o: &Obj<'_>, model_type: &str) -> Result<LlamaConfig, HfConfigErr
         }
     };
     if head_dim % 2 != 0 {
-        return err(format!("`head_dim` must be even for rotary embeddings, got {head_dim}"));
+        return err(format!(
+            "`head_dim` must be even for rotary embeddings, got {head_dim}"
+        ));
     }
     let max_pos = o.pos_int("max_position_embeddings")?;
     let hidden_act = o.str_or("hidden_act", "silu")?;
@@ -703,7 +761,9 @@ fn parse_bert(o: &Obj<'_>) -> Result<BertConfig, HfConfigError> {
     check_heads(hidden_size, heads, "hidden_size")?;
     let pet = o.str_or("position_embedding_type", "absolute")?;
     if pet != "absolute" {
-        return err(format!("BERT `position_embedding_type` '{pet}' is not supported (only 'absolute')"));
+        return err(format!(
+            "BERT `position_embedding_type` '{pet}' is not supported (only 'absolute')"
+        ));
     }
     if o.bool_or("is_decoder", false)? || o.bool_or("add_cross_attention", false)? {
         return err("BERT as a decoder is not supported");
@@ -711,7 +771,9 @@ fn parse_bert(o: &Obj<'_>) -> Result<BertConfig, HfConfigError> {
     let hidden_act = o.str_or("hidden_act", "gelu")?;
     check_activation(&hidden_act, "hidden_act")?;
     let classifier_dropout = match o.float_opt("classifier_dropout")? {
-        Some(p) if !(0.0..1.0).contains(&p) => return err(format!("`classifier_dropout` must be in [0, 1), got {p}")),
+        Some(p) if !(0.0..1.0).contains(&p) => {
+            return err(format!("`classifier_dropout` must be in [0, 1), got {p}"))
+        }
         other => other,
     };
     Ok(BertConfig {
@@ -764,7 +826,9 @@ mod tests {
         let Arch::Llama(c) = &new.arch else { panic!() };
         assert_eq!(c.head_dim, 64);
         assert_eq!(c.rope.theta, 500000.0);
-        assert!(matches!(c.rope.scaling, RopeScaling::Llama3 { factor, original_max_position_embeddings: 8192, .. } if factor == 32.0));
+        assert!(
+            matches!(c.rope.scaling, RopeScaling::Llama3 { factor, original_max_position_embeddings: 8192, .. } if factor == 32.0)
+        );
         assert_eq!(new.common.dtype.as_deref(), Some("bfloat16"));
         assert_eq!(new.common.eos_token_ids, vec![128001, 128008, 128009]);
         assert!(new.common.tie_word_embeddings);
@@ -777,7 +841,10 @@ mod tests {
         let mut v = llama_new();
         let m = v.as_object_mut().unwrap();
         m.remove("rope_parameters");
-        m.insert("rope_scaling".into(), json!({"type": "linear", "factor": 2.0}));
+        m.insert(
+            "rope_scaling".into(),
+            json!({"type": "linear", "factor": 2.0}),
+        );
         let c = HfConfig::from_value(&v).unwrap();
         let Arch::Llama(l) = c.arch else { panic!() };
         assert_eq!(l.rope.scaling, RopeScaling::Linear { factor: 2.0 });
@@ -785,7 +852,9 @@ mod tests {
         let m = v.as_object_mut().unwrap();
         m.insert("rope_scaling".into(), Value::Null);
         m.insert("rope_theta".into(), json!(1e6));
-        let Arch::Llama(l) = HfConfig::from_value(&v).unwrap().arch else { panic!() };
+        let Arch::Llama(l) = HfConfig::from_value(&v).unwrap().arch else {
+            panic!()
+        };
         assert_eq!(l.rope.scaling, RopeScaling::Default);
         assert_eq!(l.rope.theta, 1e6);
     }
@@ -803,7 +872,10 @@ mod tests {
         assert!(l.qkv_bias && !l.o_bias);
         assert_eq!(l.sliding_window, None);
         assert_eq!(l.head_dim, 64);
-        assert_eq!(c.tasks(), vec![Task::CausalLm, Task::SequenceClassification]);
+        assert_eq!(
+            c.tasks(),
+            vec![Task::CausalLm, Task::SequenceClassification]
+        );
     }
 
     #[test]
@@ -848,7 +920,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
-        assert_eq!(c.common.id2label, Some(vec!["negative".to_string(), "positive".to_string()]));
+        assert_eq!(
+            c.common.id2label,
+            Some(vec!["negative".to_string(), "positive".to_string()])
+        );
         assert_eq!(c.module_names(), vec!["query", "key", "value", "dense"]);
         assert!(c.linear_modules().contains(&"pooler.dense".to_string()));
     }
@@ -865,7 +940,10 @@ mod tests {
         let mut v = llama_new();
         v["num_key_value_heads"] = json!(5);
         let e = HfConfig::from_value(&v).unwrap_err();
-        assert!(e.to_string().contains("multiple of num_key_value_heads"), "{e}");
+        assert!(
+            e.to_string().contains("multiple of num_key_value_heads"),
+            "{e}"
+        );
         let mut v = llama_new();
         v["rope_parameters"]["rope_type"] = json!("longrope");
         let e = HfConfig::from_value(&v).unwrap_err();

@@ -6,7 +6,12 @@ use crate::rows::CheckpointRow;
 use crate::Result;
 
 /// Up to `limit` checkpoints of a job, newest (highest step) first, after the checkpoint `after`.
-pub async fn list_checkpoints(pool: &PgPool, job_id: &str, after: Option<&str>, limit: i64) -> Result<Vec<CheckpointRow>> {
+pub async fn list_checkpoints(
+    pool: &PgPool,
+    job_id: &str,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<CheckpointRow>> {
     Ok(sqlx::query_as(
         "select * from checkpoints where job_id = $1 \
            and ($2::text is null or (step_number, seq) < \

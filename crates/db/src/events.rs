@@ -6,7 +6,12 @@ use crate::rows::EventRow;
 use crate::Result;
 
 /// Up to `limit` events of a job, newest first, after the event `after`.
-pub async fn list_events(pool: &PgPool, job_id: &str, after: Option<&str>, limit: i64) -> Result<Vec<EventRow>> {
+pub async fn list_events(
+    pool: &PgPool,
+    job_id: &str,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<EventRow>> {
     Ok(sqlx::query_as(
         "select * from job_events where job_id = $1 \
            and ($2::text is null or seq < (select seq from job_events where event_id = $2 and job_id = $1)) \

@@ -65,12 +65,18 @@ pub async fn set_check(pool: &PgPool, file_id: &str, check: &FileCheck) -> Resul
 }
 
 /// A live (not deleted) file of the organisation.
-pub async fn get_file(pool: &PgPool, organization_id: &str, file_id: &str) -> Result<Option<FileRow>> {
-    Ok(sqlx::query_as("select * from files where file_id = $1 and organization_id = $2 and deleted_at is null")
-        .bind(file_id)
-        .bind(organization_id)
-        .fetch_optional(pool)
-        .await?)
+pub async fn get_file(
+    pool: &PgPool,
+    organization_id: &str,
+    file_id: &str,
+) -> Result<Option<FileRow>> {
+    Ok(sqlx::query_as(
+        "select * from files where file_id = $1 and organization_id = $2 and deleted_at is null",
+    )
+    .bind(file_id)
+    .bind(organization_id)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// Up to `limit` live files of the organisation in creation order, after the file `after`
@@ -93,11 +99,21 @@ pub async fn list_files(
            and ($3::text is null or seq {cmp} (select seq from files where file_id = $3 and organization_id = $1)) \
          order by seq {dir} limit $4"
     );
-    Ok(sqlx::query_as(&sql).bind(organization_id).bind(purpose).bind(after).bind(limit).fetch_all(pool).await?)
+    Ok(sqlx::query_as(&sql)
+        .bind(organization_id)
+        .bind(purpose)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// Marks a file deleted; returns it, or `None` when there is no such live file.
-pub async fn delete_file(pool: &PgPool, organization_id: &str, file_id: &str) -> Result<Option<FileRow>> {
+pub async fn delete_file(
+    pool: &PgPool,
+    organization_id: &str,
+    file_id: &str,
+) -> Result<Option<FileRow>> {
     Ok(sqlx::query_as(
         "update files set deleted_at = now() where file_id = $1 and organization_id = $2 and deleted_at is null returning *",
     )

@@ -18,11 +18,13 @@ pub enum MetadataFilter {
 
 /// A job of the organisation.
 pub async fn get_job(pool: &PgPool, organization_id: &str, job_id: &str) -> Result<Option<JobRow>> {
-    Ok(sqlx::query_as("select * from jobs where job_id = $1 and organization_id = $2")
-        .bind(job_id)
-        .bind(organization_id)
-        .fetch_optional(pool)
-        .await?)
+    Ok(
+        sqlx::query_as("select * from jobs where job_id = $1 and organization_id = $2")
+            .bind(job_id)
+            .bind(organization_id)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 /// Up to `limit` jobs of the organisation, newest first, after the job `after`.

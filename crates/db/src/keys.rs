@@ -55,7 +55,11 @@ pub async fn ensure_default_org(pool: &PgPool) -> Result<()> {
 /// Creates an organisation and returns its id.
 pub async fn create_org(pool: &PgPool, name: &str) -> Result<String> {
     let id = ids::new_id(ids::ORG);
-    sqlx::query("insert into organizations (organization_id, name) values ($1, $2)").bind(&id).bind(name).execute(pool).await?;
+    sqlx::query("insert into organizations (organization_id, name) values ($1, $2)")
+        .bind(&id)
+        .bind(name)
+        .execute(pool)
+        .await?;
     Ok(id)
 }
 
@@ -68,7 +72,12 @@ pub async fn org_by_name(pool: &PgPool, name: &str) -> Result<Option<String>> {
 }
 
 /// Creates a key for an existing organisation.
-pub async fn create_key(pool: &PgPool, organization_id: &str, name: &str, is_admin: bool) -> Result<NewKey> {
+pub async fn create_key(
+    pool: &PgPool,
+    organization_id: &str,
+    name: &str,
+    is_admin: bool,
+) -> Result<NewKey> {
     let secret = ids::new_secret();
     let row: ApiKeyRow = sqlx::query_as(
         "insert into api_keys (api_key_id, organization_id, name, key_hash, key_prefix, is_admin) \
@@ -109,14 +118,20 @@ pub async fn list_keys(pool: &PgPool) -> Result<Vec<ApiKeyRow>> {
 
 /// Number of live admin keys.
 pub async fn count_admin_keys(pool: &PgPool) -> Result<i64> {
-    Ok(sqlx::query_scalar("select count(*) from api_keys where is_admin and revoked_at is null").fetch_one(pool).await?)
+    Ok(
+        sqlx::query_scalar("select count(*) from api_keys where is_admin and revoked_at is null")
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 /// Revokes a key; false when there is no live key with that id.
 pub async fn revoke_key(pool: &PgPool, api_key_id: &str) -> Result<bool> {
-    let done = sqlx::query("update api_keys set revoked_at = now() where api_key_id = $1 and revoked_at is null")
-        .bind(api_key_id)
-        .execute(pool)
-        .await?;
+    let done = sqlx::query(
+        "update api_keys set revoked_at = now() where api_key_id = $1 and revoked_at is null",
+    )
+    .bind(api_key_id)
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected() > 0)
 }

@@ -56,7 +56,10 @@ pub enum DbError {
 
 impl DbError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        DbError::Io { context: context.into(), source }
+        DbError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -68,7 +71,10 @@ pub const DEFAULT_POOL_SIZE: u32 = 16;
 /// Opens a connection pool (size `TUNA_DB_POOL_SIZE` or 16, 10 s to get a connection) and checks
 /// that the server answers.
 pub async fn connect(url: &str) -> Result<PgPool> {
-    let size = std::env::var("TUNA_DB_POOL_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_POOL_SIZE);
+    let size = std::env::var("TUNA_DB_POOL_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_POOL_SIZE);
     connect_with_size(url, size).await
 }
 
@@ -80,7 +86,10 @@ pub async fn connect_with_size(url: &str, max_connections: u32) -> Result<PgPool
         .idle_timeout(Duration::from_secs(600))
         .connect(url)
         .await
-        .map_err(|source| DbError::Connect { url: redact_url(url), source })
+        .map_err(|source| DbError::Connect {
+            url: redact_url(url),
+            source,
+        })
 }
 
 /// Applies every migration not applied yet.
@@ -91,14 +100,23 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 
 /// `url` with the password (if any) replaced by `***`, for messages and logs.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else { return url.to_string() };
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
     let userinfo = &authority[..at];
     match userinfo.find(':') {
-        Some(colon) => format!("{}://{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..]),
+        Some(colon) => format!(
+            "{}://{}:***{}",
+            &url[..scheme_end],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
         None => url.to_string(),
     }
 }
@@ -109,7 +127,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords_only() {
-        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("postgres://h/db?x=1"), "postgres://h/db?x=1");
         assert_eq!(redact_url("not a url"), "not a url");

@@ -6,6 +6,7 @@
 //! - `initdb` refuses to run as root. When tuna runs as root (containers, CI) the cluster is
 //!   created and run as the unprivileged `postgres` system user (created by Debian's package;
 //!   created with `useradd` if missing), which then owns the data directory.
+//!   `TUNA_PG_USER` names another account.
 //! - The data directory is initialised once (trust authentication for local connections) and
 //!   reused by later starts. The server listens on 127.0.0.1 on a free port chosen at each start,
 //!   and on a unix socket in the data directory (or in `/tmp/tuna-pg-<hash>` when the data

@@ -1217,8 +1217,10 @@ pub enum Wake {
     Timeout,
 }
 
-/// LISTENs on [`CHANNEL_QUEUED`] and [`CHANNEL_CONTROL`] on a dedicated connection (taken from
-/// the pool, reconnected when lost) in a background task.
+/// LISTENs on [`CHANNEL_QUEUED`] and [`CHANNEL_CONTROL`] on a dedicated connection in a
+/// background task. The connection is taken from the pool for the listener's lifetime (size the
+/// pool accordingly) and re-established when lost ([`Wake::Reconnected`]). Dropping the
+/// listener stops the task.
 pub struct Listener {
     rx: mpsc::UnboundedReceiver<Wake>,
     task: tokio::task::JoinHandle<()>,

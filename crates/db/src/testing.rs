@@ -53,7 +53,10 @@ pub fn test_cluster_dir() -> PathBuf {
     if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
         return PathBuf::from(target).join("tuna-test-pg");
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/tuna-test-pg")
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::canonicalize(&workspace)
+        .unwrap_or(workspace)
+        .join("target/tuna-test-pg")
 }
 
 /// Stops the shared private test cluster if it is running.

@@ -780,3 +780,76 @@ async fn heartbeat_stores_progress_and_estimate() {
         Some(json!({"step": 3, "total": 10}))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_rescuers_rescue_each_job_once() {
+    let db = db().await;
+    let pool = &db.pool;
+    let w = worker(pool, "worker-1", "cpu", None).await;
+    for i in 0..40 {
+        queued(pool, new_job(&format!("ftjob-r{i}"))).await;
+        queue::claim(pool, &w, TTL).await.unwrap().unwrap();
+    }
+    sqlx::query("update jobs set lease_expires_at = now() - interval '1 minute'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { queue::rescue_expired(&pool).await.unwrap() })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!((all.len(), unique.len()), (40, 40));
+    let retries: Vec<i32> = sqlx::query_scalar("select distinct infra_retries from jobs")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(retries, vec![1]);
+    assert_eq!(
+        queue::count_by_status(pool).await.unwrap(),
+        vec![("queued".to_string(), 40)]
+    );
+}
+
+#[tokio::test]
+async fn lost_workers_and_releases_honour_pending_cancel_and_pause() {
+    let db = db().await;
+    let pool = &db.pool;
+    let w = worker(pool, "worker-1", "cpu", None).await;
+    let a = queued(pool, new_job("ftjob-a")).await;
+    let b = queued(pool, new_job("ftjob-b")).await;
+    let c = queued(pool, new_job("ftjob-c")).await;
+    let ca = queue::claim(pool, &w, TTL).await.unwrap().unwrap();
+    let cb = queue::claim(pool, &w, TTL).await.unwrap().unwrap();
+    let cc = queue::claim(pool, &w, TTL).await.unwrap().unwrap();
+    assert_eq!(
+        [&ca.job.job_id, &cb.job.job_id, &cc.job.job_id],
+        [&a, &b, &c]
+    );
+    queue::request_cancel(pool, ORG, &a).await.unwrap();
+    queue::request_pause(pool, ORG, &b).await.unwrap();
+    assert!(matches!(
+        queue::request_pause(pool, ORG, &a).await,
+        Err(ControlError::Conflict(_))
+    ));
+    expire_lease(pool, &a).await;
+    expire_lease(pool, &b).await;
+    assert_eq!(queue::rescue_expired(pool).await.unwrap().len(), 2);
+    let ja = queue::job(pool, &a).await.unwrap().unwrap();
+    assert_eq!((ja.status.as_str(), ja.infra_retries), ("cancelled", 0));
+    assert!(ja.finished_at.is_some());
+    let jb = queue::job(pool, &b).await.unwrap().unwrap();
+    assert_eq!((jb.status.as_str(), jb.infra_retries), ("paused", 0));
+    assert!(jb.finished_at.is_none());
+    // A clean release with a pending cancel ends cancelled, not queued.
+    queue::request_cancel(pool, ORG, &c).await.unwrap();
+    let jc = queue::release(pool, &cc.lease).await.unwrap();
+    assert_eq!(jc.status, "cancelled");
+    assert!(jc.finished_at.is_some());
+}

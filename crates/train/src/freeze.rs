@@ -63,7 +63,12 @@ pub struct FreezePlan {
 }
 
 impl FreezePlan {
-    pub fn new(opts: &FreezeOptions, lora: bool, base_prefix: &str, num_layers: usize) -> Result<Self> {
+    pub fn new(
+        opts: &FreezeOptions,
+        lora: bool,
+        base_prefix: &str,
+        num_layers: usize,
+    ) -> Result<Self> {
         if !lora && opts.first_n_layers > num_layers {
             return Err(Error::Config(format!(
                 "cannot freeze the first {} layers: the model has {num_layers}",
@@ -75,7 +80,12 @@ impl FreezePlan {
                 return Err(Error::Config("empty freeze pattern".into()));
             }
         }
-        Ok(FreezePlan { opts: opts.clone(), lora, base_prefix: base_prefix.to_string(), num_layers })
+        Ok(FreezePlan {
+            opts: opts.clone(),
+            lora,
+            base_prefix: base_prefix.to_string(),
+            num_layers,
+        })
     }
 
     fn pattern_hits(&self, pattern: &str, name: &str) -> bool {
@@ -83,7 +93,8 @@ impl FreezePlan {
             return true;
         }
         let prefix = format!("{}.", self.base_prefix);
-        name.strip_prefix(&prefix).is_some_and(|rest| glob_match(pattern, rest))
+        name.strip_prefix(&prefix)
+            .is_some_and(|rest| glob_match(pattern, rest))
     }
 
     pub fn trainable(&self, name: &str, role: Role) -> bool {
@@ -95,7 +106,11 @@ impl FreezePlan {
             Role::Layer(i) if i < self.opts.first_n_layers => return false,
             _ => {}
         }
-        !self.opts.patterns.iter().any(|p| self.pattern_hits(p, name))
+        !self
+            .opts
+            .patterns
+            .iter()
+            .any(|p| self.pattern_hits(p, name))
     }
 
     /// Every pattern must match at least one parameter name (ignored under LoRA).
@@ -103,8 +118,12 @@ impl FreezePlan {
         if self.lora {
             return Ok(());
         }
-        let bad: Vec<&String> =
-            self.opts.patterns.iter().filter(|p| !names.iter().any(|n| self.pattern_hits(p, n))).collect();
+        let bad: Vec<&String> = self
+            .opts
+            .patterns
+            .iter()
+            .filter(|p| !names.iter().any(|n| self.pattern_hits(p, n)))
+            .collect();
         if bad.is_empty() {
             return Ok(());
         }
@@ -113,14 +132,23 @@ impl FreezePlan {
             .map(|n| {
                 // Collapse layer numbers so the list stays short: model.layers.*.self_attn.q_proj.weight
                 n.split('.')
-                    .map(|c| if c.chars().all(|ch| ch.is_ascii_digit()) { "*" } else { c })
+                    .map(|c| {
+                        if c.chars().all(|ch| ch.is_ascii_digit()) {
+                            "*"
+                        } else {
+                            c
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join(".")
             })
             .collect();
         Err(Error::Config(format!(
             "freeze pattern(s) {} match no parameter; parameter names look like: {}",
-            bad.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", "),
+            bad.iter()
+                .map(|s| format!("'{s}'"))
+                .collect::<Vec<_>>()
+                .join(", "),
             modules.into_iter().collect::<Vec<_>>().join(", ")
         )))
     }
@@ -132,10 +160,19 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob_match("model.layers.*.mlp.*", "model.layers.3.mlp.up_proj.weight"));
+        assert!(glob_match(
+            "model.layers.*.mlp.*",
+            "model.layers.3.mlp.up_proj.weight"
+        ));
         assert!(glob_match("*bias", "h.0.attn.c_attn.bias"));
-        assert!(!glob_match("*.q_proj", "model.layers.0.self_attn.q_proj.weight"));
-        assert!(glob_match("*.q_proj.*", "model.layers.0.self_attn.q_proj.weight"));
+        assert!(!glob_match(
+            "*.q_proj",
+            "model.layers.0.self_attn.q_proj.weight"
+        ));
+        assert!(glob_match(
+            "*.q_proj.*",
+            "model.layers.0.self_attn.q_proj.weight"
+        ));
         assert!(glob_match("a?c", "abc"));
         assert!(!glob_match("a?c", "abbc"));
         assert!(glob_match("*", ""));
@@ -143,7 +180,11 @@ mod tests {
 
     #[test]
     fn plan() {
-        let opts = FreezeOptions { embeddings: true, first_n_layers: 1, patterns: vec!["layers.*.mlp.*".into()] };
+        let opts = FreezeOptions {
+            embeddings: true,
+            first_n_layers: 1,
+            patterns: vec!["layers.*.mlp.*".into()],
+        };
         let p = FreezePlan::new(&opts, false, "model", 2).unwrap();
         assert!(!p.trainable("model.embed_tokens.weight", Role::Embedding));
         assert!(!p.trainable("model.layers.0.self_attn.q_proj.weight", Role::Layer(0)));
@@ -152,11 +193,31 @@ mod tests {
         assert!(p.trainable("score.weight", Role::ClassifierHead));
         let names = vec!["model.layers.1.mlp.up_proj.weight".to_string()];
         p.check_patterns(&names).unwrap();
-        let bad = FreezePlan::new(&FreezeOptions { patterns: vec!["nope.*".into()], ..Default::default() }, false, "model", 2)
-            .unwrap();
+        let bad = FreezePlan::new(
+            &FreezeOptions {
+                patterns: vec!["nope.*".into()],
+                ..Default::default()
+            },
+            false,
+            "model",
+            2,
+        )
+        .unwrap();
         let e = bad.check_patterns(&names).unwrap_err().to_string();
-        assert!(e.contains("'nope.*'") && e.contains("model.layers.*.mlp.up_proj.weight"), "{e}");
-        assert!(FreezePlan::new(&FreezeOptions { first_n_layers: 3, ..Default::default() }, false, "model", 2).is_err());
+        assert!(
+            e.contains("'nope.*'") && e.contains("model.layers.*.mlp.up_proj.weight"),
+            "{e}"
+        );
+        assert!(FreezePlan::new(
+            &FreezeOptions {
+                first_n_layers: 3,
+                ..Default::default()
+            },
+            false,
+            "model",
+            2
+        )
+        .is_err());
         let lora = FreezePlan::new(&FreezeOptions::default(), true, "model", 2).unwrap();
         assert!(!lora.trainable("model.norm.weight", Role::Other));
         assert!(lora.trainable("score.weight", Role::ClassifierHead));

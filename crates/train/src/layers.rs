@@ -23,7 +23,11 @@ pub struct Fwd {
 
 /// `t` in `kind`: a shallow handle when it already is (no copy).
 pub fn cast(t: &Tensor, kind: Kind) -> Result<Tensor> {
-    Ok(if t.kind() == kind { t.shallow_clone() } else { t.f_to_kind(kind)? })
+    Ok(if t.kind() == kind {
+        t.shallow_clone()
+    } else {
+        t.f_to_kind(kind)?
+    })
 }
 
 pub fn dropout(x: Tensor, p: f64, train: bool) -> Result<Tensor> {
@@ -104,7 +108,10 @@ impl RmsNorm {
             let w = cast(&self.weight, k)?;
             return Ok(x.f_rms_norm([d], Some(&w), self.eps)?);
         }
-        let n = x.f_to_kind(Kind::Float)?.f_rms_norm([d], None::<Tensor>, self.eps)?.f_to_kind(k)?;
+        let n = x
+            .f_to_kind(Kind::Float)?
+            .f_rms_norm([d], None::<Tensor>, self.eps)?
+            .f_to_kind(k)?;
         Ok(n.f_mul(&cast(&self.weight, k)?)?)
     }
 }
@@ -116,7 +123,11 @@ pub fn activation(x: &Tensor, name: &str) -> Result<Tensor> {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.f_gelu("tanh")?,
         "relu" => x.f_relu()?,
         "silu" | "swish" => x.f_silu()?,
-        other => return Err(crate::Error::Config(format!("activation '{other}' is not supported"))),
+        other => {
+            return Err(crate::Error::Config(format!(
+                "activation '{other}' is not supported"
+            )))
+        }
     })
 }
 
@@ -133,11 +144,18 @@ pub struct AttnMask {
 ///
 /// `all_real` says the batch has no padding (checked by the caller); then no mask tensor is
 /// built and SDPA runs with `is_causal`, which lets it pick flash attention on GPU.
-pub fn causal_mask(attention_mask: &Tensor, sliding_window: Option<i64>, all_real: bool) -> Result<AttnMask> {
+pub fn causal_mask(
+    attention_mask: &Tensor,
+    sliding_window: Option<i64>,
+    all_real: bool,
+) -> Result<AttnMask> {
     let t = attention_mask.size()[1];
-    let t_cap = sliding_window.map_or(true, |w| w >= t);
+    let t_cap = sliding_window.is_none_or(|w| w >= t);
     if all_real && t_cap {
-        return Ok(AttnMask { mask: None, is_causal: true });
+        return Ok(AttnMask {
+            mask: None,
+            is_causal: true,
+        });
     }
     let dev = attention_mask.device();
     let idx = Tensor::f_arange(t, (Kind::Int64, dev))?;
@@ -152,19 +170,28 @@ pub fn causal_mask(attention_mask: &Tensor, sliding_window: Option<i64>, all_rea
     let none = allowed.f_any_dim(-1, true)?.f_logical_not()?; // [b,1,t,1]
     let eye = q.f_eq_tensor(&k)?.f_view([1, 1, t, t])?;
     let allowed = allowed.f_logical_or(&eye.f_logical_and(&none)?)?;
-    Ok(AttnMask { mask: Some(allowed), is_causal: false })
+    Ok(AttnMask {
+        mask: Some(allowed),
+        is_causal: false,
+    })
 }
 
 /// Mask for encoders (BERT): padding keys masked `[batch, 1, 1, k]`; a sequence of padding only
 /// sees every key (no NaN).
 pub fn padding_mask(attention_mask: &Tensor, all_real: bool) -> Result<AttnMask> {
     if all_real {
-        return Ok(AttnMask { mask: None, is_causal: false });
+        return Ok(AttnMask {
+            mask: None,
+            is_causal: false,
+        });
     }
     let t = attention_mask.size()[1];
     let keys = attention_mask.f_ne(0)?.f_view([-1, 1, 1, t])?;
     let none = keys.f_any_dim(-1, true)?.f_logical_not()?;
-    Ok(AttnMask { mask: Some(keys.f_logical_or(&none)?), is_causal: false })
+    Ok(AttnMask {
+        mask: Some(keys.f_logical_or(&none)?),
+        is_causal: false,
+    })
 }
 
 /// Whether every position of `attention_mask` is a real token. One host read (a device sync on
@@ -179,7 +206,11 @@ pub fn all_real(attention_mask: &Tensor) -> Result<bool> {
 
 /// Index of the last real token of each row (right padding): `sum(mask) - 1`, at least 0.
 pub fn last_token_index(attention_mask: &Tensor) -> Result<Tensor> {
-    Ok(attention_mask.f_ne(0)?.f_sum_dim_intlist(-1, false, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?)
+    Ok(attention_mask
+        .f_ne(0)?
+        .f_sum_dim_intlist(-1, false, Kind::Int64)?
+        .f_sub_scalar(1)?
+        .f_clamp_min(0)?)
 }
 
 /// Seeded host-side random numbers (independent of libtorch's global generator, so parallel
@@ -214,13 +245,32 @@ impl HostRng {
 
     /// `n` samples of U(-bound, bound).
     pub fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
-        (0..n).map(|_| ((self.0.gen::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
+        (0..n)
+            .map(|_| ((self.0.gen::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect()
     }
 }
 
 /// Scaled dot-product attention over `[batch, heads, seq, head_dim]` tensors.
-pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, m: &AttnMask, dropout_p: f64, scale: Option<f64>, gqa: bool) -> Result<Tensor> {
-    Ok(Tensor::f_scaled_dot_product_attention(q, k, v, m.mask.as_ref(), dropout_p, m.is_causal, scale, gqa)?)
+pub fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    m: &AttnMask,
+    dropout_p: f64,
+    scale: Option<f64>,
+    gqa: bool,
+) -> Result<Tensor> {
+    Ok(Tensor::f_scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        m.mask.as_ref(),
+        dropout_p,
+        m.is_causal,
+        scale,
+        gqa,
+    )?)
 }
 
 /// The hidden state at each row's index `idx` (`[batch]`): `[batch, seq, dim]` -> `[batch, dim]`.

@@ -47,30 +47,45 @@ impl Checkpoint {
             return Self::open_files(&[single]);
         }
         if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(format!("reading {}", index.display()), e))?;
+            let text = std::fs::read_to_string(&index)
+                .map_err(|e| Error::io(format!("reading {}", index.display()), e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| weights_err(format!("{}: not valid JSON: {e}", index.display())))?;
             let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
-                return Err(weights_err(format!("{}: no `weight_map` object", index.display())));
+                return Err(weights_err(format!(
+                    "{}: no `weight_map` object",
+                    index.display()
+                )));
             };
             let mut shards = BTreeSet::new();
             for (name, file) in map {
                 let Some(file) = file.as_str() else {
-                    return Err(weights_err(format!("{}: `weight_map.{name}` is not a file name", index.display())));
+                    return Err(weights_err(format!(
+                        "{}: `weight_map.{name}` is not a file name",
+                        index.display()
+                    )));
                 };
                 if file.contains('/') || file.contains("..") {
-                    return Err(weights_err(format!("{}: shard name {file:?} must be a plain file name", index.display())));
+                    return Err(weights_err(format!(
+                        "{}: shard name {file:?} must be a plain file name",
+                        index.display()
+                    )));
                 }
                 shards.insert(file.to_string());
             }
             if shards.is_empty() {
-                return Err(weights_err(format!("{}: `weight_map` is empty", index.display())));
+                return Err(weights_err(format!(
+                    "{}: `weight_map` is empty",
+                    index.display()
+                )));
             }
             let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
             return Self::open_files(&paths);
         }
         let mut hint = String::new();
-        if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+        if dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists()
+        {
             hint = " (this model ships only pickle `pytorch_model.bin` weights; convert them to safetensors first)".into();
         }
         Err(weights_err(format!(
@@ -84,10 +99,12 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let f = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let f = File::open(path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
             // SAFETY: the file is opened read-only and tuna does not modify checkpoints while a job
             // reads them; a concurrent truncation by another process would be a user error.
-            let mmap = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
+            let mmap = unsafe { Mmap::map(&f) }
+                .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
             parse_header(&mmap, i, path, &mut entries)?;
             files.push((path.clone(), mmap));
         }
@@ -108,17 +125,31 @@ impl Checkpoint {
 
     /// The tensor `name`, converted to `kind` on `device` (a fresh tensor, not requiring grad).
     pub fn tensor(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| weights_err(format!("tensor {name} is not in the checkpoint")))?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| weights_err(format!("tensor {name} is not in the checkpoint")))?;
         let src_kind = kind_of(&e.dtype).ok_or_else(|| {
-            weights_err(format!("tensor {name} has dtype {} which tuna cannot read", e.dtype))
+            weights_err(format!(
+                "tensor {name} has dtype {} which tuna cannot read",
+                e.dtype
+            ))
         })?;
         let (path, mmap) = &self.files[e.file];
         let header = 8 + u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
         let data = &mmap[header + e.begin..header + e.end];
         let t = Tensor::f_from_data_size(data, &e.shape, src_kind)
             .map_err(|err| weights_err(format!("{}: reading {name}: {err}", path.display())))?;
-        let t = if device != Device::Cpu { t.f_to_device(device)? } else { t };
-        Ok(if t.kind() != kind { t.f_to_kind(kind)? } else { t })
+        let t = if device != Device::Cpu {
+            t.f_to_device(device)?
+        } else {
+            t
+        };
+        Ok(if t.kind() != kind {
+            t.f_to_kind(kind)?
+        } else {
+            t
+        })
     }
 
     /// The safetensors dtype string of a tensor ("F32", "BF16", ...).
@@ -127,8 +158,18 @@ impl Checkpoint {
     }
 }
 
-fn parse_header(mmap: &Mmap, file: usize, path: &Path, entries: &mut BTreeMap<String, Entry>) -> Result<()> {
-    let bad = |msg: String| weights_err(format!("{} is not a valid safetensors file: {msg}", path.display()));
+fn parse_header(
+    mmap: &Mmap,
+    file: usize,
+    path: &Path,
+    entries: &mut BTreeMap<String, Entry>,
+) -> Result<()> {
+    let bad = |msg: String| {
+        weights_err(format!(
+            "{} is not a valid safetensors file: {msg}",
+            path.display()
+        ))
+    };
     if mmap.len() < 8 {
         return Err(bad("shorter than its 8-byte header length".into()));
     }
@@ -136,14 +177,17 @@ fn parse_header(mmap: &Mmap, file: usize, path: &Path, entries: &mut BTreeMap<St
     if n > mmap.len() - 8 {
         return Err(bad(format!("header length {n} exceeds the file")));
     }
-    let header: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(&mmap[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&mmap[8..8 + n])
+        .map_err(|e| bad(format!("header is not JSON: {e}")))?;
     let data_len = mmap.len() - 8 - n;
     for (name, v) in header {
         if name == "__metadata__" {
             continue;
         }
-        let dtype = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("{name}: no dtype")))?;
+        let dtype = v
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad(format!("{name}: no dtype")))?;
         let shape: Vec<i64> = v
             .get("shape")
             .and_then(|s| s.as_array())
@@ -152,19 +196,36 @@ fn parse_header(mmap: &Mmap, file: usize, path: &Path, entries: &mut BTreeMap<St
         let offs = v
             .get("data_offsets")
             .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|u| u as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_u64().map(|u| u as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
             .filter(|o| o.len() == 2)
             .ok_or_else(|| bad(format!("{name}: no data_offsets")))?;
         let (begin, end) = (offs[0], offs[1]);
         let numel: i64 = shape.iter().product();
         let expected = kind_of(dtype).map(|k| numel as usize * k.elt_size_in_bytes());
         if end < begin || end > data_len || expected.is_some_and(|x| x != end - begin) {
-            return Err(bad(format!("{name}: data offsets {begin}..{end} do not fit its shape or the file")));
+            return Err(bad(format!(
+                "{name}: data offsets {begin}..{end} do not fit its shape or the file"
+            )));
         }
         if entries.contains_key(&name) {
-            return Err(weights_err(format!("tensor {name} appears in two checkpoint files")));
+            return Err(weights_err(format!(
+                "tensor {name} appears in two checkpoint files"
+            )));
         }
-        entries.insert(name, Entry { file, dtype: dtype.to_string(), shape, begin, end });
+        entries.insert(
+            name,
+            Entry {
+                file,
+                dtype: dtype.to_string(),
+                shape,
+                begin,
+                end,
+            },
+        );
     }
     Ok(())
 }
@@ -198,7 +259,11 @@ fn dtype_of(kind: Kind) -> Result<safetensors::Dtype> {
         Kind::Int8 => Dtype::I8,
         Kind::Uint8 => Dtype::U8,
         Kind::Bool => Dtype::BOOL,
-        other => return Err(weights_err(format!("cannot save tensors of kind {other:?}"))),
+        other => {
+            return Err(weights_err(format!(
+                "cannot save tensors of kind {other:?}"
+            )))
+        }
     })
 }
 
@@ -249,7 +314,11 @@ fn to_host(t: &Tensor) -> Result<HostTensor> {
     let numel = t.numel();
     let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
     t.f_copy_data_u8(&mut data, numel)?;
-    Ok(HostTensor { dtype: dtype_of(t.kind())?, shape: t.size().iter().map(|&d| d as usize).collect(), data })
+    Ok(HostTensor {
+        dtype: dtype_of(t.kind())?,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        data,
+    })
 }
 
 /// Writes `tensors` as one safetensors file with `{"format": "pt"}` metadata.
@@ -309,7 +378,9 @@ impl<'a> WeightLoader<'a> {
         let mut candidates = vec![format!("{}.{rel}", self.prefix), rel.to_string()];
         // Old BERT checkpoints name LayerNorm parameters gamma/beta (transformers renames them).
         if rel.contains("LayerNorm.") {
-            let old = rel.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+            let old = rel
+                .replace("LayerNorm.weight", "LayerNorm.gamma")
+                .replace("LayerNorm.bias", "LayerNorm.beta");
             candidates.push(format!("{}.{old}", self.prefix));
             candidates.push(old);
         }
@@ -335,7 +406,8 @@ impl<'a> WeightLoader<'a> {
                 self.used.insert(name.clone());
                 let got = self.ckpt.shape(&name).unwrap_or(&[]);
                 if got != shape {
-                    self.bad_shape.push(format!("{name} (checkpoint {got:?}, model {shape:?})"));
+                    self.bad_shape
+                        .push(format!("{name} (checkpoint {got:?}, model {shape:?})"));
                     return Ok(Tensor::f_zeros(shape, (kind, self.device))?);
                 }
                 self.ckpt.tensor(&name, kind, self.device)
@@ -370,7 +442,8 @@ impl<'a> WeightLoader<'a> {
         self.used.insert(name.to_string());
         let got = self.ckpt.shape(name).unwrap_or(&[]);
         if got != shape {
-            self.bad_shape.push(format!("{name} (checkpoint {got:?}, model {shape:?})"));
+            self.bad_shape
+                .push(format!("{name} (checkpoint {got:?}, model {shape:?})"));
             return Ok(Tensor::f_zeros(shape, (kind, self.device))?);
         }
         self.ckpt.tensor(name, kind, self.device)
@@ -386,7 +459,11 @@ impl<'a> WeightLoader<'a> {
     /// Fails with every MISSING, UNEXPECTED and misshapen tensor. `benign` names checkpoint
     /// tensors that may be left unused silently (non-parameter buffers such as GPT-2's
     /// `attn.bias`); `other_heads` names those left unused with a note (heads of other tasks).
-    pub fn finish(mut self, benign: impl Fn(&str) -> bool, other_heads: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+    pub fn finish(
+        mut self,
+        benign: impl Fn(&str) -> bool,
+        other_heads: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>> {
         let mut unexpected = Vec::new();
         let mut ignored_heads = Vec::new();
         for name in self.ckpt.names() {
@@ -400,7 +477,10 @@ impl<'a> WeightLoader<'a> {
             }
         }
         if !ignored_heads.is_empty() {
-            self.notes.push(format!("not used (head of another task): {}", ignored_heads.join(", ")));
+            self.notes.push(format!(
+                "not used (head of another task): {}",
+                ignored_heads.join(", ")
+            ));
         }
         if self.missing.is_empty() && unexpected.is_empty() && self.bad_shape.is_empty() {
             return Ok(self.notes);
@@ -415,13 +495,25 @@ impl<'a> WeightLoader<'a> {
             s
         };
         if !self.missing.is_empty() {
-            parts.push(format!("MISSING from the checkpoint ({}): {}", self.missing.len(), list(&self.missing)));
+            parts.push(format!(
+                "MISSING from the checkpoint ({}): {}",
+                self.missing.len(),
+                list(&self.missing)
+            ));
         }
         if !unexpected.is_empty() {
-            parts.push(format!("UNEXPECTED in the checkpoint ({}): {}", unexpected.len(), list(&unexpected)));
+            parts.push(format!(
+                "UNEXPECTED in the checkpoint ({}): {}",
+                unexpected.len(),
+                list(&unexpected)
+            ));
         }
         if !self.bad_shape.is_empty() {
-            parts.push(format!("WRONG SHAPE ({}): {}", self.bad_shape.len(), list(&self.bad_shape)));
+            parts.push(format!(
+                "WRONG SHAPE ({}): {}",
+                self.bad_shape.len(),
+                list(&self.bad_shape)
+            ));
         }
         Err(weights_err(parts.join("; ")))
     }

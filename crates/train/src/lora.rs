@@ -27,15 +27,28 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// Fresh adapter for a layer `in_features -> out_features`, seeded per module name.
-    pub fn new(module: &str, in_features: i64, out_features: i64, opts: &LoraOptions, seed: i64, device: Device) -> Result<Self> {
+    pub fn new(
+        module: &str,
+        in_features: i64,
+        out_features: i64,
+        opts: &LoraOptions,
+        seed: i64,
+        device: Device,
+    ) -> Result<Self> {
         let mut rng = HostRng::new(seed, &format!("lora_A:{module}"));
         let bound = 1.0 / (in_features as f64).sqrt();
         let a = Tensor::f_from_slice(&rng.uniform((opts.r * in_features) as usize, bound))?
             .f_view([opts.r, in_features])?
             .f_to_device(device)?
             .set_requires_grad(true);
-        let b = Tensor::f_zeros([out_features, opts.r], (Kind::Float, device))?.set_requires_grad(true);
-        Ok(LoraAdapter { a, b, scaling: opts.alpha / opts.r as f64, dropout: opts.dropout })
+        let b =
+            Tensor::f_zeros([out_features, opts.r], (Kind::Float, device))?.set_requires_grad(true);
+        Ok(LoraAdapter {
+            a,
+            b,
+            scaling: opts.alpha / opts.r as f64,
+            dropout: opts.dropout,
+        })
     }
 
     /// `scaling · B · A · dropout(x)`.
@@ -48,7 +61,11 @@ impl LoraAdapter {
 
     /// The weight update `scaling · B · A` (`[out, in]`, fp32) that merging adds to the base weight.
     pub fn delta(&self) -> Result<Tensor> {
-        Ok(self.b.f_detach()?.f_matmul(&self.a.f_detach()?)?.f_mul_scalar(self.scaling)?)
+        Ok(self
+            .b
+            .f_detach()?
+            .f_matmul(&self.a.f_detach()?)?
+            .f_mul_scalar(self.scaling)?)
     }
 }
 
@@ -69,16 +86,27 @@ pub fn matches_target(name: &str, target: &str) -> bool {
 
 pub fn validate_options(opts: &LoraOptions) -> Result<()> {
     if opts.r <= 0 {
-        return Err(Error::Config(format!("LoRA rank r must be positive, got {}", opts.r)));
+        return Err(Error::Config(format!(
+            "LoRA rank r must be positive, got {}",
+            opts.r
+        )));
     }
-    if !(opts.alpha > 0.0) {
-        return Err(Error::Config(format!("LoRA alpha must be positive, got {}", opts.alpha)));
+    if opts.alpha.is_nan() || opts.alpha <= 0.0 {
+        return Err(Error::Config(format!(
+            "LoRA alpha must be positive, got {}",
+            opts.alpha
+        )));
     }
     if !(0.0..1.0).contains(&opts.dropout) {
-        return Err(Error::Config(format!("LoRA dropout must be in [0, 1), got {}", opts.dropout)));
+        return Err(Error::Config(format!(
+            "LoRA dropout must be in [0, 1), got {}",
+            opts.dropout
+        )));
     }
     if opts.target_modules.is_empty() {
-        return Err(Error::Config("LoRA needs at least one target module (or `all-linear`)".into()));
+        return Err(Error::Config(
+            "LoRA needs at least one target module (or `all-linear`)".into(),
+        ));
     }
     Ok(())
 }
@@ -100,10 +128,17 @@ pub fn check_targets(opts: &LoraOptions, linear_modules: &[String]) -> Result<()
     if unmatched.is_empty() {
         return Ok(());
     }
-    let short: BTreeSet<&str> = linear_modules.iter().map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
+    let short: BTreeSet<&str> = linear_modules
+        .iter()
+        .map(|m| m.rsplit('.').next().unwrap_or(m))
+        .collect();
     Err(Error::Config(format!(
         "LoRA target module(s) {} match no linear layer of this model; available: {}, all-linear",
-        unmatched.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", "),
+        unmatched
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", "),
         short.into_iter().collect::<Vec<_>>().join(", ")
     )))
 }
@@ -111,8 +146,10 @@ pub fn check_targets(opts: &LoraOptions, linear_modules: &[String]) -> Result<()
 /// The target list to save: the user's, or for `all-linear` the short names it resolved to.
 pub fn saved_targets(opts: &LoraOptions, targeted_modules: &[String]) -> Vec<String> {
     if is_all_linear(opts) {
-        let set: BTreeSet<String> =
-            targeted_modules.iter().map(|m| m.rsplit('.').next().unwrap_or(m).to_string()).collect();
+        let set: BTreeSet<String> = targeted_modules
+            .iter()
+            .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
+            .collect();
         set.into_iter().collect()
     } else {
         opts.target_modules.clone()

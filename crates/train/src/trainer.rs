@@ -199,6 +199,57 @@ fn micro_seed(seed: u64, step: u64, k: usize) -> i64 {
     (seed.wrapping_mul(1_000_003).wrapping_add(step.wrapping_mul(4096)).wrapping_add(k as u64) & 0x7fff_ffff_ffff) as i64
 }
 
+/// Sums of one optimiser step's forward/backward passes (0-dim tensors on the device).
+pub struct Accumulated {
+    pub loss_sum: Tensor,
+    pub correct: Tensor,
+    /// Non-padding tokens.
+    pub tokens: usize,
+    /// Targets of the whole step: what the loss was divided by.
+    pub targets: usize,
+}
+
+/// Runs forward and backward over `items` in micro-batches of `micro`, each loss divided by the
+/// targets of all `items` (tokens for causal LM, examples for classification), so the
+/// accumulated gradients are those of the mean loss over the whole step whatever `micro` is.
+/// Gradients add to whatever the parameters hold. Seeds libtorch per micro-batch from
+/// `(seed, step, k)`.
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_gradients(
+    model: &dyn Model,
+    items: &[&Features],
+    micro: usize,
+    pad_id: i64,
+    causal: bool,
+    with_types: bool,
+    seed: u64,
+    step: u64,
+) -> Result<Accumulated> {
+    let device = model.device();
+    let targets: usize = items.iter().map(|f| f.targets()).sum();
+    let denom = targets.max(1) as f64;
+    let mut loss_acc = Tensor::f_zeros([], (Kind::Float, device))?;
+    let mut correct_acc = Tensor::f_zeros([], (Kind::Float, device))?;
+    let mut tokens = 0;
+    for (k, chunk) in items.chunks(micro.max(1)).enumerate() {
+        let c = data::collate(chunk, pad_id, device, with_types)?;
+        tokens += c.tokens;
+        let (b, t) = (c.batch_size, c.seq_len);
+        let r: Result<()> = guarded(|| {
+            tch::manual_seed(micro_seed(seed, step, k));
+            let batch = Batch { input_ids: &c.input_ids, attention_mask: &c.attention_mask, token_type_ids: c.token_type_ids.as_ref() };
+            let logits = model.forward(&batch, true)?;
+            let (loss, correct) = data::loss_and_correct(&logits, &c.labels, causal)?;
+            loss.f_div_scalar(denom)?.f_backward()?;
+            let _ = loss_acc.f_add_(&loss.f_detach()?)?;
+            let _ = correct_acc.f_add_(&correct.f_to_kind(Kind::Float)?)?;
+            Ok(())
+        });
+        r.map_err(|e| classify(e, device, b, t))?;
+    }
+    Ok(Accumulated { loss_sum: loss_acc, correct: correct_acc, tokens, targets })
+}
+
 struct Job<'a> {
     model: &'a dyn Model,
     causal: bool,
@@ -227,24 +278,8 @@ impl Job<'_> {
         let targets: usize = items.iter().map(|f| f.targets()).sum();
         let denom = targets.max(1) as f64;
         opt.zero_grad();
-        let mut loss_acc = Tensor::f_zeros([], (Kind::Float, self.device))?;
-        let mut correct_acc = Tensor::f_zeros([], (Kind::Float, self.device))?;
-        let mut tokens = 0;
-        for (k, chunk) in items.chunks(self.micro).enumerate() {
-            let c = data::collate(chunk, self.pad_id, self.device, self.with_types)?;
-            tokens += c.tokens;
-            let (b, t) = (c.batch_size, c.seq_len);
-            let r: Result<()> = guarded(|| {
-                tch::manual_seed(micro_seed(seed, step, k));
-                let logits = self.model.forward(&self.batch(&c), true)?;
-                let (loss, correct) = data::loss_and_correct(&logits, &c.labels, self.causal)?;
-                loss.f_div_scalar(denom)?.f_backward()?;
-                let _ = loss_acc.f_add_(&loss.f_detach()?)?;
-                let _ = correct_acc.f_add_(&correct.f_to_kind(Kind::Float)?)?;
-                Ok(())
-            });
-            r.map_err(|e| classify(e, self.device, b, t))?;
-        }
+        let acc = accumulate_gradients(self.model, items, self.micro, self.pad_id, self.causal, self.with_types, seed, step)?;
+        let (loss_acc, correct_acc, tokens) = (acc.loss_sum, acc.correct, acc.tokens);
         let (loss_sum, grad_norm, correct) = guarded(|| {
             let norm = opt.grad_norm()?;
             let host = Tensor::f_stack(&[loss_acc.shallow_clone(), norm.shallow_clone(), correct_acc.shallow_clone()], 0)?

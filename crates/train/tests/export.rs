@@ -15,21 +15,40 @@ use tuna_train::loader::read_safetensors;
 use tuna_train::model::{Batch, FreezeOptions, LoadOptions, LoraOptions, Model, TaskHead};
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn fixture(name: &str) -> PathBuf {
     let p = workspace().join(".fixtures").join(name);
-    assert!(p.join("config.json").is_file(), "fixture {} is missing: run scripts/setup.sh", p.display());
+    assert!(
+        p.join("config.json").is_file(),
+        "fixture {} is missing: run scripts/setup.sh",
+        p.display()
+    );
     p
 }
 
 fn opts(task: TaskHead, lora: Option<LoraOptions>) -> LoadOptions {
-    LoadOptions { device: Device::Cpu, base_kind: Kind::Float, task, lora, freeze: FreezeOptions::default(), init_seed: 7 }
+    LoadOptions {
+        device: Device::Cpu,
+        base_kind: Kind::Float,
+        task,
+        lora,
+        freeze: FreezeOptions::default(),
+        init_seed: 7,
+    }
 }
 
 fn lora(targets: &[&str]) -> Option<LoraOptions> {
-    Some(LoraOptions { r: 4, alpha: 8.0, dropout: 0.1, target_modules: targets.iter().map(|s| s.to_string()).collect() })
+    Some(LoraOptions {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        target_modules: targets.iter().map(|s| s.to_string()).collect(),
+    })
 }
 
 /// Adds noise to every trainable parameter whose name contains one of `which` (all when empty).
@@ -92,11 +111,21 @@ fn make_case(
     let model = load_model(&base_dir, &opts(task.clone(), lora_opts.clone())).unwrap();
     perturb(model.as_ref(), perturb_which);
     let info = model.info().clone();
-    let pad = info.pad_token_id.or(info.eos_token_ids.first().copied()).unwrap_or(0);
+    let pad = info
+        .pad_token_id
+        .or(info.eos_token_ids.first().copied())
+        .unwrap_or(0);
     let (ids, mask) = inputs(info.vocab_size, pad, first_token);
     let (ids_t, mask_t) = (to_tensor(&ids), to_tensor(&mask));
     let tuna = tch::no_grad(|| {
-        model.forward(&Batch { input_ids: &ids_t, attention_mask: &mask_t, token_type_ids: None }, false)
+        model.forward(
+            &Batch {
+                input_ids: &ids_t,
+                attention_mask: &mask_t,
+                token_type_ids: None,
+            },
+            false,
+        )
     })
     .unwrap();
     let out = tmp.join(name);
@@ -115,53 +144,170 @@ fn make_case(
         "dir": out, "base": base_dir, "base_kwargs": base_kwargs,
         "input_ids": ids, "attention_mask": mask,
     });
-    Case { name: name.to_string(), spec, tuna }
+    Case {
+        name: name.to_string(),
+        spec,
+        tuna,
+    }
 }
 
 #[test]
 fn exports_load_in_transformers_and_peft_with_equal_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let labels = TaskHead::SequenceClassification { id2label: vec!["negative".into(), "neutral".into(), "positive".into()] };
-    let two = TaskHead::SequenceClassification { id2label: vec!["bad".into(), "good".into()] };
+    let labels = TaskHead::SequenceClassification {
+        id2label: vec!["negative".into(), "neutral".into(), "positive".into()],
+    };
+    let two = TaskHead::SequenceClassification {
+        id2label: vec!["bad".into(), "good".into()],
+    };
     let cases = vec![
         // (a) full fine-tunes: GPT-2 (Conv1D layout, tied head) and Llama (GQA, untied head).
-        make_case(t, "gpt2_full", "gpt2", TaskHead::CausalLm, None, false, &["c_attn", "wte", "mlp.c_proj"], None),
-        make_case(t, "llama_full", "llama", TaskHead::CausalLm, None, false, &[], Some(1)),
+        make_case(
+            t,
+            "gpt2_full",
+            "gpt2",
+            TaskHead::CausalLm,
+            None,
+            false,
+            &["c_attn", "wte", "mlp.c_proj"],
+            None,
+        ),
+        make_case(
+            t,
+            "llama_full",
+            "llama",
+            TaskHead::CausalLm,
+            None,
+            false,
+            &[],
+            Some(1),
+        ),
         // (b) LoRA adapters with non-zero B.
-        make_case(t, "llama_lora", "llama", TaskHead::CausalLm, lora(&["all-linear"]), false, &["lora_B"], Some(1)),
-        make_case(t, "gpt2_lora", "gpt2", TaskHead::CausalLm, lora(&["c_attn", "c_fc"]), false, &["lora_B"], None),
-        make_case(t, "qwen2_lora_cls", "qwen2", labels.clone(), lora(&["q_proj", "v_proj"]), false, &["lora_B", "score"], None),
-        make_case(t, "bert_lora_cls", "bert", two.clone(), lora(&["query", "value"]), false, &["lora_B", "classifier"], Some(2)),
+        make_case(
+            t,
+            "llama_lora",
+            "llama",
+            TaskHead::CausalLm,
+            lora(&["all-linear"]),
+            false,
+            &["lora_B"],
+            Some(1),
+        ),
+        make_case(
+            t,
+            "gpt2_lora",
+            "gpt2",
+            TaskHead::CausalLm,
+            lora(&["c_attn", "c_fc"]),
+            false,
+            &["lora_B"],
+            None,
+        ),
+        make_case(
+            t,
+            "qwen2_lora_cls",
+            "qwen2",
+            labels.clone(),
+            lora(&["q_proj", "v_proj"]),
+            false,
+            &["lora_B", "score"],
+            None,
+        ),
+        make_case(
+            t,
+            "bert_lora_cls",
+            "bert",
+            two.clone(),
+            lora(&["query", "value"]),
+            false,
+            &["lora_B", "classifier"],
+            Some(2),
+        ),
         // (c) classification checkpoints with id2label.
-        make_case(t, "llama_tied_cls", "llama-tied", labels.clone(), None, false, &["score", "layers.1"], Some(1)),
-        make_case(t, "gpt2_cls", "gpt2", two.clone(), None, false, &["score"], None),
-        make_case(t, "bert_cls", "bert", two.clone(), None, false, &["classifier", "pooler"], Some(2)),
+        make_case(
+            t,
+            "llama_tied_cls",
+            "llama-tied",
+            labels.clone(),
+            None,
+            false,
+            &["score", "layers.1"],
+            Some(1),
+        ),
+        make_case(
+            t,
+            "gpt2_cls",
+            "gpt2",
+            two.clone(),
+            None,
+            false,
+            &["score"],
+            None,
+        ),
+        make_case(
+            t,
+            "bert_cls",
+            "bert",
+            two.clone(),
+            None,
+            false,
+            &["classifier", "pooler"],
+            Some(2),
+        ),
         // (d) LoRA merged into full weights.
-        make_case(t, "mistral_merged", "mistral", TaskHead::CausalLm, lora(&["q_proj", "down_proj"]), true, &["lora_B"], Some(1)),
+        make_case(
+            t,
+            "mistral_merged",
+            "mistral",
+            TaskHead::CausalLm,
+            lora(&["q_proj", "down_proj"]),
+            true,
+            &["lora_B"],
+            Some(1),
+        ),
     ];
     // Spot-check the files.
-    let adapter: Value =
-        serde_json::from_str(&std::fs::read_to_string(t.join("qwen2_lora_cls/adapter_config.json")).unwrap()).unwrap();
+    let adapter: Value = serde_json::from_str(
+        &std::fs::read_to_string(t.join("qwen2_lora_cls/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(adapter["peft_type"], "LORA");
     assert_eq!(adapter["task_type"], "SEQ_CLS");
     assert_eq!(adapter["modules_to_save"], json!(["score"]));
     let keys = read_safetensors(&t.join("qwen2_lora_cls/adapter_model.safetensors")).unwrap();
-    assert!(keys.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), "{:?}", keys.keys());
+    assert!(
+        keys.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+        "{:?}",
+        keys.keys()
+    );
     assert!(keys.contains_key("base_model.model.score.weight"));
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(t.join("bert_cls/config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["architectures"], json!(["BertForSequenceClassification"]));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("bert_cls/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["architectures"],
+        json!(["BertForSequenceClassification"])
+    );
     assert_eq!(cfg["id2label"], json!({"0": "bad", "1": "good"}));
     assert_eq!(cfg["label2id"], json!({"bad": 0, "good": 1}));
     let full = read_safetensors(&t.join("gpt2_full/model.safetensors")).unwrap();
-    assert_eq!(full["transformer.h.0.attn.c_attn.weight"].size(), vec![64, 192], "Conv1D layout [in, out]");
+    assert_eq!(
+        full["transformer.h.0.attn.c_attn.weight"].size(),
+        vec![64, 192],
+        "Conv1D layout [in, out]"
+    );
 
     let specs: Vec<Value> = cases.iter().map(|c| c.spec.clone()).collect();
     let cases_path = t.join("cases.json");
     std::fs::write(&cases_path, serde_json::to_string(&specs).unwrap()).unwrap();
     let out_path = t.join("out.safetensors");
     let py = workspace().join(".venv/bin/python");
-    assert!(py.is_file(), "{} is missing: run scripts/setup.sh", py.display());
+    assert!(
+        py.is_file(),
+        "{} is missing: run scripts/setup.sh",
+        py.display()
+    );
     let out = std::process::Command::new(&py)
         .arg(workspace().join("python/check_export.py"))
         .arg(&cases_path)
@@ -171,7 +317,11 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "check_export.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "check_export.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let theirs = read_safetensors(&out_path).unwrap();
     let mut report = Vec::new();
     let mut bad = false;
@@ -183,13 +333,23 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
         bad |= diff >= 1e-4;
     }
     eprintln!("{}", report.join("\n"));
-    assert!(!bad, "logits differ from transformers/PEFT:\n{}", report.join("\n"));
+    assert!(
+        !bad,
+        "logits differ from transformers/PEFT:\n{}",
+        report.join("\n")
+    );
     for line in stdout.lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         match v["name"].as_str().unwrap() {
             "llama_tied_cls" => {
-                assert_eq!(v["id2label"], json!({"0": "negative", "1": "neutral", "2": "positive"}));
-                assert_eq!(v["architectures"], json!(["LlamaForSequenceClassification"]));
+                assert_eq!(
+                    v["id2label"],
+                    json!({"0": "negative", "1": "neutral", "2": "positive"})
+                );
+                assert_eq!(
+                    v["architectures"],
+                    json!(["LlamaForSequenceClassification"])
+                );
             }
             "bert_cls" => assert_eq!(v["id2label"], json!({"0": "bad", "1": "good"})),
             _ => {}

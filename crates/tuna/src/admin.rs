@@ -47,20 +47,32 @@ pub enum ModelsCommand {
 
 pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
-        KeysCommand::Create { db, org, name, admin } => {
+        KeysCommand::Create {
+            db,
+            org,
+            name,
+            admin,
+        } => {
             let database = Database::open(&db).await?;
             let result = create_key(&database, org, &name, admin).await;
             database.close().await;
             let (org_id, key) = result?;
             println!("{}", key.secret);
-            eprintln!("created key {} for organisation {org_id}{}", key.row.api_key_id, if admin { " (admin)" } else { "" });
+            eprintln!(
+                "created key {} for organisation {org_id}{}",
+                key.row.api_key_id,
+                if admin { " (admin)" } else { "" }
+            );
             Ok(())
         }
         KeysCommand::List { db } => {
             let database = Database::open(&db).await?;
             let rows = keys::list_keys(&database.pool).await;
             database.close().await;
-            println!("{:<32} {:<32} {:<14} {:<6} {:<8} name", "id", "organization", "prefix", "admin", "revoked");
+            println!(
+                "{:<32} {:<32} {:<14} {:<6} {:<8} name",
+                "id", "organization", "prefix", "admin", "revoked"
+            );
             for k in rows? {
                 println!(
                     "{:<32} {:<32} {:<14} {:<6} {:<8} {}",
@@ -77,7 +89,12 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn create_key(database: &Database, org: Option<String>, name: &str, admin: bool) -> anyhow::Result<(String, keys::NewKey)> {
+async fn create_key(
+    database: &Database,
+    org: Option<String>,
+    name: &str,
+    admin: bool,
+) -> anyhow::Result<(String, keys::NewKey)> {
     let pool = &database.pool;
     keys::ensure_default_org(pool).await?;
     let org_id = match org {
@@ -87,7 +104,9 @@ async fn create_key(database: &Database, org: Option<String>, name: &str, admin:
             None => keys::create_org(pool, &o).await?,
         },
     };
-    let key = keys::create_key(pool, &org_id, name, admin).await.context("creating the key")?;
+    let key = keys::create_key(pool, &org_id, name, admin)
+        .await
+        .context("creating the key")?;
     Ok((org_id, key))
 }
 

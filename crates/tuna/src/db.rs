@@ -28,8 +28,13 @@ pub struct Database {
 
 impl Database {
     pub async fn open(args: &DbArgs) -> anyhow::Result<Database> {
-        std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
-        let (url, cluster, adopted) = match args.database_url.as_deref().filter(|u| !u.trim().is_empty()) {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("creating {}", args.data_dir.display()))?;
+        let (url, cluster, adopted) = match args
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        {
             Some(url) => (url.to_string(), None, false),
             None => {
                 let dir = args.data_dir.join("pg");
@@ -38,9 +43,17 @@ impl Database {
                 (cluster.url(), Some(cluster), adopted)
             }
         };
-        let pool = tuna_db::connect(&url).await.context("connecting to PostgreSQL")?;
-        tuna_db::migrate(&pool).await.context("migrating the database")?;
-        Ok(Database { pool, cluster, adopted })
+        let pool = tuna_db::connect(&url)
+            .await
+            .context("connecting to PostgreSQL")?;
+        tuna_db::migrate(&pool)
+            .await
+            .context("migrating the database")?;
+        Ok(Database {
+            pool,
+            cluster,
+            adopted,
+        })
     }
 
     /// Closes the pool and stops the private cluster if this process started it.
@@ -61,5 +74,10 @@ async fn start_cluster(dir: PathBuf) -> anyhow::Result<PrivateCluster> {
     tokio::task::spawn_blocking(move || PrivateCluster::start(Path::new(&dir)))
         .await
         .context("starting the private PostgreSQL cluster")?
-        .with_context(|| format!("starting the private PostgreSQL cluster in {}", shown.display()))
+        .with_context(|| {
+            format!(
+                "starting the private PostgreSQL cluster in {}",
+                shown.display()
+            )
+        })
 }

@@ -15,7 +15,11 @@ mod serve;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "tuna", version, about = "Fine-tuning job server with an OpenAI-compatible API")]
+#[command(
+    name = "tuna",
+    version,
+    about = "Fine-tuning job server with an OpenAI-compatible API"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "TUNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -49,7 +53,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -58,7 +64,10 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let Cli { log_format, command } = Cli::parse();
+    let Cli {
+        log_format,
+        command,
+    } = Cli::parse();
     init_logging(log_format);
     let result = match command {
         Command::Serve(args) => serve::run(args).await,

@@ -36,7 +36,14 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let ServeArgs { db, host, port, open_access, allow_file_urls, max_upload_bytes } = args;
+    let ServeArgs {
+        db,
+        host,
+        port,
+        open_access,
+        allow_file_urls,
+        max_upload_bytes,
+    } = args;
     if open_access && !host.is_loopback() {
         bail!("--open-access is only allowed on a loopback address (--host 127.0.0.1 or ::1), not {host}");
     }
@@ -54,9 +61,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..Config::new(&db.data_dir)
     };
     let state = AppState::new(database.pool.clone(), config);
-    let pending = tuna_api::start_background(&state).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pending = tuna_api::start_background(&state)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     if pending > 0 {
-        tracing::info!(jobs = pending, "resumed validation of jobs left in validating_files");
+        tracing::info!(
+            jobs = pending,
+            "resumed validation of jobs left in validating_files"
+        );
     }
     if open_access {
         tracing::warn!("open access: requests without an API key act as the default organisation");
@@ -88,7 +100,10 @@ async fn ensure_admin_key(pool: &PgPool, data_dir: &Path) -> anyhow::Result<()> 
     std::io::Write::write_all(&mut f, format!("{}\n", key.secret).as_bytes())?;
     let shown = std::fs::canonicalize(&path).unwrap_or(path);
     tracing::info!(path = %shown.display(), "created the first admin API key");
-    eprintln!("tuna: created an admin API key; it is in {}", shown.display());
+    eprintln!(
+        "tuna: created an admin API key; it is in {}",
+        shown.display()
+    );
     Ok(())
 }
 

@@ -25,6 +25,15 @@ use crate::inputs::{self, LocalDataset};
 use crate::results::Results;
 use crate::{Outcome, WorkerConfig, WorkerError};
 
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The lease is gone: stop, write nothing.
 #[derive(Debug)]
 struct LeaseLost;
@@ -118,7 +127,8 @@ pub(crate) async fn run_job(
     let lost = CancellationToken::new();
     let (ctl_tx, ctl_rx) = watch::channel(Control::Continue);
     let hb_stop = CancellationToken::new();
-    let hb = tokio::spawn(heartbeat_loop(
+    // Aborted when this future is dropped (a worker stopped mid-job must stop renewing).
+    let mut hb = AbortOnDrop(tokio::spawn(heartbeat_loop(
         pool.clone(),
         lease.clone(),
         cfg.lease_ttl,
@@ -127,11 +137,11 @@ pub(crate) async fn run_job(
         ctl_tx,
         lost.clone(),
         hb_stop.clone(),
-    ));
+    )));
     let ctx = Ctx { pool, cfg, lease, job, progress, lost: lost.clone() };
     let result = execute(&ctx, &work, worker_device, ctl_rx, listener, shutdown).await;
     hb_stop.cancel();
-    let _ = hb.await;
+    let _ = (&mut hb.0).await;
     if !cfg.keep_work_dirs {
         let _ = tokio::fs::remove_dir_all(&work).await;
     }
@@ -356,8 +366,12 @@ async fn execute(
                 Err(LeaseLost) => return Err(lost_err()),
             },
             _ = ctx.lost.cancelled() => return Err(lost_err()),
-            _ = rx.wait_for(|c| *c != Control::Continue) => {
-                let c = *rx.borrow();
+            c = async {
+                match rx.wait_for(|c| *c != Control::Continue).await {
+                    Ok(v) => *v,
+                    Err(_) => std::future::pending().await,
+                }
+            } => {
                 return if c == Control::Cancel { finish_cancelled(ctx).await } else { finish_paused(ctx).await };
             }
             _ = shutdown.cancelled() => return finish_released(ctx).await,
@@ -462,11 +476,14 @@ async fn execute(
             }
             r = ctl_rx.changed(), if hb_open && request.is_none() => match r {
                 Err(_) => hb_open = false,
-                Ok(()) => new_request = match *ctl_rx.borrow() {
-                    Control::Cancel => Some(Request::Cancel),
-                    Control::Pause => Some(Request::Pause),
-                    Control::Continue => None,
-                },
+                Ok(()) => {
+                    let c: Control = *ctl_rx.borrow_and_update();
+                    new_request = match c {
+                        Control::Cancel => Some(Request::Cancel),
+                        Control::Pause => Some(Request::Pause),
+                        Control::Continue => None,
+                    };
+                }
             },
             w = notified, if request.is_none() => {
                 if let Wake::Control(m) = w {

@@ -204,7 +204,12 @@ pub struct Worker {
 impl Worker {
     pub fn new(pool: PgPool, cfg: WorkerConfig) -> Worker {
         let (device_kind, gpu_name, gpu_memory_mb) = detect_device(cfg.device);
-        let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into());
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "unknown".into());
         let worker_id = cfg.worker_id.clone().unwrap_or_else(|| tuna_core::ids::new_id(tuna_core::ids::WORKER));
         let info = WorkerInfo { worker_id, hostname, device_kind, gpu_name, gpu_memory_mb, labels: cfg.labels.clone() };
         Worker { pool, cfg, info, registered: false, last_rescue: None }

@@ -28,17 +28,30 @@ async fn unknown_route_is_404_and_wrong_method_405() {
     let (status, body) = json(app.get("/v1/fine-tuning/jobs").await).await;
     assert_eq!(status, 404);
     assert_eq!(error_of(&body)["code"], "unknown_url");
-    let (status, body) = json(app.req(Method::DELETE, "/v1/fine_tuning/jobs").send().await.unwrap()).await;
+    let (status, body) = json(
+        app.req(Method::DELETE, "/v1/fine_tuning/jobs")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 405);
     assert_eq!(error_of(&body)["code"], "method_not_allowed");
-    let (status, body) = json(app.req(Method::GET, "/v1/fine_tuning/jobs/ftjob-x/cancel").send().await.unwrap()).await;
+    let (status, body) = json(
+        app.req(Method::GET, "/v1/fine_tuning/jobs/ftjob-x/cancel")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 405, "{body}");
 }
 
 #[tokio::test]
 async fn too_large_json_body_is_413() {
     let app = spawn_with(|c| c.max_json_bytes = 4096).await;
-    let body = json!({"model": "gpt2", "training_file": "file-x", "metadata": {"k": "v".repeat(10_000)}});
+    let body =
+        json!({"model": "gpt2", "training_file": "file-x", "metadata": {"k": "v".repeat(10_000)}});
     let (status, body) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
     assert_eq!(status, 413);
     assert_eq!(error_of(&body)["code"], "payload_too_large");
@@ -48,17 +61,32 @@ async fn too_large_json_body_is_413() {
 async fn unknown_fields_and_wrong_types_name_the_param() {
     let app = spawn_app().await;
     let cases = [
-        (json!({"model": "gpt2", "training_file": "file-x", "nepochs": 3}), "nepochs"),
+        (
+            json!({"model": "gpt2", "training_file": "file-x", "nepochs": 3}),
+            "nepochs",
+        ),
         (json!({"model": 7, "training_file": "file-x"}), "model"),
-        (json!({"model": "gpt2", "training_file": "file-x", "hyperparameters": {"n_epochs": "many"}}), "hyperparameters.n_epochs"),
+        (
+            json!({"model": "gpt2", "training_file": "file-x", "hyperparameters": {"n_epochs": "many"}}),
+            "hyperparameters.n_epochs",
+        ),
         (
             json!({"model": "gpt2", "training_file": "file-x",
                    "method": {"type": "supervised", "supervised": {"hyperparameters": {"lora_r": -1}}}}),
             "method.supervised.hyperparameters.lora_r",
         ),
-        (json!({"model": "gpt2", "training_file": "file-x", "warmup_ratio": "lots"}), "warmup_ratio"),
-        (json!({"model": "gpt2", "dataset_url": "file:///etc/passwd"}), "dataset_url"),
-        (json!({"model": "gpt2", "training_file": "file-missing"}), "training_file"),
+        (
+            json!({"model": "gpt2", "training_file": "file-x", "warmup_ratio": "lots"}),
+            "warmup_ratio",
+        ),
+        (
+            json!({"model": "gpt2", "dataset_url": "file:///etc/passwd"}),
+            "dataset_url",
+        ),
+        (
+            json!({"model": "gpt2", "training_file": "file-missing"}),
+            "training_file",
+        ),
     ];
     for (req, param) in cases {
         let (status, body) = json(app.post_json("/v1/fine_tuning/jobs", &req).await).await;
@@ -70,18 +98,34 @@ async fn unknown_fields_and_wrong_types_name_the_param() {
 #[tokio::test]
 async fn missing_or_wrong_key_is_401() {
     let app = spawn_app().await;
-    let resp = app.client.get(format!("{}/v1/fine_tuning/jobs", app.base)).send().await.unwrap();
+    let resp = app
+        .client
+        .get(format!("{}/v1/fine_tuning/jobs", app.base))
+        .send()
+        .await
+        .unwrap();
     let (status, body) = json(resp).await;
     assert_eq!(status, 401);
     assert_eq!(error_of(&body)["type"], "authentication_error");
-    let (status, _) = json(app.req_as("tuna-sk-wrong", Method::GET, "/v1/files").send().await.unwrap()).await;
+    let (status, _) = json(
+        app.req_as("tuna-sk-wrong", Method::GET, "/v1/files")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 401);
 }
 
 #[tokio::test]
 async fn open_access_maps_keyless_requests_to_the_default_org() {
     let app = spawn_with(|c| c.open_access = true).await;
-    let resp = app.client.get(format!("{}/v1/fine_tuning/jobs", app.base)).send().await.unwrap();
+    let resp = app
+        .client
+        .get(format!("{}/v1/fine_tuning/jobs", app.base))
+        .send()
+        .await
+        .unwrap();
     let (status, body) = json(resp).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "list");
@@ -91,7 +135,12 @@ async fn open_access_maps_keyless_requests_to_the_default_org() {
 async fn non_admin_cannot_register_models() {
     let app = spawn_app().await;
     let body = json!({"id": "x", "path": "/nonexistent"});
-    let resp = app.req_as(&app.other_key, Method::POST, "/v1/models").json(&body).send().await.unwrap();
+    let resp = app
+        .req_as(&app.other_key, Method::POST, "/v1/models")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let (status, body) = json(resp).await;
     assert_eq!(status, 403, "{body}");
     error_of(&body);
@@ -108,7 +157,10 @@ async fn database_outage_is_503_and_readyz_fails() {
     let (status, body) = json(resp).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(error_of(&body)["type"], "server_error");
-    assert!(!body.to_string().contains("pool"), "internal details leaked: {body}");
+    assert!(
+        !body.to_string().contains("pool"),
+        "internal details leaked: {body}"
+    );
     let (status, _) = json(app.get("/readyz").await).await;
     assert_eq!(status, 503);
     let (status, _) = json(app.get("/healthz").await).await;
@@ -118,7 +170,12 @@ async fn database_outage_is_503_and_readyz_fails() {
 #[tokio::test]
 async fn request_id_is_echoed_or_generated() {
     let app = spawn_app().await;
-    let resp = app.req(Method::GET, "/healthz").header("x-request-id", "abc-123").send().await.unwrap();
+    let resp = app
+        .req(Method::GET, "/healthz")
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["x-request-id"], "abc-123");
     let resp = app.get("/v1/nothing").await;
     assert!(!resp.headers()["x-request-id"].is_empty());
@@ -131,6 +188,9 @@ async fn metrics_count_requests_by_route_and_jobs_by_state() {
     let text = app.get("/metrics").await.text().await.unwrap();
     assert!(text.contains("tuna_http_requests_total"), "{text}");
     assert!(text.contains("route=\"/v1/fine_tuning/jobs\""), "{text}");
-    assert!(text.contains("tuna_http_request_duration_seconds_bucket"), "{text}");
+    assert!(
+        text.contains("tuna_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
     assert!(text.contains("tuna_jobs{status=\"queued\"}"), "{text}");
 }

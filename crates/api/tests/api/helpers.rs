@@ -27,7 +27,9 @@ pub struct TestApp {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.fixtures")
+        .join(name)
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -40,10 +42,18 @@ pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = Config::new(dir.path());
     tweak(&mut config);
     keys::ensure_default_org(&db.pool).await.unwrap();
-    let key = keys::create_key(&db.pool, keys::DEFAULT_ORG, "admin", true).await.unwrap().secret;
+    let key = keys::create_key(&db.pool, keys::DEFAULT_ORG, "admin", true)
+        .await
+        .unwrap()
+        .secret;
     let other_org = keys::create_org(&db.pool, "other").await.unwrap();
-    let other_key = keys::create_key(&db.pool, &other_org, "other", false).await.unwrap().secret;
-    tuna_api::models::register_base_model(&db.pool, "gpt2", &fixture("gpt2")).await.expect("register gpt2");
+    let other_key = keys::create_key(&db.pool, &other_org, "other", false)
+        .await
+        .unwrap()
+        .secret;
+    tuna_api::models::register_base_model(&db.pool, "gpt2", &fixture("gpt2"))
+        .await
+        .expect("register gpt2");
     let state = AppState::new(db.pool.clone(), config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -55,16 +65,29 @@ pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         })
         .await;
     });
-    TestApp { base, client: Client::new(), key, other_key, db, state, _dir: dir, _stop: stop }
+    TestApp {
+        base,
+        client: Client::new(),
+        key,
+        other_key,
+        db,
+        state,
+        _dir: dir,
+        _stop: stop,
+    }
 }
 
 impl TestApp {
     pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
-        self.client.request(method, format!("{}{path}", self.base)).bearer_auth(&self.key)
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
     }
 
     pub fn req_as(&self, key: &str, method: Method, path: &str) -> RequestBuilder {
-        self.client.request(method, format!("{}{path}", self.base)).bearer_auth(key)
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(key)
     }
 
     pub async fn get(&self, path: &str) -> Response {
@@ -72,19 +95,32 @@ impl TestApp {
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Response {
-        self.req(Method::POST, path).json(body).send().await.unwrap()
+        self.req(Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn upload(&self, key: &str, name: &str, bytes: Vec<u8>, purpose: &str) -> Response {
         let form = reqwest::multipart::Form::new()
             .text("purpose", purpose.to_string())
-            .part("file", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()));
-        self.req_as(key, Method::POST, "/v1/files").multipart(form).send().await.unwrap()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()),
+            );
+        self.req_as(key, Method::POST, "/v1/files")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// Uploads a valid file and returns its id.
     pub async fn upload_ok(&self, name: &str, text: &str) -> String {
-        let resp = self.upload(&self.key, name, text.as_bytes().to_vec(), "fine-tune").await;
+        let resp = self
+            .upload(&self.key, name, text.as_bytes().to_vec(), "fine-tune")
+            .await;
         let (status, body) = json(resp).await;
         assert_eq!(status, 200, "{body}");
         body["id"].as_str().unwrap().to_string()
@@ -106,7 +142,8 @@ impl TestApp {
 pub async fn json(resp: Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    let value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
     (status, value)
 }
 
@@ -116,7 +153,10 @@ pub fn error_of(body: &Value) -> &Value {
     for k in ["message", "type", "param", "code"] {
         assert!(e.get(k).is_some(), "error lacks `{k}`: {body}");
     }
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     e
 }
 
@@ -124,4 +164,5 @@ pub const CHAT: &str = r#"{"messages": [{"role": "user", "content": "hi"}, {"rol
 {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
 "#;
 
-pub const LABELED: &str = "{\"text\": \"great\", \"label\": \"pos\"}\n{\"text\": \"awful\", \"label\": \"neg\"}\n";
+pub const LABELED: &str =
+    "{\"text\": \"great\", \"label\": \"pos\"}\n{\"text\": \"awful\", \"label\": \"neg\"}\n";

@@ -32,16 +32,36 @@ async fn create_resolves_hyperparameters_echoes_extensions_and_queues() {
     assert!(job["id"].as_str().unwrap().starts_with("ftjob-"));
     assert_eq!(job["object"], "fine_tuning.job");
     assert_eq!(job["status"], "validating_files");
-    assert_eq!(job["hyperparameters"], json!({"batch_size": 8, "learning_rate_multiplier": 1.0, "n_epochs": 2}));
+    assert_eq!(
+        job["hyperparameters"],
+        json!({"batch_size": 8, "learning_rate_multiplier": 1.0, "n_epochs": 2})
+    );
     let hp = &job["method"]["supervised"]["hyperparameters"];
-    assert_eq!((hp["lora_r"].as_i64(), hp["warmup_ratio"].as_f64()), (Some(4), Some(0.1)));
-    assert_eq!((hp["max_seq_length"].as_i64(), hp["eval_interval"].as_i64()), (Some(32), Some(5)));
+    assert_eq!(
+        (hp["lora_r"].as_i64(), hp["warmup_ratio"].as_f64()),
+        (Some(4), Some(0.1))
+    );
+    assert_eq!(
+        (hp["max_seq_length"].as_i64(), hp["eval_interval"].as_i64()),
+        (Some(32), Some(5))
+    );
     assert_eq!(hp["training_type"], "lora");
     assert_eq!(job["user_provided_suffix"], "demo");
     assert_eq!(job["metadata"], json!({"team": "a"}));
     assert_eq!(job["task"], "causal_lm");
-    for k in ["error", "fine_tuned_model", "finished_at", "trained_tokens", "validation_file", "estimated_finish", "integrations"] {
-        assert!(job.get(k).is_some_and(Value::is_null), "{k} should be present and null: {job}");
+    for k in [
+        "error",
+        "fine_tuned_model",
+        "finished_at",
+        "trained_tokens",
+        "validation_file",
+        "estimated_finish",
+        "integrations",
+    ] {
+        assert!(
+            job.get(k).is_some_and(Value::is_null),
+            "{k} should be present and null: {job}"
+        );
     }
     assert_eq!(job["result_files"], json!([]));
     assert!(job["seed"].as_i64().is_some());
@@ -54,12 +74,36 @@ async fn validation_failures_name_the_cause() {
     let app = spawn_app().await;
     let chat = app.upload_ok("chat.jsonl", CHAT).await;
     let cases = [
-        (json!({"model": "nope", "training_file": chat}), "model_not_found", "model"),
-        (json!({"model": "gpt2", "training_file": chat, "task": "sequence_classification"}), "invalid_training_file", "training_file"),
-        (json!({"model": "gpt2", "training_file": chat, "max_seq_length": 100000}), "invalid_hyperparameters", "max_seq_length"),
-        (json!({"model": "gpt2", "training_file": chat, "lora_target_modules": ["q_proj"]}), "invalid_hyperparameters", "lora_target_modules"),
-        (json!({"model": "gpt2", "training_file": chat, "freeze_patterns": ["model.layers.*"]}), "invalid_hyperparameters", "freeze_patterns"),
-        (json!({"model": "gpt2", "dataset_url": "https://example.com/d.jsonl", "freeze_layers": 50}), "invalid_hyperparameters", "freeze_layers"),
+        (
+            json!({"model": "nope", "training_file": chat}),
+            "model_not_found",
+            "model",
+        ),
+        (
+            json!({"model": "gpt2", "training_file": chat, "task": "sequence_classification"}),
+            "invalid_training_file",
+            "training_file",
+        ),
+        (
+            json!({"model": "gpt2", "training_file": chat, "max_seq_length": 100000}),
+            "invalid_hyperparameters",
+            "max_seq_length",
+        ),
+        (
+            json!({"model": "gpt2", "training_file": chat, "lora_target_modules": ["q_proj"]}),
+            "invalid_hyperparameters",
+            "lora_target_modules",
+        ),
+        (
+            json!({"model": "gpt2", "training_file": chat, "freeze_patterns": ["model.layers.*"]}),
+            "invalid_hyperparameters",
+            "freeze_patterns",
+        ),
+        (
+            json!({"model": "gpt2", "dataset_url": "https://example.com/d.jsonl", "freeze_layers": 50}),
+            "invalid_hyperparameters",
+            "freeze_layers",
+        ),
     ];
     for (body, code, param) in cases {
         let job = create(&app, body.clone()).await;
@@ -70,12 +114,21 @@ async fn validation_failures_name_the_cause() {
         assert!(done["finished_at"].is_i64());
     }
     let labeled = app.upload_ok("l.jsonl", LABELED).await;
-    let ok = create(&app, json!({"model": "gpt2", "training_file": labeled, "task": "sequence_classification",
-                                 "freeze_patterns": ["transformer.h.0.*"]}))
+    let ok = create(
+        &app,
+        json!({"model": "gpt2", "training_file": labeled, "task": "sequence_classification",
+                                 "freeze_patterns": ["transformer.h.0.*"]}),
+    )
     .await;
     // "auto" max_seq_length is fitted to the tiny model's context length (64).
-    assert_eq!(ok["method"]["supervised"]["hyperparameters"]["max_seq_length"], 64);
-    assert_eq!(app.wait_validated(ok["id"].as_str().unwrap()).await["status"], "queued");
+    assert_eq!(
+        ok["method"]["supervised"]["hyperparameters"]["max_seq_length"],
+        64
+    );
+    assert_eq!(
+        app.wait_validated(ok["id"].as_str().unwrap()).await["status"],
+        "queued"
+    );
 }
 
 #[tokio::test]
@@ -83,7 +136,12 @@ async fn idempotency_key_returns_the_same_job() {
     let app = spawn_app().await;
     let file = app.upload_ok("t.jsonl", CHAT).await;
     let body = json!({"model": "gpt2", "training_file": file});
-    let send = || app.req(Method::POST, "/v1/fine_tuning/jobs").header("Idempotency-Key", "k-1").json(&body).send();
+    let send = || {
+        app.req(Method::POST, "/v1/fine_tuning/jobs")
+            .header("Idempotency-Key", "k-1")
+            .json(&body)
+            .send()
+    };
     let (_, a) = json(send().await.unwrap()).await;
     let (_, b) = json(send().await.unwrap()).await;
     assert_eq!(a["id"], b["id"]);
@@ -91,11 +149,22 @@ async fn idempotency_key_returns_the_same_job() {
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
     // Another organisation's key space is separate.
     let other_file = {
-        let resp = app.upload(&app.other_key, "t.jsonl", CHAT.as_bytes().to_vec(), "fine-tune").await;
+        let resp = app
+            .upload(
+                &app.other_key,
+                "t.jsonl",
+                CHAT.as_bytes().to_vec(),
+                "fine-tune",
+            )
+            .await;
         json(resp).await.1["id"].as_str().unwrap().to_string()
     };
     let body2 = json!({"model": "gpt2", "training_file": other_file});
-    let resp = app.req_as(&app.other_key, Method::POST, "/v1/fine_tuning/jobs").header("Idempotency-Key", "k-1").json(&body2).send();
+    let resp = app
+        .req_as(&app.other_key, Method::POST, "/v1/fine_tuning/jobs")
+        .header("Idempotency-Key", "k-1")
+        .json(&body2)
+        .send();
     let (_, c) = json(resp.await.unwrap()).await;
     assert_ne!(c["id"], a["id"]);
 }
@@ -106,7 +175,11 @@ async fn jobs_list_pages_newest_first_and_filters_metadata() {
     let file = app.upload_ok("t.jsonl", CHAT).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let job = create(&app, json!({"model": "gpt2", "training_file": file, "metadata": {"i": i.to_string()}})).await;
+        let job = create(
+            &app,
+            json!({"model": "gpt2", "training_file": file, "metadata": {"i": i.to_string()}}),
+        )
+        .await;
         ids.push(job["id"].as_str().unwrap().to_string());
     }
     let mut seen = Vec::new();
@@ -140,19 +213,33 @@ async fn another_organisations_job_is_404() {
     for (method, path) in [
         (Method::GET, format!("/v1/fine_tuning/jobs/{id}")),
         (Method::GET, format!("/v1/fine_tuning/jobs/{id}/events")),
-        (Method::GET, format!("/v1/fine_tuning/jobs/{id}/checkpoints")),
+        (
+            Method::GET,
+            format!("/v1/fine_tuning/jobs/{id}/checkpoints"),
+        ),
         (Method::POST, format!("/v1/fine_tuning/jobs/{id}/cancel")),
         (Method::POST, format!("/v1/fine_tuning/jobs/{id}/pause")),
         (Method::POST, format!("/v1/fine_tuning/jobs/{id}/resume")),
     ] {
-        let (status, body) = json(app.req_as(&app.other_key, method, &path).send().await.unwrap()).await;
+        let (status, body) = json(
+            app.req_as(&app.other_key, method, &path)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status, 404, "{path}: {body}");
         error_of(&body);
     }
     // Using another organisation's file is refused too.
-    let resp = app.req_as(&app.other_key, Method::POST, "/v1/fine_tuning/jobs").json(&json!({"model": "gpt2", "training_file": file}));
+    let resp = app
+        .req_as(&app.other_key, Method::POST, "/v1/fine_tuning/jobs")
+        .json(&json!({"model": "gpt2", "training_file": file}));
     let (status, body) = json(resp.send().await.unwrap()).await;
-    assert_eq!((status, &body["error"]["param"]), (400, &json!("training_file")));
+    assert_eq!(
+        (status, &body["error"]["param"]),
+        (400, &json!("training_file"))
+    );
 }
 
 async fn queued_job(app: &TestApp) -> String {
@@ -167,7 +254,10 @@ async fn queued_job(app: &TestApp) -> String {
 async fn pause_resume_cancel_and_conflicts() {
     let app = spawn_app().await;
     let id = queued_job(&app).await;
-    let post = |op: &str| app.req(Method::POST, &format!("/v1/fine_tuning/jobs/{id}/{op}")).send();
+    let post = |op: &str| {
+        app.req(Method::POST, &format!("/v1/fine_tuning/jobs/{id}/{op}"))
+            .send()
+    };
     let (status, job) = json(post("pause").await.unwrap()).await;
     assert_eq!((status, job["status"].as_str()), (200, Some("paused")));
     let (status, body) = json(post("pause").await.unwrap()).await;
@@ -206,12 +296,24 @@ async fn cancel_and_pause_reach_the_lease_holder() {
         queue::register_worker(pool, &w).await.unwrap();
         let claimed = queue::claim(pool, &w, ttl).await.unwrap().expect("claimed");
         assert_eq!(claimed.job.job_id, id);
-        let (status, job) = json(app.req(Method::POST, &format!("/v1/fine_tuning/jobs/{id}/{op}")).send().await.unwrap()).await;
+        let (status, job) = json(
+            app.req(Method::POST, &format!("/v1/fine_tuning/jobs/{id}/{op}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status, 200, "{job}");
         assert_eq!(job["status"], "running");
         assert_eq!(job[format!("{op}_requested")], true);
-        let control = queue::heartbeat(pool, &claimed.lease, ttl, None, None).await.unwrap();
-        let expected = if op == "pause" { Control::Pause } else { Control::Cancel };
+        let control = queue::heartbeat(pool, &claimed.lease, ttl, None, None)
+            .await
+            .unwrap();
+        let expected = if op == "pause" {
+            Control::Pause
+        } else {
+            Control::Cancel
+        };
         assert_eq!(control, expected);
         if op == "pause" {
             queue::release_paused(pool, &claimed.lease).await.unwrap();
@@ -232,29 +334,74 @@ async fn events_and_checkpoints_page_newest_first() {
     let id = queued_job(&app).await;
     let w = worker();
     queue::register_worker(pool, &w).await.unwrap();
-    let claimed = queue::claim(pool, &w, Duration::from_secs(60)).await.unwrap().unwrap();
+    let claimed = queue::claim(pool, &w, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
     for step in [10, 20, 30] {
         let metrics = json!({"step": step, "train_loss": 1.0 / step as f64});
-        queue::record_checkpoint(pool, &claimed.lease, step, &metrics, &format!("jobs/{id}/step-{step}"), "ft:gpt2:x").await.unwrap();
-        queue::append_event(pool, &claimed.lease, queue::Level::Info, &format!("step {step}"), Some(&metrics), queue::EventKind::Metrics)
-            .await
-            .unwrap();
+        queue::record_checkpoint(
+            pool,
+            &claimed.lease,
+            step,
+            &metrics,
+            &format!("jobs/{id}/step-{step}"),
+            "ft:gpt2:x",
+        )
+        .await
+        .unwrap();
+        queue::append_event(
+            pool,
+            &claimed.lease,
+            queue::Level::Info,
+            &format!("step {step}"),
+            Some(&metrics),
+            queue::EventKind::Metrics,
+        )
+        .await
+        .unwrap();
     }
-    let (_, page) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=2")).await).await;
+    let (_, page) = json(
+        app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=2"))
+            .await,
+    )
+    .await;
     let data = page["data"].as_array().unwrap();
     assert_eq!(data.len(), 2);
-    assert_eq!((data[0]["step_number"].as_i64(), data[1]["step_number"].as_i64()), (Some(30), Some(20)));
+    assert_eq!(
+        (
+            data[0]["step_number"].as_i64(),
+            data[1]["step_number"].as_i64()
+        ),
+        (Some(30), Some(20))
+    );
     assert_eq!(data[0]["object"], "fine_tuning.job.checkpoint");
-    assert_eq!(data[0]["fine_tuned_model_checkpoint"], "ft:gpt2:x:ckpt-step-30");
+    assert_eq!(
+        data[0]["fine_tuned_model_checkpoint"],
+        "ft:gpt2:x:ckpt-step-30"
+    );
     assert_eq!(data[0]["fine_tuning_job_id"], id.as_str());
-    assert_eq!((&page["first_id"], &page["last_id"], &page["has_more"]), (&data[0]["id"], &data[1]["id"], &json!(true)));
+    assert_eq!(
+        (&page["first_id"], &page["last_id"], &page["has_more"]),
+        (&data[0]["id"], &data[1]["id"], &json!(true))
+    );
     let last = page["last_id"].as_str().unwrap();
-    let (_, rest) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?after={last}")).await).await;
+    let (_, rest) = json(
+        app.get(&format!(
+            "/v1/fine_tuning/jobs/{id}/checkpoints?after={last}"
+        ))
+        .await,
+    )
+    .await;
     assert_eq!(rest["data"].as_array().unwrap().len(), 1);
     assert_eq!(rest["data"][0]["step_number"], 10);
     assert_eq!(rest["has_more"], false);
 
-    let (_, events) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=2")).await).await;
+    let (_, events) = json(
+        app.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=2"))
+            .await,
+    )
+    .await;
     let ev = events["data"].as_array().unwrap();
     assert_eq!(ev[0]["message"], "step 30");
     assert_eq!(ev[0]["type"], "metrics");
@@ -263,7 +410,13 @@ async fn events_and_checkpoints_page_newest_first() {
     let mut all = ev.len();
     let mut after = ev.last().unwrap()["id"].as_str().unwrap().to_string();
     loop {
-        let (_, p) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=2&after={after}")).await).await;
+        let (_, p) = json(
+            app.get(&format!(
+                "/v1/fine_tuning/jobs/{id}/events?limit=2&after={after}"
+            ))
+            .await,
+        )
+        .await;
         let d = p["data"].as_array().unwrap();
         all += d.len();
         if p["has_more"] == false {
@@ -279,7 +432,13 @@ async fn events_and_checkpoints_page_newest_first() {
 async fn models_list_and_retrieve() {
     let app = spawn_app().await;
     let (_, list) = json(app.get("/v1/models").await).await;
-    let gpt2 = list["data"].as_array().unwrap().iter().find(|m| m["id"] == "gpt2").cloned().expect("gpt2 listed");
+    let gpt2 = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "gpt2")
+        .cloned()
+        .expect("gpt2 listed");
     assert_eq!(gpt2["object"], "model");
     assert_eq!(gpt2["owned_by"], "tuna");
     assert_eq!(gpt2["architecture"]["family"], "gpt2");
@@ -289,9 +448,17 @@ async fn models_list_and_retrieve() {
     assert_eq!(status, 404);
     error_of(&body);
     let path = crate::helpers::fixture("llama");
-    let (status, body) = json(app.post_json("/v1/models", &json!({"id": "tiny-llama", "path": path})).await).await;
+    let (status, body) = json(
+        app.post_json("/v1/models", &json!({"id": "tiny-llama", "path": path}))
+            .await,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["architecture"]["family"], "llama");
-    let (status, body) = json(app.post_json("/v1/models", &json!({"id": "x", "path": "/nonexistent"})).await).await;
+    let (status, body) = json(
+        app.post_json("/v1/models", &json!({"id": "x", "path": "/nonexistent"}))
+            .await,
+    )
+    .await;
     assert_eq!((status, &body["error"]["param"]), (400, &json!("path")));
 }

@@ -24,22 +24,41 @@ fn routes_and_openapi_paths_agree() {
             }
         }
     }
-    let in_router: BTreeSet<(String, String)> = tuna_api::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    let in_router: BTreeSet<(String, String)> = tuna_api::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
     let missing_in_spec: Vec<_> = in_router.difference(&in_spec).collect();
     let missing_in_router: Vec<_> = in_spec.difference(&in_router).collect();
-    assert!(missing_in_spec.is_empty(), "routes missing from openapi.yaml: {missing_in_spec:?}");
-    assert!(missing_in_router.is_empty(), "openapi.yaml paths the router lacks: {missing_in_router:?}");
+    assert!(
+        missing_in_spec.is_empty(),
+        "routes missing from openapi.yaml: {missing_in_spec:?}"
+    );
+    assert!(
+        missing_in_router.is_empty(),
+        "openapi.yaml paths the router lacks: {missing_in_router:?}"
+    );
 }
 
 #[tokio::test]
 async fn every_listed_route_is_served() {
     let app = spawn_app().await;
     for (method, path) in tuna_api::ROUTES {
-        let concrete = path.replace("{file_id}", "file-x").replace("{fine_tuning_job_id}", "ftjob-x").replace("{model}", "gpt2");
-        let resp = app.req(Method::from_bytes(method.as_bytes()).unwrap(), &concrete).send().await.unwrap();
+        let concrete = path
+            .replace("{file_id}", "file-x")
+            .replace("{fine_tuning_job_id}", "ftjob-x")
+            .replace("{model}", "gpt2");
+        let resp = app
+            .req(Method::from_bytes(method.as_bytes()).unwrap(), &concrete)
+            .send()
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
         let body = resp.text().await.unwrap();
         assert_ne!(status, 405, "{method} {path}: {body}");
-        assert!(!body.contains("unknown_url"), "{method} {path} is not routed: {body}");
+        assert!(
+            !body.contains("unknown_url"),
+            "{method} {path} is not routed: {body}"
+        );
     }
 }

@@ -9,7 +9,9 @@ use tuna_core::hf_config::{Gpt2Config, HfConfig};
 
 use super::{is_buffer, Builder, Core, Forward, Head, Net};
 use crate::freeze::Role;
-use crate::layers::{activation, all_real, causal_mask, dropout, embedding, sdpa, Fwd, LayerNorm, Linear};
+use crate::layers::{
+    activation, all_real, causal_mask, dropout, embedding, sdpa, Fwd, LayerNorm, Linear,
+};
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
 use crate::Result;
@@ -32,7 +34,13 @@ pub struct Gpt2 {
     head: Head,
 }
 
-pub(super) fn build(dir: &Path, hf: HfConfig, cfg: Gpt2Config, ckpt: &Checkpoint, opts: &LoadOptions) -> Result<Box<dyn Model>> {
+pub(super) fn build(
+    dir: &Path,
+    hf: HfConfig,
+    cfg: Gpt2Config,
+    ckpt: &Checkpoint,
+    opts: &LoadOptions,
+) -> Result<Box<dyn Model>> {
     let mut b = Builder::new(ckpt, "transformer", cfg.n_layer as usize, &hf, opts)?;
     let (d, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
     let wte = b.param("wte.weight", &[cfg.vocab_size, d], Role::Embedding)?;
@@ -54,29 +62,53 @@ pub(super) fn build(dir: &Path, hf: HfConfig, cfg: Gpt2Config, ckpt: &Checkpoint
     let tied = hf.common.tie_word_embeddings;
     let head = match &opts.task {
         TaskHead::CausalLm => Head::Lm(b.lm_head(&wte, tied, cfg.vocab_size, d)?),
-        TaskHead::SequenceClassification { id2label } => Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?),
+        TaskHead::SequenceClassification { id2label } => {
+            Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?)
+        }
     };
     let core = b.finish(dir, hf, opts, tied, is_buffer)?;
-    Ok(Box::new(Net { core, arch: Gpt2 { cfg, wte, wpe, blocks, ln_f, head } }))
+    Ok(Box::new(Net {
+        core,
+        arch: Gpt2 {
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            head,
+        },
+    }))
 }
 
 impl Forward for Gpt2 {
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
         let (bsz, t) = core.check_batch(batch)?;
-        let f = Fwd { kind: core.compute_kind, train };
+        let f = Fwd {
+            kind: core.compute_kind,
+            train,
+        };
         let c = &self.cfg;
         let (nh, d) = (c.n_head, c.n_embd);
         let hd = d / nh;
         let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
-        let h = embedding(&self.wte, batch.input_ids, f.kind)?.f_add(&embedding(&self.wpe, &pos, f.kind)?)?;
+        let h = embedding(&self.wte, batch.input_ids, f.kind)?
+            .f_add(&embedding(&self.wpe, &pos, f.kind)?)?;
         let mut h = dropout(h, c.embd_pdrop, train)?;
         let mask = causal_mask(batch.attention_mask, None, all_real(batch.attention_mask)?)?;
         let attn_p = if train { c.attn_pdrop } else { 0.0 };
         for (i, blk) in self.blocks.iter().enumerate() {
             let a = blk.ln_1.forward(&h)?;
-            let qkv = blk.c_attn.forward(&a, f)?.f_view([bsz, t, 3, nh, hd])?.f_permute([2, 0, 3, 1, 4])?;
+            let qkv = blk
+                .c_attn
+                .forward(&a, f)?
+                .f_view([bsz, t, 3, nh, hd])?
+                .f_permute([2, 0, 3, 1, 4])?;
             let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?);
-            let mut scale = if c.scale_attn_weights { 1.0 / (hd as f64).sqrt() } else { 1.0 };
+            let mut scale = if c.scale_attn_weights {
+                1.0 / (hd as f64).sqrt()
+            } else {
+                1.0
+            };
             if c.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f64;
             }

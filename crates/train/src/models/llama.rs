@@ -43,16 +43,30 @@ pub fn rope_inv_freq(cfg: &LlamaConfig, seq_len: i64) -> (Vec<f32>, f64) {
     let dim = cfg.head_dim as f64;
     let half = (cfg.head_dim / 2) as usize;
     let base = cfg.rope.theta;
-    let plain = |base: f64| -> Vec<f64> { (0..half).map(|i| 1.0 / base.powf((2 * i) as f64 / dim)).collect() };
+    let plain = |base: f64| -> Vec<f64> {
+        (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / dim))
+            .collect()
+    };
     let (inv, attn) = match &cfg.rope.scaling {
         RopeScaling::Default => (plain(base), 1.0),
-        RopeScaling::Linear { factor } => (plain(base).into_iter().map(|f| f / factor).collect(), 1.0),
-        RopeScaling::Dynamic { factor, original_max_position_embeddings: orig } => {
+        RopeScaling::Linear { factor } => {
+            (plain(base).into_iter().map(|f| f / factor).collect(), 1.0)
+        }
+        RopeScaling::Dynamic {
+            factor,
+            original_max_position_embeddings: orig,
+        } => {
             let s = seq_len.max(*orig) as f64;
             let b = base * ((factor * s / *orig as f64) - (factor - 1.0)).powf(dim / (dim - 2.0));
             (plain(b), 1.0)
         }
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let old = *original_max_position_embeddings as f64;
             let low_wl = old / low_freq_factor;
             let high_wl = old / high_freq_factor;
@@ -65,7 +79,8 @@ pub fn rope_inv_freq(cfg: &LlamaConfig, seq_len: i64) -> (Vec<f32>, f64) {
                     } else if wl > low_wl {
                         f / factor
                     } else {
-                        let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth =
+                            (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -82,14 +97,24 @@ pub fn rope_inv_freq(cfg: &LlamaConfig, seq_len: i64) -> (Vec<f32>, f64) {
             mscale_all_dim,
             truncate,
         } => {
-            let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+            let get_mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
             let attn = match (attention_factor, mscale, mscale_all_dim) {
                 (Some(a), _, _) => *a,
-                (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => get_mscale(*factor, *m) / get_mscale(*factor, *ma),
+                (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
+                    get_mscale(*factor, *m) / get_mscale(*factor, *ma)
+                }
                 _ => get_mscale(*factor, 1.0),
             };
             let orig = *original_max_position_embeddings as f64;
-            let corr = |rot: f64| (dim * (orig / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
+            let corr = |rot: f64| {
+                (dim * (orig / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
+            };
             let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
             if *truncate {
                 low = low.floor();
@@ -113,10 +138,20 @@ pub fn rope_inv_freq(cfg: &LlamaConfig, seq_len: i64) -> (Vec<f32>, f64) {
     (inv.into_iter().map(|f| f as f32).collect(), attn)
 }
 
-pub(super) fn build(dir: &Path, hf: HfConfig, cfg: LlamaConfig, ckpt: &Checkpoint, opts: &LoadOptions) -> Result<Box<dyn Model>> {
+pub(super) fn build(
+    dir: &Path,
+    hf: HfConfig,
+    cfg: LlamaConfig,
+    ckpt: &Checkpoint,
+    opts: &LoadOptions,
+) -> Result<Box<dyn Model>> {
     let mut b = Builder::new(ckpt, "model", cfg.num_hidden_layers as usize, &hf, opts)?;
     let (d, eps, hd) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.head_dim);
-    let (nh, nkv, inter) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
+    let (nh, nkv, inter) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+    );
     let embed = b.param("embed_tokens.weight", &[cfg.vocab_size, d], Role::Embedding)?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers as usize);
     for i in 0..cfg.num_hidden_layers {
@@ -124,26 +159,88 @@ pub(super) fn build(dir: &Path, hf: HfConfig, cfg: LlamaConfig, ckpt: &Checkpoin
         let p = format!("layers.{i}");
         layers.push(Layer {
             input_ln: b.rms_norm(&format!("{p}.input_layernorm"), d, eps, r)?,
-            q: b.linear(&format!("{p}.self_attn.q_proj"), d, nh * hd, cfg.qkv_bias, r, false)?,
-            k: b.linear(&format!("{p}.self_attn.k_proj"), d, nkv * hd, cfg.qkv_bias, r, false)?,
-            v: b.linear(&format!("{p}.self_attn.v_proj"), d, nkv * hd, cfg.qkv_bias, r, false)?,
-            o: b.linear(&format!("{p}.self_attn.o_proj"), nh * hd, d, cfg.o_bias, r, false)?,
+            q: b.linear(
+                &format!("{p}.self_attn.q_proj"),
+                d,
+                nh * hd,
+                cfg.qkv_bias,
+                r,
+                false,
+            )?,
+            k: b.linear(
+                &format!("{p}.self_attn.k_proj"),
+                d,
+                nkv * hd,
+                cfg.qkv_bias,
+                r,
+                false,
+            )?,
+            v: b.linear(
+                &format!("{p}.self_attn.v_proj"),
+                d,
+                nkv * hd,
+                cfg.qkv_bias,
+                r,
+                false,
+            )?,
+            o: b.linear(
+                &format!("{p}.self_attn.o_proj"),
+                nh * hd,
+                d,
+                cfg.o_bias,
+                r,
+                false,
+            )?,
             post_ln: b.rms_norm(&format!("{p}.post_attention_layernorm"), d, eps, r)?,
-            gate: b.linear(&format!("{p}.mlp.gate_proj"), d, inter, cfg.mlp_bias, r, false)?,
-            up: b.linear(&format!("{p}.mlp.up_proj"), d, inter, cfg.mlp_bias, r, false)?,
-            down: b.linear(&format!("{p}.mlp.down_proj"), inter, d, cfg.mlp_bias, r, false)?,
+            gate: b.linear(
+                &format!("{p}.mlp.gate_proj"),
+                d,
+                inter,
+                cfg.mlp_bias,
+                r,
+                false,
+            )?,
+            up: b.linear(
+                &format!("{p}.mlp.up_proj"),
+                d,
+                inter,
+                cfg.mlp_bias,
+                r,
+                false,
+            )?,
+            down: b.linear(
+                &format!("{p}.mlp.down_proj"),
+                inter,
+                d,
+                cfg.mlp_bias,
+                r,
+                false,
+            )?,
         });
     }
     let norm = b.rms_norm("norm", d, eps, Role::Other)?;
     let tied = hf.common.tie_word_embeddings;
     let head = match &opts.task {
         TaskHead::CausalLm => Head::Lm(b.lm_head(&embed, tied, cfg.vocab_size, d)?),
-        TaskHead::SequenceClassification { id2label } => Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?),
+        TaskHead::SequenceClassification { id2label } => {
+            Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?)
+        }
     };
     let core = b.finish(dir, hf, opts, tied, is_buffer)?;
     let (inv, attn_factor) = rope_inv_freq(&cfg, cfg.max_position_embeddings);
     let inv_freq = Tensor::f_from_slice(&inv)?.f_to_device(opts.device)?;
-    Ok(Box::new(Net { core, arch: Llama { cfg, embed, layers, norm, head, inv_freq, attn_factor } }))
+    Ok(Box::new(Net {
+        core,
+        arch: Llama {
+            cfg,
+            embed,
+            layers,
+            norm,
+            head,
+            inv_freq,
+            attn_factor,
+        },
+    }))
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
@@ -163,7 +260,9 @@ fn repeat_kv(x: &Tensor, rep: i64) -> Result<Tensor> {
         return Ok(x.shallow_clone());
     }
     let s = x.size();
-    Ok(x.f_unsqueeze(2)?.f_expand([s[0], s[1], rep, s[2], s[3]], false)?.f_reshape([s[0], s[1] * rep, s[2], s[3]])?)
+    Ok(x.f_unsqueeze(2)?
+        .f_expand([s[0], s[1], rep, s[2], s[3]], false)?
+        .f_reshape([s[0], s[1] * rep, s[2], s[3]])?)
 }
 
 impl Llama {
@@ -189,19 +288,35 @@ impl Llama {
 impl Forward for Llama {
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
         let (bsz, t) = core.check_batch(batch)?;
-        let f = Fwd { kind: core.compute_kind, train };
+        let f = Fwd {
+            kind: core.compute_kind,
+            train,
+        };
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (cos, sin) = self.cos_sin(t, core.device, f.kind)?;
-        let mask = causal_mask(batch.attention_mask, c.sliding_window, all_real(batch.attention_mask)?)?;
+        let mask = causal_mask(
+            batch.attention_mask,
+            c.sliding_window,
+            all_real(batch.attention_mask)?,
+        )?;
         let attn_p = if train { c.attention_dropout } else { 0.0 };
         let scale = 1.0 / (hd as f64).sqrt();
         let mut h = embedding(&self.embed, batch.input_ids, f.kind)?;
         for l in &self.layers {
             let a = l.input_ln.forward(&h)?;
-            let q = l.q.forward(&a, f)?.f_view([bsz, t, nh, hd])?.f_transpose(1, 2)?;
-            let k = l.k.forward(&a, f)?.f_view([bsz, t, nkv, hd])?.f_transpose(1, 2)?;
-            let v = l.v.forward(&a, f)?.f_view([bsz, t, nkv, hd])?.f_transpose(1, 2)?;
+            let q =
+                l.q.forward(&a, f)?
+                    .f_view([bsz, t, nh, hd])?
+                    .f_transpose(1, 2)?;
+            let k =
+                l.k.forward(&a, f)?
+                    .f_view([bsz, t, nkv, hd])?
+                    .f_transpose(1, 2)?;
+            let v =
+                l.v.forward(&a, f)?
+                    .f_view([bsz, t, nkv, hd])?
+                    .f_transpose(1, 2)?;
             let q = apply_rope(&q, &cos, &sin)?;
             let k = apply_rope(&k, &cos, &sin)?;
             // With an explicit mask SDPA's memory-efficient kernel has no GQA support, so expand
@@ -209,7 +324,15 @@ impl Forward for Llama {
             let y = if mask.mask.is_none() && nkv != nh {
                 sdpa(&q, &k, &v, &mask, attn_p, Some(scale), true)?
             } else {
-                sdpa(&q, &repeat_kv(&k, nh / nkv)?, &repeat_kv(&v, nh / nkv)?, &mask, attn_p, Some(scale), false)?
+                sdpa(
+                    &q,
+                    &repeat_kv(&k, nh / nkv)?,
+                    &repeat_kv(&v, nh / nkv)?,
+                    &mask,
+                    attn_p,
+                    Some(scale),
+                    false,
+                )?
             };
             let y = y.f_transpose(1, 2)?.f_reshape([bsz, t, nh * hd])?;
             h = h.f_add(&l.o.forward(&y, f)?)?;

@@ -88,15 +88,22 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             )))
         }
         TaskHead::SequenceClassification { id2label } if id2label.is_empty() => {
-            return Err(Error::Config("sequence classification needs at least one label".into()))
+            return Err(Error::Config(
+                "sequence classification needs at least one label".into(),
+            ))
         }
         _ => {}
     }
     if opts.device == Device::Cpu && opts.base_kind != Kind::Float {
-        return Err(Error::Config("on CPU the model runs in float32 only".into()));
+        return Err(Error::Config(
+            "on CPU the model runs in float32 only".into(),
+        ));
     }
     if !matches!(opts.base_kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
-        return Err(Error::Config(format!("unsupported base kind {:?}", opts.base_kind)));
+        return Err(Error::Config(format!(
+            "unsupported base kind {:?}",
+            opts.base_kind
+        )));
     }
     let ckpt = Checkpoint::open(dir)?;
     let _guard = tch::no_grad_guard();
@@ -110,7 +117,8 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
 /// Reads and resolves `dir/config.json`.
 pub fn read_config(dir: &Path) -> Result<HfConfig> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     HfConfig::parse(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e.0)))
 }
 
@@ -119,13 +127,16 @@ pub fn resolve_pad_token_id(dir: &Path, hf: &HfConfig) -> Option<i64> {
     if let Some(p) = hf.common.pad_token_id {
         return Some(p);
     }
-    let tc: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?).ok()?;
+    let tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?)
+            .ok()?;
     let pad = match tc.get("pad_token")? {
         Value::String(s) => s.clone(),
         Value::Object(o) => o.get("content")?.as_str()?.to_string(),
         _ => return None,
     };
-    let tok: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).ok()?).ok()?;
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).ok()?).ok()?;
     if let Some(added) = tok.get("added_tokens").and_then(|a| a.as_array()) {
         for t in added {
             if t.get("content").and_then(|c| c.as_str()) == Some(pad.as_str()) {
@@ -153,7 +164,13 @@ pub struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
-    pub fn new(ckpt: &'a Checkpoint, prefix: &str, num_layers: usize, hf: &HfConfig, opts: &LoadOptions) -> Result<Self> {
+    pub fn new(
+        ckpt: &'a Checkpoint,
+        prefix: &str,
+        num_layers: usize,
+        hf: &HfConfig,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         Ok(Builder {
             ld: WeightLoader::new(ckpt, prefix, opts.device),
             plan: FreezePlan::new(&opts.freeze, opts.lora.is_some(), prefix, num_layers)?,
@@ -185,21 +202,43 @@ impl<'a> Builder<'a> {
     pub fn param(&mut self, rel: &str, shape: &[i64], role: Role) -> Result<Tensor> {
         let name = self.full(rel);
         let trainable = self.plan.trainable(&name, role);
-        let t = self.ld.base(rel, shape, self.kind_for(trainable))?.set_requires_grad(trainable);
-        self.params.push(ParamEntry { name, tensor: t.shallow_clone(), trainable, conv1d: false, module: None, head: false });
+        let t = self
+            .ld
+            .base(rel, shape, self.kind_for(trainable))?
+            .set_requires_grad(trainable);
+        self.params.push(ParamEntry {
+            name,
+            tensor: t.shallow_clone(),
+            trainable,
+            conv1d: false,
+            module: None,
+            head: false,
+        });
         Ok(t)
     }
 
     /// A linear module of the base model (`rel` without `.weight`), LoRA attached when targeted.
-    pub fn linear(&mut self, rel: &str, in_f: i64, out_f: i64, bias: bool, role: Role, conv1d: bool) -> Result<Linear> {
+    pub fn linear(
+        &mut self,
+        rel: &str,
+        in_f: i64,
+        out_f: i64,
+        bias: bool,
+        role: Role,
+        conv1d: bool,
+    ) -> Result<Linear> {
         let module = self.full(rel);
         let wname = format!("{module}.weight");
         let trainable = self.plan.trainable(&wname, role);
         let kind = self.kind_for(trainable);
         let weight = if conv1d {
-            self.ld.base(&format!("{rel}.weight"), &[in_f, out_f], kind)?.f_tr()?.f_contiguous()?
+            self.ld
+                .base(&format!("{rel}.weight"), &[in_f, out_f], kind)?
+                .f_tr()?
+                .f_contiguous()?
         } else {
-            self.ld.base(&format!("{rel}.weight"), &[out_f, in_f], kind)?
+            self.ld
+                .base(&format!("{rel}.weight"), &[out_f, in_f], kind)?
         }
         .set_requires_grad(trainable);
         self.params.push(ParamEntry {
@@ -213,20 +252,42 @@ impl<'a> Builder<'a> {
         let bias = if bias {
             let bname = format!("{module}.bias");
             let bt = self.plan.trainable(&bname, role);
-            let b = self.ld.base(&format!("{rel}.bias"), &[out_f], self.kind_for(bt))?.set_requires_grad(bt);
-            self.params.push(ParamEntry { name: bname, tensor: b.shallow_clone(), trainable: bt, conv1d: false, module: None, head: false });
+            let b = self
+                .ld
+                .base(&format!("{rel}.bias"), &[out_f], self.kind_for(bt))?
+                .set_requires_grad(bt);
+            self.params.push(ParamEntry {
+                name: bname,
+                tensor: b.shallow_clone(),
+                trainable: bt,
+                conv1d: false,
+                module: None,
+                head: false,
+            });
             Some(b)
         } else {
             None
         };
         self.linear_modules.push(module.clone());
         let lora = self.lora_for(&module, in_f, out_f)?;
-        Ok(Linear { name: module, weight, bias, lora, conv1d })
+        Ok(Linear {
+            name: module,
+            weight,
+            bias,
+            lora,
+            conv1d,
+        })
     }
 
     /// Like [`Builder::linear`], but a module absent from the checkpoint is initialised
     /// N(0, initializer_range) with zero bias (and noted) instead of reported missing.
-    pub fn linear_or_init(&mut self, rel: &str, in_f: i64, out_f: i64, role: Role) -> Result<Linear> {
+    pub fn linear_or_init(
+        &mut self,
+        rel: &str,
+        in_f: i64,
+        out_f: i64,
+        role: Role,
+    ) -> Result<Linear> {
         if self.ld.has_base(&format!("{rel}.weight")) {
             return self.linear(rel, in_f, out_f, true, role, false);
         }
@@ -240,7 +301,9 @@ impl<'a> Builder<'a> {
             .f_to_kind(self.kind_for(wt))?
             .set_requires_grad(wt);
         let b = Tensor::f_zeros([out_f], (self.kind_for(bt), self.device))?.set_requires_grad(bt);
-        self.ld.notes.push(format!("{module} is not in the checkpoint: initialised afresh"));
+        self.ld.notes.push(format!(
+            "{module} is not in the checkpoint: initialised afresh"
+        ));
         self.params.push(ParamEntry {
             name: format!("{module}.weight"),
             tensor: w.shallow_clone(),
@@ -249,15 +312,33 @@ impl<'a> Builder<'a> {
             module: Some(module.clone()),
             head: false,
         });
-        self.params.push(ParamEntry { name: format!("{module}.bias"), tensor: b.shallow_clone(), trainable: bt, conv1d: false, module: None, head: false });
+        self.params.push(ParamEntry {
+            name: format!("{module}.bias"),
+            tensor: b.shallow_clone(),
+            trainable: bt,
+            conv1d: false,
+            module: None,
+            head: false,
+        });
         self.linear_modules.push(module.clone());
         let lora = self.lora_for(&module, in_f, out_f)?;
-        Ok(Linear { name: module, weight: w, bias: Some(b), lora, conv1d: false })
+        Ok(Linear {
+            name: module,
+            weight: w,
+            bias: Some(b),
+            lora,
+            conv1d: false,
+        })
     }
 
     fn lora_for(&mut self, module: &str, in_f: i64, out_f: i64) -> Result<Option<LoraAdapter>> {
         match &self.lora {
-            Some(o) if lora::is_all_linear(o) || o.target_modules.iter().any(|t| lora::matches_target(module, t)) => {
+            Some(o)
+                if lora::is_all_linear(o)
+                    || o.target_modules
+                        .iter()
+                        .any(|t| lora::matches_target(module, t)) =>
+            {
                 let ad = LoraAdapter::new(module, in_f, out_f, o, self.seed, self.device)?;
                 self.loras.push(LoraRef {
                     module: module.to_string(),
@@ -280,16 +361,28 @@ impl<'a> Builder<'a> {
     }
 
     pub fn rms_norm(&mut self, rel: &str, d: i64, eps: f64, role: Role) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: self.param(&format!("{rel}.weight"), &[d], role)?, eps })
+        Ok(RmsNorm {
+            weight: self.param(&format!("{rel}.weight"), &[d], role)?,
+            eps,
+        })
     }
 
     /// The LM head: the embedding matrix when tied, else `lm_head.weight`.
-    pub fn lm_head(&mut self, embed: &Tensor, tied: bool, vocab: i64, hidden: i64) -> Result<Tensor> {
+    pub fn lm_head(
+        &mut self,
+        embed: &Tensor,
+        tied: bool,
+        vocab: i64,
+        hidden: i64,
+    ) -> Result<Tensor> {
         if tied {
             return Ok(embed.shallow_clone());
         }
         let trainable = self.plan.trainable("lm_head.weight", Role::LmHead);
-        let t = self.ld.require("lm_head.weight", &[vocab, hidden], self.kind_for(trainable))?.set_requires_grad(trainable);
+        let t = self
+            .ld
+            .require("lm_head.weight", &[vocab, hidden], self.kind_for(trainable))?
+            .set_requires_grad(trainable);
         self.params.push(ParamEntry {
             name: "lm_head.weight".into(),
             tensor: t.shallow_clone(),
@@ -308,7 +401,11 @@ impl<'a> Builder<'a> {
         let trainable = self.plan.trainable(&wname, Role::ClassifierHead);
         let kind = self.kind_for(trainable);
         let from_ckpt = self.ld.head(&wname, &[n, in_f], kind)?;
-        let b_ckpt = if bias && from_ckpt.is_some() { self.ld.head(&format!("{name}.bias"), &[n], kind)? } else { None };
+        let b_ckpt = if bias && from_ckpt.is_some() {
+            self.ld.head(&format!("{name}.bias"), &[n], kind)?
+        } else {
+            None
+        };
         let (w, b) = match (from_ckpt, b_ckpt, bias) {
             (Some(w), Some(b), true) => (w, Some(b)),
             (Some(w), _, false) => (w, None),
@@ -318,15 +415,31 @@ impl<'a> Builder<'a> {
                     .f_view([n, in_f])?
                     .f_to_device(self.device)?
                     .f_to_kind(kind)?;
-                let b = if bias { Some(Tensor::f_zeros([n], (kind, self.device))?) } else { None };
-                self.ld.notes.push(format!("{name} initialised afresh ({n} labels, std {})", self.init_std));
+                let b = if bias {
+                    Some(Tensor::f_zeros([n], (kind, self.device))?)
+                } else {
+                    None
+                };
+                self.ld.notes.push(format!(
+                    "{name} initialised afresh ({n} labels, std {})",
+                    self.init_std
+                ));
                 (w, b)
             }
         };
         let w = w.set_requires_grad(trainable);
-        self.params.push(ParamEntry { name: wname, tensor: w.shallow_clone(), trainable, conv1d: false, module: Some(name.into()), head: true });
+        self.params.push(ParamEntry {
+            name: wname,
+            tensor: w.shallow_clone(),
+            trainable,
+            conv1d: false,
+            module: Some(name.into()),
+            head: true,
+        });
         let b = b.map(|b| {
-            let bt = self.plan.trainable(&format!("{name}.bias"), Role::ClassifierHead);
+            let bt = self
+                .plan
+                .trainable(&format!("{name}.bias"), Role::ClassifierHead);
             let b = b.set_requires_grad(bt);
             self.params.push(ParamEntry {
                 name: format!("{name}.bias"),
@@ -338,7 +451,13 @@ impl<'a> Builder<'a> {
             });
             b
         });
-        Ok(Linear { name: name.into(), weight: w, bias: b, lora: None, conv1d: false })
+        Ok(Linear {
+            name: name.into(),
+            weight: w,
+            bias: b,
+            lora: None,
+            conv1d: false,
+        })
     }
 
     /// Checks every mismatch and pattern, and assembles the shared state.
@@ -350,7 +469,15 @@ impl<'a> Builder<'a> {
         tied: bool,
         benign: impl Fn(&str) -> bool,
     ) -> Result<Core> {
-        let Builder { ld, plan, lora, params, loras, linear_modules, .. } = self;
+        let Builder {
+            ld,
+            plan,
+            lora,
+            params,
+            loras,
+            linear_modules,
+            ..
+        } = self;
         let is_cls = matches!(opts.task, TaskHead::SequenceClassification { .. });
         let notes = ld.finish(
             |n| benign(n) || (tied && n == "lm_head.weight"),
@@ -366,9 +493,16 @@ impl<'a> Builder<'a> {
         if let Some(l) = &lora {
             lora::check_targets(l, &linear_modules)?;
         }
-        let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| Error::io("reading config.json", e))?;
-        let config_json: Map<String, Value> = serde_json::from_str(&text).map_err(|e| Error::Config(e.to_string()))?;
-        let save_kind = hf.common.dtype.as_deref().and_then(kind_from_name).unwrap_or(Kind::Float);
+        let text = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| Error::io("reading config.json", e))?;
+        let config_json: Map<String, Value> =
+            serde_json::from_str(&text).map_err(|e| Error::Config(e.to_string()))?;
+        let save_kind = hf
+            .common
+            .dtype
+            .as_deref()
+            .and_then(kind_from_name)
+            .unwrap_or(Kind::Float);
         let info = ModelInfo {
             model_type: hf.model_type().to_string(),
             family: hf.family().to_string(),
@@ -423,7 +557,9 @@ impl Core {
     pub fn check_batch(&self, batch: &Batch<'_>) -> Result<(i64, i64)> {
         let s = batch.input_ids.size();
         if s.len() != 2 {
-            return Err(Error::Data(format!("input_ids must be [batch, seq], got {s:?}")));
+            return Err(Error::Data(format!(
+                "input_ids must be [batch, seq], got {s:?}"
+            )));
         }
         if batch.attention_mask.size() != s {
             return Err(Error::Data(format!(
@@ -445,8 +581,12 @@ impl Core {
     }
 
     pub fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> =
-            self.params.iter().filter(|p| p.trainable).map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let mut out: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .collect();
         for l in &self.loras {
             out.push((lora::peft_key(&l.module, "lora_A"), l.a.shallow_clone()));
             out.push((lora::peft_key(&l.module, "lora_B"), l.b.shallow_clone()));
@@ -455,8 +595,11 @@ impl Core {
     }
 
     pub fn all_parameters(&self) -> BTreeMap<String, Tensor> {
-        let mut out: BTreeMap<String, Tensor> =
-            self.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let mut out: BTreeMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .collect();
         for l in &self.loras {
             out.insert(lora::peft_key(&l.module, "lora_A"), l.a.shallow_clone());
             out.insert(lora::peft_key(&l.module, "lora_B"), l.b.shallow_clone());
@@ -484,7 +627,10 @@ impl Core {
             }
         }
         if !missing.is_empty() {
-            return Err(Error::Weights(format!("resume state lacks trainable parameters: {}", missing.join(", "))));
+            return Err(Error::Weights(format!(
+                "resume state lacks trainable parameters: {}",
+                missing.join(", ")
+            )));
         }
         Ok(())
     }
@@ -492,7 +638,10 @@ impl Core {
     /// config.json for a saved full checkpoint.
     fn saved_config(&self) -> Value {
         let mut c = self.config_json.clone();
-        c.insert("architectures".into(), json!([architecture_name(self.hf.model_type(), &self.task)]));
+        c.insert(
+            "architectures".into(),
+            json!([architecture_name(self.hf.model_type(), &self.task)]),
+        );
         let dtype = dtype_name(self.save_kind);
         if c.contains_key("torch_dtype") && !c.contains_key("dtype") {
             c.insert("torch_dtype".into(), json!(dtype));
@@ -502,13 +651,23 @@ impl Core {
         c.remove("num_labels");
         match &self.task {
             TaskHead::SequenceClassification { id2label } => {
-                let id2: Map<String, Value> =
-                    id2label.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
-                let l2i: Map<String, Value> = id2label.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
+                let id2: Map<String, Value> = id2label
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (i.to_string(), json!(l)))
+                    .collect();
+                let l2i: Map<String, Value> = id2label
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (l.clone(), json!(i)))
+                    .collect();
                 c.insert("id2label".into(), Value::Object(id2));
                 c.insert("label2id".into(), Value::Object(l2i));
                 if self.info.is_decoder && c.get("pad_token_id").is_none_or(|v| v.is_null()) {
-                    let pad = self.info.pad_token_id.or(self.info.eos_token_ids.first().copied());
+                    let pad = self
+                        .info
+                        .pad_token_id
+                        .or(self.info.eos_token_ids.first().copied());
                     c.insert("pad_token_id".into(), json!(pad));
                 }
             }
@@ -526,7 +685,10 @@ impl Core {
             let mut t = p.tensor.f_detach()?;
             if merge && p.name.ends_with(".weight") {
                 if let Some(l) = p.module.as_deref().and_then(|m| self.lora_of(m)) {
-                    let delta = l.b.f_detach()?.f_matmul(&l.a.f_detach()?)?.f_mul_scalar(l.scaling)?;
+                    let delta =
+                        l.b.f_detach()?
+                            .f_matmul(&l.a.f_detach()?)?
+                            .f_mul_scalar(l.scaling)?;
                     t = t.f_to_kind(Kind::Float)?.f_add(&delta)?;
                 }
             }
@@ -546,12 +708,24 @@ impl Core {
         };
         let mut tensors = Vec::new();
         for l in &self.loras {
-            tensors.push((lora::peft_key(&l.module, "lora_A"), l.a.f_detach()?.f_to_kind(Kind::Float)?.f_contiguous()?));
-            tensors.push((lora::peft_key(&l.module, "lora_B"), l.b.f_detach()?.f_to_kind(Kind::Float)?.f_contiguous()?));
+            tensors.push((
+                lora::peft_key(&l.module, "lora_A"),
+                l.a.f_detach()?.f_to_kind(Kind::Float)?.f_contiguous()?,
+            ));
+            tensors.push((
+                lora::peft_key(&l.module, "lora_B"),
+                l.b.f_detach()?.f_to_kind(Kind::Float)?.f_contiguous()?,
+            ));
         }
         let mut heads = Vec::new();
         for p in self.params.iter().filter(|p| p.head) {
-            tensors.push((lora::peft_saved_key(&p.name), p.tensor.f_detach()?.f_to_kind(Kind::Float)?.f_contiguous()?));
+            tensors.push((
+                lora::peft_saved_key(&p.name),
+                p.tensor
+                    .f_detach()?
+                    .f_to_kind(Kind::Float)?
+                    .f_contiguous()?,
+            ));
             if let Some(m) = &p.module {
                 heads.push(m.clone());
             }
@@ -574,7 +748,8 @@ impl Core {
     }
 
     pub fn save_pretrained(&self, dir: &Path, merge_lora: bool) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         if self.lora.is_some() && !merge_lora {
             self.save_adapter(dir)
         } else {
@@ -585,7 +760,8 @@ impl Core {
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Other(e.into()))?;
-    std::fs::write(path, text + "\n").map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    std::fs::write(path, text + "\n")
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 /// Benign checkpoint tensors: buffers that are not parameters.
@@ -634,7 +810,12 @@ pub enum Head {
 impl Head {
     /// Decoder output: logits `[b, t, vocab]` or, for classification, `[b, labels]` at each row's
     /// last real token.
-    pub fn decoder_logits(&self, h: &Tensor, attention_mask: &Tensor, f: crate::layers::Fwd) -> Result<Tensor> {
+    pub fn decoder_logits(
+        &self,
+        h: &Tensor,
+        attention_mask: &Tensor,
+        f: crate::layers::Fwd,
+    ) -> Result<Tensor> {
         match self {
             Head::Lm(w) => Ok(h.f_linear(&crate::layers::cast(w, f.kind)?, None::<Tensor>)?),
             Head::Cls(lin) => {

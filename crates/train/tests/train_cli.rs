@@ -1,0 +1,124 @@
+//! The `tuna-trainer` binary as the worker runs it: JSON events on stdout, control on stdin,
+//! exit statuses.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use tuna_core::spec::{parse_create_request, SpecPolicy};
+
+fn fixture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.fixtures").join(name);
+    assert!(p.join("config.json").is_file(), "fixture {} is missing: run scripts/setup.sh", p.display());
+    p
+}
+
+fn setup(dir: &Path, epochs: u32, lines: &str) -> (PathBuf, PathBuf) {
+    let spec = parse_create_request(
+        &json!({"model": "gpt2", "training_file": "f", "seed": 5, "hyperparameters": {"n_epochs": epochs, "batch_size": 2},
+                "learning_rate": 1e-3, "log_interval": 1, "validation_split": 0.2}),
+        &SpecPolicy::default(),
+        1,
+    )
+    .unwrap()
+    .spec;
+    let spec_path = dir.join("spec.json");
+    std::fs::write(&spec_path, serde_json::to_string(&spec).unwrap()).unwrap();
+    let data = dir.join("train.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    (spec_path, data)
+}
+
+fn good_lines() -> String {
+    (0..10).map(|i| format!("{{\"prompt\":\"count {i}\",\"completion\":\" {} {}\"}}\n", i + 1, i + 2)).collect()
+}
+
+fn trainer(dir: &Path, spec: &Path, data: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tuna-trainer"));
+    c.args(["run", "--model-dir"]).arg(fixture("gpt2")).arg("--spec").arg(spec).arg("--train-file").arg(data);
+    c.arg("--output-dir").arg(dir.join("out")).args(["--device", "cpu", "--threads", "1"]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    c
+}
+
+fn events(out: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(out).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()
+}
+
+#[test]
+fn run_prints_events_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = setup(dir.path(), 2, &good_lines());
+    // Keep stdin open while it runs: EOF would mean "the worker died".
+    let mut child = trainer(dir.path(), &spec, &data).spawn().unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(out.status.code(), Some(0));
+    let ev = events(&out.stdout);
+    let kinds: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds[0], "phase");
+    assert!(kinds.contains(&"data") && kinds.contains(&"metrics") && kinds.contains(&"eval") && kinds.contains(&"checkpoint"));
+    let m = ev.iter().find(|e| e["event"] == "metrics").unwrap();
+    for k in ["step", "total_steps", "epoch", "train_loss", "train_mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second", "examples_per_second", "elapsed_seconds", "eta_seconds"] {
+        assert!(m.get(k).is_some(), "metrics lacks {k}: {m}");
+    }
+    let done = ev.last().unwrap();
+    assert_eq!(done["event"], "done");
+    assert!(Path::new(done["final_dir"].as_str().unwrap()).join("model.safetensors").is_file());
+}
+
+#[test]
+fn pause_on_stdin_saves_a_checkpoint_and_eof_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = setup(dir.path(), 50, &good_lines());
+    let mut child = trainer(dir.path(), &spec, &data).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut last = Value::Null;
+    let mut sent = false;
+    while reader.read_line(&mut line).unwrap() > 0 {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["event"] == "metrics" && !sent {
+            writeln!(stdin, "pause").unwrap();
+            stdin.flush().unwrap();
+            sent = true;
+        }
+        last = v;
+        line.clear();
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(last["event"], "paused", "{last}");
+    assert!(Path::new(last["checkpoint"].as_str().unwrap()).join("training_state/trainer_state.json").is_file());
+    drop(stdin);
+
+    // EOF on stdin: stop at once, no terminal event, status 3.
+    let mut child = trainer(dir.path(), &spec, &data).spawn().unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(!events(&out.stdout).iter().any(|e| e["event"] == "done"));
+}
+
+#[test]
+fn bad_data_is_an_error_event_with_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = setup(dir.path(), 1, "{\"prompt\":\"a\",\"completion\":\"b\"}\nnot json\n");
+    let mut child = trainer(dir.path(), &spec, &data).spawn().unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(out.status.code(), Some(2));
+    let ev = events(&out.stdout);
+    let e = ev.last().unwrap();
+    assert_eq!((e["event"].as_str(), e["code"].as_str()), (Some("error"), Some("invalid_data")));
+    assert!(e["message"].as_str().unwrap().contains("line 2"), "{e}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tuna-trainer")).args(["info", "--model-dir"]).arg(fixture("gpt2")).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["model_type"], "gpt2");
+}

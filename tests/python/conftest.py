@@ -1,0 +1,176 @@
+"""Fixtures for the black-box tests: a running `tuna serve` driven by the official `openai` SDK.
+
+The server is the already-built `target/debug/tuna` (build it first: `cargo build -p tuna`),
+started once per session with `--port 0` in a temporary data directory. Unless
+TUNA_TEST_DATABASE_URL is set (a fresh, empty database), it runs its own private PostgreSQL
+cluster there, which it stops on SIGTERM.
+
+Every HTTP response the SDK receives is validated against openapi.yaml (path, method, status
+and JSON body schema); mismatches fail the test that caused them.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import jsonschema
+import openai
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = ROOT / "target" / "debug" / "tuna"
+MAX_UPLOAD = 64 * 1024
+
+
+class SpecChecker:
+    """Validates responses against openapi.yaml."""
+
+    def __init__(self, spec_path: Path):
+        self.spec = yaml.safe_load(spec_path.read_text())
+        self.routes = []
+        for template, item in self.spec["paths"].items():
+            pattern = "^" + re.sub(r"\{[^/]+\}", "[^/]+", template) + "$"
+            self.routes.append((re.compile(pattern), template, item))
+        self.failures = []
+
+    def resolve(self, obj):
+        while isinstance(obj, dict) and "$ref" in obj and obj["$ref"].startswith("#/components/responses/"):
+            obj = self.spec["components"]["responses"][obj["$ref"].rsplit("/", 1)[1]]
+        return obj
+
+    def schema_for(self, method: str, path: str, status: int):
+        for pattern, template, item in self.routes:
+            if pattern.match(path) and method.lower() in item:
+                responses = item[method.lower()]["responses"]
+                resp = self.resolve(responses.get(str(status)))
+                if resp is None:
+                    raise AssertionError(f"{method} {template}: status {status} is not in openapi.yaml")
+                return template, resp.get("content", {})
+        return None, None
+
+    def check(self, response: httpx.Response):
+        request = response.request
+        path = request.url.path
+        try:
+            template, content = self.schema_for(request.method, path, response.status_code)
+            if template is None:
+                # Unknown routes and wrong methods must still answer the error shape.
+                self.validate(response.json(), {"$ref": "#/components/schemas/ErrorResponse"})
+                return
+            ctype = response.headers.get("content-type", "").split(";")[0]
+            if ctype == "application/json":
+                schema = content.get("application/json", {}).get("schema")
+                if schema is None:
+                    raise AssertionError(f"{request.method} {template} {response.status_code}: JSON not documented")
+                self.validate(response.json(), schema)
+            elif ctype not in content:
+                raise AssertionError(f"{request.method} {template}: content type {ctype} not documented")
+        except Exception as e:  # collected, reported by the autouse fixture
+            self.failures.append(f"{request.method} {path} -> {response.status_code}: {e}")
+
+    def validate(self, instance, schema):
+        root = {"components": self.spec["components"], **schema}
+        jsonschema.Draft202012Validator(root).validate(instance)
+
+
+@pytest.fixture(scope="session")
+def spec_checker():
+    return SpecChecker(ROOT / "openapi.yaml")
+
+
+def _wait_for_address(proc, deadline):
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tuna serve exited with {proc.returncode}")
+            continue
+        m = re.match(r"tuna listening on (http://\S+)", line.strip())
+        if m:
+            return m.group(1)
+    raise RuntimeError("tuna serve did not print its address in time")
+
+
+@pytest.fixture(scope="session")
+def server():
+    if not BINARY.exists():
+        pytest.fail(f"{BINARY} is missing; run `cargo build -p tuna` first")
+    # Not pytest's tmp_path: the private cluster may run as user `postgres` (when the tests run
+    # as root), which must be able to reach the directory.
+    data_dir = Path(tempfile.mkdtemp(prefix="tuna-pytest-"))
+    data_dir.chmod(0o755)
+    env = dict(os.environ)
+    env.pop("DATABASE_URL", None)
+    if os.environ.get("TUNA_TEST_DATABASE_URL"):
+        env["DATABASE_URL"] = os.environ["TUNA_TEST_DATABASE_URL"]
+    env.setdefault("RUST_LOG", "warn")
+    log = open(data_dir / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--max-upload-bytes", str(MAX_UPLOAD)],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+    )
+    try:
+        base = _wait_for_address(proc, time.time() + 120)
+        admin_key = (data_dir / "admin_key").read_text().strip()
+        other = subprocess.run(
+            [str(BINARY), "keys", "create", "--org", "other-org", "--data-dir", str(data_dir)],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        other_key = other.stdout.strip().splitlines()[-1]
+        r = httpx.post(f"{base}/v1/models", headers={"Authorization": f"Bearer {admin_key}"},
+                       json={"id": "gpt2", "path": str(ROOT / ".fixtures" / "gpt2")})
+        assert r.status_code == 200, r.text
+        yield {"base": base, "admin_key": admin_key, "other_key": other_key, "data_dir": data_dir}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        if proc.returncode == 0:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            print(f"tuna serve exited with {proc.returncode}; its data directory is kept: {data_dir}")
+
+
+def _client(server, key, spec_checker):
+    http = httpx.Client(event_hooks={"response": [lambda r: (r.read(), spec_checker.check(r))]})
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=key, http_client=http)
+
+
+@pytest.fixture
+def client(server, spec_checker):
+    return _client(server, server["admin_key"], spec_checker)
+
+
+@pytest.fixture
+def other_client(server, spec_checker):
+    return _client(server, server["other_key"], spec_checker)
+
+
+@pytest.fixture
+def raw(server, spec_checker):
+    """A plain httpx client with the admin key, for requests the SDK cannot make."""
+    return httpx.Client(
+        base_url=server["base"],
+        headers={"Authorization": f"Bearer {server['admin_key']}"},
+        event_hooks={"response": [lambda r: (r.read(), spec_checker.check(r))]},
+    )
+
+
+@pytest.fixture(autouse=True)
+def responses_match_the_spec(spec_checker):
+    spec_checker.failures.clear()
+    yield
+    assert not spec_checker.failures, "responses that do not match openapi.yaml:\n" + "\n".join(spec_checker.failures)
