@@ -16,7 +16,7 @@ use tuna_db::{checkpoints, events, jobs as db};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::query::{page, ListParams};
-use crate::{files, objects, validate, AppState, Config};
+use crate::{objects, validate, AppState, Config};
 
 pub fn router(config: &Config) -> Router<AppState> {
     let limit = axum::extract::DefaultBodyLimit::max(config.max_json_bytes);
@@ -172,6 +172,9 @@ pub async fn create_job(
         allow_file_urls: st.config.allow_file_urls,
     };
     let seed = rand::thread_rng().gen_range(0..=2_147_483_647u64);
+    if let Some(existing) = replay(st, caller, key.as_deref()).await? {
+        return Ok(existing);
+    }
     let mut req = spec::parse_create_request(body, &policy, seed)?;
     fit_auto_to_model(st, caller, body, &mut req).await?;
     for (id, param) in [
@@ -181,6 +184,12 @@ pub async fn create_job(
         if let Some(id) = id {
             check_input_file(st, caller, id, param).await?;
         }
+    }
+    let pending = db::count_pending(&st.db, &caller.organization_id).await?;
+    if pending >= st.config.max_pending_jobs {
+        return Err(ApiError::TooManyRequests(format!(
+            "Your organisation has {pending} jobs waiting to run, the most this server accepts; retry when some have started."
+        )));
     }
     let new = new_job(caller, &req, key)?;
     match queue::insert_job(&st.db, &new).await? {
@@ -192,19 +201,29 @@ pub async fn create_job(
     }
 }
 
+/// The job an earlier request with the same idempotency key created, if any.
+async fn replay(st: &AppState, caller: &Caller, key: Option<&str>) -> ApiResult<Option<JobRow>> {
+    match key {
+        Some(key) => Ok(db::by_idempotency_key(&st.db, &caller.organization_id, key).await?),
+        None => Ok(None),
+    }
+}
+
 async fn check_input_file(
     st: &AppState,
     caller: &Caller,
     file_id: &str,
     param: &str,
 ) -> ApiResult<()> {
-    let file = files::find(st, caller, file_id).await.map_err(|_| {
-        ApiError::bad_request_code(
-            format!("invalid {param}: no file '{file_id}'"),
-            Some(param),
-            "invalid_file",
-        )
-    })?;
+    let file = tuna_db::files::get_file(&st.db, &caller.organization_id, file_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad_request_code(
+                format!("invalid {param}: no file '{file_id}'"),
+                Some(param),
+                "invalid_file",
+            )
+        })?;
     if file.status != "processed" {
         return Err(ApiError::bad_request_code(
             format!(

@@ -42,6 +42,8 @@ pub struct Config {
     pub max_upload_bytes: u64,
     /// Largest accepted JSON body, in bytes.
     pub max_json_bytes: usize,
+    /// Most jobs an organisation may have waiting (validating or queued); more answer 429.
+    pub max_pending_jobs: i64,
 }
 
 impl Config {
@@ -52,6 +54,7 @@ impl Config {
             allow_file_urls: false,
             max_upload_bytes: 512 * 1024 * 1024,
             max_json_bytes: 1024 * 1024,
+            max_pending_jobs: 10_000,
         }
     }
 

@@ -90,8 +90,10 @@ pub async fn register_base_model(pool: &PgPool, id: &str, dir: &FsPath) -> ApiRe
                 Some("path"),
             )
         })?;
-    let config =
-        HfConfig::parse(&text).map_err(|e| ApiError::bad_request(e.to_string(), Some("path")))?;
+    let config = HfConfig::parse(&text).map_err(|e| ApiError::Unprocessable {
+        message: format!("{}/config.json cannot be used: {e}", dir.display()),
+        param: Some("path".into()),
+    })?;
     let architecture =
         serde_json::to_value(config.describe()).map_err(|e| ApiError::Internal(e.to_string()))?;
     db::register_base(pool, id, &dir.to_string_lossy(), &architecture)

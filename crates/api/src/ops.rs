@@ -20,7 +20,8 @@ use serde_json::{json, Value};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
 use tuna_core::status::JobStatus;
 use tuna_db::queue;
 
@@ -136,10 +137,21 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// Wraps the routes with fallbacks and the middleware stack, and binds the state.
 pub fn layers(api: Router<AppState>, state: AppState) -> Router {
     prometheus();
-    let trace = TraceLayer::new_for_http().make_span_with(|req: &Request| {
-        let request_id = req.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %request_id)
-    });
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|req: &Request| {
+            let request_id = req
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let (method, path) = (req.method(), req.uri().path());
+            tracing::info_span!("request", %method, %path, %request_id)
+        })
+        .on_response(
+            DefaultOnResponse::new()
+                .level(tracing::Level::INFO)
+                .latency_unit(LatencyUnit::Millis),
+        );
     api.route_layer(middleware::from_fn(label_route))
         .fallback(error::unknown_route)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -55,3 +55,28 @@ pub async fn list_jobs(
     .fetch_all(pool)
     .await?)
 }
+
+/// Jobs of the organisation waiting to run (`validating_files` or `queued`).
+pub async fn count_pending(pool: &PgPool, organization_id: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "select count(*) from jobs where organization_id = $1 and status in ('validating_files', 'queued')",
+    )
+    .bind(organization_id)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// The job created earlier with this idempotency key, if any.
+pub async fn by_idempotency_key(
+    pool: &PgPool,
+    organization_id: &str,
+    key: &str,
+) -> Result<Option<JobRow>> {
+    Ok(
+        sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
+            .bind(organization_id)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?,
+    )
+}

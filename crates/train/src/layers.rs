@@ -200,8 +200,8 @@ pub fn all_real(attention_mask: &Tensor) -> Result<bool> {
     if attention_mask.numel() == 0 {
         return Ok(true);
     }
-    let min = attention_mask.f_min()?;
-    Ok(i64::try_from(&min).map_err(crate::Error::Torch)? != 0)
+    let all = attention_mask.f_ne(0)?.f_all()?.f_to_kind(Kind::Int64)?;
+    Ok(i64::try_from(&all).map_err(crate::Error::Torch)? != 0)
 }
 
 /// Index of the last real token of each row (right padding): `sum(mask) - 1`, at least 0.

@@ -6,7 +6,8 @@
 //!
 //! Layout:
 //! - `model.rs`: the [`model::Model`] trait, the contract between model code and training code.
-//! - model side: `config.rs`, `loader.rs`, `layers.rs`, `lora.rs`, `models/` (one architecture per file).
+//! - model side: `loader.rs`, `layers.rs`, `lora.rs`, `freeze.rs`, `models/` (one architecture per file;
+//!   config.json parsing is `tuna_core::hf_config`).
 //! - training side: `tokenizer.rs`, `data.rs`, `optim.rs`, `schedule.rs`, `checkpoint.rs`, `trainer.rs`.
 
 pub mod checkpoint;

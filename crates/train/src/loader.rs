@@ -287,49 +287,72 @@ pub fn kind_from_name(name: &str) -> Option<Kind> {
     }
 }
 
-struct HostTensor {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &HostTensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// Copies a tensor to host bytes (contiguous, CPU).
-fn to_host(t: &Tensor) -> Result<HostTensor> {
+/// Copies a tensor's data to host bytes (contiguous, CPU).
+fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
     let numel = t.numel();
     let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
     t.f_copy_data_u8(&mut data, numel)?;
-    Ok(HostTensor {
-        dtype: dtype_of(t.kind())?,
-        shape: t.size().iter().map(|&d| d as usize).collect(),
-        data,
-    })
+    Ok(data)
+}
+
+/// Writes a safetensors file with `{"format": "pt"}` metadata, one tensor at a time: the header
+/// comes from `items` (name, kind, shape) and `get(i)` produces tensor `i` only when it is
+/// written, so peak memory is one tensor (host and device), not the whole model.
+pub fn save_safetensors_lazy(
+    path: &Path,
+    items: &[(String, Kind, Vec<i64>)],
+    mut get: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<()> {
+    use std::io::Write;
+    let werr = |e: std::io::Error| Error::io(format!("writing {}", path.display()), e);
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(items.len());
+    for (name, kind, shape) in items {
+        let n = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
+        let dtype = format!("{:?}", dtype_of(*kind)?);
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}),
+        );
+        sizes.push(n);
+        offset += n;
+    }
+    let mut text = serde_json::to_string(&header).map_err(|e| Error::Other(e.into()))?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let file = File::create(path).map_err(werr)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+    w.write_all(&(text.len() as u64).to_le_bytes())
+        .map_err(werr)?;
+    w.write_all(text.as_bytes()).map_err(werr)?;
+    for (i, (name, kind, shape)) in items.iter().enumerate() {
+        let t = get(i)?;
+        if t.kind() != *kind || t.size() != *shape {
+            return Err(Error::Weights(format!(
+                "saving {name}: produced {:?} {:?}, announced {kind:?} {shape:?}",
+                t.kind(),
+                t.size()
+            )));
+        }
+        let bytes = host_bytes(&t)?;
+        debug_assert_eq!(bytes.len(), sizes[i]);
+        w.write_all(&bytes).map_err(werr)?;
+    }
+    w.flush().map_err(werr)?;
+    Ok(())
 }
 
 /// Writes `tensors` as one safetensors file with `{"format": "pt"}` metadata.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut host = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        host.push((name.clone(), to_host(t)?));
-    }
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize_to_file(host.iter().map(|(n, h)| (n.as_str(), h)), &Some(meta), path)
-        .map_err(|e| Error::Other(anyhow::anyhow!("writing {}: {e}", path.display())))
+    let items: Vec<(String, Kind, Vec<i64>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.kind(), t.size()))
+        .collect();
+    save_safetensors_lazy(path, &items, |i| Ok(tensors[i].1.shallow_clone()))
 }
 
 /// Reads every tensor of one safetensors file (CPU, file dtype). For small files: references,

@@ -194,3 +194,71 @@ pub fn adapter_config(
         "use_rslora": false
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(t: &[&str]) -> LoraOptions {
+        LoraOptions {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: t.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn peft_matching_and_names() {
+        assert!(matches_target("model.layers.0.self_attn.q_proj", "q_proj"));
+        assert!(matches_target(
+            "model.layers.0.self_attn.q_proj",
+            "self_attn.q_proj"
+        ));
+        assert!(!matches_target("model.layers.0.self_attn.q_proj", "proj"));
+        assert!(matches_target("score", "score"));
+        assert_eq!(
+            peft_key("transformer.h.0.attn.c_attn", "lora_A"),
+            "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+        );
+        let modules = vec![
+            "bert.encoder.layer.0.attention.self.query".to_string(),
+            "bert.pooler.dense".to_string(),
+        ];
+        check_targets(&opts(&["query", "dense"]), &modules).unwrap();
+        let e = check_targets(&opts(&["query", "q_proj"]), &modules)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'q_proj'") && e.contains("dense, query, all-linear"),
+            "{e}"
+        );
+        assert_eq!(
+            saved_targets(&opts(&["all-linear"]), &modules),
+            vec!["dense", "query"]
+        );
+        assert_eq!(saved_targets(&opts(&["query"]), &modules), vec!["query"]);
+        let cfg = adapter_config(
+            &opts(&["query"]),
+            &["query".into()],
+            "SEQ_CLS",
+            "/m",
+            false,
+            Some(vec!["classifier".into()]),
+        );
+        assert_eq!(cfg["r"], 8);
+        assert_eq!(cfg["lora_alpha"], 16.0);
+        assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier"]));
+        assert!(validate_options(&LoraOptions {
+            r: 0,
+            ..opts(&["q"])
+        })
+        .is_err());
+        assert!(validate_options(&LoraOptions {
+            dropout: 1.0,
+            ..opts(&["q"])
+        })
+        .is_err());
+        assert!(validate_options(&opts(&[])).is_err());
+    }
+}

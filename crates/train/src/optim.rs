@@ -3,7 +3,7 @@
 //!
 //! The update is torch.optim.AdamW's single-tensor path (decoupled weight decay, bias
 //! correction, `eps` added after the corrected square root):
-//! `p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
+//! `p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + g*((1-b2)*g);`
 //! p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
 //! Moments are fp32 whatever the parameter kind; a non-fp32 parameter is updated in fp32 and
 //! copied back. Weight decay is off for biases and normalisation weights (by name: ending in
@@ -141,13 +141,16 @@ impl AdamW {
             }
             let _ = s.exp_avg.f_lerp_(&g, 1.0 - c.beta1)?;
             let _ = s.exp_avg_sq.f_mul_scalar_(c.beta2)?;
-            let gg = g.f_mul(&g)?.f_mul_scalar(1.0 - c.beta2)?;
-            let _ = s.exp_avg_sq.f_add_(&gg)?;
-            let mut denom = s.exp_avg_sq.f_sqrt()?;
-            let _ = denom.f_div_scalar_(bc2_sqrt)?;
-            let _ = denom.f_add_scalar_(c.eps)?;
-            let upd = s.exp_avg.f_div(&denom)?.f_mul_scalar(-step_size)?;
-            let _ = p.f_add_(&upd)?;
+            let _ = s.exp_avg_sq.f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
+            // p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps), computed as
+            // p += m / ((sqrt(v) + eps * sqrt(bc2)) * -1 / (step_size * sqrt(bc2))): the same value in
+            // four passes over memory instead of six.
+            if step_size != 0.0 {
+                let mut denom = s.exp_avg_sq.f_sqrt()?;
+                let _ = denom.f_add_scalar_(c.eps * bc2_sqrt)?;
+                let _ = denom.f_mul_scalar_(-1.0 / (step_size * bc2_sqrt))?;
+                let _ = p.f_addcdiv_(&s.exp_avg, &denom)?;
+            }
             if !fp32 {
                 s.param.f_copy_(&p)?;
             }

@@ -412,7 +412,8 @@ pub fn train(
     } else {
         spec.max_seq_length as usize
     };
-    let (train_part, valid_part): (Vec<(u64, Example)>, Vec<(u64, Example)>) = match valid_examples {
+    type Lines = Vec<(u64, Example)>;
+    let (train_part, valid_part): (Lines, Lines) = match valid_examples {
         Some(v) => (train_examples.to_vec(), v.to_vec()),
         None => data::split_validation(train_examples, spec.validation_split, spec.seed),
     };
@@ -566,7 +567,7 @@ pub fn train(
         let end_of_epoch = in_epoch as u64 + 1 == steps_per_epoch;
         let last = state.step == total_steps;
 
-        if state.step % u64::from(spec.log_interval.max(1)) == 0 || last {
+        if state.step.is_multiple_of(u64::from(spec.log_interval.max(1))) || last {
             let secs = window.5.elapsed().as_secs_f64().max(1e-9);
             let run_secs = run_start.elapsed().as_secs_f64();
             let done = (state.step - start_step) as f64;
@@ -594,7 +595,7 @@ pub fn train(
 
         let eval_now = !valid_feats.is_empty()
             && (last
-                || (spec.eval_interval > 0 && state.step % u64::from(spec.eval_interval) == 0)
+                || (spec.eval_interval > 0 && state.step.is_multiple_of(u64::from(spec.eval_interval)))
                 || (spec.eval_interval == 0 && end_of_epoch));
         if eval_now {
             callback(TrainEvent::Phase { phase: Phase::Evaluating, message: format!("evaluating at step {}", state.step) });
@@ -623,7 +624,7 @@ pub fn train(
         }
         let ckpt_now = last
             || stop_early
-            || (spec.checkpoint_interval > 0 && state.step % u64::from(spec.checkpoint_interval) == 0)
+            || (spec.checkpoint_interval > 0 && state.step.is_multiple_of(u64::from(spec.checkpoint_interval)))
             || (spec.checkpoint_interval == 0 && end_of_epoch);
         if ckpt_now {
             state.elapsed_seconds = elapsed_before + run_start.elapsed().as_secs_f64();

@@ -266,6 +266,16 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
             &["lora_B"],
             Some(1),
         ),
+        make_case(
+            t,
+            "gpt2_merged",
+            "gpt2",
+            TaskHead::CausalLm,
+            lora(&["c_attn", "c_proj"]),
+            true,
+            &["lora_B"],
+            None,
+        ),
     ];
     // Spot-check the files.
     let adapter: Value = serde_json::from_str(
@@ -338,6 +348,39 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
         "logits differ from transformers/PEFT:\n{}",
         report.join("\n")
     );
+    // tuna reloads its own exports (prefixed `bert.`/`model.` keys, trained heads kept).
+    for (name, task) in [
+        ("bert_cls", two.clone()),
+        ("llama_tied_cls", labels.clone()),
+        ("gpt2_full", TaskHead::CausalLm),
+    ] {
+        let c = cases.iter().find(|c| c.name == name).unwrap();
+        let m = load_model(&t.join(name), &opts(task, None)).unwrap();
+        assert!(
+            !m.load_notes().iter().any(|n| n.contains("initialised")),
+            "{name}: {:?}",
+            m.load_notes()
+        );
+        let ids = to_tensor(
+            &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["input_ids"].clone()).unwrap(),
+        );
+        let mask = to_tensor(
+            &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["attention_mask"].clone()).unwrap(),
+        );
+        let again = tch::no_grad(|| {
+            m.forward(
+                &Batch {
+                    input_ids: &ids,
+                    attention_mask: &mask,
+                    token_type_ids: None,
+                },
+                false,
+            )
+        })
+        .unwrap();
+        let diff = f64::try_from((&again - &c.tuna).abs().max()).unwrap();
+        assert!(diff < 1e-5, "{name}: reloaded export differs by {diff}");
+    }
     for line in stdout.lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         match v["name"].as_str().unwrap() {

@@ -292,8 +292,16 @@ fn bert_rejects_causal_lm_and_unknown_model_types() {
 
 // ---- load options: freezing, LoRA, gradients -------------------------------------------------
 
-fn with(task: TaskHead, lora: Option<tuna_train::model::LoraOptions>, freeze: FreezeOptions) -> LoadOptions {
-    LoadOptions { lora, freeze, ..opts(task) }
+fn with(
+    task: TaskHead,
+    lora: Option<tuna_train::model::LoraOptions>,
+    freeze: FreezeOptions,
+) -> LoadOptions {
+    LoadOptions {
+        lora,
+        freeze,
+        ..opts(task)
+    }
 }
 
 fn lora(targets: &[&str]) -> Option<tuna_train::model::LoraOptions> {
@@ -306,55 +314,123 @@ fn lora(targets: &[&str]) -> Option<tuna_train::model::LoraOptions> {
 }
 
 fn trainable_names(m: &dyn Model) -> Vec<String> {
-    m.trainable_parameters().into_iter().map(|(n, _)| n).collect()
+    m.trainable_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
 }
 
 #[test]
 fn freeze_options_select_trainable_parameters() {
-    let freeze = FreezeOptions { embeddings: true, first_n_layers: 1, patterns: vec!["layers.*.mlp.gate_proj.*".into()] };
+    let freeze = FreezeOptions {
+        embeddings: true,
+        first_n_layers: 1,
+        patterns: vec!["layers.*.mlp.gate_proj.*".into()],
+    };
     let m = load_model(&fixture("llama"), &with(TaskHead::CausalLm, None, freeze)).unwrap();
     let names = trainable_names(m.as_ref());
-    assert!(!names.iter().any(|n| n.contains("embed_tokens") || n.contains("layers.0.") || n.contains("gate_proj")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.contains("embed_tokens")
+            || n.contains("layers.0.")
+            || n.contains("gate_proj")),
+        "{names:?}"
+    );
     assert!(names.contains(&"model.layers.1.self_attn.q_proj.weight".to_string()));
-    assert!(names.contains(&"lm_head.weight".to_string()) && names.contains(&"model.norm.weight".to_string()));
+    assert!(
+        names.contains(&"lm_head.weight".to_string())
+            && names.contains(&"model.norm.weight".to_string())
+    );
     let all = m.all_parameters();
     assert!(all.contains_key("model.embed_tokens.weight"));
     assert!(!all["model.embed_tokens.weight"].requires_grad());
     assert!(all["model.layers.1.mlp.up_proj.weight"].requires_grad());
 
-    let bad = FreezeOptions { patterns: vec!["transformer.h.*.attn.*".into()], ..Default::default() };
-    let msg = load_model(&fixture("llama"), &with(TaskHead::CausalLm, None, bad)).err().unwrap().to_string();
-    assert!(msg.contains("'transformer.h.*.attn.*' match no parameter") && msg.contains("model.layers.*.self_attn.q_proj.weight"), "{msg}");
-    let too_many = FreezeOptions { first_n_layers: 5, ..Default::default() };
-    let msg = load_model(&fixture("gpt2"), &with(TaskHead::CausalLm, None, too_many)).err().unwrap().to_string();
+    let bad = FreezeOptions {
+        patterns: vec!["transformer.h.*.attn.*".into()],
+        ..Default::default()
+    };
+    let msg = load_model(&fixture("llama"), &with(TaskHead::CausalLm, None, bad))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("'transformer.h.*.attn.*' match no parameter")
+            && msg.contains("model.layers.*.self_attn.q_proj.weight"),
+        "{msg}"
+    );
+    let too_many = FreezeOptions {
+        first_n_layers: 5,
+        ..Default::default()
+    };
+    let msg = load_model(&fixture("gpt2"), &with(TaskHead::CausalLm, None, too_many))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("has 2"), "{msg}");
 }
 
 #[test]
 fn lora_trains_adapters_and_classification_head_only() {
-    let task = TaskHead::SequenceClassification { id2label: vec!["a".into(), "b".into(), "c".into()] };
-    let m = load_model(&fixture("qwen2"), &with(task, lora(&["q_proj", "v_proj"]), FreezeOptions::default())).unwrap();
+    let task = TaskHead::SequenceClassification {
+        id2label: vec!["a".into(), "b".into(), "c".into()],
+    };
+    let m = load_model(
+        &fixture("qwen2"),
+        &with(task, lora(&["q_proj", "v_proj"]), FreezeOptions::default()),
+    )
+    .unwrap();
     let names = trainable_names(m.as_ref());
-    assert_eq!(names.iter().filter(|n| n.contains("lora_A")).count(), 4, "{names:?}");
-    assert_eq!(names.iter().filter(|n| n.contains("lora_B")).count(), 4, "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| n.contains("lora_A")).count(),
+        4,
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| n.contains("lora_B")).count(),
+        4,
+        "{names:?}"
+    );
     assert!(names.contains(&"score.weight".to_string()), "{names:?}");
-    assert!(names.contains(&"base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight".to_string()));
+    assert!(names
+        .contains(&"base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight".to_string()));
     assert_eq!(names.len(), 9, "{names:?}");
     // B starts at zero, so LoRA does not change the base model's output.
     let r = reference(&fixture("qwen2"));
     let plain = load_model(&fixture("qwen2"), &opts(TaskHead::CausalLm)).unwrap();
-    let with_lora = load_model(&fixture("qwen2"), &with(TaskHead::CausalLm, lora(&["all-linear"]), FreezeOptions::default())).unwrap();
+    let with_lora = load_model(
+        &fixture("qwen2"),
+        &with(
+            TaskHead::CausalLm,
+            lora(&["all-linear"]),
+            FreezeOptions::default(),
+        ),
+    )
+    .unwrap();
     assert_eq!(trainable_names(with_lora.as_ref()).len(), 2 * 7 * 2);
-    let batch = Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: None };
+    let batch = Batch {
+        input_ids: &r["input_ids"],
+        attention_mask: &r["attention_mask"],
+        token_type_ids: None,
+    };
     let a = tch::no_grad(|| plain.forward(&batch, false)).unwrap();
     let b = tch::no_grad(|| with_lora.forward(&batch, false)).unwrap();
     assert!(max_abs_diff(&a, &b) < 1e-6);
 
-    let msg = load_model(&fixture("llama"), &with(TaskHead::CausalLm, lora(&["q_proj", "qkv"]), FreezeOptions::default()))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(msg.contains("'qkv'") && msg.contains("gate_proj") && msg.contains("all-linear"), "{msg}");
+    let msg = load_model(
+        &fixture("llama"),
+        &with(
+            TaskHead::CausalLm,
+            lora(&["q_proj", "qkv"]),
+            FreezeOptions::default(),
+        ),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        msg.contains("'qkv'") && msg.contains("gate_proj") && msg.contains("all-linear"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -362,23 +438,47 @@ fn backward_reaches_exactly_the_trainable_parameters() {
     for (name, task) in [
         ("gpt2", TaskHead::CausalLm),
         ("llama", TaskHead::CausalLm),
-        ("bert", TaskHead::SequenceClassification { id2label: vec!["a".into(), "b".into()] }),
+        (
+            "bert",
+            TaskHead::SequenceClassification {
+                id2label: vec!["a".into(), "b".into()],
+            },
+        ),
     ] {
         let dir = fixture(name);
         let r = reference(&dir);
-        let freeze = FreezeOptions { first_n_layers: 1, ..Default::default() };
-        for (lo, fr) in [(None, freeze), (lora(&["all-linear"]), FreezeOptions::default())] {
+        let freeze = FreezeOptions {
+            first_n_layers: 1,
+            ..Default::default()
+        };
+        for (lo, fr) in [
+            (None, freeze),
+            (lora(&["all-linear"]), FreezeOptions::default()),
+        ] {
             let m = load_model(&dir, &with(task.clone(), lo.clone(), fr)).unwrap();
-            let batch = Batch { input_ids: &r["input_ids"], attention_mask: &r["attention_mask"], token_type_ids: None };
+            let batch = Batch {
+                input_ids: &r["input_ids"],
+                attention_mask: &r["attention_mask"],
+                token_type_ids: None,
+            };
             let y = m.forward(&batch, true).unwrap();
-            assert!(y.isfinite().all().int64_value(&[]) == 1, "{name}: non-finite output in training mode");
+            assert!(
+                y.isfinite().all().int64_value(&[]) == 1,
+                "{name}: non-finite output in training mode"
+            );
             if name != "llama" {
                 // GPT-2 and BERT configs have dropout: training forwards differ, eval ones agree.
                 let y2 = m.forward(&batch, true).unwrap();
-                assert!(max_abs_diff(&y, &y2) > 0.0, "{name}: dropout inactive in training mode");
+                assert!(
+                    max_abs_diff(&y, &y2) > 0.0,
+                    "{name}: dropout inactive in training mode"
+                );
                 let e1 = tch::no_grad(|| m.forward(&batch, false)).unwrap();
                 let e2 = tch::no_grad(|| m.forward(&batch, false)).unwrap();
-                assert!(max_abs_diff(&e1, &e2) == 0.0, "{name}: eval mode is not deterministic");
+                assert!(
+                    max_abs_diff(&e1, &e2) == 0.0,
+                    "{name}: eval mode is not deterministic"
+                );
             }
             // Make LoRA's B non-zero so A receives gradient too.
             if lo.is_some() {
@@ -407,16 +507,179 @@ fn backward_reaches_exactly_the_trainable_parameters() {
 #[test]
 fn resume_state_roundtrips_through_load_trainable() {
     let dir = fixture("gpt2");
-    let m = load_model(&dir, &with(TaskHead::CausalLm, lora(&["c_attn"]), FreezeOptions::default())).unwrap();
-    let saved: BTreeMap<String, Tensor> =
-        m.trainable_parameters().into_iter().map(|(n, t)| (n, t.detach().copy() + 1.0)).collect();
+    let m = load_model(
+        &dir,
+        &with(
+            TaskHead::CausalLm,
+            lora(&["c_attn"]),
+            FreezeOptions::default(),
+        ),
+    )
+    .unwrap();
+    let saved: BTreeMap<String, Tensor> = m
+        .trainable_parameters()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy() + 1.0))
+        .collect();
     m.load_trainable(&saved).unwrap();
     for (n, t) in m.trainable_parameters() {
-        assert!(max_abs_diff(&t.detach(), &saved[&n]) == 0.0, "{n} not restored");
+        assert!(
+            max_abs_diff(&t.detach(), &saved[&n]) == 0.0,
+            "{n} not restored"
+        );
     }
     let mut partial = saved;
     let first = partial.keys().next().unwrap().clone();
     let _ = partial.remove(&first);
     let msg = m.load_trainable(&partial).unwrap_err().to_string();
     assert!(msg.contains(&first), "{msg}");
+}
+
+#[test]
+fn bf16_base_keeps_fp32_trainables_and_stays_close() {
+    // The GPU mixed-precision path (bf16 frozen weights and activations, fp32 trainables), run on
+    // CPU: it must give the transformers logits up to bf16 rounding.
+    for (name, lo) in [
+        ("llama", None),
+        ("gpt2", lora(&["all-linear"])),
+        ("qwen2", lora(&["q_proj"])),
+    ] {
+        let dir = fixture(name);
+        let r = reference(&dir);
+        let o = LoadOptions {
+            base_kind: Kind::BFloat16,
+            ..with(TaskHead::CausalLm, lo.clone(), FreezeOptions::default())
+        };
+        let m = load_model(&dir, &o).unwrap();
+        for (n, t) in m.all_parameters() {
+            let want = if t.requires_grad() {
+                Kind::Float
+            } else {
+                Kind::BFloat16
+            };
+            assert_eq!(t.kind(), want, "{name}: {n}");
+        }
+        let batch = Batch {
+            input_ids: &r["input_ids"],
+            attention_mask: &r["attention_mask"],
+            token_type_ids: None,
+        };
+        let logits = tch::no_grad(|| m.forward(&batch, false)).unwrap();
+        assert_eq!(logits.kind(), Kind::BFloat16);
+        let want = &r["logits"];
+        let diff = max_abs_diff(&logits.to_kind(Kind::Float), want);
+        let scale = f64::try_from(want.abs().max()).unwrap();
+        assert!(
+            diff < 0.05 * scale,
+            "{name}: bf16 logits off by {diff} (scale {scale})"
+        );
+        let y = m.forward(&batch, true).unwrap();
+        y.to_kind(Kind::Float).square().mean(Kind::Float).backward();
+        for (n, t) in m.trainable_parameters() {
+            assert!(
+                t.grad().defined() && t.grad().kind() == Kind::Float,
+                "{name}: {n} has no fp32 gradient"
+            );
+        }
+    }
+}
+
+#[test]
+fn all_padding_rows_stay_finite() {
+    // A row with no real token (mask all zeros) must not turn into NaN (fully masked SDPA rows).
+    for (name, task) in [
+        ("gpt2", TaskHead::CausalLm),
+        ("mistral", TaskHead::CausalLm),
+        (
+            "llama",
+            TaskHead::SequenceClassification {
+                id2label: vec!["a".into(), "b".into()],
+            },
+        ),
+        (
+            "bert",
+            TaskHead::SequenceClassification {
+                id2label: vec!["a".into(), "b".into()],
+            },
+        ),
+    ] {
+        let m = load_model(&fixture(name), &opts(task)).unwrap();
+        let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 0, 0, 0, 0]).view([2, 4]);
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 0, 0, 0]).view([2, 4]);
+        let y = tch::no_grad(|| {
+            m.forward(
+                &Batch {
+                    input_ids: &ids,
+                    attention_mask: &mask,
+                    token_type_ids: None,
+                },
+                false,
+            )
+        })
+        .unwrap();
+        assert_eq!(
+            y.isfinite().all().int64_value(&[]),
+            1,
+            "{name}: non-finite output for an all-padding row"
+        );
+    }
+}
+
+#[test]
+fn bert_without_pooler_weights_gets_a_fresh_pooler() {
+    let tmp = copy_fixture_with("bert", |t| {
+        let _ = t.remove("pooler.dense.weight").unwrap();
+        let _ = t.remove("pooler.dense.bias").unwrap();
+    });
+    let task = TaskHead::SequenceClassification {
+        id2label: vec!["a".into(), "b".into()],
+    };
+    let m = load_model(tmp.path(), &opts(task)).unwrap();
+    let notes = m.load_notes().join("; ");
+    assert!(
+        notes.contains("bert.pooler.dense is not in the checkpoint: initialised afresh"),
+        "{notes}"
+    );
+    assert!(m.all_parameters()["bert.pooler.dense.weight"].requires_grad());
+}
+
+#[test]
+fn unreadable_checkpoints_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("gpt2").join("config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
+    let err = |dir: &Path| match load_model(dir, &opts(TaskHead::CausalLm)) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+    std::fs::write(tmp.path().join("pytorch_model.bin"), b"pickle").unwrap();
+    let msg = err(tmp.path());
+    assert!(
+        msg.contains("no model.safetensors") && msg.contains("pytorch_model.bin"),
+        "{msg}"
+    );
+    // A truncated file.
+    let bytes = std::fs::read(fixture("gpt2").join("model.safetensors")).unwrap();
+    std::fs::write(
+        tmp.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let msg = err(tmp.path());
+    assert!(msg.contains("not a valid safetensors file"), "{msg}");
+    std::fs::write(tmp.path().join("model.safetensors"), b"\x01").unwrap();
+    assert!(err(tmp.path()).contains("not a valid safetensors file"));
+    // A broken index.
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    std::fs::write(
+        tmp.path().join("model.safetensors.index.json"),
+        r#"{"weight_map": {"a": "../x"}}"#,
+    )
+    .unwrap();
+    assert!(err(tmp.path()).contains("plain file name"));
+    std::fs::write(tmp.path().join("config.json"), "{not json").unwrap();
+    assert!(err(tmp.path()).contains("not valid JSON"));
 }

@@ -48,8 +48,8 @@ fn adamw_matches_pytorch() {
         loss.backward();
         opt.step(0.1).unwrap();
     }
-    let want_w = [0.415872842f32, 0.129511535, 0.086240493, 0.286196619, -0.582254171, 0.662749946];
-    let want_b = [-0.050736744f32, 0.421909153];
+    let want_w = [0.415_872_84_f32, 0.129_511_53, 0.086_240_49, 0.286_196_62, -0.582_254_2, 0.662_749_9];
+    let want_b = [-0.050_736_744_f32, 0.421_909_15];
     let got_w: Vec<f32> = Vec::try_from(w.detach().view([-1])).unwrap();
     let got_b: Vec<f32> = Vec::try_from(b.detach()).unwrap();
     for (g, e) in got_w.iter().chain(&got_b).zip(want_w.iter().chain(&want_b)) {
@@ -117,7 +117,7 @@ fn chat_template_from_tokenizer_config_and_fallback() {
     let tok = Tok::load(&fixture("qwen2"), true).unwrap();
     assert!(tok.chat_template.is_some());
     let ex = line(r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#);
-    let (f, _) = featurize(&tok, Task::CausalLm, &[ex.clone()], 512, None, "t").unwrap();
+    let (f, _) = featurize(&tok, Task::CausalLm, std::slice::from_ref(&ex), 512, None, "t").unwrap();
     assert_eq!(targets_text(&tok, &f[0]), "hello<|im_end|>\n");
     // gpt2: no template → fallback; the assistant turn ends with EOS, which is a target.
     let tok = Tok::load(&fixture("gpt2"), true).unwrap();

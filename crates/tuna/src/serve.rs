@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// Largest accepted upload in bytes.
     #[arg(long, env = "TUNA_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     max_upload_bytes: u64,
+    /// Most jobs one organisation may have waiting (validating or queued); more answer 429.
+    #[arg(long, env = "TUNA_MAX_PENDING_JOBS", default_value_t = 10_000)]
+    max_pending_jobs: i64,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -43,6 +46,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         open_access,
         allow_file_urls,
         max_upload_bytes,
+        max_pending_jobs,
     } = args;
     if open_access && !host.is_loopback() {
         bail!("--open-access is only allowed on a loopback address (--host 127.0.0.1 or ::1), not {host}");
@@ -58,6 +62,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         open_access,
         allow_file_urls,
         max_upload_bytes,
+        max_pending_jobs,
         ..Config::new(&db.data_dir)
     };
     let state = AppState::new(database.pool.clone(), config);

@@ -367,9 +367,10 @@ async fn execute(
             },
             _ = ctx.lost.cancelled() => return Err(lost_err()),
             c = async {
-                match rx.wait_for(|c| *c != Control::Continue).await {
-                    Ok(v) => *v,
-                    Err(_) => std::future::pending().await,
+                let got = rx.wait_for(|c| *c != Control::Continue).await.map(|v| *v).ok();
+                match got {
+                    Some(c) => c,
+                    None => std::future::pending().await,
                 }
             } => {
                 return if c == Control::Cancel { finish_cancelled(ctx).await } else { finish_paused(ctx).await };

@@ -194,3 +194,43 @@ async fn metrics_count_requests_by_route_and_jobs_by_state() {
     );
     assert!(text.contains("tuna_jobs{status=\"queued\"}"), "{text}");
 }
+
+#[tokio::test]
+async fn too_many_pending_jobs_is_429_but_replays_still_answer() {
+    let app = spawn_with(|c| c.max_pending_jobs = 1).await;
+    let file = app.upload_ok("t.jsonl", crate::helpers::CHAT).await;
+    let body = json!({"model": "gpt2", "training_file": file});
+    let send = |key: &'static str| {
+        app.req(Method::POST, "/v1/fine_tuning/jobs")
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+    let (status, first) = json(send("a").await.unwrap()).await;
+    assert_eq!(status, 200, "{first}");
+    let resp = send("b").await.unwrap();
+    assert!(resp.headers().get("x-should-retry").is_none());
+    let (status, err) = json(resp).await;
+    assert_eq!(status, 429, "{err}");
+    assert_eq!(error_of(&err)["type"], "rate_limit_error");
+    let (status, again) = json(send("a").await.unwrap()).await;
+    assert_eq!((status, &again["id"]), (200, &first["id"]));
+}
+
+#[tokio::test]
+async fn unsupported_model_config_is_422() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "t5", "d_model": 8}"#,
+    )
+    .unwrap();
+    let (status, body) = json(
+        app.post_json("/v1/models", &json!({"id": "t5", "path": dir.path()}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(error_of(&body)["param"], "path");
+}

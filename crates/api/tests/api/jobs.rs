@@ -296,6 +296,7 @@ async fn cancel_and_pause_reach_the_lease_holder() {
         queue::register_worker(pool, &w).await.unwrap();
         let claimed = queue::claim(pool, &w, ttl).await.unwrap().expect("claimed");
         assert_eq!(claimed.job.job_id, id);
+        let mut listener = queue::Listener::connect(pool).await.unwrap();
         let (status, job) = json(
             app.req(Method::POST, &format!("/v1/fine_tuning/jobs/{id}/{op}"))
                 .send()
@@ -306,6 +307,16 @@ async fn cancel_and_pause_reach_the_lease_holder() {
         assert_eq!(status, 200, "{job}");
         assert_eq!(job["status"], "running");
         assert_eq!(job[format!("{op}_requested")], true);
+        // The lease holder hears it at once (LISTEN/NOTIFY) and at its next heartbeat.
+        let notified = loop {
+            match listener.next(Duration::from_secs(5)).await {
+                queue::Wake::Control(msg) => break msg,
+                queue::Wake::JobsQueued => continue,
+                other => panic!("expected a control notification, got {other:?}"),
+            }
+        };
+        assert_eq!(notified.job_id, id);
+        assert_eq!(notified.worker_id.as_deref(), Some(w.worker_id.as_str()));
         let control = queue::heartbeat(pool, &claimed.lease, ttl, None, None)
             .await
             .unwrap();
@@ -461,4 +472,37 @@ async fn models_list_and_retrieve() {
     )
     .await;
     assert_eq!((status, &body["error"]["param"]), (400, &json!("path")));
+}
+
+#[tokio::test]
+async fn startup_sweep_validates_jobs_left_in_validating_files() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let body = json!({"model": "gpt2", "training_file": file, "max_seq_length": 64});
+    let req = tuna_core::spec::parse_create_request(&body, &Default::default(), 1).unwrap();
+    // As if the server had stopped right after inserting the job.
+    let new = queue::NewJob {
+        job_id: tuna_core::ids::new_id(tuna_core::ids::JOB),
+        organization_id: tuna_db::keys::DEFAULT_ORG.into(),
+        model: "gpt2".into(),
+        training_file: Some(file.clone()),
+        validation_file: None,
+        spec: serde_json::to_value(&req.spec).unwrap(),
+        suffix: None,
+        seed: 1,
+        metadata: None,
+        integrations: None,
+        priority: 0,
+        required_device: None,
+        min_gpu_memory_mb: None,
+        idempotency_key: None,
+        max_attempts: 1,
+    };
+    let row = queue::insert_job(&app.db.pool, &new)
+        .await
+        .unwrap()
+        .into_job();
+    assert_eq!(tuna_api::start_background(&app.state).await.unwrap(), 1);
+    let done = app.wait_validated(&row.job_id).await;
+    assert_eq!(done["status"], "queued", "{done}");
 }

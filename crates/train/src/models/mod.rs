@@ -94,11 +94,6 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         }
         _ => {}
     }
-    if opts.device == Device::Cpu && opts.base_kind != Kind::Float {
-        return Err(Error::Config(
-            "on CPU the model runs in float32 only".into(),
-        ));
-    }
     if !matches!(opts.base_kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
         return Err(Error::Config(format!(
             "unsupported base kind {:?}",
@@ -567,6 +562,9 @@ impl Core {
                 batch.attention_mask.size()
             )));
         }
+        if s[0] == 0 || s[1] == 0 {
+            return Err(Error::Data(format!("empty batch {s:?}")));
+        }
         if s[1] > self.info.max_positions && matches!(self.info.family.as_str(), "gpt2" | "bert") {
             return Err(Error::Data(format!(
                 "sequence length {} exceeds the model's {} positions",
@@ -679,26 +677,40 @@ impl Core {
         Value::Object(c)
     }
 
-    fn save_full(&self, dir: &Path, merge: bool) -> Result<()> {
-        let mut tensors = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let mut t = p.tensor.f_detach()?;
-            if merge && p.name.ends_with(".weight") {
-                if let Some(l) = p.module.as_deref().and_then(|m| self.lora_of(m)) {
-                    let delta =
-                        l.b.f_detach()?
-                            .f_matmul(&l.a.f_detach()?)?
-                            .f_mul_scalar(l.scaling)?;
-                    t = t.f_to_kind(Kind::Float)?.f_add(&delta)?;
-                }
+    /// Parameter `p` as saved: LoRA merged in (if asked), Conv1D transposed, in the save kind.
+    fn saved_tensor(&self, p: &ParamEntry, merge: bool) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let mut t = p.tensor.f_detach()?;
+        if merge && p.name.ends_with(".weight") {
+            if let Some(l) = p.module.as_deref().and_then(|m| self.lora_of(m)) {
+                let delta =
+                    l.b.f_detach()?
+                        .f_matmul(&l.a.f_detach()?)?
+                        .f_mul_scalar(l.scaling)?;
+                t = t.f_to_kind(Kind::Float)?.f_add(&delta)?;
             }
-            if p.conv1d {
-                t = t.f_tr()?;
-            }
-            let t = t.f_to_kind(self.save_kind)?.f_contiguous()?;
-            tensors.push((p.name.clone(), t));
         }
-        save_safetensors(&dir.join("model.safetensors"), &tensors)?;
+        if p.conv1d {
+            t = t.f_tr()?;
+        }
+        Ok(t.f_to_kind(self.save_kind)?.f_contiguous()?)
+    }
+
+    fn save_full(&self, dir: &Path, merge: bool) -> Result<()> {
+        let items: Vec<(String, Kind, Vec<i64>)> = self
+            .params
+            .iter()
+            .map(|p| {
+                let mut shape = p.tensor.size();
+                if p.conv1d {
+                    shape.reverse();
+                }
+                (p.name.clone(), self.save_kind, shape)
+            })
+            .collect();
+        crate::loader::save_safetensors_lazy(&dir.join("model.safetensors"), &items, |i| {
+            self.saved_tensor(&self.params[i], merge)
+        })?;
         write_json(&dir.join("config.json"), &self.saved_config())
     }
 
