@@ -5,7 +5,7 @@
 # latency) and stops everything. Arguments are passed to `tuna-bench api`, e.g.
 #   scripts/bench-api.sh --concurrency 32 --duration 20
 # Environment: BENCH_NO_BUILD=1 skips the build (BENCH_BIN_DIR: where the binaries are); BENCH_KEEP=1 keeps the data directory;
-# BENCH_SERVER_ARGS adds `tuna serve` arguments. Results are printed and written as JSON to
+# BENCH_SERVER_ARGS adds `tuna serve` arguments; BENCH_PG_SQL runs SQL first (experiments). Results are printed and written as JSON to
 # target/bench/api-<time>.json. Everything listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +53,20 @@ done
 [ -n "$URL" ] || { cat "$DIR/serve.log" >&2; echo "tuna serve did not start in 60 s" >&2; exit 1; }
 
 "$TUNA" models register --data-dir "$DIR" gpt2 "$ROOT/.fixtures/gpt2" >/dev/null
+
+# Experiments only: SQL run on the server's database before the bench, e.g.
+#   BENCH_PG_SQL="alter system set synchronous_commit = off; select pg_reload_conf()"
+if [ -n "${BENCH_PG_SQL:-}" ]; then
+    PG_PORT=$(sed -n 4p "$DIR/pg/postmaster.pid")
+    echo "experiment: $BENCH_PG_SQL"
+    # One statement per call: ALTER SYSTEM cannot run inside the implicit transaction of a
+    # multi-statement string.
+    IFS=';' read -ra STATEMENTS <<<"$BENCH_PG_SQL"
+    for stmt in "${STATEMENTS[@]}"; do
+        [ -n "${stmt// /}" ] || continue
+        psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d tuna -c "$stmt" >/dev/null
+    done
+fi
 
 mkdir -p "$ROOT/target/bench"
 JSON="$ROOT/target/bench/api-$(date -u +%Y%m%dT%H%M%SZ).json"

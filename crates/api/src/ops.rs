@@ -114,6 +114,49 @@ async fn label_route(path: MatchedPath, req: Request, next: Next) -> Response {
     resp
 }
 
+/// Rewrites error responses that did not come from [`ApiError`] (rejections of axum's own
+/// extractors, such as a malformed path parameter) into the error shape.
+async fn normalize_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() && !status.is_server_error() || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let err = match status.as_u16() {
+        401 => ApiError::Unauthorized(message),
+        404 => ApiError::NotFound {
+            message,
+            code: "not_found",
+        },
+        405 => ApiError::MethodNotAllowed,
+        409 => ApiError::Conflict(message),
+        413 => ApiError::PayloadTooLarge(message),
+        422 => ApiError::Unprocessable {
+            message,
+            param: None,
+        },
+        429 => ApiError::TooManyRequests(message),
+        503 => ApiError::Unavailable(message),
+        400..=499 => ApiError::bad_request(message, None),
+        _ => ApiError::Internal(message),
+    };
+    err.into_response()
+}
+
 async fn track(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().to_string();
@@ -164,6 +207,7 @@ pub fn layers(api: Router<AppState>, state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
                 .layer(trace)
                 .layer(middleware::from_fn(track))
+                .layer(middleware::from_fn(normalize_errors))
                 .layer(CatchPanicLayer::custom(panic_response)),
         )
         .with_state(state)

@@ -167,6 +167,8 @@ pub struct ModelDescription {
     pub num_kv_heads: i64,
     pub context_length: i64,
     pub vocab_size: i64,
+    /// See [`HfConfig::num_parameters`].
+    pub num_parameters: i64,
     pub dtype: Option<String>,
     pub tasks: Vec<Task>,
     /// Linear module names usable as LoRA target modules (plus `all-linear`).
@@ -509,6 +511,47 @@ impl HfConfig {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    /// Parameters of the base model with its LM head (tied heads counted once; no
+    /// classification head), as `sum(p.numel() for p in model.parameters())` counts them.
+    pub fn num_parameters(&self) -> i64 {
+        match &self.arch {
+            Arch::Gpt2(c) => {
+                let (d, ni) = (c.n_embd, c.n_inner);
+                let layer =
+                    4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * ni + ni) + (ni * d + d);
+                let head = if self.common.tie_word_embeddings {
+                    0
+                } else {
+                    c.vocab_size * d
+                };
+                c.vocab_size * d + c.n_positions * d + c.n_layer * layer + 2 * d + head
+            }
+            Arch::Llama(c) => {
+                let (d, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+                let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+                let qkv_bias = if c.qkv_bias { q + 2 * kv } else { 0 };
+                let o_bias = if c.o_bias { d } else { 0 };
+                let mlp_bias = if c.mlp_bias { 2 * i + d } else { 0 };
+                let layer =
+                    2 * d + d * (q + 2 * kv) + qkv_bias + q * d + o_bias + 3 * d * i + mlp_bias;
+                let head = if self.common.tie_word_embeddings {
+                    0
+                } else {
+                    c.vocab_size * d
+                };
+                c.vocab_size * d + c.num_hidden_layers * layer + d + head
+            }
+            Arch::Bert(c) => {
+                let (d, i) = (c.hidden_size, c.intermediate_size);
+                let layer = 4 * (d * d + d) + 4 * d + (d * i + i) + (i * d + d);
+                (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * d
+                    + 2 * d
+                    + c.num_hidden_layers * layer
+                    + (d * d + d)
+            }
+        }
+    }
+
     pub fn describe(&self) -> ModelDescription {
         let mut lora = self.module_names();
         lora.push("all-linear".into());
@@ -522,6 +565,7 @@ impl HfConfig {
             num_kv_heads: self.num_kv_heads(),
             context_length: self.context_length(),
             vocab_size: self.vocab_size(),
+            num_parameters: self.num_parameters(),
             dtype: self.common.dtype.clone(),
             tasks: self.tasks(),
             lora_target_modules: lora,
@@ -832,6 +876,7 @@ mod tests {
         assert_eq!(new.common.dtype.as_deref(), Some("bfloat16"));
         assert_eq!(new.common.eos_token_ids, vec![128001, 128008, 128009]);
         assert!(new.common.tie_word_embeddings);
+        assert_eq!(new.num_parameters(), 1_235_814_400, "Llama-3.2-1B");
         assert_eq!(new.num_kv_heads(), 8);
         assert_eq!(new.context_length(), 131072);
     }
@@ -904,6 +949,7 @@ mod tests {
         assert_eq!(c.linear_modules()[0], "transformer.h.0.attn.c_attn");
         let Arch::Gpt2(g) = &c.arch else { panic!() };
         assert_eq!(g.n_inner, 3072);
+        assert_eq!(c.num_parameters(), 124_439_808, "GPT-2 small");
         assert_eq!(g.activation_function, "gelu_new");
         assert!(c.common.tie_word_embeddings);
         let d = c.describe();
@@ -926,6 +972,7 @@ mod tests {
         );
         assert_eq!(c.module_names(), vec!["query", "key", "value", "dense"]);
         assert!(c.linear_modules().contains(&"pooler.dense".to_string()));
+        assert_eq!(c.num_parameters(), 22_713_216, "all-MiniLM-L6-v2");
     }
 
     #[test]

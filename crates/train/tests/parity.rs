@@ -683,3 +683,35 @@ fn unreadable_checkpoints_give_clear_errors() {
     std::fs::write(tmp.path().join("config.json"), "{not json").unwrap();
     assert!(err(tmp.path()).contains("not valid JSON"));
 }
+
+#[test]
+fn config_parameter_count_matches_loaded_model() {
+    for name in [
+        "gpt2",
+        "llama",
+        "llama-tied",
+        "qwen2",
+        "qwen2-yarn",
+        "mistral",
+        "bert",
+    ] {
+        let dir = fixture(name);
+        let hf = tuna_train::models::read_config(&dir).unwrap();
+        let task = if name == "bert" {
+            TaskHead::SequenceClassification {
+                id2label: vec!["a".into(), "b".into()],
+            }
+        } else {
+            TaskHead::CausalLm
+        };
+        let m = load_model(&dir, &opts(task)).unwrap();
+        let n: i64 = m
+            .all_parameters()
+            .iter()
+            .filter(|(k, _)| !k.starts_with("classifier."))
+            .map(|(_, t)| t.numel() as i64)
+            .sum();
+        assert_eq!(hf.num_parameters(), n, "{name}");
+        assert_eq!(hf.describe().num_parameters, n);
+    }
+}

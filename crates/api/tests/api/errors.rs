@@ -234,3 +234,14 @@ async fn unsupported_model_config_is_422() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(error_of(&body)["param"], "path");
 }
+
+#[tokio::test]
+async fn extractor_rejections_use_the_error_shape() {
+    let app = spawn_app().await;
+    // Invalid percent-encoding in a path parameter is rejected by axum's Path extractor.
+    let (status, body) = json(app.get("/v1/files/%FF%FE").await).await;
+    assert_eq!(status, 400, "{body}");
+    error_of(&body);
+    let (status, body) = json(app.get("/v1/fine_tuning/jobs?limit=abc").await).await;
+    assert_eq!((status, &body["error"]["param"]), (400, &json!("limit")));
+}
