@@ -5,7 +5,8 @@
 # latency) and stops everything. Arguments are passed to `tuna-bench api`, e.g.
 #   scripts/bench-api.sh --concurrency 32 --duration 20
 # Environment: BENCH_NO_BUILD=1 skips the build (BENCH_BIN_DIR: where the binaries are); BENCH_KEEP=1 keeps the data directory;
-# BENCH_SERVER_ARGS adds `tuna serve` arguments; BENCH_PG_SQL runs SQL first (experiments). Results are printed and written as JSON to
+# BENCH_SERVER_ARGS adds `tuna serve` arguments; BENCH_PG_SQL runs SQL first and BENCH_NO_KEY=1
+# sends no API key (experiments). Results are printed and written as JSON to
 # target/bench/api-<time>.json. Everything listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,7 +74,10 @@ JSON="$ROOT/target/bench/api-$(date -u +%Y%m%dT%H%M%SZ).json"
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
 echo "date: $(date -u +%FT%TZ)  load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "server: $URL (pid $SERVER_PID, data dir $DIR)"
-"$BENCH" api --url "$URL" --api-key "$(head -n1 "$DIR/admin_key")" --data-dir "$DIR" \
+# BENCH_NO_KEY=1 (experiments, with BENCH_SERVER_ARGS=--open-access): send no API key.
+KEY=$(head -n1 "$DIR/admin_key")
+[ "${BENCH_NO_KEY:-0}" = 1 ] && KEY=""
+"$BENCH" api --url "$URL" --api-key "$KEY" --data-dir "$DIR" \
     --server-pid "$SERVER_PID" --json "$JSON" "$@"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "results: $JSON"

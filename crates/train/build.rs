@@ -22,7 +22,10 @@ fn main() {
         .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
         .unwrap_or_default();
     if !version.starts_with("2.11.0") {
-        panic!("tch 0.24.0 needs libtorch 2.11.0, found '{version}' at {}: run scripts/setup.sh", root.display());
+        panic!(
+            "tch 0.24.0 needs libtorch 2.11.0, found '{version}' at {}: run scripts/setup.sh",
+            root.display()
+        );
     }
     let lib = root.join("lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());

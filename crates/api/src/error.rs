@@ -15,6 +15,7 @@ use serde_json::json;
 use tuna_core::spec::SpecError;
 use tuna_db::queue::{ControlError, QueueError};
 use tuna_db::DbError;
+use tuna_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -40,6 +41,9 @@ pub enum ApiError {
     /// 409: the object's state does not allow the request.
     #[error("{0}")]
     Conflict(String),
+    /// 416: the `Range` header asks for bytes past the end of a file of `size` bytes.
+    #[error("{message}")]
+    RangeNotSatisfiable { message: String, size: u64 },
     /// 413: the body is larger than allowed.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -99,6 +103,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -125,6 +130,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => Some("method_not_allowed"),
             ApiError::Conflict(_) => Some("conflict"),
             ApiError::PayloadTooLarge(_) => Some("payload_too_large"),
+            ApiError::RangeNotSatisfiable { .. } => Some("range_not_satisfiable"),
             ApiError::Unprocessable { .. } => Some("unprocessable"),
             ApiError::TooManyRequests(_) => Some("rate_limit_exceeded"),
             ApiError::Unavailable(_) => Some("service_unavailable"),
@@ -170,6 +176,11 @@ impl IntoResponse for ApiError {
             "code": self.code(),
         }});
         let mut resp = (status, Json(body)).into_response();
+        if let ApiError::RangeNotSatisfiable { size, .. } = &self {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                resp.headers_mut().insert(axum::http::header::CONTENT_RANGE, v);
+            }
+        }
         if !matches!(
             self,
             ApiError::TooManyRequests(_) | ApiError::Unavailable(_)
@@ -244,6 +255,25 @@ impl From<ControlError> for ApiError {
             },
             ControlError::Conflict(m) => ApiError::Conflict(m),
             ControlError::Db(e) => from_sqlx(e),
+        }
+    }
+}
+
+/// A missing object is a 404; invalid names are 400s; anything else is a 500 (or 503 when the
+/// store cannot be reached).
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(key) => ApiError::NotFound {
+                message: format!("'{key}' was not found in the artifact store."),
+                code: "not_found",
+            },
+            StoreError::InvalidKey { key, reason } => ApiError::bad_request_code(
+                format!("invalid file name '{key}': {reason}"),
+                Some("path"),
+                "invalid_path",
+            ),
+            other => ApiError::Internal(other.to_string()),
         }
     }
 }

@@ -1,6 +1,8 @@
-//! `/v1/files`: multipart upload streamed to `<data_dir>/files/<file_id>` (sha256 computed on
-//! the way, never held in memory), checked line by line for purpose `fine-tune`, then listed,
-//! retrieved, downloaded and deleted.
+//! `/v1/files`: multipart upload streamed to a local temporary file (sha256 computed on the way,
+//! never held in memory, size limit enforced), checked line by line for purpose `fine-tune`,
+//! then put into the artifact store at `files/<file_id>` (the row's `storage_key`) where workers
+//! on any machine read it; listed, retrieved, downloaded (streamed from the store) and deleted
+//! (the stored object too). Result files written by workers live at the same kind of key.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +20,7 @@ use tuna_core::data::{self, Format};
 use tuna_core::ids;
 use tuna_db::files::{self as db, FileCheck, NewFile, Order};
 use tuna_db::rows::FileRow;
+use tuna_store::StoreError;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -105,9 +108,8 @@ async fn delete(
     let row = db::delete_file(&st.db, &caller.organization_id, &file_id)
         .await?
         .ok_or_else(|| ApiError::not_found("file", &file_id))?;
-    let path = st.config.files_dir().join(&row.storage_key);
-    if let Err(e) = tokio::fs::remove_file(&path).await {
-        tracing::warn!(path = %path.display(), error = %e, "removing a deleted file's bytes failed");
+    if let Err(e) = st.config.store.delete(&row.storage_key).await {
+        tracing::warn!(key = %row.storage_key, error = %e, "removing a deleted file's bytes failed");
     }
     Ok(Json(
         json!({"id": row.file_id, "object": "file", "deleted": true}),
@@ -120,9 +122,27 @@ async fn content(
     UrlPath(file_id): UrlPath<String>,
 ) -> ApiResult<Response> {
     let row = find(&st, &caller, &file_id).await?;
-    let file = tokio::fs::File::open(st.config.files_dir().join(&row.storage_key)).await?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+    let (size, stream) = st
+        .config
+        .store
+        .get_stream(&row.storage_key)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(_) => ApiError::NotFound {
+                message: format!("The content of file '{file_id}' is missing from the store."),
+                code: "not_found",
+            },
+            e => e.into(),
+        })?;
+    let body = Body::from_stream(stream);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// A live file of the caller's organisation, or 404.
@@ -171,37 +191,43 @@ struct Stored {
 /// Reads the multipart parts, stores the `file` part, records and checks it.
 async fn receive(st: &AppState, caller: &Caller, mut mp: Multipart) -> ApiResult<FileRow> {
     let file_id = ids::new_id(ids::FILE);
-    let dir = st.config.files_dir();
+    let dir = st.config.tmp_dir();
     tokio::fs::create_dir_all(&dir).await?;
     let part = dir.join(format!("{file_id}.part"));
-    let result = read_parts(&mut mp, &part, st.config.max_upload_bytes).await;
-    let (purpose, stored) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(e);
-        }
-    };
-    let final_path = dir.join(&file_id);
-    tokio::fs::rename(&part, &final_path).await?;
+    let result = receive_part(st, caller, &mut mp, &file_id, &part).await;
+    let _ = tokio::fs::remove_file(&part).await;
+    result
+}
+
+/// Receives the upload into `part`, stores it, records and checks it.
+async fn receive_part(
+    st: &AppState,
+    caller: &Caller,
+    mp: &mut Multipart,
+    file_id: &str,
+    part: &Path,
+) -> ApiResult<FileRow> {
+    let (purpose, stored) = read_parts(mp, part, st.config.max_upload_bytes).await?;
+    let key = Config::file_key(file_id);
+    st.config.store.put_file(&key, part).await?;
     let new = NewFile {
-        file_id: file_id.clone(),
+        file_id: file_id.to_string(),
         organization_id: caller.organization_id.clone(),
         filename: stored.filename.clone(),
         purpose: purpose.clone(),
         bytes: stored.bytes as i64,
-        storage_key: file_id.clone(),
+        storage_key: key.clone(),
         sha256: stored.sha256,
     };
     let row = match db::insert_file(&st.db, &new).await {
         Ok(r) => r,
         Err(e) => {
-            let _ = tokio::fs::remove_file(&final_path).await;
+            let _ = st.config.store.delete(&key).await;
             return Err(e.into());
         }
     };
     let check = if purpose == "fine-tune" {
-        check_file(final_path, stored.filename).await?
+        check_file(part.to_path_buf(), stored.filename).await?
     } else {
         FileCheck {
             status: "processed".into(),

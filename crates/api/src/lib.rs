@@ -4,6 +4,9 @@
 //! - `error`: [`error::ApiError`], the one error type, answered in OpenAI's error shape.
 //! - `auth`: Bearer API keys ([`auth::Caller`]), open access for local use.
 //! - `files`, `jobs`, `models`, `ops`: one module per resource, each with a `router()`.
+//! - `artifacts`: downloads of final models and checkpoints from the artifact store (one file
+//!   with ranges and ETags, or a whole model as one streamed tar built by `tar`).
+//! - `events`: the live event stream (server-sent events) of a job.
 //! - `objects`: the JSON objects the API answers (jobs, events, checkpoints, files, models).
 //! - `query`: list parameters (`after`, `limit`, `order`, `metadata[k]`) and list envelopes.
 //! - `validate`: the check a new job goes through before it is queued.
@@ -18,22 +21,29 @@ use std::sync::Arc;
 
 use axum::Router;
 use tuna_db::PgPool;
+use tuna_store::Store;
 
+pub mod artifacts;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod files;
 pub mod jobs;
 pub mod models;
 pub mod objects;
 pub mod ops;
 pub mod query;
+pub mod tar;
 pub mod validate;
 
 /// Server settings the handlers need.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where uploaded files are stored (`<data_dir>/files/<file_id>`).
+    /// Local scratch: uploads are received in `<data_dir>/tmp` before they go to the store.
     pub data_dir: PathBuf,
+    /// The artifact store: uploaded and result files (`files/<file_id>`), checkpoints and final
+    /// models (`jobs/<job_id>/...`). Shared with the workers.
+    pub store: Store,
     /// Requests without a valid key act as the default organisation (loopback only).
     pub open_access: bool,
     /// Accept `file://` dataset URLs.
@@ -47,9 +57,10 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+    pub fn new(data_dir: impl Into<PathBuf>, store: Store) -> Config {
         Config {
             data_dir: data_dir.into(),
+            store,
             open_access: false,
             allow_file_urls: false,
             max_upload_bytes: 512 * 1024 * 1024,
@@ -58,8 +69,14 @@ impl Config {
         }
     }
 
-    pub fn files_dir(&self) -> PathBuf {
-        self.data_dir.join("files")
+    /// Where uploads are received before they are put into the store.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.data_dir.join("tmp")
+    }
+
+    /// The store key of an uploaded (or result) file.
+    pub fn file_key(file_id: &str) -> String {
+        format!("files/{file_id}")
     }
 }
 
@@ -79,7 +96,8 @@ impl AppState {
     }
 }
 
-/// Every route: (method, path), paths in axum's (and OpenAPI's) `{param}` syntax.
+/// Every route: (method, path), paths in OpenAPI's `{param}` syntax (axum's too, except that the
+/// router captures `{path}`, the rest of the URL, as the wildcard `{*path}`).
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -100,6 +118,34 @@ pub const ROUTES: &[(&str, &str)] = &[
         "GET",
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
     ),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events/stream",
+    ),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts",
+    ),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts.tar",
+    ),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts/{path}",
+    ),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/artifacts",
+    ),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/artifacts.tar",
+    ),
+    (
+        "GET",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/artifacts/{path}",
+    ),
     ("GET", "/v1/models"),
     ("POST", "/v1/models"),
     ("GET", "/v1/models/{model}"),
@@ -111,6 +157,8 @@ pub fn router(state: AppState) -> Router {
         .merge(files::router(&state.config))
         .merge(jobs::router(&state.config))
         .merge(models::router(&state.config))
+        .merge(artifacts::router())
+        .merge(events::router())
         .merge(ops::router());
     ops::layers(api, state)
 }

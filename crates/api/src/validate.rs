@@ -272,10 +272,24 @@ async fn check_data(
             format!("file '{file_id}' no longer exists"),
         )));
     };
-    let path = st.config.files_dir().join(&file.storage_key);
+    let tmp = st.config.tmp_dir();
+    tokio::fs::create_dir_all(&tmp).await?;
+    let path = tmp.join(format!("{}-{file_id}.check", job.job_id));
+    match st.config.store.download_file(&file.storage_key, &path).await {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() => {
+            return Ok(Err(fail(
+                code,
+                param,
+                format!("the content of file '{file_id}' is missing from the artifact store"),
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
     let filename = file.filename.clone();
+    let scanned = path.clone();
     let report = tokio::task::spawn_blocking(move || -> std::io::Result<data::Report> {
-        let f = std::fs::File::open(&path)?;
+        let f = std::fs::File::open(&scanned)?;
         Ok(data::scan(
             std::io::BufReader::new(f),
             Format::from_filename(&filename),
@@ -283,8 +297,9 @@ async fn check_data(
             |_, _| {},
         ))
     })
-    .await
-    .map_err(|e| ApiError::Internal(format!("data check task: {e}")))??;
+    .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    let report = report.map_err(|e| ApiError::Internal(format!("data check task: {e}")))??;
     if !report.is_ok() {
         return Ok(Err(fail(
             code,

@@ -17,7 +17,8 @@ use crate::stats::Summary;
 pub struct Api {
     client: reqwest::Client,
     base: String,
-    auth: String,
+    /// `Authorization: Bearer <key>`, or nothing (a server with `--open-access`).
+    auth: reqwest::header::HeaderMap,
 }
 
 /// What one request did.
@@ -37,10 +38,17 @@ impl Api {
             .timeout(Duration::from_secs(30))
             .build()
             .context("building the HTTP client")?;
+        let mut auth = reqwest::header::HeaderMap::new();
+        if !api_key.is_empty() {
+            let value = format!("Bearer {api_key}")
+                .parse()
+                .context("the API key is not a valid header value")?;
+            auth.insert(reqwest::header::AUTHORIZATION, value);
+        }
         Ok(Api {
             client,
             base: base.trim_end_matches('/').to_string(),
-            auth: format!("Bearer {api_key}"),
+            auth,
         })
     }
 
@@ -60,7 +68,7 @@ impl Api {
         let resp = self
             .client
             .post(format!("{}/v1/fine_tuning/jobs", self.base))
-            .header("authorization", &self.auth)
+            .headers(self.auth.clone())
             .json(body)
             .send()
             .await?;
@@ -72,7 +80,7 @@ impl Api {
         let resp = self
             .client
             .get(format!("{}/v1/fine_tuning/jobs/{job_id}", self.base))
-            .header("authorization", &self.auth)
+            .headers(self.auth.clone())
             .send()
             .await?;
         Self::answer(resp, false).await
@@ -82,7 +90,7 @@ impl Api {
         let resp = self
             .client
             .get(format!("{}{path}", self.base))
-            .header("authorization", &self.auth)
+            .headers(self.auth.clone())
             .send()
             .await
             .with_context(|| format!("GET {path}"))?;
@@ -115,7 +123,7 @@ impl Api {
         let resp = self
             .client
             .post(format!("{}/v1/files", self.base))
-            .header("authorization", &self.auth)
+            .headers(self.auth.clone())
             .multipart(form)
             .send()
             .await

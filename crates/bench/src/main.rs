@@ -54,7 +54,7 @@ struct ApiArgs {
     /// Base URL of the server (loopback).
     #[arg(long)]
     url: String,
-    /// API key sent as Bearer token.
+    /// API key sent as Bearer token (empty: send none, for a server with `--open-access`).
     #[arg(long, env = "TUNA_API_KEY", hide_env_values = true)]
     api_key: String,
     /// The server's PostgreSQL URL (default: its private cluster under `<data-dir>/pg`).

@@ -71,7 +71,10 @@ impl Shape {
 
     /// Shapes a causal-LM job can train on.
     pub fn fits_causal_lm(self) -> bool {
-        matches!(self, Shape::Messages | Shape::PromptCompletion | Shape::Text)
+        matches!(
+            self,
+            Shape::Messages | Shape::PromptCompletion | Shape::Text
+        )
     }
 
     /// Shapes a sequence-classification job can train on.
@@ -137,7 +140,11 @@ pub struct LineError {
 
 impl LineError {
     fn new(line: u64, rule: &str, message: impl Into<String>) -> Self {
-        LineError { line, rule: rule.to_string(), message: message.into() }
+        LineError {
+            line,
+            rule: rule.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -148,14 +155,25 @@ impl std::fmt::Display for LineError {
 }
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-const MESSAGE_KEYS: [&str; 6] = ["role", "content", "weight", "name", "tool_calls", "tool_call_id"];
+const MESSAGE_KEYS: [&str; 6] = [
+    "role",
+    "content",
+    "weight",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+];
 
 /// Parses one JSONL line (already known to be non-blank).
 pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
     let value: Value = serde_json::from_str(line)
         .map_err(|e| LineError::new(line_no, "invalid_json", format!("not valid JSON: {e}")))?;
     let Value::Object(obj) = value else {
-        return Err(LineError::new(line_no, "not_an_object", "each line must be a JSON object"));
+        return Err(LineError::new(
+            line_no,
+            "not_an_object",
+            "each line must be a JSON object",
+        ));
     };
     if let Some(messages) = obj.get("messages") {
         return parse_messages(messages, line_no).map(|messages| Example::Chat { messages });
@@ -164,7 +182,11 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
         let prompt = string_field(&obj, "prompt", line_no)?;
         let completion = string_field(&obj, "completion", line_no)?;
         if completion.trim().is_empty() {
-            return Err(LineError::new(line_no, "empty_completion", "`completion` is empty"));
+            return Err(LineError::new(
+                line_no,
+                "empty_completion",
+                "`completion` is empty",
+            ));
         }
         return Ok(Example::PromptCompletion { prompt, completion });
     }
@@ -175,7 +197,10 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
         }
         return match obj.get("label") {
             None | Some(Value::Null) => Ok(Example::Text { text }),
-            Some(label) => Ok(Example::Labeled { text, label: parse_label(label, line_no)? }),
+            Some(label) => Ok(Example::Labeled {
+                text,
+                label: parse_label(label, line_no)?,
+            }),
         };
     }
     let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
@@ -188,7 +213,11 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
     ))
 }
 
-fn string_field(obj: &serde_json::Map<String, Value>, key: &str, line_no: u64) -> Result<String, LineError> {
+fn string_field(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    line_no: u64,
+) -> Result<String, LineError> {
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(LineError::new(
@@ -196,7 +225,11 @@ fn string_field(obj: &serde_json::Map<String, Value>, key: &str, line_no: u64) -
             "invalid_type",
             format!("`{key}` must be a string, found {}", type_name(other)),
         )),
-        None => Err(LineError::new(line_no, "missing_key", format!("`{key}` is missing"))),
+        None => Err(LineError::new(
+            line_no,
+            "missing_key",
+            format!("`{key}` is missing"),
+        )),
     }
 }
 
@@ -207,22 +240,37 @@ fn parse_label(value: &Value, line_no: u64) -> Result<Label, LineError> {
         other => Err(LineError::new(
             line_no,
             "invalid_label",
-            format!("`label` must be a non-empty string or an integer, found {}", type_name(other)),
+            format!(
+                "`label` must be a non-empty string or an integer, found {}",
+                type_name(other)
+            ),
         )),
     }
 }
 
 fn parse_messages(value: &Value, line_no: u64) -> Result<Vec<Message>, LineError> {
     let Value::Array(items) = value else {
-        return Err(LineError::new(line_no, "missing_messages_list", "`messages` must be a list"));
+        return Err(LineError::new(
+            line_no,
+            "missing_messages_list",
+            "`messages` must be a list",
+        ));
     };
     if items.is_empty() {
-        return Err(LineError::new(line_no, "missing_messages_list", "`messages` is empty"));
+        return Err(LineError::new(
+            line_no,
+            "missing_messages_list",
+            "`messages` is empty",
+        ));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let Value::Object(m) = item else {
-            return Err(LineError::new(line_no, "message_not_object", format!("message {i} is not an object")));
+            return Err(LineError::new(
+                line_no,
+                "message_not_object",
+                format!("message {i} is not an object"),
+            ));
         };
         if let Some(k) = m.keys().find(|k| !MESSAGE_KEYS.contains(&k.as_str())) {
             return Err(LineError::new(
@@ -234,9 +282,19 @@ fn parse_messages(value: &Value, line_no: u64) -> Result<Vec<Message>, LineError
         let role = match m.get("role") {
             Some(Value::String(r)) => r.clone(),
             Some(_) => {
-                return Err(LineError::new(line_no, "message_missing_key", format!("message {i}: `role` must be a string")))
+                return Err(LineError::new(
+                    line_no,
+                    "message_missing_key",
+                    format!("message {i}: `role` must be a string"),
+                ))
             }
-            None => return Err(LineError::new(line_no, "message_missing_key", format!("message {i} has no `role`"))),
+            None => {
+                return Err(LineError::new(
+                    line_no,
+                    "message_missing_key",
+                    format!("message {i} has no `role`"),
+                ))
+            }
         };
         if !ROLES.contains(&role.as_str()) {
             return Err(LineError::new(
@@ -249,13 +307,20 @@ fn parse_messages(value: &Value, line_no: u64) -> Result<Vec<Message>, LineError
             Some(Value::String(c)) => c.clone(),
             Some(Value::Null) | None if m.contains_key("tool_calls") => String::new(),
             Some(Value::Null) | None => {
-                return Err(LineError::new(line_no, "missing_content", format!("message {i} has no `content`")))
+                return Err(LineError::new(
+                    line_no,
+                    "missing_content",
+                    format!("message {i} has no `content`"),
+                ))
             }
             Some(other) => {
                 return Err(LineError::new(
                     line_no,
                     "missing_content",
-                    format!("message {i}: `content` must be a string, found {}", type_name(other)),
+                    format!(
+                        "message {i}: `content` must be a string, found {}",
+                        type_name(other)
+                    ),
                 ))
             }
         };
@@ -272,10 +337,18 @@ fn parse_messages(value: &Value, line_no: u64) -> Result<Vec<Message>, LineError
                 n.as_u64().map(|w| w as u8)
             }
             Some(_) => {
-                return Err(LineError::new(line_no, "invalid_weight", format!("message {i}: `weight` must be 0 or 1")))
+                return Err(LineError::new(
+                    line_no,
+                    "invalid_weight",
+                    format!("message {i}: `weight` must be 0 or 1"),
+                ))
             }
         };
-        out.push(Message { role, content, weight });
+        out.push(Message {
+            role,
+            content,
+            weight,
+        });
     }
     if !out.iter().any(|m| m.role == "assistant") {
         return Err(LineError::new(
@@ -323,7 +396,11 @@ impl Report {
         }
         let shown: Vec<String> = self.errors.iter().map(ToString::to_string).collect();
         let more = self.error_count.saturating_sub(self.errors.len() as u64);
-        let mut s = format!("{} invalid record(s): {}", self.error_count, shown.join("; "));
+        let mut s = format!(
+            "{} invalid record(s): {}",
+            self.error_count,
+            shown.join("; ")
+        );
         if more > 0 {
             s.push_str(&format!("; and {more} more"));
         }
@@ -346,7 +423,11 @@ pub fn scan<R: BufRead>(
             Some(shape) if shape != ex.shape() => Err(LineError::new(
                 line,
                 "mixed_shapes",
-                format!("this record is `{}` but earlier records are `{}`", ex.shape().as_str(), shape.as_str()),
+                format!(
+                    "this record is `{}` but earlier records are `{}`",
+                    ex.shape().as_str(),
+                    shape.as_str()
+                ),
             )),
             _ => Ok(ex),
         });
@@ -390,7 +471,11 @@ fn scan_jsonl<R: BufRead>(
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
-                push(report, line_no + 1, Err(LineError::new(line_no + 1, "read_error", e.to_string())));
+                push(
+                    report,
+                    line_no + 1,
+                    Err(LineError::new(line_no + 1, "read_error", e.to_string())),
+                );
                 break;
             }
         }
@@ -398,7 +483,15 @@ fn scan_jsonl<R: BufRead>(
         let text = match std::str::from_utf8(&buf) {
             Ok(t) => t,
             Err(_) => {
-                push(report, line_no, Err(LineError::new(line_no, "invalid_utf8", "the line is not valid UTF-8")));
+                push(
+                    report,
+                    line_no,
+                    Err(LineError::new(
+                        line_no,
+                        "invalid_utf8",
+                        "the line is not valid UTF-8",
+                    )),
+                );
                 continue;
             }
         };
@@ -423,9 +516,20 @@ fn scan_delimited<R: BufRead>(
         .quoting(format == Format::Csv)
         .from_reader(reader);
     let headers: Vec<String> = match rdr.headers() {
-        Ok(h) => h.iter().map(|s| s.trim().trim_start_matches('\u{feff}').to_ascii_lowercase()).collect(),
+        Ok(h) => h
+            .iter()
+            .map(|s| s.trim().trim_start_matches('\u{feff}').to_ascii_lowercase())
+            .collect(),
         Err(e) => {
-            push(report, 1, Err(LineError::new(1, "invalid_header", format!("cannot read the header row: {e}"))));
+            push(
+                report,
+                1,
+                Err(LineError::new(
+                    1,
+                    "invalid_header",
+                    format!("cannot read the header row: {e}"),
+                )),
+            );
             return;
         }
     };
@@ -459,7 +563,11 @@ fn scan_delimited<R: BufRead>(
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
-                let rule = if matches!(e.kind(), csv::ErrorKind::Utf8 { .. }) { "invalid_utf8" } else { "invalid_csv" };
+                let rule = if matches!(e.kind(), csv::ErrorKind::Utf8 { .. }) {
+                    "invalid_utf8"
+                } else {
+                    "invalid_csv"
+                };
                 push(report, line, Err(LineError::new(line, rule, e.to_string())));
                 continue;
             }
@@ -471,7 +579,11 @@ fn scan_delimited<R: BufRead>(
             push(
                 report,
                 line,
-                Err(LineError::new(line, "csv_field_count", format!("expected {width} fields, found {}", record.len()))),
+                Err(LineError::new(
+                    line,
+                    "csv_field_count",
+                    format!("expected {width} fields, found {}", record.len()),
+                )),
             );
             continue;
         }
@@ -480,9 +592,16 @@ fn scan_delimited<R: BufRead>(
             Layout::PromptCompletion(p, c) => {
                 let completion = get(c);
                 if completion.trim().is_empty() {
-                    Err(LineError::new(line, "empty_completion", "`completion` is empty"))
+                    Err(LineError::new(
+                        line,
+                        "empty_completion",
+                        "`completion` is empty",
+                    ))
                 } else {
-                    Ok(Example::PromptCompletion { prompt: get(p), completion })
+                    Ok(Example::PromptCompletion {
+                        prompt: get(p),
+                        completion,
+                    })
                 }
             }
             Layout::Text(t) | Layout::TextLabel(t, _) if get(t).trim().is_empty() => {
@@ -495,8 +614,14 @@ fn scan_delimited<R: BufRead>(
                 if raw.is_empty() {
                     Err(LineError::new(line, "invalid_label", "`label` is empty"))
                 } else {
-                    let label = raw.parse::<i64>().map(Label::Int).unwrap_or_else(|_| Label::Name(raw.to_string()));
-                    Ok(Example::Labeled { text: get(t), label })
+                    let label = raw
+                        .parse::<i64>()
+                        .map(Label::Int)
+                        .unwrap_or_else(|_| Label::Name(raw.to_string()));
+                    Ok(Example::Labeled {
+                        text: get(t),
+                        label,
+                    })
                 }
             }
         };
@@ -512,7 +637,11 @@ enum Layout {
 }
 
 /// Reads every example of a file, or the first `max_errors` errors if any record is bad.
-pub fn read_all<R: BufRead>(reader: R, format: Format, max_errors: usize) -> Result<Vec<(u64, Example)>, Report> {
+pub fn read_all<R: BufRead>(
+    reader: R,
+    format: Format,
+    max_errors: usize,
+) -> Result<Vec<(u64, Example)>, Report> {
     let mut out = Vec::new();
     let report = scan(reader, format, max_errors, |line, ex| out.push((line, ex)));
     if report.is_ok() {
@@ -533,7 +662,9 @@ mod tests {
     #[test]
     fn chat_lines_parse_and_weight_is_kept() {
         let line = r#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},{"role":"assistant","content":"hello","weight":0},{"role":"user","content":"again"},{"role":"assistant","content":"hi"}]}"#;
-        let Example::Chat { messages } = parse_json_line(line, 1).unwrap() else { panic!("not chat") };
+        let Example::Chat { messages } = parse_json_line(line, 1).unwrap() else {
+            panic!("not chat")
+        };
         assert_eq!(messages.len(), 5);
         assert_eq!(messages[2].weight, Some(0));
         assert_eq!(messages[4].weight, None);
@@ -547,7 +678,12 @@ mod tests {
         let got: Vec<(u64, &str)> = r.errors.iter().map(|e| (e.line, e.rule.as_str())).collect();
         assert_eq!(
             got,
-            vec![(3, "invalid_json"), (4, "unrecognized_role"), (5, "not_an_object"), (6, "mixed_shapes")]
+            vec![
+                (3, "invalid_json"),
+                (4, "unrecognized_role"),
+                (5, "not_an_object"),
+                (6, "mixed_shapes")
+            ]
         );
         assert!(!r.is_ok());
         assert!(r.summary().contains("line 3"));
@@ -557,11 +693,20 @@ mod tests {
     fn chat_rules() {
         let cases = [
             (r#"{"messages":"hi"}"#, "missing_messages_list"),
-            (r#"{"messages":[{"role":"user","content":"x"}]}"#, "example_missing_assistant_message"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                "example_missing_assistant_message",
+            ),
             (r#"{"messages":[{"role":"assistant"}]}"#, "missing_content"),
             (r#"{"messages":[{"content":"x"}]}"#, "message_missing_key"),
-            (r#"{"messages":[{"role":"assistant","content":"x","mood":1}]}"#, "message_unrecognized_key"),
-            (r#"{"messages":[{"role":"assistant","content":"x","weight":2}]}"#, "invalid_weight"),
+            (
+                r#"{"messages":[{"role":"assistant","content":"x","mood":1}]}"#,
+                "message_unrecognized_key",
+            ),
+            (
+                r#"{"messages":[{"role":"assistant","content":"x","weight":2}]}"#,
+                "invalid_weight",
+            ),
             (r#"{"text":""}"#, "empty_text"),
             (r#"{"text":"a","label":[1]}"#, "invalid_label"),
             (r#"{"foo":1}"#, "unknown_shape"),
@@ -573,16 +718,30 @@ mod tests {
 
     #[test]
     fn labels_collected_from_jsonl_and_tsv() {
-        let r = scan_str("{\"text\":\"good\",\"label\":\"pos\"}\n{\"text\":\"bad\",\"label\":\"neg\"}\n", Format::Jsonl);
+        let r = scan_str(
+            "{\"text\":\"good\",\"label\":\"pos\"}\n{\"text\":\"bad\",\"label\":\"neg\"}\n",
+            Format::Jsonl,
+        );
         assert_eq!(r.shape, Some(Shape::TextLabel));
-        assert_eq!(r.labels, vec![Label::Name("neg".into()), Label::Name("pos".into())]);
+        assert_eq!(
+            r.labels,
+            vec![Label::Name("neg".into()), Label::Name("pos".into())]
+        );
         let tsv = "sentence\tlabel\nit is great \t1\nawful\t0\n";
         let mut seen = vec![];
-        let r = scan(tsv.as_bytes(), Format::Tsv, 10, |line, ex| seen.push((line, ex)));
+        let r = scan(tsv.as_bytes(), Format::Tsv, 10, |line, ex| {
+            seen.push((line, ex))
+        });
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(r.labels, vec![Label::Int(0), Label::Int(1)]);
         assert_eq!(seen[0].0, 2);
-        assert_eq!(seen[1].1, Example::Labeled { text: "awful".into(), label: Label::Int(0) });
+        assert_eq!(
+            seen[1].1,
+            Example::Labeled {
+                text: "awful".into(),
+                label: Label::Int(0)
+            }
+        );
     }
 
     #[test]
@@ -599,7 +758,12 @@ mod tests {
 
     #[test]
     fn read_all_returns_examples_or_report() {
-        let ok = read_all("{\"text\":\"a\"}\n{\"text\":\"b\"}".as_bytes(), Format::Jsonl, 5).unwrap();
+        let ok = read_all(
+            "{\"text\":\"a\"}\n{\"text\":\"b\"}".as_bytes(),
+            Format::Jsonl,
+            5,
+        )
+        .unwrap();
         assert_eq!(ok.len(), 2);
         let err = read_all("".as_bytes(), Format::Jsonl, 5).unwrap_err();
         assert_eq!(err.examples, 0);

@@ -13,13 +13,21 @@ pub const WORKER: &str = "worker-";
 
 /// A new id: `prefix` followed by 24 random alphanumeric characters.
 pub fn new_id(prefix: &str) -> String {
-    let tail: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
+    let tail: String = rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
     format!("{prefix}{tail}")
 }
 
 /// A new API key secret (`tuna-sk-` + 40 random characters).
 pub fn new_secret() -> String {
-    let tail: String = rand::thread_rng().sample_iter(&Alphanumeric).take(40).map(char::from).collect();
+    let tail: String = rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
     format!("tuna-sk-{tail}")
 }
 

@@ -139,7 +139,10 @@ pub struct SpecError {
 
 impl SpecError {
     fn new(param: &str, message: impl Into<String>) -> Self {
-        SpecError { message: message.into(), param: Some(param.to_string()) }
+        SpecError {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
     }
 }
 
@@ -215,13 +218,26 @@ const JOB_EXTENSIONS: [&str; 2] = ["priority", "log_interval"];
 const OPENAI_HP: [&str; 3] = ["batch_size", "learning_rate_multiplier", "n_epochs"];
 
 /// Parses and validates a create request body. `seed` is used when the request has none.
-pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64) -> Result<CreateRequest, SpecError> {
+pub fn parse_create_request(
+    body: &Value,
+    policy: &SpecPolicy,
+    default_seed: u64,
+) -> Result<CreateRequest, SpecError> {
     let Value::Object(obj) = body else {
-        return Err(SpecError { message: "the request body must be a JSON object".into(), param: None });
+        return Err(SpecError {
+            message: "the request body must be a JSON object".into(),
+            param: None,
+        });
     };
     for key in obj.keys() {
-        if !TOP_LEVEL.contains(&key.as_str()) && !EXTENSIONS.contains(&key.as_str()) && !JOB_EXTENSIONS.contains(&key.as_str()) {
-            return Err(SpecError::new(key, format!("unrecognised request argument supplied: {key}")));
+        if !TOP_LEVEL.contains(&key.as_str())
+            && !EXTENSIONS.contains(&key.as_str())
+            && !JOB_EXTENSIONS.contains(&key.as_str())
+        {
+            return Err(SpecError::new(
+                key,
+                format!("unrecognised request argument supplied: {key}"),
+            ));
         }
     }
 
@@ -240,7 +256,10 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
     if let Some(hp) = obj.get("hyperparameters") {
         if !hp.is_null() {
             let Value::Object(hp) = hp else {
-                return Err(SpecError::new("hyperparameters", "`hyperparameters` must be an object"));
+                return Err(SpecError::new(
+                    "hyperparameters",
+                    "`hyperparameters` must be an object",
+                ));
             };
             hp_sources.push(("hyperparameters".into(), hp));
         }
@@ -258,17 +277,28 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
                         format!("method type '{t}' is not supported; tuna supports 'supervised'"),
                     ))
                 }
-                _ => return Err(SpecError::new("method.type", "`method.type` is required and must be 'supervised'")),
+                _ => {
+                    return Err(SpecError::new(
+                        "method.type",
+                        "`method.type` is required and must be 'supervised'",
+                    ))
+                }
             }
             for k in m.keys() {
                 if k != "type" && k != "supervised" {
-                    return Err(SpecError::new(&format!("method.{k}"), format!("unrecognised method argument: {k}")));
+                    return Err(SpecError::new(
+                        &format!("method.{k}"),
+                        format!("unrecognised method argument: {k}"),
+                    ));
                 }
             }
             if let Some(sup) = m.get("supervised") {
                 if !sup.is_null() {
                     let Value::Object(sup) = sup else {
-                        return Err(SpecError::new("method.supervised", "`method.supervised` must be an object"));
+                        return Err(SpecError::new(
+                            "method.supervised",
+                            "`method.supervised` must be an object",
+                        ));
                     };
                     for k in sup.keys() {
                         if k != "hyperparameters" {
@@ -296,12 +326,26 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
     for (prefix, hp) in hp_sources {
         for (k, v) in hp {
             let param = format!("{prefix}.{k}");
-            if !OPENAI_HP.contains(&k.as_str()) && !EXTENSIONS.contains(&k.as_str()) && !JOB_EXTENSIONS.contains(&k.as_str()) {
-                return Err(SpecError::new(&param, format!("unrecognised hyperparameter: {k}")));
+            if !OPENAI_HP.contains(&k.as_str())
+                && !EXTENSIONS.contains(&k.as_str())
+                && !JOB_EXTENSIONS.contains(&k.as_str())
+            {
+                return Err(SpecError::new(
+                    &param,
+                    format!("unrecognised hyperparameter: {k}"),
+                ));
             }
             if let Some(prev) = knobs.get(k) {
-                if prev != v && !(prefix.starts_with("method") && origin.get(k).is_some_and(|o| o.starts_with("hyperparameters."))) {
-                    return Err(SpecError::new(&param, format!("`{k}` is given twice with different values")));
+                if prev != v
+                    && !(prefix.starts_with("method")
+                        && origin
+                            .get(k)
+                            .is_some_and(|o| o.starts_with("hyperparameters.")))
+                {
+                    return Err(SpecError::new(
+                        &param,
+                        format!("`{k}` is given twice with different values"),
+                    ));
                 }
             }
             knobs.insert(k.clone(), v.clone());
@@ -317,13 +361,23 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
     let training_file = opt_string(obj, "training_file")?;
     let validation_file = opt_string(obj, "validation_file")?;
     let dataset_url = opt_string_knob(&knobs, "dataset_url", &p("dataset_url"))?;
-    let validation_dataset_url = opt_string_knob(&knobs, "validation_dataset_url", &p("validation_dataset_url"))?;
+    let validation_dataset_url = opt_string_knob(
+        &knobs,
+        "validation_dataset_url",
+        &p("validation_dataset_url"),
+    )?;
     match (&training_file, &dataset_url) {
         (None, None) => {
-            return Err(SpecError::new("training_file", "give `training_file` (an uploaded file id) or `dataset_url`"))
+            return Err(SpecError::new(
+                "training_file",
+                "give `training_file` (an uploaded file id) or `dataset_url`",
+            ))
         }
         (Some(_), Some(_)) => {
-            return Err(SpecError::new("dataset_url", "give either `training_file` or `dataset_url`, not both"))
+            return Err(SpecError::new(
+                "dataset_url",
+                "give either `training_file` or `dataset_url`, not both",
+            ))
         }
         _ => {}
     }
@@ -333,7 +387,10 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
             "give either `validation_file` or `validation_dataset_url`, not both",
         ));
     }
-    for (name, url) in [("dataset_url", &dataset_url), ("validation_dataset_url", &validation_dataset_url)] {
+    for (name, url) in [
+        ("dataset_url", &dataset_url),
+        ("validation_dataset_url", &validation_dataset_url),
+    ] {
         if let Some(url) = url {
             check_dataset_url(url, policy).map_err(|m| SpecError::new(&p(name), m))?;
         }
@@ -342,7 +399,10 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
     let suffix = opt_string(obj, "suffix")?;
     if let Some(s) = &suffix {
         if s.is_empty() || s.chars().count() > 64 {
-            return Err(SpecError::new("suffix", "`suffix` must be 1 to 64 characters"));
+            return Err(SpecError::new(
+                "suffix",
+                "`suffix` must be 1 to 64 characters",
+            ));
         }
     }
     let seed = match obj.get("seed") {
@@ -353,11 +413,17 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
         None | Some(Value::Null) => None,
         Some(Value::Object(m)) => {
             if m.len() > 16 {
-                return Err(SpecError::new("metadata", "`metadata` holds at most 16 pairs"));
+                return Err(SpecError::new(
+                    "metadata",
+                    "`metadata` holds at most 16 pairs",
+                ));
             }
             for (k, v) in m {
                 let Value::String(s) = v else {
-                    return Err(SpecError::new(&format!("metadata.{k}"), "metadata values must be strings"));
+                    return Err(SpecError::new(
+                        &format!("metadata.{k}"),
+                        "metadata values must be strings",
+                    ));
                 };
                 if k.chars().count() > 64 || s.chars().count() > 512 {
                     return Err(SpecError::new(
@@ -368,7 +434,12 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
             }
             Some(m.clone())
         }
-        Some(_) => return Err(SpecError::new("metadata", "`metadata` must be an object of strings")),
+        Some(_) => {
+            return Err(SpecError::new(
+                "metadata",
+                "`metadata` must be an object of strings",
+            ))
+        }
     };
     let integrations = match obj.get("integrations") {
         None | Some(Value::Null) => None,
@@ -378,7 +449,12 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
             }
             Some(v.clone())
         }
-        Some(_) => return Err(SpecError::new("integrations", "`integrations` must be a list")),
+        Some(_) => {
+            return Err(SpecError::new(
+                "integrations",
+                "`integrations` must be a list",
+            ))
+        }
     };
 
     let task = match knobs.get("task") {
@@ -386,12 +462,20 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
         Some(Value::String(s)) if s == "causal_lm" => Task::CausalLm,
         Some(Value::String(s)) if s == "sequence_classification" => Task::SequenceClassification,
         Some(_) => {
-            return Err(SpecError::new(&p("task"), "`task` must be 'causal_lm' or 'sequence_classification'"))
+            return Err(SpecError::new(
+                &p("task"),
+                "`task` must be 'causal_lm' or 'sequence_classification'",
+            ))
         }
     };
-    let lora_given = ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
-        .iter()
-        .any(|k| knobs.get(*k).is_some_and(|v| !v.is_null()));
+    let lora_given = [
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+    ]
+    .iter()
+    .any(|k| knobs.get(*k).is_some_and(|v| !v.is_null()));
     let training_type = match knobs.get("training_type") {
         None | Some(Value::Null) => {
             if lora_given {
@@ -402,77 +486,147 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
         }
         Some(Value::String(s)) if s == "full" => TrainingType::Full,
         Some(Value::String(s)) if s == "lora" => TrainingType::Lora,
-        Some(_) => return Err(SpecError::new(&p("training_type"), "`training_type` must be 'full' or 'lora'")),
+        Some(_) => {
+            return Err(SpecError::new(
+                &p("training_type"),
+                "`training_type` must be 'full' or 'lora'",
+            ))
+        }
     };
     if training_type == TrainingType::Full && lora_given {
-        return Err(SpecError::new(&p("training_type"), "LoRA settings were given but `training_type` is 'full'"));
+        return Err(SpecError::new(
+            &p("training_type"),
+            "LoRA settings were given but `training_type` is 'full'",
+        ));
     }
 
     let n_epochs = auto_int(&knobs, "n_epochs", &p("n_epochs"), 1, 50)?.unwrap_or(3) as u32;
     let batch_size = auto_int(&knobs, "batch_size", &p("batch_size"), 1, 256)?.unwrap_or(8) as u32;
-    let lrm = auto_float(&knobs, "learning_rate_multiplier", &p("learning_rate_multiplier"), 0.0, 100.0, false)?
-        .unwrap_or(1.0);
+    let lrm = auto_float(
+        &knobs,
+        "learning_rate_multiplier",
+        &p("learning_rate_multiplier"),
+        0.0,
+        100.0,
+        false,
+    )?
+    .unwrap_or(1.0);
     let base_lr = match (training_type, task) {
         (TrainingType::Lora, _) => 2e-4,
         (TrainingType::Full, Task::SequenceClassification) => 5e-5,
         (TrainingType::Full, Task::CausalLm) => 2e-5,
     };
-    let learning_rate = auto_float(&knobs, "learning_rate", &p("learning_rate"), 0.0, 1.0, false)?
-        .unwrap_or(base_lr * lrm);
+    let learning_rate = auto_float(
+        &knobs,
+        "learning_rate",
+        &p("learning_rate"),
+        0.0,
+        1.0,
+        false,
+    )?
+    .unwrap_or(base_lr * lrm);
     let lr_scheduler = match knobs.get("lr_scheduler") {
         None | Some(Value::Null) => LrSchedule::Linear,
         Some(Value::String(s)) if s == "auto" || s == "linear" => LrSchedule::Linear,
         Some(Value::String(s)) if s == "constant" => LrSchedule::Constant,
         Some(Value::String(s)) if s == "cosine" => LrSchedule::Cosine,
         Some(_) => {
-            return Err(SpecError::new(&p("lr_scheduler"), "`lr_scheduler` must be 'constant', 'linear' or 'cosine'"))
+            return Err(SpecError::new(
+                &p("lr_scheduler"),
+                "`lr_scheduler` must be 'constant', 'linear' or 'cosine'",
+            ))
         }
     };
-    let warmup_ratio = auto_float(&knobs, "warmup_ratio", &p("warmup_ratio"), 0.0, 1.0, true)?.unwrap_or(0.0);
-    let warmup_steps = auto_int(&knobs, "warmup_steps", &p("warmup_steps"), 0, 1_000_000)?.unwrap_or(0) as u32;
-    let weight_decay = auto_float(&knobs, "weight_decay", &p("weight_decay"), 0.0, 1.0, true)?.unwrap_or(0.0);
-    let gradient_accumulation_steps =
-        auto_int(&knobs, "gradient_accumulation_steps", &p("gradient_accumulation_steps"), 1, 1024)?.unwrap_or(1) as u32;
+    let warmup_ratio =
+        auto_float(&knobs, "warmup_ratio", &p("warmup_ratio"), 0.0, 1.0, true)?.unwrap_or(0.0);
+    let warmup_steps =
+        auto_int(&knobs, "warmup_steps", &p("warmup_steps"), 0, 1_000_000)?.unwrap_or(0) as u32;
+    let weight_decay =
+        auto_float(&knobs, "weight_decay", &p("weight_decay"), 0.0, 1.0, true)?.unwrap_or(0.0);
+    let gradient_accumulation_steps = auto_int(
+        &knobs,
+        "gradient_accumulation_steps",
+        &p("gradient_accumulation_steps"),
+        1,
+        1024,
+    )?
+    .unwrap_or(1) as u32;
     let max_seq_length = auto_int(&knobs, "max_seq_length", &p("max_seq_length"), 8, 131_072)?
         .unwrap_or(match task {
             Task::CausalLm => 1024,
             Task::SequenceClassification => 128,
         }) as u32;
-    let max_grad_norm = auto_float(&knobs, "max_grad_norm", &p("max_grad_norm"), 0.0, 1e6, true)?.unwrap_or(1.0);
-    let eval_interval = auto_int(&knobs, "eval_interval", &p("eval_interval"), 0, 10_000_000)?.unwrap_or(0) as u32;
-    let checkpoint_interval =
-        auto_int(&knobs, "checkpoint_interval", &p("checkpoint_interval"), 0, 10_000_000)?.unwrap_or(0) as u32;
-    let early_stopping_patience =
-        auto_int(&knobs, "early_stopping_patience", &p("early_stopping_patience"), 0, 1000)?.unwrap_or(0) as u32;
-    let validation_split =
-        auto_float(&knobs, "validation_split", &p("validation_split"), 0.0, 0.5, true)?.unwrap_or(0.1);
-    let max_steps = auto_int(&knobs, "max_steps", &p("max_steps"), 0, 100_000_000)?.unwrap_or(0) as u32;
-    let log_interval = auto_int(&knobs, "log_interval", &p("log_interval"), 1, 100_000)?.unwrap_or(10) as u32;
+    let max_grad_norm =
+        auto_float(&knobs, "max_grad_norm", &p("max_grad_norm"), 0.0, 1e6, true)?.unwrap_or(1.0);
+    let eval_interval =
+        auto_int(&knobs, "eval_interval", &p("eval_interval"), 0, 10_000_000)?.unwrap_or(0) as u32;
+    let checkpoint_interval = auto_int(
+        &knobs,
+        "checkpoint_interval",
+        &p("checkpoint_interval"),
+        0,
+        10_000_000,
+    )?
+    .unwrap_or(0) as u32;
+    let early_stopping_patience = auto_int(
+        &knobs,
+        "early_stopping_patience",
+        &p("early_stopping_patience"),
+        0,
+        1000,
+    )?
+    .unwrap_or(0) as u32;
+    let validation_split = auto_float(
+        &knobs,
+        "validation_split",
+        &p("validation_split"),
+        0.0,
+        0.5,
+        true,
+    )?
+    .unwrap_or(0.1);
+    let max_steps =
+        auto_int(&knobs, "max_steps", &p("max_steps"), 0, 100_000_000)?.unwrap_or(0) as u32;
+    let log_interval =
+        auto_int(&knobs, "log_interval", &p("log_interval"), 1, 100_000)?.unwrap_or(10) as u32;
     let priority = auto_int(&knobs, "priority", &p("priority"), -1000, 1000)?.unwrap_or(0) as i32;
 
     let lora = match training_type {
         TrainingType::Full => None,
         TrainingType::Lora => {
             let r = auto_int(&knobs, "lora_r", &p("lora_r"), 1, 1024)?.unwrap_or(16) as u32;
-            let alpha = auto_float(&knobs, "lora_alpha", &p("lora_alpha"), 0.0, 1e6, false)?.unwrap_or(2.0 * r as f64);
-            let dropout = auto_float(&knobs, "lora_dropout", &p("lora_dropout"), 0.0, 0.99, true)?.unwrap_or(0.05);
+            let alpha = auto_float(&knobs, "lora_alpha", &p("lora_alpha"), 0.0, 1e6, false)?
+                .unwrap_or(2.0 * r as f64);
+            let dropout = auto_float(&knobs, "lora_dropout", &p("lora_dropout"), 0.0, 0.99, true)?
+                .unwrap_or(0.05);
             let target_modules = match knobs.get("lora_target_modules") {
                 None | Some(Value::Null) => vec!["all-linear".to_string()],
-                Some(Value::String(s)) if s == "auto" || s == "all-linear" => vec!["all-linear".to_string()],
+                Some(Value::String(s)) if s == "auto" || s == "all-linear" => {
+                    vec!["all-linear".to_string()]
+                }
                 Some(v) => string_list(v, &p("lora_target_modules"))?,
             };
-            Some(Lora { r, alpha, dropout, target_modules })
+            Some(Lora {
+                r,
+                alpha,
+                dropout,
+                target_modules,
+            })
         }
     };
     let freeze = Freeze {
-        embeddings: bool_knob(&knobs, "freeze_embeddings", &p("freeze_embeddings"))?.unwrap_or(false),
-        layers: auto_int(&knobs, "freeze_layers", &p("freeze_layers"), 0, 10_000)?.unwrap_or(0) as u32,
+        embeddings: bool_knob(&knobs, "freeze_embeddings", &p("freeze_embeddings"))?
+            .unwrap_or(false),
+        layers: auto_int(&knobs, "freeze_layers", &p("freeze_layers"), 0, 10_000)?.unwrap_or(0)
+            as u32,
         patterns: match knobs.get("freeze_patterns") {
             None | Some(Value::Null) => vec![],
             Some(v) => string_list(v, &p("freeze_patterns"))?,
         },
     };
-    if training_type == TrainingType::Lora && (freeze.embeddings || freeze.layers > 0 || !freeze.patterns.is_empty()) {
+    if training_type == TrainingType::Lora
+        && (freeze.embeddings || freeze.layers > 0 || !freeze.patterns.is_empty())
+    {
         return Err(SpecError::new(
             &p("freeze_layers"),
             "freezing applies to full fine-tuning; under LoRA every base weight is already frozen",
@@ -484,14 +638,24 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
         Some(Value::String(s)) if s == "auto" => Precision::Auto,
         Some(Value::String(s)) if s == "fp32" => Precision::Fp32,
         Some(Value::String(s)) if s == "bf16" => Precision::Bf16,
-        Some(_) => return Err(SpecError::new(&p("precision"), "`precision` must be 'auto', 'fp32' or 'bf16'")),
+        Some(_) => {
+            return Err(SpecError::new(
+                &p("precision"),
+                "`precision` must be 'auto', 'fp32' or 'bf16'",
+            ))
+        }
     };
     let device = match knobs.get("device") {
         None | Some(Value::Null) => Device::Auto,
         Some(Value::String(s)) if s == "auto" => Device::Auto,
         Some(Value::String(s)) if s == "cpu" => Device::Cpu,
         Some(Value::String(s)) if s == "cuda" => Device::Cuda,
-        Some(_) => return Err(SpecError::new(&p("device"), "`device` must be 'auto', 'cpu' or 'cuda'")),
+        Some(_) => {
+            return Err(SpecError::new(
+                &p("device"),
+                "`device` must be 'auto', 'cpu' or 'cuda'",
+            ))
+        }
     };
 
     let spec = JobSpec {
@@ -526,7 +690,13 @@ pub fn parse_create_request(body: &Value, policy: &SpecPolicy, default_seed: u64
         device,
         log_interval,
     };
-    Ok(CreateRequest { spec, suffix, metadata, integrations, priority })
+    Ok(CreateRequest {
+        spec,
+        suffix,
+        metadata,
+        integrations,
+        priority,
+    })
 }
 
 impl JobSpec {
@@ -620,39 +790,66 @@ fn opt_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, Spe
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-        Some(_) => Err(SpecError::new(key, format!("`{key}` must be a non-empty string"))),
+        Some(_) => Err(SpecError::new(
+            key,
+            format!("`{key}` must be a non-empty string"),
+        )),
     }
 }
 
-fn opt_string_knob(knobs: &Map<String, Value>, key: &str, param: &str) -> Result<Option<String>, SpecError> {
+fn opt_string_knob(
+    knobs: &Map<String, Value>,
+    key: &str,
+    param: &str,
+) -> Result<Option<String>, SpecError> {
     match knobs.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-        Some(_) => Err(SpecError::new(param, format!("`{key}` must be a non-empty string"))),
+        Some(_) => Err(SpecError::new(
+            param,
+            format!("`{key}` must be a non-empty string"),
+        )),
     }
 }
 
 fn int_in(v: &Value, param: &str, min: i64, max: i64) -> Result<i64, SpecError> {
     let n = match v {
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64)),
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9e15)
+                .map(|f| f as i64)
+        }),
         _ => None,
     };
     match n {
         Some(n) if (min..=max).contains(&n) => Ok(n),
-        Some(n) => Err(SpecError::new(param, format!("`{param}` must be between {min} and {max}, got {n}"))),
-        None => Err(SpecError::new(param, format!("`{param}` must be an integer"))),
+        Some(n) => Err(SpecError::new(
+            param,
+            format!("`{param}` must be between {min} and {max}, got {n}"),
+        )),
+        None => Err(SpecError::new(
+            param,
+            format!("`{param}` must be an integer"),
+        )),
     }
 }
 
 /// `"auto"`, null or absent → None; otherwise an integer in range.
-fn auto_int(knobs: &Map<String, Value>, key: &str, param: &str, min: i64, max: i64) -> Result<Option<i64>, SpecError> {
+fn auto_int(
+    knobs: &Map<String, Value>,
+    key: &str,
+    param: &str,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, SpecError> {
     match knobs.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s == "auto" => Ok(None),
         Some(v @ Value::Number(_)) => int_in(v, param, min, max).map(Some),
-        Some(_) => Err(SpecError::new(param, format!("`{key}` must be \"auto\" or an integer between {min} and {max}"))),
+        Some(_) => Err(SpecError::new(
+            param,
+            format!("`{key}` must be \"auto\" or an integer between {min} and {max}"),
+        )),
     }
 }
 
@@ -676,24 +873,41 @@ fn auto_float(
                 Ok(Some(f))
             } else {
                 let lo = if min_inclusive { "[" } else { "(" };
-                Err(SpecError::new(param, format!("`{key}` must be in {lo}{min}, {max}], got {f}")))
+                Err(SpecError::new(
+                    param,
+                    format!("`{key}` must be in {lo}{min}, {max}], got {f}"),
+                ))
             }
         }
-        Some(_) => Err(SpecError::new(param, format!("`{key}` must be \"auto\" or a number"))),
+        Some(_) => Err(SpecError::new(
+            param,
+            format!("`{key}` must be \"auto\" or a number"),
+        )),
     }
 }
 
-fn bool_knob(knobs: &Map<String, Value>, key: &str, param: &str) -> Result<Option<bool>, SpecError> {
+fn bool_knob(
+    knobs: &Map<String, Value>,
+    key: &str,
+    param: &str,
+) -> Result<Option<bool>, SpecError> {
     match knobs.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(SpecError::new(param, format!("`{key}` must be true or false"))),
+        Some(_) => Err(SpecError::new(
+            param,
+            format!("`{key}` must be true or false"),
+        )),
     }
 }
 
 fn string_list(v: &Value, param: &str) -> Result<Vec<String>, SpecError> {
     let items: Vec<String> = match v {
-        Value::String(s) => s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect(),
+        Value::String(s) => s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect(),
         Value::Array(a) => a
             .iter()
             .map(|x| match x {
@@ -721,7 +935,10 @@ mod tests {
     fn minimal_request_resolves_auto() {
         let r = parse(json!({"model": "gpt2", "training_file": "file-abc"})).unwrap();
         let s = &r.spec;
-        assert_eq!((s.n_epochs, s.batch_size, s.learning_rate_multiplier), (3, 8, 1.0));
+        assert_eq!(
+            (s.n_epochs, s.batch_size, s.learning_rate_multiplier),
+            (3, 8, 1.0)
+        );
         assert_eq!(s.seed, 42);
         assert_eq!(s.task, Task::CausalLm);
         assert_eq!(s.training_type, TrainingType::Full);
@@ -757,18 +974,51 @@ mod tests {
     fn errors_name_the_param() {
         let cases = [
             (json!({"model": "m"}), Some("training_file")),
-            (json!({"model": "m", "training_file": "f", "bogus": 1}), Some("bogus")),
-            (json!({"model": "m", "training_file": "f", "hyperparameters": {"n_epochs": 0}}), Some("hyperparameters.n_epochs")),
-            (json!({"model": "m", "training_file": "f", "method": {"type": "supervised", "supervised": {"hyperparameters": {"lora_r": "big"}}}}), Some("method.supervised.hyperparameters.lora_r")),
-            (json!({"model": "m", "training_file": "f", "learning_rate": -1}), Some("learning_rate")),
-            (json!({"model": "m", "training_file": "f", "task": "translation"}), Some("task")),
-            (json!({"model": "m", "dataset_url": "file:///etc/passwd"}), Some("dataset_url")),
-            (json!({"model": "m", "dataset_url": "ftp://x/y"}), Some("dataset_url")),
+            (
+                json!({"model": "m", "training_file": "f", "bogus": 1}),
+                Some("bogus"),
+            ),
+            (
+                json!({"model": "m", "training_file": "f", "hyperparameters": {"n_epochs": 0}}),
+                Some("hyperparameters.n_epochs"),
+            ),
+            (
+                json!({"model": "m", "training_file": "f", "method": {"type": "supervised", "supervised": {"hyperparameters": {"lora_r": "big"}}}}),
+                Some("method.supervised.hyperparameters.lora_r"),
+            ),
+            (
+                json!({"model": "m", "training_file": "f", "learning_rate": -1}),
+                Some("learning_rate"),
+            ),
+            (
+                json!({"model": "m", "training_file": "f", "task": "translation"}),
+                Some("task"),
+            ),
+            (
+                json!({"model": "m", "dataset_url": "file:///etc/passwd"}),
+                Some("dataset_url"),
+            ),
+            (
+                json!({"model": "m", "dataset_url": "ftp://x/y"}),
+                Some("dataset_url"),
+            ),
             (json!({"model": 3, "training_file": "f"}), Some("model")),
-            (json!({"model": "m", "training_file": "f", "method": {"type": "dpo"}}), Some("method.type")),
-            (json!({"model": "m", "training_file": "f", "training_type": "full", "lora_r": 4}), Some("training_type")),
-            (json!({"model": "m", "training_file": "f", "seed": 1.5}), Some("seed")),
-            (json!({"model": "m", "training_file": "f", "metadata": {"a": 1}}), Some("metadata.a")),
+            (
+                json!({"model": "m", "training_file": "f", "method": {"type": "dpo"}}),
+                Some("method.type"),
+            ),
+            (
+                json!({"model": "m", "training_file": "f", "training_type": "full", "lora_r": 4}),
+                Some("training_type"),
+            ),
+            (
+                json!({"model": "m", "training_file": "f", "seed": 1.5}),
+                Some("seed"),
+            ),
+            (
+                json!({"model": "m", "training_file": "f", "metadata": {"a": 1}}),
+                Some("metadata.a"),
+            ),
             (json!([1, 2]), None),
         ];
         for (body, param) in cases {
@@ -781,7 +1031,14 @@ mod tests {
     fn file_urls_only_when_allowed() {
         let body = json!({"model": "m", "dataset_url": "file:///data/x.jsonl"});
         assert!(parse(body.clone()).is_err());
-        let ok = parse_create_request(&body, &SpecPolicy { allow_file_urls: true }, 1).unwrap();
+        let ok = parse_create_request(
+            &body,
+            &SpecPolicy {
+                allow_file_urls: true,
+            },
+            1,
+        )
+        .unwrap();
         assert_eq!(ok.spec.dataset_url.as_deref(), Some("file:///data/x.jsonl"));
     }
 

@@ -4,11 +4,14 @@
 //!   is set; an admin key is created on first start and written to `<data-dir>/admin_key`).
 //! - `tuna keys create|list`: API keys.
 //! - `tuna models register <id> <dir>`: registers a Hugging Face checkpoint as a base model.
+//! - `tuna files|jobs|download|models list|show …`: the client commands, over HTTP
+//!   (`client/`).
 //!
 //! `main` only parses arguments, sets up logging and runs the chosen command (`serve.rs`,
 //! `admin.rs`).
 
 mod admin;
+mod client;
 mod db;
 mod serve;
 
@@ -43,11 +46,8 @@ enum Command {
         #[command(subcommand)]
         command: admin::KeysCommand,
     },
-    /// Manage base models.
-    Models {
-        #[command(subcommand)]
-        command: admin::ModelsCommand,
-    },
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 fn init_logging(format: LogFormat) {
@@ -72,7 +72,7 @@ async fn main() -> std::process::ExitCode {
     let result = match command {
         Command::Serve(args) => serve::run(args).await,
         Command::Keys { command } => admin::keys(command).await,
-        Command::Models { command } => admin::models(command).await,
+        Command::Client(command) => return client::run(command).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -36,6 +36,14 @@ async fn valid_upload_is_processed_and_round_trips() {
         .await
         .unwrap();
     assert_eq!(&content[..], CHAT.as_bytes());
+    // The bytes live in the artifact store (where workers read them), not in a temp file.
+    let key = format!("files/{id}");
+    let stored = app.state.config.store.get_bytes(&key).await.unwrap();
+    assert_eq!(&stored[..], CHAT.as_bytes());
+    assert_eq!(
+        std::fs::read_dir(app.state.config.tmp_dir()).unwrap().count(),
+        0
+    );
     let (status, del) = json(
         app.req(Method::DELETE, &format!("/v1/files/{id}"))
             .send()
@@ -46,6 +54,7 @@ async fn valid_upload_is_processed_and_round_trips() {
     assert_eq!((status, &del["deleted"]), (200, &serde_json::json!(true)));
     let (status, _) = json(app.get(&format!("/v1/files/{id}")).await).await;
     assert_eq!(status, 404);
+    assert_eq!(app.state.config.store.size(&key).await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -121,10 +130,11 @@ async fn oversized_upload_is_413_and_leaves_nothing() {
     assert_eq!(error_of(&body)["code"], "payload_too_large");
     let (_, list) = json(app.get("/v1/files").await).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 0);
-    let leftovers = std::fs::read_dir(app.state.config.files_dir())
+    let leftovers = std::fs::read_dir(app.state.config.tmp_dir())
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(leftovers, 0);
+    assert!(app.state.config.store.list("files").await.unwrap().is_empty());
 }
 
 #[tokio::test]

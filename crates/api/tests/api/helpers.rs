@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tuna_api::{AppState, Config};
 use tuna_db::keys;
 use tuna_db::testing::TestDb;
+use tuna_store::Store;
 
 pub struct TestApp {
     pub base: String,
@@ -37,9 +38,15 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
-    let db = TestDb::new().await.expect("test database");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::new(dir.path());
+    let store = Store::local(dir.path().join("artifacts")).expect("local store");
+    spawn_in(dir, store, tweak).await
+}
+
+/// A server whose artifact store is `store` (local or S3).
+pub async fn spawn_in(dir: TempDir, store: Store, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let db = TestDb::new().await.expect("test database");
+    let mut config = Config::new(dir.path(), store);
     tweak(&mut config);
     keys::ensure_default_org(&db.pool).await.unwrap();
     let key = keys::create_key(&db.pool, keys::DEFAULT_ORG, "admin", true)

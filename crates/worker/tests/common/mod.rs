@@ -36,6 +36,10 @@ pub fn trainer_bin() -> PathBuf {
 impl Env {
     /// A database with the organisation and the base models, and a local store (or `store`).
     pub async fn new(store: Option<Store>) -> Env {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
         let db = TestDb::new().await.expect("test database");
         let dir = tempfile::tempdir().unwrap();
         let store = store.unwrap_or_else(|| Store::local(dir.path().join("store")).unwrap());

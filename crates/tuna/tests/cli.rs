@@ -1,0 +1,546 @@
+//! The client commands (`tuna files|jobs|models|download`) against a real `tuna serve` on a
+//! fresh database: output, `--json`, and exit codes (0 ok, 1 API error, 2 usage, 3 job ended
+//! failed/cancelled for `jobs watch`). Jobs stay queued here (no worker runs in these tests).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tuna_db::testing::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tuna");
+
+fn fixture(name: &str) -> String {
+    format!("{}/../../.fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A `tuna serve` process on its own database and data directory.
+struct Server {
+    child: Child,
+    base: String,
+    data: tempfile::TempDir,
+    db: TestDb,
+}
+
+/// What a command printed and how it exited.
+#[derive(Debug)]
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn ok(self) -> Out {
+        assert_eq!(self.code, 0, "expected success: {self:#?}");
+        self
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tuna ARGS` with the environment a user of server `base` would have.
+fn run_tuna(base: &str, data: &Path, db_url: &str, args: &[&str], env: &[(&str, &str)]) -> Out {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("TUNA_URL", base)
+        .env("TUNA_DATA_DIR", data)
+        .env("DATABASE_URL", db_url)
+        .env_remove("TUNA_API_KEY")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl Server {
+    async fn start() -> Server {
+        let db = TestDb::new().await.unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let registered = run_tuna(
+            "",
+            data.path(),
+            &db.url,
+            &["models", "register", "gpt2", &fixture("gpt2")],
+            &[],
+        )
+        .ok();
+        assert!(registered.stdout.contains("registered base model gpt2"));
+        let mut child = Command::new(BIN)
+            .args(["serve", "--port", "0"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env("DATABASE_URL", &db.url)
+            .stdout(Stdio::piped())
+            .stderr(if std::env::var_os("TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("tuna listening on ")
+            .unwrap_or_else(|| panic!("no address line: {line:?}"))
+            .to_string();
+        Server {
+            child,
+            base,
+            data,
+            db,
+        }
+    }
+
+    fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// Runs `tuna ARGS` against this server (URL and key from the environment and data dir).
+    fn tuna(&self, args: &[&str]) -> Out {
+        self.tuna_env(args, &[])
+    }
+
+    fn tuna_env(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
+        run_tuna(&self.base, self.data.path(), &self.db.url, args, env)
+    }
+
+    /// Polls `jobs show` until the job has `status`.
+    fn wait_status(&self, id: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = self.tuna(&["jobs", "show", id, "--json"]).ok().json();
+            if job["status"] == status {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never reached {status}: {job}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Ten prompt/completion records.
+fn write_training_file(dir: &Path) -> PathBuf {
+    let path = dir.join("train.jsonl");
+    let lines: Vec<String> = (0..10)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Say {i}:"), "completion": format!(" {i}")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+#[tokio::test]
+async fn files_and_models_commands() {
+    let s = Server::start().await;
+    let train = write_training_file(s.data_dir());
+    let train = train.to_str().unwrap();
+
+    // Models.
+    let list = s.tuna(&["models", "list"]).ok();
+    let first = list.stdout.lines().next().unwrap();
+    assert!(
+        first.starts_with("ID") && first.contains("KIND"),
+        "{list:?}"
+    );
+    assert!(list.stdout.contains("gpt2"), "{list:?}");
+    let json = s.tuna(&["models", "list", "--json"]).ok().json();
+    assert_eq!(json["data"][0]["id"], "gpt2");
+    let show = s.tuna(&["models", "show", "gpt2"]).ok();
+    assert!(show.stdout.contains("model_type:"), "{show:?}");
+    let missing = s.tuna(&["models", "show", "nope"]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert!(
+        missing.stderr.contains("The model 'nope' does not exist"),
+        "{missing:?}"
+    );
+
+    // Upload, human and --json.
+    let up = s.tuna(&["files", "upload", train]).ok();
+    assert!(
+        up.stdout.contains("status:") && up.stdout.contains("processed"),
+        "{up:?}"
+    );
+    assert!(
+        up.stdout.contains("examples:") && up.stdout.contains("10"),
+        "{up:?}"
+    );
+    let file = s.tuna(&["files", "upload", train, "--json"]).ok().json();
+    let id = file["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("file-"));
+    assert_eq!(file["purpose"], "fine-tune");
+    assert_eq!(file["filename"], "train.jsonl");
+
+    let list = s.tuna(&["files", "list"]).ok();
+    assert!(
+        list.stdout.contains(&id) && list.stdout.contains("train.jsonl"),
+        "{list:?}"
+    );
+    assert_eq!(list.stdout.lines().count(), 3, "{list:?}");
+    let json = s
+        .tuna(&["files", "--json", "list", "--limit", "1"])
+        .ok()
+        .json();
+    assert_eq!(json["data"].as_array().unwrap().len(), 1);
+    assert_eq!(json["has_more"], true);
+    let shown = s.tuna(&["files", "show", &id]).ok();
+    assert!(shown.stdout.contains(&id), "{shown:?}");
+
+    let content = s.tuna(&["files", "content", &id]).ok();
+    assert_eq!(content.stdout, std::fs::read_to_string(train).unwrap());
+    let copy = s.data_dir().join("copy.jsonl");
+    s.tuna(&["files", "content", &id, "--out", copy.to_str().unwrap()])
+        .ok();
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(train).unwrap());
+
+    // A file the server rejects: exit 1 with the API's message.
+    let bad = s.data_dir().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"x\"\nnot json\n").unwrap();
+    let rejected = s.tuna(&["files", "upload", bad.to_str().unwrap()]);
+    assert_eq!(rejected.code, 1, "{rejected:?}");
+    assert!(
+        rejected.stderr.contains("Invalid file format"),
+        "{rejected:?}"
+    );
+    assert!(rejected.stderr.contains("HTTP 400"), "{rejected:?}");
+    // A local file that does not exist: usage error.
+    let nofile = s.tuna(&["files", "upload", "/nonexistent/x.jsonl"]);
+    assert_eq!(nofile.code, 2, "{nofile:?}");
+
+    let deleted = s.tuna(&["files", "delete", &id]).ok();
+    assert_eq!(deleted.stdout.trim(), format!("deleted {id}"));
+    let gone = s.tuna(&["files", "show", &id]);
+    assert_eq!(gone.code, 1);
+    assert!(gone.stderr.contains("No file found"), "{gone:?}");
+
+    // Keys: --api-key wins over the admin key file; a wrong one is an API error (401).
+    let wrong = s.tuna(&["files", "list", "--api-key", "tuna-sk-wrong"]);
+    assert_eq!(wrong.code, 1);
+    assert!(wrong.stderr.contains("Incorrect API key"), "{wrong:?}");
+    let wrong_env = s.tuna_env(&["models", "list"], &[("TUNA_API_KEY", "tuna-sk-wrong")]);
+    assert_eq!(wrong_env.code, 1, "{wrong_env:?}");
+    let no_key = s.tuna_env(&["files", "list"], &[("TUNA_DATA_DIR", "/nonexistent")]);
+    assert_eq!(no_key.code, 1);
+    assert!(
+        no_key.stderr.contains("didn't provide an API key"),
+        "{no_key:?}"
+    );
+    // No server there.
+    let down = s.tuna(&["files", "list", "--url", "http://127.0.0.1:9"]);
+    assert_eq!(down.code, 1);
+    assert!(
+        down.stderr.contains("cannot reach the tuna server"),
+        "{down:?}"
+    );
+    let bad_url = s.tuna(&["files", "list", "--url", "ftp://x"]);
+    assert_eq!(bad_url.code, 2, "{bad_url:?}");
+    // Unknown flags: clap's usage error.
+    assert_eq!(s.tuna(&["files", "list", "--bogus"]).code, 2);
+}
+
+#[tokio::test]
+async fn jobs_commands_on_queued_jobs() {
+    let s = Server::start().await;
+    let train = write_training_file(s.data_dir());
+    let file = s
+        .tuna(&["files", "upload", train.to_str().unwrap(), "--json"])
+        .ok()
+        .json();
+    let file_id = file["id"].as_str().unwrap();
+
+    // From flags.
+    let job = s
+        .tuna(&[
+            "jobs",
+            "create",
+            "--model",
+            "gpt2",
+            "--training-file",
+            file_id,
+            "--task",
+            "causal_lm",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "2",
+            "--learning-rate",
+            "0.0005",
+            "--lora-r",
+            "4",
+            "--suffix",
+            "cli",
+            "--seed",
+            "7",
+            "--metadata",
+            "team=nlp",
+            "--set",
+            "warmup_ratio=0.1",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let id = job["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("ftjob-"), "{job}");
+    assert_eq!(job["seed"], 7);
+    assert_eq!(job["hyperparameters"]["n_epochs"], 2);
+    assert_eq!(job["hyperparameters"]["batch_size"], 2);
+    assert_eq!(job["method"]["supervised"]["hyperparameters"]["lora_r"], 4);
+    assert_eq!(job["metadata"]["team"], "nlp");
+    assert_eq!(job["user_provided_suffix"], "cli");
+    s.wait_status(&id, "queued");
+
+    let shown = s.tuna(&["jobs", "show", &id]).ok();
+    for want in [
+        "status:",
+        "queued",
+        "model:",
+        "gpt2",
+        "seed:",
+        "7",
+        "n_epochs=2",
+        "team=nlp",
+    ] {
+        assert!(shown.stdout.contains(want), "{want}: {shown:?}");
+    }
+
+    // From a YAML job file, the training file given as a local path (uploaded first); flags
+    // override the file.
+    let job_file = s.data_dir().join("job.yaml");
+    std::fs::write(
+        &job_file,
+        format!(
+            "model: gpt2\ntraining_file: {}\nsuffix: from-file\nmethod:\n  type: supervised\n  supervised:\n    hyperparameters:\n      n_epochs: 3\n",
+            train.display()
+        ),
+    )
+    .unwrap();
+    let created = s
+        .tuna(&[
+            "jobs",
+            "create",
+            "-f",
+            job_file.to_str().unwrap(),
+            "--seed",
+            "11",
+        ])
+        .ok();
+    assert!(created.stderr.contains("uploaded"), "{created:?}");
+    let id2 = created
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert!(created.stdout.starts_with("created ftjob-"), "{created:?}");
+    let job2 = s.wait_status(&id2, "queued");
+    assert_eq!(job2["seed"], 11);
+    assert_eq!(job2["hyperparameters"]["n_epochs"], 3);
+    assert_eq!(job2["user_provided_suffix"], "from-file");
+    assert_ne!(job2["training_file"], file_id);
+
+    // --dry-run prints the body without sending it.
+    let dry = s
+        .tuna(&[
+            "jobs",
+            "create",
+            "--model",
+            "m",
+            "--dataset-url",
+            "s3://b/k",
+            "--dry-run",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        dry,
+        serde_json::json!({"model": "m", "dataset_url": "s3://b/k"})
+    );
+
+    // Lists, filters.
+    let list = s.tuna(&["jobs", "list"]).ok();
+    assert!(
+        list.stdout.contains(&id) && list.stdout.contains(&id2),
+        "{list:?}"
+    );
+    assert!(list.stdout.lines().next().unwrap().starts_with("ID"));
+    let page = s
+        .tuna(&["jobs", "list", "--limit", "1", "--json"])
+        .ok()
+        .json();
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page["has_more"], true);
+    let all = s.tuna(&["jobs", "list", "--all", "--json"]).ok().json();
+    assert_eq!(all["data"].as_array().unwrap().len(), 2);
+    let nlp = s
+        .tuna(&["jobs", "list", "--metadata", "team=nlp", "--json"])
+        .ok()
+        .json();
+    assert_eq!(nlp["data"].as_array().unwrap().len(), 1);
+    assert_eq!(nlp["data"][0]["id"], id.as_str());
+
+    // Control.
+    let paused = s.tuna(&["jobs", "pause", &id]).ok();
+    assert_eq!(paused.stdout.trim(), format!("{id}: paused"));
+    let again = s.tuna(&["jobs", "pause", &id]);
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stderr.contains("HTTP 409"), "{again:?}");
+    let resumed = s.tuna(&["jobs", "resume", &id, "--json"]).ok().json();
+    assert_eq!(resumed["status"], "queued");
+
+    // Events, oldest first.
+    let events = s.tuna(&["jobs", "events", &id]).ok();
+    let lines: Vec<&str> = events.stdout.lines().collect();
+    assert!(lines[0].contains("Created fine-tuning job"), "{events:?}");
+    assert!(lines.last().unwrap().contains("Job resumed"), "{events:?}");
+    assert!(events.stdout.contains("Job paused"), "{events:?}");
+    let last_two = s
+        .tuna(&["jobs", "events", &id, "--limit", "2", "--json"])
+        .ok()
+        .json();
+    assert_eq!(last_two["data"].as_array().unwrap().len(), 2);
+    assert!(last_two["data"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("resumed"));
+
+    let ckpts = s.tuna(&["jobs", "checkpoints", &id]).ok();
+    assert!(ckpts.stdout.starts_with("STEP"), "{ckpts:?}");
+    assert_eq!(ckpts.stdout.lines().count(), 1);
+    let ckpts = s.tuna(&["jobs", "checkpoints", &id, "--json"]).ok().json();
+    assert_eq!(ckpts["data"], serde_json::json!([]));
+
+    // A queued job has nothing to download yet.
+    let dl = s.tuna(&[
+        "download",
+        &id,
+        "--out",
+        s.data_dir().join("dl").to_str().unwrap(),
+    ]);
+    assert_eq!(dl.code, 1, "{dl:?}");
+    assert!(dl.stderr.contains("has no final model"), "{dl:?}");
+    let dl = s.tuna(&["download", &id, "--checkpoint", "5"]);
+    assert_eq!(dl.code, 1, "{dl:?}");
+    assert!(dl.stderr.contains("no checkpoint '5'"), "{dl:?}");
+
+    // Watch a queued job that is cancelled meanwhile: exit 3 after the cancel event.
+    for extra in [&[][..], &["--poll"][..]] {
+        let job = s
+            .tuna(&[
+                "jobs",
+                "create",
+                "--model",
+                "gpt2",
+                "--training-file",
+                file_id,
+                "--json",
+            ])
+            .ok()
+            .json();
+        let jid = job["id"].as_str().unwrap().to_string();
+        s.wait_status(&jid, "queued");
+        let mut watch = Command::new(BIN);
+        watch
+            .args(["jobs", "watch", &jid])
+            .args(extra)
+            .env("TUNA_URL", &s.base)
+            .env("TUNA_DATA_DIR", s.data_dir())
+            .env_remove("TUNA_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = watch.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        s.tuna(&["jobs", "cancel", &jid]).ok();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{extra:?} {stdout} {stderr}");
+        assert!(stdout.contains("Created fine-tuning job"), "{stdout}");
+        assert!(stdout.contains("Job cancelled"), "{stdout}");
+        assert!(stdout.contains(&format!("job {jid} cancelled")), "{stdout}");
+        assert!(stderr.contains("was cancelled"), "{stderr}");
+    }
+
+    // Watching a job that already ended returns at once; --json prints NDJSON.
+    s.tuna(&["jobs", "cancel", &id2]).ok();
+    let watched = s.tuna(&["jobs", "watch", &id2, "--json"]);
+    assert_eq!(watched.code, 3, "{watched:?}");
+    let docs: Vec<Value> = watched
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(docs.last().unwrap()["status"], "cancelled");
+    assert!(docs
+        .iter()
+        .any(|d| d["object"] == "fine_tuning.job.event" && d["message"] == "Job cancelled"));
+
+    // Errors: API (1), usage (2).
+    let unknown = s.tuna(&["jobs", "show", "ftjob-nope"]);
+    assert_eq!(unknown.code, 1);
+    assert!(
+        unknown.stderr.contains("No fine-tuning job found"),
+        "{unknown:?}"
+    );
+    assert_eq!(s.tuna(&["jobs", "watch", "ftjob-nope"]).code, 1);
+    let rejected = s.tuna(&[
+        "jobs",
+        "create",
+        "--model",
+        "gpt2",
+        "--training-file",
+        file_id,
+        "--set",
+        "bogus=1",
+    ]);
+    assert_eq!(rejected.code, 1);
+    assert!(
+        rejected
+            .stderr
+            .contains("unrecognised request argument supplied: bogus"),
+        "{rejected:?}"
+    );
+    let no_data = s.tuna(&["jobs", "create", "--model", "gpt2"]);
+    assert_eq!(no_data.code, 2, "{no_data:?}");
+    assert!(no_data.stderr.contains("needs training data"));
+    let bad_set = s.tuna(&[
+        "jobs",
+        "create",
+        "--model",
+        "gpt2",
+        "--training-file",
+        "f",
+        "--set",
+        "x",
+    ]);
+    assert_eq!(bad_set.code, 2);
+    let missing_file = s.tuna(&["jobs", "create", "-f", "/nonexistent.yaml"]);
+    assert_eq!(missing_file.code, 2);
+    assert_eq!(s.tuna(&["jobs", "show"]).code, 2);
+}
