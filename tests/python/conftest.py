@@ -113,7 +113,9 @@ def server():
     env.setdefault("RUST_LOG", "warn")
     log = open(data_dir / "server.log", "w")
     proc = subprocess.Popen(
-        [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--max-upload-bytes", str(MAX_UPLOAD)],
+        # No in-process worker: these tests drive job states themselves, without training.
+        [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--max-upload-bytes", str(MAX_UPLOAD),
+         "--no-worker"],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,

@@ -243,3 +243,51 @@ def test_models_and_operations(client, raw):
     assert raw.get("/readyz").status_code == 200
     metrics = raw.get("/metrics").text
     assert "tuna_http_requests_total" in metrics and 'tuna_jobs{status="queued"}' in metrics
+
+
+def parse_sse(text):
+    """Server-sent events as (id, event, data) tuples; comments skipped."""
+    out = []
+    for block in text.split("\n\n"):
+        ev_id, event, data = None, "message", []
+        for line in block.splitlines():
+            if not line or line.startswith(":"):
+                continue
+            key, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if key == "id":
+                ev_id = value
+            elif key == "event":
+                event = value
+            elif key == "data":
+                data.append(value)
+        if data:
+            out.append((ev_id, event, json.loads("\n".join(data))))
+    return out
+
+
+def test_event_stream_and_downloads_of_a_job_without_a_model(client, raw, server):
+    f = upload(client)
+    job = client.fine_tuning.jobs.create(model="gpt2", training_file=f.id)
+    wait_validated(client, job.id)
+    client.fine_tuning.jobs.cancel(job.id)
+    listed = list(reversed([e for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]))
+    # A terminal job: every event, oldest first, then `end`.
+    r = raw.get(f"/v1/fine_tuning/jobs/{job.id}/events/stream")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    assert events[-1] == (None, "end", {"status": "cancelled"})
+    assert [e[0] for e in events[:-1]] == [e.id for e in listed]
+    assert [e[2]["message"] for e in events[:-1]] == [e.message for e in listed]
+    resumed = parse_sse(raw.get(f"/v1/fine_tuning/jobs/{job.id}/events/stream",
+                                headers={"Last-Event-ID": listed[0].id}).text)
+    assert [e[0] for e in resumed[:-1]] == [e.id for e in listed[1:]]
+    # No final model: 409 with a clear message; another organisation: 404.
+    for path in ("artifacts", "artifacts.tar", "artifacts/config.json"):
+        r = raw.get(f"/v1/fine_tuning/jobs/{job.id}/{path}")
+        assert r.status_code == 409 and "no final model" in r.json()["error"]["message"], r.text
+        other = httpx.get(f"{server['base']}/v1/fine_tuning/jobs/{job.id}/{path}",
+                          headers={"Authorization": f"Bearer {server['other_key']}"})
+        assert other.status_code == 404
+    r = raw.get(f"/v1/fine_tuning/jobs/{job.id}/artifacts/..%2F..%2Fadmin_key")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"

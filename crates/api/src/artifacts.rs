@@ -78,9 +78,7 @@ pub async fn final_source(st: &AppState, caller: &Caller, job_id: &str) -> ApiRe
         prefix: location.trim_end_matches('/').to_string(),
         what: format!("the final model of fine-tuning job '{}'", job.job_id),
         archive_name: format!("{}.tar", job.job_id),
-        mtime: job
-            .finished_at
-            .map_or(0, |t| t.timestamp().max(0) as u64),
+        mtime: job.finished_at.map_or(0, |t| t.timestamp().max(0) as u64),
     })
 }
 
@@ -141,7 +139,10 @@ pub async fn files_of(store: &Store, src: &Source) -> ApiResult<Vec<(String, Obj
         .collect();
     if files.is_empty() {
         return Err(ApiError::NotFound {
-            message: format!("The files of {} are missing from the artifact store.", src.what),
+            message: format!(
+                "The files of {} are missing from the artifact store.",
+                src.what
+            ),
             code: "artifacts_missing",
         });
     }
@@ -242,9 +243,9 @@ fn etag_of(sha256: &str) -> String {
 
 /// Whether an `If-None-Match` / `If-Range` list names `etag` (weak comparison).
 fn etag_matches(list: &str, etag: &str) -> bool {
-    list.split(',').map(str::trim).any(|t| {
-        t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag
-    })
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
 }
 
 /// What a `Range` header asks of a file of `size` bytes.
@@ -454,7 +455,10 @@ async fn serve_tar(store: &Store, src: &Source) -> ApiResult<Response> {
         }))
         .inspect_err(|e| tracing::warn!(error = %e, "streaming a tar archive failed"));
     let headers = [
-        (header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar")),
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-tar"),
+        ),
         (header::CONTENT_LENGTH, hv(&len.to_string())),
         (header::CONTENT_DISPOSITION, disposition(&src.archive_name)),
     ];
@@ -483,9 +487,7 @@ fn entry_stream(
     .try_flatten();
     stream::once(async move { Ok(head) })
         .chain(content)
-        .chain(stream::once(async move {
-            Ok(Bytes::from(vec![0u8; pad]))
-        }))
+        .chain(stream::once(async move { Ok(Bytes::from(vec![0u8; pad])) }))
 }
 
 #[cfg(test)]

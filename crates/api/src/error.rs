@@ -178,7 +178,8 @@ impl IntoResponse for ApiError {
         let mut resp = (status, Json(body)).into_response();
         if let ApiError::RangeNotSatisfiable { size, .. } = &self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                resp.headers_mut().insert(axum::http::header::CONTENT_RANGE, v);
+                resp.headers_mut()
+                    .insert(axum::http::header::CONTENT_RANGE, v);
             }
         }
         if !matches!(

@@ -8,7 +8,8 @@
 //! so each stream holds a bounded amount of memory and at most one pooled connection, briefly);
 //! a comment is sent every 15 s to keep proxies from closing an idle stream. Once the job is
 //! terminal (succeeded, failed, cancelled) and every event was sent, the stream ends with
-//! `event: end` (`data: {"status": …}`).
+//! `event: end` (`data: {"status": …}`). When the server shuts down, open streams end without
+//! `end` (a client reconnects and resumes with `Last-Event-ID`).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -97,7 +98,9 @@ async fn stream_events(
         .filter(|v| !v.is_empty());
     let after = last_event_id.or(q.after());
     let seq = start_seq(&st.db, &job.job_id, after).await?;
-    let events = job_stream(st.db.clone(), job.job_id, seq);
+    // On server shutdown the stream ends without `end`; clients resume with Last-Event-ID.
+    let events = job_stream(st.db.clone(), job.job_id, seq)
+        .take_until(st.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 

@@ -122,18 +122,18 @@ async fn content(
     UrlPath(file_id): UrlPath<String>,
 ) -> ApiResult<Response> {
     let row = find(&st, &caller, &file_id).await?;
-    let (size, stream) = st
-        .config
-        .store
-        .get_stream(&row.storage_key)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound(_) => ApiError::NotFound {
-                message: format!("The content of file '{file_id}' is missing from the store."),
-                code: "not_found",
-            },
-            e => e.into(),
-        })?;
+    let (size, stream) =
+        st.config
+            .store
+            .get_stream(&row.storage_key)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => ApiError::NotFound {
+                    message: format!("The content of file '{file_id}' is missing from the store."),
+                    code: "not_found",
+                },
+                e => e.into(),
+            })?;
     let body = Body::from_stream(stream);
     Ok((
         [

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
+use tokio_util::sync::CancellationToken;
 use tuna_db::PgPool;
 use tuna_store::Store;
 
@@ -85,6 +86,9 @@ impl Config {
 pub struct AppState {
     pub db: PgPool,
     pub config: Arc<Config>,
+    /// Cancelled when the server starts shutting down: long-lived responses (event streams)
+    /// end then, so that draining open requests finishes.
+    pub shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -92,6 +96,7 @@ impl AppState {
         AppState {
             db,
             config: Arc::new(config),
+            shutdown: CancellationToken::new(),
         }
     }
 }
@@ -122,10 +127,7 @@ pub const ROUTES: &[(&str, &str)] = &[
         "GET",
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events/stream",
     ),
-    (
-        "GET",
-        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts",
-    ),
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts"),
     (
         "GET",
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts.tar",
@@ -168,12 +170,18 @@ pub async fn start_background(state: &AppState) -> Result<usize, error::ApiError
     validate::sweep(state).await
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` resolves, then drains open requests.
+/// Serves `router(state)` on `listener` until `shutdown` resolves, then ends event streams
+/// (`state.shutdown`) and drains open requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let streams = state.shutdown.clone();
+    let shutdown = async move {
+        shutdown.await;
+        streams.cancel();
+    };
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

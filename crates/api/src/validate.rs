@@ -275,7 +275,12 @@ async fn check_data(
     let tmp = st.config.tmp_dir();
     tokio::fs::create_dir_all(&tmp).await?;
     let path = tmp.join(format!("{}-{file_id}.check", job.job_id));
-    match st.config.store.download_file(&file.storage_key, &path).await {
+    match st
+        .config
+        .store
+        .download_file(&file.storage_key, &path)
+        .await
+    {
         Ok(_) => {}
         Err(e) if e.is_not_found() => {
             return Ok(Err(fail(

@@ -78,13 +78,19 @@ pub enum StoreError {
 
 impl StoreError {
     fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        StoreError::Io { context: context.into(), source }
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     fn backend(context: impl Into<String>, key: &str, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound(key.to_string()),
-            source => StoreError::Backend { context: context.into(), source },
+            source => StoreError::Backend {
+                context: context.into(),
+                source,
+            },
         }
     }
 
@@ -127,7 +133,9 @@ impl S3Settings {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let endpoint = var("TUNA_S3_ENDPOINT").or_else(|| var("AWS_ENDPOINT_URL"));
         S3Settings {
-            allow_http: endpoint.as_deref().is_some_and(|e| e.starts_with("http://")),
+            allow_http: endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://")),
             endpoint,
             region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
             access_key_id: var("AWS_ACCESS_KEY_ID"),
@@ -137,11 +145,15 @@ impl S3Settings {
     }
 
     fn build(&self, bucket: &str) -> Result<Arc<dyn ObjectStore>> {
-        let mut b = AmazonS3Builder::new()
-            .with_bucket_name(bucket)
-            .with_region(self.region.clone().unwrap_or_else(|| "us-east-1".to_string()));
+        let mut b = AmazonS3Builder::new().with_bucket_name(bucket).with_region(
+            self.region
+                .clone()
+                .unwrap_or_else(|| "us-east-1".to_string()),
+        );
         if let Some(e) = &self.endpoint {
-            b = b.with_endpoint(e).with_allow_http(self.allow_http || e.starts_with("http://"));
+            b = b
+                .with_endpoint(e)
+                .with_allow_http(self.allow_http || e.starts_with("http://"));
         }
         match (&self.access_key_id, &self.secret_access_key) {
             (Some(k), Some(s)) => {
@@ -153,7 +165,9 @@ impl S3Settings {
             // No credentials: anonymous access (public buckets).
             _ => b = b.with_skip_signature(true),
         }
-        let s3 = b.build().map_err(|e| StoreError::Config(format!("cannot configure S3 bucket '{bucket}': {e}")))?;
+        let s3 = b.build().map_err(|e| {
+            StoreError::Config(format!("cannot configure S3 bucket '{bucket}': {e}"))
+        })?;
         Ok(Arc::new(s3))
     }
 }
@@ -161,7 +175,12 @@ impl S3Settings {
 /// Checks an object name: 1 to 1024 bytes of `/`-separated segments, none empty, `.` or `..`,
 /// no leading `/`, no backslash, no control character.
 pub fn check_key(key: &str) -> Result<()> {
-    let bad = |reason: &str| Err(StoreError::InvalidKey { key: key.to_string(), reason: reason.to_string() });
+    let bad = |reason: &str| {
+        Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        })
+    };
     if key.is_empty() {
         return bad("the name is empty");
     }
@@ -200,7 +219,10 @@ pub fn check_prefix(prefix: &str) -> Result<&str> {
 
 fn obj_path(key: &str) -> Result<ObjPath> {
     check_key(key)?;
-    ObjPath::parse(key).map_err(|e| StoreError::InvalidKey { key: key.to_string(), reason: e.to_string() })
+    ObjPath::parse(key).map_err(|e| StoreError::InvalidKey {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn join(prefix: &str, rel: &str) -> String {
@@ -232,7 +254,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("location", &self.description).finish()
+        f.debug_struct("Store")
+            .field("location", &self.description)
+            .finish()
     }
 }
 
@@ -240,10 +264,16 @@ impl Store {
     /// A store in a local directory (created if missing).
     pub fn local(root: impl AsRef<Path>) -> Result<Store> {
         let root = root.as_ref();
-        std::fs::create_dir_all(root).map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
-        let fs = LocalFileSystem::new_with_prefix(root)
-            .map_err(|source| StoreError::Backend { context: format!("opening {}", root.display()), source })?;
-        Ok(Store { inner: Arc::new(fs), description: format!("directory {}", root.display()) })
+        std::fs::create_dir_all(root)
+            .map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
+        let fs = LocalFileSystem::new_with_prefix(root).map_err(|source| StoreError::Backend {
+            context: format!("opening {}", root.display()),
+            source,
+        })?;
+        Ok(Store {
+            inner: Arc::new(fs),
+            description: format!("directory {}", root.display()),
+        })
     }
 
     /// A store in an S3 bucket, every key under `prefix` (may be empty).
@@ -253,8 +283,15 @@ impl Store {
         }
         let prefix = check_prefix(prefix)?;
         let s3 = settings.build(bucket)?;
-        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() { s3 } else { Arc::new(PrefixStore::new(s3, prefix)) };
-        Ok(Store { inner, description: format!("s3://{bucket}/{prefix}") })
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            s3
+        } else {
+            Arc::new(PrefixStore::new(s3, prefix))
+        };
+        Ok(Store {
+            inner,
+            description: format!("s3://{bucket}/{prefix}"),
+        })
     }
 
     /// Opens `s3://bucket[/prefix]`, `file:///dir` or a plain directory path.
@@ -288,32 +325,53 @@ impl Store {
         self.inner
             .put(&path, PutPayload::from_bytes(data))
             .await
-            .map_err(|e| StoreError::backend(format!("writing '{key}' to {}", self.description), key, e))?;
-        Ok(ObjectInfo { key: key.to_string(), size, sha256 })
+            .map_err(|e| {
+                StoreError::backend(format!("writing '{key}' to {}", self.description), key, e)
+            })?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size,
+            sha256,
+        })
     }
 
     /// Uploads a local file to `key` (streamed; multipart above 16 MiB).
     pub async fn put_file(&self, key: &str, file: &Path) -> Result<ObjectInfo> {
         let path = obj_path(key)?;
         let ctx = || format!("reading {}", file.display());
-        let mut f = tokio::fs::File::open(file).await.map_err(|e| StoreError::io(ctx(), e))?;
-        let len = f.metadata().await.map_err(|e| StoreError::io(ctx(), e))?.len();
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| StoreError::io(ctx(), e))?;
+        let len = f
+            .metadata()
+            .await
+            .map_err(|e| StoreError::io(ctx(), e))?
+            .len();
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut buf = vec![0u8; READ_CHUNK];
-        let werr = |e| StoreError::backend(format!("writing '{key}' to {}", self.description), key, e);
+        let werr =
+            |e| StoreError::backend(format!("writing '{key}' to {}", self.description), key, e);
         if len <= SINGLE_PUT_MAX {
             let mut data = Vec::with_capacity(len as usize);
-            f.read_to_end(&mut data).await.map_err(|e| StoreError::io(ctx(), e))?;
+            f.read_to_end(&mut data)
+                .await
+                .map_err(|e| StoreError::io(ctx(), e))?;
             hasher.update(&data);
             size = data.len() as u64;
-            self.inner.put(&path, PutPayload::from(data)).await.map_err(werr)?;
+            self.inner
+                .put(&path, PutPayload::from(data))
+                .await
+                .map_err(werr)?;
         } else {
             let upload = self.inner.put_multipart(&path).await.map_err(werr)?;
             let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
             let result: Result<()> = async {
                 loop {
-                    let n = f.read(&mut buf).await.map_err(|e| StoreError::io(ctx(), e))?;
+                    let n = f
+                        .read(&mut buf)
+                        .await
+                        .map_err(|e| StoreError::io(ctx(), e))?;
                     if n == 0 {
                         break;
                     }
@@ -335,7 +393,11 @@ impl Store {
                 }
             }
         }
-        Ok(ObjectInfo { key: key.to_string(), size, sha256: hex::encode(hasher.finalize()) })
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size,
+            sha256: hex::encode(hasher.finalize()),
+        })
     }
 
     /// Uploads every regular file under `dir` (recursively; symlinks followed) to
@@ -351,7 +413,13 @@ impl Store {
             }
             let key = join(prefix, &rel);
             let info = self.put_file(&key, &dir.join(&rel)).await?;
-            manifest.files.insert(rel, ManifestEntry { size: info.size, sha256: info.sha256.clone() });
+            manifest.files.insert(
+                rel,
+                ManifestEntry {
+                    size: info.size,
+                    sha256: info.sha256.clone(),
+                },
+            );
             out.push(info);
         }
         let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
@@ -365,12 +433,19 @@ impl Store {
         let prefix = check_prefix(prefix)?;
         let metas = self.list_raw(prefix).await?;
         let manifest = self.read_manifest(prefix).await?;
-        if metas.iter().all(|(k, _)| k.rsplit('/').next() == Some(MANIFEST)) {
+        if metas
+            .iter()
+            .all(|(k, _)| k.rsplit('/').next() == Some(MANIFEST))
+        {
             return Err(StoreError::NotFound(format!("{prefix}/")));
         }
         let mut out = Vec::new();
         for (key, _) in metas {
-            let rel = key.strip_prefix(prefix).map(|r| r.trim_start_matches('/')).unwrap_or(&key).to_string();
+            let rel = key
+                .strip_prefix(prefix)
+                .map(|r| r.trim_start_matches('/'))
+                .unwrap_or(&key)
+                .to_string();
             if rel == MANIFEST {
                 continue;
             }
@@ -381,7 +456,10 @@ impl Store {
                 if entry.size != info.size || entry.sha256 != info.sha256 {
                     return Err(StoreError::Integrity {
                         key,
-                        detail: format!("got {} bytes sha256 {}, manifest says {} bytes sha256 {}", info.size, info.sha256, entry.size, entry.sha256),
+                        detail: format!(
+                            "got {} bytes sha256 {}, manifest says {} bytes sha256 {}",
+                            info.size, info.sha256, entry.size, entry.sha256
+                        ),
                     });
                 }
             }
@@ -394,11 +472,15 @@ impl Store {
     pub async fn download_file(&self, key: &str, dest: &Path) -> Result<ObjectInfo> {
         let (size_hint, mut stream) = self.get_stream(key).await?;
         if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(|e| StoreError::io(format!("creating {}", parent.display()), e))?;
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| StoreError::io(format!("creating {}", parent.display()), e))?;
         }
         let tmp = tmp_name(dest);
         let ctx = || format!("writing {}", tmp.display());
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| StoreError::io(ctx(), e))?;
+        let mut f = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| StoreError::io(ctx(), e))?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let result: Result<()> = async {
@@ -406,7 +488,9 @@ impl Store {
                 let chunk = chunk?;
                 hasher.update(&chunk);
                 size += chunk.len() as u64;
-                f.write_all(&chunk).await.map_err(|e| StoreError::io(ctx(), e))?;
+                f.write_all(&chunk)
+                    .await
+                    .map_err(|e| StoreError::io(ctx(), e))?;
             }
             f.flush().await.map_err(|e| StoreError::io(ctx(), e))?;
             Ok(())
@@ -419,18 +503,33 @@ impl Store {
         }
         if size != size_hint {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(StoreError::Integrity { key: key.to_string(), detail: format!("read {size} of {size_hint} bytes") });
+            return Err(StoreError::Integrity {
+                key: key.to_string(),
+                detail: format!("read {size} of {size_hint} bytes"),
+            });
         }
-        tokio::fs::rename(&tmp, dest).await.map_err(|e| StoreError::io(format!("renaming to {}", dest.display()), e))?;
-        Ok(ObjectInfo { key: key.to_string(), size, sha256: hex::encode(hasher.finalize()) })
+        tokio::fs::rename(&tmp, dest)
+            .await
+            .map_err(|e| StoreError::io(format!("renaming to {}", dest.display()), e))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size,
+            sha256: hex::encode(hasher.finalize()),
+        })
     }
 
     /// The whole object.
     pub async fn get_bytes(&self, key: &str) -> Result<Bytes> {
         let path = obj_path(key)?;
         let ctx = || format!("reading '{key}' from {}", self.description);
-        let r = self.inner.get(&path).await.map_err(|e| StoreError::backend(ctx(), key, e))?;
-        r.bytes().await.map_err(|e| StoreError::backend(ctx(), key, e))
+        let r = self
+            .inner
+            .get(&path)
+            .await
+            .map_err(|e| StoreError::backend(ctx(), key, e))?;
+        r.bytes()
+            .await
+            .map_err(|e| StoreError::backend(ctx(), key, e))
     }
 
     /// Bytes `range` of the object (end exclusive, clamped to the object's size).
@@ -440,17 +539,27 @@ impl Store {
         if range.start >= range.end {
             return Ok(Bytes::new());
         }
-        self.inner.get_range(&path, range).await.map_err(|e| StoreError::backend(ctx(), key, e))
+        self.inner
+            .get_range(&path, range)
+            .await
+            .map_err(|e| StoreError::backend(ctx(), key, e))
     }
 
     /// The object's size and a stream of its bytes.
     pub async fn get_stream(&self, key: &str) -> Result<(u64, BoxStream<'static, Result<Bytes>>)> {
         let path = obj_path(key)?;
         let ctx = format!("reading '{key}' from {}", self.description);
-        let r = self.inner.get(&path).await.map_err(|e| StoreError::backend(ctx.clone(), key, e))?;
+        let r = self
+            .inner
+            .get(&path)
+            .await
+            .map_err(|e| StoreError::backend(ctx.clone(), key, e))?;
         let size = r.meta.size;
         let k = key.to_string();
-        let stream = r.into_stream().map_err(move |e| StoreError::backend(ctx.clone(), &k, e)).boxed();
+        let stream = r
+            .into_stream()
+            .map_err(move |e| StoreError::backend(ctx.clone(), &k, e))
+            .boxed();
         Ok((size, stream))
     }
 
@@ -460,19 +569,33 @@ impl Store {
         match self.inner.head(&path).await {
             Ok(m) => Ok(Some(m.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(StoreError::backend(format!("reading '{key}' from {}", self.description), key, e)),
+            Err(e) => Err(StoreError::backend(
+                format!("reading '{key}' from {}", self.description),
+                key,
+                e,
+            )),
         }
     }
 
     async fn list_raw(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
-        let p = if prefix.is_empty() { None } else { Some(obj_path(prefix)?) };
+        let p = if prefix.is_empty() {
+            None
+        } else {
+            Some(obj_path(prefix)?)
+        };
         let mut items: Vec<(String, u64)> = self
             .inner
             .list(p.as_ref())
             .map_ok(|m| (m.location.to_string(), m.size))
             .try_collect()
             .await
-            .map_err(|e| StoreError::backend(format!("listing '{prefix}' in {}", self.description), prefix, e))?;
+            .map_err(|e| {
+                StoreError::backend(
+                    format!("listing '{prefix}' in {}", self.description),
+                    prefix,
+                    e,
+                )
+            })?;
         items.sort();
         Ok(items)
     }
@@ -532,7 +655,11 @@ impl Store {
         let path = obj_path(key)?;
         match self.inner.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(StoreError::backend(format!("deleting '{key}' from {}", self.description), key, e)),
+            Err(e) => Err(StoreError::backend(
+                format!("deleting '{key}' from {}", self.description),
+                key,
+                e,
+            )),
         }
     }
 
@@ -540,7 +667,10 @@ impl Store {
     pub async fn delete_prefix(&self, prefix: &str) -> Result<usize> {
         let prefix = check_prefix(prefix)?;
         if prefix.is_empty() {
-            return Err(StoreError::InvalidKey { key: String::new(), reason: "refusing to delete the whole store".into() });
+            return Err(StoreError::InvalidKey {
+                key: String::new(),
+                reason: "refusing to delete the whole store".into(),
+            });
         }
         let raw = self.list_raw(prefix).await?;
         for (key, _) in &raw {
@@ -551,7 +681,10 @@ impl Store {
 }
 
 fn tmp_name(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.part-{}", std::process::id()))
 }
 
@@ -560,11 +693,17 @@ fn walk_files(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), String::new())];
     while let Some((path, rel)) = stack.pop() {
-        let entries = std::fs::read_dir(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        let entries = std::fs::read_dir(&path)
+            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
         for entry in entries {
-            let entry = entry.map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+            let entry =
+                entry.map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let child_rel = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             let meta = std::fs::metadata(entry.path())
                 .map_err(|e| StoreError::io(format!("reading {}", entry.path().display()), e))?;
             if meta.is_dir() {
@@ -582,7 +721,10 @@ fn walk_files(dir: &Path) -> Result<Vec<String>> {
 /// Splits `s3://bucket/key`.
 pub fn parse_s3_url(url: &str) -> Result<(String, String)> {
     let bad = || StoreError::Config(format!("'{url}' is not an s3://bucket/key URL"));
-    let rest = url.strip_prefix("s3://").or_else(|| url.strip_prefix("S3://")).ok_or_else(bad)?;
+    let rest = url
+        .strip_prefix("s3://")
+        .or_else(|| url.strip_prefix("S3://"))
+        .ok_or_else(bad)?;
     let (bucket, key) = rest.split_once('/').ok_or_else(bad)?;
     if bucket.is_empty() || key.is_empty() {
         return Err(bad());
@@ -592,12 +734,23 @@ pub fn parse_s3_url(url: &str) -> Result<(String, String)> {
 
 /// Downloads `s3://bucket/key` to `dest`, refusing objects larger than `max_bytes`. Returns the
 /// size.
-pub async fn fetch_s3_url(url: &str, settings: &S3Settings, dest: &Path, max_bytes: u64) -> Result<u64> {
+pub async fn fetch_s3_url(
+    url: &str,
+    settings: &S3Settings,
+    dest: &Path,
+    max_bytes: u64,
+) -> Result<u64> {
     let (bucket, key) = parse_s3_url(url)?;
     let store = Store::s3(&bucket, "", settings)?;
-    let size = store.size(&key).await?.ok_or_else(|| StoreError::NotFound(url.to_string()))?;
+    let size = store
+        .size(&key)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(url.to_string()))?;
     if size > max_bytes {
-        return Err(StoreError::TooLarge { what: url.to_string(), limit: max_bytes });
+        return Err(StoreError::TooLarge {
+            what: url.to_string(),
+            limit: max_bytes,
+        });
     }
     Ok(store.download_file(&key, dest).await?.size)
 }
@@ -608,10 +761,26 @@ mod tests {
 
     #[test]
     fn keys_cannot_escape() {
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a/", "a\\..\\b", "a\nb", ".."] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "a/./b",
+            "a/",
+            "a\\..\\b",
+            "a\nb",
+            "..",
+        ] {
             assert!(check_key(bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["files/file-abc", "jobs/j/final/model.safetensors", "a b/c.json", ".hidden"] {
+        for good in [
+            "files/file-abc",
+            "jobs/j/final/model.safetensors",
+            "a b/c.json",
+            ".hidden",
+        ] {
             check_key(good).unwrap();
         }
         assert_eq!(check_prefix("jobs/x/").unwrap(), "jobs/x");
@@ -622,7 +791,10 @@ mod tests {
 
     #[test]
     fn s3_urls() {
-        assert_eq!(parse_s3_url("s3://b/k/x.jsonl").unwrap(), ("b".into(), "k/x.jsonl".into()));
+        assert_eq!(
+            parse_s3_url("s3://b/k/x.jsonl").unwrap(),
+            ("b".into(), "k/x.jsonl".into())
+        );
         assert!(parse_s3_url("s3://b").is_err());
         assert!(parse_s3_url("s3:///k").is_err());
     }

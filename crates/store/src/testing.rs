@@ -30,9 +30,15 @@ impl Moto {
     pub fn start() -> Result<Moto, String> {
         let bin = moto_server_bin();
         if !bin.exists() {
-            return Err(format!("{} not found: run scripts/setup.sh (it installs moto[server] in .venv)", bin.display()));
+            return Err(format!(
+                "{} not found: run scripts/setup.sh (it installs moto[server] in .venv)",
+                bin.display()
+            ));
         }
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
@@ -85,12 +91,17 @@ impl Moto {
 
     fn request(&self, method: &str, path: &str) -> Result<(u16, String), String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
         let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port);
         s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
         let mut out = String::new();
         s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("bad HTTP answer")?;
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or("bad HTTP answer")?;
         Ok((status, out))
     }
 }

@@ -58,7 +58,8 @@ pub fn copy_tokenizer_files(model_dir: &Path, dest: &Path) -> Result<()> {
     for name in TOKENIZER_FILES {
         let src = model_dir.join(name);
         if src.is_file() {
-            std::fs::copy(&src, dest.join(name)).map_err(|e| Error::io(format!("copying {}", src.display()), e))?;
+            std::fs::copy(&src, dest.join(name))
+                .map_err(|e| Error::io(format!("copying {}", src.display()), e))?;
         }
     }
     Ok(())
@@ -74,14 +75,22 @@ pub fn save(
     merge_lora: bool,
     state: Option<(&TrainState, &AdamW)>,
 ) -> Result<()> {
-    let parent = dest.parent().ok_or_else(|| Error::Config(format!("bad checkpoint path {}", dest.display())))?;
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
-    let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let parent = dest
+        .parent()
+        .ok_or_else(|| Error::Config(format!("bad checkpoint path {}", dest.display())))?;
+    std::fs::create_dir_all(parent)
+        .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = parent.join(format!(".{name}.tmp"));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(format!("removing {}", tmp.display()), e))?;
+        std::fs::remove_dir_all(&tmp)
+            .map_err(|e| Error::io(format!("removing {}", tmp.display()), e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
     model.save_pretrained(&tmp, false)?;
     copy_tokenizer_files(model_dir, &tmp)?;
     if lora && merge_lora {
@@ -91,11 +100,18 @@ pub fn save(
     }
     if let Some((st, opt)) = state {
         let sd = tmp.join(STATE_DIR);
-        std::fs::create_dir_all(&sd).map_err(|e| Error::io(format!("creating {}", sd.display()), e))?;
+        std::fs::create_dir_all(&sd)
+            .map_err(|e| Error::io(format!("creating {}", sd.display()), e))?;
         opt.save(&sd.join("optimizer.safetensors"))?;
         let mut params = Vec::new();
         for (n, t) in model.trainable_parameters() {
-            params.push((n, t.f_detach()?.f_to_kind(tch::Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?));
+            params.push((
+                n,
+                t.f_detach()?
+                    .f_to_kind(tch::Kind::Float)?
+                    .f_to_device(tch::Device::Cpu)?
+                    .f_contiguous()?,
+            ));
         }
         Tensor::write_safetensors(&params, sd.join("trainable.safetensors"))?;
         let text = serde_json::to_string_pretty(st).map_err(|e| Error::Other(e.into()))?;
@@ -103,9 +119,15 @@ pub fn save(
             .map_err(|e| Error::io(format!("writing {}", sd.display()), e))?;
     }
     if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| Error::io(format!("replacing {}", dest.display()), e))?;
+        std::fs::remove_dir_all(dest)
+            .map_err(|e| Error::io(format!("replacing {}", dest.display()), e))?;
     }
-    std::fs::rename(&tmp, dest).map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), dest.display()), e))
+    std::fs::rename(&tmp, dest).map_err(|e| {
+        Error::io(
+            format!("renaming {} to {}", tmp.display(), dest.display()),
+            e,
+        )
+    })
 }
 
 /// What a resume needs from a checkpoint folder.
@@ -127,6 +149,12 @@ pub fn load(checkpoint: &Path) -> Result<Resume> {
     })?;
     let state: TrainState = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{} is not valid: {e}", state_path.display())))?;
-    let trainable = Tensor::read_safetensors(sd.join("trainable.safetensors"))?.into_iter().collect();
-    Ok(Resume { state, trainable, optimizer: sd.join("optimizer.safetensors") })
+    let trainable = Tensor::read_safetensors(sd.join("trainable.safetensors"))?
+        .into_iter()
+        .collect();
+    Ok(Resume {
+        state,
+        trainable,
+        optimizer: sd.join("optimizer.safetensors"),
+    })
 }

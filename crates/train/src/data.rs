@@ -91,7 +91,11 @@ impl LabelMap {
     }
 
     pub fn new(labels: Vec<Label>) -> LabelMap {
-        let index = labels.iter().enumerate().map(|(i, l)| (l.clone(), i as i64)).collect();
+        let index = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), i as i64))
+            .collect();
         LabelMap { labels, index }
     }
 
@@ -103,7 +107,10 @@ impl LabelMap {
     pub fn get(&self, label: &Label) -> Option<i64> {
         self.index.get(label).copied().or_else(|| match label {
             // "1" in a JSONL string and 1 in a TSV are the same label.
-            Label::Name(s) => s.parse::<i64>().ok().and_then(|i| self.index.get(&Label::Int(i)).copied()),
+            Label::Name(s) => s
+                .parse::<i64>()
+                .ok()
+                .and_then(|i| self.index.get(&Label::Int(i)).copied()),
             Label::Int(i) => self.index.get(&Label::Name(i.to_string())).copied(),
         })
     }
@@ -136,23 +143,54 @@ pub fn featurize(
                 let mut ids = tok.ids(text, true).map_err(|e| err(line, e.to_string()))?;
                 ids.extend(eos(tok));
                 let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-                Features { line, labels: ids.clone(), input_ids: ids, token_type_ids: vec![], class: None }
+                Features {
+                    line,
+                    labels: ids.clone(),
+                    input_ids: ids,
+                    token_type_ids: vec![],
+                    class: None,
+                }
             }
             (Task::CausalLm, Example::PromptCompletion { prompt, completion }) => {
-                let p = if prompt.is_empty() { Vec::new() } else { tok.ids(prompt, true).map_err(|e| err(line, e.to_string()))? };
-                let mut c = tok.ids(completion, false).map_err(|e| err(line, e.to_string()))?;
+                let p = if prompt.is_empty() {
+                    Vec::new()
+                } else {
+                    tok.ids(prompt, true)
+                        .map_err(|e| err(line, e.to_string()))?
+                };
+                let mut c = tok
+                    .ids(completion, false)
+                    .map_err(|e| err(line, e.to_string()))?;
                 c.extend(eos(tok));
                 let input_ids: Vec<i64> = p.iter().chain(c.iter()).map(|i| i64::from(*i)).collect();
-                let labels: Vec<i64> = std::iter::repeat_n(-100, p.len()).chain(c.iter().map(|i| i64::from(*i))).collect();
-                Features { line, input_ids, labels, token_type_ids: vec![], class: None }
+                let labels: Vec<i64> = std::iter::repeat_n(-100, p.len())
+                    .chain(c.iter().map(|i| i64::from(*i)))
+                    .collect();
+                Features {
+                    line,
+                    input_ids,
+                    labels,
+                    token_type_ids: vec![],
+                    class: None,
+                }
             }
-            (Task::CausalLm, Example::Chat { messages }) => chat_features(tok, messages).map_err(|e| err(line, e.to_string()))?.with_line(line),
+            (Task::CausalLm, Example::Chat { messages }) => chat_features(tok, messages)
+                .map_err(|e| err(line, e.to_string()))?
+                .with_line(line),
             (Task::SequenceClassification, Example::Labeled { text, label }) => {
                 let map = labels.ok_or_else(|| Error::Data("no label map".into()))?;
                 let class = map.get(label).ok_or_else(|| {
-                    err(line, format!("label `{label}` does not occur in the training data (labels: {})", map.id2label().join(", ")))
+                    err(
+                        line,
+                        format!(
+                            "label `{label}` does not occur in the training data (labels: {})",
+                            map.id2label().join(", ")
+                        ),
+                    )
                 })?;
-                let (ids, types, cut) = tok.encode_truncated(text, max_len).map_err(|e| err(line, e.to_string()))?;
+                let (ids, types, cut) = tok
+                    .encode_truncated(text, max_len)
+                    .map_err(|e| err(line, e.to_string()))?;
                 if cut {
                     stats.truncated += 1;
                 }
@@ -167,7 +205,11 @@ pub fn featurize(
             (task, ex) => {
                 return Err(err(
                     line,
-                    format!("a `{}` record cannot train a {} job", ex.shape().as_str(), task.as_str()),
+                    format!(
+                        "a `{}` record cannot train a {} job",
+                        ex.shape().as_str(),
+                        task.as_str()
+                    ),
                 ))
             }
         };
@@ -204,8 +246,18 @@ impl Features {
 }
 
 /// Byte spans of the assistant turns to learn from, in the rendered conversation.
-pub fn assistant_spans(tok: &Tok, messages: &[tuna_core::data::Message], full: &str) -> Result<Vec<(usize, usize, bool)>> {
-    let msgs: Vec<ChatMessage<'_>> = messages.iter().map(|m| ChatMessage { role: &m.role, content: &m.content }).collect();
+pub fn assistant_spans(
+    tok: &Tok,
+    messages: &[tuna_core::data::Message],
+    full: &str,
+) -> Result<Vec<(usize, usize, bool)>> {
+    let msgs: Vec<ChatMessage<'_>> = messages
+        .iter()
+        .map(|m| ChatMessage {
+            role: &m.role,
+            content: &m.content,
+        })
+        .collect();
     let mut spans = Vec::new();
     let mut cursor = 0usize;
     for (i, m) in messages.iter().enumerate() {
@@ -215,7 +267,11 @@ pub fn assistant_spans(tok: &Tok, messages: &[tuna_core::data::Message], full: &
         let before = tok.render_chat(&msgs[..i], true).ok();
         let upto = tok.render_chat(&msgs[..=i], false).ok();
         let exact = match (&before, &upto) {
-            (Some(b), Some(u)) if u.starts_with(b.as_str()) && full.starts_with(u.as_str()) && u.len() > b.len() => {
+            (Some(b), Some(u))
+                if u.starts_with(b.as_str())
+                    && full.starts_with(u.as_str())
+                    && u.len() > b.len() =>
+            {
                 Some((b.len(), u.len()))
             }
             _ => None,
@@ -223,7 +279,9 @@ pub fn assistant_spans(tok: &Tok, messages: &[tuna_core::data::Message], full: &
         let span = match exact {
             Some((s, e)) => (s, e, false),
             None => match full[cursor..].find(m.content.as_str()) {
-                Some(pos) if !m.content.is_empty() => (cursor + pos, cursor + pos + m.content.len(), true),
+                Some(pos) if !m.content.is_empty() => {
+                    (cursor + pos, cursor + pos + m.content.len(), true)
+                }
                 _ => {
                     return Err(Error::Data(format!(
                         "cannot locate assistant message {i} in the rendered chat template output"
@@ -241,7 +299,13 @@ pub fn assistant_spans(tok: &Tok, messages: &[tuna_core::data::Message], full: &
 
 /// Tokens and labels of one conversation (line set by the caller).
 fn chat_features(tok: &Tok, messages: &[tuna_core::data::Message]) -> Result<Features> {
-    let msgs: Vec<ChatMessage<'_>> = messages.iter().map(|m| ChatMessage { role: &m.role, content: &m.content }).collect();
+    let msgs: Vec<ChatMessage<'_>> = messages
+        .iter()
+        .map(|m| ChatMessage {
+            role: &m.role,
+            content: &m.content,
+        })
+        .collect();
     let full = tok.render_chat(&msgs, false)?;
     let spans = assistant_spans(tok, messages, &full)?;
     let enc = tok.encode(&full, false)?;
@@ -289,7 +353,12 @@ pub fn split_validation<T: Clone>(examples: &[T], fraction: f64, seed: u64) -> (
     for i in &valid_idx {
         is_valid[*i] = true;
     }
-    let train = examples.iter().enumerate().filter(|(i, _)| !is_valid[*i]).map(|(_, e)| e.clone()).collect();
+    let train = examples
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !is_valid[*i])
+        .map(|(_, e)| e.clone())
+        .collect();
     let valid = valid_idx.into_iter().map(|i| examples[i].clone()).collect();
     (train, valid)
 }
@@ -301,7 +370,9 @@ const SPLIT_SALT: u64 = 0x5eed_5911_da7a;
 /// `(seed, epoch)`, so a resumed run sees the same order.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch),
+    );
     idx.shuffle(&mut rng);
     idx
 }
@@ -323,14 +394,23 @@ pub struct Collated {
 
 /// Right-pads `items` to the longest one: `pad_id` in `input_ids`, 0 in the attention mask and
 /// -100 in the labels.
-pub fn collate(items: &[&Features], pad_id: i64, device: Device, with_types: bool) -> Result<Collated> {
+pub fn collate(
+    items: &[&Features],
+    pad_id: i64,
+    device: Device,
+    with_types: bool,
+) -> Result<Collated> {
     let b = items.len();
     let t = items.iter().map(|f| f.input_ids.len()).max().unwrap_or(0);
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0i64; b * t];
     let mut types = vec![0i64; b * t];
     let classification = items.first().is_some_and(|f| f.class.is_some());
-    let mut labels = if classification { vec![0i64; b] } else { vec![-100i64; b * t] };
+    let mut labels = if classification {
+        vec![0i64; b]
+    } else {
+        vec![-100i64; b * t]
+    };
     let mut tokens = 0;
     let mut targets = 0;
     for (r, f) in items.iter().enumerate() {
@@ -348,12 +428,22 @@ pub fn collate(items: &[&Features], pad_id: i64, device: Device, with_types: boo
         targets += f.targets();
     }
     let shape = [b as i64, t as i64];
-    let to = |v: &[i64], s: &[i64]| -> Result<Tensor> { Ok(Tensor::f_from_slice(v)?.f_view(s)?.f_to_device(device)?) };
+    let to = |v: &[i64], s: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(v)?.f_view(s)?.f_to_device(device)?)
+    };
     Ok(Collated {
         input_ids: to(&ids, &shape)?,
         attention_mask: to(&mask, &shape)?,
-        labels: if classification { to(&labels, &[b as i64])? } else { to(&labels, &shape)? },
-        token_type_ids: if with_types { Some(to(&types, &shape)?) } else { None },
+        labels: if classification {
+            to(&labels, &[b as i64])?
+        } else {
+            to(&labels, &shape)?
+        },
+        token_type_ids: if with_types {
+            Some(to(&types, &shape)?)
+        } else {
+            None
+        },
         batch_size: b,
         seq_len: t,
         tokens,
@@ -364,20 +454,34 @@ pub fn collate(items: &[&Features], pad_id: i64, device: Device, with_types: boo
 /// Sum of the token cross-entropy (causal: logits at `i - 1` against labels at `i`) or example
 /// cross-entropy (classification), in fp32, plus the number of correct predictions; both as
 /// 0-dim tensors on the device (no host sync).
-pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, causal: bool) -> Result<(Tensor, Tensor)> {
+pub fn loss_and_correct(
+    logits: &Tensor,
+    labels: &Tensor,
+    causal: bool,
+) -> Result<(Tensor, Tensor)> {
     let logits = logits.f_to_kind(Kind::Float)?;
     if causal {
         let v = *logits.size().last().unwrap_or(&1);
         let t = logits.size()[1];
         let shift_logits = logits.f_narrow(1, 0, t - 1)?.f_reshape([-1, v])?;
         let shift_labels = labels.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
-        let loss = shift_logits.f_cross_entropy_loss(&shift_labels, None::<Tensor>, tch::Reduction::Sum, -100, 0.0)?;
+        let loss = shift_logits.f_cross_entropy_loss(
+            &shift_labels,
+            None::<Tensor>,
+            tch::Reduction::Sum,
+            -100,
+            0.0,
+        )?;
         let pred = shift_logits.f_argmax(-1, false)?;
         let valid = shift_labels.f_ne(-100)?;
-        let correct = pred.f_eq_tensor(&shift_labels)?.f_logical_and(&valid)?.f_sum(Kind::Int64)?;
+        let correct = pred
+            .f_eq_tensor(&shift_labels)?
+            .f_logical_and(&valid)?
+            .f_sum(Kind::Int64)?;
         Ok((loss, correct))
     } else {
-        let loss = logits.f_cross_entropy_loss(labels, None::<Tensor>, tch::Reduction::Sum, -100, 0.0)?;
+        let loss =
+            logits.f_cross_entropy_loss(labels, None::<Tensor>, tch::Reduction::Sum, -100, 0.0)?;
         let pred = logits.f_argmax(-1, false)?;
         let correct = pred.f_eq_tensor(labels)?.f_sum(Kind::Int64)?;
         Ok((loss, correct))
@@ -413,7 +517,15 @@ mod tests {
     fn label_map_orders_ints_numerically() {
         let ex: Vec<(u64, Example)> = [10, 2, 1]
             .iter()
-            .map(|i| (1, Example::Labeled { text: "x".into(), label: Label::Int(*i) }))
+            .map(|i| {
+                (
+                    1,
+                    Example::Labeled {
+                        text: "x".into(),
+                        label: Label::Int(*i),
+                    },
+                )
+            })
             .collect();
         let m = LabelMap::from_examples(&ex);
         assert_eq!(m.id2label(), vec!["1", "2", "10"]);
@@ -423,8 +535,20 @@ mod tests {
 
     #[test]
     fn collate_pads_right() {
-        let a = Features { line: 1, input_ids: vec![5, 6, 7], labels: vec![5, 6, 7], token_type_ids: vec![], class: None };
-        let b = Features { line: 2, input_ids: vec![8], labels: vec![-100], token_type_ids: vec![], class: None };
+        let a = Features {
+            line: 1,
+            input_ids: vec![5, 6, 7],
+            labels: vec![5, 6, 7],
+            token_type_ids: vec![],
+            class: None,
+        };
+        let b = Features {
+            line: 2,
+            input_ids: vec![8],
+            labels: vec![-100],
+            token_type_ids: vec![],
+            class: None,
+        };
         let c = collate(&[&a, &b], 0, Device::Cpu, false).unwrap();
         assert_eq!(c.input_ids.size(), vec![2, 3]);
         let labels: Vec<i64> = Vec::try_from(c.labels.view([-1])).unwrap();

@@ -47,7 +47,10 @@ use tuna_train::trainer::{self, Control, TrainOutcome};
 use tuna_train::Error;
 
 #[derive(Parser)]
-#[command(name = "tuna-trainer", about = "Runs one tuna fine-tuning job (the worker's child process)")]
+#[command(
+    name = "tuna-trainer",
+    about = "Runs one tuna fine-tuning job (the worker's child process)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -103,25 +106,57 @@ fn code_of(e: &Error) -> &'static str {
     }
 }
 
-fn read_examples(path: &std::path::Path, what: &str) -> Result<Vec<(u64, Example)>, (String, &'static str)> {
-    let file = std::fs::File::open(path).map_err(|e| (format!("cannot open the {what} {}: {e}", path.display()), "invalid_data"))?;
+fn read_examples(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<Vec<(u64, Example)>, (String, &'static str)> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        (
+            format!("cannot open the {what} {}: {e}", path.display()),
+            "invalid_data",
+        )
+    })?;
     let format = Format::from_filename(&path.to_string_lossy());
-    read_all(std::io::BufReader::new(file), format, 10)
-        .map_err(|report| (format!("the {what} is invalid: {}", report.summary()), "invalid_data"))
+    read_all(std::io::BufReader::new(file), format, 10).map_err(|report| {
+        (
+            format!("the {what} is invalid: {}", report.summary()),
+            "invalid_data",
+        )
+    })
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Info { model_dir } => info(&model_dir),
-        Cmd::Run { model_dir, spec, train_file, valid_file, output_dir, resume_from, device, threads } => {
+        Cmd::Run {
+            model_dir,
+            spec,
+            train_file,
+            valid_file,
+            output_dir,
+            resume_from,
+            device,
+            threads,
+        } => {
             if let Some(t) = threads {
                 tch::set_num_threads(t);
             }
-            run(model_dir, spec, train_file, valid_file, output_dir, resume_from, device)
+            run(
+                model_dir,
+                spec,
+                train_file,
+                valid_file,
+                output_dir,
+                resume_from,
+                device,
+            )
         }
     };
     std::process::exit(code);
@@ -138,7 +173,9 @@ fn info(model_dir: &std::path::Path) -> i32 {
     let task = if hf.is_decoder() {
         tuna_train::model::TaskHead::CausalLm
     } else {
-        tuna_train::model::TaskHead::SequenceClassification { id2label: vec!["0".into(), "1".into()] }
+        tuna_train::model::TaskHead::SequenceClassification {
+            id2label: vec!["0".into(), "1".into()],
+        }
     };
     let opts = tuna_train::model::LoadOptions {
         device: tch::Device::Cpu,
@@ -179,14 +216,26 @@ fn run(
         .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
     {
         Ok(s) => s,
-        Err(e) => return fail(format!("cannot read the job spec {}: {e}", spec_path.display()), "internal", None),
+        Err(e) => {
+            return fail(
+                format!("cannot read the job spec {}: {e}", spec_path.display()),
+                "internal",
+                None,
+            )
+        }
     };
     let dev_choice = match device.as_deref() {
         None => spec.device,
         Some("auto") => tuna_core::spec::Device::Auto,
         Some("cpu") => tuna_core::spec::Device::Cpu,
         Some("cuda") => tuna_core::spec::Device::Cuda,
-        Some(other) => return fail(format!("--device must be auto, cpu or cuda, not {other}"), "internal", Some("device")),
+        Some(other) => {
+            return fail(
+                format!("--device must be auto, cpu or cuda, not {other}"),
+                "internal",
+                Some("device"),
+            )
+        }
     };
     let device = match trainer::resolve_device(dev_choice) {
         Ok(d) => d,
@@ -196,7 +245,11 @@ fn run(
         Ok(t) => t,
         Err((m, c)) => return fail(m, c, Some("training_file")),
     };
-    let valid = match valid_file.as_deref().map(|p| read_examples(p, "validation file")).transpose() {
+    let valid = match valid_file
+        .as_deref()
+        .map(|p| read_examples(p, "validation file"))
+        .transpose()
+    {
         Ok(v) => v,
         Err((m, c)) => return fail(m, c, Some("validation_file")),
     };
@@ -239,13 +292,22 @@ fn run(
         return 3;
     }
     match result {
-        Ok(TrainOutcome::Done { final_dir, trained_tokens, steps, metrics }) => {
-            emit(&json!({"event": "done", "trained_tokens": trained_tokens, "steps": steps,
-                "final_dir": final_dir.display().to_string(), "metrics": metrics}));
+        Ok(TrainOutcome::Done {
+            final_dir,
+            trained_tokens,
+            steps,
+            metrics,
+        }) => {
+            emit(
+                &json!({"event": "done", "trained_tokens": trained_tokens, "steps": steps,
+                "final_dir": final_dir.display().to_string(), "metrics": metrics}),
+            );
             0
         }
         Ok(TrainOutcome::Paused { checkpoint, step }) => {
-            emit(&json!({"event": "paused", "checkpoint": checkpoint.display().to_string(), "step": step}));
+            emit(
+                &json!({"event": "paused", "checkpoint": checkpoint.display().to_string(), "step": step}),
+            );
             0
         }
         Ok(TrainOutcome::Cancelled { step }) => {

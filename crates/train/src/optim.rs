@@ -30,7 +30,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -60,9 +65,19 @@ impl AdamW {
         let mut slots = Vec::with_capacity(params.len());
         for (name, param) in params {
             let zeros = || Tensor::f_zeros_like(&param).and_then(|z| z.f_to_kind(Kind::Float));
-            slots.push(Slot { decay: decays(&name), exp_avg: zeros()?, exp_avg_sq: zeros()?, name, param });
+            slots.push(Slot {
+                decay: decays(&name),
+                exp_avg: zeros()?,
+                exp_avg_sq: zeros()?,
+                name,
+                param,
+            });
         }
-        Ok(AdamW { config, slots, step: 0 })
+        Ok(AdamW {
+            config,
+            slots,
+            step: 0,
+        })
     }
 
     pub fn param_names(&self) -> Vec<String> {
@@ -71,7 +86,11 @@ impl AdamW {
 
     /// Names of the parameters that get weight decay.
     pub fn decayed(&self) -> Vec<String> {
-        self.slots.iter().filter(|s| s.decay).map(|s| s.name.clone()).collect()
+        self.slots
+            .iter()
+            .filter(|s| s.decay)
+            .map(|s| s.name.clone())
+            .collect()
     }
 
     /// Sets every gradient to zero.
@@ -85,7 +104,11 @@ impl AdamW {
     /// without a gradient counts as zero.
     pub fn grad_norm(&self) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
-        let device = self.slots.first().map(|s| s.param.device()).unwrap_or(tch::Device::Cpu);
+        let device = self
+            .slots
+            .first()
+            .map(|s| s.param.device())
+            .unwrap_or(tch::Device::Cpu);
         let mut norms = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             let g = s.param.grad();
@@ -107,7 +130,11 @@ impl AdamW {
             return Ok(());
         }
         let _g = tch::no_grad_guard();
-        let coef = norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+        let coef = norm
+            .f_add_scalar(1e-6)?
+            .f_reciprocal()?
+            .f_mul_scalar(max_norm)?
+            .f_clamp_max(1.0)?;
         for s in &mut self.slots {
             let mut g = s.param.grad();
             if g.defined() {
@@ -133,15 +160,25 @@ impl AdamW {
             if !g.defined() {
                 continue;
             }
-            let g = if g.kind() == Kind::Float { g } else { g.f_to_kind(Kind::Float)? };
+            let g = if g.kind() == Kind::Float {
+                g
+            } else {
+                g.f_to_kind(Kind::Float)?
+            };
             let fp32 = s.param.kind() == Kind::Float;
-            let mut p = if fp32 { s.param.shallow_clone() } else { s.param.f_to_kind(Kind::Float)? };
+            let mut p = if fp32 {
+                s.param.shallow_clone()
+            } else {
+                s.param.f_to_kind(Kind::Float)?
+            };
             if s.decay && c.weight_decay != 0.0 {
                 let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
             }
             let _ = s.exp_avg.f_lerp_(&g, 1.0 - c.beta1)?;
             let _ = s.exp_avg_sq.f_mul_scalar_(c.beta2)?;
-            let _ = s.exp_avg_sq.f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
+            let _ = s
+                .exp_avg_sq
+                .f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
             // p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps), computed as
             // p += m / ((sqrt(v) + eps * sqrt(bc2)) * -1 / (step_size * sqrt(bc2))): the same value in
             // four passes over memory instead of six.
@@ -162,8 +199,14 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(2 * self.slots.len() + 1);
         for s in &self.slots {
-            out.push((format!("exp_avg.{}", s.name), s.exp_avg.f_to_device(tch::Device::Cpu)?.f_contiguous()?));
-            out.push((format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.f_to_device(tch::Device::Cpu)?.f_contiguous()?));
+            out.push((
+                format!("exp_avg.{}", s.name),
+                s.exp_avg.f_to_device(tch::Device::Cpu)?.f_contiguous()?,
+            ));
+            out.push((
+                format!("exp_avg_sq.{}", s.name),
+                s.exp_avg_sq.f_to_device(tch::Device::Cpu)?.f_contiguous()?,
+            ));
         }
         out.push(("step".to_string(), Tensor::from_slice(&[self.step])));
         Ok(out)
@@ -182,14 +225,25 @@ impl AdamW {
 
     pub fn load_tensors(&mut self, map: &BTreeMap<String, Tensor>) -> Result<()> {
         let _g = tch::no_grad_guard();
-        let step = map.get("step").ok_or_else(|| Error::Config("optimizer state has no `step`".into()))?;
+        let step = map
+            .get("step")
+            .ok_or_else(|| Error::Config("optimizer state has no `step`".into()))?;
         let step = step.f_int64_value(&[0])?;
         for s in &mut self.slots {
-            for (prefix, dst) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
+            for (prefix, dst) in [
+                ("exp_avg", &mut s.exp_avg),
+                ("exp_avg_sq", &mut s.exp_avg_sq),
+            ] {
                 let key = format!("{prefix}.{}", s.name);
-                let src = map.get(&key).ok_or_else(|| Error::Config(format!("optimizer state lacks {key}")))?;
+                let src = map
+                    .get(&key)
+                    .ok_or_else(|| Error::Config(format!("optimizer state lacks {key}")))?;
                 if src.size() != dst.size() {
-                    return Err(Error::Config(format!("optimizer state {key}: shape {:?}, expected {:?}", src.size(), dst.size())));
+                    return Err(Error::Config(format!(
+                        "optimizer state {key}: shape {:?}, expected {:?}",
+                        src.size(),
+                        dst.size()
+                    )));
                 }
                 dst.f_copy_(src)?;
             }

@@ -16,9 +16,24 @@ pub struct Schedule {
 impl Schedule {
     /// `warmup_steps` wins when > 0; otherwise `ceil(warmup_ratio * total_steps)` as in
     /// transformers' `TrainingArguments.get_warmup_steps`.
-    pub fn new(kind: LrSchedule, peak: f64, total_steps: u64, warmup_steps: u64, warmup_ratio: f64) -> Schedule {
-        let warmup = if warmup_steps > 0 { warmup_steps } else { (warmup_ratio * total_steps as f64).ceil() as u64 };
-        Schedule { kind, peak, warmup_steps: warmup, total_steps }
+    pub fn new(
+        kind: LrSchedule,
+        peak: f64,
+        total_steps: u64,
+        warmup_steps: u64,
+        warmup_ratio: f64,
+    ) -> Schedule {
+        let warmup = if warmup_steps > 0 {
+            warmup_steps
+        } else {
+            (warmup_ratio * total_steps as f64).ceil() as u64
+        };
+        Schedule {
+            kind,
+            peak,
+            warmup_steps: warmup,
+            total_steps,
+        }
     }
 
     /// The multiplier of the peak learning rate at optimiser step `step` (0-based).
@@ -78,6 +93,9 @@ mod tests {
         let kw = Schedule::new(LrSchedule::Constant, 3.0, 10, 3, 0.0);
         assert_eq!((kw.lr(0), kw.lr(1), kw.lr(3)), (0.0, 1.0, 3.0));
         // Ratio rounds up as transformers does.
-        assert_eq!(Schedule::new(LrSchedule::Linear, 1.0, 7, 0, 0.1).warmup_steps, 1);
+        assert_eq!(
+            Schedule::new(LrSchedule::Linear, 1.0, 7, 0, 0.1).warmup_steps,
+            1
+        );
     }
 }

@@ -87,7 +87,10 @@ impl std::fmt::Debug for Tok {
 fn token_text(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -106,13 +109,17 @@ impl Tok {
         let mut tokenizer = Tokenizer::from_file(&path)
             .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
         tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| Error::Config(format!("cannot reset truncation of {}: {e}", path.display())))?;
+        tokenizer.with_truncation(None).map_err(|e| {
+            Error::Config(format!(
+                "cannot reset truncation of {}: {e}",
+                path.display()
+            ))
+        })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", cfg_path.display())))?,
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                Error::Config(format!("{} is not valid JSON: {e}", cfg_path.display()))
+            })?,
             Err(_) => Value::Object(Default::default()),
         };
         let special = |key: &str| -> Option<Special> {
@@ -132,14 +139,32 @@ impl Tok {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_function("strftime_now", |fmt: String| -> String {
+            strftime_now(&fmt)
         });
-        env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
-        let source = chat_template.clone().unwrap_or_else(|| FALLBACK_CHAT_TEMPLATE.to_string());
+        let source = chat_template
+            .clone()
+            .unwrap_or_else(|| FALLBACK_CHAT_TEMPLATE.to_string());
         env.add_template_owned("chat", source)
             .map_err(|e| Error::Config(format!("the chat template does not parse: {e}")))?;
-        Ok(Tok { tokenizer, bos, eos, pad, unk, chat_template, env })
+        Ok(Tok {
+            tokenizer,
+            bos,
+            eos,
+            pad,
+            unk,
+            chat_template,
+            env,
+        })
     }
 
     pub fn inner(&self) -> &Tokenizer {
@@ -160,7 +185,11 @@ impl Tok {
             .tokenizer
             .encode(text, special)
             .map_err(|e| Error::Data(format!("tokenizer failed: {e}")))?;
-        Ok(Encoded { ids: enc.get_ids().to_vec(), offsets: enc.get_offsets().to_vec(), type_ids: enc.get_type_ids().to_vec() })
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+        })
     }
 
     /// Ids of `text` only (no offsets).
@@ -175,7 +204,11 @@ impl Tok {
     /// Encodes `text` with the special tokens and truncates to `max_len`, keeping the trailing
     /// special tokens (BERT's [SEP]) as transformers does. Returns the ids, type ids and whether
     /// it cut.
-    pub fn encode_truncated(&self, text: &str, max_len: usize) -> Result<(Vec<u32>, Vec<u32>, bool)> {
+    pub fn encode_truncated(
+        &self,
+        text: &str,
+        max_len: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>, bool)> {
         let enc = self
             .tokenizer
             .encode_fast(text, true)
@@ -185,7 +218,13 @@ impl Tok {
         if ids.len() <= max_len {
             return Ok((ids.to_vec(), types.to_vec(), false));
         }
-        let tail = enc.get_special_tokens_mask().iter().rev().take_while(|m| **m == 1).count().min(max_len);
+        let tail = enc
+            .get_special_tokens_mask()
+            .iter()
+            .rev()
+            .take_while(|m| **m == 1)
+            .count()
+            .min(max_len);
         let keep = max_len - tail;
         let mut out_ids = ids[..keep].to_vec();
         let mut out_types = types[..keep].to_vec();
@@ -195,8 +234,15 @@ impl Tok {
     }
 
     /// Renders the chat template (the model's, else the fallback).
-    pub fn render_chat(&self, messages: &[ChatMessage<'_>], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Config(e.to_string()))?;
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage<'_>],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Config(e.to_string()))?;
         let text = |s: &Option<Special>| s.as_ref().map(|s| s.content.clone()).unwrap_or_default();
         tmpl.render(minijinja::context! {
             messages => messages,
@@ -215,7 +261,8 @@ impl Tok {
 pub fn read_chat_template(dir: &Path, cfg: &Value) -> Result<Option<String>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
-        let t = std::fs::read_to_string(&jinja).map_err(|e| Error::io(format!("reading {}", jinja.display()), e))?;
+        let t = std::fs::read_to_string(&jinja)
+            .map_err(|e| Error::io(format!("reading {}", jinja.display()), e))?;
         return Ok(Some(t));
     }
     let json = dir.join("chat_template.json");
@@ -230,22 +277,35 @@ pub fn read_chat_template(dir: &Path, cfg: &Value) -> Result<Option<String>> {
             let named = |n: &str| {
                 items.iter().find_map(|it| {
                     (it.get("name").and_then(|x| x.as_str()) == Some(n))
-                        .then(|| it.get("template").and_then(|t| t.as_str()).map(str::to_string))
+                        .then(|| {
+                            it.get("template")
+                                .and_then(|t| t.as_str())
+                                .map(str::to_string)
+                        })
                         .flatten()
                 })
             };
             Ok(named("default").or_else(|| {
-                items.first().and_then(|it| it.get("template")).and_then(|t| t.as_str()).map(str::to_string)
+                items
+                    .first()
+                    .and_then(|it| it.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
             }))
         }
-        Some(_) => Err(Error::Config("`chat_template` in tokenizer_config.json must be a string or a list".into())),
+        Some(_) => Err(Error::Config(
+            "`chat_template` in tokenizer_config.json must be a string or a list".into(),
+        )),
     }
 }
 
 /// `strftime_now(fmt)` for templates that print today's date (UTC); supports the common
 /// `%Y %m %d %B %b %H %M %S` directives.
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil from days (Howard Hinnant's algorithm).
@@ -259,7 +319,17 @@ fn strftime_now(fmt: &str) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
         "December",
     ];
     let month = MONTHS[(m - 1) as usize];
@@ -297,9 +367,15 @@ mod tests {
     fn template_from_list_picks_default() {
         let cfg = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_chat_template(dir.path(), &cfg).unwrap().as_deref(), Some("D"));
+        assert_eq!(
+            read_chat_template(dir.path(), &cfg).unwrap().as_deref(),
+            Some("D")
+        );
         std::fs::write(dir.path().join("chat_template.jinja"), "J").unwrap();
-        assert_eq!(read_chat_template(dir.path(), &cfg).unwrap().as_deref(), Some("J"));
+        assert_eq!(
+            read_chat_template(dir.path(), &cfg).unwrap().as_deref(),
+            Some("J")
+        );
     }
 
     #[test]

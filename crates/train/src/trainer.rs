@@ -99,24 +99,49 @@ pub enum Phase {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum TrainEvent {
-    Phase { phase: Phase, message: String },
+    Phase {
+        phase: Phase,
+        message: String,
+    },
     /// What tokenization produced (after the validation split).
-    Data { train: DataStats, valid: Option<DataStats>, labels: Option<Vec<String>>, total_steps: u64, notes: Vec<String> },
+    Data {
+        train: DataStats,
+        valid: Option<DataStats>,
+        labels: Option<Vec<String>>,
+        total_steps: u64,
+        notes: Vec<String>,
+    },
     Metrics(StepMetrics),
     Eval {
         step: u64,
         #[serde(flatten)]
         metrics: EvalMetrics,
     },
-    Checkpoint { step: u64, path: String, metrics: Map<String, Value> },
-    Warning { message: String },
+    Checkpoint {
+        step: u64,
+        path: String,
+        metrics: Map<String, Value>,
+    },
+    Warning {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainOutcome {
-    Done { final_dir: PathBuf, trained_tokens: u64, steps: u64, metrics: Map<String, Value> },
-    Paused { checkpoint: PathBuf, step: u64 },
-    Cancelled { step: u64 },
+    Done {
+        final_dir: PathBuf,
+        trained_tokens: u64,
+        steps: u64,
+        metrics: Map<String, Value>,
+    },
+    Paused {
+        checkpoint: PathBuf,
+        step: u64,
+    },
+    Cancelled {
+        step: u64,
+    },
 }
 
 /// The device the job asks for: `cuda` errors when none is available.
@@ -128,7 +153,9 @@ pub fn resolve_device(d: tuna_core::spec::Device) -> Result<Device> {
             if tch::Cuda::is_available() {
                 Ok(Device::Cuda(0))
             } else {
-                Err(Error::Config("the job asks for CUDA but no CUDA device is available".into()))
+                Err(Error::Config(
+                    "the job asks for CUDA but no CUDA device is available".into(),
+                ))
             }
         }
     }
@@ -164,13 +191,20 @@ pub fn load_options(spec: &JobSpec, device: Device, task: TaskHead) -> LoadOptio
 
 /// Turns libtorch out-of-memory errors into [`Error::OutOfMemory`].
 fn classify(e: Error, device: Device, batch: usize, seq: usize) -> Error {
+    // CUDA: "CUDA out of memory. Tried to allocate ..."; CPU: "DefaultCPUAllocator: not enough
+    // memory: you tried to allocate ...".
+    let is_oom = |s: String| s.contains("out of memory") || s.contains("not enough memory");
     let oom = match &e {
-        Error::Torch(t) => t.to_string().contains("out of memory"),
-        Error::Other(a) => a.to_string().contains("out of memory"),
+        Error::Torch(t) => is_oom(t.to_string()),
+        Error::Other(a) => is_oom(a.to_string()),
         _ => false,
     };
     if oom {
-        Error::OutOfMemory { device: format!("{device:?}"), batch_size: batch as i64, seq_len: seq as i64 }
+        Error::OutOfMemory {
+            device: format!("{device:?}"),
+            batch_size: batch as i64,
+            seq_len: seq as i64,
+        }
     } else {
         e
     }
@@ -190,13 +224,20 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(p) => Err(Error::Other(anyhow::anyhow!("libtorch failed: {}", panic_text(p)))),
+        Err(p) => Err(Error::Other(anyhow::anyhow!(
+            "libtorch failed: {}",
+            panic_text(p)
+        ))),
     }
 }
 
 /// Seed of micro-batch `k` of optimiser step `step`.
 fn micro_seed(seed: u64, step: u64, k: usize) -> i64 {
-    (seed.wrapping_mul(1_000_003).wrapping_add(step.wrapping_mul(4096)).wrapping_add(k as u64) & 0x7fff_ffff_ffff) as i64
+    (seed
+        .wrapping_mul(1_000_003)
+        .wrapping_add(step.wrapping_mul(4096))
+        .wrapping_add(k as u64)
+        & 0x7fff_ffff_ffff) as i64
 }
 
 /// Sums of one optimiser step's forward/backward passes (0-dim tensors on the device).
@@ -237,7 +278,11 @@ pub fn accumulate_gradients(
         let (b, t) = (c.batch_size, c.seq_len);
         let r: Result<()> = guarded(|| {
             tch::manual_seed(micro_seed(seed, step, k));
-            let batch = Batch { input_ids: &c.input_ids, attention_mask: &c.attention_mask, token_type_ids: c.token_type_ids.as_ref() };
+            let batch = Batch {
+                input_ids: &c.input_ids,
+                attention_mask: &c.attention_mask,
+                token_type_ids: c.token_type_ids.as_ref(),
+            };
             let logits = model.forward(&batch, true)?;
             let (loss, correct) = data::loss_and_correct(&logits, &c.labels, causal)?;
             loss.f_div_scalar(denom)?.f_backward()?;
@@ -247,7 +292,12 @@ pub fn accumulate_gradients(
         });
         r.map_err(|e| classify(e, device, b, t))?;
     }
-    Ok(Accumulated { loss_sum: loss_acc, correct: correct_acc, tokens, targets })
+    Ok(Accumulated {
+        loss_sum: loss_acc,
+        correct: correct_acc,
+        tokens,
+        targets,
+    })
 }
 
 struct Job<'a> {
@@ -270,41 +320,89 @@ struct StepResult {
 
 impl Job<'_> {
     fn batch<'b>(&self, c: &'b Collated) -> Batch<'b> {
-        Batch { input_ids: &c.input_ids, attention_mask: &c.attention_mask, token_type_ids: c.token_type_ids.as_ref() }
+        Batch {
+            input_ids: &c.input_ids,
+            attention_mask: &c.attention_mask,
+            token_type_ids: c.token_type_ids.as_ref(),
+        }
     }
 
     /// Forward, backward and update for one optimiser step.
-    fn train_step(&self, opt: &mut AdamW, items: &[&Features], seed: u64, step: u64, lr: f64, max_norm: f64) -> Result<StepResult> {
+    fn train_step(
+        &self,
+        opt: &mut AdamW,
+        items: &[&Features],
+        seed: u64,
+        step: u64,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<StepResult> {
         let targets: usize = items.iter().map(|f| f.targets()).sum();
         let denom = targets.max(1) as f64;
         opt.zero_grad();
-        let acc = accumulate_gradients(self.model, items, self.micro, self.pad_id, self.causal, self.with_types, seed, step)?;
+        let acc = accumulate_gradients(
+            self.model,
+            items,
+            self.micro,
+            self.pad_id,
+            self.causal,
+            self.with_types,
+            seed,
+            step,
+        )?;
         let (loss_acc, correct_acc, tokens) = (acc.loss_sum, acc.correct, acc.tokens);
         let (loss_sum, grad_norm, correct) = guarded(|| {
             let norm = opt.grad_norm()?;
-            let host = Tensor::f_stack(&[loss_acc.shallow_clone(), norm.shallow_clone(), correct_acc.shallow_clone()], 0)?
-                .f_to_device(Device::Cpu)?;
+            let host = Tensor::f_stack(
+                &[
+                    loss_acc.shallow_clone(),
+                    norm.shallow_clone(),
+                    correct_acc.shallow_clone(),
+                ],
+                0,
+            )?
+            .f_to_device(Device::Cpu)?;
             let v: Vec<f64> = Vec::<f64>::try_from(host.f_to_kind(Kind::Double)?)?;
             Ok((v[0], v[1], v[2]))
         })?;
         if !loss_sum.is_finite() {
-            return Err(Error::NonFiniteLoss { step: step as i64 + 1, value: loss_sum / denom });
+            return Err(Error::NonFiniteLoss {
+                step: step as i64 + 1,
+                value: loss_sum / denom,
+            });
         }
         if !grad_norm.is_finite() {
-            return Err(Error::NonFiniteLoss { step: step as i64 + 1, value: grad_norm });
+            return Err(Error::NonFiniteLoss {
+                step: step as i64 + 1,
+                value: grad_norm,
+            });
         }
         guarded(|| {
-            let norm = Tensor::f_from_slice(&[grad_norm as f32])?.f_to_device(self.device)?.f_reshape([])?;
+            let norm = Tensor::f_from_slice(&[grad_norm as f32])?
+                .f_to_device(self.device)?
+                .f_reshape([])?;
             opt.clip_grad_norm(&norm, max_norm)?;
             opt.step(lr)?;
             opt.zero_grad();
             Ok(())
         })
         .map_err(|e| classify(e, self.device, self.micro, 0))?;
-        Ok(StepResult { loss_sum, targets, correct, grad_norm, tokens, examples: items.len() })
+        Ok(StepResult {
+            loss_sum,
+            targets,
+            correct,
+            grad_norm,
+            tokens,
+            examples: items.len(),
+        })
     }
 
-    fn evaluate(&self, feats: &[Features], num_labels: usize, control: &Control) -> Result<Option<EvalMetrics>> {
+    fn evaluate(
+        &self,
+        feats: &[Features],
+        num_labels: usize,
+        control: &Control,
+    ) -> Result<Option<EvalMetrics>> {
         let _g = tch::no_grad_guard();
         let mut loss = 0.0;
         let mut targets = 0usize;
@@ -338,7 +436,11 @@ impl Job<'_> {
             }
         }
         let n = targets.max(1) as f64;
-        let mut m = EvalMetrics { valid_loss: loss / n, valid_examples: feats.len(), ..Default::default() };
+        let mut m = EvalMetrics {
+            valid_loss: loss / n,
+            valid_examples: feats.len(),
+            ..Default::default()
+        };
         if self.causal {
             m.valid_mean_token_accuracy = Some(correct / n);
         } else {
@@ -391,14 +493,21 @@ pub fn train(
     };
     if let (Some(r), Some(m)) = (&resume, &label_map) {
         if r.state.id2label.as_ref() != Some(&m.id2label()) {
-            return Err(Error::Config("the checkpoint was trained with other labels than this training data".into()));
+            return Err(Error::Config(
+                "the checkpoint was trained with other labels than this training data".into(),
+            ));
         }
     }
 
-    callback(TrainEvent::Phase { phase: Phase::LoadingModel, message: format!("loading {}", model_dir.display()) });
+    callback(TrainEvent::Phase {
+        phase: Phase::LoadingModel,
+        message: format!("loading {}", model_dir.display()),
+    });
     let task = match &label_map {
         None => TaskHead::CausalLm,
-        Some(m) => TaskHead::SequenceClassification { id2label: m.id2label() },
+        Some(m) => TaskHead::SequenceClassification {
+            id2label: m.id2label(),
+        },
     };
     let opts = load_options(spec, device, task);
     let model = guarded(|| crate::models::load_model(model_dir, &opts))?;
@@ -406,7 +515,10 @@ pub fn train(
     let tok = Tok::load(model_dir, info.is_decoder)?;
     let notes = model.load_notes();
 
-    callback(TrainEvent::Phase { phase: Phase::Tokenizing, message: "tokenizing the data".into() });
+    callback(TrainEvent::Phase {
+        phase: Phase::Tokenizing,
+        message: "tokenizing the data".into(),
+    });
     let max_len = if info.max_positions > 0 {
         (spec.max_seq_length as usize).min(info.max_positions as usize)
     } else {
@@ -417,19 +529,36 @@ pub fn train(
         Some(v) => (train_examples.to_vec(), v.to_vec()),
         None => data::split_validation(train_examples, spec.validation_split, spec.seed),
     };
-    let (train_feats, train_stats) =
-        data::featurize(&tok, spec.task, &train_part, max_len, label_map.as_ref(), "training file")?;
+    let (train_feats, train_stats) = data::featurize(
+        &tok,
+        spec.task,
+        &train_part,
+        max_len,
+        label_map.as_ref(),
+        "training file",
+    )?;
     if train_feats.is_empty() {
         return Err(Error::Data(format!(
             "no training example is left after truncation to {max_len} tokens ({} dropped)",
             train_stats.dropped
         )));
     }
-    let valid_source = if valid_examples.is_some() { "validation file" } else { "training file (validation split)" };
+    let valid_source = if valid_examples.is_some() {
+        "validation file"
+    } else {
+        "training file (validation split)"
+    };
     let (valid_feats, valid_stats) = if valid_part.is_empty() {
         (Vec::new(), None)
     } else {
-        let (f, s) = data::featurize(&tok, spec.task, &valid_part, max_len, label_map.as_ref(), valid_source)?;
+        let (f, s) = data::featurize(
+            &tok,
+            spec.task,
+            &valid_part,
+            max_len,
+            label_map.as_ref(),
+            valid_source,
+        )?;
         (f, Some(s))
     };
 
@@ -475,9 +604,18 @@ pub fn train(
     };
     let mut opt = AdamW::new(
         model.trainable_parameters(),
-        AdamWConfig { weight_decay: spec.weight_decay, ..Default::default() },
+        AdamWConfig {
+            weight_decay: spec.weight_decay,
+            ..Default::default()
+        },
     )?;
-    let schedule = Schedule::new(spec.lr_scheduler, spec.learning_rate, total_steps, u64::from(spec.warmup_steps), spec.warmup_ratio);
+    let schedule = Schedule::new(
+        spec.lr_scheduler,
+        spec.learning_rate,
+        total_steps,
+        u64::from(spec.warmup_steps),
+        spec.warmup_ratio,
+    );
 
     let mut state = TrainState {
         format: 1,
@@ -492,7 +630,12 @@ pub fn train(
         ..Default::default()
     };
     if let Some(r) = &resume {
-        if (r.state.train_examples, r.state.batch_size, r.state.steps_per_epoch) != (n, batch_size, steps_per_epoch) {
+        if (
+            r.state.train_examples,
+            r.state.batch_size,
+            r.state.steps_per_epoch,
+        ) != (n, batch_size, steps_per_epoch)
+        {
             return Err(Error::Config(format!(
                 "the checkpoint was made with {} training examples in batches of {}; this run has {n} in batches of {batch_size}: resume with the same data and settings",
                 r.state.train_examples, r.state.batch_size
@@ -500,7 +643,10 @@ pub fn train(
         }
         model.load_trainable(&r.trainable)?;
         opt.load(&r.optimizer)?;
-        state = TrainState { total_steps, ..r.state.clone() };
+        state = TrainState {
+            total_steps,
+            ..r.state.clone()
+        };
     }
 
     let num_labels = label_map.as_ref().map(LabelMap::len).unwrap_or(0);
@@ -514,10 +660,25 @@ pub fn train(
     let mut last_saved: Option<u64> = None;
     let mut stop_early = false;
 
-    let save_ckpt = |state: &TrainState, opt: &AdamW, callback: &mut dyn FnMut(TrainEvent)| -> Result<PathBuf> {
+    let save_ckpt = |state: &TrainState,
+                     opt: &AdamW,
+                     callback: &mut dyn FnMut(TrainEvent)|
+     -> Result<PathBuf> {
         let dir = checkpoint::checkpoint_dir(output_dir, state.step);
-        callback(TrainEvent::Phase { phase: Phase::Saving, message: format!("saving checkpoint step-{}", state.step) });
-        guarded(|| checkpoint::save(&dir, model.as_ref(), model_dir, lora, spec.merge_lora, Some((state, opt))))?;
+        callback(TrainEvent::Phase {
+            phase: Phase::Saving,
+            message: format!("saving checkpoint step-{}", state.step),
+        });
+        guarded(|| {
+            checkpoint::save(
+                &dir,
+                model.as_ref(),
+                model_dir,
+                lora,
+                spec.merge_lora,
+                Some((state, opt)),
+            )
+        })?;
         callback(TrainEvent::Checkpoint {
             step: state.step,
             path: dir.display().to_string(),
@@ -543,7 +704,10 @@ pub fn train(
             } else {
                 save_ckpt(&state, &opt, callback)?
             };
-            return Ok(TrainOutcome::Paused { checkpoint: dir, step: state.step });
+            return Ok(TrainOutcome::Paused {
+                checkpoint: dir,
+                step: state.step,
+            });
         }
         let step = state.step;
         let epoch = step / steps_per_epoch;
@@ -567,7 +731,11 @@ pub fn train(
         let end_of_epoch = in_epoch as u64 + 1 == steps_per_epoch;
         let last = state.step == total_steps;
 
-        if state.step.is_multiple_of(u64::from(spec.log_interval.max(1))) || last {
+        if state
+            .step
+            .is_multiple_of(u64::from(spec.log_interval.max(1)))
+            || last
+        {
             let secs = window.5.elapsed().as_secs_f64().max(1e-9);
             let run_secs = run_start.elapsed().as_secs_f64();
             let done = (state.step - start_step) as f64;
@@ -584,7 +752,11 @@ pub fn train(
                 tokens_per_second: window.3 as f64 / secs,
                 examples_per_second: window.4 as f64 / secs,
                 elapsed_seconds: elapsed_before + run_secs,
-                eta_seconds: if done > 0.0 { run_secs / done * (total_steps - state.step) as f64 } else { 0.0 },
+                eta_seconds: if done > 0.0 {
+                    run_secs / done * (total_steps - state.step) as f64
+                } else {
+                    0.0
+                },
                 trained_tokens: state.trained_tokens,
                 peak_memory_bytes: None,
             };
@@ -595,10 +767,14 @@ pub fn train(
 
         let eval_now = !valid_feats.is_empty()
             && (last
-                || (spec.eval_interval > 0 && state.step.is_multiple_of(u64::from(spec.eval_interval)))
+                || (spec.eval_interval > 0
+                    && state.step.is_multiple_of(u64::from(spec.eval_interval)))
                 || (spec.eval_interval == 0 && end_of_epoch));
         if eval_now {
-            callback(TrainEvent::Phase { phase: Phase::Evaluating, message: format!("evaluating at step {}", state.step) });
+            callback(TrainEvent::Phase {
+                phase: Phase::Evaluating,
+                message: format!("evaluating at step {}", state.step),
+            });
             let Some(m) = job.evaluate(&valid_feats, num_labels, control)? else {
                 return Ok(TrainOutcome::Cancelled { step: state.step });
             };
@@ -610,8 +786,13 @@ pub fn train(
             } else {
                 state.evals_without_improvement += 1;
             }
-            callback(TrainEvent::Eval { step: state.step, metrics: m });
-            if spec.early_stopping_patience > 0 && state.evals_without_improvement >= spec.early_stopping_patience {
+            callback(TrainEvent::Eval {
+                step: state.step,
+                metrics: m,
+            });
+            if spec.early_stopping_patience > 0
+                && state.evals_without_improvement >= spec.early_stopping_patience
+            {
                 callback(TrainEvent::Warning {
                     message: format!(
                         "early stopping at step {}: no lower validation loss in {} evaluations",
@@ -624,7 +805,10 @@ pub fn train(
         }
         let ckpt_now = last
             || stop_early
-            || (spec.checkpoint_interval > 0 && state.step.is_multiple_of(u64::from(spec.checkpoint_interval)))
+            || (spec.checkpoint_interval > 0
+                && state
+                    .step
+                    .is_multiple_of(u64::from(spec.checkpoint_interval)))
             || (spec.checkpoint_interval == 0 && end_of_epoch);
         if ckpt_now {
             state.elapsed_seconds = elapsed_before + run_start.elapsed().as_secs_f64();
@@ -634,11 +818,78 @@ pub fn train(
         }
     }
 
-    callback(TrainEvent::Phase { phase: Phase::Saving, message: "saving the final model".into() });
+    callback(TrainEvent::Phase {
+        phase: Phase::Saving,
+        message: "saving the final model".into(),
+    });
     let final_dir = output_dir.join("final");
-    guarded(|| checkpoint::save(&final_dir, model.as_ref(), model_dir, lora, spec.merge_lora, None))?;
+    guarded(|| {
+        checkpoint::save(
+            &final_dir,
+            model.as_ref(),
+            model_dir,
+            lora,
+            spec.merge_lora,
+            None,
+        )
+    })?;
     let mut metrics = state.last_metrics.clone();
-    metrics.insert("elapsed_seconds".into(), json!(elapsed_before + run_start.elapsed().as_secs_f64()));
-    metrics.insert("wall_seconds".into(), json!(started.elapsed().as_secs_f64()));
-    Ok(TrainOutcome::Done { final_dir, trained_tokens: state.trained_tokens, steps: state.step, metrics })
+    metrics.insert(
+        "elapsed_seconds".into(),
+        json!(elapsed_before + run_start.elapsed().as_secs_f64()),
+    );
+    metrics.insert(
+        "wall_seconds".into(),
+        json!(started.elapsed().as_secs_f64()),
+    );
+    Ok(TrainOutcome::Done {
+        final_dir,
+        trained_tokens: state.trained_tokens,
+        steps: state.step,
+        metrics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_recognised() {
+        let e = classify(
+            Error::Torch(tch::TchError::Torch(
+                "CUDA out of memory. Tried to allocate 2.00 GiB".into(),
+            )),
+            Device::Cuda(0),
+            16,
+            1024,
+        );
+        assert!(
+            matches!(
+                e,
+                Error::OutOfMemory {
+                    batch_size: 16,
+                    seq_len: 1024,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let p = guarded::<()>(|| {
+            panic!("DefaultCPUAllocator: not enough memory: you tried to allocate")
+        });
+        assert!(matches!(
+            classify(p.unwrap_err(), Device::Cpu, 8, 512),
+            Error::OutOfMemory { .. }
+        ));
+        let e = classify(
+            Error::Other(anyhow::anyhow!("libtorch failed: CUDA out of memory")),
+            Device::Cuda(0),
+            1,
+            2,
+        );
+        assert!(matches!(e, Error::OutOfMemory { .. }));
+        assert_eq!(micro_seed(1, 2, 3), micro_seed(1, 2, 3));
+        assert_ne!(micro_seed(1, 2, 3), micro_seed(1, 3, 3));
+    }
 }

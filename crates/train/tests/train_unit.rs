@@ -13,13 +13,24 @@ use tuna_train::tokenizer::Tok;
 use tuna_train::Error;
 
 fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.fixtures").join(name);
-    assert!(p.join("tokenizer.json").is_file(), "fixture {} is missing: run scripts/setup.sh", p.display());
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.fixtures")
+        .join(name);
+    assert!(
+        p.join("tokenizer.json").is_file(),
+        "fixture {} is missing: run scripts/setup.sh",
+        p.display()
+    );
     p
 }
 
 fn targets_text(tok: &Tok, f: &Features) -> String {
-    let ids: Vec<u32> = f.labels.iter().filter(|l| **l >= 0).map(|l| *l as u32).collect();
+    let ids: Vec<u32> = f
+        .labels
+        .iter()
+        .filter(|l| **l >= 0)
+        .map(|l| *l as u32)
+        .collect();
     tok.inner().decode(&ids, false).unwrap()
 }
 
@@ -32,23 +43,40 @@ fn adamw_matches_pytorch() {
     // Reference: torch 2.11.0, torch.optim.AdamW(lr=0.1, betas=(0.9, 0.999), eps=1e-8) with
     // weight_decay 0.1 on w and 0.0 on b, 5 steps of loss = ((x @ w + b - y) ** 2).sum() with
     // the x, y, w, b below; printed with "%.9f".
-    let w = Tensor::from_slice(&[0.5f32, -0.3, 0.1, 0.8, -0.6, 0.2]).view([3, 2]).set_requires_grad(true);
+    let w = Tensor::from_slice(&[0.5f32, -0.3, 0.1, 0.8, -0.6, 0.2])
+        .view([3, 2])
+        .set_requires_grad(true);
     let b = Tensor::from_slice(&[0.05f32, -0.05]).set_requires_grad(true);
     let x = Tensor::from_slice(&[1.0f32, 2.0, -1.0, 0.5, -1.5, 2.0]).view([2, 3]);
     let y = Tensor::from_slice(&[1.0f32, 0.0, -1.0, 2.0]).view([2, 2]);
     let mut opt = AdamW::new(
-        vec![("lin.weight".into(), w.shallow_clone()), ("lin.bias".into(), b.shallow_clone())],
-        AdamWConfig { weight_decay: 0.1, ..Default::default() },
+        vec![
+            ("lin.weight".into(), w.shallow_clone()),
+            ("lin.bias".into(), b.shallow_clone()),
+        ],
+        AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(opt.decayed(), vec!["lin.weight".to_string()]);
     for _ in 0..5 {
         opt.zero_grad();
-        let loss = (x.matmul(&w) + &b - &y).pow_tensor_scalar(2).sum(Kind::Float);
+        let loss = (x.matmul(&w) + &b - &y)
+            .pow_tensor_scalar(2)
+            .sum(Kind::Float);
         loss.backward();
         opt.step(0.1).unwrap();
     }
-    let want_w = [0.415_872_84_f32, 0.129_511_53, 0.086_240_49, 0.286_196_62, -0.582_254_2, 0.662_749_9];
+    let want_w = [
+        0.415_872_84_f32,
+        0.129_511_53,
+        0.086_240_49,
+        0.286_196_62,
+        -0.582_254_2,
+        0.662_749_9,
+    ];
     let want_b = [-0.050_736_744_f32, 0.421_909_15];
     let got_w: Vec<f32> = Vec::try_from(w.detach().view([-1])).unwrap();
     let got_b: Vec<f32> = Vec::try_from(b.detach()).unwrap();
@@ -59,7 +87,10 @@ fn adamw_matches_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     opt.save(&dir.path().join("o.safetensors")).unwrap();
     let mut fresh = AdamW::new(
-        vec![("lin.weight".into(), w.shallow_clone()), ("lin.bias".into(), b.shallow_clone())],
+        vec![
+            ("lin.weight".into(), w.shallow_clone()),
+            ("lin.bias".into(), b.shallow_clone()),
+        ],
         AdamWConfig::default(),
     )
     .unwrap();
@@ -78,12 +109,19 @@ fn clipping_scales_to_max_norm() {
     let p = Tensor::zeros([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let loss = (&p * Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0])).sum(Kind::Float);
     loss.backward();
-    let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], AdamWConfig::default()).unwrap();
+    let mut opt = AdamW::new(
+        vec![("p".into(), p.shallow_clone())],
+        AdamWConfig::default(),
+    )
+    .unwrap();
     let norm = opt.grad_norm().unwrap();
     assert!((f64::try_from(&norm).unwrap() - 5.0).abs() < 1e-6);
     opt.clip_grad_norm(&norm, 1.0).unwrap();
     let g: Vec<f32> = Vec::try_from(p.grad()).unwrap();
-    assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5, "{g:?}");
+    assert!(
+        (g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5,
+        "{g:?}"
+    );
 }
 
 #[test]
@@ -101,7 +139,13 @@ fn chat_loss_only_on_assistant_turns_with_end_of_turn() {
     assert_eq!(targets_text(&tok, f), "learn this<|im_end|>\n");
     assert!(f.labels.contains(&im_end), "end-of-turn token is a target");
     // Every target sits after the last user turn; the input holds the whole conversation.
-    let full = tok.inner().decode(&f.input_ids.iter().map(|i| *i as u32).collect::<Vec<_>>(), false).unwrap();
+    let full = tok
+        .inner()
+        .decode(
+            &f.input_ids.iter().map(|i| *i as u32).collect::<Vec<_>>(),
+            false,
+        )
+        .unwrap();
     assert!(full.contains("skip me") && full.contains("Be brief."));
     // Both assistant turns when no weight is 0.
     let ex = line(
@@ -116,20 +160,40 @@ fn chat_template_from_tokenizer_config_and_fallback() {
     // qwen2: template inside tokenizer_config.json, eos <|im_end|>.
     let tok = Tok::load(&fixture("qwen2"), true).unwrap();
     assert!(tok.chat_template.is_some());
-    let ex = line(r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#);
-    let (f, _) = featurize(&tok, Task::CausalLm, std::slice::from_ref(&ex), 512, None, "t").unwrap();
+    let ex = line(
+        r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#,
+    );
+    let (f, _) = featurize(
+        &tok,
+        Task::CausalLm,
+        std::slice::from_ref(&ex),
+        512,
+        None,
+        "t",
+    )
+    .unwrap();
     assert_eq!(targets_text(&tok, &f[0]), "hello<|im_end|>\n");
     // gpt2: no template → fallback; the assistant turn ends with EOS, which is a target.
     let tok = Tok::load(&fixture("gpt2"), true).unwrap();
     assert!(tok.chat_template.is_none());
     let rendered = tok
-        .render_chat(&[tuna_train::tokenizer::ChatMessage { role: "user", content: "hi" }], true)
+        .render_chat(
+            &[tuna_train::tokenizer::ChatMessage {
+                role: "user",
+                content: "hi",
+            }],
+            true,
+        )
         .unwrap();
     assert_eq!(rendered, "User: hi\nAssistant: ");
     let (f, _) = featurize(&tok, Task::CausalLm, &[ex], 512, None, "t").unwrap();
     let t = targets_text(&tok, &f[0]);
     assert!(t.starts_with("hello<|endoftext|>"), "{t:?}");
-    assert_eq!(tok.pad.as_ref().unwrap().content, "<|endoftext|>", "pad falls back to eos");
+    assert_eq!(
+        tok.pad.as_ref().unwrap().content,
+        "<|endoftext|>",
+        "pad falls back to eos"
+    );
 }
 
 #[test]
@@ -156,15 +220,38 @@ fn classification_features_and_truncation_keep_sep() {
     let sep = tok.token_to_id("[SEP]").unwrap() as i64;
     let long = "word ".repeat(300);
     let examples = vec![
-        (2, Example::Labeled { text: "good".into(), label: Label::Name("pos".into()) }),
-        (3, Example::Labeled { text: long, label: Label::Name("neg".into()) }),
+        (
+            2,
+            Example::Labeled {
+                text: "good".into(),
+                label: Label::Name("pos".into()),
+            },
+        ),
+        (
+            3,
+            Example::Labeled {
+                text: long,
+                label: Label::Name("neg".into()),
+            },
+        ),
     ];
     let map = LabelMap::from_examples(&examples);
     assert_eq!(map.id2label(), vec!["neg", "pos"]);
-    let (f, stats) = featurize(&tok, Task::SequenceClassification, &examples, 16, Some(&map), "t").unwrap();
+    let (f, stats) = featurize(
+        &tok,
+        Task::SequenceClassification,
+        &examples,
+        16,
+        Some(&map),
+        "t",
+    )
+    .unwrap();
     assert_eq!(stats.truncated, 1);
     assert_eq!(f[0].class, Some(1));
-    assert_eq!((f[0].input_ids[0], *f[0].input_ids.last().unwrap()), (cls, sep));
+    assert_eq!(
+        (f[0].input_ids[0], *f[0].input_ids.last().unwrap()),
+        (cls, sep)
+    );
     assert_eq!(f[1].input_ids.len(), 16);
     assert_eq!((f[1].input_ids[0], f[1].input_ids[15]), (cls, sep));
 }
@@ -173,19 +260,60 @@ fn classification_features_and_truncation_keep_sep() {
 fn bad_data_is_an_error_naming_the_line() {
     let tok = Tok::load(&fixture("gpt2"), true).unwrap();
     let map = LabelMap::new(vec![Label::Int(0), Label::Int(1)]);
-    let unseen = vec![(7, Example::Labeled { text: "x".into(), label: Label::Int(5) })];
-    let e = featurize(&tok, Task::SequenceClassification, &unseen, 32, Some(&map), "validation file").unwrap_err();
-    assert!(matches!(&e, Error::Data(m) if m.contains("validation file line 7") && m.contains("`5`")), "{e}");
+    let unseen = vec![(
+        7,
+        Example::Labeled {
+            text: "x".into(),
+            label: Label::Int(5),
+        },
+    )];
+    let e = featurize(
+        &tok,
+        Task::SequenceClassification,
+        &unseen,
+        32,
+        Some(&map),
+        "validation file",
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::Data(m) if m.contains("validation file line 7") && m.contains("`5`")),
+        "{e}"
+    );
     let wrong = vec![(4, Example::Text { text: "x".into() })];
-    let e = featurize(&tok, Task::SequenceClassification, &wrong, 32, Some(&map), "training file").unwrap_err();
+    let e = featurize(
+        &tok,
+        Task::SequenceClassification,
+        &wrong,
+        32,
+        Some(&map),
+        "training file",
+    )
+    .unwrap_err();
     assert!(matches!(&e, Error::Data(m) if m.contains("line 4")), "{e}");
-    let empty = vec![(9, Example::Text { text: String::new() })];
+    let empty = vec![(
+        9,
+        Example::Text {
+            text: String::new(),
+        },
+    )];
     let e = featurize(&tok, Task::CausalLm, &empty, 32, None, "training file").unwrap_err();
     assert!(matches!(&e, Error::Data(m) if m.contains("line 9")), "{e}");
     // Over-long: cut and counted; a prompt that fills the window leaves nothing and is dropped.
     let long = vec![
-        (1, Example::Text { text: "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(20) }),
-        (2, Example::PromptCompletion { prompt: "p ".repeat(200), completion: "done".into() }),
+        (
+            1,
+            Example::Text {
+                text: "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(20),
+            },
+        ),
+        (
+            2,
+            Example::PromptCompletion {
+                prompt: "p ".repeat(200),
+                completion: "done".into(),
+            },
+        ),
     ];
     let (f, stats) = featurize(&tok, Task::CausalLm, &long, 32, None, "training file").unwrap();
     assert_eq!((f.len(), stats.truncated, stats.dropped), (1, 2, 1));

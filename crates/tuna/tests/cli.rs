@@ -55,6 +55,7 @@ impl Drop for Server {
 fn run_tuna(base: &str, data: &Path, db_url: &str, args: &[&str], env: &[(&str, &str)]) -> Out {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
+        .current_dir(data)
         .env("TUNA_URL", base)
         .env("TUNA_DATA_DIR", data)
         .env("DATABASE_URL", db_url)
@@ -543,4 +544,162 @@ async fn jobs_commands_on_queued_jobs() {
     let missing_file = s.tuna(&["jobs", "create", "-f", "/nonexistent.yaml"]);
     assert_eq!(missing_file.code, 2);
     assert_eq!(s.tuna(&["jobs", "show"]).code, 2);
+}
+
+/// The artifact store `tuna serve` uses for `--data-dir D`.
+fn store_of(data_dir: &Path) -> tuna_store::Store {
+    tuna_store::Store::local(data_dir.join("store")).unwrap()
+}
+
+/// A real worker (running the real `tuna-trainer` on CPU) on the server's database and store.
+fn start_worker(s: &Server) -> tokio_util::sync::CancellationToken {
+    let trainer = tuna_worker::default_trainer_bin();
+    assert!(
+        trainer.is_file(),
+        "{} is missing: build it with `cargo build -p tuna-train`",
+        trainer.display()
+    );
+    let mut cfg = tuna_worker::WorkerConfig::new(
+        s.data_dir().join("worker"),
+        store_of(s.data_dir()),
+        trainer,
+    );
+    cfg.device = tuna_worker::DeviceChoice::Cpu;
+    cfg.poll_every = Duration::from_millis(300);
+    cfg.heartbeat_every = Duration::from_millis(500);
+    cfg.trainer_threads = Some(1);
+    let worker = tuna_worker::Worker::new(s.db.pool.clone(), cfg);
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        if let Err(e) = worker.run(t).await {
+            eprintln!("worker: {e}");
+        }
+    });
+    token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_and_download_a_tiny_job() {
+    let s = Server::start().await;
+    let train = s.data_dir().join("train.jsonl");
+    let lines: Vec<String> = (0..16)
+        .map(|i| serde_json::json!({"prompt": format!("Count {i}:"), "completion": format!(" {} {}", i + 1, i + 2)}).to_string())
+        .collect();
+    std::fs::write(&train, lines.join("\n") + "\n").unwrap();
+    let token = start_worker(&s);
+    let created = s
+        .tuna(&[
+            "jobs",
+            "create",
+            "--model",
+            "gpt2",
+            "--training-file",
+            train.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--suffix",
+            "tiny",
+            "--set",
+            "checkpoint_interval=4",
+            "--set",
+            "log_interval=1",
+            "--set",
+            "max_seq_length=32",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let id = created["id"].as_str().unwrap().to_string();
+
+    // Follows the job to the end: events, then the outcome and the final metrics.
+    let watched = s.tuna(&["jobs", "watch", &id]);
+    assert_eq!(watched.code, 0, "{watched:#?}");
+    let out = &watched.stdout;
+    assert!(out.contains("Step 1/8"), "{out}");
+    assert!(out.contains("Checkpoint saved at step 4"), "{out}");
+    assert!(out.contains(&format!("job {id} succeeded")), "{out}");
+    assert!(out.contains("fine-tuned model: ft:gpt2:"), "{out}");
+    assert!(
+        out.contains("final metrics: ") && out.contains("train_loss="),
+        "{out}"
+    );
+    let job = s.tuna(&["jobs", "show", &id, "--json"]).ok().json();
+    assert_eq!(job["status"], "succeeded");
+    let model = job["fine_tuned_model"].as_str().unwrap().to_string();
+    let models = s.tuna(&["models", "list"]).ok();
+    assert!(models.stdout.contains(&model), "{models:?}");
+
+    let ckpts = s.tuna(&["jobs", "checkpoints", &id, "--json"]).ok().json();
+    let steps: Vec<i64> = ckpts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step_number"].as_i64().unwrap())
+        .collect();
+    assert!(steps.contains(&4), "{ckpts}");
+
+    // Download the final model; every file matches the listing's sha256.
+    let dir = s.data_dir().join("model");
+    let dl = s
+        .tuna(&["download", &id, "--out", dir.to_str().unwrap(), "--json"])
+        .ok()
+        .json();
+    let files = dl["data"].as_array().unwrap().clone();
+    assert!(files.iter().any(|f| f["path"] == "config.json"), "{dl}");
+    let sha = |p: &Path| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+    };
+    for f in &files {
+        let p = dir.join(f["path"].as_str().unwrap());
+        assert_eq!(sha(&p), f["sha256"].as_str().unwrap(), "{}", p.display());
+    }
+    // Resume: the biggest file cut in half and left as `.part` is completed with a range
+    // request; the others are skipped.
+    let big = files
+        .iter()
+        .max_by_key(|f| f["bytes"].as_u64().unwrap())
+        .unwrap();
+    let big_path = dir.join(big["path"].as_str().unwrap());
+    let bytes = std::fs::read(&big_path).unwrap();
+    let part = PathBuf::from(format!("{}.part", big_path.display()));
+    std::fs::remove_file(&big_path).unwrap();
+    std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+    let again = s
+        .tuna(&["download", &id, "--out", dir.to_str().unwrap()])
+        .ok();
+    let skipped = files.len() - 1;
+    assert!(
+        again.stdout.contains(&format!("{skipped} already present")),
+        "{again:?}"
+    );
+    assert_eq!(std::fs::read(&big_path).unwrap(), bytes);
+    assert!(!part.exists());
+    // A corrupt partial file fails the sha256 check (exit 1) and is removed; the next run
+    // fetches the file whole.
+    std::fs::remove_file(&big_path).unwrap();
+    std::fs::write(&part, vec![b'x'; bytes.len() / 2]).unwrap();
+    let bad = s.tuna(&["download", &id, "--out", dir.to_str().unwrap()]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("sha256 mismatch"), "{bad:?}");
+    assert!(!part.exists());
+    s.tuna(&["download", &id, "--out", dir.to_str().unwrap()])
+        .ok();
+    assert_eq!(std::fs::read(&big_path).unwrap(), bytes);
+
+    // A checkpoint, by step, into the default directory name.
+    let ck = s
+        .tuna(&["download", &id, "--checkpoint", "4", "--json"])
+        .ok()
+        .json();
+    assert_eq!(ck["directory"], format!("{id}-step-4"));
+    assert!(!ck["data"].as_array().unwrap().is_empty());
+    assert!(s
+        .data_dir()
+        .join(format!("{id}-step-4/config.json"))
+        .is_file());
+    token.cancel();
 }

@@ -21,16 +21,34 @@ const STDERR_TAIL: usize = 30;
 /// One event of the trainer (the `event` field picks the variant; the other fields are kept).
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainerEvent {
-    Phase { phase: String, message: String },
+    Phase {
+        phase: String,
+        message: String,
+    },
     Data(Map<String, Value>),
     Metrics(Map<String, Value>),
     Eval(Map<String, Value>),
-    Checkpoint { step: i64, path: PathBuf, metrics: Value },
+    Checkpoint {
+        step: i64,
+        path: PathBuf,
+        metrics: Value,
+    },
     Warning(String),
-    Done { trained_tokens: Option<i64>, final_dir: PathBuf, metrics: Value },
-    Paused { checkpoint: Option<PathBuf>, step: Option<i64> },
+    Done {
+        trained_tokens: Option<i64>,
+        final_dir: PathBuf,
+        metrics: Value,
+    },
+    Paused {
+        checkpoint: Option<PathBuf>,
+        step: Option<i64>,
+    },
     Cancelled,
-    Error { code: String, message: String, param: Option<String> },
+    Error {
+        code: String,
+        message: String,
+        param: Option<String>,
+    },
     /// A line that is not a known event (logged, otherwise ignored).
     Other(String),
 }
@@ -41,7 +59,8 @@ impl TrainerEvent {
         let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(line) else {
             return TrainerEvent::Other(line.to_string());
         };
-        let s = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
+        let s =
+            |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
         let i = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_i64);
         let kind = s(&obj, "event").unwrap_or_default();
         obj.remove("event");
@@ -57,7 +76,10 @@ impl TrainerEvent {
                 (Some(step), Some(path)) => TrainerEvent::Checkpoint {
                     step,
                     path: PathBuf::from(path),
-                    metrics: obj.get("metrics").cloned().unwrap_or(Value::Object(Map::new())),
+                    metrics: obj
+                        .get("metrics")
+                        .cloned()
+                        .unwrap_or(Value::Object(Map::new())),
                 },
                 _ => TrainerEvent::Other(line.to_string()),
             },
@@ -66,17 +88,22 @@ impl TrainerEvent {
                 Some(dir) => TrainerEvent::Done {
                     trained_tokens: i(&obj, "trained_tokens"),
                     final_dir: PathBuf::from(dir),
-                    metrics: obj.get("metrics").cloned().unwrap_or(Value::Object(Map::new())),
+                    metrics: obj
+                        .get("metrics")
+                        .cloned()
+                        .unwrap_or(Value::Object(Map::new())),
                 },
                 None => TrainerEvent::Other(line.to_string()),
             },
-            "paused" => {
-                TrainerEvent::Paused { checkpoint: s(&obj, "checkpoint").map(PathBuf::from), step: i(&obj, "step") }
-            }
+            "paused" => TrainerEvent::Paused {
+                checkpoint: s(&obj, "checkpoint").map(PathBuf::from),
+                step: i(&obj, "step"),
+            },
             "cancelled" => TrainerEvent::Cancelled,
             "error" => TrainerEvent::Error {
                 code: s(&obj, "code").unwrap_or_else(|| "internal".into()),
-                message: s(&obj, "message").unwrap_or_else(|| "the trainer reported an error".into()),
+                message: s(&obj, "message")
+                    .unwrap_or_else(|| "the trainer reported an error".into()),
                 param: s(&obj, "param"),
             },
             _ => TrainerEvent::Other(line.to_string()),
@@ -87,7 +114,10 @@ impl TrainerEvent {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            TrainerEvent::Done { .. } | TrainerEvent::Paused { .. } | TrainerEvent::Cancelled | TrainerEvent::Error { .. }
+            TrainerEvent::Done { .. }
+                | TrainerEvent::Paused { .. }
+                | TrainerEvent::Cancelled
+                | TrainerEvent::Error { .. }
         )
     }
 }
@@ -117,7 +147,13 @@ impl TrainerCommand {
         threads: Option<u32>,
     ) -> TrainerCommand {
         let p = |p: &Path| p.display().to_string();
-        let mut args = vec!["run".to_string(), "--model-dir".into(), p(model_dir), "--spec".into(), p(spec)];
+        let mut args = vec![
+            "run".to_string(),
+            "--model-dir".into(),
+            p(model_dir),
+            "--spec".into(),
+            p(spec),
+        ];
         args.extend(["--train-file".into(), p(train)]);
         if let Some(v) = valid {
             args.extend(["--valid-file".into(), p(v)]);
@@ -132,7 +168,12 @@ impl TrainerCommand {
         if let Some(t) = threads {
             args.extend(["--threads".into(), t.to_string()]);
         }
-        TrainerCommand { program: trainer.to_path_buf(), args, env: vec![], cwd: None }
+        TrainerCommand {
+            program: trainer.to_path_buf(),
+            args,
+            env: vec![],
+            cwd: None,
+        }
     }
 }
 
@@ -181,7 +222,14 @@ impl TrainerProcess {
                 }
             })
         });
-        Ok(TrainerProcess { child, pid, stdin, stdout, stderr_tail, stderr_task })
+        Ok(TrainerProcess {
+            child,
+            pid,
+            stdin,
+            stdout,
+            stderr_tail,
+            stderr_task,
+        })
     }
 
     /// The next stdout line, `None` at EOF (the child exited or closed stdout).
@@ -200,7 +248,11 @@ impl TrainerProcess {
     /// stdin is exiting anyway.
     pub async fn send(&mut self, line: &str) {
         if let Some(stdin) = self.stdin.as_mut() {
-            let ok = stdin.write_all(format!("{line}\n").as_bytes()).await.is_ok() && stdin.flush().await.is_ok();
+            let ok = stdin
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .is_ok()
+                && stdin.flush().await.is_ok();
             if !ok {
                 self.stdin = None;
             }
@@ -216,7 +268,10 @@ impl TrainerProcess {
     pub fn kill(&mut self) {
         if let Some(pid) = self.pid {
             if let Ok(pid) = i32::try_from(pid) {
-                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         let _ = self.child.start_kill();
@@ -235,7 +290,12 @@ impl TrainerProcess {
 
     /// The last stderr lines.
     pub fn stderr_tail(&self) -> Vec<String> {
-        self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        self.stderr_tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -243,7 +303,9 @@ impl TrainerProcess {
 pub fn describe_exit(status: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     if let Some(sig) = status.signal() {
-        let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| sig.to_string());
+        let name = nix::sys::signal::Signal::try_from(sig)
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|_| sig.to_string());
         format!("killed by signal {name}")
     } else {
         match status.code() {
@@ -259,26 +321,48 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn sh(script: &str) -> TrainerCommand {
-        TrainerCommand { program: "/bin/sh".into(), args: vec!["-c".into(), script.into()], env: vec![], cwd: None }
+        TrainerCommand {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![],
+            cwd: None,
+        }
     }
 
     #[test]
     fn parses_events() {
         assert_eq!(
             TrainerEvent::parse(r#"{"event":"phase","phase":"training","message":"go"}"#),
-            TrainerEvent::Phase { phase: "training".into(), message: "go".into() }
+            TrainerEvent::Phase {
+                phase: "training".into(),
+                message: "go".into()
+            }
         );
-        let TrainerEvent::Metrics(m) = TrainerEvent::parse(r#"{"event":"metrics","step":3,"train_loss":1.5}"#) else {
+        let TrainerEvent::Metrics(m) =
+            TrainerEvent::parse(r#"{"event":"metrics","step":3,"train_loss":1.5}"#)
+        else {
             panic!()
         };
         assert_eq!(m["step"], 3);
         assert!(!m.contains_key("event"));
         assert_eq!(
-            TrainerEvent::parse(r#"{"event":"error","code":"nan_loss","message":"m","param":"learning_rate"}"#),
-            TrainerEvent::Error { code: "nan_loss".into(), message: "m".into(), param: Some("learning_rate".into()) }
+            TrainerEvent::parse(
+                r#"{"event":"error","code":"nan_loss","message":"m","param":"learning_rate"}"#
+            ),
+            TrainerEvent::Error {
+                code: "nan_loss".into(),
+                message: "m".into(),
+                param: Some("learning_rate".into())
+            }
         );
-        assert!(matches!(TrainerEvent::parse("not json"), TrainerEvent::Other(_)));
-        assert!(matches!(TrainerEvent::parse(r#"{"event":"checkpoint","step":1}"#), TrainerEvent::Other(_)));
+        assert!(matches!(
+            TrainerEvent::parse("not json"),
+            TrainerEvent::Other(_)
+        ));
+        assert!(matches!(
+            TrainerEvent::parse(r#"{"event":"checkpoint","step":1}"#),
+            TrainerEvent::Other(_)
+        ));
         assert!(TrainerEvent::parse(r#"{"event":"cancelled","step":2}"#).is_terminal());
     }
 
@@ -289,9 +373,15 @@ mod tests {
             r#"echo '{"event":"phase","phase":"training","message":"x"}'; read l; echo "{\"event\":\"$l\"}"; echo oops >&2; exit 0"#,
         ))
         .unwrap();
-        assert!(matches!(TrainerEvent::parse(&p.next_line().await.unwrap()), TrainerEvent::Phase { .. }));
+        assert!(matches!(
+            TrainerEvent::parse(&p.next_line().await.unwrap()),
+            TrainerEvent::Phase { .. }
+        ));
         p.send("cancelled").await;
-        assert_eq!(TrainerEvent::parse(&p.next_line().await.unwrap()), TrainerEvent::Cancelled);
+        assert_eq!(
+            TrainerEvent::parse(&p.next_line().await.unwrap()),
+            TrainerEvent::Cancelled
+        );
         assert!(p.next_line().await.is_none());
         let st = p.wait().await.unwrap();
         assert!(st.success());
@@ -304,7 +394,10 @@ mod tests {
         let mut p = TrainerProcess::spawn(&sh("sleep 60 & sleep 60; wait")).unwrap();
         let t0 = Instant::now();
         p.kill();
-        assert!(tokio::time::timeout(Duration::from_secs(5), p.next_line()).await.unwrap().is_none());
+        assert!(tokio::time::timeout(Duration::from_secs(5), p.next_line())
+            .await
+            .unwrap()
+            .is_none());
         let st = p.wait().await.unwrap();
         assert_eq!(describe_exit(&st), "killed by signal SIGKILL");
         assert!(t0.elapsed() < Duration::from_secs(5));
@@ -322,6 +415,9 @@ mod tests {
     async fn crash_status_is_described() {
         let mut p = TrainerProcess::spawn(&sh("kill -SEGV $$")).unwrap();
         assert!(p.next_line().await.is_none());
-        assert_eq!(describe_exit(&p.wait().await.unwrap()), "killed by signal SIGSEGV");
+        assert_eq!(
+            describe_exit(&p.wait().await.unwrap()),
+            "killed by signal SIGSEGV"
+        );
     }
 }

@@ -47,7 +47,11 @@ pub struct LocalDataset {
 }
 
 fn err(code: &str, param: &str, message: String) -> JobError {
-    JobError { code: code.to_string(), message, param: Some(param.to_string()) }
+    JobError {
+        code: code.to_string(),
+        message,
+        param: Some(param.to_string()),
+    }
 }
 
 fn file_name(format: Format, stem: &str) -> String {
@@ -73,18 +77,41 @@ pub async fn fetch_uploaded(
     .await
     .map_err(|e| err("internal", param, format!("cannot read file {file_id}: {e}")))?;
     let Some((filename, key, deleted)) = row else {
-        return Err(err("invalid_file", param, format!("file {file_id} does not exist")));
+        return Err(err(
+            "invalid_file",
+            param,
+            format!("file {file_id} does not exist"),
+        ));
     };
     if deleted.is_some() {
-        return Err(err("invalid_file", param, format!("file {file_id} was deleted")));
+        return Err(err(
+            "invalid_file",
+            param,
+            format!("file {file_id} was deleted"),
+        ));
     }
     let format = Format::from_filename(&filename);
     let path = dir.join(file_name(format, stem));
-    let info = store.download_file(&key, &path).await.map_err(|e| match e {
-        StoreError::NotFound(_) => err("invalid_file", param, format!("the content of file {file_id} is missing from the store")),
-        e => err("internal", param, format!("cannot read file {file_id} from the store: {e}")),
-    })?;
-    Ok(LocalDataset { path, format, bytes: info.size })
+    let info = store
+        .download_file(&key, &path)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(_) => err(
+                "invalid_file",
+                param,
+                format!("the content of file {file_id} is missing from the store"),
+            ),
+            e => err(
+                "internal",
+                param,
+                format!("cannot read file {file_id} from the store: {e}"),
+            ),
+        })?;
+    Ok(LocalDataset {
+        path,
+        format,
+        bytes: info.size,
+    })
 }
 
 /// Fetches a dataset URL (http, https, s3, or file when allowed) to `dir/<stem>.<ext>`.
@@ -101,14 +128,18 @@ pub async fn fetch_url(
     let path = dir.join(file_name(format, stem));
     let fail = |m: String| err("dataset_download_failed", param, m);
     let bytes = if lower.starts_with("http://") || lower.starts_with("https://") {
-        fetch_http(url, &path, limits).await.map_err(|m| fail(format!("could not download {url}: {m}")))?
+        fetch_http(url, &path, limits)
+            .await
+            .map_err(|m| fail(format!("could not download {url}: {m}")))?
     } else if lower.starts_with("s3://") {
-        tuna_store::fetch_s3_url(url, s3, &path, limits.max_bytes).await.map_err(|e| {
-            fail(match e {
-                StoreError::NotFound(_) => format!("could not download {url}: no such object"),
-                e => format!("could not download {url}: {e}"),
-            })
-        })?
+        tuna_store::fetch_s3_url(url, s3, &path, limits.max_bytes)
+            .await
+            .map_err(|e| {
+                fail(match e {
+                    StoreError::NotFound(_) => format!("could not download {url}: no such object"),
+                    e => format!("could not download {url}: {e}"),
+                })
+            })?
     } else if lower.starts_with("file://") {
         if !limits.allow_file_urls {
             return Err(err(
@@ -120,16 +151,37 @@ pub async fn fetch_url(
         let src = url::Url::parse(url)
             .ok()
             .and_then(|u| u.to_file_path().ok())
-            .ok_or_else(|| err("invalid_dataset_url", param, format!("'{url}' is not a valid file:// URL")))?;
-        let meta = tokio::fs::metadata(&src).await.map_err(|e| fail(format!("cannot read {}: {e}", src.display())))?;
+            .ok_or_else(|| {
+                err(
+                    "invalid_dataset_url",
+                    param,
+                    format!("'{url}' is not a valid file:// URL"),
+                )
+            })?;
+        let meta = tokio::fs::metadata(&src)
+            .await
+            .map_err(|e| fail(format!("cannot read {}: {e}", src.display())))?;
         if meta.len() > limits.max_bytes {
-            return Err(fail(format!("{url} is larger than the limit of {} bytes", limits.max_bytes)));
+            return Err(fail(format!(
+                "{url} is larger than the limit of {} bytes",
+                limits.max_bytes
+            )));
         }
-        tokio::fs::copy(&src, &path).await.map_err(|e| fail(format!("cannot copy {}: {e}", src.display())))?
+        tokio::fs::copy(&src, &path)
+            .await
+            .map_err(|e| fail(format!("cannot copy {}: {e}", src.display())))?
     } else {
-        return Err(err("invalid_dataset_url", param, format!("unsupported dataset URL '{url}'")));
+        return Err(err(
+            "invalid_dataset_url",
+            param,
+            format!("unsupported dataset URL '{url}'"),
+        ));
     };
-    Ok(LocalDataset { path, format, bytes })
+    Ok(LocalDataset {
+        path,
+        format,
+        bytes,
+    })
 }
 
 async fn fetch_http(url: &str, dest: &Path, limits: &FetchLimits) -> Result<u64, String> {
@@ -140,18 +192,27 @@ async fn fetch_http(url: &str, dest: &Path, limits: &FetchLimits) -> Result<u64,
         .user_agent(concat!("tuna-worker/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| e.to_string())?;
-    let resp = client.get(url).send().await.map_err(|e| describe_reqwest(&e, limits))?;
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| describe_reqwest(&e, limits))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("the server answered HTTP {status}"));
     }
     if let Some(len) = resp.content_length() {
         if len > limits.max_bytes {
-            return Err(format!("the file is {len} bytes, larger than the limit of {} bytes", limits.max_bytes));
+            return Err(format!(
+                "the file is {len} bytes, larger than the limit of {} bytes",
+                limits.max_bytes
+            ));
         }
     }
     let tmp = dest.with_extension("part");
-    let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    let mut f = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     let mut n = 0u64;
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
@@ -160,13 +221,20 @@ async fn fetch_http(url: &str, dest: &Path, limits: &FetchLimits) -> Result<u64,
         if n > limits.max_bytes {
             drop(f);
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(format!("the file is larger than the limit of {} bytes", limits.max_bytes));
+            return Err(format!(
+                "the file is larger than the limit of {} bytes",
+                limits.max_bytes
+            ));
         }
-        f.write_all(&chunk).await.map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        f.write_all(&chunk)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     }
     f.flush().await.map_err(|e| e.to_string())?;
     drop(f);
-    tokio::fs::rename(&tmp, dest).await.map_err(|e| e.to_string())?;
+    tokio::fs::rename(&tmp, dest)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(n)
 }
 
@@ -176,7 +244,10 @@ fn describe_reqwest(e: &reqwest::Error, limits: &FetchLimits) -> String {
         return format!("more than {} redirects", limits.max_redirects);
     }
     if e.is_timeout() {
-        return format!("timed out (connect {:?}, total {:?})", limits.connect_timeout, limits.total_timeout);
+        return format!(
+            "timed out (connect {:?}, total {:?})",
+            limits.connect_timeout, limits.total_timeout
+        );
     }
     let mut msg = e.to_string();
     let mut src = e.source();
@@ -194,20 +265,39 @@ fn describe_reqwest(e: &reqwest::Error, limits: &FetchLimits) -> String {
 
 /// Checks a local dataset line by line; on bad records the error lists the first ones with
 /// their line numbers.
-pub async fn validate_dataset(ds: &LocalDataset, param: &str, what: &str) -> Result<tuna_core::data::Report, JobError> {
+pub async fn validate_dataset(
+    ds: &LocalDataset,
+    param: &str,
+    what: &str,
+) -> Result<tuna_core::data::Report, JobError> {
     let path = ds.path.clone();
     let format = ds.format;
     let report = tokio::task::spawn_blocking(move || {
         let f = std::fs::File::open(&path)?;
-        Ok::<_, std::io::Error>(tuna_core::data::scan(std::io::BufReader::new(f), format, 5, |_, _| {}))
+        Ok::<_, std::io::Error>(tuna_core::data::scan(
+            std::io::BufReader::new(f),
+            format,
+            5,
+            |_, _| {},
+        ))
     })
     .await
-    .map_err(|e| err("internal", param, format!("validating the {what} failed: {e}")))?
+    .map_err(|e| {
+        err(
+            "internal",
+            param,
+            format!("validating the {what} failed: {e}"),
+        )
+    })?
     .map_err(|e| err("internal", param, format!("cannot read the {what}: {e}")))?;
     if report.is_ok() {
         Ok(report)
     } else {
-        Err(err("invalid_data", param, format!("the {what} is invalid: {}", report.summary())))
+        Err(err(
+            "invalid_data",
+            param,
+            format!("the {what} is invalid: {}", report.summary()),
+        ))
     }
 }
 
@@ -236,9 +326,19 @@ pub async fn resolve_model(
     .bind(organization_id)
     .fetch_optional(pool)
     .await
-    .map_err(|e| err("internal", "model", format!("cannot look up model {model}: {e}")))?;
+    .map_err(|e| {
+        err(
+            "internal",
+            "model",
+            format!("cannot look up model {model}: {e}"),
+        )
+    })?;
     let Some((kind, location, architecture)) = row else {
-        return Err(err("model_not_found", "model", format!("model '{model}' does not exist or is not available to you")));
+        return Err(err(
+            "model_not_found",
+            "model",
+            format!("model '{model}' does not exist or is not available to you"),
+        ));
     };
     let dir = if kind == "base" {
         let dir = PathBuf::from(&location);
@@ -253,24 +353,48 @@ pub async fn resolve_model(
     } else {
         let dir = cache_dir.join(sanitize(model));
         if !dir.join(".complete").is_file() {
-            let tmp = cache_dir.join(format!(".{}.{}", sanitize(model), uuid::Uuid::new_v4().simple()));
+            let tmp = cache_dir.join(format!(
+                ".{}.{}",
+                sanitize(model),
+                uuid::Uuid::new_v4().simple()
+            ));
             let res = store.download_prefix(&location, &tmp).await;
             if let Err(e) = res {
                 let _ = tokio::fs::remove_dir_all(&tmp).await;
-                return Err(err("invalid_model", "model", format!("cannot download fine-tuned model '{model}': {e}")));
+                return Err(err(
+                    "invalid_model",
+                    "model",
+                    format!("cannot download fine-tuned model '{model}': {e}"),
+                ));
             }
             let _ = std::fs::write(tmp.join(".complete"), b"");
             let _ = tokio::fs::remove_dir_all(&dir).await;
-            tokio::fs::rename(&tmp, &dir)
-                .await
-                .map_err(|e| err("internal", "model", format!("cannot move the model into the cache: {e}")))?;
+            tokio::fs::rename(&tmp, &dir).await.map_err(|e| {
+                err(
+                    "internal",
+                    "model",
+                    format!("cannot move the model into the cache: {e}"),
+                )
+            })?;
         }
         dir
     };
-    Ok(ResolvedModel { model_id: model.to_string(), dir, architecture })
+    Ok(ResolvedModel {
+        model_id: model.to_string(),
+        dir,
+        architecture,
+    })
 }
 
 /// A file-name-safe version of a model id.
 pub fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

@@ -17,7 +17,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tuna_core::spec::{Device, JobSpec};
-use tuna_db::queue::{self, Claimed, Completion, Control, EventKind, JobError, Lease, Level, Listener, QueueError, Wake};
+use tuna_db::queue::{
+    self, Claimed, Completion, Control, EventKind, JobError, Lease, Level, Listener, QueueError,
+    Wake,
+};
 use tuna_db::rows::JobRow;
 
 use crate::child::{describe_exit, TrainerCommand, TrainerEvent, TrainerProcess};
@@ -64,7 +67,13 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// A fenced event; a database hiccup is logged and skipped, a lost lease stops the job.
-    async fn event(&self, level: Level, message: &str, data: Option<&Value>, kind: EventKind) -> Result<(), LeaseLost> {
+    async fn event(
+        &self,
+        level: Level,
+        message: &str,
+        data: Option<&Value>,
+        kind: EventKind,
+    ) -> Result<(), LeaseLost> {
         if self.lost.is_cancelled() {
             return Err(LeaseLost);
         }
@@ -82,7 +91,13 @@ impl Ctx<'_> {
     }
 
     async fn phase(&self, phase: &str, message: &str) -> Result<(), LeaseLost> {
-        self.event(Level::Info, message, Some(&json!({"phase": phase})), EventKind::Message).await
+        self.event(
+            Level::Info,
+            message,
+            Some(&json!({"phase": phase})),
+            EventKind::Message,
+        )
+        .await
     }
 
     fn job_prefix(&self) -> String {
@@ -103,7 +118,10 @@ fn lost_or<T>(r: Result<T, QueueError>, lost: &CancellationToken) -> Result<T, W
 
 /// The name of the model a job produces: `ft:<base>:<organization>[:<suffix>]:<job id tail>`.
 pub fn fine_tuned_model_name(job: &JobRow) -> String {
-    let tail = job.job_id.strip_prefix(tuna_core::ids::JOB).unwrap_or(&job.job_id);
+    let tail = job
+        .job_id
+        .strip_prefix(tuna_core::ids::JOB)
+        .unwrap_or(&job.job_id);
     let tail: String = tail.chars().take(8).collect();
     match job.suffix.as_deref().filter(|s| !s.is_empty()) {
         Some(s) => format!("ft:{}:{}:{s}:{tail}", job.model, job.organization_id),
@@ -122,7 +140,11 @@ pub(crate) async fn run_job(
 ) -> Result<Outcome, WorkerError> {
     let Claimed { job, lease } = claimed;
     let job_id = job.job_id.clone();
-    let work = cfg.data_dir.join("work").join(format!("{}-{}", job.job_id, &lease.token.simple().to_string()[..8]));
+    let work = cfg.data_dir.join("work").join(format!(
+        "{}-{}",
+        job.job_id,
+        &lease.token.simple().to_string()[..8]
+    ));
     let progress = Arc::new(Mutex::new(ProgressState::default()));
     let lost = CancellationToken::new();
     let (ctl_tx, ctl_rx) = watch::channel(Control::Continue);
@@ -138,7 +160,14 @@ pub(crate) async fn run_job(
         lost.clone(),
         hb_stop.clone(),
     )));
-    let ctx = Ctx { pool, cfg, lease, job, progress, lost: lost.clone() };
+    let ctx = Ctx {
+        pool,
+        cfg,
+        lease,
+        job,
+        progress,
+        lost: lost.clone(),
+    };
     let result = execute(&ctx, &work, worker_device, ctl_rx, listener, shutdown).await;
     hb_stop.cancel();
     let _ = (&mut hb.0).await;
@@ -172,8 +201,11 @@ async fn heartbeat_loop(
             _ = stop.cancelled() => return,
         }
         let snap = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let r = tokio::time::timeout(every.max(Duration::from_secs(5)), queue::heartbeat(&pool, &lease, ttl, snap.value.as_ref(), snap.eta))
-            .await;
+        let r = tokio::time::timeout(
+            every.max(Duration::from_secs(5)),
+            queue::heartbeat(&pool, &lease, ttl, snap.value.as_ref(), snap.eta),
+        )
+        .await;
         match r {
             Ok(Ok(c)) => {
                 last_ok = Instant::now();
@@ -212,36 +244,79 @@ struct Prepared {
     spec_path: PathBuf,
 }
 
-async fn prepare(ctx: &Ctx<'_>, spec: &JobSpec, work: &Path) -> Result<Result<Prepared, JobError>, LeaseLost> {
+async fn prepare(
+    ctx: &Ctx<'_>,
+    spec: &JobSpec,
+    work: &Path,
+) -> Result<Result<Prepared, JobError>, LeaseLost> {
     let data_dir = work.join("data");
     if let Err(e) = tokio::fs::create_dir_all(&data_dir).await {
-        return Ok(Err(JobError::new("internal", format!("cannot create {}: {e}", data_dir.display()))));
+        return Ok(Err(JobError::new(
+            "internal",
+            format!("cannot create {}: {e}", data_dir.display()),
+        )));
     }
     let cfg = ctx.cfg;
     let org = &ctx.job.organization_id;
-    ctx.phase("downloading", "Downloading the base model and the training data").await?;
-    let model = match inputs::resolve_model(ctx.pool, &cfg.store, org, &spec.model, &cfg.data_dir.join("model-cache")).await {
+    ctx.phase(
+        "downloading",
+        "Downloading the base model and the training data",
+    )
+    .await?;
+    let model = match inputs::resolve_model(
+        ctx.pool,
+        &cfg.store,
+        org,
+        &spec.model,
+        &cfg.data_dir.join("model-cache"),
+    )
+    .await
+    {
         Ok(m) => m,
         Err(e) => return Ok(Err(e)),
     };
-    let fetch = |file: Option<String>, url: Option<String>, file_param: &'static str, url_param: &'static str, stem: &'static str| {
+    let fetch = |file: Option<String>,
+                 url: Option<String>,
+                 file_param: &'static str,
+                 url_param: &'static str,
+                 stem: &'static str| {
         let data_dir = data_dir.clone();
         async move {
             match (file, url) {
                 (Some(id), _) => Some(
-                    inputs::fetch_uploaded(ctx.pool, &cfg.store, org, &id, file_param, &data_dir, stem).await.map(|d| (d, file_param)),
+                    inputs::fetch_uploaded(
+                        ctx.pool, &cfg.store, org, &id, file_param, &data_dir, stem,
+                    )
+                    .await
+                    .map(|d| (d, file_param)),
                 ),
-                (None, Some(u)) => {
-                    Some(inputs::fetch_url(&u, url_param, &data_dir, stem, &cfg.fetch, &cfg.s3).await.map(|d| (d, url_param)))
-                }
+                (None, Some(u)) => Some(
+                    inputs::fetch_url(&u, url_param, &data_dir, stem, &cfg.fetch, &cfg.s3)
+                        .await
+                        .map(|d| (d, url_param)),
+                ),
                 (None, None) => None,
             }
         }
     };
-    let train = match fetch(spec.training_file.clone(), spec.dataset_url.clone(), "training_file", "dataset_url", "train").await {
+    let train = match fetch(
+        spec.training_file.clone(),
+        spec.dataset_url.clone(),
+        "training_file",
+        "dataset_url",
+        "train",
+    )
+    .await
+    {
         Some(Ok(t)) => t,
         Some(Err(e)) => return Ok(Err(e)),
-        None => return Ok(Err(JobError { code: "invalid_file".into(), message: "the job has no training data".into(), param: Some("training_file".into()) })),
+        None => {
+            return Ok(Err(JobError {
+                code: "invalid_file".into(),
+                message: "the job has no training data".into(),
+                param: Some("training_file".into()),
+            }))
+        }
     };
     let valid = match fetch(
         spec.validation_file.clone(),
@@ -257,7 +332,8 @@ async fn prepare(ctx: &Ctx<'_>, spec: &JobSpec, work: &Path) -> Result<Result<Pr
         None => None,
     };
 
-    ctx.phase("validating", "Validating the training data").await?;
+    ctx.phase("validating", "Validating the training data")
+        .await?;
     let report = match inputs::validate_dataset(&train.0, train.1, "training data").await {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
@@ -267,21 +343,34 @@ async fn prepare(ctx: &Ctx<'_>, spec: &JobSpec, work: &Path) -> Result<Result<Pr
             return Ok(Err(e));
         }
     }
-    let msg = format!("Training data: {} examples ({} bytes)", report.examples, train.0.bytes);
-    ctx.event(Level::Info, &msg, Some(&json!({"examples": report.examples, "bytes": train.0.bytes})), EventKind::Message)
-        .await?;
+    let msg = format!(
+        "Training data: {} examples ({} bytes)",
+        report.examples, train.0.bytes
+    );
+    ctx.event(
+        Level::Info,
+        &msg,
+        Some(&json!({"examples": report.examples, "bytes": train.0.bytes})),
+        EventKind::Message,
+    )
+    .await?;
 
     let resume = match (&ctx.job.checkpoint_uri, ctx.job.checkpoint_step) {
         (Some(uri), Some(step)) => {
             let dir = work.join("resume");
             match cfg.store.download_prefix(uri, &dir).await {
                 Ok(_) => {
-                    ctx.phase("downloading", &format!("Downloaded the checkpoint of step {step} to resume from")).await?;
+                    ctx.phase(
+                        "downloading",
+                        &format!("Downloaded the checkpoint of step {step} to resume from"),
+                    )
+                    .await?;
                     Some(dir)
                 }
                 Err(e) => {
                     let msg = format!("The checkpoint of step {step} could not be downloaded ({e}); training restarts from the beginning");
-                    ctx.event(Level::Warn, &msg, None, EventKind::Message).await?;
+                    ctx.event(Level::Warn, &msg, None, EventKind::Message)
+                        .await?;
                     None
                 }
             }
@@ -291,9 +380,18 @@ async fn prepare(ctx: &Ctx<'_>, spec: &JobSpec, work: &Path) -> Result<Result<Pr
     let spec_path = work.join("spec.json");
     let text = serde_json::to_vec_pretty(spec).unwrap_or_default();
     if let Err(e) = tokio::fs::write(&spec_path, text).await {
-        return Ok(Err(JobError::new("internal", format!("cannot write {}: {e}", spec_path.display()))));
+        return Ok(Err(JobError::new(
+            "internal",
+            format!("cannot write {}: {e}", spec_path.display()),
+        )));
     }
-    Ok(Ok(Prepared { model, train: train.0, valid: valid.map(|v| v.0), resume, spec_path }))
+    Ok(Ok(Prepared {
+        model,
+        train: train.0,
+        valid: valid.map(|v| v.0),
+        resume,
+        spec_path,
+    }))
 }
 
 /// A checkpoint to upload and record.
@@ -303,24 +401,93 @@ struct CkptJob {
     metrics: Value,
 }
 
-async fn upload_checkpoint(ctx: &Ctx<'_>, model_name: &str, c: &CkptJob) -> Result<(), WorkerError> {
-    let prefix = format!("{}/checkpoints/step-{}", ctx.job_prefix(), c.step);
-    ctx.cfg.store.upload_dir(&c.path, &prefix).await.map_err(|e| WorkerError::Store(e.to_string()))?;
-    if ctx.lost.is_cancelled() {
-        return Err(WorkerError::LeaseLost(ctx.lease.job_id.clone()));
-    }
-    let row = lost_or(queue::record_checkpoint(ctx.pool, &ctx.lease, c.step, &c.metrics, &prefix, model_name).await, &ctx.lost)?;
-    let msg = format!("Checkpoint saved at step {} ({})", c.step, row.fine_tuned_model_checkpoint);
-    let data = json!({"step": c.step, "checkpoint_id": row.checkpoint_id, "metrics": c.metrics});
-    ctx.event(Level::Info, &msg, Some(&data), EventKind::Message)
+/// What a checkpoint upload needs, owned (uploads run in a task of their own: an upload holding
+/// the job row's lock must never wait on the event loop).
+#[derive(Clone)]
+struct Uploader {
+    pool: PgPool,
+    store: tuna_store::Store,
+    lease: Lease,
+    lost: CancellationToken,
+    job_prefix: String,
+    model_name: String,
+}
+
+impl Uploader {
+    async fn upload(&self, c: &CkptJob) -> Result<(), WorkerError> {
+        let lost = || WorkerError::LeaseLost(self.lease.job_id.clone());
+        let prefix = format!("{}/checkpoints/step-{}", self.job_prefix, c.step);
+        self.store
+            .upload_dir(&c.path, &prefix)
+            .await
+            .map_err(|e| WorkerError::Store(e.to_string()))?;
+        if self.lost.is_cancelled() {
+            return Err(lost());
+        }
+        let row = lost_or(
+            queue::record_checkpoint(
+                &self.pool,
+                &self.lease,
+                c.step,
+                &c.metrics,
+                &prefix,
+                &self.model_name,
+            )
+            .await,
+            &self.lost,
+        )?;
+        let msg = format!(
+            "Checkpoint saved at step {} ({})",
+            c.step, row.fine_tuned_model_checkpoint
+        );
+        let data =
+            json!({"step": c.step, "checkpoint_id": row.checkpoint_id, "metrics": c.metrics});
+        match queue::append_event(
+            &self.pool,
+            &self.lease,
+            Level::Info,
+            &msg,
+            Some(&data),
+            EventKind::Message,
+        )
         .await
-        .map_err(|_| WorkerError::LeaseLost(ctx.lease.job_id.clone()))
+        {
+            Err(QueueError::LeaseLost { .. }) => {
+                self.lost.cancel();
+                Err(lost())
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %self.lease.job_id, error = %e, "could not write a job event");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Uploads checkpoints in order until the channel closes or one fails; returns the last
+    /// uploaded step.
+    async fn run(
+        self,
+        mut rx: mpsc::UnboundedReceiver<CkptJob>,
+    ) -> (Option<i64>, Result<(), WorkerError>) {
+        let mut last = None;
+        while let Some(c) = rx.recv().await {
+            if let Err(e) = self.upload(&c).await {
+                return (last, Err(e));
+            }
+            last = Some(c.step);
+        }
+        (last, Ok(()))
+    }
 }
 
 fn update_progress(ctx: &Ctx<'_>, m: &Map<String, Value>, total_hint: Option<i64>) {
     let step = m.get("step").and_then(Value::as_i64);
     let total = m.get("total_steps").and_then(Value::as_i64).or(total_hint);
-    let eta = m.get("eta_seconds").and_then(Value::as_f64).filter(|e| e.is_finite() && *e >= 0.0);
+    let eta = m
+        .get("eta_seconds")
+        .and_then(Value::as_f64)
+        .filter(|e| e.is_finite() && *e >= 0.0);
     let mut p = ctx.progress.lock().unwrap_or_else(|p| p.into_inner());
     let percent = match (step, total) {
         (Some(s), Some(t)) if t > 0 => Some(((s as f64 / t as f64) * 1000.0).round() / 10.0),
@@ -336,7 +503,9 @@ fn update_progress(ctx: &Ctx<'_>, m: &Map<String, Value>, total_hint: Option<i64
 }
 
 fn fmt_num(m: &Map<String, Value>, k: &str) -> Option<String> {
-    m.get(k).and_then(Value::as_f64).map(|v| format!("{k}={v:.4}"))
+    m.get(k)
+        .and_then(Value::as_f64)
+        .map(|v| format!("{k}={v:.4}"))
 }
 
 async fn execute(
@@ -352,7 +521,10 @@ async fn execute(
     let spec: JobSpec = match serde_json::from_value(ctx.job.spec.clone()) {
         Ok(s) => s,
         Err(e) => {
-            let err = JobError::new("internal", format!("the job's stored spec cannot be read: {e}"));
+            let err = JobError::new(
+                "internal",
+                format!("the job's stored spec cannot be read: {e}"),
+            );
             return finish_failed(ctx, &err).await;
         }
     };
@@ -405,26 +577,36 @@ async fn execute(
         Err(e) => {
             // A broken worker, not a broken job: give the job back and report.
             let _ = queue::release(ctx.pool, &ctx.lease).await;
-            return Err(WorkerError::Trainer(format!("cannot start {}: {e}", ctx.cfg.trainer_bin.display())));
+            return Err(WorkerError::Trainer(format!(
+                "cannot start {}: {e}",
+                ctx.cfg.trainer_bin.display()
+            )));
         }
     };
-    if let Some(step) = ctx.job.checkpoint_step.filter(|_| prepared.resume.is_some()) {
-        ctx.phase("training", &format!("Training resumes from checkpoint step {step}")).await.map_err(|_| lost_err())?;
+    if let Some(step) = ctx
+        .job
+        .checkpoint_step
+        .filter(|_| prepared.resume.is_some())
+    {
+        ctx.phase(
+            "training",
+            &format!("Training resumes from checkpoint step {step}"),
+        )
+        .await
+        .map_err(|_| lost_err())?;
     }
 
     // Checkpoint uploads run beside the event loop so control stays responsive.
-    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<CkptJob>();
-    let uploads = async {
-        let mut last: Option<i64> = None;
-        while let Some(c) = up_rx.recv().await {
-            if let Err(e) = upload_checkpoint(ctx, &model_name, &c).await {
-                return (last, Err(e));
-            }
-            last = Some(c.step);
-        }
-        (last, Ok(()))
+    let uploader = Uploader {
+        pool: ctx.pool.clone(),
+        store: ctx.cfg.store.clone(),
+        lease: ctx.lease.clone(),
+        lost: ctx.lost.clone(),
+        job_prefix: ctx.job_prefix(),
+        model_name: model_name.clone(),
     };
-    tokio::pin!(uploads);
+    let (up_tx, up_rx) = mpsc::unbounded_channel::<CkptJob>();
+    let mut uploads = AbortOnDrop(tokio::spawn(uploader.clone().run(up_rx)));
     let mut uploads_done: Option<(Option<i64>, Result<(), WorkerError>)> = None;
 
     let mut results = Results::default();
@@ -503,7 +685,8 @@ async fn execute(
                 kill_at = None;
                 killed = true;
             }
-            done = &mut uploads, if uploads_done.is_none() => {
+            done = &mut uploads.0, if uploads_done.is_none() => {
+                let done = done.unwrap_or_else(|e| (None, Err(WorkerError::Trainer(format!("checkpoint upload task: {e}")))));
                 let failed = done.1.is_err();
                 uploads_done = Some(done);
                 if failed {
@@ -529,7 +712,12 @@ async fn execute(
     drop(up_tx.take());
     let (last_uploaded, upload_result) = match uploads_done {
         Some(d) => d,
-        None => uploads.await,
+        None => (&mut uploads.0).await.unwrap_or_else(|e| {
+            (
+                None,
+                Err(WorkerError::Trainer(format!("checkpoint upload task: {e}"))),
+            )
+        }),
     };
     if ctx.lost.is_cancelled() {
         return Err(lost_err());
@@ -538,24 +726,46 @@ async fn execute(
         if let WorkerError::LeaseLost(_) = e {
             return Err(e);
         }
-        let err = JobError::new("artifact_store_error", format!("saving a checkpoint to the artifact store failed: {e}"));
+        let err = JobError::new(
+            "artifact_store_error",
+            format!("saving a checkpoint to the artifact store failed: {e}"),
+        );
         return finish_failed(ctx, &err).await;
     }
 
     match terminal {
-        Some(TrainerEvent::Done { trained_tokens, final_dir, metrics }) => {
-            finish_succeeded(ctx, &model_name, &prepared, &final_dir, trained_tokens, &metrics, &results).await
+        Some(TrainerEvent::Done {
+            trained_tokens,
+            final_dir,
+            metrics,
+        }) => {
+            finish_succeeded(
+                ctx,
+                &model_name,
+                &prepared,
+                &final_dir,
+                trained_tokens,
+                &metrics,
+                &results,
+            )
+            .await
         }
         Some(TrainerEvent::Paused { checkpoint, step }) => {
             if let (Some(path), Some(step)) = (checkpoint, step) {
                 if last_uploaded != Some(step) {
-                    let c = CkptJob { step, path, metrics: json!({}) };
-                    if let Err(e) = upload_checkpoint(ctx, &model_name, &c).await {
+                    let c = CkptJob {
+                        step,
+                        path,
+                        metrics: json!({}),
+                    };
+                    if let Err(e) = uploader.upload(&c).await {
                         if let WorkerError::LeaseLost(_) = e {
                             return Err(e);
                         }
                         let msg = format!("The pause checkpoint could not be saved ({e}); the job keeps its previous checkpoint");
-                        ctx.event(Level::Warn, &msg, None, EventKind::Message).await.map_err(|_| lost_err())?;
+                        ctx.event(Level::Warn, &msg, None, EventKind::Message)
+                            .await
+                            .map_err(|_| lost_err())?;
                     }
                 }
             }
@@ -566,14 +776,28 @@ async fn execute(
             }
         }
         Some(TrainerEvent::Cancelled) => finish_cancelled(ctx).await,
-        Some(TrainerEvent::Error { code, message, param }) => {
-            finish_failed(ctx, &JobError { code, message, param }).await
+        Some(TrainerEvent::Error {
+            code,
+            message,
+            param,
+        }) => {
+            finish_failed(
+                ctx,
+                &JobError {
+                    code,
+                    message,
+                    param,
+                },
+            )
+            .await
         }
         _ => match request {
             Some(Request::Cancel) => finish_cancelled(ctx).await,
             Some(Request::Pause) => {
                 let msg = "The trainer did not stop in time; the job is paused at its last saved checkpoint";
-                ctx.event(Level::Warn, msg, None, EventKind::Message).await.map_err(|_| lost_err())?;
+                ctx.event(Level::Warn, msg, None, EventKind::Message)
+                    .await
+                    .map_err(|_| lost_err())?;
                 finish_paused(ctx).await
             }
             Some(Request::Shutdown) => finish_released(ctx).await,
@@ -583,10 +807,24 @@ async fn execute(
                     Err(e) => format!("its status is unknown: {e}"),
                 };
                 let tail = proc.stderr_tail();
-                let tail: Vec<&String> = tail.iter().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-                let mut message = format!("The training process crashed ({how}) without reporting an error.");
+                let tail: Vec<&String> = tail
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                let mut message =
+                    format!("The training process crashed ({how}) without reporting an error.");
                 if !tail.is_empty() {
-                    message.push_str(&format!(" Its last output: {}", tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" | ")));
+                    message.push_str(&format!(
+                        " Its last output: {}",
+                        tail.iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    ));
                 }
                 finish_failed(ctx, &JobError::new("trainer_crashed", message)).await
             }
@@ -611,37 +849,65 @@ async fn handle_event(
                 "saving" => "Saving the model",
                 _ => "Working",
             };
-            let msg = if message.is_empty() { label.to_string() } else { format!("{label}: {message}") };
+            let msg = if message.is_empty() {
+                label.to_string()
+            } else {
+                format!("{label}: {message}")
+            };
             ctx.phase(phase, &msg).await
         }
         TrainerEvent::Data(m) => {
             *total_steps = m.get("total_steps").and_then(Value::as_i64);
-            let n = |k: &str| m.get(k).and_then(|v| v.get("examples")).and_then(Value::as_i64);
-            let mut msg = format!("Data tokenized: {} training examples", n("train").unwrap_or(0));
+            let n = |k: &str| {
+                m.get(k)
+                    .and_then(|v| v.get("examples"))
+                    .and_then(Value::as_i64)
+            };
+            let mut msg = format!(
+                "Data tokenized: {} training examples",
+                n("train").unwrap_or(0)
+            );
             if let Some(v) = n("valid") {
                 msg.push_str(&format!(", {v} validation examples"));
             }
             if let Some(t) = *total_steps {
                 msg.push_str(&format!("; {t} training steps"));
             }
-            ctx.event(Level::Info, &msg, Some(&Value::Object(m.clone())), EventKind::Message).await
+            ctx.event(
+                Level::Info,
+                &msg,
+                Some(&Value::Object(m.clone())),
+                EventKind::Message,
+            )
+            .await
         }
         TrainerEvent::Metrics(m) => {
             results.add_metrics(m);
             update_progress(ctx, m, *total_steps);
             let step = m.get("step").and_then(Value::as_i64).unwrap_or(0);
-            let total = m.get("total_steps").and_then(Value::as_i64).or(*total_steps);
+            let total = m
+                .get("total_steps")
+                .and_then(Value::as_i64)
+                .or(*total_steps);
             let mut msg = match total {
                 Some(t) => format!("Step {step}/{t}"),
                 None => format!("Step {step}"),
             };
-            let parts: Vec<String> =
-                ["train_loss", "train_mean_token_accuracy", "train_accuracy"].iter().filter_map(|k| fmt_num(m, k)).collect();
+            let parts: Vec<String> = ["train_loss", "train_mean_token_accuracy", "train_accuracy"]
+                .iter()
+                .filter_map(|k| fmt_num(m, k))
+                .collect();
             if !parts.is_empty() {
                 msg.push_str(": ");
                 msg.push_str(&parts.join(", "));
             }
-            ctx.event(Level::Info, &msg, Some(&Value::Object(m.clone())), EventKind::Metrics).await
+            ctx.event(
+                Level::Info,
+                &msg,
+                Some(&Value::Object(m.clone())),
+                EventKind::Metrics,
+            )
+            .await
         }
         TrainerEvent::Eval(m) => {
             results.add_eval(m);
@@ -651,11 +917,25 @@ async fn handle_event(
                 .filter_map(|k| fmt_num(m, k))
                 .collect();
             let msg = format!("Step {step}: {}", parts.join(", "));
-            ctx.event(Level::Info, &msg, Some(&Value::Object(m.clone())), EventKind::Metrics).await
+            ctx.event(
+                Level::Info,
+                &msg,
+                Some(&Value::Object(m.clone())),
+                EventKind::Metrics,
+            )
+            .await
         }
-        TrainerEvent::Checkpoint { step, path, metrics } => {
+        TrainerEvent::Checkpoint {
+            step,
+            path,
+            metrics,
+        } => {
             if let Some(tx) = uploads {
-                let _ = tx.send(CkptJob { step: *step, path: path.clone(), metrics: metrics.clone() });
+                let _ = tx.send(CkptJob {
+                    step: *step,
+                    path: path.clone(),
+                    metrics: metrics.clone(),
+                });
             }
             Ok(())
         }
@@ -671,22 +951,63 @@ async fn handle_event(
 
 async fn finish_failed(ctx: &Ctx<'_>, err: &JobError) -> Result<Outcome, WorkerError> {
     let row = lost_or(queue::fail(ctx.pool, &ctx.lease, err).await, &ctx.lost)?;
-    Ok(Outcome::Finished { job_id: row.job_id, status: row.status })
+    Ok(Outcome::Finished {
+        job_id: row.job_id,
+        status: row.status,
+    })
 }
 
 async fn finish_cancelled(ctx: &Ctx<'_>) -> Result<Outcome, WorkerError> {
-    let row = lost_or(queue::finish_cancelled(ctx.pool, &ctx.lease).await, &ctx.lost)?;
-    Ok(Outcome::Finished { job_id: row.job_id, status: row.status })
+    let row = lost_or(
+        queue::finish_cancelled(ctx.pool, &ctx.lease).await,
+        &ctx.lost,
+    )?;
+    Ok(Outcome::Finished {
+        job_id: row.job_id,
+        status: row.status,
+    })
+}
+
+/// Writes the latest progress (the heartbeat task may not have carried it yet).
+async fn flush_progress(ctx: &Ctx<'_>) -> Result<(), WorkerError> {
+    let snap = ctx
+        .progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if snap.value.is_none() {
+        return Ok(());
+    }
+    lost_or(
+        queue::heartbeat(
+            ctx.pool,
+            &ctx.lease,
+            ctx.cfg.lease_ttl,
+            snap.value.as_ref(),
+            snap.eta,
+        )
+        .await,
+        &ctx.lost,
+    )
+    .map(|_| ())
 }
 
 async fn finish_paused(ctx: &Ctx<'_>) -> Result<Outcome, WorkerError> {
+    flush_progress(ctx).await?;
     let row = lost_or(queue::release_paused(ctx.pool, &ctx.lease).await, &ctx.lost)?;
-    Ok(Outcome::Finished { job_id: row.job_id, status: row.status })
+    Ok(Outcome::Finished {
+        job_id: row.job_id,
+        status: row.status,
+    })
 }
 
 async fn finish_released(ctx: &Ctx<'_>) -> Result<Outcome, WorkerError> {
+    flush_progress(ctx).await?;
     let row = lost_or(queue::release(ctx.pool, &ctx.lease).await, &ctx.lost)?;
-    Ok(Outcome::Released { job_id: row.job_id, status: row.status })
+    Ok(Outcome::Released {
+        job_id: row.job_id,
+        status: row.status,
+    })
 }
 
 async fn finish_succeeded(
@@ -699,26 +1020,45 @@ async fn finish_succeeded(
     results: &Results,
 ) -> Result<Outcome, WorkerError> {
     let lost_err = || WorkerError::LeaseLost(ctx.lease.job_id.clone());
-    ctx.phase("uploading", "Uploading the fine-tuned model").await.map_err(|_| lost_err())?;
+    flush_progress(ctx).await?;
+    ctx.phase("uploading", "Uploading the fine-tuned model")
+        .await
+        .map_err(|_| lost_err())?;
     let prefix = format!("{}/final", ctx.job_prefix());
     let uploaded = match ctx.cfg.store.upload_dir(final_dir, &prefix).await {
         Ok(u) => u,
         Err(e) => {
-            let err = JobError::new("artifact_store_error", format!("uploading the fine-tuned model failed: {e}"));
+            let err = JobError::new(
+                "artifact_store_error",
+                format!("uploading the fine-tuned model failed: {e}"),
+            );
             return finish_failed(ctx, &err).await;
         }
     };
     let bytes: u64 = uploaded.iter().map(|o| o.size).sum();
-    let msg = format!("Uploaded the fine-tuned model ({} files, {bytes} bytes)", uploaded.len());
-    ctx.event(Level::Info, &msg, Some(&json!({"prefix": prefix, "metrics": metrics})), EventKind::Message)
-        .await
-        .map_err(|_| lost_err())?;
+    let msg = format!(
+        "Uploaded the fine-tuned model ({} files, {bytes} bytes)",
+        uploaded.len()
+    );
+    ctx.event(
+        Level::Info,
+        &msg,
+        Some(&json!({"prefix": prefix, "metrics": metrics})),
+        EventKind::Message,
+    )
+    .await
+    .map_err(|_| lost_err())?;
 
     // The results file.
     let file_id = tuna_core::ids::new_id(tuna_core::ids::FILE);
     let key = format!("files/{file_id}");
     let csv = results.to_csv();
-    let info = ctx.cfg.store.put_bytes(&key, csv).await.map_err(|e| WorkerError::Store(e.to_string()))?;
+    let info = ctx
+        .cfg
+        .store
+        .put_bytes(&key, csv)
+        .await
+        .map_err(|e| WorkerError::Store(e.to_string()))?;
     sqlx::query(
         "insert into files (file_id, organization_id, filename, purpose, bytes, status, format, example_count, storage_key, sha256) \
          values ($1, $2, 'step_metrics.csv', 'fine-tune-results', $3, 'processed', 'csv', $4, $5, $6)",
@@ -741,10 +1081,16 @@ async fn finish_succeeded(
         architecture: Some(prepared.model.architecture.clone()),
     };
     match queue::complete(ctx.pool, &ctx.lease, &done).await {
-        Ok(row) => Ok(Outcome::Finished { job_id: row.job_id, status: row.status }),
+        Ok(row) => Ok(Outcome::Finished {
+            job_id: row.job_id,
+            status: row.status,
+        }),
         Err(e) => {
             // Not ours any more: take the results file back.
-            let _ = sqlx::query("delete from files where file_id = $1").bind(&file_id).execute(ctx.pool).await;
+            let _ = sqlx::query("delete from files where file_id = $1")
+                .bind(&file_id)
+                .execute(ctx.pool)
+                .await;
             let _ = ctx.cfg.store.delete(&key).await;
             lost_or(Err(e), &ctx.lost)
         }

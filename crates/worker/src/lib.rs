@@ -34,6 +34,8 @@ pub mod results;
 
 pub use inputs::FetchLimits;
 pub use job::fine_tuned_model_name;
+pub use tokio_util::sync::CancellationToken as ShutdownToken;
+pub use tuna_store;
 
 /// Which device kind the worker offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,7 +95,11 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    pub fn new(data_dir: impl Into<PathBuf>, store: Store, trainer_bin: impl Into<PathBuf>) -> WorkerConfig {
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        store: Store,
+        trainer_bin: impl Into<PathBuf>,
+    ) -> WorkerConfig {
         WorkerConfig {
             worker_id: None,
             data_dir: data_dir.into(),
@@ -168,7 +174,10 @@ pub enum Outcome {
 pub fn detect_device(choice: DeviceChoice) -> (String, Option<String>, Option<i64>) {
     let probe = || -> Option<(String, i64)> {
         let out = std::process::Command::new("nvidia-smi")
-            .args(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
+            .args([
+                "--query-gpu=name,memory.total",
+                "--format=csv,noheader,nounits",
+            ])
             .output()
             .ok()?;
         if !out.status.success() {
@@ -210,9 +219,25 @@ impl Worker {
             .filter(|h| !h.is_empty())
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| "unknown".into());
-        let worker_id = cfg.worker_id.clone().unwrap_or_else(|| tuna_core::ids::new_id(tuna_core::ids::WORKER));
-        let info = WorkerInfo { worker_id, hostname, device_kind, gpu_name, gpu_memory_mb, labels: cfg.labels.clone() };
-        Worker { pool, cfg, info, registered: false, last_rescue: None }
+        let worker_id = cfg
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| tuna_core::ids::new_id(tuna_core::ids::WORKER));
+        let info = WorkerInfo {
+            worker_id,
+            hostname,
+            device_kind,
+            gpu_name,
+            gpu_memory_mb,
+            labels: cfg.labels.clone(),
+        };
+        Worker {
+            pool,
+            cfg,
+            info,
+            registered: false,
+            last_rescue: None,
+        }
     }
 
     /// What this worker announces.
@@ -232,8 +257,13 @@ impl Worker {
                 self.cfg.trainer_bin.display()
             )));
         }
-        for dir in [self.cfg.data_dir.join("work"), self.cfg.data_dir.join("model-cache")] {
-            std::fs::create_dir_all(&dir).map_err(|e| WorkerError::Config(format!("cannot create {}: {e}", dir.display())))?;
+        for dir in [
+            self.cfg.data_dir.join("work"),
+            self.cfg.data_dir.join("model-cache"),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                WorkerError::Config(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         queue::register_worker(&self.pool, &self.info).await?;
         self.registered = true;
@@ -243,7 +273,9 @@ impl Worker {
     }
 
     async fn maybe_rescue(&mut self) {
-        let due = self.last_rescue.is_none_or(|t| t.elapsed() >= self.cfg.rescue_every);
+        let due = self
+            .last_rescue
+            .is_none_or(|t| t.elapsed() >= self.cfg.rescue_every);
         if !due {
             return;
         }
@@ -261,7 +293,11 @@ impl Worker {
         self.step(None, &never).await
     }
 
-    async fn step(&mut self, listener: Option<&mut Listener>, shutdown: &CancellationToken) -> Result<Outcome, WorkerError> {
+    async fn step(
+        &mut self,
+        listener: Option<&mut Listener>,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, WorkerError> {
         if !self.registered {
             self.register().await?;
         }
@@ -270,14 +306,35 @@ impl Worker {
         self.claim_and_run(listener, shutdown).await
     }
 
-    async fn claim_and_run(&mut self, listener: Option<&mut Listener>, shutdown: &CancellationToken) -> Result<Outcome, WorkerError> {
+    async fn claim_and_run(
+        &mut self,
+        listener: Option<&mut Listener>,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, WorkerError> {
         let Some(claimed) = queue::claim(&self.pool, &self.info, self.cfg.lease_ttl).await? else {
             return Ok(Outcome::Idle);
         };
         tracing::info!(job_id = %claimed.job.job_id, attempt = claimed.job.attempt, "claimed job");
-        let out = job::run_job(&self.pool, &self.cfg, &self.info.device_kind, claimed, listener, shutdown).await?;
+        let out = job::run_job(
+            &self.pool,
+            &self.cfg,
+            &self.info.device_kind,
+            claimed,
+            listener,
+            shutdown,
+        )
+        .await?;
         tracing::info!(?out, "job ended");
         Ok(out)
+    }
+
+    /// Starts [`Worker::run`] on the current runtime (what `tuna serve` does for its in-process
+    /// worker).
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), WorkerError>> {
+        tokio::spawn(self.run(shutdown))
     }
 
     /// Runs until `shutdown` is cancelled. On shutdown a running job is checkpointed and

@@ -28,18 +28,24 @@ fn num(m: &Map<String, Value>, keys: &[&str]) -> Option<f64> {
 impl Results {
     /// A `metrics` event's fields.
     pub fn add_metrics(&mut self, m: &Map<String, Value>) {
-        let Some(step) = m.get("step").and_then(Value::as_i64) else { return };
+        let Some(step) = m.get("step").and_then(Value::as_i64) else {
+            return;
+        };
         let row = self.rows.entry(step).or_default();
         row.train_loss = num(m, &["train_loss"]).or(row.train_loss);
-        row.train_accuracy = num(m, &["train_mean_token_accuracy", "train_accuracy"]).or(row.train_accuracy);
+        row.train_accuracy =
+            num(m, &["train_mean_token_accuracy", "train_accuracy"]).or(row.train_accuracy);
     }
 
     /// An `eval` event's fields.
     pub fn add_eval(&mut self, m: &Map<String, Value>) {
-        let Some(step) = m.get("step").and_then(Value::as_i64) else { return };
+        let Some(step) = m.get("step").and_then(Value::as_i64) else {
+            return;
+        };
         let row = self.rows.entry(step).or_default();
         row.valid_loss = num(m, &["valid_loss"]).or(row.valid_loss);
-        row.valid_accuracy = num(m, &["valid_mean_token_accuracy", "valid_accuracy"]).or(row.valid_accuracy);
+        row.valid_accuracy =
+            num(m, &["valid_mean_token_accuracy", "valid_accuracy"]).or(row.valid_accuracy);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -49,7 +55,13 @@ impl Results {
     /// The CSV text.
     pub fn to_csv(&self) -> Vec<u8> {
         let mut w = csv::Writer::from_writer(Vec::new());
-        let _ = w.write_record(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]);
+        let _ = w.write_record([
+            "step",
+            "train_loss",
+            "train_accuracy",
+            "valid_loss",
+            "valid_mean_token_accuracy",
+        ]);
         let f = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
         for (step, r) in &self.rows {
             let _ = w.write_record([
@@ -76,9 +88,15 @@ mod tests {
     #[test]
     fn rows_merge_by_step() {
         let mut r = Results::default();
-        r.add_metrics(&obj(json!({"step": 1, "train_loss": 2.5, "train_mean_token_accuracy": 0.25})));
-        r.add_metrics(&obj(json!({"step": 2, "train_loss": 2.0, "train_accuracy": 0.5})));
-        r.add_eval(&obj(json!({"step": 2, "valid_loss": 2.25, "valid_accuracy": 0.75})));
+        r.add_metrics(&obj(
+            json!({"step": 1, "train_loss": 2.5, "train_mean_token_accuracy": 0.25}),
+        ));
+        r.add_metrics(&obj(
+            json!({"step": 2, "train_loss": 2.0, "train_accuracy": 0.5}),
+        ));
+        r.add_eval(&obj(
+            json!({"step": 2, "valid_loss": 2.25, "valid_accuracy": 0.75}),
+        ));
         let text = String::from_utf8(r.to_csv()).unwrap();
         assert_eq!(
             text,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{cls_data, gpt2_data, Env, ORG};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tuna_db::queue::{self, EventKind, Level, Lease};
+use tuna_db::queue::{self, EventKind, Lease, Level};
 use tuna_store::testing::Moto;
 use tuna_store::Store;
 use tuna_worker::Outcome;
@@ -30,25 +30,52 @@ async fn causal_lm_job_succeeds_and_its_model_is_a_base_for_the_next_job() {
         .await;
     let out = run_once(&env, "a").await;
     let job = env.job(&job_id).await;
-    assert_eq!(out, Outcome::Finished { job_id: job_id.clone(), status: "succeeded".into() }, "{:?}", job.error);
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job_id.clone(),
+            status: "succeeded".into()
+        },
+        "{:?}",
+        job.error
+    );
 
     // Events: phases, metrics for every step, checkpoints, completion.
     let events = env.events(&job_id).await;
     let msgs: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
-    for phase in ["downloading", "validating", "loading_model", "training", "saving", "uploading"] {
+    for phase in [
+        "downloading",
+        "validating",
+        "loading_model",
+        "training",
+        "saving",
+        "uploading",
+    ] {
         assert!(
-            events.iter().any(|e| e.data.as_ref().and_then(|d| d.get("phase")).and_then(|p| p.as_str()) == Some(phase)),
+            events.iter().any(|e| e
+                .data
+                .as_ref()
+                .and_then(|d| d.get("phase"))
+                .and_then(|p| p.as_str())
+                == Some(phase)),
             "no {phase} phase in {msgs:?}"
         );
     }
-    let metrics: Vec<_> = events.iter().filter(|e| e.kind == "metrics" && e.data.as_ref().unwrap().get("train_loss").is_some()).collect();
+    let metrics: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "metrics" && e.data.as_ref().unwrap().get("train_loss").is_some())
+        .collect();
     assert!(!metrics.is_empty());
     let d = metrics[0].data.as_ref().unwrap();
     for k in ["step", "train_loss", "learning_rate", "tokens_per_second"] {
         assert!(d.get(k).is_some(), "metrics data lacks {k}: {d}");
     }
     assert!(d.get("train_mean_token_accuracy").is_some(), "{d}");
-    assert!(msgs.iter().any(|m| m.starts_with("Checkpoint saved at step 4")), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("Checkpoint saved at step 4")),
+        "{msgs:?}"
+    );
     assert!(msgs.contains(&"The job has successfully completed"));
 
     // The job row.
@@ -72,31 +99,57 @@ async fn causal_lm_job_succeeds_and_its_model_is_a_base_for_the_next_job() {
         assert!(!env.store.list(prefix).await.unwrap().is_empty());
     }
     // The final model in the store and in the models table.
-    let final_files = env.store.list(&format!("jobs/{job_id}/final")).await.unwrap();
-    let names: Vec<&str> = final_files.iter().map(|o| o.key.rsplit('/').next().unwrap()).collect();
-    assert!(names.contains(&"config.json") && names.contains(&"model.safetensors"), "{names:?}");
+    let final_files = env
+        .store
+        .list(&format!("jobs/{job_id}/final"))
+        .await
+        .unwrap();
+    let names: Vec<&str> = final_files
+        .iter()
+        .map(|o| o.key.rsplit('/').next().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"config.json") && names.contains(&"model.safetensors"),
+        "{names:?}"
+    );
     let (kind, org, loc): (String, Option<String>, String) =
         sqlx::query_as("select kind, organization_id, location from models where model_id = $1")
             .bind(&model)
             .fetch_one(env.pool())
             .await
             .unwrap();
-    assert_eq!((kind.as_str(), org.as_deref(), loc.as_str()), ("fine_tuned", Some(ORG), format!("jobs/{job_id}/final").as_str()));
+    assert_eq!(
+        (kind.as_str(), org.as_deref(), loc.as_str()),
+        (
+            "fine_tuned",
+            Some(ORG),
+            format!("jobs/{job_id}/final").as_str()
+        )
+    );
 
     // The results CSV.
     let rf = job.result_files.as_array().unwrap();
     assert_eq!(rf.len(), 1);
-    let (purpose, key): (String, String) = sqlx::query_as("select purpose, storage_key from files where file_id = $1")
-        .bind(rf[0].as_str().unwrap())
-        .fetch_one(env.pool())
-        .await
-        .unwrap();
+    let (purpose, key): (String, String) =
+        sqlx::query_as("select purpose, storage_key from files where file_id = $1")
+            .bind(rf[0].as_str().unwrap())
+            .fetch_one(env.pool())
+            .await
+            .unwrap();
     assert_eq!(purpose, "fine-tune-results");
     let csv = String::from_utf8(env.store.get_bytes(&key).await.unwrap().to_vec()).unwrap();
     let mut lines = csv.lines();
-    assert_eq!(lines.next(), Some("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"));
+    assert_eq!(
+        lines.next(),
+        Some("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy")
+    );
     assert!(lines.count() >= metrics.len().min(2), "{csv}");
-    assert!(csv.lines().skip(1).any(|l| !l.split(',').nth(3).unwrap_or("").is_empty()), "no validation loss: {csv}");
+    assert!(
+        csv.lines()
+            .skip(1)
+            .any(|l| !l.split(',').nth(3).unwrap_or("").is_empty()),
+        "no validation loss: {csv}"
+    );
 
     // A later job trains on top of the fine-tuned model.
     let job2 = env
@@ -105,8 +158,19 @@ async fn causal_lm_job_succeeds_and_its_model_is_a_base_for_the_next_job() {
         .await;
     let out = run_once(&env, "b").await;
     let j2 = env.job(&job2).await;
-    assert_eq!(out, Outcome::Finished { job_id: job2.clone(), status: "succeeded".into() }, "{:?}", j2.error);
-    assert!(j2.fine_tuned_model.unwrap().starts_with(&format!("ft:{model}:")));
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job2.clone(),
+            status: "succeeded".into()
+        },
+        "{:?}",
+        j2.error
+    );
+    assert!(j2
+        .fine_tuned_model
+        .unwrap()
+        .starts_with(&format!("ft:{model}:")));
     assert_eq!(run_once(&env, "b").await, Outcome::Idle);
 }
 
@@ -117,42 +181,83 @@ async fn classification_job_on_bert_with_s3_dataset_and_artifacts_on_moto() {
     moto.create_bucket("datasets").unwrap();
     let store = Store::s3("tuna", "artifacts", &moto.settings()).unwrap();
     let env = Env::new(Some(store)).await;
-    Store::s3("datasets", "", &moto.settings()).unwrap().put_bytes("sst/train.jsonl", cls_data(32)).await.unwrap();
+    Store::s3("datasets", "", &moto.settings())
+        .unwrap()
+        .put_bytes("sst/train.jsonl", cls_data(32))
+        .await
+        .unwrap();
     let job_id = env
-        .create_job(json!({"model": "bert-tiny", "dataset_url": "s3://datasets/sst/train.jsonl",
+        .create_job(
+            json!({"model": "bert-tiny", "dataset_url": "s3://datasets/sst/train.jsonl",
             "task": "sequence_classification", "hyperparameters": {"n_epochs": 2, "batch_size": 8},
-            "max_seq_length": 32, "checkpoint_interval": 4, "log_interval": 1}))
+            "max_seq_length": 32, "checkpoint_interval": 4, "log_interval": 1}),
+        )
         .await;
     let mut cfg = env.config("s3");
     cfg.s3 = moto.settings();
-    let out = tuna_worker::Worker::new(env.pool().clone(), cfg).try_run_one().await.unwrap();
+    let out = tuna_worker::Worker::new(env.pool().clone(), cfg)
+        .try_run_one()
+        .await
+        .unwrap();
     let job = env.job(&job_id).await;
-    assert_eq!(out, Outcome::Finished { job_id: job_id.clone(), status: "succeeded".into() }, "{:?}", job.error);
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job_id.clone(),
+            status: "succeeded".into()
+        },
+        "{:?}",
+        job.error
+    );
     let metrics = env.metric_events(&job_id).await;
-    assert!(metrics.iter().any(|e| e.data.as_ref().unwrap().get("train_accuracy").is_some()), "no train_accuracy");
-    let ck: i64 = sqlx::query_scalar("select count(*) from checkpoints where job_id = $1").bind(&job_id).fetch_one(env.pool()).await.unwrap();
+    assert!(
+        metrics
+            .iter()
+            .any(|e| e.data.as_ref().unwrap().get("train_accuracy").is_some()),
+        "no train_accuracy"
+    );
+    let ck: i64 = sqlx::query_scalar("select count(*) from checkpoints where job_id = $1")
+        .bind(&job_id)
+        .fetch_one(env.pool())
+        .await
+        .unwrap();
     assert!(ck >= 1);
     // Artifacts are in the S3 bucket, under the store's prefix.
     let raw = Store::s3("tuna", "", &moto.settings()).unwrap();
-    let objs = raw.list(&format!("artifacts/jobs/{job_id}/final")).await.unwrap();
-    assert!(objs.iter().any(|o| o.key.ends_with("/model.safetensors") && o.size > 0), "{objs:?}");
-    assert!(!raw.list(&format!("artifacts/jobs/{job_id}/checkpoints")).await.unwrap().is_empty());
+    let objs = raw
+        .list(&format!("artifacts/jobs/{job_id}/final"))
+        .await
+        .unwrap();
+    assert!(
+        objs.iter()
+            .any(|o| o.key.ends_with("/model.safetensors") && o.size > 0),
+        "{objs:?}"
+    );
+    assert!(!raw
+        .list(&format!("artifacts/jobs/{job_id}/checkpoints"))
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_run_stops_within_10_seconds() {
     let env = Env::new(None).await;
-    let file = env.upload("train.jsonl", &gpt2_data(64)).await;
+    let file = env.upload("train.jsonl", &gpt2_data(256)).await;
     let job_id = env
-        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 500, "batch_size": 4},
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 50, "batch_size": 4},
             "max_seq_length": 32, "checkpoint_interval": 100000, "log_interval": 1}))
         .await;
     let token = CancellationToken::new();
     let worker = tokio::spawn(env.worker("c").run(token.clone()));
     env.wait_metrics(&job_id, 2, LONG).await;
     let t0 = Instant::now();
-    queue::request_cancel(env.pool(), ORG, &job_id).await.unwrap();
-    let job = env.wait_job(&job_id, Duration::from_secs(10), |j| j.status != "running").await;
+    queue::request_cancel(env.pool(), ORG, &job_id)
+        .await
+        .unwrap();
+    let job = env
+        .wait_job(&job_id, Duration::from_secs(10), |j| j.status != "running")
+        .await;
     assert_eq!(job.status, "cancelled");
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert!(job.lease_token.is_none() && job.finished_at.is_some());
@@ -173,24 +278,43 @@ async fn pause_then_resume_continues_from_the_checkpoint() {
     let token = CancellationToken::new();
     let worker = tokio::spawn(env.worker("p").run(token.clone()));
     env.wait_metrics(&job_id, 3, LONG).await;
-    queue::request_pause(env.pool(), ORG, &job_id).await.unwrap();
-    let job = env.wait_job(&job_id, Duration::from_secs(60), |j| j.status != "running").await;
+    queue::request_pause(env.pool(), ORG, &job_id)
+        .await
+        .unwrap();
+    let job = env
+        .wait_job(&job_id, Duration::from_secs(60), |j| j.status != "running")
+        .await;
     assert_eq!(job.status, "paused", "{:?}", job.error);
     let step = job.checkpoint_step.expect("a pause checkpoint");
     assert!(step >= 3);
     let paused_metrics = env.metric_events(&job_id).await.len();
 
     queue::resume(env.pool(), ORG, &job_id).await.unwrap();
-    let job = env.wait_job(&job_id, LONG, |j| ["succeeded", "failed"].contains(&j.status.as_str())).await;
+    let job = env
+        .wait_job(&job_id, LONG, |j| {
+            ["succeeded", "failed"].contains(&j.status.as_str())
+        })
+        .await;
     assert_eq!(job.status, "succeeded", "{:?}", job.error);
     let events = env.events(&job_id).await;
-    assert!(events.iter().any(|e| e.message.contains(&format!("Training resumes from checkpoint step {step}"))));
+    assert!(events.iter().any(|e| e
+        .message
+        .contains(&format!("Training resumes from checkpoint step {step}"))));
     // After the resume, training steps continue after the checkpoint's step.
     let after: Vec<i64> = env.metric_events(&job_id).await[paused_metrics..]
         .iter()
-        .filter_map(|e| e.data.as_ref().unwrap().get("train_loss").and(e.data.as_ref().unwrap()["step"].as_i64()))
+        .filter_map(|e| {
+            e.data
+                .as_ref()
+                .unwrap()
+                .get("train_loss")
+                .and(e.data.as_ref().unwrap()["step"].as_i64())
+        })
         .collect();
-    assert!(!after.is_empty() && after[0] > step, "steps after resume: {after:?} (checkpoint {step})");
+    assert!(
+        !after.is_empty() && after[0] > step,
+        "steps after resume: {after:?} (checkpoint {step})"
+    );
     assert_eq!(*after.last().unwrap(), 200);
     token.cancel();
     worker.await.unwrap().unwrap();
@@ -206,37 +330,86 @@ async fn a_killed_worker_loses_its_job_to_another_worker_which_resumes_from_the_
         .await;
     let mut cfg = env.config("dead");
     cfg.lease_ttl = Duration::from_secs(3);
-    let dead = tokio::spawn(tuna_worker::Worker::new(env.pool().clone(), cfg).run(CancellationToken::new()));
-    let job = env.wait_job(&job_id, LONG, |j| j.checkpoint_step.is_some()).await;
-    let old = Lease { job_id: job_id.clone(), token: job.lease_token.unwrap(), worker_id: job.lease_owner.clone().unwrap() };
+    let dead = tokio::spawn(
+        tuna_worker::Worker::new(env.pool().clone(), cfg).run(CancellationToken::new()),
+    );
+    let job = env
+        .wait_job(&job_id, LONG, |j| j.checkpoint_step.is_some())
+        .await;
+    let old = Lease {
+        job_id: job_id.clone(),
+        token: job.lease_token.unwrap(),
+        worker_id: job.lease_owner.clone().unwrap(),
+    };
     // "SIGKILL" the worker: its future is dropped mid-job (the child is killed with it) and it
     // never writes again.
     dead.abort();
     let _ = dead.await;
     let t0 = Instant::now();
     while !trainer_pids(&job_id).is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "the trainer outlived its worker");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the trainer outlived its worker"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ckpt = env.job(&job_id).await.checkpoint_step.unwrap();
 
     let token = CancellationToken::new();
     let second = tokio::spawn(env.worker("second").run(token.clone()));
-    let job = env.wait_job(&job_id, LONG, |j| ["succeeded", "failed"].contains(&j.status.as_str())).await;
+    let job = env
+        .wait_job(&job_id, LONG, |j| {
+            ["succeeded", "failed"].contains(&j.status.as_str())
+        })
+        .await;
     assert_eq!(job.status, "succeeded", "{:?}", job.error);
     assert_eq!(job.infra_retries, 1);
-    let msgs: Vec<String> = env.events(&job_id).await.into_iter().map(|e| e.message).collect();
-    assert!(msgs.iter().any(|m| m.contains("worker-dead stopped renewing its lease")), "{msgs:?}");
-    assert!(msgs.iter().any(|m| m.contains(&format!("resuming from checkpoint step {ckpt}"))), "{msgs:?}");
-    assert!(msgs.iter().any(|m| m.contains(&format!("Training resumes from checkpoint step {ckpt}"))), "{msgs:?}");
+    let msgs: Vec<String> = env
+        .events(&job_id)
+        .await
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("worker-dead stopped renewing its lease")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains(&format!("resuming from checkpoint step {ckpt}"))),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains(&format!("Training resumes from checkpoint step {ckpt}"))),
+        "{msgs:?}"
+    );
 
     // The dead worker's late writes are refused.
-    let late = queue::append_event(env.pool(), &old, Level::Info, "late", None, EventKind::Message).await;
-    assert!(matches!(late, Err(queue::QueueError::LeaseLost { .. })), "{late:?}");
+    let late = queue::append_event(
+        env.pool(),
+        &old,
+        Level::Info,
+        "late",
+        None,
+        EventKind::Message,
+    )
+    .await;
+    assert!(
+        matches!(late, Err(queue::QueueError::LeaseLost { .. })),
+        "{late:?}"
+    );
     let late = queue::heartbeat(env.pool(), &old, Duration::from_secs(60), None, None).await;
-    assert!(matches!(late, Err(queue::QueueError::LeaseLost { .. })), "{late:?}");
+    assert!(
+        matches!(late, Err(queue::QueueError::LeaseLost { .. })),
+        "{late:?}"
+    );
     let late = queue::complete(env.pool(), &old, &Default::default()).await;
-    assert!(matches!(late, Err(queue::QueueError::LeaseLost { .. })), "{late:?}");
+    assert!(
+        matches!(late, Err(queue::QueueError::LeaseLost { .. })),
+        "{late:?}"
+    );
     token.cancel();
     second.await.unwrap().unwrap();
 }
@@ -248,9 +421,17 @@ async fn a_dataset_with_a_bad_line_fails_with_its_line_number() {
     data.extend_from_slice(b"{\"prompt\": \"x\", \"completion\": \n");
     data.extend_from_slice(&gpt2_data(2));
     let file = env.upload("train.jsonl", &data).await;
-    let job_id = env.create_job(json!({"model": "gpt2-tiny", "training_file": file})).await;
+    let job_id = env
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file}))
+        .await;
     let out = run_once(&env, "bad").await;
-    assert_eq!(out, Outcome::Finished { job_id: job_id.clone(), status: "failed".into() });
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job_id.clone(),
+            status: "failed".into()
+        }
+    );
     let err = env.job(&job_id).await.error.unwrap();
     assert_eq!(err["code"], "invalid_data");
     assert_eq!(err["param"], "training_file");
@@ -261,31 +442,51 @@ async fn a_dataset_with_a_bad_line_fails_with_its_line_number() {
 async fn an_unreachable_dataset_url_fails_with_a_clear_error() {
     let env = Env::new(None).await;
     // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}/train.jsonl");
-    let job_id = env.create_job(json!({"model": "gpt2-tiny", "dataset_url": url})).await;
+    let job_id = env
+        .create_job(json!({"model": "gpt2-tiny", "dataset_url": url}))
+        .await;
     let out = run_once(&env, "url").await;
-    assert_eq!(out, Outcome::Finished { job_id: job_id.clone(), status: "failed".into() });
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job_id.clone(),
+            status: "failed".into()
+        }
+    );
     let err = env.job(&job_id).await.error.unwrap();
     assert_eq!(err["code"], "dataset_download_failed");
     assert_eq!(err["param"], "dataset_url");
     let msg = err["message"].as_str().unwrap();
-    assert!(msg.contains(&url) && msg.contains("cannot connect"), "{msg}");
+    assert!(
+        msg.contains(&url) && msg.contains("cannot connect"),
+        "{msg}"
+    );
 
     // An unknown model names the parameter too.
     let file = env.upload("train.jsonl", &gpt2_data(4)).await;
-    let job_id = env.create_job(json!({"model": "no-such-model", "training_file": file})).await;
+    let job_id = env
+        .create_job(json!({"model": "no-such-model", "training_file": file}))
+        .await;
     run_once(&env, "url").await;
     let err = env.job(&job_id).await.error.unwrap();
-    assert_eq!((err["code"].as_str(), err["param"].as_str()), (Some("model_not_found"), Some("model")));
+    assert_eq!(
+        (err["code"].as_str(), err["param"].as_str()),
+        (Some("model_not_found"), Some("model"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashing_trainer_fails_its_job_and_the_worker_goes_on() {
     let env = Env::new(None).await;
-    let file = env.upload("train.jsonl", &gpt2_data(64)).await;
+    let file = env.upload("train.jsonl", &gpt2_data(256)).await;
     let crash = env
-        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 500, "batch_size": 4},
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 50, "batch_size": 4},
             "max_seq_length": 32, "checkpoint_interval": 100000, "log_interval": 1}))
         .await;
     let token = CancellationToken::new();
@@ -293,19 +494,32 @@ async fn a_crashing_trainer_fails_its_job_and_the_worker_goes_on() {
     env.wait_metrics(&crash, 1, LONG).await;
     let pids = trainer_pids(&crash);
     assert_eq!(pids.len(), 1);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGSEGV).unwrap();
-    let job = env.wait_job(&crash, Duration::from_secs(30), |j| j.status != "running").await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGABRT,
+    )
+    .unwrap();
+    let job = env
+        .wait_job(&crash, Duration::from_secs(30), |j| j.status != "running")
+        .await;
     assert_eq!(job.status, "failed");
     let err = job.error.unwrap();
     assert_eq!(err["code"], "trainer_crashed");
-    assert!(err["message"].as_str().unwrap().contains("SIGSEGV"), "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("SIGABRT"),
+        "{err}"
+    );
 
     // The same worker runs the next job.
     let next = env
         .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 1, "batch_size": 8},
             "max_seq_length": 32, "max_steps": 2}))
         .await;
-    let job = env.wait_job(&next, LONG, |j| ["succeeded", "failed"].contains(&j.status.as_str())).await;
+    let job = env
+        .wait_job(&next, LONG, |j| {
+            ["succeeded", "failed"].contains(&j.status.as_str())
+        })
+        .await;
     assert_eq!(job.status, "succeeded", "{:?}", job.error);
     token.cancel();
     worker.await.unwrap().unwrap();
@@ -315,8 +529,12 @@ async fn a_crashing_trainer_fails_its_job_and_the_worker_goes_on() {
 fn trainer_pids(job_id: &str) -> Vec<i32> {
     let mut out = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd);
         if cmd.contains("tuna-trainer") && cmd.contains(job_id) {
             // Zombies (already exited, not yet reaped) do not count.

@@ -6,7 +6,6 @@
 //! recorded through `tuna_db::queue`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use reqwest::header;
@@ -71,7 +70,10 @@ fn model_files(tag: &str) -> BTreeMap<String, Vec<u8>> {
         "tokenizer/vocab.json".to_string(),
         b"{\"a\": 0, \"b\": 1}".to_vec(),
     );
-    m.insert(format!("{}/{}.txt", "d".repeat(60), "n".repeat(120)), vec![]);
+    m.insert(
+        format!("{}/{}.txt", "d".repeat(60), "n".repeat(120)),
+        vec![],
+    );
     m.insert("exactly-512.bin".to_string(), vec![7u8; 512]);
     m
 }
@@ -114,8 +116,11 @@ async fn seed(app: &TestApp) -> Seeded {
     .await
     .unwrap();
     // Before the job succeeds there is no final model.
-    let (status, body) =
-        json(app.get(&format!("/v1/fine_tuning/jobs/{job_id}/artifacts")).await).await;
+    let (status, body) = json(
+        app.get(&format!("/v1/fine_tuning/jobs/{job_id}/artifacts"))
+            .await,
+    )
+    .await;
     assert_eq!(status, 409, "{body}");
     assert!(error_of(&body)["message"]
         .as_str()
@@ -174,7 +179,10 @@ async fn check_listing(app: &TestApp, base: &str, files: &BTreeMap<String, Vec<u
             assert_eq!(a["object"], "fine_tuning.job.artifact");
             (
                 a["path"].as_str().unwrap().to_string(),
-                (a["bytes"].as_u64().unwrap(), a["sha256"].as_str().unwrap().to_string()),
+                (
+                    a["bytes"].as_u64().unwrap(),
+                    a["sha256"].as_str().unwrap().to_string(),
+                ),
             )
         })
         .collect();
@@ -215,7 +223,10 @@ async fn check_file(app: &TestApp, base: &str, name: &str, bytes: &[u8]) {
     };
     let resp = ranged("bytes=10-19".into()).await.unwrap();
     assert_eq!(resp.status(), 206);
-    assert_eq!(header_of(&resp, "content-range"), format!("bytes 10-19/{len}"));
+    assert_eq!(
+        header_of(&resp, "content-range"),
+        format!("bytes 10-19/{len}")
+    );
     assert_eq!(header_of(&resp, "content-length"), "10");
     assert_eq!(&resp.bytes().await.unwrap()[..], &bytes[10..20]);
     let resp = ranged("bytes=-7".into()).await.unwrap();
@@ -316,7 +327,11 @@ async fn check_tar(app: &TestApp, url: &str, files: &BTreeMap<String, Vec<u8>>) 
         .arg(&path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut listed: Vec<String> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -347,14 +362,26 @@ async fn final_model_and_checkpoint_files_download_with_ranges_and_etags() {
         s.job_id, s.checkpoint_id
     );
     check_listing(&app, &ckpt, &s.checkpoint).await;
-    check_file(&app, &ckpt, "model.safetensors", &s.checkpoint["model.safetensors"]).await;
+    check_file(
+        &app,
+        &ckpt,
+        "model.safetensors",
+        &s.checkpoint["model.safetensors"],
+    )
+    .await;
     let resp = app.get(&format!("{ckpt}/config.json")).await;
-    assert_eq!(&resp.bytes().await.unwrap()[..], &s.checkpoint["config.json"][..]);
+    assert_eq!(
+        &resp.bytes().await.unwrap()[..],
+        &s.checkpoint["config.json"][..]
+    );
     // Missing names, the manifest and unknown checkpoints are 404s.
     for url in [
         format!("{base}/nope.bin"),
         format!("{base}/tuna-manifest.json"),
-        format!("/v1/fine_tuning/jobs/{}/checkpoints/ftckpt-nope/artifacts", s.job_id),
+        format!(
+            "/v1/fine_tuning/jobs/{}/checkpoints/ftckpt-nope/artifacts",
+            s.job_id
+        ),
     ] {
         let (status, body) = json(app.get(&url).await).await;
         assert_eq!(status, 404, "{url}: {body}");
@@ -399,18 +426,21 @@ async fn whole_models_stream_as_tar_archives() {
 }
 
 /// Sends a request line as is (no client-side normalisation of `..`) and returns the status.
-fn raw_get(base: &str, path: &str, key: &str) -> u16 {
+async fn raw_get(base: &str, path: &str, key: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.strip_prefix("http://").unwrap();
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer to GET {path}: {out:?}"))
 }
 
 #[tokio::test]
@@ -440,8 +470,13 @@ async fn traversal_attempts_and_other_organisations_get_nothing() {
             assert!(!body.contains("secret\""), "{body}");
             assert!(body.contains("\"error\""), "{evil}: {body}");
         }
-        for evil in ["../secret", "../../secret", "tokenizer/../../secret", "./config.json"] {
-            let status = raw_get(&app.base, &format!("{b}/{evil}"), &app.key);
+        for evil in [
+            "../secret",
+            "../../secret",
+            "tokenizer/../../secret",
+            "./config.json",
+        ] {
+            let status = raw_get(&app.base, &format!("{b}/{evil}"), &app.key).await;
             assert!(status == 400 || status == 404, "raw {evil}: {status}");
         }
     }
@@ -485,7 +520,13 @@ async fn downloads_work_from_an_s3_store() {
     let s = seed(&app).await;
     let base = format!("/v1/fine_tuning/jobs/{}/artifacts", s.job_id);
     check_listing(&app, &base, &s.final_files).await;
-    check_file(&app, &base, "model.safetensors", &s.final_files["model.safetensors"]).await;
+    check_file(
+        &app,
+        &base,
+        "model.safetensors",
+        &s.final_files["model.safetensors"],
+    )
+    .await;
     check_tar(&app, &format!("{base}.tar"), &s.final_files).await;
     let resp = app
         .req(reqwest::Method::DELETE, &format!("/v1/files/{file}"))

@@ -188,3 +188,21 @@ async fn a_running_job_stream_stays_open() {
         panic!("the stream of a running job ended: {evs:?}");
     }
 }
+
+#[tokio::test]
+async fn open_streams_end_when_the_server_shuts_down() {
+    let mut app = spawn_app().await;
+    let lease = claimed_job(&app).await;
+    let url = format!("/v1/fine_tuning/jobs/{}/events/stream", lease.job_id);
+    let resp = app.get(&url).await;
+    let n = all_events(&app, &lease.job_id).await.len();
+    let reader = tokio::spawn(read_sse(resp, n + 1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.shutdown();
+    let got = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the stream stayed open after shutdown")
+        .unwrap();
+    assert_eq!(got.len(), n);
+    assert!(got.iter().all(|e| e.event != "end"));
+}

@@ -41,7 +41,9 @@ async fn valid_upload_is_processed_and_round_trips() {
     let stored = app.state.config.store.get_bytes(&key).await.unwrap();
     assert_eq!(&stored[..], CHAT.as_bytes());
     assert_eq!(
-        std::fs::read_dir(app.state.config.tmp_dir()).unwrap().count(),
+        std::fs::read_dir(app.state.config.tmp_dir())
+            .unwrap()
+            .count(),
         0
     );
     let (status, del) = json(
@@ -134,7 +136,14 @@ async fn oversized_upload_is_413_and_leaves_nothing() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(leftovers, 0);
-    assert!(app.state.config.store.list("files").await.unwrap().is_empty());
+    assert!(app
+        .state
+        .config
+        .store
+        .list("files")
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]

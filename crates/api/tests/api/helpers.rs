@@ -24,7 +24,7 @@ pub struct TestApp {
     pub db: TestDb,
     pub state: AppState,
     pub _dir: TempDir,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -80,11 +80,18 @@ pub async fn spawn_in(dir: TempDir, store: Store, tweak: impl FnOnce(&mut Config
         db,
         state,
         _dir: dir,
-        _stop: stop,
+        stop: Some(stop),
     }
 }
 
 impl TestApp {
+    /// Starts the server's graceful shutdown.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
         self.client
             .request(method, format!("{}{path}", self.base))

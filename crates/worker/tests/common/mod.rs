@@ -23,13 +23,20 @@ pub struct Env {
 }
 
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// The real trainer (`target/<profile>/tuna-trainer`, or `$TUNA_TRAINER_BIN`).
 pub fn trainer_bin() -> PathBuf {
     let p = default_trainer_bin();
-    assert!(p.is_file(), "{} is missing: build it first with `cargo build -p tuna-train`", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: build it first with `cargo build -p tuna-train`",
+        p.display()
+    );
     p
 }
 
@@ -37,7 +44,10 @@ impl Env {
     /// A database with the organisation and the base models, and a local store (or `store`).
     pub async fn new(store: Option<Store>) -> Env {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
             .with_test_writer()
             .try_init();
         let db = TestDb::new().await.expect("test database");
@@ -87,7 +97,14 @@ impl Env {
 
     /// Creates a queued job from an API request body.
     pub async fn create_job(&self, body: Value) -> String {
-        let req = parse_create_request(&body, &SpecPolicy { allow_file_urls: true }, 7).expect("valid request");
+        let req = parse_create_request(
+            &body,
+            &SpecPolicy {
+                allow_file_urls: true,
+            },
+            7,
+        )
+        .expect("valid request");
         let job_id = tuna_core::ids::new_id(tuna_core::ids::JOB);
         let new = NewJob {
             job_id: job_id.clone(),
@@ -107,12 +124,19 @@ impl Env {
             max_attempts: 1,
         };
         queue::insert_job(self.pool(), &new).await.unwrap();
-        queue::finish_validation(self.pool(), &job_id, Ok(())).await.unwrap().expect("queued");
+        queue::finish_validation(self.pool(), &job_id, Ok(()))
+            .await
+            .unwrap()
+            .expect("queued");
         job_id
     }
 
     pub fn config(&self, name: &str) -> WorkerConfig {
-        let mut cfg = WorkerConfig::new(self.dir.path().join(name), self.store.clone(), trainer_bin());
+        let mut cfg = WorkerConfig::new(
+            self.dir.path().join(name),
+            self.store.clone(),
+            trainer_bin(),
+        );
         cfg.worker_id = Some(format!("worker-{name}"));
         cfg.device = DeviceChoice::Cpu;
         cfg.lease_ttl = Duration::from_secs(20);
@@ -145,7 +169,12 @@ impl Env {
     }
 
     /// Waits until `f(job)` holds (panics after `timeout`, printing the events).
-    pub async fn wait_job(&self, job_id: &str, timeout: Duration, f: impl Fn(&JobRow) -> bool) -> JobRow {
+    pub async fn wait_job(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+        f: impl Fn(&JobRow) -> bool,
+    ) -> JobRow {
         let t0 = Instant::now();
         loop {
             let j = self.job(job_id).await;
@@ -153,27 +182,48 @@ impl Env {
                 return j;
             }
             if t0.elapsed() > timeout {
-                let ev: Vec<String> = self.events(job_id).await.iter().map(|e| format!("{} {}", e.level, e.message)).collect();
-                panic!("timed out; job status {} error {:?}; events:\n{}", j.status, j.error, ev.join("\n"));
+                let ev: Vec<String> = self
+                    .events(job_id)
+                    .await
+                    .iter()
+                    .map(|e| format!("{} {}", e.level, e.message))
+                    .collect();
+                panic!(
+                    "timed out; job status {} error {:?}; events:\n{}",
+                    j.status,
+                    j.error,
+                    ev.join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn metric_events(&self, job_id: &str) -> Vec<EventRow> {
-        self.events(job_id).await.into_iter().filter(|e| e.kind == "metrics").collect()
+        self.events(job_id)
+            .await
+            .into_iter()
+            .filter(|e| e.kind == "metrics")
+            .collect()
     }
 
     pub async fn wait_metrics(&self, job_id: &str, n: usize, timeout: Duration) {
         let t0 = Instant::now();
         while self.metric_events(job_id).await.len() < n {
-            assert!(t0.elapsed() < timeout, "no metrics after {timeout:?}: {:?}", self.job(job_id).await.error);
+            assert!(
+                t0.elapsed() < timeout,
+                "no metrics after {timeout:?}: {:?}",
+                self.job(job_id).await.error
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
 
-const WORDS: &[&str] = &["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "with", "ball", "red", "blue"];
+const WORDS: &[&str] = &[
+    "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "with", "ball",
+    "red", "blue",
+];
 
 fn pick(i: usize, k: usize) -> &'static str {
     WORDS[(i * 7 + k * 3 + (i * k) % 5) % WORDS.len()]
@@ -185,7 +235,9 @@ pub fn gpt2_data(n: usize) -> Vec<u8> {
     for i in 0..n {
         let p: Vec<&str> = (0..5).map(|k| pick(i, k)).collect();
         let c: Vec<&str> = (5..9).map(|k| pick(i, k)).collect();
-        out.push_str(&json!({"prompt": p.join(" "), "completion": format!(" {}", c.join(" "))}).to_string());
+        out.push_str(
+            &json!({"prompt": p.join(" "), "completion": format!(" {}", c.join(" "))}).to_string(),
+        );
         out.push('\n');
     }
     out.into_bytes()
@@ -195,9 +247,15 @@ pub fn gpt2_data(n: usize) -> Vec<u8> {
 pub fn cls_data(n: usize) -> Vec<u8> {
     let mut out = String::new();
     for i in 0..n {
-        let (label, word) = if i % 2 == 0 { ("positive", "good") } else { ("negative", "bad") };
+        let (label, word) = if i % 2 == 0 {
+            ("positive", "good")
+        } else {
+            ("negative", "bad")
+        };
         let t: Vec<&str> = (0..5).map(|k| pick(i, k)).collect();
-        out.push_str(&json!({"text": format!("{} {word}", t.join(" ")), "label": label}).to_string());
+        out.push_str(
+            &json!({"text": format!("{} {word}", t.join(" ")), "label": label}).to_string(),
+        );
         out.push('\n');
     }
     out.into_bytes()
