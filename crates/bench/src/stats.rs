@@ -154,3 +154,29 @@ impl fmt::Display for CpuUse {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut samples: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        let s = Summary::of(&mut samples);
+        assert_eq!(s.count, 100);
+        assert_eq!(s.p50_ms, 50.0);
+        assert_eq!(s.p90_ms, 90.0);
+        assert_eq!(s.p99_ms, 99.0);
+        assert_eq!(s.max_ms, 100.0);
+        assert!((s.mean_ms - 50.5).abs() < 1e-9);
+        assert_eq!(Summary::of(&mut []).count, 0);
+        let mut one = vec![Duration::from_millis(7)];
+        assert_eq!(Summary::of(&mut one).p99_ms, 7.0);
+    }
+
+    #[test]
+    fn reads_own_cpu_time() {
+        assert!(cpu_seconds(std::process::id()).is_some());
+        assert!(cpu_seconds(u32::MAX).is_none());
+    }
+}

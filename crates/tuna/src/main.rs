@@ -2,6 +2,7 @@
 //!
 //! - `tuna serve`: the HTTP API (private PostgreSQL under `<data-dir>/pg` unless `DATABASE_URL`
 //!   is set; an admin key is created on first start and written to `<data-dir>/admin_key`).
+//! - `tuna worker`: a worker process on a shared database and artifact store (`worker_cmd.rs`).
 //! - `tuna keys create|list`: API keys.
 //! - `tuna models register <id> <dir>`: registers a Hugging Face checkpoint as a base model.
 //! - `tuna files|jobs|download|models list|show …`: the client commands, over HTTP
@@ -14,6 +15,7 @@ mod admin;
 mod client;
 mod db;
 mod serve;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -39,8 +41,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the HTTP API.
+    /// Run the HTTP API (and, unless --no-worker, one in-process worker).
     Serve(serve::ServeArgs),
+    /// Run a worker: claim jobs from the shared queue and train them.
+    Worker(worker_cmd::WorkerArgs),
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -71,6 +75,7 @@ async fn main() -> std::process::ExitCode {
     init_logging(log_format);
     let result = match command {
         Command::Serve(args) => serve::run(args).await,
+        Command::Worker(args) => worker_cmd::run(args).await,
         Command::Keys { command } => admin::keys(command).await,
         Command::Client(command) => return client::run(command).await,
     };

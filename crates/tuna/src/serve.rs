@@ -45,7 +45,7 @@ pub struct ServeArgs {
     /// directory, file:///dir or s3://bucket/prefix (endpoint and credentials from
     /// AWS_ENDPOINT_URL / TUNA_S3_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
     /// Default: <data-dir>/artifacts.
-    #[arg(long, env = "TUNA_ARTIFACTS")]
+    #[arg(long, visible_alias = "store", env = "TUNA_ARTIFACTS")]
     artifacts: Option<String>,
     /// Do not run the in-process worker (jobs then wait for `tuna worker` processes).
     #[arg(long, env = "TUNA_NO_WORKER")]

@@ -72,7 +72,9 @@ pub struct WorkerArgs {
 pub fn open_store(store: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<Store> {
     let s3 = S3Settings::from_env();
     match store {
-        Some(loc) => Store::open(loc, &s3).with_context(|| format!("opening the artifact store {loc}")),
+        Some(loc) => {
+            Store::open(loc, &s3).with_context(|| format!("opening the artifact store {loc}"))
+        }
         None => Store::local(data_dir.join("store")).context("opening the artifact store"),
     }
 }
@@ -83,7 +85,10 @@ pub fn worker_config(o: &WorkerOptions) -> anyhow::Result<WorkerConfig> {
     let trainer = o.trainer_bin.clone().unwrap_or_else(default_trainer_bin);
     let mut cfg = WorkerConfig::new(o.data_dir.join("worker"), store, trainer);
     cfg.worker_id = o.worker_id.clone();
-    cfg.device = o.device.parse::<DeviceChoice>().map_err(anyhow::Error::msg)?;
+    cfg.device = o
+        .device
+        .parse::<DeviceChoice>()
+        .map_err(anyhow::Error::msg)?;
     cfg.lease_ttl = Duration::from_secs(o.lease_ttl_secs.max(5));
     cfg.heartbeat_every = Duration::from_secs(o.heartbeat_secs.max(1));
     if cfg.heartbeat_every * 2 > cfg.lease_ttl {
@@ -101,15 +106,16 @@ pub fn shutdown_on_signals() -> ShutdownToken {
     let token = ShutdownToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
-                t.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    t.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -73,7 +73,13 @@ fn run_tuna(base: &str, data: &Path, db_url: &str, args: &[&str], env: &[(&str, 
 }
 
 impl Server {
+    /// A server without a worker: jobs stay queued.
     async fn start() -> Server {
+        Server::start_with(&["--no-worker"]).await
+    }
+
+    /// A server with `serve_args` (e.g. its in-process worker on the CPU).
+    async fn start_with(serve_args: &[&str]) -> Server {
         let db = TestDb::new().await.unwrap();
         let data = tempfile::tempdir().unwrap();
         let registered = run_tuna(
@@ -87,6 +93,7 @@ impl Server {
         assert!(registered.stdout.contains("registered base model gpt2"));
         let mut child = Command::new(BIN)
             .args(["serve", "--port", "0"])
+            .args(serve_args)
             .arg("--data-dir")
             .arg(data.path())
             .env("DATABASE_URL", &db.url)
@@ -126,6 +133,39 @@ impl Server {
 
     fn tuna_env(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
         run_tuna(&self.base, self.data.path(), &self.db.url, args, env)
+    }
+
+    /// Runs `tuna ARGS`, killing it (and failing) after `limit`.
+    fn tuna_limited(&self, args: &[&str], limit: Duration) -> Out {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(self.data.path())
+            .env("TUNA_URL", &self.base)
+            .env("TUNA_DATA_DIR", self.data.path())
+            .env_remove("TUNA_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + limit;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "tuna {args:?} ran over {limit:?}; stdout: {} stderr: {}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 
     /// Polls `jobs show` until the job has `status`.
@@ -466,22 +506,17 @@ async fn jobs_commands_on_queued_jobs() {
             .json();
         let jid = job["id"].as_str().unwrap().to_string();
         s.wait_status(&jid, "queued");
-        let mut watch = Command::new(BIN);
-        watch
-            .args(["jobs", "watch", &jid])
-            .args(extra)
-            .env("TUNA_URL", &s.base)
-            .env("TUNA_DATA_DIR", s.data_dir())
-            .env_remove("TUNA_API_KEY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = watch.spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
-        s.tuna(&["jobs", "cancel", &jid]).ok();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(3), "{extra:?} {stdout} {stderr}");
+        let mut args = vec!["jobs", "watch", jid.as_str()];
+        args.extend_from_slice(extra);
+        let out = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(1500));
+                s.tuna(&["jobs", "cancel", &jid]).ok();
+            });
+            s.tuna_limited(&args, Duration::from_secs(60))
+        });
+        let (stdout, stderr) = (&out.stdout, &out.stderr);
+        assert_eq!(out.code, 3, "{extra:?} {out:?}");
         assert!(stdout.contains("Created fine-tuning job"), "{stdout}");
         assert!(stdout.contains("Job cancelled"), "{stdout}");
         assert!(stdout.contains(&format!("job {jid} cancelled")), "{stdout}");
@@ -490,7 +525,7 @@ async fn jobs_commands_on_queued_jobs() {
 
     // Watching a job that already ended returns at once; --json prints NDJSON.
     s.tuna(&["jobs", "cancel", &id2]).ok();
-    let watched = s.tuna(&["jobs", "watch", &id2, "--json"]);
+    let watched = s.tuna_limited(&["jobs", "watch", &id2, "--json"], Duration::from_secs(60));
     assert_eq!(watched.code, 3, "{watched:?}");
     let docs: Vec<Value> = watched
         .stdout
@@ -546,48 +581,20 @@ async fn jobs_commands_on_queued_jobs() {
     assert_eq!(s.tuna(&["jobs", "show"]).code, 2);
 }
 
-/// The artifact store `tuna serve` uses for `--data-dir D`.
-fn store_of(data_dir: &Path) -> tuna_store::Store {
-    tuna_store::Store::local(data_dir.join("store")).unwrap()
-}
-
-/// A real worker (running the real `tuna-trainer` on CPU) on the server's database and store.
-fn start_worker(s: &Server) -> tokio_util::sync::CancellationToken {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_and_download_a_tiny_job() {
     let trainer = tuna_worker::default_trainer_bin();
     assert!(
         trainer.is_file(),
         "{} is missing: build it with `cargo build -p tuna-train`",
         trainer.display()
     );
-    let mut cfg = tuna_worker::WorkerConfig::new(
-        s.data_dir().join("worker"),
-        store_of(s.data_dir()),
-        trainer,
-    );
-    cfg.device = tuna_worker::DeviceChoice::Cpu;
-    cfg.poll_every = Duration::from_millis(300);
-    cfg.heartbeat_every = Duration::from_millis(500);
-    cfg.trainer_threads = Some(1);
-    let worker = tuna_worker::Worker::new(s.db.pool.clone(), cfg);
-    let token = tokio_util::sync::CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        if let Err(e) = worker.run(t).await {
-            eprintln!("worker: {e}");
-        }
-    });
-    token
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_and_download_a_tiny_job() {
-    let s = Server::start().await;
+    let s = Server::start_with(&["--worker-device", "cpu"]).await;
     let train = s.data_dir().join("train.jsonl");
     let lines: Vec<String> = (0..16)
         .map(|i| serde_json::json!({"prompt": format!("Count {i}:"), "completion": format!(" {} {}", i + 1, i + 2)}).to_string())
         .collect();
     std::fs::write(&train, lines.join("\n") + "\n").unwrap();
-    let token = start_worker(&s);
     let created = s
         .tuna(&[
             "jobs",
@@ -615,7 +622,7 @@ async fn watch_and_download_a_tiny_job() {
     let id = created["id"].as_str().unwrap().to_string();
 
     // Follows the job to the end: events, then the outcome and the final metrics.
-    let watched = s.tuna(&["jobs", "watch", &id]);
+    let watched = s.tuna_limited(&["jobs", "watch", &id], Duration::from_secs(300));
     assert_eq!(watched.code, 0, "{watched:#?}");
     let out = &watched.stdout;
     assert!(out.contains("Step 1/8"), "{out}");
@@ -701,5 +708,4 @@ async fn watch_and_download_a_tiny_job() {
         .data_dir()
         .join(format!("{id}-step-4/config.json"))
         .is_file());
-    token.cancel();
 }

@@ -386,9 +386,12 @@ pub async fn resolve_model(
     })
 }
 
-/// A file-name-safe version of a model id.
+/// A file-name-safe, collision-free version of a model id (readable part + hash).
 pub fn sanitize(name: &str) -> String {
-    name.chars()
+    use sha2::Digest;
+    let readable: String = name
+        .chars()
+        .take(80)
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-_.".contains(c) {
                 c
@@ -396,5 +399,7 @@ pub fn sanitize(name: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    let hash = hex::encode(sha2::Sha256::digest(name.as_bytes()));
+    format!("{readable}-{}", &hash[..12])
 }

@@ -370,12 +370,7 @@ impl Worker {
                         match listener.as_mut() {
                             Some(l) => {
                                 // Control wake-ups concern running jobs only.
-                                loop {
-                                    match l.next(self.cfg.poll_every).await {
-                                        Wake::Control(_) => continue,
-                                        _ => break,
-                                    }
-                                }
+                                while let Wake::Control(_) = l.next(self.cfg.poll_every).await {}
                             }
                             None => tokio::time::sleep(self.cfg.poll_every).await,
                         }

@@ -546,3 +546,205 @@ fn trainer_pids(job_id: &str) -> Vec<i32> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_without_notifications_is_seen_at_the_next_heartbeat() {
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(256)).await;
+    let job_id = env
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 50, "batch_size": 4},
+            "max_seq_length": 32, "checkpoint_interval": 100000, "log_interval": 1}))
+        .await;
+    // try_run_one has no LISTEN connection: only the heartbeat reports the request.
+    let mut w = env.worker("hb");
+    let run = tokio::spawn(async move { w.try_run_one().await });
+    env.wait_metrics(&job_id, 2, LONG).await;
+    let t0 = Instant::now();
+    queue::request_cancel(env.pool(), ORG, &job_id)
+        .await
+        .unwrap();
+    let out = run.await.unwrap().unwrap();
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job_id.clone(),
+            status: "cancelled".into()
+        }
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_kills_the_trainer_and_stops_all_writes() {
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(256)).await;
+    let job_id = env
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 50, "batch_size": 4},
+            "max_seq_length": 32, "checkpoint_interval": 100000, "log_interval": 1}))
+        .await;
+    let mut w = env.worker("lose");
+    let run = tokio::spawn(async move { w.try_run_one().await });
+    env.wait_metrics(&job_id, 2, LONG).await;
+    // Another worker took the job over (as after a rescue and a new claim): a new token.
+    sqlx::query(
+        "update jobs set lease_token = gen_random_uuid(), lease_owner = null where job_id = $1",
+    )
+    .bind(&job_id)
+    .execute(env.pool())
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let out = run.await.unwrap().unwrap();
+    assert_eq!(
+        out,
+        Outcome::LeaseLost {
+            job_id: job_id.clone()
+        }
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(trainer_pids(&job_id).is_empty());
+    let n = env.events(&job_id).await.len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.events(&job_id).await.len(),
+        n,
+        "writes after the lease was lost"
+    );
+    assert_eq!(env.job(&job_id).await.status, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_checkpoints_and_releases_the_job() {
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(256)).await;
+    let job_id = env
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 50, "batch_size": 4},
+            "max_seq_length": 32, "checkpoint_interval": 100000, "log_interval": 1}))
+        .await;
+    let token = CancellationToken::new();
+    let worker = tokio::spawn(env.worker("stop").run(token.clone()));
+    env.wait_metrics(&job_id, 3, LONG).await;
+    token.cancel();
+    worker.await.unwrap().unwrap();
+    let job = env.job(&job_id).await;
+    assert_eq!(job.status, "queued");
+    assert!(job.checkpoint_step.unwrap() >= 3);
+    assert!(job.lease_token.is_none());
+    assert!(env
+        .events(&job_id)
+        .await
+        .iter()
+        .any(|e| e.message.contains("released the job")));
+    assert!(trainer_pids(&job_id).is_empty());
+}
+
+/// The `tuna` binary (`target/<profile>/tuna`, built by `cargo build -p tuna`).
+fn tuna_bin() -> std::path::PathBuf {
+    let p = common::trainer_bin().with_file_name("tuna");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it first with `cargo build -p tuna`",
+        p.display()
+    );
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_tuna_worker_process_loses_its_job_which_another_worker_resumes() {
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(32)).await;
+    let job_id = env
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 40, "batch_size": 4},
+            "max_seq_length": 32, "checkpoint_interval": 5, "log_interval": 1, "max_steps": 150}))
+        .await;
+    let data_dir = env.dir.path().join("proc");
+    let mut proc = std::process::Command::new(tuna_bin())
+        .arg("worker")
+        .args(["--database-url", &env.db.url])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--store")
+        .arg(env.dir.path().join("store"))
+        .arg("--trainer-bin")
+        .arg(common::trainer_bin())
+        .args([
+            "--device",
+            "cpu",
+            "--worker-id",
+            "worker-proc",
+            "--lease-ttl-secs",
+            "5",
+        ])
+        .args([
+            "--heartbeat-secs",
+            "1",
+            "--poll-secs",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let job = env
+        .wait_job(&job_id, LONG, |j| j.checkpoint_step.is_some())
+        .await;
+    assert_eq!(job.lease_owner.as_deref(), Some("worker-proc"));
+    let old = Lease {
+        job_id: job_id.clone(),
+        token: job.lease_token.unwrap(),
+        worker_id: "worker-proc".into(),
+    };
+    proc.kill().unwrap(); // SIGKILL
+    proc.wait().unwrap();
+    // Its trainer sees stdin close and stops at once.
+    let t0 = Instant::now();
+    while !trainer_pids(&job_id).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the trainer outlived its killed worker"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ckpt = env.job(&job_id).await.checkpoint_step.unwrap();
+
+    let token = CancellationToken::new();
+    let second = tokio::spawn(env.worker("after-kill").run(token.clone()));
+    let job = env
+        .wait_job(&job_id, LONG, |j| {
+            ["succeeded", "failed"].contains(&j.status.as_str())
+        })
+        .await;
+    assert_eq!(job.status, "succeeded", "{:?}", job.error);
+    let msgs: Vec<String> = env
+        .events(&job_id)
+        .await
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("worker-proc stopped renewing its lease")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains(&format!("Training resumes from checkpoint step {ckpt}"))),
+        "{msgs:?}"
+    );
+    let late = queue::append_event(
+        env.pool(),
+        &old,
+        Level::Info,
+        "late",
+        None,
+        EventKind::Message,
+    )
+    .await;
+    assert!(
+        matches!(late, Err(queue::QueueError::LeaseLost { .. })),
+        "{late:?}"
+    );
+    token.cancel();
+    second.await.unwrap().unwrap();
+}

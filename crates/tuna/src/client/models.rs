@@ -78,6 +78,7 @@ fn compact(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
+        Value::Array(a) => a.iter().map(compact).collect::<Vec<_>>().join(", "),
         other => other.to_string(),
     }
 }

@@ -46,11 +46,28 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// Prints `key: value` lines with the keys aligned.
+/// Prints `key: value` lines with the keys aligned; long values are wrapped at spaces.
 pub fn fields(pairs: &[(&str, String)]) {
-    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    const WIDTH: usize = 100;
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     for (k, v) in pairs {
-        println!("{k:<w$}  {v}", w = w + 1, k = format!("{k}:"));
+        let mut lines: Vec<String> = Vec::new();
+        let mut cur = String::new();
+        for word in v.split(' ') {
+            if !cur.is_empty() && w + 2 + cur.len() + 1 + word.len() > WIDTH {
+                lines.push(std::mem::take(&mut cur));
+            }
+            if !cur.is_empty() {
+                cur.push(' ');
+            }
+            cur.push_str(word);
+        }
+        lines.push(cur);
+        let key = format!("{k}:");
+        println!("{key:<w$}  {}", lines[0]);
+        for line in &lines[1..] {
+            println!("{:<w$}  {line}", "");
+        }
     }
 }
 
