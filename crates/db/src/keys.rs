@@ -96,10 +96,18 @@ pub async fn create_key(
 }
 
 /// The owner of a secret, if it is a live key; records its use.
+///
+/// `last_used_at` is refreshed at most once a minute: writing it on every request made all
+/// requests with one key queue on that row's lock (see BENCHMARKS.md, control plane).
 pub async fn authenticate(pool: &PgPool, secret: &str) -> Result<Option<KeyOwner>> {
     Ok(sqlx::query_as(
-        "update api_keys set last_used_at = now() where key_hash = $1 and revoked_at is null \
-         returning api_key_id, organization_id, is_admin",
+        "with k as (select api_key_id, organization_id, is_admin, last_used_at from api_keys \
+                    where key_hash = $1 and revoked_at is null), \
+              touched as (update api_keys a set last_used_at = now() from k \
+                    where a.api_key_id = k.api_key_id \
+                      and (k.last_used_at is null or k.last_used_at < now() - interval '60 seconds') \
+                    returning 1) \
+         select api_key_id, organization_id, is_admin from k",
     )
     .bind(hash_secret(secret))
     .fetch_optional(pool)

@@ -26,11 +26,11 @@ use tuna_worker::{default_trainer_bin, DeviceChoice, ShutdownToken, Worker, Work
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerOptions {
     /// Where job scratch space and the fine-tuned model cache live.
-    #[arg(long, env = "TUNA_DATA_DIR", default_value = "tuna-data")]
+    #[arg(long, env = "TUNA_DATA_DIR", default_value = ".tuna")]
     pub data_dir: PathBuf,
-    /// Artifact store: a directory or s3://bucket/prefix (default: <data-dir>/store). Must be
-    /// the same store the API server uses.
-    #[arg(long, env = "TUNA_STORE")]
+    /// Artifact store: a directory or s3://bucket/prefix (default: <data-dir>/artifacts, as
+    /// for `tuna serve`). Must be the same store the API server uses.
+    #[arg(long = "artifacts", alias = "store", env = "TUNA_ARTIFACTS")]
     pub store: Option<String>,
     /// The training engine binary (default: `tuna-trainer` next to this executable).
     #[arg(long, env = "TUNA_TRAINER_BIN")]
@@ -68,14 +68,14 @@ pub struct WorkerArgs {
     pub options: WorkerOptions,
 }
 
-/// Opens the artifact store named by `store` (default `<data_dir>/store`).
+/// Opens the artifact store named by `store` (default `<data_dir>/artifacts`, as `tuna serve`).
 pub fn open_store(store: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<Store> {
     let s3 = S3Settings::from_env();
     match store {
         Some(loc) => {
             Store::open(loc, &s3).with_context(|| format!("opening the artifact store {loc}"))
         }
-        None => Store::local(data_dir.join("store")).context("opening the artifact store"),
+        None => Store::local(data_dir.join("artifacts")).context("opening the artifact store"),
     }
 }
 
