@@ -537,6 +537,39 @@ async fn jobs_commands_on_queued_jobs() {
         .iter()
         .any(|d| d["object"] == "fine_tuning.job.event" && d["message"] == "Job cancelled"));
 
+    // A job that fails (validation: prompt/completion data cannot train a classifier): watch
+    // exits 3 with the job's error; it has no model to download.
+    let failing = s
+        .tuna(&[
+            "jobs",
+            "create",
+            "--model",
+            "gpt2",
+            "--training-file",
+            file_id,
+            "--task",
+            "sequence_classification",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let fid = failing["id"].as_str().unwrap().to_string();
+    let failed = s.tuna_limited(&["jobs", "watch", &fid], Duration::from_secs(60));
+    assert_eq!(failed.code, 3, "{failed:?}");
+    assert!(
+        failed.stdout.contains(&format!("job {fid} failed")),
+        "{failed:?}"
+    );
+    assert!(
+        failed.stderr.contains(&format!("job {fid} failed: ")),
+        "{failed:?}"
+    );
+    let shown = s.tuna(&["jobs", "show", &fid]).ok();
+    assert!(shown.stdout.contains("error:"), "{shown:?}");
+    let dl = s.tuna(&["download", &fid]);
+    assert_eq!(dl.code, 1, "{dl:?}");
+    assert!(dl.stderr.contains("it will have none"), "{dl:?}");
+
     // Errors: API (1), usage (2).
     let unknown = s.tuna(&["jobs", "show", "ftjob-nope"]);
     assert_eq!(unknown.code, 1);

@@ -25,8 +25,6 @@ use super::{ClientOpts, Failure, Result};
 
 #[derive(Debug, Args)]
 pub struct DownloadArgs {
-    #[command(flatten)]
-    pub opts: ClientOpts,
     /// Job id (`ftjob-…`).
     pub job_id: String,
     /// A checkpoint instead of the final model: its step number (or its `ftckpt-…` id).
@@ -35,6 +33,8 @@ pub struct DownloadArgs {
     /// Output directory. Default: `./<job id>`, or `./<job id>-step-<STEP>` for a checkpoint.
     #[arg(long, short)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: ClientOpts,
 }
 
 /// One file of the listing.

@@ -35,6 +35,7 @@ pub use models::ModelsCommand;
 /// Where the server is, how to authenticate and how to print (accepted before or after the
 /// subcommand, e.g. `tuna jobs --json list` or `tuna jobs list --json`).
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection and output")]
 pub struct ClientOpts {
     /// Base URL of the tuna server.
     #[arg(

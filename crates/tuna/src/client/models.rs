@@ -17,10 +17,10 @@ pub enum ModelsCommand {
     },
     /// Show one model.
     Show {
-        #[command(flatten)]
-        opts: ClientOpts,
         /// Model id.
         id: String,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
     #[command(flatten)]
     Admin(crate::admin::ModelsCommand),
@@ -47,7 +47,7 @@ pub async fn run(command: ModelsCommand) -> Result<()> {
             }
             Ok(())
         }
-        ModelsCommand::Show { opts, id } => {
+        ModelsCommand::Show { id, opts } => {
             let api = Api::new(&opts)?;
             let m = api.get(&format!("/v1/models/{}", seg(&id))).await?;
             if opts.json {

@@ -133,12 +133,20 @@ pub fn metric(v: &Value) -> String {
     }
 }
 
-/// `k=v` pairs of the numeric entries of a metrics object, in its order.
+/// Metrics worth showing in a summary: step, epoch, losses and accuracies (not rates, timings
+/// or the learning rate of one step).
+pub fn is_summary_metric(k: &str) -> bool {
+    matches!(k, "step" | "epoch")
+        || ((k.starts_with("train_") || k.starts_with("valid_") || k.starts_with("full_valid_"))
+            && (k.ends_with("loss") || k.contains("accuracy")))
+}
+
+/// `k=v` pairs of the numeric summary entries ([`is_summary_metric`]) of a metrics object.
 pub fn metrics_line(m: &Value) -> String {
     m.as_object()
         .map(|o| {
             o.iter()
-                .filter(|(_, v)| v.is_number())
+                .filter(|(k, v)| v.is_number() && is_summary_metric(k))
                 .map(|(k, v)| format!("{k}={}", metric(v)))
                 .collect::<Vec<_>>()
                 .join(" ")
@@ -162,7 +170,7 @@ mod tests {
         assert_eq!(duration(187.0), "3m 07s");
         assert_eq!(duration(9.4), "9s");
         assert_eq!(
-            metrics_line(&json!({"step": 3, "train_loss": 1.23456, "x": "s"})),
+            metrics_line(&json!({"step": 3, "train_loss": 1.23456, "x": "s", "eta_seconds": 1})),
             "step=3 train_loss=1.2346"
         );
     }

@@ -434,7 +434,13 @@ impl View {
                     self.total = Some(t);
                 }
                 self.loss = num("train_loss").or(self.loss);
-                self.tokens_per_second = num("tokens_per_second").or(self.tokens_per_second);
+                // Smoothed: one logging window alone jumps around.
+                if let Some(t) = num("tokens_per_second").filter(|t| t.is_finite()) {
+                    self.tokens_per_second = Some(match self.tokens_per_second {
+                        Some(old) => 0.8 * old + 0.2 * t,
+                        None => t,
+                    });
+                }
                 self.seconds_left = num("eta_seconds").or(self.seconds_left);
             }
         }
@@ -492,7 +498,12 @@ impl View {
 async fn finish(api: &Api, path: &str, view: &View, job: &Value) -> Result<()> {
     let id = output::text(&job["id"]);
     let status = job["status"].as_str().unwrap_or_default();
-    let mut metrics = view.metrics.clone();
+    let mut metrics: Map<String, Value> = view
+        .metrics
+        .iter()
+        .filter(|(k, _)| output::is_summary_metric(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let ckpts = api
         .get_query(
             &format!("{path}/checkpoints"),
@@ -504,7 +515,7 @@ async fn finish(api: &Api, path: &str, view: &View, job: &Value) -> Result<()> {
         .as_ref()
         .and_then(|c| c["data"][0]["metrics"].as_object())
     {
-        for (k, v) in m {
+        for (k, v) in m.iter().filter(|(k, _)| output::is_summary_metric(k)) {
             metrics.insert(k.clone(), v.clone());
         }
     }
