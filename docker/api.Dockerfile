@@ -1,13 +1,15 @@
-# Control plane image: `tuna serve --no-worker` (API) without libtorch.
+# Control plane image: `tuna serve --no-worker` (the API) without libtorch: the `tuna` binary
+# does not link tch; only `tuna-trainer` (crates/train) does, and it is not built here.
 # Build from the repo root: docker build -f docker/api.Dockerfile -t tuna-api .
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# Only the control-plane crates: tuna-train (libtorch) is not built.
-RUN cargo build --release -p tuna --locked
+RUN cargo build --release --locked -p tuna --bins
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates postgresql \
+# postgresql: only for the private cluster `tuna serve` starts when DATABASE_URL is unset.
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates postgresql \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/tuna /usr/local/bin/tuna
 ENV TUNA_DATA_DIR=/data

@@ -1,23 +1,40 @@
-# GPU worker image: `tuna worker` plus the `tuna-trainer` binary linked against libtorch 2.11.0
-# (the PyPI torch wheel, a CUDA 13.0 build whose CUDA libraries come as nvidia-* wheels; the host
-# only needs the NVIDIA driver). The build steps are the ones scripts/setup.sh runs.
+# GPU worker image: `tuna worker` plus the `tuna-trainer` binary linked against libtorch 2.11.0.
+# CUDA base image; libtorch is the PyPI torch wheel (a CUDA 13.0 build whose CUDA libraries come
+# as nvidia-* wheels), so the host only needs the NVIDIA driver and the NVIDIA container toolkit.
+# The build steps are the ones scripts/setup.sh runs: a venv with torch==2.11.0 (+ setuptools),
+# `.libtorch` linked to its torch folder (.cargo/config.toml points tch at it), then cargo.
 # Build from the repo root: docker build -f docker/worker.Dockerfile -t tuna-worker .
-FROM rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends python3-venv && rm -rf /var/lib/apt/lists/*
+ARG CUDA_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
+
+FROM ${CUDA_BASE} AS build
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates curl build-essential pkg-config python3 python3-venv python3-dev \
+    && rm -rf /var/lib/apt/lists/*
+ENV RUSTUP_HOME=/opt/rustup CARGO_HOME=/opt/cargo PATH=/opt/cargo/bin:$PATH
+RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none
 WORKDIR /src
 COPY . .
+# Same as scripts/setup.sh (only torch: the worker needs no transformers at run time).
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir torch==2.11.0 setuptools \
-    && ln -sfn "$(/opt/venv/bin/python -c 'import torch,os;print(os.path.dirname(torch.__file__))')" .libtorch
-RUN cargo build --release -p tuna -p tuna-train --locked
+    && TORCH_DIR=$(/opt/venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))') \
+    && ln -sfn "$TORCH_DIR" .libtorch && ln -sfn "$TORCH_DIR" /opt/libtorch
+RUN cargo build --release --locked -p tuna -p tuna-train --bins
 
-FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates python3 libgomp1 \
+FROM ${CUDA_BASE}
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates python3 libgomp1 \
     && rm -rf /var/lib/apt/lists/*
-# Same path as in the build stage: tuna-trainer's rpath points into it.
+# Same paths as in the build stage: tuna-trainer's rpath points into the venv.
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/libtorch /opt/libtorch
 COPY --from=build /src/target/release/tuna /src/target/release/tuna-trainer /usr/local/bin/
-ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/torch/lib \
+ENV LD_LIBRARY_PATH=/opt/libtorch/lib \
     TUNA_TRAINER_BIN=/usr/local/bin/tuna-trainer \
+    TUNA_DATA_DIR=/data \
+    TUNA_DEVICE=cuda \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+VOLUME /data
 ENTRYPOINT ["tuna"]
+# DATABASE_URL and TUNA_ARTIFACTS (s3://bucket/prefix, with the AWS_* variables) come from the
+# environment; see docs/deployment.md.
 CMD ["worker"]

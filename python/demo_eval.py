@@ -11,6 +11,7 @@ import argparse
 import csv
 
 import torch
+import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
@@ -23,6 +24,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    # The base model has no classification head yet: transformers' report about the freshly
+    # initialised `classifier.*` weights is expected, so keep the output to the result line.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     with open(args.data, newline="") as f:

@@ -12,6 +12,7 @@
 #   DEMO_MAX_STEPS   stop after this many optimiser steps    (default 0: one full epoch)
 #   DEMO_DATA        folder with train.tsv and dev.tsv       (default ../shared/data/sst2)
 #   DEMO_SKIP_SETUP  1: do not run scripts/setup.sh (CI runs it once before the tests)
+#   DEMO_SKIP_BUILD  1: use the binaries already in target/debug (CI builds them before the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,8 +29,10 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY="$ROOT/.venv/bin/python"
 
-log "building tuna and tuna-trainer (debug profile, optimised dependencies)"
-cargo build -q -p tuna -p tuna-train --bins
+if [ "${DEMO_SKIP_BUILD:-0}" != 1 ]; then
+    log "building tuna and tuna-trainer (debug profile, optimised dependencies)"
+    cargo build -q -p tuna -p tuna-train --bins
+fi
 TUNA="$ROOT/target/debug/tuna"
 
 # The data: a slice of SST-2 (sentence<TAB>label, label 0 negative / 1 positive).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what tuna needs on a Debian/Ubuntu machine and builds it. Idempotent: a re-run reuses
 # what is already installed.
-#   - apt: PostgreSQL server binaries (tuna starts its own private cluster from them)
+#   - apt (only what is missing): PostgreSQL server binaries (tuna starts its own private cluster
+#     from them), build-essential, python3-venv, curl, jq
 #   - .venv: Python with torch==2.11.0 (libtorch for the build), transformers, peft, openai, ...
 #   - .libtorch: link to the venv's torch folder, which .cargo/config.toml points tch at
 #   - .fixtures: tiny random Hugging Face checkpoints written by transformers, for the tests
@@ -12,14 +13,23 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    log "installing PostgreSQL server binaries (apt package postgresql)"
+# apt packages, installed only when something is missing.
+APT=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || APT+=(postgresql)
+{ command -v gcc && command -v g++ && command -v make; } >/dev/null 2>&1 || APT+=(build-essential)
+command -v python3 >/dev/null 2>&1 || APT+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || APT+=(python3-venv)
+command -v curl >/dev/null 2>&1 || APT+=(curl)
+command -v jq >/dev/null 2>&1 || APT+=(jq)   # used by the examples in docs/
+if [ ${#APT[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: please install: ${APT[*]} (this script knows apt-get only)" >&2
+        exit 1
+    fi
+    log "installing apt packages: ${APT[*]}"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null
 fi
-for bin in gcc g++ python3; do
-    command -v "$bin" >/dev/null || { echo "setup: $bin is missing (apt-get install build-essential python3 python3-venv)" >&2; exit 1; }
-done
 
 if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
