@@ -36,7 +36,11 @@ pub enum Error {
     #[error("data: {0}")]
     Data(String),
     #[error("out of memory on {device} with batch size {batch_size} and sequence length {seq_len}: lower the batch size or the maximum sequence length (or use gradient accumulation)")]
-    OutOfMemory { device: String, batch_size: i64, seq_len: i64 },
+    OutOfMemory {
+        device: String,
+        batch_size: i64,
+        seq_len: i64,
+    },
     #[error("the loss became {value} at step {step}: lower the learning rate")]
     NonFiniteLoss { step: i64, value: f64 },
     #[error("cancelled")]
@@ -44,7 +48,10 @@ pub enum Error {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -53,6 +60,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
