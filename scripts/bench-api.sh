@@ -41,7 +41,7 @@ trap cleanup EXIT
 
 # The bench creates tens of thousands of jobs; lift the per-organisation pending-job cap.
 # shellcheck disable=SC2086
-"$TUNA" serve --port 0 --data-dir "$DIR" --max-pending-jobs 100000000 ${BENCH_SERVER_ARGS:-} \
+"$TUNA" serve --port 0 --data-dir "$DIR" --no-worker --max-pending-jobs 100000000 ${BENCH_SERVER_ARGS:-} \
     >"$DIR/serve.out" 2>"$DIR/serve.log" &
 SERVER_PID=$!
 URL=""

@@ -158,7 +158,7 @@ def test_cli_doc_forms_not_covered_by_cli_rs(live_server, tmp_path):
     first = tuna("files", "upload", "t.jsonl", "--json")
     file_id = json.loads(first)["id"]
     tuna("files", "upload", "t.jsonl", "--purpose", "user_data")
-    listed = tuna("files", "list", "--purpose", "fine-tune", "--limit", "5", "--order", "asc", "--json")
+    listed = tuna("files", "list", "--purpose", "fine-tune", "--limit", "5", "--order", "desc", "--json")
     assert file_id in listed
     tuna("files", "list", "--after", file_id)
     args = ["jobs", "create", "--model", "gpt2", "--training-file", file_id, "--validation-file", "v.jsonl",
