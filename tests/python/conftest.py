@@ -9,6 +9,7 @@ Every HTTP response the SDK receives is validated against openapi.yaml (path, me
 and JSON body schema); mismatches fail the test that caused them.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -98,24 +99,24 @@ def _wait_for_address(proc, deadline):
     raise RuntimeError("tuna serve did not print its address in time")
 
 
-@pytest.fixture(scope="session")
-def server():
-    if not BINARY.exists():
-        pytest.fail(f"{BINARY} is missing; run `cargo build -p tuna` first")
+@contextlib.contextmanager
+def tuna_serve(args, prefix, database_url=None, models=()):
+    """Runs `target/debug/tuna serve --port 0 ARGS` in a fresh data directory, registers each
+    fixture model of `models` under its name, and yields `(base_url, admin_key, data_dir)`.
+    Without `database_url` the server runs its own private PostgreSQL there. SIGTERM on exit;
+    the data directory is kept when the server did not exit cleanly."""
     # Not pytest's tmp_path: the private cluster may run as user `postgres` (when the tests run
     # as root), which must be able to reach the directory.
-    data_dir = Path(tempfile.mkdtemp(prefix="tuna-pytest-"))
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     data_dir.chmod(0o755)
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)
-    if os.environ.get("TUNA_TEST_DATABASE_URL"):
-        env["DATABASE_URL"] = os.environ["TUNA_TEST_DATABASE_URL"]
+    if database_url:
+        env["DATABASE_URL"] = database_url
     env.setdefault("RUST_LOG", "warn")
     log = open(data_dir / "server.log", "w")
     proc = subprocess.Popen(
-        # No in-process worker: these tests drive job states themselves, without training.
-        [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), "--max-upload-bytes", str(MAX_UPLOAD),
-         "--no-worker"],
+        [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), *args],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
@@ -124,15 +125,11 @@ def server():
     try:
         base = _wait_for_address(proc, time.time() + 120)
         admin_key = (data_dir / "admin_key").read_text().strip()
-        other = subprocess.run(
-            [str(BINARY), "keys", "create", "--org", "other-org", "--data-dir", str(data_dir)],
-            capture_output=True, text=True, env=env, check=True,
-        )
-        other_key = other.stdout.strip().splitlines()[-1]
-        r = httpx.post(f"{base}/v1/models", headers={"Authorization": f"Bearer {admin_key}"},
-                       json={"id": "gpt2", "path": str(ROOT / ".fixtures" / "gpt2")})
-        assert r.status_code == 200, r.text
-        yield {"base": base, "admin_key": admin_key, "other_key": other_key, "data_dir": data_dir}
+        for name in models:
+            r = httpx.post(f"{base}/v1/models", headers={"Authorization": f"Bearer {admin_key}"},
+                           json={"id": name, "path": str(ROOT / ".fixtures" / name)})
+            assert r.status_code == 200, r.text
+        yield base, admin_key, data_dir
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -144,6 +141,25 @@ def server():
             shutil.rmtree(data_dir, ignore_errors=True)
         else:
             print(f"tuna serve exited with {proc.returncode}; its data directory is kept: {data_dir}")
+
+
+@pytest.fixture(scope="session")
+def server():
+    if not BINARY.exists():
+        pytest.fail(f"{BINARY} is missing; run `cargo build -p tuna` first")
+    # No in-process worker: these tests drive job states themselves, without training.
+    args = ["--max-upload-bytes", str(MAX_UPLOAD), "--no-worker"]
+    database_url = os.environ.get("TUNA_TEST_DATABASE_URL")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    with tuna_serve(args, "tuna-pytest-", database_url, models=["gpt2"]) as (base, admin_key, data_dir):
+        other = subprocess.run(
+            [str(BINARY), "keys", "create", "--org", "other-org", "--data-dir", str(data_dir)],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        other_key = other.stdout.strip().splitlines()[-1]
+        yield {"base": base, "admin_key": admin_key, "other_key": other_key, "data_dir": data_dir}
 
 
 def _client(server, key, spec_checker):

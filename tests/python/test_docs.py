@@ -12,17 +12,12 @@ is one `tuna --help` knows."""
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
-import httpx2 as httpx
 import pytest
 
-from conftest import BINARY, ROOT, _wait_for_address
+from conftest import BINARY, ROOT, tuna_serve
 
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"^```(sh|python)([^\n]*)\n(.*?)^```\s*$", re.M | re.S)
@@ -44,36 +39,10 @@ def live_server():
     """`tuna serve` with its worker (the shared `server` fixture has none)."""
     if not BINARY.exists() or not (BINARY.parent / "tuna-trainer").exists():
         pytest.fail("build first: cargo build -p tuna -p tuna-train --bins")
-    data_dir = Path(tempfile.mkdtemp(prefix="tuna-docs-"))
-    data_dir.chmod(0o755)
-    env = dict(os.environ)
-    env.pop("DATABASE_URL", None)
     if os.environ.get("TUNA_TEST_DATABASE_URL"):
         pytest.skip("needs a private database of its own")
-    env.setdefault("RUST_LOG", "warn")
-    log = open(data_dir / "server.log", "w")
-    proc = subprocess.Popen([str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir),
-                             "--worker-device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    try:
-        base = _wait_for_address(proc, time.time() + 120)
-        key = (data_dir / "admin_key").read_text().strip()
-        for name in ("gpt2", "bert"):
-            r = httpx.post(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"},
-                           json={"id": name, "path": str(ROOT / ".fixtures" / name)})
-            assert r.status_code == 200, r.text
+    with tuna_serve(["--worker-device", "cpu"], "tuna-docs-", models=["gpt2", "bert"]) as (base, key, data_dir):
         yield {"base": base, "key": key, "data_dir": data_dir}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        if proc.returncode == 0:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        else:
-            print(f"tuna serve exited with {proc.returncode}; kept {data_dir}")
 
 
 def run_document(name, live_server, tmp_path):
