@@ -364,41 +364,11 @@ async fn a_killed_worker_loses_its_job_to_another_worker_which_resumes_from_the_
         .await;
     assert_eq!(job.status, "succeeded", "{:?}", job.error);
     assert_eq!(job.infra_retries, 1);
-    let msgs: Vec<String> = env
-        .events(&job_id)
-        .await
-        .into_iter()
-        .map(|e| e.message)
-        .collect();
-    assert!(
-        msgs.iter()
-            .any(|m| m.contains("worker-dead stopped renewing its lease")),
-        "{msgs:?}"
-    );
+    let msgs = assert_resumed_after_lost_worker(&env, &job_id, "worker-dead", ckpt, &old).await;
     assert!(
         msgs.iter()
             .any(|m| m.contains(&format!("resuming from checkpoint step {ckpt}"))),
         "{msgs:?}"
-    );
-    assert!(
-        msgs.iter()
-            .any(|m| m.contains(&format!("Training resumes from checkpoint step {ckpt}"))),
-        "{msgs:?}"
-    );
-
-    // The dead worker's late writes are refused.
-    let late = queue::append_event(
-        env.pool(),
-        &old,
-        Level::Info,
-        "late",
-        None,
-        EventKind::Message,
-    )
-    .await;
-    assert!(
-        matches!(late, Err(queue::QueueError::LeaseLost { .. })),
-        "{late:?}"
     );
     let late = queue::heartbeat(env.pool(), &old, Duration::from_secs(60), None, None).await;
     assert!(
@@ -716,15 +686,30 @@ async fn a_sigkilled_tuna_worker_process_loses_its_job_which_another_worker_resu
         })
         .await;
     assert_eq!(job.status, "succeeded", "{:?}", job.error);
+    assert_resumed_after_lost_worker(&env, &job_id, "worker-proc", ckpt, &old).await;
+    token.cancel();
+    second.await.unwrap().unwrap();
+}
+
+/// A job whose worker died: its events say the dead worker stopped renewing its lease and that
+/// training resumed from checkpoint `ckpt`, and the dead lease's late writes are refused.
+/// Returns the job's event messages.
+async fn assert_resumed_after_lost_worker(
+    env: &Env,
+    job_id: &str,
+    dead_worker: &str,
+    ckpt: i64,
+    old: &Lease,
+) -> Vec<String> {
     let msgs: Vec<String> = env
-        .events(&job_id)
+        .events(job_id)
         .await
         .into_iter()
         .map(|e| e.message)
         .collect();
     assert!(
         msgs.iter()
-            .any(|m| m.contains("worker-proc stopped renewing its lease")),
+            .any(|m| m.contains(&format!("{dead_worker} stopped renewing its lease"))),
         "{msgs:?}"
     );
     assert!(
@@ -734,7 +719,7 @@ async fn a_sigkilled_tuna_worker_process_loses_its_job_which_another_worker_resu
     );
     let late = queue::append_event(
         env.pool(),
-        &old,
+        old,
         Level::Info,
         "late",
         None,
@@ -745,6 +730,5 @@ async fn a_sigkilled_tuna_worker_process_loses_its_job_which_another_worker_resu
         matches!(late, Err(queue::QueueError::LeaseLost { .. })),
         "{late:?}"
     );
-    token.cancel();
-    second.await.unwrap().unwrap();
+    msgs
 }
