@@ -101,7 +101,7 @@ def test_create_job_resolves_and_echoes_extensions(client):
         extra_body={"warmup_ratio": 0.1, "lr_scheduler": "cosine", "max_seq_length": 32, "eval_interval": 3},
     )
     assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job"
-    assert job.status == "validating_files"
+    assert job.status == "queued"
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 8
     assert job.hyperparameters.learning_rate_multiplier == 1.0
     hp = job.method.supervised.hyperparameters.model_dump()

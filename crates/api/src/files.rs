@@ -234,6 +234,7 @@ async fn receive_part(
             status_details: None,
             format: None,
             example_count: None,
+            label_count: None,
         }
     };
     let row = db::set_check(&st.db, &row.file_id, &check).await?;
@@ -341,19 +342,18 @@ pub async fn check_file(path: PathBuf, filename: String) -> ApiResult<FileCheck>
     })
     .await
     .map_err(|e| ApiError::Internal(format!("file check task: {e}")))??;
-    Ok(if report.is_ok() {
-        FileCheck {
-            status: "processed".into(),
-            status_details: None,
-            format: report.shape.map(|s| s.as_str().to_string()),
-            example_count: Some(report.examples as i64),
-        }
+    let label_count = (report.shape == Some(data::Shape::TextLabel))
+        .then(|| i32::try_from(report.labels.len()).unwrap_or(i32::MAX));
+    let (status, status_details) = if report.is_ok() {
+        ("processed", None)
     } else {
-        FileCheck {
-            status: "error".into(),
-            status_details: Some(report.summary()),
-            format: report.shape.map(|s| s.as_str().to_string()),
-            example_count: Some(report.examples as i64),
-        }
+        ("error", Some(report.summary()))
+    };
+    Ok(FileCheck {
+        status: status.into(),
+        status_details,
+        format: report.shape.map(|s| s.as_str().to_string()),
+        example_count: Some(report.examples as i64),
+        label_count,
     })
 }

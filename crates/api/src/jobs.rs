@@ -10,7 +10,7 @@ use serde_json::Value;
 use tuna_core::ids;
 use tuna_core::spec::{self, CreateRequest, Device, SpecPolicy};
 use tuna_db::queue::{self, Inserted, NewJob};
-use tuna_db::rows::JobRow;
+use tuna_db::rows::{FileRow, JobRow, ModelRow};
 use tuna_db::{checkpoints, events, jobs as db};
 
 use crate::auth::Caller;
@@ -160,8 +160,10 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     }
 }
 
-/// Validates a create request, checks its files, inserts the job (or finds the one with the
-/// same idempotency key) and starts its validation.
+/// Validates a create request, checks its model and files, and inserts the job (or finds the
+/// one with the same idempotency key). The job is checked inline from the upload-time scans of
+/// its files and comes back `queued` (or `failed`, with the reason); files without a stored
+/// scan send it through `validating_files`, checked in the background.
 pub async fn create_job(
     st: &AppState,
     caller: &Caller,
@@ -176,25 +178,47 @@ pub async fn create_job(
         return Ok(existing);
     }
     let mut req = spec::parse_create_request(body, &policy, seed)?;
-    fit_auto_to_model(st, caller, body, &mut req).await?;
-    for (id, param) in [
-        (&req.spec.training_file, "training_file"),
-        (&req.spec.validation_file, "validation_file"),
+    let ctx = db::create_context(
+        &st.db,
+        &caller.organization_id,
+        &req.spec.model,
+        req.spec.training_file.as_deref(),
+        req.spec.validation_file.as_deref(),
+    )
+    .await?;
+    fit_auto_to_model(body, &mut req, ctx.model.as_ref());
+    for (id, row, param) in [
+        (&req.spec.training_file, &ctx.training_file, "training_file"),
+        (
+            &req.spec.validation_file,
+            &ctx.validation_file,
+            "validation_file",
+        ),
     ] {
         if let Some(id) = id {
-            check_input_file(st, caller, id, param).await?;
+            check_input_file(row.as_ref(), id, param)?;
         }
     }
-    let pending = db::count_pending(&st.db, &caller.organization_id).await?;
-    if pending >= st.config.max_pending_jobs {
-        return Err(ApiError::TooManyRequests(format!(
-            "Your organisation has {pending} jobs waiting to run, the most this server accepts; retry when some have started."
-        )));
-    }
+    st.pending
+        .admit(&st.db, &caller.organization_id, st.config.max_pending_jobs)
+        .await?;
     let new = new_job(caller, &req, key)?;
-    match queue::insert_job(&st.db, &new).await? {
+    let inserted =
+        match validate::check_inline(st, &caller.organization_id, &req.spec, &ctx).await? {
+            Some(outcome) => queue::insert_checked_job(&st.db, &new, &outcome).await?,
+            None => {
+                let inserted = queue::insert_job(&st.db, &new).await?;
+                if let Inserted::Created(row) = &inserted {
+                    validate::spawn(st.clone(), row.clone());
+                }
+                inserted
+            }
+        };
+    match inserted {
         Inserted::Created(row) => {
-            validate::spawn(st.clone(), row.clone());
+            if row.status == "queued" || row.status == "validating_files" {
+                st.pending.created(&caller.organization_id);
+            }
             Ok(row)
         }
         Inserted::Existing(row) => Ok(row),
@@ -209,27 +233,20 @@ async fn replay(st: &AppState, caller: &Caller, key: Option<&str>) -> ApiResult<
     }
 }
 
-async fn check_input_file(
-    st: &AppState,
-    caller: &Caller,
-    file_id: &str,
-    param: &str,
-) -> ApiResult<()> {
-    let file = tuna_db::files::get_file(&st.db, &caller.organization_id, file_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::bad_request_code(
-                format!("invalid {param}: no file '{file_id}'"),
-                Some(param),
-                "invalid_file",
-            )
-        })?;
+fn check_input_file(file: Option<&FileRow>, file_id: &str, param: &str) -> ApiResult<()> {
+    let file = file.ok_or_else(|| {
+        ApiError::bad_request_code(
+            format!("invalid {param}: no file '{file_id}'"),
+            Some(param),
+            "invalid_file",
+        )
+    })?;
     if file.status != "processed" {
         return Err(ApiError::bad_request_code(
             format!(
                 "invalid {param}: file '{file_id}' has status '{}': {}",
                 file.status,
-                file.status_details.unwrap_or_default()
+                file.status_details.as_deref().unwrap_or_default()
             ),
             Some(param),
             "invalid_file",
@@ -259,30 +276,19 @@ fn explicit(body: &Value, key: &str) -> bool {
 
 /// Resolves "auto" knobs that depend on the model: `max_seq_length` is capped at the model's
 /// context length when the request left it to the server.
-async fn fit_auto_to_model(
-    st: &AppState,
-    caller: &Caller,
-    body: &Value,
-    req: &mut CreateRequest,
-) -> ApiResult<()> {
+fn fit_auto_to_model(body: &Value, req: &mut CreateRequest, model: Option<&ModelRow>) {
     if explicit(body, "max_seq_length") {
-        return Ok(());
+        return;
     }
-    let Some(model) =
-        tuna_db::models::get_model(&st.db, &caller.organization_id, &req.spec.model).await?
-    else {
-        return Ok(());
-    };
-    if let Some(ctx) = model
-        .architecture
-        .get("context_length")
+    let Some(ctx) = model
+        .and_then(|m| m.architecture.get("context_length"))
         .and_then(Value::as_u64)
-    {
-        if ctx > 0 && u64::from(req.spec.max_seq_length) > ctx {
-            req.spec.max_seq_length = ctx.min(u64::from(u32::MAX)) as u32;
-        }
+    else {
+        return;
+    };
+    if ctx > 0 && u64::from(req.spec.max_seq_length) > ctx {
+        req.spec.max_seq_length = ctx.min(u64::from(u32::MAX)) as u32;
     }
-    Ok(())
 }
 
 fn new_job(caller: &Caller, req: &CreateRequest, key: Option<String>) -> ApiResult<NewJob> {

@@ -10,6 +10,7 @@
 //! - `objects`: the JSON objects the API answers (jobs, events, checkpoints, files, models).
 //! - `query`: list parameters (`after`, `limit`, `order`, `metadata[k]`) and list envelopes.
 //! - `validate`: the check a new job goes through before it is queued.
+//! - `limits`: the cap on an organisation's waiting jobs.
 //! - [`ROUTES`]: every route the router serves; a test compares it with `openapi.yaml`.
 //!
 //! Handlers stay short and call named functions over the pool; only `tuna_db::queue` changes a
@@ -30,6 +31,7 @@ pub mod error;
 pub mod events;
 pub mod files;
 pub mod jobs;
+pub mod limits;
 pub mod models;
 pub mod objects;
 pub mod ops;
@@ -55,6 +57,8 @@ pub struct Config {
     pub max_json_bytes: usize,
     /// Most jobs an organisation may have waiting (validating or queued); more answer 429.
     pub max_pending_jobs: i64,
+    /// How long a valid API key is remembered without asking the database (see `auth`).
+    pub key_cache_ttl: std::time::Duration,
 }
 
 impl Config {
@@ -67,6 +71,7 @@ impl Config {
             max_upload_bytes: 512 * 1024 * 1024,
             max_json_bytes: 1024 * 1024,
             max_pending_jobs: 10_000,
+            key_cache_ttl: std::time::Duration::from_secs(5),
         }
     }
 
@@ -89,6 +94,10 @@ pub struct AppState {
     /// Cancelled when the server starts shutting down: long-lived responses (event streams)
     /// end then, so that draining open requests finishes.
     pub shutdown: CancellationToken,
+    /// Recently seen valid API keys.
+    pub keys: Arc<auth::KeyCache>,
+    /// The waiting-jobs cap per organisation.
+    pub pending: Arc<limits::PendingGate>,
 }
 
 impl AppState {
@@ -97,6 +106,8 @@ impl AppState {
             db,
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
+            keys: Arc::default(),
+            pending: Arc::default(),
         }
     }
 }

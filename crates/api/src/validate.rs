@@ -18,9 +18,10 @@ use serde::Deserialize;
 use tuna_core::data::{self, Format, Shape};
 use tuna_core::hf_config::HfConfig;
 use tuna_core::spec::{JobSpec, Task};
+use tuna_db::jobs::{self, CreateContext};
+use tuna_db::models;
 use tuna_db::queue::{self, JobError};
-use tuna_db::rows::JobRow;
-use tuna_db::{files as dbfiles, models};
+use tuna_db::rows::{FileRow, JobRow, ModelRow};
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -77,7 +78,8 @@ fn fail(code: &str, param: &str, message: String) -> JobError {
     }
 }
 
-/// `Ok(Err(..))`: the job is invalid; `Err(..)`: the check itself could not run.
+/// `Ok(Err(..))`: the job is invalid; `Err(..)`: the check itself could not run. Reads the
+/// model and files from the database and, when a file's upload scan was not stored, the file.
 pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, ApiError> {
     let spec: JobSpec = match serde_json::from_value(job.spec.clone()) {
         Ok(s) => s,
@@ -88,29 +90,104 @@ pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, 
             )))
         }
     };
-    if let Err(e) = check_model(st, job, &spec).await? {
-        return Ok(Err(e));
+    let ctx = jobs::create_context(
+        &st.db,
+        &job.organization_id,
+        &spec.model,
+        spec.training_file.as_deref(),
+        spec.validation_file.as_deref(),
+    )
+    .await?;
+    let outcome = check_with(st, &job.organization_id, &spec, &ctx, Some(&job.job_id)).await?;
+    Ok(outcome.unwrap_or_else(|| {
+        Err(JobError::new(
+            "internal",
+            "the job's files could not be checked",
+        ))
+    }))
+}
+
+/// The check of a new job from what the create request already read (`ctx`) and the scans
+/// stored at upload, without reading any file. `None` when a file's scan was not stored (it
+/// was checked by an older version): the job must be checked by [`spawn`] instead.
+pub async fn check_inline(
+    st: &AppState,
+    organization_id: &str,
+    spec: &JobSpec,
+    ctx: &CreateContext,
+) -> Result<Option<Result<(), JobError>>, ApiError> {
+    check_with(st, organization_id, spec, ctx, None).await
+}
+
+/// Model first, then each file. `read_files_as`: the job id under which a file without a
+/// stored scan is downloaded and scanned; `None` answers `None` for such a file.
+async fn check_with(
+    st: &AppState,
+    organization_id: &str,
+    spec: &JobSpec,
+    ctx: &CreateContext,
+    read_files_as: Option<&str>,
+) -> Result<Option<Result<(), JobError>>, ApiError> {
+    if let Err(e) = check_model(st, organization_id, spec, ctx.model.as_ref()).await? {
+        return Ok(Some(Err(e)));
     }
-    for (file_id, param) in [
-        (&spec.training_file, "training_file"),
-        (&spec.validation_file, "validation_file"),
+    for (file_id, row, param) in [
+        (&spec.training_file, &ctx.training_file, "training_file"),
+        (
+            &spec.validation_file,
+            &ctx.validation_file,
+            "validation_file",
+        ),
     ] {
-        if let Some(file_id) = file_id {
-            if let Err(e) = check_data(st, job, &spec, file_id, param).await? {
-                return Ok(Err(e));
+        let Some(file_id) = file_id else { continue };
+        let code = if param == "training_file" {
+            "invalid_training_file"
+        } else {
+            "invalid_validation_file"
+        };
+        let Some(file) = row else {
+            return Ok(Some(Err(fail(
+                code,
+                param,
+                format!("file '{file_id}' no longer exists"),
+            ))));
+        };
+        let outcome = match (stored_scan(file), read_files_as) {
+            (Some((shape, labels)), _) => {
+                check_shape(spec.task, shape, labels, file_id, code, param)
             }
+            (None, Some(job_id)) => check_content(st, job_id, spec, file, code, param).await?,
+            (None, None) => return Ok(None),
+        };
+        if let Err(e) = outcome {
+            return Ok(Some(Err(e)));
         }
     }
-    Ok(Ok(()))
+    Ok(Some(Ok(())))
+}
+
+/// The shape and number of distinct labels of a processed file, as its upload scan stored them.
+fn stored_scan(file: &FileRow) -> Option<(Option<Shape>, usize)> {
+    file.example_count?;
+    let shape = match &file.format {
+        None => None,
+        Some(name) => Some(Shape::parse(name)?),
+    };
+    let labels = match shape {
+        Some(Shape::TextLabel) => usize::try_from(file.label_count?).unwrap_or(0),
+        _ => 0,
+    };
+    Some((shape, labels))
 }
 
 async fn check_model(
     st: &AppState,
-    job: &JobRow,
+    organization_id: &str,
     spec: &JobSpec,
+    model: Option<&ModelRow>,
 ) -> Result<Result<(), JobError>, ApiError> {
-    let Some(model) = models::get_model(&st.db, &job.organization_id, &spec.model).await? else {
-        let known: Vec<String> = models::list_models(&st.db, &job.organization_id)
+    let Some(model) = model else {
+        let known: Vec<String> = models::list_models(&st.db, organization_id)
             .await?
             .into_iter()
             .map(|m| m.model_id)
@@ -130,7 +207,12 @@ async fn check_model(
         )));
     };
     let arch: Arch = serde_json::from_value(model.architecture.clone()).unwrap_or_default();
-    let config = read_config(PathBuf::from(&model.location)).await;
+    // The model's config lists its modules; only freeze patterns need it.
+    let config = if spec.freeze.patterns.is_empty() {
+        None
+    } else {
+        read_config(PathBuf::from(&model.location)).await
+    };
     Ok(check_arch(spec, &arch, config.as_ref()))
 }
 
@@ -253,28 +335,18 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     true
 }
 
-async fn check_data(
+async fn check_content(
     st: &AppState,
-    job: &JobRow,
+    job_id: &str,
     spec: &JobSpec,
-    file_id: &str,
+    file: &FileRow,
+    code: &str,
     param: &str,
 ) -> Result<Result<(), JobError>, ApiError> {
-    let code = if param == "training_file" {
-        "invalid_training_file"
-    } else {
-        "invalid_validation_file"
-    };
-    let Some(file) = dbfiles::get_file(&st.db, &job.organization_id, file_id).await? else {
-        return Ok(Err(fail(
-            code,
-            param,
-            format!("file '{file_id}' no longer exists"),
-        )));
-    };
+    let file_id = file.file_id.as_str();
     let tmp = st.config.tmp_dir();
     tokio::fs::create_dir_all(&tmp).await?;
-    let path = tmp.join(format!("{}-{file_id}.check", job.job_id));
+    let path = tmp.join(format!("{job_id}-{file_id}.check"));
     match st
         .config
         .store
@@ -315,7 +387,7 @@ async fn check_data(
     Ok(check_shape(
         spec.task,
         report.shape,
-        &report.labels,
+        report.labels.len(),
         file_id,
         code,
         param,
@@ -325,7 +397,7 @@ async fn check_data(
 fn check_shape(
     task: Task,
     shape: Option<Shape>,
-    labels: &[data::Label],
+    labels: usize,
     file_id: &str,
     code: &str,
     param: &str,
@@ -354,10 +426,10 @@ fn check_shape(
                 shape.as_str()
             ),
         )),
-        Task::SequenceClassification if labels.len() < 2 && param == "training_file" => Err(fail(
+        Task::SequenceClassification if labels < 2 && param == "training_file" => Err(fail(
             code,
             param,
-            format!("file '{file_id}' has {} distinct label(s); classification needs at least 2", labels.len()),
+            format!("file '{file_id}' has {labels} distinct label(s); classification needs at least 2"),
         )),
         _ => Ok(()),
     }

@@ -86,6 +86,15 @@ impl Api {
         Self::answer(resp, false).await
     }
 
+    pub async fn health(&self) -> anyhow::Result<Answer> {
+        let resp = self
+            .client
+            .get(format!("{}/healthz", self.base))
+            .send()
+            .await?;
+        Self::answer(resp, false).await
+    }
+
     async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let resp = self
             .client
@@ -186,6 +195,8 @@ pub enum Op {
     Create(Arc<Value>),
     /// `GET /v1/fine_tuning/jobs/{id}`, cycling through these ids.
     Retrieve(Arc<Vec<String>>),
+    /// `GET /healthz`: no key, no database; what the HTTP stack and the client alone reach.
+    Health,
 }
 
 /// Result of a load phase.
@@ -222,6 +233,7 @@ async fn one(api: &Api, op: &Op, i: usize) -> anyhow::Result<Answer> {
     match op {
         Op::Create(body) => api.create_job(body).await,
         Op::Retrieve(ids) => api.retrieve_job(&ids[i % ids.len()]).await,
+        Op::Health => api.health().await,
     }
 }
 

@@ -5,6 +5,7 @@
 //!    for `--model` becomes claimable;
 //! 2. create: `--concurrency` keep-alive HTTP/1.1 clients create jobs for `--duration` s;
 //! 3. retrieve: the same clients retrieve the created jobs for `--duration` s;
+//!    then, as a reference, they request `GET /healthz` (no key, no database) as long;
 //! 4. drain: claims the backlog with `--drain-claimers` claim loops (claims/s);
 //! 5. insert-to-claim: an idle claimer waiting on LISTEN claims `--claim-jobs` jobs queued one
 //!    at a time by the bench (queue level), then `--http-claim-jobs` jobs created over HTTP
@@ -113,6 +114,8 @@ struct Report {
     create: Option<Phase<LoadResult>>,
     validation_backlog_s: Option<f64>,
     retrieve: Option<Phase<LoadResult>>,
+    /// The same clients on `GET /healthz` (no key, no database): the ceiling of HTTP alone.
+    healthz: Option<Phase<LoadResult>>,
     drain: Option<Phase<DrainResult>>,
     queue_latency: Option<Phase<LatencyResult>>,
     http_latency: Option<Phase<LatencyResult>>,
@@ -230,6 +233,15 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     };
     print_load("retrieve", "jobs", &phase);
     report.retrieve = Some(phase);
+
+    let mark = watch.mark();
+    let health = http::run_load(&api, Op::Health, args.concurrency, warmup, duration).await;
+    let phase = Phase {
+        cpu: watch.since(&mark),
+        result: health,
+    };
+    print_load("reference: GET /healthz", "requests", &phase);
+    report.healthz = Some(phase);
 
     let mark = watch.mark();
     let drained = claim::drain(&db, args.drain_claimers).await?;

@@ -69,6 +69,18 @@ impl Shape {
         }
     }
 
+    /// The shape [`Shape::as_str`] names.
+    pub fn parse(name: &str) -> Option<Shape> {
+        [
+            Shape::Messages,
+            Shape::PromptCompletion,
+            Shape::Text,
+            Shape::TextLabel,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+
     /// Shapes a causal-LM job can train on.
     pub fn fits_causal_lm(self) -> bool {
         matches!(

@@ -124,6 +124,11 @@ pub struct JobSpec {
     pub freeze: Freeze,
     /// Also export merged full weights for LoRA jobs.
     pub merge_lora: bool,
+    /// Less padding, same loss: causal LM packs several examples per row (attention and
+    /// positions kept per example); sequence classification splits each micro-batch into
+    /// groups of similar length, each padded to its own longest.
+    #[serde(default)]
+    pub packing: bool,
     pub precision: Precision,
     pub device: Device,
     /// Log a metrics event every N optimiser steps.
@@ -182,7 +187,7 @@ const TOP_LEVEL: [&str; 9] = [
 ];
 
 /// tuna's extension keys (top level or inside the hyperparameters object).
-pub const EXTENSIONS: [&str; 27] = [
+pub const EXTENSIONS: [&str; 28] = [
     "dataset_url",
     "validation_dataset_url",
     "task",
@@ -208,6 +213,7 @@ pub const EXTENSIONS: [&str; 27] = [
     "freeze_layers",
     "freeze_patterns",
     "merge_lora",
+    "packing",
     "precision",
     "device",
 ];
@@ -633,6 +639,7 @@ pub fn parse_create_request(
         ));
     }
     let merge_lora = bool_knob(&knobs, "merge_lora", &p("merge_lora"))?.unwrap_or(false);
+    let packing = bool_knob(&knobs, "packing", &p("packing"))?.unwrap_or(false);
     let precision = match knobs.get("precision") {
         None | Some(Value::Null) => Precision::Auto,
         Some(Value::String(s)) if s == "auto" => Precision::Auto,
@@ -686,6 +693,7 @@ pub fn parse_create_request(
         lora,
         freeze,
         merge_lora,
+        packing,
         precision,
         device,
         log_interval,
@@ -734,6 +742,7 @@ impl JobSpec {
             "freeze_layers": self.freeze.layers,
             "freeze_patterns": self.freeze.patterns,
             "merge_lora": self.merge_lora,
+            "packing": self.packing,
             "precision": self.precision,
             "device": self.device,
             "log_interval": self.log_interval,

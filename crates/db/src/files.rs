@@ -25,6 +25,8 @@ pub struct FileCheck {
     pub status_details: Option<String>,
     pub format: Option<String>,
     pub example_count: Option<i64>,
+    /// Distinct labels (text+label data only).
+    pub label_count: Option<i32>,
 }
 
 /// Sort order of a listing by creation.
@@ -53,13 +55,14 @@ pub async fn insert_file(pool: &PgPool, f: &NewFile) -> Result<FileRow> {
 /// Stores the result of checking a file.
 pub async fn set_check(pool: &PgPool, file_id: &str, check: &FileCheck) -> Result<FileRow> {
     Ok(sqlx::query_as(
-        "update files set status = $2, status_details = $3, format = $4, example_count = $5 where file_id = $1 returning *",
+        "update files set status = $2, status_details = $3, format = $4, example_count = $5, label_count = $6 where file_id = $1 returning *",
     )
     .bind(file_id)
     .bind(&check.status)
     .bind(&check.status_details)
     .bind(&check.format)
     .bind(check.example_count)
+    .bind(check.label_count)
     .fetch_one(pool)
     .await?)
 }

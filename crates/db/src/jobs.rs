@@ -3,7 +3,7 @@
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::rows::JobRow;
+use crate::rows::{FileRow, JobRow, ModelRow};
 use crate::Result;
 
 /// The `metadata` filter of a job listing.
@@ -64,6 +64,52 @@ pub async fn count_pending(pool: &PgPool, organization_id: &str) -> Result<i64> 
     .bind(organization_id)
     .fetch_one(pool)
     .await?)
+}
+
+/// What creating a job needs to know about its model and files, read in one round trip.
+#[derive(Debug, Clone, Default)]
+pub struct CreateContext {
+    /// The model as [`crate::models::get_model`] finds it.
+    pub model: Option<ModelRow>,
+    /// The live files as [`crate::files::get_file`] finds them.
+    pub training_file: Option<FileRow>,
+    pub validation_file: Option<FileRow>,
+}
+
+/// Reads the model and the input files of a new job with one statement (each part is the same
+/// lookup as `models::get_model` and `files::get_file`; absent ids give `None`).
+pub async fn create_context(
+    pool: &PgPool,
+    organization_id: &str,
+    model_id: &str,
+    training_file: Option<&str>,
+    validation_file: Option<&str>,
+) -> Result<CreateContext> {
+    let (model, training, validation): (Option<Value>, Option<Value>, Option<Value>) =
+        sqlx::query_as(
+            "select (select to_jsonb(m) from models m \
+                     where m.model_id = $2 and (m.organization_id is null or m.organization_id = $1)), \
+                    (select to_jsonb(f) from files f \
+                     where f.file_id = $3 and f.organization_id = $1 and f.deleted_at is null), \
+                    (select to_jsonb(f) from files f \
+                     where f.file_id = $4 and f.organization_id = $1 and f.deleted_at is null)",
+        )
+        .bind(organization_id)
+        .bind(model_id)
+        .bind(training_file)
+        .bind(validation_file)
+        .fetch_one(pool)
+        .await?;
+    fn decode<T: serde::de::DeserializeOwned>(v: Option<Value>) -> Result<Option<T>> {
+        v.map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| sqlx::Error::Decode(e.into()).into())
+    }
+    Ok(CreateContext {
+        model: decode(model)?,
+        training_file: decode(training)?,
+        validation_file: decode(validation)?,
+    })
 }
 
 /// The job created earlier with this idempotency key, if any.

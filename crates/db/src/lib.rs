@@ -78,10 +78,31 @@ pub async fn connect(url: &str) -> Result<PgPool> {
     connect_with_size(url, size).await
 }
 
+/// How long a pooled connection may sit idle before it is pinged on its next use.
+pub const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
+
 /// [`connect`] with an explicit maximum number of connections.
+///
+/// A connection is pinged before use only when it sat idle for [`PING_IDLE_AFTER`]: sqlx's
+/// default pings before every use, a round trip per query that doubled the database work of a
+/// simple request (BENCHMARKS.md, control plane). A busy connection proves itself with every
+/// query; an idle one may have been closed by the server or the network meanwhile, and one
+/// that fails its ping (or does not answer it in 2 s) is dropped and replaced.
 pub async fn connect_with_size(url: &str, max_connections: u32) -> Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections.max(1))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < PING_IDLE_AFTER {
+                    return Ok(true);
+                }
+                use sqlx::Connection;
+                Ok(tokio::time::timeout(Duration::from_secs(2), conn.ping())
+                    .await
+                    .is_ok_and(|r| r.is_ok()))
+            })
+        })
         .acquire_timeout(Duration::from_secs(10))
         .idle_timeout(Duration::from_secs(600))
         .connect(url)

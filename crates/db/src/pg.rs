@@ -481,9 +481,12 @@ impl PrivateCluster {
             self.run_as.own_dir(&sock)?;
         }
         self.port = free_port()?;
+        // autovacuum_naptime: claimed jobs leave dead entries at the head of the queue index
+        // that every claim steps over until vacuum removes them; checking every 5 s instead of
+        // every minute made draining a 12,700-job backlog 4.6x faster (BENCHMARKS.md).
         let mut conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = {}\nmax_connections = {}\n\
-             logging_collector = off\nlog_min_messages = warning\n",
+             logging_collector = off\nlog_min_messages = warning\nautovacuum_naptime = 5s\n",
             self.port,
             conf_quote(&sock.to_string_lossy()),
             opts.max_connections,

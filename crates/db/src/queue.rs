@@ -258,13 +258,7 @@ impl Inserted {
 /// Creates a job in `validating_files` with a "Created fine-tuning job: <id>" event, or returns
 /// the existing job with the same idempotency key.
 pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
-    if let Some(dev) = &job.required_device {
-        if dev != "cpu" && dev != "cuda" {
-            return Err(QueueError::Invalid(format!(
-                "required_device must be 'cpu' or 'cuda', not '{dev}'"
-            )));
-        }
-    }
+    check_device(job)?;
     let mut tx = pool.begin().await?;
     let created: Option<JobRow> = sqlx::query_as(
         "insert into jobs (job_id, organization_id, status, model, training_file, validation_file, spec, suffix, seed, \
@@ -305,13 +299,90 @@ pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
         return Ok(Inserted::Created(row));
     }
     tx.commit().await?;
-    let existing: JobRow =
+    Ok(Inserted::Existing(by_idempotency_key(pool, job).await?))
+}
+
+/// Inserts a job whose checks already ran (the API checks a job inline when everything it needs
+/// is in the database): straight to `queued` (workers notified) when `outcome` is `Ok`, or to
+/// `failed` with the error stored. The same rows and events as [`insert_job`] followed by
+/// [`finish_validation`], in one statement and one commit. An existing job with the same
+/// idempotency key is returned unchanged, as [`insert_job`] does.
+pub async fn insert_checked_job(
+    pool: &PgPool,
+    job: &NewJob,
+    outcome: &Result<(), JobError>,
+) -> Result<Inserted> {
+    check_device(job)?;
+    let error = outcome.as_ref().err().map(JobError::to_json);
+    let (level, message) = match outcome {
+        Ok(()) => (Level::Info, "Files validated, moving job to queued state"),
+        Err(e) => (Level::Error, e.message.as_str()),
+    };
+    // The events' `seq` follows the order of the VALUES rows (created, then the outcome), and
+    // the NOTIFY reaches workers when the statement commits.
+    let created: Option<JobRow> = sqlx::query_as(
+        "with j as ( \
+           insert into jobs (job_id, organization_id, status, model, training_file, validation_file, spec, suffix, \
+                             seed, metadata, integrations, priority, required_device, min_gpu_memory_mb, \
+                             idempotency_key, max_attempts, error, finished_at) \
+           values ($1, $2, case when $16::jsonb is null then 'queued' else 'failed' end, $3, $4, $5, $6, $7, $8, \
+                   $9, $10, $11, $12, $13, $14, greatest($15, 1), $16, case when $16::jsonb is null then null else now() end) \
+           on conflict (organization_id, idempotency_key) where idempotency_key is not null do nothing \
+           returning *), \
+         e as ( \
+           insert into job_events (event_id, job_id, level, message, data, type) \
+           select v.event_id, j.job_id, v.level, v.message, v.data, 'message' \
+           from j cross join (values (1, $17, 'info', 'Created fine-tuning job: ' || $1, null::jsonb), \
+                                     (2, $18, $19, $20, $16::jsonb)) as v (n, event_id, level, message, data) \
+           order by v.n) \
+         select j.*, case when j.status = 'queued' then pg_notify($21, 'queued') is null end as notified from j",
+    )
+    .bind(&job.job_id)
+    .bind(&job.organization_id)
+    .bind(&job.model)
+    .bind(&job.training_file)
+    .bind(&job.validation_file)
+    .bind(&job.spec)
+    .bind(&job.suffix)
+    .bind(job.seed)
+    .bind(&job.metadata)
+    .bind(&job.integrations)
+    .bind(job.priority)
+    .bind(&job.required_device)
+    .bind(job.min_gpu_memory_mb)
+    .bind(&job.idempotency_key)
+    .bind(job.max_attempts)
+    .bind(&error)
+    .bind(ids::new_id(ids::EVENT))
+    .bind(ids::new_id(ids::EVENT))
+    .bind(level.as_str())
+    .bind(message)
+    .bind(CHANNEL_QUEUED)
+    .fetch_optional(pool)
+    .await?;
+    match created {
+        Some(row) => Ok(Inserted::Created(row)),
+        None => Ok(Inserted::Existing(by_idempotency_key(pool, job).await?)),
+    }
+}
+
+async fn by_idempotency_key(pool: &PgPool, job: &NewJob) -> Result<JobRow> {
+    Ok(
         sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
             .bind(&job.organization_id)
             .bind(&job.idempotency_key)
             .fetch_one(pool)
-            .await?;
-    Ok(Inserted::Existing(existing))
+            .await?,
+    )
+}
+
+fn check_device(job: &NewJob) -> Result<()> {
+    match job.required_device.as_deref() {
+        None | Some("cpu" | "cuda") => Ok(()),
+        Some(dev) => Err(QueueError::Invalid(format!(
+            "required_device must be 'cpu' or 'cuda', not '{dev}'"
+        ))),
+    }
 }
 
 /// Ends file validation: `validating_files` -> `queued` (and notifies workers) or `failed`

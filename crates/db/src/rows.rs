@@ -48,7 +48,7 @@ pub struct JobRow {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct FileRow {
     pub file_id: String,
     pub seq: i64,
@@ -65,6 +65,8 @@ pub struct FileRow {
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// Distinct labels of a processed text+label file (migration 0003).
+    pub label_count: Option<i32>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -92,7 +94,7 @@ pub struct CheckpointRow {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct ModelRow {
     pub model_id: String,
     pub seq: i64,

@@ -94,3 +94,27 @@ fn unreachable_data_dir_is_a_clear_error_when_root() {
         .to_string();
     assert!(err.contains("chmod o+x"), "{err}");
 }
+
+/// Pooled connections are not pinged on every use, only after idling; one the server closed
+/// meanwhile is replaced, so the next query works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_closed_while_idle_is_replaced() {
+    let db = tuna_db::testing::TestDb::new().await.unwrap();
+    let pool = tuna_db::connect_with_size(&db.url, 1).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let killed: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    tokio::time::sleep(tuna_db::PING_IDLE_AFTER + std::time::Duration::from_millis(300)).await;
+    let again: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("the closed connection is replaced after its ping fails");
+    assert_ne!(again, pid);
+}

@@ -390,6 +390,149 @@ pub struct Collated {
     pub tokens: usize,
     /// Tokens (causal) or examples (classification) in the loss.
     pub targets: usize,
+    /// Packed rows: where each example sits (see [`collate_packed`]).
+    pub packed: Option<PackedLayout>,
+}
+
+/// The layout of packed rows (several causal-LM examples per row), `[b, t]` Int64 each on the
+/// model's device: `segment_ids` numbers the examples of a row from 1 (0 = padding) and
+/// `position_ids` restarts at 0 with every example. The model lets a token attend only to
+/// earlier tokens of its own example, so a packed row computes what the separate rows would.
+pub struct PackedLayout {
+    pub segment_ids: Tensor,
+    pub position_ids: Tensor,
+}
+
+/// Groups examples of these lengths into rows of at most `max_len` tokens (first fit over the
+/// lengths in decreasing order; an example longer than `max_len` gets a row of its own). Returns
+/// the indices of each row, in input order within a row.
+pub fn pack_rows(lengths: &[usize], max_len: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|i| std::cmp::Reverse(lengths[*i]));
+    let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        let n = lengths[i];
+        match rows.iter_mut().find(|(used, _)| used + n <= max_len) {
+            Some((used, members)) => {
+                *used += n;
+                members.push(i);
+            }
+            None => rows.push((n, vec![i])),
+        }
+    }
+    rows.into_iter()
+        .map(|(_, mut m)| {
+            m.sort_unstable();
+            m
+        })
+        .collect()
+}
+
+/// Splits examples of these lengths into groups of similar length, each to be padded to its own
+/// longest: the split (of the lengths sorted) that minimises the padded tokens plus
+/// `overhead_tokens` per group (what one more forward/backward pass costs, in tokens). Returns
+/// indices; the groups are in increasing length and each keeps input order.
+pub fn group_by_length(lengths: &[usize], overhead_tokens: usize) -> Vec<Vec<usize>> {
+    let n = lengths.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|i| (lengths[*i], *i));
+    // best[j]: cheapest split of the first j sorted examples; from[j]: where its last group starts.
+    let mut best = vec![usize::MAX; n + 1];
+    let mut from = vec![0usize; n + 1];
+    best[0] = 0;
+    for j in 1..=n {
+        let longest = lengths[order[j - 1]];
+        for i in 0..j {
+            let c = best[i] + (j - i) * longest + overhead_tokens;
+            if c < best[j] {
+                best[j] = c;
+                from[j] = i;
+            }
+        }
+    }
+    let mut groups = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        let i = from[j];
+        let mut g: Vec<usize> = order[i..j].to_vec();
+        g.sort_unstable();
+        groups.push(g);
+        j = i;
+    }
+    groups.reverse();
+    groups
+}
+
+/// Packs causal-LM `items` into rows of at most `max_len` tokens ([`pack_rows`]), right-padded
+/// to the longest row. Each example's first label is masked (-100) so no position predicts the
+/// next example's first token; [`Features::targets`] never counts it anyway, so the loss sums
+/// over exactly the targets of the unpacked batch.
+pub fn collate_packed(
+    items: &[&Features],
+    pad_id: i64,
+    device: Device,
+    max_len: usize,
+) -> Result<Collated> {
+    if items.iter().any(|f| f.class.is_some()) {
+        return Err(Error::Data(
+            "packing applies to causal language modelling only".into(),
+        ));
+    }
+    let lengths: Vec<usize> = items.iter().map(|f| f.input_ids.len()).collect();
+    let rows = pack_rows(&lengths, max_len.max(1));
+    let b = rows.len();
+    let t = rows
+        .iter()
+        .map(|r| r.iter().map(|i| lengths[*i]).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0i64; b * t];
+    let mut labels = vec![-100i64; b * t];
+    let mut seg = vec![0i64; b * t];
+    let mut pos = vec![0i64; b * t];
+    let (mut tokens, mut targets) = (0, 0);
+    for (r, members) in rows.iter().enumerate() {
+        let mut at = r * t;
+        for (k, i) in members.iter().enumerate() {
+            let f = items[*i];
+            let n = f.input_ids.len();
+            ids[at..at + n].copy_from_slice(&f.input_ids);
+            labels[at..at + n].copy_from_slice(&f.labels);
+            labels[at] = -100;
+            for j in 0..n {
+                mask[at + j] = 1;
+                seg[at + j] = k as i64 + 1;
+                pos[at + j] = j as i64;
+            }
+            at += n;
+            tokens += n;
+            targets += f.targets();
+        }
+    }
+    let shape = [b as i64, t as i64];
+    let to = |v: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(v)?
+            .f_view(shape)?
+            .f_to_device(device)?)
+    };
+    Ok(Collated {
+        input_ids: to(&ids)?,
+        attention_mask: to(&mask)?,
+        labels: to(&labels)?,
+        token_type_ids: None,
+        batch_size: b,
+        seq_len: t,
+        tokens,
+        targets,
+        packed: Some(PackedLayout {
+            segment_ids: to(&seg)?,
+            position_ids: to(&pos)?,
+        }),
+    })
 }
 
 /// Right-pads `items` to the longest one: `pad_id` in `input_ids`, 0 in the attention mask and
@@ -448,6 +591,7 @@ pub fn collate(
         seq_len: t,
         tokens,
         targets,
+        packed: None,
     })
 }
 

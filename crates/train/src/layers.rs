@@ -176,6 +176,33 @@ pub fn causal_mask(
     })
 }
 
+/// Mask for packed rows (`segment_ids` `[b, t]`, examples numbered from 1, 0 = padding): a
+/// query sees the keys of its own example at or before it (within `sliding_window`); a padding
+/// query sees only itself, so SDPA never returns NaN.
+pub fn packed_mask(segment_ids: &Tensor, sliding_window: Option<i64>) -> Result<AttnMask> {
+    let s = segment_ids.size();
+    let (b, t) = (s[0], s[1]);
+    let dev = segment_ids.device();
+    let idx = Tensor::f_arange(t, (Kind::Int64, dev))?;
+    let q = idx.f_view([t, 1])?;
+    let k = idx.f_view([1, t])?;
+    let mut allowed = k.f_le_tensor(&q)?; // [t, t]
+    if let Some(w) = sliding_window {
+        allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?;
+    }
+    let sq = segment_ids.f_view([b, 1, t, 1])?;
+    let sk = segment_ids.f_view([b, 1, 1, t])?;
+    let same = sq.f_eq_tensor(&sk)?.f_logical_and(&sk.f_ne(0)?)?; // [b,1,t,t]
+    let allowed = allowed.f_view([1, 1, t, t])?.f_logical_and(&same)?;
+    let eye = q.f_eq_tensor(&k)?.f_view([1, 1, t, t])?;
+    let pad_q = sq.f_eq(0)?;
+    let allowed = allowed.f_logical_or(&eye.f_logical_and(&pad_q)?)?;
+    Ok(AttnMask {
+        mask: Some(allowed),
+        is_causal: false,
+    })
+}
+
 /// Mask for encoders (BERT): padding keys masked `[batch, 1, 1, k]`; a sequence of padding only
 /// sees every key (no NaN).
 pub fn padding_mask(attention_mask: &Tensor, all_real: bool) -> Result<AttnMask> {

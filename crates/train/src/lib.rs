@@ -9,7 +9,9 @@
 //! - model side: `loader.rs`, `layers.rs`, `lora.rs`, `freeze.rs`, `models/` (one architecture per file;
 //!   config.json parsing is `tuna_core::hf_config`).
 //! - training side: `tokenizer.rs`, `data.rs`, `optim.rs`, `schedule.rs`, `checkpoint.rs`, `trainer.rs`.
+//! - `bench.rs`: `tuna-trainer bench`, the training-speed benchmark against transformers.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod freeze;

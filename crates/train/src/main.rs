@@ -4,7 +4,12 @@
 //! tuna-trainer run --model-dir DIR --spec spec.json --train-file F [--valid-file V]
 //!                  --output-dir OUT [--resume-from CKPT_DIR] [--device auto|cpu|cuda]
 //! tuna-trainer info --model-dir DIR
+//! tuna-trainer bench --model-dir DIR --data BATCHES.json [--device cpu|cuda] [--precision ..]
+//!                    [--lora-r R] [--packing] [--warmup W] [--steps N] [--threads T]
+//!                    [--peak-tflops P]
 //! ```
+//! `bench` times the trainer's optimiser step on pre-tokenised batches and prints one JSON line
+//! (see `tuna_train::bench`; `scripts/bench-train.sh` runs it against transformers).
 //! `spec.json` is a serialised `tuna_core::spec::JobSpec`; the data files are in any format of
 //! `tuna_core::data` (chosen by file name: `.csv`, `.tsv`, else JSONL). `--device` overrides the
 //! spec's device.
@@ -84,6 +89,49 @@ enum Cmd {
         #[arg(long)]
         model_dir: PathBuf,
     },
+    /// Times training steps on a pre-tokenised batch file; prints one JSON line.
+    Bench {
+        #[arg(long)]
+        model_dir: PathBuf,
+        /// Batch file written by `python/bench_train_peer.py prepare`.
+        #[arg(long)]
+        data: PathBuf,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// auto (bf16 on CUDA), fp32 or bf16.
+        #[arg(long, default_value = "auto")]
+        precision: String,
+        /// LoRA rank on every linear layer (default: full fine-tune).
+        #[arg(long)]
+        lora_r: Option<i64>,
+        #[arg(long, default_value_t = 32.0)]
+        lora_alpha: f64,
+        /// Causal LM: pack each step's examples into rows of the file's max_len; classification: group them by length.
+        #[arg(long)]
+        packing: bool,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 1.0)]
+        max_grad_norm: f64,
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Intra-op CPU threads (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// The device's peak TFLOP/s (for the MFU).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+        /// Name of the case, echoed in the output.
+        #[arg(long, default_value = "")]
+        case: String,
+    },
 }
 
 fn emit(v: &Value) {
@@ -136,6 +184,74 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Info { model_dir } => info(&model_dir),
+        Cmd::Bench {
+            model_dir,
+            data,
+            device,
+            precision,
+            lora_r,
+            lora_alpha,
+            packing,
+            warmup,
+            steps,
+            lr,
+            max_grad_norm,
+            weight_decay,
+            seed,
+            threads,
+            peak_tflops,
+            case,
+        } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(t);
+            }
+            let device = match device.as_str() {
+                "cpu" => Ok(tch::Device::Cpu),
+                "cuda" => trainer::resolve_device(tuna_core::spec::Device::Cuda),
+                other => Err(Error::Config(format!(
+                    "--device must be cpu or cuda, not {other}"
+                ))),
+            };
+            let precision = match precision.as_str() {
+                "auto" => Ok(tuna_core::spec::Precision::Auto),
+                "fp32" => Ok(tuna_core::spec::Precision::Fp32),
+                "bf16" => Ok(tuna_core::spec::Precision::Bf16),
+                other => Err(Error::Config(format!(
+                    "--precision must be auto, fp32 or bf16, not {other}"
+                ))),
+            };
+            let result = device.and_then(|device| {
+                precision.and_then(|precision| {
+                    tuna_train::bench::run(&tuna_train::bench::BenchOptions {
+                        model_dir,
+                        data,
+                        device,
+                        precision,
+                        lora_r,
+                        lora_alpha,
+                        packing,
+                        warmup,
+                        steps,
+                        learning_rate: lr,
+                        max_grad_norm,
+                        weight_decay,
+                        seed,
+                        peak_tflops,
+                        case,
+                    })
+                })
+            });
+            match result {
+                Ok(v) => {
+                    emit(&v);
+                    0
+                }
+                Err(e) => {
+                    emit(&error_event(code_of(&e), &e.to_string(), None));
+                    2
+                }
+            }
+        }
         Cmd::Run {
             model_dir,
             spec,

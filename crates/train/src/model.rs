@@ -81,6 +81,9 @@ pub struct Batch<'a> {
     pub attention_mask: &'a Tensor,
     /// BERT only; zeros when None.
     pub token_type_ids: Option<&'a Tensor>,
+    /// Decoders only: several examples per row (see [`crate::data::collate_packed`]); the
+    /// attention is causal within each example and positions restart per example.
+    pub packed: Option<&'a crate::data::PackedLayout>,
 }
 
 pub trait Model {

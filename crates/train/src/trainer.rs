@@ -250,6 +250,29 @@ pub struct Accumulated {
     pub targets: usize,
 }
 
+/// With `packing` on a classification job: what one more micro-batch is taken to cost, in
+/// padded tokens, when grouping a step's examples by length.
+pub const GROUP_OVERHEAD_TOKENS: usize = 64;
+
+/// How one optimiser step turns examples into batches.
+#[derive(Debug, Clone)]
+pub struct StepConfig {
+    /// Examples per micro-batch.
+    pub micro: usize,
+    pub pad_id: i64,
+    pub causal: bool,
+    /// Pass `token_type_ids` (BERT).
+    pub with_types: bool,
+    /// Causal LM: pack each micro-batch's examples into rows of at most this many tokens
+    /// ([`data::collate_packed`]) instead of padding every example to the longest one.
+    pub pack_len: Option<usize>,
+    /// When not packing: split each micro-batch into groups of similar length
+    /// ([`data::group_by_length`], this many tokens of overhead per group), each padded to its
+    /// own longest. The loss is still divided by the step's targets, so the gradients are the
+    /// same sums as without grouping.
+    pub group_overhead_tokens: Option<usize>,
+}
+
 /// Runs forward and backward over `items` in micro-batches of `micro`, each loss divided by the
 /// targets of all `items` (tokens for causal LM, examples for classification), so the
 /// accumulated gradients are those of the mean loss over the whole step whatever `micro` is.
@@ -266,14 +289,49 @@ pub fn accumulate_gradients(
     seed: u64,
     step: u64,
 ) -> Result<Accumulated> {
+    let cfg = StepConfig {
+        micro,
+        pad_id,
+        causal,
+        with_types,
+        pack_len: None,
+        group_overhead_tokens: None,
+    };
+    accumulate(model, items, &cfg, seed, step)
+}
+
+/// [`accumulate_gradients`] with every setting of [`StepConfig`] (packing included).
+pub fn accumulate(
+    model: &dyn Model,
+    items: &[&Features],
+    cfg: &StepConfig,
+    seed: u64,
+    step: u64,
+) -> Result<Accumulated> {
     let device = model.device();
     let targets: usize = items.iter().map(|f| f.targets()).sum();
     let denom = targets.max(1) as f64;
     let mut loss_acc = Tensor::f_zeros([], (Kind::Float, device))?;
     let mut correct_acc = Tensor::f_zeros([], (Kind::Float, device))?;
     let mut tokens = 0;
-    for (k, chunk) in items.chunks(micro.max(1)).enumerate() {
-        let c = data::collate(chunk, pad_id, device, with_types)?;
+    let mut chunks: Vec<Vec<&Features>> = Vec::new();
+    for chunk in items.chunks(cfg.micro.max(1)) {
+        match (cfg.pack_len, cfg.group_overhead_tokens) {
+            (None, Some(overhead)) => {
+                let lengths: Vec<usize> = chunk.iter().map(|f| f.input_ids.len()).collect();
+                for g in data::group_by_length(&lengths, overhead) {
+                    chunks.push(g.iter().map(|i| chunk[*i]).collect());
+                }
+            }
+            _ => chunks.push(chunk.to_vec()),
+        }
+    }
+    for (k, chunk) in chunks.iter().enumerate() {
+        let chunk = chunk.as_slice();
+        let c = match cfg.pack_len {
+            Some(len) if cfg.causal => data::collate_packed(chunk, cfg.pad_id, device, len)?,
+            _ => data::collate(chunk, cfg.pad_id, device, cfg.with_types)?,
+        };
         tokens += c.tokens;
         let (b, t) = (c.batch_size, c.seq_len);
         let r: Result<()> = guarded(|| {
@@ -282,9 +340,10 @@ pub fn accumulate_gradients(
                 input_ids: &c.input_ids,
                 attention_mask: &c.attention_mask,
                 token_type_ids: c.token_type_ids.as_ref(),
+                packed: c.packed.as_ref(),
             };
             let logits = model.forward(&batch, true)?;
-            let (loss, correct) = data::loss_and_correct(&logits, &c.labels, causal)?;
+            let (loss, correct) = data::loss_and_correct(&logits, &c.labels, cfg.causal)?;
             loss.f_div_scalar(denom)?.f_backward()?;
             let _ = loss_acc.f_add_(&loss.f_detach()?)?;
             let _ = correct_acc.f_add_(&correct.f_to_kind(Kind::Float)?)?;
@@ -300,6 +359,84 @@ pub fn accumulate_gradients(
     })
 }
 
+/// What one optimiser step did (read from the device in one host sync).
+#[derive(Debug, Clone, Copy)]
+pub struct StepResult {
+    pub loss_sum: f64,
+    pub targets: usize,
+    pub correct: f64,
+    pub grad_norm: f64,
+    /// Non-padding tokens.
+    pub tokens: usize,
+    pub examples: usize,
+}
+
+/// One optimiser step as the trainer runs it: forward and backward over `items`
+/// ([`accumulate`]), one host read of the loss, gradient norm and correct predictions (a
+/// non-finite loss or norm stops before the update), clipping to `max_norm`, AdamW at `lr`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: &dyn Model,
+    opt: &mut AdamW,
+    items: &[&Features],
+    cfg: &StepConfig,
+    seed: u64,
+    step: u64,
+    lr: f64,
+    max_norm: f64,
+) -> Result<StepResult> {
+    let device = model.device();
+    let targets: usize = items.iter().map(|f| f.targets()).sum();
+    let denom = targets.max(1) as f64;
+    opt.zero_grad();
+    let acc = accumulate(model, items, cfg, seed, step)?;
+    let (loss_acc, correct_acc, tokens) = (acc.loss_sum, acc.correct, acc.tokens);
+    let (loss_sum, grad_norm, correct) = guarded(|| {
+        let norm = opt.grad_norm()?;
+        let host = Tensor::f_stack(
+            &[
+                loss_acc.shallow_clone(),
+                norm.shallow_clone(),
+                correct_acc.shallow_clone(),
+            ],
+            0,
+        )?
+        .f_to_device(Device::Cpu)?;
+        let v: Vec<f64> = Vec::<f64>::try_from(host.f_to_kind(Kind::Double)?)?;
+        Ok((v[0], v[1], v[2]))
+    })?;
+    if !loss_sum.is_finite() {
+        return Err(Error::NonFiniteLoss {
+            step: step as i64 + 1,
+            value: loss_sum / denom,
+        });
+    }
+    if !grad_norm.is_finite() {
+        return Err(Error::NonFiniteLoss {
+            step: step as i64 + 1,
+            value: grad_norm,
+        });
+    }
+    guarded(|| {
+        let norm = Tensor::f_from_slice(&[grad_norm as f32])?
+            .f_to_device(device)?
+            .f_reshape([])?;
+        opt.clip_grad_norm(&norm, max_norm)?;
+        opt.step(lr)?;
+        opt.zero_grad();
+        Ok(())
+    })
+    .map_err(|e| classify(e, device, cfg.micro, 0))?;
+    Ok(StepResult {
+        loss_sum,
+        targets,
+        correct,
+        grad_norm,
+        tokens,
+        examples: items.len(),
+    })
+}
+
 struct Job<'a> {
     model: &'a dyn Model,
     causal: bool,
@@ -307,15 +444,7 @@ struct Job<'a> {
     pad_id: i64,
     device: Device,
     micro: usize,
-}
-
-struct StepResult {
-    loss_sum: f64,
-    targets: usize,
-    correct: f64,
-    grad_norm: f64,
-    tokens: usize,
-    examples: usize,
+    step_cfg: StepConfig,
 }
 
 impl Job<'_> {
@@ -324,6 +453,7 @@ impl Job<'_> {
             input_ids: &c.input_ids,
             attention_mask: &c.attention_mask,
             token_type_ids: c.token_type_ids.as_ref(),
+            packed: c.packed.as_ref(),
         }
     }
 
@@ -337,64 +467,16 @@ impl Job<'_> {
         lr: f64,
         max_norm: f64,
     ) -> Result<StepResult> {
-        let targets: usize = items.iter().map(|f| f.targets()).sum();
-        let denom = targets.max(1) as f64;
-        opt.zero_grad();
-        let acc = accumulate_gradients(
+        train_step(
             self.model,
+            opt,
             items,
-            self.micro,
-            self.pad_id,
-            self.causal,
-            self.with_types,
+            &self.step_cfg,
             seed,
             step,
-        )?;
-        let (loss_acc, correct_acc, tokens) = (acc.loss_sum, acc.correct, acc.tokens);
-        let (loss_sum, grad_norm, correct) = guarded(|| {
-            let norm = opt.grad_norm()?;
-            let host = Tensor::f_stack(
-                &[
-                    loss_acc.shallow_clone(),
-                    norm.shallow_clone(),
-                    correct_acc.shallow_clone(),
-                ],
-                0,
-            )?
-            .f_to_device(Device::Cpu)?;
-            let v: Vec<f64> = Vec::<f64>::try_from(host.f_to_kind(Kind::Double)?)?;
-            Ok((v[0], v[1], v[2]))
-        })?;
-        if !loss_sum.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: step as i64 + 1,
-                value: loss_sum / denom,
-            });
-        }
-        if !grad_norm.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: step as i64 + 1,
-                value: grad_norm,
-            });
-        }
-        guarded(|| {
-            let norm = Tensor::f_from_slice(&[grad_norm as f32])?
-                .f_to_device(self.device)?
-                .f_reshape([])?;
-            opt.clip_grad_norm(&norm, max_norm)?;
-            opt.step(lr)?;
-            opt.zero_grad();
-            Ok(())
-        })
-        .map_err(|e| classify(e, self.device, self.micro, 0))?;
-        Ok(StepResult {
-            loss_sum,
-            targets,
-            correct,
-            grad_norm,
-            tokens,
-            examples: items.len(),
-        })
+            lr,
+            max_norm,
+        )
     }
 
     fn evaluate(
@@ -601,6 +683,14 @@ pub fn train(
         pad_id,
         device,
         micro,
+        step_cfg: StepConfig {
+            micro,
+            pad_id,
+            causal,
+            with_types: info.model_type == "bert",
+            pack_len: (causal && spec.packing).then_some(max_len),
+            group_overhead_tokens: (!causal && spec.packing).then_some(GROUP_OVERHEAD_TOKENS),
+        },
     };
     let mut opt = AdamW::new(
         model.trainable_parameters(),

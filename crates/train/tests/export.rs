@@ -123,6 +123,7 @@ fn make_case(
                 input_ids: &ids_t,
                 attention_mask: &mask_t,
                 token_type_ids: None,
+                packed: None,
             },
             false,
         )
@@ -373,6 +374,7 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
                     input_ids: &ids,
                     attention_mask: &mask,
                     token_type_ids: None,
+                    packed: None,
                 },
                 false,
             )

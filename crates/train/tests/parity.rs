@@ -63,6 +63,7 @@ fn check_decoder_with(name: &str, alone: bool) {
         input_ids: &r["input_ids"],
         attention_mask: &r["attention_mask"],
         token_type_ids: None,
+        packed: None,
     };
     let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
     let want = &r["logits"];
@@ -86,6 +87,7 @@ fn check_decoder_with(name: &str, alone: bool) {
                 input_ids: &ids,
                 attention_mask: &mask,
                 token_type_ids: None,
+                packed: None,
             },
             false,
         )
@@ -150,6 +152,7 @@ fn bert_hidden_states_and_pooler_match_transformers() {
         input_ids: &r["input_ids"],
         attention_mask: &r["attention_mask"],
         token_type_ids: Some(&r["token_type_ids"]),
+        packed: None,
     };
     let (hidden, pooled) = model.encode(&batch).unwrap();
     let d1 = max_abs_diff(&hidden, &r["last_hidden_state"]);
@@ -193,6 +196,7 @@ fn minilm_loads_for_classification_and_matches_transformers() {
         input_ids: &r["input_ids"],
         attention_mask: &r["attention_mask"],
         token_type_ids: None,
+        packed: None,
     };
     let (hidden, _) = model.encode(&batch).unwrap();
     let d = max_abs_diff(&hidden, &r["last_hidden_state"]);
@@ -411,6 +415,7 @@ fn lora_trains_adapters_and_classification_head_only() {
         input_ids: &r["input_ids"],
         attention_mask: &r["attention_mask"],
         token_type_ids: None,
+        packed: None,
     };
     let a = tch::no_grad(|| plain.forward(&batch, false)).unwrap();
     let b = tch::no_grad(|| with_lora.forward(&batch, false)).unwrap();
@@ -460,6 +465,7 @@ fn backward_reaches_exactly_the_trainable_parameters() {
                 input_ids: &r["input_ids"],
                 attention_mask: &r["attention_mask"],
                 token_type_ids: None,
+                packed: None,
             };
             let y = m.forward(&batch, true).unwrap();
             assert!(
@@ -563,6 +569,7 @@ fn bf16_base_keeps_fp32_trainables_and_stays_close() {
             input_ids: &r["input_ids"],
             attention_mask: &r["attention_mask"],
             token_type_ids: None,
+            packed: None,
         };
         let logits = tch::no_grad(|| m.forward(&batch, false)).unwrap();
         assert_eq!(logits.kind(), Kind::BFloat16);
@@ -612,6 +619,7 @@ fn all_padding_rows_stay_finite() {
                     input_ids: &ids,
                     attention_mask: &mask,
                     token_type_ids: None,
+                    packed: None,
                 },
                 false,
             )

@@ -30,6 +30,14 @@ pub enum KeysCommand {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Revoke an API key (by the id `tuna keys list` shows). Running servers stop accepting it
+    /// within 5 s (they remember valid keys that long).
+    Revoke {
+        #[command(flatten)]
+        db: DbArgs,
+        /// The key's id (`key-…`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +92,16 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                     k.name
                 );
             }
+            Ok(())
+        }
+        KeysCommand::Revoke { db, id } => {
+            let database = Database::open(&db).await?;
+            let result = keys::revoke_key(&database.pool, &id).await;
+            database.close().await;
+            if !result? {
+                anyhow::bail!("no live API key with id '{id}' (see `tuna keys list`)");
+            }
+            eprintln!("revoked key {id}");
             Ok(())
         }
     }

@@ -54,16 +54,28 @@ enum Command {
     Client(client::ClientCommand),
 }
 
-fn init_logging(format: LogFormat) {
+/// The server answers many small requests on few cores; mimalloc costs less per allocation
+/// than the system allocator there (BENCHMARKS.md, control plane).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Logs go to stderr through a background writer thread, so a request never waits for a
+/// `write` of its log line. Nothing is dropped: a full buffer makes logging wait. The guard
+/// flushes what is left when `main` returns.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 #[tokio::main]
@@ -72,7 +84,7 @@ async fn main() -> std::process::ExitCode {
         log_format,
         command,
     } = Cli::parse();
-    init_logging(log_format);
+    let _log_guard = init_logging(log_format);
     let result = match command {
         Command::Serve(args) => serve::run(args).await,
         Command::Worker(args) => worker_cmd::run(args).await,

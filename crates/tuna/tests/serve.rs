@@ -92,6 +92,34 @@ async fn serve_creates_the_admin_key_and_shuts_down_on_sigterm() {
     assert_eq!(resp.status(), 200);
     let listed = run(&["keys", "list", "--data-dir", &data]);
     assert_eq!(listed.lines().count(), 3, "{listed}");
+    // Revoking the second key: the server refuses it once its 5 s cache entry is gone.
+    let id = listed
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.get(1).is_some_and(|org| *org != "org-default"))
+        .map(|cols| cols[0])
+        .expect("the acme key is listed")
+        .to_string();
+    run(&["keys", "revoke", &id, "--data-dir", &data]);
+    let out = Command::new(BIN)
+        .args(["keys", "revoke", &id, "--data-dir", &data])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "revoking twice fails");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no live API key"));
+    assert!(run(&["keys", "list", "--data-dir", &data])
+        .lines()
+        .any(|l| l.starts_with(&id) && l.contains(" true ")));
+    tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
+    let resp = client
+        .get(format!("{base}/v1/files"))
+        .bearer_auth(other_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

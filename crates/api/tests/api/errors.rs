@@ -1,5 +1,7 @@
 //! Every error answers `{"error": {message, type, param, code}}` with the right status.
 
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::json;
 
@@ -244,4 +246,56 @@ async fn extractor_rejections_use_the_error_shape() {
     error_of(&body);
     let (status, body) = json(app.get("/v1/fine_tuning/jobs?limit=abc").await).await;
     assert_eq!((status, &body["error"]["param"]), (400, &json!("limit")));
+}
+
+#[tokio::test]
+async fn the_waiting_jobs_cap_counts_again_before_refusing() {
+    let app = spawn_with(|c| c.max_pending_jobs = 2).await;
+    let file = app.upload_ok("t.jsonl", crate::helpers::CHAT).await;
+    let body = json!({"model": "gpt2", "training_file": file});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, job) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
+        assert_eq!(status, 200, "{job}");
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    let (status, err) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
+    assert_eq!(status, 429, "{err}");
+    // One job leaves the queue: the next create counts again and is admitted at once.
+    let (status, _) = json(
+        app.post_json(
+            &format!("/v1/fine_tuning/jobs/{}/cancel", ids[0]),
+            &json!({}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, job) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
+    assert_eq!(status, 200, "{job}");
+    let (status, err) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
+    assert_eq!(status, 429, "{err}");
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_working_once_its_cache_entry_expires() {
+    for ttl in [Duration::from_secs(2), Duration::ZERO] {
+        let app = spawn_with(|c| c.key_cache_ttl = ttl).await;
+        let key = tuna_db::keys::create_key(&app.db.pool, tuna_db::keys::DEFAULT_ORG, "k", false)
+            .await
+            .unwrap();
+        let status = |resp: reqwest::Response| resp.status().as_u16();
+        let get = || app.req_as(&key.secret, Method::GET, "/v1/files").send();
+        assert_eq!(status(get().await.unwrap()), 200);
+        assert!(tuna_db::keys::revoke_key(&app.db.pool, &key.row.api_key_id)
+            .await
+            .unwrap());
+        if !ttl.is_zero() {
+            // Remembered for at most `ttl` (documented in auth.rs and docs/configuration.md).
+            assert_eq!(status(get().await.unwrap()), 200);
+            tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        }
+        let (code, err) = json(get().await.unwrap()).await;
+        assert_eq!(code, 401, "ttl {ttl:?}: {err}");
+    }
 }

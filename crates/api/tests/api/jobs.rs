@@ -31,7 +31,7 @@ async fn create_resolves_hyperparameters_echoes_extensions_and_queues() {
     .await;
     assert!(job["id"].as_str().unwrap().starts_with("ftjob-"));
     assert_eq!(job["object"], "fine_tuning.job");
-    assert_eq!(job["status"], "validating_files");
+    assert_eq!(job["status"], "queued");
     assert_eq!(
         job["hyperparameters"],
         json!({"batch_size": 8, "learning_rate_multiplier": 1.0, "n_epochs": 2})
@@ -107,6 +107,8 @@ async fn validation_failures_name_the_cause() {
     ];
     for (body, code, param) in cases {
         let job = create(&app, body.clone()).await;
+        // Uploaded files carry their scan, so the check ran inside the create request.
+        assert_eq!(job["status"], "failed", "{body} -> {job}");
         let done = app.wait_validated(job["id"].as_str().unwrap()).await;
         assert_eq!(done["status"], "failed", "{body} -> {done}");
         assert_eq!(done["error"]["code"], code, "{body} -> {done}");
@@ -505,4 +507,100 @@ async fn startup_sweep_validates_jobs_left_in_validating_files() {
     assert_eq!(tuna_api::start_background(&app.state).await.unwrap(), 1);
     let done = app.wait_validated(&row.job_id).await;
     assert_eq!(done["status"], "queued", "{done}");
+}
+
+/// The events of a job, oldest first.
+async fn event_messages(app: &TestApp, job_id: &str) -> Vec<String> {
+    let (status, page) = json(
+        app.get(&format!("/v1/fine_tuning/jobs/{job_id}/events"))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let mut out: Vec<String> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    out.reverse();
+    out
+}
+
+#[tokio::test]
+async fn checked_inline_jobs_are_queued_with_the_same_events_and_wake_workers() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let mut listener = queue::Listener::connect(&app.db.pool).await.unwrap();
+    let job = create(&app, json!({"model": "gpt2", "training_file": file})).await;
+    assert_eq!(job["status"], "queued", "{job}");
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(
+        event_messages(&app, id).await,
+        vec![
+            format!("Created fine-tuning job: {id}"),
+            "Files validated, moving job to queued state".to_string()
+        ]
+    );
+    let woke = tokio::time::timeout(
+        Duration::from_secs(5),
+        listener.next(Duration::from_secs(60)),
+    )
+    .await
+    .expect("a queued job notifies idle workers");
+    assert!(matches!(woke, queue::Wake::JobsQueued), "{woke:?}");
+}
+
+#[tokio::test]
+async fn files_without_a_stored_scan_are_checked_in_the_background() {
+    let app = spawn_app().await;
+    // Two labels pass; one label fails. Both files look as if an older version had checked
+    // them (no label count stored), so the job must read them.
+    let two = app.upload_ok("two.jsonl", LABELED).await;
+    let one = app
+        .upload_ok(
+            "one.jsonl",
+            "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 1}\n",
+        )
+        .await;
+    sqlx::query("update files set label_count = null where file_id in ($1, $2)")
+        .bind(&two)
+        .bind(&one)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    for (file, outcome) in [(&two, "queued"), (&one, "failed")] {
+        let job = create(
+            &app,
+            json!({"model": "gpt2", "training_file": file, "task": "sequence_classification"}),
+        )
+        .await;
+        assert_eq!(job["status"], "validating_files", "{job}");
+        let done = app.wait_validated(job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], outcome, "{done}");
+        if outcome == "failed" {
+            assert_eq!(done["error"]["code"], "invalid_training_file", "{done}");
+            assert!(
+                done["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("1 distinct label"),
+                "{done}"
+            );
+        }
+    }
+    // The same one-label file with its scan stored fails inside the create request.
+    let inline_one = app
+        .upload_ok("one-again.jsonl", "{\"text\": \"a\", \"label\": 1}\n")
+        .await;
+    let job = create(
+        &app,
+        json!({"model": "gpt2", "training_file": inline_one, "task": "sequence_classification"}),
+    )
+    .await;
+    assert_eq!(
+        (job["status"].as_str(), job["error"]["code"].as_str()),
+        (Some("failed"), Some("invalid_training_file")),
+        "{job}"
+    );
 }

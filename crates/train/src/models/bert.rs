@@ -189,6 +189,11 @@ impl Net<Bert> {
 
 impl Forward for Bert {
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        if batch.packed.is_some() {
+            return Err(crate::Error::Config(
+                "packing applies to causal language models, not to BERT".into(),
+            ));
+        }
         let (_, pooled) = self.encode(core, batch, train)?;
         let pooled = dropout(pooled, self.classifier_dropout, train)?;
         self.classifier.forward(

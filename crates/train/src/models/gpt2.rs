@@ -10,7 +10,8 @@ use tuna_core::hf_config::{Gpt2Config, HfConfig};
 use super::{is_buffer, Builder, Core, Forward, Head, Net};
 use crate::freeze::Role;
 use crate::layers::{
-    activation, all_real, causal_mask, dropout, embedding, sdpa, Fwd, LayerNorm, Linear,
+    activation, all_real, causal_mask, dropout, embedding, packed_mask, sdpa, Fwd, LayerNorm,
+    Linear,
 };
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
@@ -90,11 +91,17 @@ impl Forward for Gpt2 {
         let c = &self.cfg;
         let (nh, d) = (c.n_head, c.n_embd);
         let hd = d / nh;
-        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
+        let pos = match batch.packed {
+            Some(p) => p.position_ids.shallow_clone(),
+            None => Tensor::f_arange(t, (Kind::Int64, core.device))?,
+        };
         let h = embedding(&self.wte, batch.input_ids, f.kind)?
             .f_add(&embedding(&self.wpe, &pos, f.kind)?)?;
         let mut h = dropout(h, c.embd_pdrop, train)?;
-        let mask = causal_mask(batch.attention_mask, None, all_real(batch.attention_mask)?)?;
+        let mask = match batch.packed {
+            Some(p) => packed_mask(&p.segment_ids, None)?,
+            None => causal_mask(batch.attention_mask, None, all_real(batch.attention_mask)?)?,
+        };
         let attn_p = if train { c.attn_pdrop } else { 0.0 };
         for (i, blk) in self.blocks.iter().enumerate() {
             let a = blk.ln_1.forward(&h)?;

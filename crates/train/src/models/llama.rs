@@ -10,7 +10,9 @@ use tuna_core::hf_config::{HfConfig, LlamaConfig, RopeScaling};
 
 use super::{is_buffer, Builder, Core, Forward, Head, Net};
 use crate::freeze::Role;
-use crate::layers::{activation, all_real, causal_mask, embedding, sdpa, Fwd, Linear, RmsNorm};
+use crate::layers::{
+    activation, all_real, causal_mask, embedding, packed_mask, sdpa, Fwd, Linear, RmsNorm,
+};
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
 use crate::Result;
@@ -266,15 +268,29 @@ fn repeat_kv(x: &Tensor, rep: i64) -> Result<Tensor> {
 }
 
 impl Llama {
-    fn cos_sin(&self, t: i64, device: Device, kind: Kind) -> Result<(Tensor, Tensor)> {
+    /// cos and sin `[t, head_dim]`, or `[b, 1, t, head_dim]` for explicit `positions` `[b, t]`
+    /// (packed rows).
+    fn cos_sin(
+        &self,
+        t: i64,
+        positions: Option<&Tensor>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<(Tensor, Tensor)> {
         let dynamic_long = matches!(self.cfg.rope.scaling, RopeScaling::Dynamic { original_max_position_embeddings: o, .. } if t > o);
         let inv = if dynamic_long {
             Tensor::f_from_slice(&rope_inv_freq(&self.cfg, t).0)?.f_to_device(device)?
         } else {
             self.inv_freq.shallow_clone()
         };
-        let pos = Tensor::f_arange(t, (Kind::Float, device))?;
-        let freqs = pos.f_outer(&inv)?;
+        let freqs = match positions {
+            Some(p) => p
+                .f_to_kind(Kind::Float)?
+                .f_unsqueeze(-1)?
+                .f_mul(&inv)?
+                .f_unsqueeze(1)?,
+            None => Tensor::f_arange(t, (Kind::Float, device))?.f_outer(&inv)?,
+        };
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let (mut cos, mut sin) = (emb.f_cos()?, emb.f_sin()?);
         if self.attn_factor != 1.0 {
@@ -294,12 +310,20 @@ impl Forward for Llama {
         };
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (cos, sin) = self.cos_sin(t, core.device, f.kind)?;
-        let mask = causal_mask(
-            batch.attention_mask,
-            c.sliding_window,
-            all_real(batch.attention_mask)?,
+        let (cos, sin) = self.cos_sin(
+            t,
+            batch.packed.map(|p| &p.position_ids),
+            core.device,
+            f.kind,
         )?;
+        let mask = match batch.packed {
+            Some(p) => packed_mask(&p.segment_ids, c.sliding_window)?,
+            None => causal_mask(
+                batch.attention_mask,
+                c.sliding_window,
+                all_real(batch.attention_mask)?,
+            )?,
+        };
         let attn_p = if train { c.attention_dropout } else { 0.0 };
         let scale = 1.0 / (hd as f64).sqrt();
         let mut h = embedding(&self.embed, batch.input_ids, f.kind)?;

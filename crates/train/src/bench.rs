@@ -1,0 +1,405 @@
+//! `tuna-trainer bench`: times tuna's own training step (the trainer's [`trainer::train_step`]:
+//! collate, forward, loss, backward, one host read of loss and norm, clipping, AdamW) on a
+//! pre-tokenised batch file, so that `python/bench_train_peer.py` can time transformers on the
+//! very same model folder, batches and settings. `scripts/bench-train.sh` runs both.
+//!
+//! Batch file (JSON, written by `bench_train_peer.py prepare`):
+//! `{"task": "causal_lm" | "sequence_classification", "num_labels": 2, "max_len": 1024,
+//!   "batches": [[{"input_ids": [..], "label": 0}, ..], ..]}`: one list of examples per
+//! optimiser step (cycled when there are fewer than warm-up + timed steps). Causal examples
+//! learn every token; classification examples carry `label`.
+//!
+//! Output: one JSON line (keys shared with the peer script):
+//! - `step_time_median_s`, `step_time_mean_s`, `step_times_s`: wall time per optimiser step
+//!   after `warmup` untimed steps (on CUDA each step ends with a device synchronisation);
+//! - `tokens_per_s_real`: non-padding tokens per second; `tokens_per_s_padded`: tokens the
+//!   model actually computed (rows x row length, padding included);
+//! - `tflops`: model FLOPs of the real tokens per second, `mfu` = `tflops / peak_tflops` when a
+//!   peak is given. Model FLOPs per step, summed over the examples (length `n`):
+//!   full fine-tune `6 * N * n + 12 * L * d * n^2`; LoRA `4 * N * n + 6 * N_lora * n +
+//!   12 * L * d * n^2` (no weight gradients for the frozen base), where `N` counts the weights
+//!   of every matrix multiply (2-D weights that are not embedding tables, plus the LM head when
+//!   tied to the embeddings), `N_lora` the adapter weights, `L` layers, `d` attention width.
+//!   Padding is not counted (useful work only), for both sides alike;
+//! - `peak_rss_bytes`: the process's peak resident memory (`VmHWM`), meaningful on CPU; on
+//!   CUDA the driver script samples `nvidia-smi` for both processes instead.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tch::{Device, Kind};
+use tuna_core::spec::Precision;
+
+use crate::data::{self, Features};
+use crate::model::{FreezeOptions, LoadOptions, LoraOptions, Model, TaskHead};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::trainer::{self, StepConfig};
+use crate::{Error, Result};
+
+/// What `tuna-trainer bench` runs.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model_dir: PathBuf,
+    pub data: PathBuf,
+    pub device: Device,
+    pub precision: Precision,
+    /// LoRA on every linear layer (PEFT's `all-linear`) with this rank; None: full fine-tune.
+    pub lora_r: Option<i64>,
+    pub lora_alpha: f64,
+    /// Causal LM: pack each step's examples into rows of `max_len` tokens; classification: group
+    /// them by length into separately padded micro-batches (as a job with `packing` does).
+    pub packing: bool,
+    pub warmup: usize,
+    pub steps: usize,
+    pub learning_rate: f64,
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Peak FLOP/s of the device in TFLOP/s, for the MFU.
+    pub peak_tflops: Option<f64>,
+    /// Free-form case name echoed in the output.
+    pub case: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileExample {
+    input_ids: Vec<i64>,
+    #[serde(default)]
+    label: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchFile {
+    task: String,
+    #[serde(default)]
+    num_labels: Option<usize>,
+    max_len: usize,
+    batches: Vec<Vec<FileExample>>,
+}
+
+fn read_batches(path: &Path) -> Result<BatchFile> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let f: BatchFile =
+        serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    if f.batches.is_empty() || f.batches.iter().any(Vec::is_empty) {
+        return Err(Error::Data(format!(
+            "{}: needs at least one non-empty batch",
+            path.display()
+        )));
+    }
+    if f.batches.iter().flatten().any(|e| e.input_ids.is_empty()) {
+        return Err(Error::Data(format!(
+            "{}: an example has no tokens",
+            path.display()
+        )));
+    }
+    match f.task.as_str() {
+        "causal_lm" => Ok(f),
+        "sequence_classification" if f.batches.iter().flatten().all(|e| e.label.is_some()) => Ok(f),
+        "sequence_classification" => Err(Error::Data(format!(
+            "{}: every classification example needs a label",
+            path.display()
+        ))),
+        other => Err(Error::Data(format!(
+            "{}: unknown task {other:?}",
+            path.display()
+        ))),
+    }
+}
+
+/// Peak resident memory of this process in bytes (`VmHWM`), if the platform reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Parameter counts for the FLOP formula: (all, trainable, matmul weights `N`, LoRA weights).
+pub fn flop_params(model: &dyn Model, causal: bool) -> (i64, i64, i64, i64) {
+    let info = model.info();
+    let all = model.all_parameters();
+    let total: i64 = all.values().map(|t| t.numel() as i64).sum();
+    let trainable: i64 = model
+        .trainable_parameters()
+        .iter()
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let mut n_mm = 0i64;
+    let mut n_lora = 0i64;
+    let mut has_head = false;
+    for (name, t) in &all {
+        if name.contains("lora_") {
+            n_lora += t.numel() as i64;
+        } else if t.dim() == 2 && !is_embedding(name) {
+            n_mm += t.numel() as i64;
+            has_head |= name == "lm_head.weight";
+        }
+    }
+    if causal && !has_head {
+        n_mm += info.vocab_size * info.hidden_size;
+    }
+    (total, trainable, n_mm, n_lora)
+}
+
+/// Embedding tables (looked up, not multiplied), by Hugging Face name.
+pub fn is_embedding(name: &str) -> bool {
+    name.contains("wte") || name.contains("wpe") || name.contains("embed")
+}
+
+/// Model FLOPs of one step over examples of these lengths (see the module documentation).
+pub fn step_flops(
+    lengths: &[usize],
+    n_mm: i64,
+    n_lora: i64,
+    lora: bool,
+    layers: i64,
+    d_attn: i64,
+) -> f64 {
+    let (mm, lo) = (n_mm as f64, n_lora as f64);
+    let per_token = if lora { 4.0 * mm + 6.0 * lo } else { 6.0 * mm };
+    lengths
+        .iter()
+        .map(|n| {
+            let n = *n as f64;
+            per_token * n + 12.0 * layers as f64 * d_attn as f64 * n * n
+        })
+        .sum()
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// Runs the benchmark and returns the JSON line `tuna-trainer bench` prints.
+pub fn run(o: &BenchOptions) -> Result<Value> {
+    let file = read_batches(&o.data)?;
+    let causal = file.task == "causal_lm";
+    let task = if causal {
+        TaskHead::CausalLm
+    } else {
+        let n = file.num_labels.unwrap_or_else(|| {
+            1 + file
+                .batches
+                .iter()
+                .flatten()
+                .filter_map(|e| e.label)
+                .max()
+                .unwrap_or(1) as usize
+        });
+        TaskHead::SequenceClassification {
+            id2label: (0..n).map(|i| i.to_string()).collect(),
+        }
+    };
+    let base_kind = match (o.device, o.precision) {
+        (Device::Cpu, _) | (_, Precision::Fp32) => Kind::Float,
+        _ => Kind::BFloat16,
+    };
+    let opts = LoadOptions {
+        device: o.device,
+        base_kind,
+        task,
+        lora: o.lora_r.map(|r| LoraOptions {
+            r,
+            alpha: o.lora_alpha,
+            dropout: 0.0,
+            target_modules: vec!["all-linear".into()],
+        }),
+        freeze: FreezeOptions::default(),
+        init_seed: o.seed as i64,
+    };
+    let load_start = Instant::now();
+    let model = crate::models::load_model(&o.model_dir, &opts)?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let info = model.info().clone();
+    let batches: Vec<Vec<Features>> = file
+        .batches
+        .iter()
+        .enumerate()
+        .map(|(b, batch)| {
+            batch
+                .iter()
+                .enumerate()
+                .map(|(i, e)| Features {
+                    line: (b * 100_000 + i + 1) as u64,
+                    input_ids: e.input_ids.clone(),
+                    labels: if causal {
+                        e.input_ids.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    token_type_ids: Vec::new(),
+                    class: if causal { None } else { e.label },
+                })
+                .collect()
+        })
+        .collect();
+    if let Some(v) = batches
+        .iter()
+        .flatten()
+        .flat_map(|f| f.input_ids.iter())
+        .find(|i| **i < 0 || **i >= info.vocab_size)
+    {
+        return Err(Error::Data(format!(
+            "token id {v} is outside the model's vocabulary of {}",
+            info.vocab_size
+        )));
+    }
+    let pad_id = info
+        .pad_token_id
+        .or(info.eos_token_ids.first().copied())
+        .unwrap_or(0);
+    let cfg = StepConfig {
+        micro: batches.iter().map(Vec::len).max().unwrap_or(1),
+        pad_id,
+        causal,
+        with_types: info.model_type == "bert",
+        pack_len: (causal && o.packing).then_some(file.max_len),
+        group_overhead_tokens: (!causal && o.packing).then_some(trainer::GROUP_OVERHEAD_TOKENS),
+    };
+    let mut opt = AdamW::new(
+        model.trainable_parameters(),
+        AdamWConfig {
+            weight_decay: o.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let (total, trainable, n_mm, n_lora) = flop_params(model.as_ref(), causal);
+    let lora = o.lora_r.is_some();
+
+    let mut times = Vec::with_capacity(o.steps);
+    let (mut real, mut padded, mut flops, mut loss_sum, mut targets) =
+        (0usize, 0usize, 0.0, 0.0, 0);
+    let mut last_loss = f64::NAN;
+    for step in 0..(o.warmup + o.steps) {
+        let items: Vec<&Features> = batches[step % batches.len()].iter().collect();
+        let started = Instant::now();
+        let r = trainer::train_step(
+            model.as_ref(),
+            &mut opt,
+            &items,
+            &cfg,
+            o.seed,
+            step as u64,
+            o.learning_rate,
+            o.max_grad_norm,
+        )?;
+        if let Device::Cuda(i) = o.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        last_loss = r.loss_sum / r.targets.max(1) as f64;
+        if step < o.warmup {
+            continue;
+        }
+        times.push(secs);
+        let lengths: Vec<usize> = items.iter().map(|f| f.input_ids.len()).collect();
+        real += r.tokens;
+        padded += match cfg.pack_len {
+            None if cfg.group_overhead_tokens.is_some() => {
+                let overhead = cfg.group_overhead_tokens.unwrap_or(0);
+                data::group_by_length(&lengths, overhead)
+                    .iter()
+                    .map(|g| g.len() * g.iter().map(|i| lengths[*i]).max().unwrap_or(0))
+                    .sum()
+            }
+            Some(len) => {
+                let rows = data::pack_rows(&lengths, len);
+                let longest = rows
+                    .iter()
+                    .map(|r| r.iter().map(|i| lengths[*i]).sum::<usize>())
+                    .max()
+                    .unwrap_or(0);
+                rows.len() * longest
+            }
+            None => lengths.len() * lengths.iter().copied().max().unwrap_or(0),
+        };
+        flops += step_flops(
+            &lengths,
+            n_mm,
+            n_lora,
+            lora,
+            info.num_layers,
+            info.hidden_size,
+        );
+        loss_sum += r.loss_sum;
+        targets += r.targets;
+    }
+    let total_s: f64 = times.iter().sum();
+    let mean = total_s / times.len().max(1) as f64;
+    let tflops = if total_s > 0.0 {
+        flops / total_s / 1e12
+    } else {
+        f64::NAN
+    };
+    Ok(json!({
+        "side": "tuna",
+        "case": o.case,
+        "device": format!("{:?}", o.device).to_lowercase(),
+        "threads": tch::get_num_threads(),
+        "precision": if base_kind == Kind::BFloat16 { "bf16" } else { "fp32" },
+        "model_type": info.model_type,
+        "task": file.task,
+        "lora_r": o.lora_r,
+        "packing": if cfg.pack_len.is_some() { "packed rows" } else if cfg.group_overhead_tokens.is_some() { "length groups" } else { "none" },
+        "batch_size": batches[0].len(),
+        "max_len": file.max_len,
+        "warmup_steps": o.warmup,
+        "timed_steps": times.len(),
+        "params": total,
+        "trainable_params": trainable,
+        "matmul_params": n_mm,
+        "lora_params": n_lora,
+        "load_s": load_s,
+        "step_time_median_s": median(&times),
+        "step_time_mean_s": mean,
+        "step_times_s": times,
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "tokens_per_s_real": real as f64 / total_s,
+        "tokens_per_s_padded": padded as f64 / total_s,
+        "tflops": tflops,
+        "mfu": o.peak_tflops.map(|p| tflops / p),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "timed_loss_per_target": loss_sum / targets.max(1) as f64,
+        "last_loss": last_loss,
+        "flops_formula": if lora {
+            "4*N*n + 6*N_lora*n + 12*L*d*n^2 per example of n real tokens"
+        } else {
+            "6*N*n + 12*L*d*n^2 per example of n real tokens"
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_formula_and_median() {
+        // One layer, d = 2, N = 10: 6*10*3 + 12*1*2*9 = 180 + 216.
+        assert_eq!(step_flops(&[3], 10, 0, false, 1, 2), 396.0);
+        assert_eq!(
+            step_flops(&[3], 10, 1, true, 1, 2),
+            4.0 * 30.0 + 18.0 + 216.0
+        );
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(is_embedding("transformer.wte.weight"));
+        assert!(is_embedding("bert.embeddings.word_embeddings.weight"));
+        assert!(!is_embedding("lm_head.weight"));
+    }
+}
