@@ -142,9 +142,10 @@ async fn list_checkpoints(
 
 /// A job of the caller's organisation, or 404.
 pub async fn find(st: &AppState, caller: &Caller, job_id: &str) -> ApiResult<JobRow> {
-    db::get_job(&st.db, &caller.organization_id, job_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("fine-tuning job", job_id))
+    let mut conn = st.direct.get().await?;
+    let row = db::get_job(conn.conn(), &caller.organization_id, job_id).await?;
+    conn.release();
+    row.ok_or_else(|| ApiError::not_found("fine-tuning job", job_id))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
@@ -178,8 +179,9 @@ pub async fn create_job(
         return Ok(existing);
     }
     let mut req = spec::parse_create_request(body, &policy, seed)?;
+    let mut conn = st.direct.get().await?;
     let ctx = db::create_context(
-        &st.db,
+        conn.conn(),
         &caller.organization_id,
         &req.spec.model,
         req.spec.training_file.as_deref(),
@@ -205,7 +207,7 @@ pub async fn create_job(
     let new = new_job(caller, &req, key)?;
     let inserted =
         match validate::check_inline(st, &caller.organization_id, &req.spec, &ctx).await? {
-            Some(outcome) => queue::insert_checked_job(&st.db, &new, &outcome).await?,
+            Some(outcome) => queue::insert_checked_job(conn.conn(), &new, &outcome).await?,
             None => {
                 let inserted = queue::insert_job(&st.db, &new).await?;
                 if let Inserted::Created(row) = &inserted {
@@ -214,6 +216,7 @@ pub async fn create_job(
                 inserted
             }
         };
+    conn.release();
     match inserted {
         Inserted::Created(row) => {
             if row.status == "queued" || row.status == "validating_files" {

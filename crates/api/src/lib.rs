@@ -98,11 +98,16 @@ pub struct AppState {
     pub keys: Arc<auth::KeyCache>,
     /// The waiting-jobs cap per organisation.
     pub pending: Arc<limits::PendingGate>,
+    /// Connections for the hottest statements (job retrieval and creation), reused without
+    /// the pool's ping on release (`tuna_db::direct`).
+    pub direct: Arc<tuna_db::direct::Direct>,
 }
 
 impl AppState {
     pub fn new(db: PgPool, config: Config) -> AppState {
+        let max = db.options().get_max_connections() as usize;
         AppState {
+            direct: Arc::new(tuna_db::direct::Direct::new(&db, max)),
             db,
             config: Arc::new(config),
             shutdown: CancellationToken::new(),

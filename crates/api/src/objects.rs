@@ -2,6 +2,7 @@
 //! tuna's extensions.
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tuna_core::spec::JobSpec;
 use tuna_db::rows::{CheckpointRow, EventRow, FileRow, JobRow, ModelRow};
@@ -16,7 +17,7 @@ fn opt_ts(t: &Option<DateTime<Utc>>) -> Value {
 
 /// A `fine_tuning.job`. Hyperparameters are the resolved ones of the stored spec.
 pub fn job(row: &JobRow) -> Value {
-    let spec: Option<JobSpec> = serde_json::from_value(row.spec.clone()).ok();
+    let spec: Option<JobSpec> = JobSpec::deserialize(&row.spec).ok();
     let (hyperparameters, method, task, dataset_url, validation_dataset_url) = match &spec {
         Some(s) => (
             s.openai_hyperparameters(),

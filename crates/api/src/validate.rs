@@ -81,7 +81,7 @@ fn fail(code: &str, param: &str, message: String) -> JobError {
 /// `Ok(Err(..))`: the job is invalid; `Err(..)`: the check itself could not run. Reads the
 /// model and files from the database and, when a file's upload scan was not stored, the file.
 pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, ApiError> {
-    let spec: JobSpec = match serde_json::from_value(job.spec.clone()) {
+    let spec: JobSpec = match JobSpec::deserialize(&job.spec) {
         Ok(s) => s,
         Err(e) => {
             return Ok(Err(JobError::new(
@@ -206,7 +206,7 @@ async fn check_model(
             ),
         )));
     };
-    let arch: Arch = serde_json::from_value(model.architecture.clone()).unwrap_or_default();
+    let arch: Arch = Arch::deserialize(&model.architecture).unwrap_or_default();
     // The model's config lists its modules; only freeze patterns need it.
     let config = if spec.freeze.patterns.is_empty() {
         None

@@ -16,13 +16,17 @@ pub enum MetadataFilter {
     Contains(Value),
 }
 
-/// A job of the organisation.
-pub async fn get_job(pool: &PgPool, organization_id: &str, job_id: &str) -> Result<Option<JobRow>> {
+/// A job of the organisation (`db`: the pool, or a connection).
+pub async fn get_job<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    organization_id: &str,
+    job_id: &str,
+) -> Result<Option<JobRow>> {
     Ok(
         sqlx::query_as("select * from jobs where job_id = $1 and organization_id = $2")
             .bind(job_id)
             .bind(organization_id)
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?,
     )
 }
@@ -76,10 +80,11 @@ pub struct CreateContext {
     pub validation_file: Option<FileRow>,
 }
 
-/// Reads the model and the input files of a new job with one statement (each part is the same
+/// Reads the model and the input files of a new job with one statement (`db`: the pool, or a
+/// connection) (each part is the same
 /// lookup as `models::get_model` and `files::get_file`; absent ids give `None`).
-pub async fn create_context(
-    pool: &PgPool,
+pub async fn create_context<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     organization_id: &str,
     model_id: &str,
     training_file: Option<&str>,
@@ -98,7 +103,7 @@ pub async fn create_context(
         .bind(model_id)
         .bind(training_file)
         .bind(validation_file)
-        .fetch_one(pool)
+        .fetch_one(db)
         .await?;
     fn decode<T: serde::de::DeserializeOwned>(v: Option<Value>) -> Result<Option<T>> {
         v.map(serde_json::from_value)

@@ -16,6 +16,7 @@ use sqlx::postgres::PgPoolOptions;
 pub use sqlx::PgPool;
 
 pub mod checkpoints;
+pub mod direct;
 pub mod events;
 pub mod files;
 pub mod jobs;

@@ -308,7 +308,7 @@ pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
 /// [`finish_validation`], in one statement and one commit. An existing job with the same
 /// idempotency key is returned unchanged, as [`insert_job`] does.
 pub async fn insert_checked_job(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     job: &NewJob,
     outcome: &Result<(), JobError>,
 ) -> Result<Inserted> {
@@ -358,20 +358,20 @@ pub async fn insert_checked_job(
     .bind(level.as_str())
     .bind(message)
     .bind(CHANNEL_QUEUED)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     match created {
         Some(row) => Ok(Inserted::Created(row)),
-        None => Ok(Inserted::Existing(by_idempotency_key(pool, job).await?)),
+        None => Ok(Inserted::Existing(by_idempotency_key(conn, job).await?)),
     }
 }
 
-async fn by_idempotency_key(pool: &PgPool, job: &NewJob) -> Result<JobRow> {
+async fn by_idempotency_key<'e>(db: impl sqlx::PgExecutor<'e>, job: &NewJob) -> Result<JobRow> {
     Ok(
         sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
             .bind(&job.organization_id)
             .bind(&job.idempotency_key)
-            .fetch_one(pool)
+            .fetch_one(db)
             .await?,
     )
 }

@@ -118,3 +118,49 @@ async fn a_pooled_connection_closed_while_idle_is_replaced() {
         .expect("the closed connection is replaced after its ping fails");
     assert_ne!(again, pid);
 }
+
+/// Direct connections: released ones are reused (same server process, no new connection);
+/// dropped ones (a failed or cancelled request) are closed, never reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_connections_are_reused_only_when_released() {
+    async fn pid(c: &mut tuna_db::direct::DirectConn<'_>) -> i32 {
+        sqlx::query_scalar("select pg_backend_pid()")
+            .fetch_one(c.conn())
+            .await
+            .unwrap()
+    }
+    let db = tuna_db::testing::TestDb::new().await.unwrap();
+    let direct = tuna_db::direct::Direct::new(&db.pool, 2);
+    let mut a = direct.get().await.unwrap();
+    let first = pid(&mut a).await;
+    a.release();
+    assert_eq!(direct.idle_count(), 1);
+    let mut b = direct.get().await.unwrap();
+    assert_eq!(
+        pid(&mut b).await,
+        first,
+        "the released connection is reused"
+    );
+    drop(b);
+    assert_eq!(direct.idle_count(), 0);
+    let mut c = direct.get().await.unwrap();
+    let third = pid(&mut c).await;
+    assert_ne!(third, first, "a dropped connection is not reused");
+    c.release();
+    // The dropped connection's server process goes away.
+    let mut gone = false;
+    for _ in 0..50 {
+        let alive: bool =
+            sqlx::query_scalar("select exists (select 1 from pg_stat_activity where pid = $1)")
+                .bind(first)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if !alive {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the dropped connection was closed");
+}

@@ -605,18 +605,27 @@ pub fn loss_and_correct(
 ) -> Result<(Tensor, Tensor)> {
     let logits = logits.f_to_kind(Kind::Float)?;
     if causal {
+        // Shift the labels, not the logits: `logits[:, :-1]` is not contiguous, so flattening
+        // it would copy the whole `[b, t, vocab]` tensor (and its gradient) once more.
         let v = *logits.size().last().unwrap_or(&1);
-        let t = logits.size()[1];
-        let shift_logits = logits.f_narrow(1, 0, t - 1)?.f_reshape([-1, v])?;
-        let shift_labels = labels.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
-        let loss = shift_logits.f_cross_entropy_loss(
+        let s = labels.size();
+        let shift_labels = Tensor::f_cat(
+            &[
+                labels.f_narrow(1, 1, s[1] - 1)?,
+                Tensor::f_full([s[0], 1], -100, (Kind::Int64, labels.device()))?,
+            ],
+            1,
+        )?
+        .f_reshape([-1])?;
+        let flat_logits = logits.f_reshape([-1, v])?;
+        let loss = flat_logits.f_cross_entropy_loss(
             &shift_labels,
             None::<Tensor>,
             tch::Reduction::Sum,
             -100,
             0.0,
         )?;
-        let pred = shift_logits.f_argmax(-1, false)?;
+        let pred = flat_logits.f_argmax(-1, false)?;
         let valid = shift_labels.f_ne(-100)?;
         let correct = pred
             .f_eq_tensor(&shift_labels)?
