@@ -5,7 +5,7 @@
 //! tuna worker --database-url postgres://… [--data-dir DIR] [--store DIR|s3://bucket/prefix]
 //!             [--trainer-bin PATH] [--device auto|cpu|cuda] [--worker-id ID]
 //!             [--lease-ttl-secs 60] [--heartbeat-secs 5] [--poll-secs 5]
-//!             [--allow-file-urls] [--threads N] [--max-dataset-mb 10240]
+//!             [--allow-file-urls] [--threads N] [--max-dataset-mb 10240] [--stall-timeout-secs 3600]
 //! ```
 //! SIGINT / SIGTERM stop it cleanly: a running job is checkpointed and given back to the queue.
 //! S3 credentials and endpoint come from the usual `AWS_*` variables (`AWS_ENDPOINT_URL` or
@@ -56,6 +56,10 @@ pub struct WorkerOptions {
     /// Largest dataset a URL may deliver, in MiB.
     #[arg(long, default_value_t = 10240)]
     pub max_dataset_mb: u64,
+    /// A trainer silent this long (no step, evaluation or checkpoint event) is killed and its
+    /// job fails as hung; 0 never.
+    #[arg(long, default_value_t = 3600)]
+    pub stall_timeout_secs: u64,
 }
 
 /// `tuna worker`'s arguments.
@@ -98,6 +102,8 @@ pub fn worker_config(o: &WorkerOptions) -> anyhow::Result<WorkerConfig> {
     cfg.fetch.allow_file_urls = o.allow_file_urls;
     cfg.fetch.max_bytes = o.max_dataset_mb.saturating_mul(1024 * 1024);
     cfg.trainer_threads = o.threads;
+    cfg.stall_timeout =
+        (o.stall_timeout_secs > 0).then(|| Duration::from_secs(o.stall_timeout_secs));
     Ok(cfg)
 }
 

@@ -618,8 +618,16 @@ async fn execute(
     let mut hb_open = true;
     let mut up_tx = Some(up_tx);
     let mut eof = false;
+    let mut last_output = Instant::now();
+    let mut stalled = false;
 
     while !eof {
+        let stall_sleep = async {
+            match ctx.cfg.stall_timeout {
+                Some(t) => tokio::time::sleep_until(last_output + t).await,
+                None => std::future::pending().await,
+            }
+        };
         let kill_sleep = async {
             match kill_at {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -637,6 +645,7 @@ async fn execute(
             line = proc.next_line() => match line {
                 None => eof = true,
                 Some(line) => {
+                    last_output = Instant::now();
                     if ctx.lost.is_cancelled() {
                         continue;
                     }
@@ -679,6 +688,13 @@ async fn execute(
                 }
             }
             _ = shutdown.cancelled(), if request.is_none() => new_request = Some(Request::Shutdown),
+            _ = stall_sleep, if !killed && request.is_none() => {
+                tracing::warn!(%job_id, "the trainer printed nothing for the stall timeout; killing it");
+                proc.close_stdin();
+                proc.kill();
+                killed = true;
+                stalled = true;
+            }
             _ = kill_sleep, if kill_at.is_some() => {
                 tracing::warn!(%job_id, "the trainer did not stop in time; killing it");
                 proc.kill();
@@ -801,6 +817,13 @@ async fn execute(
                 finish_paused(ctx).await
             }
             Some(Request::Shutdown) => finish_released(ctx).await,
+            None if stalled => {
+                let secs = ctx.cfg.stall_timeout.unwrap_or_default().as_secs();
+                let message = format!(
+                    "The training process printed nothing for {secs} s (no step, evaluation, checkpoint or phase event) and was stopped as hung. If steps or evaluations of this job legitimately take longer, raise the worker's --stall-timeout-secs."
+                );
+                finish_failed(ctx, &JobError::new("trainer_stalled", message)).await
+            }
             None => {
                 let how = match &status {
                     Ok(s) => describe_exit(s),

@@ -82,6 +82,10 @@ pub struct WorkerConfig {
     pub cancel_grace: Duration,
     /// After `pause` (or on shutdown), how long the trainer gets to save its checkpoint.
     pub pause_grace: Duration,
+    /// A trainer that prints nothing (no step, evaluation, checkpoint or phase event) for this
+    /// long is taken as hung: it is killed and its job fails with `trainer_stalled`. `None`:
+    /// never.
+    pub stall_timeout: Option<Duration>,
     /// Dataset download limits, and whether file:// dataset URLs are allowed.
     pub fetch: FetchLimits,
     /// Endpoint and credentials for s3:// dataset URLs.
@@ -112,6 +116,7 @@ impl WorkerConfig {
             rescue_every: Duration::from_secs(15),
             cancel_grace: Duration::from_secs(5),
             pause_grace: Duration::from_secs(300),
+            stall_timeout: Some(Duration::from_secs(3600)),
             fetch: FetchLimits::default(),
             s3: S3Settings::from_env(),
             trainer_threads: None,

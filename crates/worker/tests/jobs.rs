@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tuna_db::queue::{self, EventKind, Lease, Level};
 use tuna_store::testing::Moto;
 use tuna_store::Store;
-use tuna_worker::Outcome;
+use tuna_worker::{Outcome, Worker};
 
 const LONG: Duration = Duration::from_secs(240);
 
@@ -731,4 +731,46 @@ async fn assert_resumed_after_lost_worker(
         "{late:?}"
     );
     msgs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_trainer_is_stopped_and_its_job_fails_as_stalled() {
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(256)).await;
+    let hung = env
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 50, "batch_size": 4},
+            "max_seq_length": 32, "checkpoint_interval": 100000, "log_interval": 1}))
+        .await;
+    let mut cfg = env.config("stall");
+    cfg.stall_timeout = Some(Duration::from_secs(3));
+    let token = CancellationToken::new();
+    let worker = tokio::spawn(Worker::new(env.pool().clone(), cfg).run(token.clone()));
+    env.wait_metrics(&hung, 1, LONG).await;
+    let pids = trainer_pids(&hung);
+    assert_eq!(pids.len(), 1);
+    // A stopped process neither prints nor exits: what a deadlocked trainer looks like.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let job = env
+        .wait_job(&hung, Duration::from_secs(30), |j| j.status != "running")
+        .await;
+    assert_eq!(job.status, "failed");
+    let err = job.error.unwrap();
+    assert_eq!(err["code"], "trainer_stalled", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("--stall-timeout-secs"),
+        "{err}"
+    );
+    assert!(
+        trainer_pids(&hung).is_empty(),
+        "the hung trainer was killed"
+    );
+    token.cancel();
+    worker.await.unwrap().unwrap();
 }
