@@ -60,14 +60,18 @@ enum Command {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Logs go to stderr through a background writer thread, so a request never waits for a
-/// `write` of its log line. Nothing is dropped: a full buffer makes logging wait. The guard
-/// flushes what is left when `main` returns.
+/// `write` of its log line. The thread buffers what is waiting and writes it at once, flushing
+/// whenever it has caught up (one `write` per burst, not per line). Nothing is dropped: a full
+/// queue makes logging wait. The guard flushes what is left when `main` returns.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

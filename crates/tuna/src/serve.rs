@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Accept `file://` dataset URLs (trusted single-user setups only).
     #[arg(long, env = "TUNA_ALLOW_FILE_URLS")]
     allow_file_urls: bool,
+    /// Let the in-process worker fetch dataset URLs on loopback, private and link-local
+    /// addresses (trusted setups only).
+    #[arg(long, env = "TUNA_ALLOW_PRIVATE_URLS")]
+    allow_private_urls: bool,
     /// Largest accepted upload in bytes.
     #[arg(long, env = "TUNA_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     max_upload_bytes: u64,
@@ -77,6 +81,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         port,
         open_access,
         allow_file_urls,
+        allow_private_urls,
         max_upload_bytes,
         max_pending_jobs,
         artifacts,
@@ -125,6 +130,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
         cfg.device = worker_device;
         cfg.fetch.allow_file_urls = allow_file_urls;
+        cfg.fetch.allow_private_urls = allow_private_urls;
         let worker = Worker::new(database.pool.clone(), cfg);
         let token = shutdown.clone();
         Some(tokio::spawn(async move {

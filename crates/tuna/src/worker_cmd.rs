@@ -5,7 +5,7 @@
 //! tuna worker --database-url postgres://… [--data-dir DIR] [--store DIR|s3://bucket/prefix]
 //!             [--trainer-bin PATH] [--device auto|cpu|cuda] [--worker-id ID]
 //!             [--lease-ttl-secs 60] [--heartbeat-secs 5] [--poll-secs 5]
-//!             [--allow-file-urls] [--threads N] [--max-dataset-mb 10240] [--stall-timeout-secs 3600]
+//!             [--allow-file-urls] [--allow-private-urls] [--threads N] [--max-dataset-mb 10240] [--stall-timeout-secs 3600]
 //! ```
 //! SIGINT / SIGTERM stop it cleanly: a running job is checkpointed and given back to the queue.
 //! S3 credentials and endpoint come from the usual `AWS_*` variables (`AWS_ENDPOINT_URL` or
@@ -50,6 +50,9 @@ pub struct WorkerOptions {
     /// Allow file:// dataset URLs (trusted single-user setups only).
     #[arg(long, env = "TUNA_ALLOW_FILE_URLS")]
     pub allow_file_urls: bool,
+    /// Fetch dataset URLs on loopback, private and link-local addresses (trusted setups only).
+    #[arg(long, env = "TUNA_ALLOW_PRIVATE_URLS")]
+    pub allow_private_urls: bool,
     /// CPU threads per training process.
     #[arg(long, env = "TUNA_TRAINER_THREADS")]
     pub threads: Option<u32>,
@@ -100,6 +103,7 @@ pub fn worker_config(o: &WorkerOptions) -> anyhow::Result<WorkerConfig> {
     }
     cfg.poll_every = Duration::from_secs(o.poll_secs.max(1));
     cfg.fetch.allow_file_urls = o.allow_file_urls;
+    cfg.fetch.allow_private_urls = o.allow_private_urls;
     cfg.fetch.max_bytes = o.max_dataset_mb.saturating_mul(1024 * 1024);
     cfg.trainer_threads = o.threads;
     cfg.stall_timeout =

@@ -24,6 +24,10 @@ pub struct FetchLimits {
     pub total_timeout: Duration,
     pub max_redirects: usize,
     pub allow_file_urls: bool,
+    /// Fetch http(s) URLs that resolve to (or redirect to) loopback, private, link-local and
+    /// other non-public addresses. Off by default: a dataset URL is chosen by the API's caller,
+    /// and must not reach the worker's own network (cloud metadata services, databases, ...).
+    pub allow_private_urls: bool,
 }
 
 impl Default for FetchLimits {
@@ -34,6 +38,7 @@ impl Default for FetchLimits {
             total_timeout: Duration::from_secs(30 * 60),
             max_redirects: 5,
             allow_file_urls: false,
+            allow_private_urls: false,
         }
     }
 }
@@ -184,14 +189,106 @@ pub async fn fetch_url(
     })
 }
 
+/// Addresses a dataset URL may not reach unless the worker allows private URLs: unspecified,
+/// loopback, private (RFC 1918, fc00::/7), link-local (169.254.0.0/16, where cloud metadata
+/// services live, and fe80::/10), shared (100.64.0.0/10), benchmarking, multicast, broadcast and
+/// reserved ranges, and IPv4 addresses mapped into IPv6.
+pub fn is_non_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_non_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+fn private_refusal(host: &str, ip: std::net::IpAddr) -> String {
+    format!(
+        "{host} is a non-public address ({ip}); this worker does not fetch datasets from loopback, private or link-local addresses (an operator can allow it with --allow-private-urls)"
+    )
+}
+
+/// Resolves names like the system does, keeping only public addresses.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let all: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<std::net::SocketAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| !is_non_public(a.ip()))
+                .collect();
+            match (public.is_empty(), all.first()) {
+                (true, Some(first)) => Err(private_refusal(&host, first.ip()).into()),
+                _ => Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// The non-public IP literal `url` names as its host, if any (names go through [`PublicOnly`]).
+fn private_literal(url: &url::Url) -> Option<String> {
+    let ip = match url.host()? {
+        url::Host::Ipv4(ip) => std::net::IpAddr::V4(ip),
+        url::Host::Ipv6(ip) => std::net::IpAddr::V6(ip),
+        url::Host::Domain(_) => return None,
+    };
+    is_non_public(ip).then(|| private_refusal(&ip.to_string(), ip))
+}
+
 async fn fetch_http(url: &str, dest: &Path, limits: &FetchLimits) -> Result<u64, String> {
-    let client = reqwest::Client::builder()
+    let max_redirects = limits.max_redirects;
+    let allow_private = limits.allow_private_urls;
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(limits.connect_timeout)
         .timeout(limits.total_timeout)
-        .redirect(reqwest::redirect::Policy::limited(limits.max_redirects))
-        .user_agent(concat!("tuna-worker/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| e.to_string())?;
+        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > max_redirects {
+                return attempt.error(format!("more than {max_redirects} redirects"));
+            }
+            match private_literal(attempt.url()).filter(|_| !allow_private) {
+                Some(why) => {
+                    let msg = format!("redirected to {}: {why}", attempt.url());
+                    attempt.error(msg)
+                }
+                None => attempt.follow(),
+            }
+        }))
+        .user_agent(concat!("tuna-worker/", env!("CARGO_PKG_VERSION")));
+    if !allow_private {
+        let parsed = url::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
+        if let Some(why) = private_literal(&parsed) {
+            return Err(why);
+        }
+        builder = builder.dns_resolver(std::sync::Arc::new(PublicOnly));
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
     let resp = client
         .get(url)
         .send()
@@ -241,7 +338,11 @@ async fn fetch_http(url: &str, dest: &Path, limits: &FetchLimits) -> Result<u64,
 fn describe_reqwest(e: &reqwest::Error, limits: &FetchLimits) -> String {
     use std::error::Error as _;
     if e.is_redirect() {
-        return format!("more than {} redirects", limits.max_redirects);
+        // The policy's own message (too many redirects, or a redirect to a private address).
+        return match e.source() {
+            Some(s) => s.to_string(),
+            None => format!("more than {} redirects", limits.max_redirects),
+        };
     }
     if e.is_timeout() {
         return format!(
@@ -402,4 +503,66 @@ pub fn sanitize(name: &str) -> String {
         .collect();
     let hash = hex::encode(sha2::Sha256::digest(name.as_bytes()));
     format!("{readable}-{}", &hash[..12])
+}
+
+#[cfg(test)]
+mod private_url_tests {
+    use super::*;
+
+    #[test]
+    fn non_public_addresses() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_non_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+        ] {
+            assert!(!is_non_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn ip_literals_are_checked_names_are_left_to_the_resolver() {
+        let check = |u: &str| private_literal(&url::Url::parse(u).unwrap());
+        assert!(check("http://127.0.0.1:8000/x").is_some());
+        assert!(check("http://[::1]/x").is_some());
+        assert!(check("http://169.254.169.254/latest").is_some());
+        assert!(check("https://93.184.215.14/x").is_none());
+        assert!(check("https://example.com/x").is_none());
+    }
+
+    #[tokio::test]
+    async fn names_resolving_only_to_private_addresses_are_refused() {
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let refused = PublicOnly
+            .resolve(name)
+            .await
+            .err()
+            .expect("localhost is refused");
+        assert!(
+            refused.to_string().contains("non-public address"),
+            "{refused}"
+        );
+    }
 }

@@ -418,10 +418,38 @@ async fn an_unreachable_dataset_url_fails_with_a_clear_error() {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}/train.jsonl");
+    // By default a dataset URL may not reach the worker's own network.
+    for (host_url, addr) in [
+        (url.clone(), "127.0.0.1"),
+        (
+            "http://169.254.169.254/latest/meta-data".to_string(),
+            "169.254.169.254",
+        ),
+        (format!("http://localhost:{port}/train.jsonl"), "localhost"),
+    ] {
+        let job_id = env
+            .create_job(json!({"model": "gpt2-tiny", "dataset_url": host_url}))
+            .await;
+        run_once(&env, "url").await;
+        let err = env.job(&job_id).await.error.unwrap();
+        assert_eq!(err["code"], "dataset_download_failed", "{err}");
+        let msg = err["message"].as_str().unwrap();
+        assert!(
+            msg.contains(addr)
+                && msg.contains("non-public address")
+                && msg.contains("--allow-private-urls"),
+            "{msg}"
+        );
+    }
     let job_id = env
         .create_job(json!({"model": "gpt2-tiny", "dataset_url": url}))
         .await;
-    let out = run_once(&env, "url").await;
+    let mut cfg = env.config("url");
+    cfg.fetch.allow_private_urls = true;
+    let out = tuna_worker::Worker::new(env.pool().clone(), cfg)
+        .try_run_one()
+        .await
+        .expect("worker step");
     assert_eq!(
         out,
         Outcome::Finished {
