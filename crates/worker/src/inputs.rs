@@ -468,6 +468,30 @@ pub async fn resolve_model(
                     format!("cannot download fine-tuned model '{model}': {e}"),
                 ));
             }
+            if !tmp.join("config.json").is_file() {
+                let adapter = std::fs::read_to_string(tmp.join("adapter_config.json")).ok();
+                let _ = tokio::fs::remove_dir_all(&tmp).await;
+                return Err(err(
+                    "invalid_model",
+                    "model",
+                    match adapter {
+                        Some(text) => {
+                            let base = serde_json::from_str::<Value>(&text)
+                                .ok()
+                                .and_then(|v| {
+                                    v["base_model_name_or_path"].as_str().map(str::to_string)
+                                })
+                                .unwrap_or_else(|| "its base model".into());
+                            format!(
+                                "fine-tuned model '{model}' is a LoRA adapter without merged weights, so a new job cannot start from it; fine-tune its base ({base}) with `merge_lora: true` to get a model that can be fine-tuned further, or load the adapter with PEFT"
+                            )
+                        }
+                        None => format!(
+                            "fine-tuned model '{model}' has no config.json in the artifact store"
+                        ),
+                    },
+                ));
+            }
             let _ = std::fs::write(tmp.join(".complete"), b"");
             let _ = tokio::fs::remove_dir_all(&dir).await;
             tokio::fs::rename(&tmp, &dir).await.map_err(|e| {

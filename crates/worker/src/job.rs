@@ -1096,11 +1096,20 @@ async fn finish_succeeded(
     .await
     .map_err(|e| WorkerError::Queue(QueueError::Db(e)))?;
 
+    // A LoRA job's final folder holds the adapter; with `merge_lora` its `merged/` folder holds
+    // full weights, which is what a later job fine-tuning this model starts from.
+    let model_location = if !final_dir.join("config.json").is_file()
+        && final_dir.join("merged").join("config.json").is_file()
+    {
+        format!("{prefix}/merged")
+    } else {
+        prefix
+    };
     let done = Completion {
         fine_tuned_model: model_name.to_string(),
         trained_tokens,
         result_files: vec![file_id.clone()],
-        model_location: Some(prefix),
+        model_location: Some(model_location),
         architecture: Some(prepared.model.architecture.clone()),
     };
     match queue::complete(ctx.pool, &ctx.lease, &done).await {

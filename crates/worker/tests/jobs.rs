@@ -802,3 +802,45 @@ async fn a_hung_trainer_is_stopped_and_its_job_fails_as_stalled() {
     token.cancel();
     worker.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_lora_model_is_a_base_for_the_next_job_an_adapter_alone_is_refused_clearly() {
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(16)).await;
+    let lora = |merge: bool, suffix: &str| {
+        json!({"model": "gpt2-tiny", "training_file": file, "suffix": suffix,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 8}, "max_seq_length": 32,
+            "lora_r": 4, "lora_target_modules": ["c_attn"], "merge_lora": merge})
+    };
+    let mut models = Vec::new();
+    for (merge, suffix) in [(true, "merged"), (false, "adapter")] {
+        let id = env.create_job(lora(merge, suffix)).await;
+        run_once(&env, "lora").await;
+        let job = env.job(&id).await;
+        assert_eq!(job.status, "succeeded", "{:?}", job.error);
+        models.push(job.fine_tuned_model.unwrap());
+    }
+    // Full fine-tuning starts from the merged weights.
+    let next = env
+        .create_job(json!({"model": models[0], "training_file": file,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 8}, "max_seq_length": 32}))
+        .await;
+    run_once(&env, "lora").await;
+    let job = env.job(&next).await;
+    assert_eq!(job.status, "succeeded", "{:?}", job.error);
+    // An adapter alone cannot be a base: the error says what to do.
+    let refused = env
+        .create_job(json!({"model": models[1], "training_file": file, "max_seq_length": 32}))
+        .await;
+    run_once(&env, "lora").await;
+    let err = env.job(&refused).await.error.unwrap();
+    assert_eq!(
+        (err["code"].as_str(), err["param"].as_str()),
+        (Some("invalid_model"), Some("model")),
+        "{err}"
+    );
+    assert!(
+        err["message"].as_str().unwrap().contains("merge_lora"),
+        "{err}"
+    );
+}
