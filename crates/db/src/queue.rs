@@ -924,11 +924,26 @@ pub struct Completion {
     pub trained_tokens: Option<i64>,
     /// File ids of result files (`result_files` of the job).
     pub result_files: Vec<String>,
+    /// The `files` row of a results file already in the store, written in the same fenced
+    /// transaction (a worker that lost its lease leaves no row behind).
+    pub results_file: Option<ResultsFile>,
     /// When set, a `models` row (`kind = 'fine_tuned'`, owned by the job's organisation) is
     /// written for `fine_tuned_model` at this artifact-store prefix.
     pub model_location: Option<String>,
     /// Architecture summary for the `models` row.
     pub architecture: Option<Value>,
+}
+
+/// A results file of a job (`purpose = 'fine-tune-results'`, CSV).
+#[derive(Debug, Clone, Default)]
+pub struct ResultsFile {
+    pub file_id: String,
+    pub filename: String,
+    pub bytes: i64,
+    /// Data rows (the header not counted).
+    pub rows: i64,
+    pub storage_key: String,
+    pub sha256: String,
 }
 
 const CLEAR_LEASE: &str = "lease_owner = null, lease_token = null, lease_expires_at = null";
@@ -948,6 +963,21 @@ pub async fn complete(pool: &PgPool, lease: &Lease, done: &Completion) -> Result
     .bind(json!(done.result_files))
     .fetch_one(&mut *tx)
     .await?;
+    if let Some(f) = &done.results_file {
+        sqlx::query(
+            "insert into files (file_id, organization_id, filename, purpose, bytes, status, format, example_count, storage_key, sha256) \
+             values ($1, $2, $3, 'fine-tune-results', $4, 'processed', 'csv', $5, $6, $7)",
+        )
+        .bind(&f.file_id)
+        .bind(&job.organization_id)
+        .bind(&f.filename)
+        .bind(f.bytes)
+        .bind(f.rows)
+        .bind(&f.storage_key)
+        .bind(&f.sha256)
+        .execute(&mut *tx)
+        .await?;
+    }
     if let Some(location) = &done.model_location {
         sqlx::query(
             "insert into models (model_id, organization_id, kind, location, job_id, architecture) \

@@ -650,16 +650,34 @@ async fn release_requeues_without_counting_and_complete_registers_the_model() {
         (row.status.as_str(), row.attempt, row.infra_retries),
         ("queued", 1, 0)
     );
-    let c = queue::claim(pool, &w, TTL).await.unwrap().unwrap();
-    assert_eq!(c.job.attempt, 1);
     let done = Completion {
         fine_tuned_model: "ft:tiny-bert:org-test::abc".into(),
         trained_tokens: Some(1234),
         result_files: vec!["file-results".into()],
+        results_file: Some(queue::ResultsFile {
+            file_id: "file-results".into(),
+            filename: "step_metrics.csv".into(),
+            bytes: 42,
+            rows: 3,
+            storage_key: "files/file-results".into(),
+            sha256: "00".into(),
+        }),
         model_location: Some("jobs/ftjob-rel/final".into()),
         architecture: Some(json!({"family": "bert"})),
     };
+    let results_rows = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from files where file_id = 'file-results'")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    // The released lease can complete nothing, its results file included.
+    assert_lost(queue::complete(pool, &c.lease, &done).await);
+    assert_eq!(results_rows().await, 0);
+    let c = queue::claim(pool, &w, TTL).await.unwrap().unwrap();
+    assert_eq!(c.job.attempt, 1);
     let row = queue::complete(pool, &c.lease, &done).await.unwrap();
+    assert_eq!(results_rows().await, 1);
     assert_eq!(row.status, "succeeded");
     assert_eq!(row.trained_tokens, Some(1234));
     assert_eq!(row.result_files, json!(["file-results"]));

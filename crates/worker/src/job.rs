@@ -1082,20 +1082,6 @@ async fn finish_succeeded(
         .put_bytes(&key, csv)
         .await
         .map_err(|e| WorkerError::Store(e.to_string()))?;
-    sqlx::query(
-        "insert into files (file_id, organization_id, filename, purpose, bytes, status, format, example_count, storage_key, sha256) \
-         values ($1, $2, 'step_metrics.csv', 'fine-tune-results', $3, 'processed', 'csv', $4, $5, $6)",
-    )
-    .bind(&file_id)
-    .bind(&ctx.job.organization_id)
-    .bind(info.size as i64)
-    .bind(results_rows(results))
-    .bind(&key)
-    .bind(&info.sha256)
-    .execute(ctx.pool)
-    .await
-    .map_err(|e| WorkerError::Queue(QueueError::Db(e)))?;
-
     // A LoRA job's final folder holds the adapter; with `merge_lora` its `merged/` folder holds
     // full weights, which is what a later job fine-tuning this model starts from.
     let model_location = if !final_dir.join("config.json").is_file()
@@ -1109,6 +1095,14 @@ async fn finish_succeeded(
         fine_tuned_model: model_name.to_string(),
         trained_tokens,
         result_files: vec![file_id.clone()],
+        results_file: Some(queue::ResultsFile {
+            file_id: file_id.clone(),
+            filename: "step_metrics.csv".into(),
+            bytes: info.size as i64,
+            rows: results_rows(results),
+            storage_key: key.clone(),
+            sha256: info.sha256.clone(),
+        }),
         model_location: Some(model_location),
         architecture: Some(prepared.model.architecture.clone()),
     };
@@ -1118,11 +1112,7 @@ async fn finish_succeeded(
             status: row.status,
         }),
         Err(e) => {
-            // Not ours any more: take the results file back.
-            let _ = sqlx::query("delete from files where file_id = $1")
-                .bind(&file_id)
-                .execute(ctx.pool)
-                .await;
+            // Not ours any more (no row was written): take the stored bytes back.
             let _ = ctx.cfg.store.delete(&key).await;
             lost_or(Err(e), &ctx.lost)
         }
