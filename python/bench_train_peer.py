@@ -235,7 +235,7 @@ def run(a):
         "side": "transformers", "case": a.case, "device": a.device,
         "threads": torch.get_num_threads(), "precision": "bf16-autocast" if cuda else "fp32",
         "model_type": cfg.model_type, "task": data["task"], "lora_r": a.lora_r or None,
-        "packing": False, "batch_size": len(batches[0]), "max_len": data["max_len"],
+        "packing": "none", "batch_size": len(batches[0]), "max_len": data["max_len"],
         "warmup_steps": a.warmup, "timed_steps": len(times), "params": total,
         "trainable_params": trainable, "matmul_params": n_mm, "lora_params": n_lora,
         "load_s": load_s,

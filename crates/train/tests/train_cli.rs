@@ -180,3 +180,77 @@ fn bad_data_is_an_error_event_with_status_2() {
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["model_type"], "gpt2");
 }
+
+/// `tuna-trainer bench` prints one JSON line with the timing keys `scripts/bench-train.sh`
+/// reads, for plain, packed and LoRA runs; a bad batch file is an error event with status 2.
+#[test]
+fn bench_prints_one_json_line_per_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches: Vec<Vec<Value>> = (0..2)
+        .map(|b| {
+            [3usize, 9, 5, 14]
+                .iter()
+                .map(|n| json!({"input_ids": (0..*n).map(|j| (b * 7 + j * 13) % 400).collect::<Vec<_>>()}))
+                .collect()
+        })
+        .collect();
+    let data = dir.path().join("batches.json");
+    std::fs::write(
+        &data,
+        json!({"task": "causal_lm", "max_len": 32, "batches": batches}).to_string(),
+    )
+    .unwrap();
+    let bench = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tuna-trainer"))
+            .args(["bench", "--model-dir"])
+            .arg(fixture("gpt2"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--warmup", "1", "--steps", "3", "--threads", "1"])
+            .args(extra)
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), events(&out.stdout))
+    };
+    for extra in [&[][..], &["--packing"][..], &["--lora-r", "4"][..]] {
+        let (code, ev) = bench(extra);
+        assert_eq!(code, Some(0), "{extra:?}: {ev:?}");
+        assert_eq!(ev.len(), 1);
+        let r = &ev[0];
+        assert_eq!(r["side"], "tuna");
+        assert_eq!(r["timed_steps"], 3);
+        assert_eq!(r["real_tokens"], 3 * (3 + 9 + 5 + 14));
+        for key in [
+            "step_time_median_s",
+            "step_time_mean_s",
+            "tokens_per_s_real",
+            "tokens_per_s_padded",
+            "tflops",
+            "timed_loss_per_target",
+        ] {
+            let v = r[key].as_f64().unwrap_or_else(|| panic!("{key}: {r}"));
+            assert!(v.is_finite() && v > 0.0, "{key}: {r}");
+        }
+        let padded = r["padded_tokens"].as_u64().unwrap();
+        if extra == ["--packing"] {
+            // 31 tokens fit one row of 32: no padding at all.
+            assert_eq!(padded, 3 * 31, "{r}");
+            assert_eq!(r["packing"], "packed rows");
+        } else {
+            assert_eq!(padded, 3 * 4 * 14, "{r}");
+        }
+        if extra.contains(&"--lora-r") {
+            assert!(r["lora_params"].as_i64().unwrap() > 0);
+            assert!(r["trainable_params"].as_i64() < r["params"].as_i64());
+        }
+    }
+    std::fs::write(
+        &data,
+        r#"{"task": "causal_lm", "max_len": 8, "batches": []}"#,
+    )
+    .unwrap();
+    let (code, ev) = bench(&[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(ev[0]["event"], "error");
+}
