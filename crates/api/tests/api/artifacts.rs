@@ -143,6 +143,7 @@ async fn seed(app: &TestApp) -> Seeded {
             result_files: vec![],
             model_location: Some(final_prefix),
             architecture: None,
+            ..Default::default()
         },
     )
     .await
