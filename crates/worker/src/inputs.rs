@@ -468,7 +468,9 @@ pub async fn resolve_model(
                     format!("cannot download fine-tuned model '{model}': {e}"),
                 ));
             }
-            if !tmp.join("config.json").is_file() {
+            if !tmp.join("config.json").is_file()
+                && !tmp.join("merged").join("config.json").is_file()
+            {
                 let adapter = std::fs::read_to_string(tmp.join("adapter_config.json")).ok();
                 let _ = tokio::fs::remove_dir_all(&tmp).await;
                 return Err(err(
@@ -502,7 +504,13 @@ pub async fn resolve_model(
                 )
             })?;
         }
-        dir
+        // A LoRA job with `merge_lora` keeps the adapter at the top and full weights in
+        // `merged/`: a new job starts from those.
+        if dir.join("config.json").is_file() {
+            dir
+        } else {
+            dir.join("merged")
+        }
     };
     Ok(ResolvedModel {
         model_id: model.to_string(),

@@ -1082,15 +1082,6 @@ async fn finish_succeeded(
         .put_bytes(&key, csv)
         .await
         .map_err(|e| WorkerError::Store(e.to_string()))?;
-    // A LoRA job's final folder holds the adapter; with `merge_lora` its `merged/` folder holds
-    // full weights, which is what a later job fine-tuning this model starts from.
-    let model_location = if !final_dir.join("config.json").is_file()
-        && final_dir.join("merged").join("config.json").is_file()
-    {
-        format!("{prefix}/merged")
-    } else {
-        prefix
-    };
     let done = Completion {
         fine_tuned_model: model_name.to_string(),
         trained_tokens,
@@ -1103,7 +1094,7 @@ async fn finish_succeeded(
             storage_key: key.clone(),
             sha256: info.sha256.clone(),
         }),
-        model_location: Some(model_location),
+        model_location: Some(prefix),
         architecture: Some(prepared.model.architecture.clone()),
     };
     match queue::complete(ctx.pool, &ctx.lease, &done).await {
