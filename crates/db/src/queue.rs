@@ -260,30 +260,14 @@ impl Inserted {
 pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
     check_device(job)?;
     let mut tx = pool.begin().await?;
-    let created: Option<JobRow> = sqlx::query_as(
+    let query = sqlx::query_as(
         "insert into jobs (job_id, organization_id, status, model, training_file, validation_file, spec, suffix, seed, \
                            metadata, integrations, priority, required_device, min_gpu_memory_mb, idempotency_key, max_attempts) \
          values ($1, $2, 'validating_files', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, greatest($15, 1)) \
          on conflict (organization_id, idempotency_key) where idempotency_key is not null do nothing \
          returning *",
-    )
-    .bind(&job.job_id)
-    .bind(&job.organization_id)
-    .bind(&job.model)
-    .bind(&job.training_file)
-    .bind(&job.validation_file)
-    .bind(&job.spec)
-    .bind(&job.suffix)
-    .bind(job.seed)
-    .bind(&job.metadata)
-    .bind(&job.integrations)
-    .bind(job.priority)
-    .bind(&job.required_device)
-    .bind(job.min_gpu_memory_mb)
-    .bind(&job.idempotency_key)
-    .bind(job.max_attempts)
-    .fetch_optional(&mut *tx)
-    .await?;
+    );
+    let created: Option<JobRow> = bind_new_job(query, job).fetch_optional(&mut *tx).await?;
     if let Some(row) = created {
         let msg = format!("Created fine-tuning job: {}", row.job_id);
         insert_event(
@@ -320,7 +304,7 @@ pub async fn insert_checked_job(
     };
     // The events' `seq` follows the order of the VALUES rows (created, then the outcome), and
     // the NOTIFY reaches workers when the statement commits.
-    let created: Option<JobRow> = sqlx::query_as(
+    let query = sqlx::query_as(
         "with j as ( \
            insert into jobs (job_id, organization_id, status, model, training_file, validation_file, spec, suffix, \
                              seed, metadata, integrations, priority, required_device, min_gpu_memory_mb, \
@@ -336,30 +320,16 @@ pub async fn insert_checked_job(
                                      (2, $18, $19, $20, $16::jsonb)) as v (n, event_id, level, message, data) \
            order by v.n) \
          select j.*, case when j.status = 'queued' then pg_notify($21, 'queued') is null end as notified from j",
-    )
-    .bind(&job.job_id)
-    .bind(&job.organization_id)
-    .bind(&job.model)
-    .bind(&job.training_file)
-    .bind(&job.validation_file)
-    .bind(&job.spec)
-    .bind(&job.suffix)
-    .bind(job.seed)
-    .bind(&job.metadata)
-    .bind(&job.integrations)
-    .bind(job.priority)
-    .bind(&job.required_device)
-    .bind(job.min_gpu_memory_mb)
-    .bind(&job.idempotency_key)
-    .bind(job.max_attempts)
-    .bind(&error)
-    .bind(ids::new_id(ids::EVENT))
-    .bind(ids::new_id(ids::EVENT))
-    .bind(level.as_str())
-    .bind(message)
-    .bind(CHANNEL_QUEUED)
-    .fetch_optional(&mut *conn)
-    .await?;
+    );
+    let created: Option<JobRow> = bind_new_job(query, job)
+        .bind(&error)
+        .bind(ids::new_id(ids::EVENT))
+        .bind(ids::new_id(ids::EVENT))
+        .bind(level.as_str())
+        .bind(message)
+        .bind(CHANNEL_QUEUED)
+        .fetch_optional(&mut *conn)
+        .await?;
     match created {
         Some(row) => Ok(Inserted::Created(row)),
         None => Ok(Inserted::Existing(by_idempotency_key(conn, job).await?)),
@@ -374,6 +344,29 @@ async fn by_idempotency_key<'e>(db: impl sqlx::PgExecutor<'e>, job: &NewJob) -> 
             .fetch_one(db)
             .await?,
     )
+}
+
+/// Binds a new job's columns as `$1` to `$15`, in the order both inserts list them.
+fn bind_new_job<'q>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, JobRow, sqlx::postgres::PgArguments>,
+    job: &'q NewJob,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, JobRow, sqlx::postgres::PgArguments> {
+    query
+        .bind(&job.job_id)
+        .bind(&job.organization_id)
+        .bind(&job.model)
+        .bind(&job.training_file)
+        .bind(&job.validation_file)
+        .bind(&job.spec)
+        .bind(&job.suffix)
+        .bind(job.seed)
+        .bind(&job.metadata)
+        .bind(&job.integrations)
+        .bind(job.priority)
+        .bind(&job.required_device)
+        .bind(job.min_gpu_memory_mb)
+        .bind(&job.idempotency_key)
+        .bind(job.max_attempts)
 }
 
 fn check_device(job: &NewJob) -> Result<()> {

@@ -158,22 +158,35 @@ pub fn causal_mask(
         });
     }
     let dev = attention_mask.device();
-    let idx = Tensor::f_arange(t, (Kind::Int64, dev))?;
-    let q = idx.f_view([t, 1])?;
-    let k = idx.f_view([1, t])?;
-    let mut allowed = k.f_le_tensor(&q)?; // [t, t]
-    if let Some(w) = sliding_window {
-        allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?;
-    }
+    let (allowed, eye) = causal_window(t, sliding_window, dev)?;
     let keys = attention_mask.f_ne(0)?.f_view([-1, 1, 1, t])?; // [b,1,1,t]
-    let allowed = allowed.f_view([1, 1, t, t])?.f_logical_and(&keys)?; // [b,1,t,t]
+    let allowed = allowed.f_logical_and(&keys)?; // [b,1,t,t]
     let none = allowed.f_any_dim(-1, true)?.f_logical_not()?; // [b,1,t,1]
-    let eye = q.f_eq_tensor(&k)?.f_view([1, 1, t, t])?;
     let allowed = allowed.f_logical_or(&eye.f_logical_and(&none)?)?;
     Ok(AttnMask {
         mask: Some(allowed),
         is_causal: false,
     })
+}
+
+/// The causal pattern of `t` positions, `[1, 1, t, t]` (`true` where query `i` may see key
+/// `j`: `j <= i`, and `i - j < window` with a sliding window), and the diagonal `[1, 1, t, t]`.
+fn causal_window(
+    t: i64,
+    sliding_window: Option<i64>,
+    dev: tch::Device,
+) -> Result<(Tensor, Tensor)> {
+    let idx = Tensor::f_arange(t, (Kind::Int64, dev))?;
+    let q = idx.f_view([t, 1])?;
+    let k = idx.f_view([1, t])?;
+    let mut allowed = k.f_le_tensor(&q)?;
+    if let Some(w) = sliding_window {
+        allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?;
+    }
+    Ok((
+        allowed.f_view([1, 1, t, t])?,
+        q.f_eq_tensor(&k)?.f_view([1, 1, t, t])?,
+    ))
 }
 
 /// Mask for packed rows (`segment_ids` `[b, t]`, examples numbered from 1, 0 = padding): a
@@ -183,18 +196,11 @@ pub fn packed_mask(segment_ids: &Tensor, sliding_window: Option<i64>) -> Result<
     let s = segment_ids.size();
     let (b, t) = (s[0], s[1]);
     let dev = segment_ids.device();
-    let idx = Tensor::f_arange(t, (Kind::Int64, dev))?;
-    let q = idx.f_view([t, 1])?;
-    let k = idx.f_view([1, t])?;
-    let mut allowed = k.f_le_tensor(&q)?; // [t, t]
-    if let Some(w) = sliding_window {
-        allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?;
-    }
+    let (allowed, eye) = causal_window(t, sliding_window, dev)?;
     let sq = segment_ids.f_view([b, 1, t, 1])?;
     let sk = segment_ids.f_view([b, 1, 1, t])?;
     let same = sq.f_eq_tensor(&sk)?.f_logical_and(&sk.f_ne(0)?)?; // [b,1,t,t]
-    let allowed = allowed.f_view([1, 1, t, t])?.f_logical_and(&same)?;
-    let eye = q.f_eq_tensor(&k)?.f_view([1, 1, t, t])?;
+    let allowed = allowed.f_logical_and(&same)?;
     let pad_q = sq.f_eq(0)?;
     let allowed = allowed.f_logical_or(&eye.f_logical_and(&pad_q)?)?;
     Ok(AttnMask {

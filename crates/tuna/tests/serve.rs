@@ -83,13 +83,16 @@ async fn serve_creates_the_admin_key_and_shuts_down_on_sigterm() {
     assert_eq!(models["data"][0]["id"], "gpt2");
     let other = run(&["keys", "create", "--org", "acme", "--data-dir", &data]);
     let other_key = other.trim();
-    let resp = client
-        .get(format!("{base}/v1/files"))
-        .bearer_auth(other_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let files_status = || async {
+        client
+            .get(format!("{base}/v1/files"))
+            .bearer_auth(other_key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(files_status().await, 200);
     let listed = run(&["keys", "list", "--data-dir", &data]);
     assert_eq!(listed.lines().count(), 3, "{listed}");
     // Revoking the second key: the server refuses it once its 5 s cache entry is gone.
@@ -113,13 +116,7 @@ async fn serve_creates_the_admin_key_and_shuts_down_on_sigterm() {
         .lines()
         .any(|l| l.starts_with(&id) && l.contains(" true ")));
     tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
-    let resp = client
-        .get(format!("{base}/v1/files"))
-        .bearer_auth(other_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401);
+    assert_eq!(files_status().await, 401);
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -479,27 +479,42 @@ async fn an_unreachable_dataset_url_fails_with_a_clear_error() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashing_trainer_fails_its_job_and_the_worker_goes_on() {
-    let env = Env::new(None).await;
+/// A long job on a worker with `cfg`: once the trainer has logged its first step, sends it
+/// `signal` and waits for the job to leave `running`. Returns the job, the training file (for a
+/// next job) and the still running worker.
+async fn signal_the_trainer_mid_job(
+    env: &Env,
+    cfg: tuna_worker::WorkerConfig,
+    signal: nix::sys::signal::Signal,
+) -> (
+    tuna_db::rows::JobRow,
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), tuna_worker::WorkerError>>,
+) {
     let file = env.upload("train.jsonl", &gpt2_data(256)).await;
-    let crash = env
+    let job_id = env
         .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 50, "batch_size": 4},
             "max_seq_length": 32, "checkpoint_interval": 100000, "log_interval": 1}))
         .await;
     let token = CancellationToken::new();
-    let worker = tokio::spawn(env.worker("crash").run(token.clone()));
-    env.wait_metrics(&crash, 1, LONG).await;
-    let pids = trainer_pids(&crash);
+    let worker = tokio::spawn(Worker::new(env.pool().clone(), cfg).run(token.clone()));
+    env.wait_metrics(&job_id, 1, LONG).await;
+    let pids = trainer_pids(&job_id);
     assert_eq!(pids.len(), 1);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pids[0]),
-        nix::sys::signal::Signal::SIGABRT,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), signal).unwrap();
     let job = env
-        .wait_job(&crash, Duration::from_secs(30), |j| j.status != "running")
+        .wait_job(&job_id, Duration::from_secs(30), |j| j.status != "running")
         .await;
+    (job, file, token, worker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_trainer_fails_its_job_and_the_worker_goes_on() {
+    let env = Env::new(None).await;
+    let (job, file, token, worker) =
+        signal_the_trainer_mid_job(&env, env.config("crash"), nix::sys::signal::Signal::SIGABRT)
+            .await;
     assert_eq!(job.status, "failed");
     let err = job.error.unwrap();
     assert_eq!(err["code"], "trainer_crashed");
@@ -764,27 +779,11 @@ async fn assert_resumed_after_lost_worker(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_trainer_is_stopped_and_its_job_fails_as_stalled() {
     let env = Env::new(None).await;
-    let file = env.upload("train.jsonl", &gpt2_data(256)).await;
-    let hung = env
-        .create_job(json!({"model": "gpt2-tiny", "training_file": file, "hyperparameters": {"n_epochs": 50, "batch_size": 4},
-            "max_seq_length": 32, "checkpoint_interval": 100000, "log_interval": 1}))
-        .await;
     let mut cfg = env.config("stall");
     cfg.stall_timeout = Some(Duration::from_secs(3));
-    let token = CancellationToken::new();
-    let worker = tokio::spawn(Worker::new(env.pool().clone(), cfg).run(token.clone()));
-    env.wait_metrics(&hung, 1, LONG).await;
-    let pids = trainer_pids(&hung);
-    assert_eq!(pids.len(), 1);
     // A stopped process neither prints nor exits: what a deadlocked trainer looks like.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pids[0]),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
-    let job = env
-        .wait_job(&hung, Duration::from_secs(30), |j| j.status != "running")
-        .await;
+    let (job, _, token, worker) =
+        signal_the_trainer_mid_job(&env, cfg, nix::sys::signal::Signal::SIGSTOP).await;
     assert_eq!(job.status, "failed");
     let err = job.error.unwrap();
     assert_eq!(err["code"], "trainer_stalled", "{err}");
@@ -796,7 +795,7 @@ async fn a_hung_trainer_is_stopped_and_its_job_fails_as_stalled() {
         "{err}"
     );
     assert!(
-        trainer_pids(&hung).is_empty(),
+        trainer_pids(&job.job_id).is_empty(),
         "the hung trainer was killed"
     );
     token.cancel();
