@@ -67,7 +67,7 @@ impl KeyCache {
                 return Ok(Some(owner.clone()));
             }
         }
-        let owner = keys::authenticate(db, secret).await?;
+        let owner = keys::authenticate(db, &hash).await?;
         let mut cache = self.keys.write().unwrap_or_else(|e| e.into_inner());
         match &owner {
             Some(owner) if !ttl.is_zero() => {

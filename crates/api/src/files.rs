@@ -24,6 +24,7 @@ use tuna_store::StoreError;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::objects::Rendered;
 use crate::query::{page, ListParams};
 use crate::{objects, AppState, Config};
 
@@ -73,7 +74,7 @@ async fn upload(
     Ok(Json(objects::file(&row)))
 }
 
-async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiResult<Json<Value>> {
+async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiResult<Rendered> {
     let limit = q.limit(10_000, 10_000)?;
     let order = if q.descending()? {
         Order::Desc
@@ -89,7 +90,7 @@ async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiR
         order,
     )
     .await?;
-    Ok(Json(page(rows, limit, objects::file)))
+    Ok(page(&rows, limit, objects::file))
 }
 
 async fn retrieve(
@@ -108,6 +109,7 @@ async fn delete(
     let row = db::delete_file(&st.db, &caller.organization_id, &file_id)
         .await?
         .ok_or_else(|| ApiError::not_found("file", &file_id))?;
+    st.inputs.forget_file(&caller.organization_id, &row.file_id);
     if let Err(e) = st.config.store.delete(&row.storage_key).await {
         tracing::warn!(key = %row.storage_key, error = %e, "removing a deleted file's bytes failed");
     }

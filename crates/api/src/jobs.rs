@@ -4,7 +4,7 @@
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use rand::Rng;
 use serde_json::Value;
 use tuna_core::ids;
@@ -15,7 +15,8 @@ use tuna_db::{checkpoints, events, jobs as db};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, ApiResult};
-use crate::query::{page, ListParams};
+use crate::objects::Rendered;
+use crate::query::{page, page_with_ids, ListParams};
 use crate::{objects, validate, AppState, Config};
 
 pub fn router(config: &Config) -> Router<AppState> {
@@ -51,14 +52,14 @@ async fn create(
     caller: Caller,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Rendered> {
     let key = idempotency_key(&headers)?;
     let row = create_job(&st, &caller, &body, key).await?;
     tracing::Span::current().record("job_id", row.job_id.as_str());
-    Ok(Json(objects::job(&row)))
+    Ok(Rendered::new(&objects::job(&row)))
 }
 
-async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiResult<Json<Value>> {
+async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiResult<Rendered> {
     let limit = q.limit(20, 100)?;
     let rows = db::list_jobs(
         &st.db,
@@ -68,23 +69,25 @@ async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiR
         &q.metadata()?,
     )
     .await?;
-    Ok(Json(page(rows, limit, objects::job)))
+    Ok(page(&rows, limit, objects::job))
 }
 
 async fn retrieve(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(objects::job(&find(&st, &caller, &id).await?)))
+) -> ApiResult<Rendered> {
+    Ok(Rendered::new(&objects::job(
+        &find(&st, &caller, &id).await?,
+    )))
 }
 
 async fn cancel(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(objects::job(
+) -> ApiResult<Rendered> {
+    Ok(Rendered::new(&objects::job(
         &queue::request_cancel(&st.db, &caller.organization_id, &id).await?,
     )))
 }
@@ -93,8 +96,8 @@ async fn pause(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(objects::job(
+) -> ApiResult<Rendered> {
+    Ok(Rendered::new(&objects::job(
         &queue::request_pause(&st.db, &caller.organization_id, &id).await?,
     )))
 }
@@ -103,8 +106,8 @@ async fn resume(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(objects::job(
+) -> ApiResult<Rendered> {
+    Ok(Rendered::new(&objects::job(
         &queue::resume(&st.db, &caller.organization_id, &id).await?,
     )))
 }
@@ -114,11 +117,11 @@ async fn list_events(
     caller: Caller,
     Path(id): Path<String>,
     q: ListParams,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Rendered> {
     let job = find(&st, &caller, &id).await?;
     let limit = q.limit(20, 100)?;
     let rows = events::list_events(&st.db, &job.job_id, q.after(), limit + 1).await?;
-    Ok(Json(page(rows, limit, objects::event)))
+    Ok(page(&rows, limit, objects::event))
 }
 
 async fn list_checkpoints(
@@ -126,18 +129,13 @@ async fn list_checkpoints(
     caller: Caller,
     Path(id): Path<String>,
     q: ListParams,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Rendered> {
     let job = find(&st, &caller, &id).await?;
     let limit = q.limit(10, 100)?;
     let rows = checkpoints::list_checkpoints(&st.db, &job.job_id, q.after(), limit + 1).await?;
-    let mut out = page(rows, limit, objects::checkpoint);
-    let ids: Vec<Value> = out["data"]
-        .as_array()
-        .map(|d| d.iter().map(|c| c["id"].clone()).collect())
-        .unwrap_or_default();
-    out["first_id"] = ids.first().cloned().unwrap_or(Value::Null);
-    out["last_id"] = ids.last().cloned().unwrap_or(Value::Null);
-    Ok(Json(out))
+    Ok(page_with_ids(&rows, limit, objects::checkpoint, |c| {
+        c.checkpoint_id.as_str()
+    }))
 }
 
 /// A job of the caller's organisation, or 404.
@@ -180,42 +178,59 @@ pub async fn create_job(
     }
     let mut req = spec::parse_create_request(body, &policy, seed)?;
     let mut conn = st.direct.get().await?;
-    let ctx = db::create_context(
-        conn.conn(),
-        &caller.organization_id,
-        &req.spec.model,
-        req.spec.training_file.as_deref(),
-        req.spec.validation_file.as_deref(),
-    )
-    .await?;
-    fit_auto_to_model(body, &mut req, ctx.model.as_ref());
-    for (id, row, param) in [
-        (&req.spec.training_file, &ctx.training_file, "training_file"),
-        (
-            &req.spec.validation_file,
-            &ctx.validation_file,
-            "validation_file",
-        ),
-    ] {
-        if let Some(id) = id {
-            check_input_file(row.as_ref(), id, param)?;
+    // The model and file rows may come from `st.inputs`; the insert re-checks that the files
+    // are still live and, when one is gone, the create runs once more from fresh rows.
+    let mut fresh_read = false;
+    let inserted = loop {
+        let ctx = st
+            .inputs
+            .context(
+                conn.conn(),
+                &caller.organization_id,
+                &req.spec.model,
+                req.spec.training_file.as_deref(),
+                req.spec.validation_file.as_deref(),
+                fresh_read,
+            )
+            .await?;
+        fit_auto_to_model(body, &mut req, ctx.model.as_ref());
+        for (id, row, param) in [
+            (&req.spec.training_file, &ctx.training_file, "training_file"),
+            (
+                &req.spec.validation_file,
+                &ctx.validation_file,
+                "validation_file",
+            ),
+        ] {
+            if let Some(id) = id {
+                check_input_file(row.as_ref(), id, param)?;
+            }
         }
-    }
-    st.pending
-        .admit(&st.db, &caller.organization_id, st.config.max_pending_jobs)
-        .await?;
-    let new = new_job(caller, &req, key)?;
-    let inserted =
+        st.pending
+            .admit(&st.db, &caller.organization_id, st.config.max_pending_jobs)
+            .await?;
+        let new = new_job(caller, &req, key.clone())?;
         match validate::check_inline(st, &caller.organization_id, &req.spec, &ctx).await? {
-            Some(outcome) => queue::insert_checked_job(conn.conn(), &new, &outcome).await?,
+            Some(outcome) => match queue::insert_checked_job(conn.conn(), &new, &outcome).await? {
+                Some(inserted) => break inserted,
+                None if !fresh_read => fresh_read = true,
+                None => {
+                    return Err(ApiError::bad_request_code(
+                        "a file of this job was deleted while the job was being created",
+                        Some("training_file"),
+                        "invalid_file",
+                    ))
+                }
+            },
             None => {
                 let inserted = queue::insert_job(&st.db, &new).await?;
                 if let Inserted::Created(row) = &inserted {
                     validate::spawn(st.clone(), row.clone());
                 }
-                inserted
+                break inserted;
             }
-        };
+        }
+    };
     conn.release();
     match inserted {
         Inserted::Created(row) => {

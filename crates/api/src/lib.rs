@@ -30,6 +30,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod files;
+pub mod inputs;
 pub mod jobs;
 pub mod limits;
 pub mod models;
@@ -101,6 +102,8 @@ pub struct AppState {
     /// Connections for the hottest statements (job retrieval and creation), reused without
     /// the pool's ping on release (`tuna_db::direct`).
     pub direct: Arc<tuna_db::direct::Direct>,
+    /// Settled model and file rows that new jobs refer to.
+    pub inputs: Arc<inputs::InputCache>,
 }
 
 impl AppState {
@@ -113,6 +116,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             keys: Arc::default(),
             pending: Arc::default(),
+            inputs: Arc::default(),
         }
     }
 }

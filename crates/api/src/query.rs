@@ -6,10 +6,12 @@
 
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 use tuna_db::jobs::MetadataFilter;
 
 use crate::error::ApiError;
+use crate::objects::Rendered;
 
 /// The raw query pairs, with parse failures as [`ApiError`]s.
 #[derive(Debug, Clone, Default)]
@@ -102,9 +104,55 @@ impl ListParams {
     }
 }
 
+/// The first `limit` rows, and whether there were more.
+fn split<T>(rows: &[T], limit: i64) -> (&[T], bool) {
+    let limit = limit.max(0) as usize;
+    (&rows[..rows.len().min(limit)], rows.len() > limit)
+}
+
+#[derive(Serialize)]
+struct List<T> {
+    object: &'static str,
+    data: Vec<T>,
+    has_more: bool,
+}
+
 /// A list envelope from `limit + 1` fetched rows.
-pub fn page<T>(mut rows: Vec<T>, limit: i64, render: impl Fn(&T) -> Value) -> Value {
-    let has_more = rows.len() as i64 > limit;
-    rows.truncate(limit.max(0) as usize);
-    json!({"object": "list", "data": rows.iter().map(render).collect::<Vec<_>>(), "has_more": has_more})
+pub fn page<'r, T, S: Serialize>(
+    rows: &'r [T],
+    limit: i64,
+    render: impl Fn(&'r T) -> S,
+) -> Rendered {
+    let (rows, has_more) = split(rows, limit);
+    Rendered::new(&List {
+        object: "list",
+        data: rows.iter().map(render).collect(),
+        has_more,
+    })
+}
+
+#[derive(Serialize)]
+struct IdList<'a, T> {
+    object: &'static str,
+    data: Vec<T>,
+    has_more: bool,
+    first_id: Option<&'a str>,
+    last_id: Option<&'a str>,
+}
+
+/// [`page`] plus `first_id` and `last_id` (null on an empty page), as checkpoint lists have.
+pub fn page_with_ids<'r, T, S: Serialize>(
+    rows: &'r [T],
+    limit: i64,
+    render: impl Fn(&'r T) -> S,
+    id: impl Fn(&'r T) -> &'r str,
+) -> Rendered {
+    let (rows, has_more) = split(rows, limit);
+    Rendered::new(&IdList {
+        object: "list",
+        data: rows.iter().map(render).collect(),
+        has_more,
+        first_id: rows.first().map(&id),
+        last_id: rows.last().map(&id),
+    })
 }

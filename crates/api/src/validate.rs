@@ -81,7 +81,7 @@ fn fail(code: &str, param: &str, message: String) -> JobError {
 /// `Ok(Err(..))`: the job is invalid; `Err(..)`: the check itself could not run. Reads the
 /// model and files from the database and, when a file's upload scan was not stored, the file.
 pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, ApiError> {
-    let spec: JobSpec = match JobSpec::deserialize(&job.spec) {
+    let spec: &JobSpec = match job.spec.get() {
         Ok(s) => s,
         Err(e) => {
             return Ok(Err(JobError::new(
@@ -98,7 +98,7 @@ pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, 
         spec.validation_file.as_deref(),
     )
     .await?;
-    let outcome = check_with(st, &job.organization_id, &spec, &ctx, Some(&job.job_id)).await?;
+    let outcome = check_with(st, &job.organization_id, spec, &ctx, Some(&job.job_id)).await?;
     Ok(outcome.unwrap_or_else(|| {
         Err(JobError::new(
             "internal",

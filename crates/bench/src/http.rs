@@ -7,18 +7,111 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::Serialize;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::HeaderValue;
+use hyper::Method;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::stats::Summary;
 
-/// A client of one tuna server.
+/// A client of one tuna server (setup requests; the load phases use [`LoadConn`]s).
 #[derive(Clone)]
 pub struct Api {
     client: reqwest::Client,
     base: String,
     /// `Authorization: Bearer <key>`, or nothing (a server with `--open-access`).
     auth: reqwest::header::HeaderMap,
+}
+
+/// One keep-alive HTTP/1.1 connection of a load client, driven through hyper's connection
+/// API: no pool, URL parsing, redirect or retry layers between the load loop and the socket,
+/// so the client takes less of the CPU it shares with the server. Reconnects after an error.
+pub struct LoadConn {
+    /// `host:port` of the server.
+    addr: String,
+    host: HeaderValue,
+    auth: Option<HeaderValue>,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl LoadConn {
+    fn new(api: &Api) -> anyhow::Result<LoadConn> {
+        let addr = api
+            .base
+            .strip_prefix("http://")
+            .context("the load phases need an http:// server URL")?
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Ok(LoadConn {
+            host: HeaderValue::from_str(&addr).context("the server address is not a valid Host")?,
+            auth: api.auth.get(reqwest::header::AUTHORIZATION).cloned(),
+            addr,
+            sender: None,
+        })
+    }
+
+    async fn connect(&mut self) -> anyhow::Result<&mut SendRequest<Full<Bytes>>> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = tokio::net::TcpStream::connect(&self.addr)
+                .await
+                .with_context(|| format!("connecting to {}", self.addr))?;
+            stream.set_nodelay(true)?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(async move {
+                // Ends with the connection (closed by either side, or an error already seen
+                // by the request that was on it).
+                let _ = conn.await;
+            });
+            self.sender = Some(sender);
+        }
+        Ok(self.sender.as_mut().expect("connected above"))
+    }
+
+    /// Sends one request (with the API key, if any) and reads the whole answer.
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        json: Option<&Bytes>,
+    ) -> anyhow::Result<(u16, Bytes)> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, self.host.clone());
+        if let Some(auth) = &self.auth {
+            req = req.header(hyper::header::AUTHORIZATION, auth.clone());
+        }
+        let body = match json {
+            Some(b) => {
+                req = req.header(
+                    hyper::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Full::new(b.clone())
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let req = req.body(body)?;
+        let result = async {
+            let sender = self.connect().await?;
+            sender.ready().await?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, bytes))
+        }
+        .await;
+        if result.is_err() {
+            self.sender = None;
+        }
+        result
+    }
 }
 
 /// What one request did.
@@ -73,26 +166,6 @@ impl Api {
             .send()
             .await?;
         Self::answer(resp, true).await
-    }
-
-    /// `GET /v1/fine_tuning/jobs/{id}` (body read but not parsed unless an error).
-    pub async fn retrieve_job(&self, job_id: &str) -> anyhow::Result<Answer> {
-        let resp = self
-            .client
-            .get(format!("{}/v1/fine_tuning/jobs/{job_id}", self.base))
-            .headers(self.auth.clone())
-            .send()
-            .await?;
-        Self::answer(resp, false).await
-    }
-
-    pub async fn health(&self) -> anyhow::Result<Answer> {
-        let resp = self
-            .client
-            .get(format!("{}/healthz", self.base))
-            .send()
-            .await?;
-        Self::answer(resp, false).await
     }
 
     async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
@@ -191,9 +264,9 @@ impl Api {
 /// Which request a load phase sends.
 #[derive(Clone)]
 pub enum Op {
-    /// `POST /v1/fine_tuning/jobs` with this body.
-    Create(Arc<Value>),
-    /// `GET /v1/fine_tuning/jobs/{id}`, cycling through these ids.
+    /// `POST /v1/fine_tuning/jobs` with this JSON body.
+    Create(Bytes),
+    /// `GET` each of these paths (`/v1/fine_tuning/jobs/{id}`) in turn.
     Retrieve(Arc<Vec<String>>),
     /// `GET /healthz`: no key, no database; what the HTTP stack and the client alone reach.
     Health,
@@ -229,12 +302,42 @@ struct ClientLog {
     created: Vec<String>,
 }
 
-async fn one(api: &Api, op: &Op, i: usize) -> anyhow::Result<Answer> {
-    match op {
-        Op::Create(body) => api.create_job(body).await,
-        Op::Retrieve(ids) => api.retrieve_job(&ids[i % ids.len()]).await,
-        Op::Health => api.health().await,
+/// What a load request needs to know of the created job.
+#[derive(Deserialize)]
+struct Created {
+    id: String,
+}
+
+/// One request of a load phase: the status, the created job's id (create), and the body of
+/// a failure.
+async fn one(
+    conn: &mut LoadConn,
+    op: &Op,
+    i: usize,
+) -> anyhow::Result<(u16, Option<String>, Option<Bytes>)> {
+    let (status, body) = match op {
+        Op::Create(body) => {
+            conn.send(Method::POST, "/v1/fine_tuning/jobs", Some(body))
+                .await?
+        }
+        Op::Retrieve(paths) => {
+            conn.send(Method::GET, &paths[i % paths.len()], None)
+                .await?
+        }
+        Op::Health => conn.send(Method::GET, "/healthz", None).await?,
+    };
+    if !(200..300).contains(&status) {
+        return Ok((status, None, Some(body)));
     }
+    let id = match op {
+        Op::Create(_) => Some(
+            serde_json::from_slice::<Created>(&body)
+                .context("the create answer has no id")?
+                .id,
+        ),
+        _ => None,
+    };
+    Ok((status, id, None))
 }
 
 /// Runs `op` from `concurrency` clients: `warmup` unrecorded, then `duration` recorded.
@@ -244,14 +347,14 @@ pub async fn run_load(
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
-) -> LoadResult {
+) -> anyhow::Result<LoadResult> {
     let concurrency = concurrency.max(1);
     let start = Instant::now();
     let record_from = start + warmup;
     let end = record_from + duration;
     let mut tasks = Vec::with_capacity(concurrency);
     for c in 0..concurrency {
-        let api = api.clone();
+        let mut conn = LoadConn::new(api)?;
         let op = op.clone();
         tasks.push(tokio::spawn(async move {
             let mut log = ClientLog {
@@ -267,15 +370,15 @@ pub async fn run_load(
                 if t0 >= end {
                     break;
                 }
-                let result = one(&api, &op, i).await;
+                let result = one(&mut conn, &op, i).await;
                 let t1 = Instant::now();
                 i += 1;
                 // A request counts when it was sent inside the measured window.
                 let recorded = t0 >= record_from;
                 match result {
-                    Ok(a) if (200..300).contains(&a.status) => {
-                        if let Some(id) = a.body.as_ref().and_then(|b| b["id"].as_str()) {
-                            log.created.push(id.to_string());
+                    Ok((status, created, _)) if (200..300).contains(&status) => {
+                        if let Some(id) = created {
+                            log.created.push(id);
                         }
                         if recorded {
                             log.latencies.push(t1 - t0);
@@ -286,13 +389,14 @@ pub async fn run_load(
                             log.per_second[sec] += 1;
                         }
                     }
-                    Ok(a) => {
+                    Ok((status, _, body)) => {
                         if recorded {
-                            *log.failures.entry(a.status).or_default() += 1;
+                            *log.failures.entry(status).or_default() += 1;
                         }
                         if log.sample_failure.is_none() {
+                            let body = body.unwrap_or_default();
                             log.sample_failure =
-                                Some(format!("{}: {}", a.status, a.body.unwrap_or(Value::Null)));
+                                Some(format!("{status}: {}", String::from_utf8_lossy(&body)));
                         }
                     }
                     Err(e) => {
@@ -335,7 +439,7 @@ pub async fn run_load(
     // Requests sent just before `end` finish after it; measure over the real span.
     let measured = (Instant::now().max(end) - record_from).as_secs_f64();
     let ok = latencies.len();
-    LoadResult {
+    Ok(LoadResult {
         concurrency,
         duration_s: measured,
         ok_per_s: ok as f64 / measured,
@@ -345,5 +449,5 @@ pub async fn run_load(
         per_second,
         sample_failure,
         created,
-    }
+    })
 }

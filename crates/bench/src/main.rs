@@ -139,11 +139,8 @@ fn database_url(args: &ApiArgs) -> anyhow::Result<String> {
             pg.display()
         )
     })?;
-    Ok(format!(
-        "postgres://{}@127.0.0.1:{port}/{}",
-        tuna_db::pg::SUPERUSER,
-        tuna_db::pg::DATABASE
-    ))
+    // The unix socket, as the server and its workers connect.
+    Ok(tuna_db::pg::socket_url(&pg, port, tuna_db::pg::DATABASE))
 }
 
 fn print_load(name: &str, what: &str, p: &Phase<LoadResult>) {
@@ -196,19 +193,24 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     let mark = watch.mark();
     let create = http::run_load(
         &api,
-        Op::Create(body.clone()),
+        Op::Create(serde_json::to_vec(&*body)?.into()),
         args.concurrency,
         warmup,
         duration,
     )
-    .await;
+    .await?;
     let phase = Phase {
         cpu: watch.since(&mark),
         result: create,
     };
     print_load("create", "jobs", &phase);
-    let mut ids = phase.result.created.clone();
-    ids.push(probe);
+    let mut paths: Vec<String> = phase
+        .result
+        .created
+        .iter()
+        .map(|id| format!("/v1/fine_tuning/jobs/{id}"))
+        .collect();
+    paths.push(format!("/v1/fine_tuning/jobs/{probe}"));
     report.create = Some(phase);
 
     let backlog = claim::wait_validated(&db, Duration::from_secs(600)).await?;
@@ -221,12 +223,12 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     let mark = watch.mark();
     let retrieve = http::run_load(
         &api,
-        Op::Retrieve(Arc::new(ids)),
+        Op::Retrieve(Arc::new(paths)),
         args.concurrency,
         warmup,
         duration,
     )
-    .await;
+    .await?;
     let phase = Phase {
         cpu: watch.since(&mark),
         result: retrieve,
@@ -235,7 +237,7 @@ async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
     report.retrieve = Some(phase);
 
     let mark = watch.mark();
-    let health = http::run_load(&api, Op::Health, args.concurrency, warmup, duration).await;
+    let health = http::run_load(&api, Op::Health, args.concurrency, warmup, duration).await?;
     let phase = Phase {
         cpu: watch.since(&mark),
         result: health,

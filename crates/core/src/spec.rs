@@ -10,7 +10,7 @@
 //! [`JobSpec`] is what the queue stores (`jobs.spec`) and what the trainer executes.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 /// What the model is trained to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -707,59 +707,119 @@ pub fn parse_create_request(
     })
 }
 
+/// OpenAI's `hyperparameters` object as returned, resolved.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OpenAiHyperparameters {
+    pub batch_size: u32,
+    pub learning_rate_multiplier: f64,
+    pub n_epochs: u32,
+}
+
+/// `method.supervised.hyperparameters` as returned: OpenAI's three plus every tuna knob,
+/// resolved (so a user sees exactly what runs). The LoRA keys are present for LoRA jobs only.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodHyperparameters<'a> {
+    #[serde(flatten)]
+    pub openai: OpenAiHyperparameters,
+    pub task: Task,
+    pub learning_rate: f64,
+    pub lr_scheduler: LrSchedule,
+    pub warmup_ratio: f64,
+    pub warmup_steps: u32,
+    pub weight_decay: f64,
+    pub gradient_accumulation_steps: u32,
+    pub max_seq_length: u32,
+    pub max_grad_norm: f64,
+    pub eval_interval: u32,
+    pub checkpoint_interval: u32,
+    pub early_stopping_patience: u32,
+    pub validation_split: f64,
+    pub max_steps: u32,
+    pub training_type: TrainingType,
+    pub freeze_embeddings: bool,
+    pub freeze_layers: u32,
+    pub freeze_patterns: &'a [String],
+    pub merge_lora: bool,
+    pub packing: bool,
+    pub precision: Precision,
+    pub device: Device,
+    pub log_interval: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_r: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_target_modules: Option<&'a [String]>,
+}
+
+/// The `method` object as returned: `{"type": "supervised", "supervised": {"hyperparameters": ...}}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Method<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub supervised: Supervised<'a>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Supervised<'a> {
+    pub hyperparameters: MethodHyperparameters<'a>,
+}
+
 impl JobSpec {
     /// OpenAI's `hyperparameters` object, resolved.
-    pub fn openai_hyperparameters(&self) -> Value {
-        json!({
-            "batch_size": self.batch_size,
-            "learning_rate_multiplier": self.learning_rate_multiplier,
-            "n_epochs": self.n_epochs,
-        })
+    pub fn openai_hyperparameters(&self) -> OpenAiHyperparameters {
+        OpenAiHyperparameters {
+            batch_size: self.batch_size,
+            learning_rate_multiplier: self.learning_rate_multiplier,
+            n_epochs: self.n_epochs,
+        }
     }
 
-    /// `method.supervised.hyperparameters` as returned: OpenAI's three plus every tuna knob,
-    /// resolved (so a user sees exactly what runs).
-    pub fn method_hyperparameters(&self) -> Value {
-        let mut hp = self.openai_hyperparameters();
-        let m = hp.as_object_mut().expect("object");
-        let knobs = json!({
-            "task": self.task,
-            "learning_rate": self.learning_rate,
-            "lr_scheduler": self.lr_scheduler,
-            "warmup_ratio": self.warmup_ratio,
-            "warmup_steps": self.warmup_steps,
-            "weight_decay": self.weight_decay,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "max_seq_length": self.max_seq_length,
-            "max_grad_norm": self.max_grad_norm,
-            "eval_interval": self.eval_interval,
-            "checkpoint_interval": self.checkpoint_interval,
-            "early_stopping_patience": self.early_stopping_patience,
-            "validation_split": self.validation_split,
-            "max_steps": self.max_steps,
-            "training_type": self.training_type,
-            "freeze_embeddings": self.freeze.embeddings,
-            "freeze_layers": self.freeze.layers,
-            "freeze_patterns": self.freeze.patterns,
-            "merge_lora": self.merge_lora,
-            "packing": self.packing,
-            "precision": self.precision,
-            "device": self.device,
-            "log_interval": self.log_interval,
-        });
-        m.extend(knobs.as_object().expect("object").clone());
-        if let Some(l) = &self.lora {
-            m.insert("lora_r".into(), json!(l.r));
-            m.insert("lora_alpha".into(), json!(l.alpha));
-            m.insert("lora_dropout".into(), json!(l.dropout));
-            m.insert("lora_target_modules".into(), json!(l.target_modules));
+    /// `method.supervised.hyperparameters` as returned.
+    pub fn method_hyperparameters(&self) -> MethodHyperparameters<'_> {
+        let lora = self.lora.as_ref();
+        MethodHyperparameters {
+            openai: self.openai_hyperparameters(),
+            task: self.task,
+            learning_rate: self.learning_rate,
+            lr_scheduler: self.lr_scheduler,
+            warmup_ratio: self.warmup_ratio,
+            warmup_steps: self.warmup_steps,
+            weight_decay: self.weight_decay,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            max_seq_length: self.max_seq_length,
+            max_grad_norm: self.max_grad_norm,
+            eval_interval: self.eval_interval,
+            checkpoint_interval: self.checkpoint_interval,
+            early_stopping_patience: self.early_stopping_patience,
+            validation_split: self.validation_split,
+            max_steps: self.max_steps,
+            training_type: self.training_type,
+            freeze_embeddings: self.freeze.embeddings,
+            freeze_layers: self.freeze.layers,
+            freeze_patterns: &self.freeze.patterns,
+            merge_lora: self.merge_lora,
+            packing: self.packing,
+            precision: self.precision,
+            device: self.device,
+            log_interval: self.log_interval,
+            lora_r: lora.map(|l| l.r),
+            lora_alpha: lora.map(|l| l.alpha),
+            lora_dropout: lora.map(|l| l.dropout),
+            lora_target_modules: lora.map(|l| l.target_modules.as_slice()),
         }
-        hp
     }
 
     /// The `method` object as returned.
-    pub fn method(&self) -> Value {
-        json!({"type": "supervised", "supervised": {"hyperparameters": self.method_hyperparameters()}})
+    pub fn method(&self) -> Method<'_> {
+        Method {
+            kind: "supervised",
+            supervised: Supervised {
+                hyperparameters: self.method_hyperparameters(),
+            },
+        }
     }
 }
 
@@ -935,6 +995,7 @@ fn string_list(v: &Value, param: &str) -> Result<Vec<String>, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn parse(v: Value) -> Result<CreateRequest, SpecError> {
         parse_create_request(&v, &SpecPolicy::default(), 42)
@@ -952,7 +1013,7 @@ mod tests {
         assert_eq!(s.task, Task::CausalLm);
         assert_eq!(s.training_type, TrainingType::Full);
         assert!((s.learning_rate - 2e-5).abs() < 1e-12);
-        let hp = s.method_hyperparameters();
+        let hp = serde_json::to_value(s.method_hyperparameters()).unwrap();
         assert_eq!(hp["n_epochs"], 3);
         assert_eq!(hp["task"], "causal_lm");
     }
@@ -976,7 +1037,10 @@ mod tests {
         assert!((s.learning_rate - 4e-4).abs() < 1e-12);
         assert_eq!(s.n_epochs, 2);
         assert_eq!(s.seed, 7);
-        assert_eq!(s.method()["supervised"]["hyperparameters"]["lora_r"], 8);
+        assert_eq!(
+            serde_json::to_value(s.method()).unwrap()["supervised"]["hyperparameters"]["lora_r"],
+            8
+        );
     }
 
     #[test]

@@ -95,11 +95,12 @@ pub async fn create_key(
     Ok(NewKey { row, secret })
 }
 
-/// The owner of a secret, if it is a live key; records its use.
+/// The owner of a secret (given by its hash), if it is a live key; records its use.
 ///
 /// `last_used_at` is refreshed at most once a minute: writing it on every request made all
 /// requests with one key queue on that row's lock (see BENCHMARKS.md, control plane).
-pub async fn authenticate(pool: &PgPool, secret: &str) -> Result<Option<KeyOwner>> {
+/// `key_hash` is [`hash_secret`] of the presented secret.
+pub async fn authenticate(pool: &PgPool, key_hash: &str) -> Result<Option<KeyOwner>> {
     Ok(sqlx::query_as(
         "with k as (select api_key_id, organization_id, is_admin, last_used_at from api_keys \
                     where key_hash = $1 and revoked_at is null), \
@@ -109,7 +110,7 @@ pub async fn authenticate(pool: &PgPool, secret: &str) -> Result<Option<KeyOwner
                     returning 1) \
          select api_key_id, organization_id, is_admin from k",
     )
-    .bind(hash_secret(secret))
+    .bind(key_hash)
     .fetch_optional(pool)
     .await?)
 }

@@ -283,7 +283,10 @@ pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
         return Ok(Inserted::Created(row));
     }
     tx.commit().await?;
-    Ok(Inserted::Existing(by_idempotency_key(pool, job).await?))
+    match by_idempotency_key(pool, job).await? {
+        Some(row) => Ok(Inserted::Existing(row)),
+        None => Err(sqlx::Error::RowNotFound.into()),
+    }
 }
 
 /// Inserts a job whose checks already ran (the API checks a job inline when everything it needs
@@ -291,11 +294,15 @@ pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
 /// `failed` with the error stored. The same rows and events as [`insert_job`] followed by
 /// [`finish_validation`], in one statement and one commit. An existing job with the same
 /// idempotency key is returned unchanged, as [`insert_job`] does.
+///
+/// The checks may have used remembered rows, so the insert only happens while the job's
+/// training and validation files are still live (not deleted): `None` when one is gone, and
+/// nothing was written.
 pub async fn insert_checked_job(
     conn: &mut PgConnection,
     job: &NewJob,
     outcome: &Result<(), JobError>,
-) -> Result<Inserted> {
+) -> Result<Option<Inserted>> {
     check_device(job)?;
     let error = outcome.as_ref().err().map(JobError::to_json);
     let (level, message) = match outcome {
@@ -309,8 +316,12 @@ pub async fn insert_checked_job(
            insert into jobs (job_id, organization_id, status, model, training_file, validation_file, spec, suffix, \
                              seed, metadata, integrations, priority, required_device, min_gpu_memory_mb, \
                              idempotency_key, max_attempts, error, finished_at) \
-           values ($1, $2, case when $16::jsonb is null then 'queued' else 'failed' end, $3, $4, $5, $6, $7, $8, \
-                   $9, $10, $11, $12, $13, $14, greatest($15, 1), $16, case when $16::jsonb is null then null else now() end) \
+           select $1, $2, case when $16::jsonb is null then 'queued' else 'failed' end, $3, $4, $5, $6, $7, $8, \
+                  $9, $10, $11, $12, $13, $14, greatest($15, 1), $16, case when $16::jsonb is null then null else now() end \
+           where ($4::text is null or exists (select 1 from files f where f.file_id = $4 \
+                                              and f.organization_id = $2 and f.deleted_at is null)) \
+             and ($5::text is null or exists (select 1 from files f where f.file_id = $5 \
+                                              and f.organization_id = $2 and f.deleted_at is null)) \
            on conflict (organization_id, idempotency_key) where idempotency_key is not null do nothing \
            returning *), \
          e as ( \
@@ -330,18 +341,25 @@ pub async fn insert_checked_job(
         .bind(CHANNEL_QUEUED)
         .fetch_optional(&mut *conn)
         .await?;
-    match created {
-        Some(row) => Ok(Inserted::Created(row)),
-        None => Ok(Inserted::Existing(by_idempotency_key(conn, job).await?)),
+    if let Some(row) = created {
+        return Ok(Some(Inserted::Created(row)));
     }
+    // Nothing inserted: an earlier job with this idempotency key, or a file gone.
+    if job.idempotency_key.is_none() {
+        return Ok(None);
+    }
+    Ok(by_idempotency_key(conn, job).await?.map(Inserted::Existing))
 }
 
-async fn by_idempotency_key<'e>(db: impl sqlx::PgExecutor<'e>, job: &NewJob) -> Result<JobRow> {
+async fn by_idempotency_key<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    job: &NewJob,
+) -> Result<Option<JobRow>> {
     Ok(
         sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
             .bind(&job.organization_id)
             .bind(&job.idempotency_key)
-            .fetch_one(db)
+            .fetch_optional(db)
             .await?,
     )
 }

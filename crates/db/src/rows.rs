@@ -2,7 +2,43 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::postgres::{PgTypeInfo, PgValueRef};
+use sqlx::Postgres;
+use tuna_core::spec::JobSpec;
 use uuid::Uuid;
+
+/// A job's `spec` column, read straight from the column's bytes into a [`JobSpec`]. A stored
+/// spec that no longer reads (written by another version) is kept as its error rather than
+/// failing the whole row, so listings still work and the job can fail with a clear message.
+#[derive(Debug, Clone)]
+pub struct SpecColumn(pub Result<JobSpec, String>);
+
+impl SpecColumn {
+    /// The spec, or why the stored one cannot be read.
+    pub fn get(&self) -> Result<&JobSpec, &str> {
+        self.0.as_ref().map_err(String::as_str)
+    }
+}
+
+impl sqlx::Type<Postgres> for SpecColumn {
+    fn type_info() -> PgTypeInfo {
+        <sqlx::types::Json<JobSpec> as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <sqlx::types::Json<JobSpec> as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for SpecColumn {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(SpecColumn(
+            <sqlx::types::Json<JobSpec> as sqlx::Decode<'r, Postgres>>::decode(value)
+                .map(|j| j.0)
+                .map_err(|e| e.to_string()),
+        ))
+    }
+}
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRow {
@@ -13,8 +49,8 @@ pub struct JobRow {
     pub model: String,
     pub training_file: Option<String>,
     pub validation_file: Option<String>,
-    /// The resolved `tuna_core::spec::JobSpec` as JSON.
-    pub spec: Value,
+    /// The resolved job spec.
+    pub spec: SpecColumn,
     pub suffix: Option<String>,
     pub seed: i64,
     pub metadata: Option<Value>,

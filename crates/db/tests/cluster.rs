@@ -23,17 +23,29 @@ async fn private_cluster_starts_connects_stops_and_restarts() {
         .unwrap()
         .unwrap();
     assert!(
-        cluster.url().starts_with("postgres://postgres@127.0.0.1:"),
+        cluster.url().starts_with("postgres://postgres@localhost:")
+            && cluster.url().contains("?host=/"),
         "{}",
         cluster.url()
     );
     let pool = tuna_db::connect(&cluster.url()).await.unwrap();
     tuna_db::migrate(&pool).await.unwrap();
-    let one: i32 = sqlx::query_scalar("select 1")
+    // The URL reaches the server through its unix socket (no client address), the TCP URL
+    // through 127.0.0.1.
+    let (one, addr): (i32, Option<String>) = sqlx::query_as("select 1, inet_client_addr()::text")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(one, 1);
+    assert_eq!((one, addr), (1, None));
+    let tcp = tuna_db::connect(&cluster.tcp_url_for("tuna"))
+        .await
+        .unwrap();
+    let addr: Option<String> = sqlx::query_scalar("select host(inet_client_addr())")
+        .fetch_one(&tcp)
+        .await
+        .unwrap();
+    assert_eq!(addr.as_deref(), Some("127.0.0.1"));
+    tcp.close().await;
     sqlx::query("insert into organizations (organization_id, name) values ('org-kept', 'k')")
         .execute(&pool)
         .await

@@ -89,6 +89,26 @@ fn assert_lost<T: std::fmt::Debug>(r: Result<T, QueueError>) {
     }
 }
 
+/// Jobs and events keep their references without foreign keys (migration 0005): every job's
+/// organisation exists and every event's job exists.
+async fn assert_references_hold(pool: &PgPool) {
+    let (orphan_jobs, orphan_events): (i64, i64) = sqlx::query_as(
+        "select (select count(*) from jobs j where not exists \
+                   (select 1 from organizations o where o.organization_id = j.organization_id)), \
+                (select count(*) from job_events e where not exists \
+                   (select 1 from jobs j where j.job_id = e.job_id))",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!((orphan_jobs, orphan_events), (0, 0));
+    let events: i64 = sqlx::query_scalar("select count(*) from job_events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(events > 0, "the test wrote no events to check");
+}
+
 async fn expire_lease(pool: &PgPool, id: &str) {
     sqlx::query("update jobs set lease_expires_at = now() - interval '1 second' where job_id = $1")
         .bind(id)
@@ -161,6 +181,7 @@ async fn concurrent_claimers_claim_every_job_exactly_once() {
     .await
     .unwrap();
     assert_eq!(started, JOBS);
+    assert_references_hold(&db.pool).await;
 }
 
 #[tokio::test]
@@ -273,6 +294,7 @@ async fn expired_lease_is_rescued_and_the_old_token_is_fenced_off() {
         .await
         .unwrap();
     assert_eq!(late, 0);
+    assert_references_hold(&db.pool).await;
 }
 
 #[tokio::test]
@@ -370,6 +392,7 @@ async fn cancel_reaches_the_lease_holder_by_notification_and_heartbeat() {
             .is_none()
     );
     assert!(queue::claim(pool, &w, TTL).await.unwrap().is_none());
+    assert_references_hold(&db.pool).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,6 +473,7 @@ async fn pause_and_resume_keep_the_checkpoint() {
         "paused"
     );
     assert_eq!(queue::resume(pool, ORG, &q).await.unwrap().status, "queued");
+    assert_references_hold(&db.pool).await;
 }
 
 #[tokio::test]
@@ -636,6 +660,7 @@ async fn validation_outcomes_and_status_counts() {
             ("validating_files".to_string(), 1)
         ]
     );
+    assert_references_hold(&db.pool).await;
 }
 
 #[tokio::test]
@@ -697,6 +722,7 @@ async fn release_requeues_without_counting_and_complete_registers_the_model() {
     );
     assert_eq!(status(pool, &id).await, "succeeded");
     assert_lost(queue::complete(pool, &c.lease, &done).await);
+    assert_references_hold(&db.pool).await;
 }
 
 #[tokio::test]
@@ -870,4 +896,5 @@ async fn lost_workers_and_releases_honour_pending_cancel_and_pause() {
     let jc = queue::release(pool, &cc.lease).await.unwrap();
     assert_eq!(jc.status, "cancelled");
     assert!(jc.finished_at.is_some());
+    assert_references_hold(&db.pool).await;
 }

@@ -187,7 +187,10 @@ fn packing_job_trains_like_the_unpacked_one() {
             .unwrap()
             .spec;
         assert_eq!(spec.packing, packing);
-        assert_eq!(spec.method_hyperparameters()["packing"], json!(packing));
+        assert_eq!(
+            serde_json::to_value(spec.method_hyperparameters()).unwrap()["packing"],
+            json!(packing)
+        );
         let out = tempfile::tempdir().unwrap();
         let mut l = Vec::new();
         let mut cb = |ev: TrainEvent| {

@@ -518,8 +518,8 @@ async fn execute(
 ) -> Result<Outcome, WorkerError> {
     let job_id = ctx.job.job_id.clone();
     let lost_err = || WorkerError::LeaseLost(job_id.clone());
-    let spec: JobSpec = match serde_json::from_value(ctx.job.spec.clone()) {
-        Ok(s) => s,
+    let spec: JobSpec = match ctx.job.spec.get() {
+        Ok(s) => s.clone(),
         Err(e) => {
             let err = JobError::new(
                 "internal",

@@ -604,3 +604,87 @@ async fn files_without_a_stored_scan_are_checked_in_the_background() {
         "{job}"
     );
 }
+
+#[tokio::test]
+async fn a_file_deleted_behind_the_servers_back_is_not_used_by_later_jobs() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let body = json!({"model": "gpt2", "training_file": file});
+    // The first create remembers the model and file rows (`tuna_api::inputs`).
+    let first = create(&app, body.clone()).await;
+    assert_eq!(first["status"], "queued", "{first}");
+    // Deleted in the database directly, as another server sharing it would: the row this
+    // server remembers is now stale, and the insert's own check must catch it.
+    sqlx::query("update files set deleted_at = now() where file_id = $1")
+        .bind(&file)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let (status, answer) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
+    assert_eq!(status, 400, "{answer}");
+    let err = error_of(&answer);
+    assert_eq!(
+        (err["param"].as_str(), err["code"].as_str()),
+        (Some("training_file"), Some("invalid_file")),
+        "{answer}"
+    );
+    let (_, list) = json(app.get("/v1/fine_tuning/jobs").await).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+
+    // A file deleted through this server is forgotten at once.
+    let other = app.upload_ok("u.jsonl", CHAT).await;
+    let body = json!({"model": "gpt2", "training_file": other});
+    create(&app, body.clone()).await;
+    let resp = app
+        .req(Method::DELETE, &format!("/v1/files/{other}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, answer) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
+    assert_eq!(status, 400, "{answer}");
+}
+
+#[tokio::test]
+async fn create_retrieve_and_list_answer_the_same_job_object() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let created = create(
+        &app,
+        json!({"model": "gpt2", "training_file": file, "metadata": {"k": "v"},
+               "lora_r": 4, "lora_target_modules": ["c_attn"]}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap();
+    let (status, retrieved) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}")).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(retrieved, created);
+    let (_, list) = json(app.get("/v1/fine_tuning/jobs").await).await;
+    assert_eq!(list["data"][0], created);
+    let hp = &created["method"]["supervised"]["hyperparameters"];
+    assert_eq!(hp["lora_r"], 4, "{created}");
+    assert_eq!(hp["lora_target_modules"], json!(["c_attn"]), "{created}");
+    assert_eq!(hp["freeze_patterns"], json!([]), "{created}");
+}
+
+#[tokio::test]
+async fn a_stored_spec_that_no_longer_reads_still_retrieves_and_lists() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let job = create(&app, json!({"model": "gpt2", "training_file": file})).await;
+    let id = job["id"].as_str().unwrap();
+    // As if written by another version of tuna.
+    sqlx::query(r#"update jobs set spec = '{"model": 1}' where job_id = $1"#)
+        .bind(id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let (status, got) = json(app.get(&format!("/v1/fine_tuning/jobs/{id}")).await).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["hyperparameters"], json!({}), "{got}");
+    assert!(got["method"].is_null() && got["task"].is_null(), "{got}");
+    assert_eq!(got["status"], "queued");
+    let (status, list) = json(app.get("/v1/fine_tuning/jobs").await).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["data"][0]["id"], id);
+}
