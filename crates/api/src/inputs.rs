@@ -1,13 +1,14 @@
 //! The model and file rows a new job refers to, remembered between creates.
 //!
 //! Creating a job needs its model's row (architecture, location) and its files' rows (status,
-//! the shape the upload scan stored). Those rows do not change once settled: a registered model
-//! is never edited or deleted, and a `processed` file's scan describes content that cannot
-//! change. The one change that matters, a file deleted after it was remembered, is caught where
-//! it counts: the job's insert only happens while its files are still live
-//! (`tuna_db::queue::insert_checked_job`), and a create that finds a file gone reads everything
-//! again from the database. So a hit here is never stale for the job it creates; entries still
-//! expire after [`TTL`] and the cache is emptied at [`MAX_ENTRIES`], to bound memory.
+//! the shape the upload scan stored). A `processed` file's row does not change until the file
+//! is deleted, and that change is caught where it counts: the job's insert only happens while
+//! its files are still live (`tuna_db::queue::insert_checked_job`), and a create that finds a
+//! file gone reads everything again from the database. A base model's row changes only when an
+//! operator registers the id again (`tuna models register`); creates on a server that
+//! remembered the old row check against it for at most [`TTL`], as revoked API keys keep
+//! working for at most `Config::key_cache_ttl`. The worker reads the model itself when the job
+//! runs. The cache is emptied at [`MAX_ENTRIES`], to bound memory.
 //!
 //! Only rows that exist are remembered (a missing model or file is looked up every time, so it
 //! works as soon as it is registered or uploaded), and only files in `processed` status.
@@ -20,8 +21,9 @@ use sqlx::PgConnection;
 use tuna_db::jobs::{self, CreateContext};
 use tuna_db::rows::{FileRow, ModelRow};
 
-/// How long an entry is used before it is read again.
-pub const TTL: Duration = Duration::from_secs(60);
+/// How long an entry is used before it is read again. At thousands of creates per second
+/// nearly all of them still hit; at a few per minute the cache hardly matters.
+pub const TTL: Duration = Duration::from_secs(5);
 /// Entries beyond this are dropped all at once (a bound on memory, not an eviction policy).
 pub const MAX_ENTRIES: usize = 10_000;
 

@@ -64,6 +64,28 @@ pub enum Device {
     Cuda,
 }
 
+/// Parses the snake_case name a spec uses (`"cpu"`, `"bf16"`, ...), for command-line flags.
+fn parse_name<T: serde::de::DeserializeOwned>(s: &str, names: &str) -> Result<T, String> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
+        .map_err(|_| format!("expected {names}, not '{s}'"))
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_name(s, "auto, cpu or cuda")
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_name(s, "auto, fp32 or bf16")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lora {
     pub r: u32,
@@ -999,6 +1021,16 @@ mod tests {
 
     fn parse(v: Value) -> Result<CreateRequest, SpecError> {
         parse_create_request(&v, &SpecPolicy::default(), 42)
+    }
+
+    #[test]
+    fn device_and_precision_parse_their_spec_names() {
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda));
+        assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
+        assert_eq!(
+            "gpu".parse::<Device>(),
+            Err("expected auto, cpu or cuda, not 'gpu'".to_string())
+        );
     }
 
     #[test]

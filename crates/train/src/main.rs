@@ -47,7 +47,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use tuna_core::data::{read_all, Example, Format};
-use tuna_core::spec::JobSpec;
+use tuna_core::spec::{Device, JobSpec, Precision};
 use tuna_train::trainer::{self, Control, TrainOutcome};
 use tuna_train::Error;
 
@@ -79,7 +79,7 @@ enum Cmd {
         resume_from: Option<PathBuf>,
         /// auto, cpu or cuda (default: the spec's device).
         #[arg(long)]
-        device: Option<String>,
+        device: Option<Device>,
         /// Intra-op CPU threads (default: libtorch's choice).
         #[arg(long)]
         threads: Option<i32>,
@@ -96,12 +96,12 @@ enum Cmd {
         /// Batch file written by `python/bench_train_peer.py prepare`.
         #[arg(long)]
         data: PathBuf,
-        /// cpu or cuda.
+        /// auto (CUDA when available), cpu or cuda.
         #[arg(long, default_value = "cpu")]
-        device: String,
+        device: Device,
         /// auto (bf16 on CUDA), fp32 or bf16.
         #[arg(long, default_value = "auto")]
-        precision: String,
+        precision: Precision,
         /// LoRA rank on every linear layer (default: full fine-tune).
         #[arg(long)]
         lora_r: Option<i64>,
@@ -205,40 +205,23 @@ fn main() {
             if let Some(t) = threads {
                 tch::set_num_threads(t);
             }
-            let device = match device.as_str() {
-                "cpu" => Ok(tch::Device::Cpu),
-                "cuda" => trainer::resolve_device(tuna_core::spec::Device::Cuda),
-                other => Err(Error::Config(format!(
-                    "--device must be cpu or cuda, not {other}"
-                ))),
-            };
-            let precision = match precision.as_str() {
-                "auto" => Ok(tuna_core::spec::Precision::Auto),
-                "fp32" => Ok(tuna_core::spec::Precision::Fp32),
-                "bf16" => Ok(tuna_core::spec::Precision::Bf16),
-                other => Err(Error::Config(format!(
-                    "--precision must be auto, fp32 or bf16, not {other}"
-                ))),
-            };
-            let result = device.and_then(|device| {
-                precision.and_then(|precision| {
-                    tuna_train::bench::run(&tuna_train::bench::BenchOptions {
-                        model_dir,
-                        data,
-                        device,
-                        precision,
-                        lora_r,
-                        lora_alpha,
-                        packing,
-                        warmup,
-                        steps,
-                        learning_rate: lr,
-                        max_grad_norm,
-                        weight_decay,
-                        seed,
-                        peak_tflops,
-                        case,
-                    })
+            let result = trainer::resolve_device(device).and_then(|device| {
+                tuna_train::bench::run(&tuna_train::bench::BenchOptions {
+                    model_dir,
+                    data,
+                    device,
+                    precision,
+                    lora_r,
+                    lora_alpha,
+                    packing,
+                    warmup,
+                    steps,
+                    learning_rate: lr,
+                    max_grad_norm,
+                    weight_decay,
+                    seed,
+                    peak_tflops,
+                    case,
                 })
             });
             match result {
@@ -322,7 +305,7 @@ fn run(
     valid_file: Option<PathBuf>,
     output_dir: PathBuf,
     resume_from: Option<PathBuf>,
-    device: Option<String>,
+    device: Option<Device>,
 ) -> i32 {
     let fail = |msg: String, code: &str, param: Option<&str>| {
         emit(&error_event(code, &msg, param));
@@ -341,20 +324,7 @@ fn run(
             )
         }
     };
-    let dev_choice = match device.as_deref() {
-        None => spec.device,
-        Some("auto") => tuna_core::spec::Device::Auto,
-        Some("cpu") => tuna_core::spec::Device::Cpu,
-        Some("cuda") => tuna_core::spec::Device::Cuda,
-        Some(other) => {
-            return fail(
-                format!("--device must be auto, cpu or cuda, not {other}"),
-                "internal",
-                Some("device"),
-            )
-        }
-    };
-    let device = match trainer::resolve_device(dev_choice) {
+    let device = match trainer::resolve_device(device.unwrap_or(spec.device)) {
         Ok(d) => d,
         Err(e) => return fail(e.to_string(), "internal", Some("device")),
     };

@@ -95,7 +95,7 @@ pub fn worker_config(o: &WorkerOptions) -> anyhow::Result<WorkerConfig> {
     cfg.device = o
         .device
         .parse::<DeviceChoice>()
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     cfg.lease_ttl = Duration::from_secs(o.lease_ttl_secs.max(5));
     cfg.heartbeat_every = Duration::from_secs(o.heartbeat_secs.max(1));
     if cfg.heartbeat_every * 2 > cfg.lease_ttl {

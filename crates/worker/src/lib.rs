@@ -37,27 +37,9 @@ pub use job::fine_tuned_model_name;
 pub use tokio_util::sync::CancellationToken as ShutdownToken;
 pub use tuna_store;
 
-/// Which device kind the worker offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceChoice {
-    /// CUDA when `nvidia-smi` reports a GPU, else CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl std::str::FromStr for DeviceChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(DeviceChoice::Auto),
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "cuda" => Ok(DeviceChoice::Cuda),
-            _ => Err(format!("device must be auto, cpu or cuda, not '{s}'")),
-        }
-    }
-}
+/// Which device kind the worker offers: `Auto` is CUDA when `nvidia-smi` reports a GPU, else
+/// CPU. The same names as a job's `device` (`auto`, `cpu`, `cuda`).
+pub type DeviceChoice = tuna_core::spec::Device;
 
 /// Worker settings. [`WorkerConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
