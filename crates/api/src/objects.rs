@@ -49,13 +49,14 @@ impl IntoResponse for Rendered {
 /// Unix seconds, or null.
 fn opt_secs<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
     match t {
-        Some(t) => s.serialize_i64(t.timestamp()),
+        Some(t) => secs(t, s),
         None => s.serialize_none(),
     }
 }
 
+/// Unix seconds, as [`ts`].
 fn secs<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_i64(t.timestamp())
+    s.serialize_i64(ts(t))
 }
 
 /// `{}` when the stored spec cannot be read (the job itself says why when it runs).

@@ -111,10 +111,15 @@ fn split<T>(rows: &[T], limit: i64) -> (&[T], bool) {
 }
 
 #[derive(Serialize)]
-struct List<T> {
+struct List<'a, T> {
     object: &'static str,
     data: Vec<T>,
     has_more: bool,
+    /// Only in lists that carry them (checkpoints); inside, null on an empty page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_id: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_id: Option<Option<&'a str>>,
 }
 
 /// A list envelope from `limit + 1` fetched rows.
@@ -123,21 +128,7 @@ pub fn page<'r, T, S: Serialize>(
     limit: i64,
     render: impl Fn(&'r T) -> S,
 ) -> Rendered {
-    let (rows, has_more) = split(rows, limit);
-    Rendered::new(&List {
-        object: "list",
-        data: rows.iter().map(render).collect(),
-        has_more,
-    })
-}
-
-#[derive(Serialize)]
-struct IdList<'a, T> {
-    object: &'static str,
-    data: Vec<T>,
-    has_more: bool,
-    first_id: Option<&'a str>,
-    last_id: Option<&'a str>,
+    envelope(rows, limit, render, None::<fn(&'r T) -> &'r str>)
 }
 
 /// [`page`] plus `first_id` and `last_id` (null on an empty page), as checkpoint lists have.
@@ -147,12 +138,22 @@ pub fn page_with_ids<'r, T, S: Serialize>(
     render: impl Fn(&'r T) -> S,
     id: impl Fn(&'r T) -> &'r str,
 ) -> Rendered {
+    envelope(rows, limit, render, Some(id))
+}
+
+fn envelope<'r, T, S: Serialize>(
+    rows: &'r [T],
+    limit: i64,
+    render: impl Fn(&'r T) -> S,
+    id: Option<impl Fn(&'r T) -> &'r str>,
+) -> Rendered {
     let (rows, has_more) = split(rows, limit);
-    Rendered::new(&IdList {
+    let ids = id.map(|id| (rows.first().map(&id), rows.last().map(&id)));
+    Rendered::new(&List {
         object: "list",
         data: rows.iter().map(render).collect(),
         has_more,
-        first_id: rows.first().map(&id),
-        last_id: rows.last().map(&id),
+        first_id: ids.map(|(first, _)| first),
+        last_id: ids.map(|(_, last)| last),
     })
 }

@@ -117,17 +117,16 @@ pub async fn create_context<'e>(
     })
 }
 
-/// The job created earlier with this idempotency key, if any.
-pub async fn by_idempotency_key(
-    pool: &PgPool,
+/// The job created earlier with this idempotency key, if any (`db`: the pool, or a
+/// connection).
+pub async fn by_idempotency_key<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     organization_id: &str,
     key: &str,
-) -> Result<Option<JobRow>> {
-    Ok(
-        sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
-            .bind(organization_id)
-            .bind(key)
-            .fetch_optional(pool)
-            .await?,
-    )
+) -> Result<Option<JobRow>, sqlx::Error> {
+    sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
+        .bind(organization_id)
+        .bind(key)
+        .fetch_optional(db)
+        .await
 }

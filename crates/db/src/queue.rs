@@ -283,7 +283,9 @@ pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
         return Ok(Inserted::Created(row));
     }
     tx.commit().await?;
-    match by_idempotency_key(pool, job).await? {
+    // The insert did nothing, so the key is set and its job exists.
+    let key = job.idempotency_key.as_deref().unwrap_or_default();
+    match crate::jobs::by_idempotency_key(pool, &job.organization_id, key).await? {
         Some(row) => Ok(Inserted::Existing(row)),
         None => Err(sqlx::Error::RowNotFound.into()),
     }
@@ -345,22 +347,13 @@ pub async fn insert_checked_job(
         return Ok(Some(Inserted::Created(row)));
     }
     // Nothing inserted: an earlier job with this idempotency key, or a file gone.
-    if job.idempotency_key.is_none() {
+    let Some(key) = &job.idempotency_key else {
         return Ok(None);
-    }
-    Ok(by_idempotency_key(conn, job).await?.map(Inserted::Existing))
-}
-
-async fn by_idempotency_key<'e>(
-    db: impl sqlx::PgExecutor<'e>,
-    job: &NewJob,
-) -> Result<Option<JobRow>> {
+    };
     Ok(
-        sqlx::query_as("select * from jobs where organization_id = $1 and idempotency_key = $2")
-            .bind(&job.organization_id)
-            .bind(&job.idempotency_key)
-            .fetch_optional(db)
-            .await?,
+        crate::jobs::by_idempotency_key(conn, &job.organization_id, key)
+            .await?
+            .map(Inserted::Existing),
     )
 }
 
