@@ -6,9 +6,11 @@
 //! - `data`: dataset formats (JSONL chat / prompt-completion / text / text+label, CSV, TSV),
 //!   parsed and checked line by line with line numbers and rule names.
 //! - `hf_config`: Hugging Face `config.json` parsing (old and new key forms) and model facts.
+//! - `protocol`: the worker ↔ `tuna-trainer` process boundary (stdout events, stdin control).
 
 pub mod data;
 pub mod hf_config;
 pub mod ids;
+pub mod protocol;
 pub mod spec;
 pub mod status;

@@ -59,16 +59,7 @@ impl Features {
     }
 }
 
-/// What tokenization did to a file.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct DataStats {
-    pub examples: usize,
-    pub truncated: usize,
-    /// Causal examples with no target left after truncation.
-    pub dropped: usize,
-    pub tokens: usize,
-    pub target_tokens: usize,
-}
+pub use tuna_core::protocol::DataStats;
 
 /// Label names ↔ ids for sequence classification.
 #[derive(Debug, Clone, PartialEq)]

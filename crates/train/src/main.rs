@@ -14,39 +14,21 @@
 //! `tuna_core::data` (chosen by file name: `.csv`, `.tsv`, else JSONL). `--device` overrides the
 //! spec's device.
 //!
-//! # Protocol (stdout, one JSON object per line; logs go to stderr)
-//! - `{"event":"phase","phase":"loading_model|tokenizing|training|evaluating|saving","message":..}`
-//! - `{"event":"data","train":{examples,truncated,dropped,tokens,target_tokens},"valid":{..}|null,
-//!   "labels":[..]|null,"total_steps":N,"notes":[..]}`
-//! - `{"event":"metrics","step","total_steps","epoch","train_loss",
-//!   "train_mean_token_accuracy" (causal) | "train_accuracy" (classification),"learning_rate",
-//!   "grad_norm","tokens_per_second","examples_per_second","elapsed_seconds","eta_seconds",
-//!   "trained_tokens"}` every `log_interval` steps and at the last step
-//! - `{"event":"eval","step","valid_loss","valid_mean_token_accuracy" | "valid_accuracy",
-//!   "valid_macro_f1","valid_examples"}`
-//! - `{"event":"checkpoint","step","path","metrics":{latest metrics}}`
-//! - `{"event":"warning","message"}`
-//! - terminal, exactly one: `{"event":"done","trained_tokens","steps","final_dir","metrics"}`,
-//!   `{"event":"paused","checkpoint","step"}`, `{"event":"cancelled","step"}`,
-//!   `{"event":"error","code":"out_of_memory|nan_loss|invalid_data|invalid_model|internal",
-//!   "message","param"}`.
-//! - `info` prints one line: the model's `ModelInfo` as JSON.
-//!
-//! # Control (stdin lines)
-//! `pause` saves a checkpoint at the next step boundary, prints `paused` and exits; `cancel`
-//! stops at the next step boundary and prints `cancelled`. EOF on stdin (the worker died) stops
-//! at once without a checkpoint and exits with status 3 (nothing is printed).
-//!
-//! Exit status: 0 done/paused/cancelled; 2 job error (an `error` event was printed); 3 aborted by
-//! stdin EOF; anything else is a crash.
+//! # Protocol
+//! The events printed on stdout, the control lines read on stdin and the exit statuses are the
+//! types of `tuna_core::protocol` (the worker reads them with the same types). `info` prints one
+//! line: the model's `ModelInfo` as JSON. Logs go to stderr.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tuna_core::data::{read_all, Example, Format};
+use tuna_core::protocol::{
+    ControlLine, TrainerErrorCode, TrainerEvent, EXIT_ABORTED, EXIT_JOB_ERROR, EXIT_OK,
+};
 use tuna_core::spec::{Device, JobSpec, Precision};
 use tuna_train::trainer::{self, Control, TrainOutcome};
 use tuna_train::Error;
@@ -134,43 +116,44 @@ enum Cmd {
     },
 }
 
-fn emit(v: &Value) {
+/// Prints one line on stdout (an event, or `info`'s / `bench`'s JSON) and flushes it.
+fn print_line(line: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
-fn error_event(code: &str, message: &str, param: Option<&str>) -> Value {
-    json!({"event": "error", "code": code, "message": message, "param": param})
+fn emit(ev: &TrainerEvent) {
+    print_line(&ev.to_line());
 }
 
-fn code_of(e: &Error) -> &'static str {
+/// Prints an `error` event; returns the exit status that goes with it.
+fn fail(code: TrainerErrorCode, message: String, param: Option<&str>) -> i32 {
+    emit(&TrainerEvent::Error {
+        code,
+        message,
+        param: param.map(str::to_string),
+    });
+    EXIT_JOB_ERROR
+}
+
+fn code_of(e: &Error) -> TrainerErrorCode {
     match e {
-        Error::OutOfMemory { .. } => "out_of_memory",
-        Error::NonFiniteLoss { .. } => "nan_loss",
-        Error::Data(_) => "invalid_data",
-        Error::Config(_) | Error::Weights(_) => "invalid_model",
-        _ => "internal",
+        Error::OutOfMemory { .. } => TrainerErrorCode::OutOfMemory,
+        Error::NonFiniteLoss { .. } => TrainerErrorCode::NanLoss,
+        Error::Data(_) => TrainerErrorCode::InvalidData,
+        Error::Config(_) | Error::Weights(_) => TrainerErrorCode::InvalidModel,
+        _ => TrainerErrorCode::Internal,
     }
 }
 
-fn read_examples(
-    path: &std::path::Path,
-    what: &str,
-) -> Result<Vec<(u64, Example)>, (String, &'static str)> {
-    let file = std::fs::File::open(path).map_err(|e| {
-        (
-            format!("cannot open the {what} {}: {e}", path.display()),
-            "invalid_data",
-        )
-    })?;
+/// A data file's examples, or the message of an `invalid_data` error.
+fn read_examples(path: &std::path::Path, what: &str) -> Result<Vec<(u64, Example)>, String> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot open the {what} {}: {e}", path.display()))?;
     let format = Format::from_filename(&path.to_string_lossy());
-    read_all(std::io::BufReader::new(file), format, 10).map_err(|report| {
-        (
-            format!("the {what} is invalid: {}", report.summary()),
-            "invalid_data",
-        )
-    })
+    read_all(std::io::BufReader::new(file), format, 10)
+        .map_err(|report| format!("the {what} is invalid: {}", report.summary()))
 }
 
 fn main() {
@@ -226,13 +209,10 @@ fn main() {
             });
             match result {
                 Ok(v) => {
-                    emit(&v);
-                    0
+                    print_line(&v.to_string());
+                    EXIT_OK
                 }
-                Err(e) => {
-                    emit(&error_event(code_of(&e), &e.to_string(), None));
-                    2
-                }
+                Err(e) => fail(code_of(&e), e.to_string(), None),
             }
         }
         Cmd::Run {
@@ -265,10 +245,7 @@ fn main() {
 fn info(model_dir: &std::path::Path) -> i32 {
     let hf = match tuna_train::models::read_config(model_dir) {
         Ok(h) => h,
-        Err(e) => {
-            emit(&error_event("invalid_model", &e.to_string(), None));
-            return 2;
-        }
+        Err(e) => return fail(TrainerErrorCode::InvalidModel, e.to_string(), None),
     };
     let task = if hf.is_decoder() {
         tuna_train::model::TaskHead::CausalLm
@@ -287,13 +264,14 @@ fn info(model_dir: &std::path::Path) -> i32 {
     };
     match tuna_train::load_model(model_dir, &opts) {
         Ok(m) => {
-            emit(&serde_json::to_value(m.info()).unwrap_or(Value::Null));
-            0
+            print_line(
+                &serde_json::to_value(m.info())
+                    .unwrap_or(Value::Null)
+                    .to_string(),
+            );
+            EXIT_OK
         }
-        Err(e) => {
-            emit(&error_event("invalid_model", &e.to_string(), None));
-            2
-        }
+        Err(e) => fail(TrainerErrorCode::InvalidModel, e.to_string(), None),
     }
 }
 
@@ -307,10 +285,6 @@ fn run(
     resume_from: Option<PathBuf>,
     device: Option<Device>,
 ) -> i32 {
-    let fail = |msg: String, code: &str, param: Option<&str>| {
-        emit(&error_event(code, &msg, param));
-        2
-    };
     let spec: JobSpec = match std::fs::read_to_string(&spec_path)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
@@ -318,19 +292,19 @@ fn run(
         Ok(s) => s,
         Err(e) => {
             return fail(
+                TrainerErrorCode::Internal,
                 format!("cannot read the job spec {}: {e}", spec_path.display()),
-                "internal",
                 None,
             )
         }
     };
     let device = match trainer::resolve_device(device.unwrap_or(spec.device)) {
         Ok(d) => d,
-        Err(e) => return fail(e.to_string(), "internal", Some("device")),
+        Err(e) => return fail(TrainerErrorCode::Internal, e.to_string(), Some("device")),
     };
     let train = match read_examples(&train_file, "training file") {
         Ok(t) => t,
-        Err((m, c)) => return fail(m, c, Some("training_file")),
+        Err(m) => return fail(TrainerErrorCode::InvalidData, m, Some("training_file")),
     };
     let valid = match valid_file
         .as_deref()
@@ -338,7 +312,7 @@ fn run(
         .transpose()
     {
         Ok(v) => v,
-        Err((m, c)) => return fail(m, c, Some("validation_file")),
+        Err(m) => return fail(TrainerErrorCode::InvalidData, m, Some("validation_file")),
     };
 
     let control = Arc::new(Control::new());
@@ -347,11 +321,11 @@ fn run(
         std::thread::spawn(move || {
             let stdin = std::io::stdin();
             for line in stdin.lock().lines() {
-                match line.as_deref().map(str::trim) {
-                    Ok("pause") => control.pause(),
-                    Ok("cancel") => control.cancel(),
-                    Ok(other) => tracing::warn!("ignoring control line {other:?}"),
-                    Err(_) => break,
+                let Ok(line) = line else { break };
+                match line.parse::<ControlLine>() {
+                    Ok(ControlLine::Pause) => control.pause(),
+                    Ok(ControlLine::Cancel) => control.cancel(),
+                    Err(e) => tracing::warn!("ignoring it: {e}"),
                 }
             }
             // EOF: the worker is gone. Stop at once.
@@ -359,11 +333,7 @@ fn run(
         });
     }
     tracing::info!(?device, model_dir = %model_dir.display(), "starting");
-    let mut callback = |ev: trainer::TrainEvent| {
-        if let Ok(v) = serde_json::to_value(&ev) {
-            emit(&v);
-        }
-    };
+    let mut callback = |ev: TrainerEvent| emit(&ev);
     let result = trainer::train(
         &model_dir,
         &spec,
@@ -376,7 +346,7 @@ fn run(
         &control,
     );
     if control.is_aborted() {
-        return 3;
+        return EXIT_ABORTED;
     }
     match result {
         Ok(TrainOutcome::Done {
@@ -385,21 +355,21 @@ fn run(
             steps,
             metrics,
         }) => {
-            emit(
-                &json!({"event": "done", "trained_tokens": trained_tokens, "steps": steps,
-                "final_dir": final_dir.display().to_string(), "metrics": metrics}),
-            );
-            0
+            emit(&TrainerEvent::Done {
+                trained_tokens,
+                steps,
+                final_dir,
+                metrics,
+            });
+            EXIT_OK
         }
         Ok(TrainOutcome::Paused { checkpoint, step }) => {
-            emit(
-                &json!({"event": "paused", "checkpoint": checkpoint.display().to_string(), "step": step}),
-            );
-            0
+            emit(&TrainerEvent::Paused { checkpoint, step });
+            EXIT_OK
         }
         Ok(TrainOutcome::Cancelled { step }) => {
-            emit(&json!({"event": "cancelled", "step": step}));
-            0
+            emit(&TrainerEvent::Cancelled { step });
+            EXIT_OK
         }
         Err(e) => {
             let param = match &e {
@@ -407,7 +377,7 @@ fn run(
                 Error::NonFiniteLoss { .. } => Some("learning_rate"),
                 _ => None,
             };
-            fail(e.to_string(), code_of(&e), param)
+            fail(code_of(&e), e.to_string(), param)
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Evaluation metrics (accuracy, macro F1) and the numbers reported with each logged step.
+//! Evaluation metrics (accuracy, macro F1). The numbers reported with each logged step and each
+//! evaluation are protocol types (`tuna_core::protocol`), re-exported here.
 
-use serde::{Deserialize, Serialize};
+pub use tuna_core::protocol::{EvalMetrics, StepMetrics};
 
 /// Macro-averaged F1 over `num_classes` classes from (predicted, true) pairs. A class that is
 /// neither predicted nor present counts as F1 = 0 only if it appears in the data or the
@@ -36,49 +37,6 @@ pub fn macro_f1(pairs: &[(i64, i64)], num_classes: usize) -> f64 {
     } else {
         sum / n as f64
     }
-}
-
-/// Result of one evaluation pass.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct EvalMetrics {
-    pub valid_loss: f64,
-    /// Causal LM: share of target tokens predicted exactly.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub valid_mean_token_accuracy: Option<f64>,
-    /// Classification.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub valid_accuracy: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub valid_macro_f1: Option<f64>,
-    pub valid_examples: usize,
-}
-
-/// One logged optimiser step.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
-    pub step: u64,
-    pub total_steps: u64,
-    /// Fractional epoch (1.5 = half way through the second epoch).
-    pub epoch: f64,
-    /// Mean loss per target of the logged step.
-    pub train_loss: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub train_mean_token_accuracy: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub train_accuracy: Option<f64>,
-    pub learning_rate: f64,
-    /// Before clipping.
-    pub grad_norm: f64,
-    /// Non-padding tokens per second since the previous log.
-    pub tokens_per_second: f64,
-    pub examples_per_second: f64,
-    pub elapsed_seconds: f64,
-    pub eta_seconds: f64,
-    /// Tokens (non-padding) seen so far.
-    pub trained_tokens: u64,
-    /// CUDA only; libtorch's allocator statistics are not reachable through tch, so None.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peak_memory_bytes: Option<u64>,
 }
 
 #[cfg(test)]

@@ -38,10 +38,11 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 use tuna_core::data::Example;
+use tuna_core::protocol::DataReport;
 use tuna_core::spec::{JobSpec, Precision, Task, TrainingType};
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::{self, Collated, DataStats, Features, LabelMap};
+use crate::data::{self, Collated, Features, LabelMap};
 use crate::metrics::{macro_f1, EvalMetrics, StepMetrics};
 use crate::model::{Batch, FreezeOptions, LoadOptions, LoraOptions, Model, TaskHead};
 use crate::optim::{AdamW, AdamWConfig};
@@ -84,48 +85,9 @@ impl Control {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    LoadingModel,
-    Tokenizing,
-    Training,
-    Evaluating,
-    Saving,
-}
-
-/// Progress reports. Serialised (with `"event"` as tag) they are the lines `tuna-trainer`
-/// prints; see `main.rs` for the protocol.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum TrainEvent {
-    Phase {
-        phase: Phase,
-        message: String,
-    },
-    /// What tokenization produced (after the validation split).
-    Data {
-        train: DataStats,
-        valid: Option<DataStats>,
-        labels: Option<Vec<String>>,
-        total_steps: u64,
-        notes: Vec<String>,
-    },
-    Metrics(StepMetrics),
-    Eval {
-        step: u64,
-        #[serde(flatten)]
-        metrics: EvalMetrics,
-    },
-    Checkpoint {
-        step: u64,
-        path: String,
-        metrics: Map<String, Value>,
-    },
-    Warning {
-        message: String,
-    },
-}
+/// Progress reports: [`train`]'s callback receives the non-terminal events of the trainer
+/// protocol (`tuna_core::protocol`); the terminal one follows from the [`TrainOutcome`].
+pub use tuna_core::protocol::{Phase, TrainerEvent};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainOutcome {
@@ -550,7 +512,7 @@ pub fn train(
     output_dir: &Path,
     resume_from: Option<&Path>,
     device: Device,
-    callback: &mut dyn FnMut(TrainEvent),
+    callback: &mut dyn FnMut(TrainerEvent),
     control: &Control,
 ) -> Result<TrainOutcome> {
     let started = Instant::now();
@@ -581,7 +543,7 @@ pub fn train(
         }
     }
 
-    callback(TrainEvent::Phase {
+    callback(TrainerEvent::Phase {
         phase: Phase::LoadingModel,
         message: format!("loading {}", model_dir.display()),
     });
@@ -597,7 +559,7 @@ pub fn train(
     let tok = Tok::load(model_dir, info.is_decoder)?;
     let notes = model.load_notes();
 
-    callback(TrainEvent::Phase {
+    callback(TrainerEvent::Phase {
         phase: Phase::Tokenizing,
         message: "tokenizing the data".into(),
     });
@@ -653,15 +615,15 @@ pub fn train(
     if spec.max_steps > 0 {
         total_steps = total_steps.min(u64::from(spec.max_steps));
     }
-    callback(TrainEvent::Data {
+    callback(TrainerEvent::Data(DataReport {
         train: train_stats.clone(),
         valid: valid_stats.clone(),
         labels: label_map.as_ref().map(LabelMap::id2label),
         total_steps,
         notes: notes.clone(),
-    });
+    }));
     if train_stats.truncated > 0 || train_stats.dropped > 0 {
-        callback(TrainEvent::Warning {
+        callback(TrainerEvent::Warning {
             message: format!(
                 "{} training example(s) were cut to {max_len} tokens; {} had nothing left to learn from and were dropped",
                 train_stats.truncated, train_stats.dropped
@@ -752,10 +714,10 @@ pub fn train(
 
     let save_ckpt = |state: &TrainState,
                      opt: &AdamW,
-                     callback: &mut dyn FnMut(TrainEvent)|
+                     callback: &mut dyn FnMut(TrainerEvent)|
      -> Result<PathBuf> {
         let dir = checkpoint::checkpoint_dir(output_dir, state.step);
-        callback(TrainEvent::Phase {
+        callback(TrainerEvent::Phase {
             phase: Phase::Saving,
             message: format!("saving checkpoint step-{}", state.step),
         });
@@ -769,15 +731,15 @@ pub fn train(
                 Some((state, opt)),
             )
         })?;
-        callback(TrainEvent::Checkpoint {
+        callback(TrainerEvent::Checkpoint {
             step: state.step,
-            path: dir.display().to_string(),
+            path: dir.clone(),
             metrics: state.last_metrics.clone(),
         });
         Ok(dir)
     };
 
-    callback(TrainEvent::Phase {
+    callback(TrainerEvent::Phase {
         phase: Phase::Training,
         message: format!(
             "{n} examples, {total_steps} steps of {batch_size} examples ({accum} micro-batch(es) of up to {micro}), from step {start_step}"
@@ -851,7 +813,7 @@ pub fn train(
                 peak_memory_bytes: None,
             };
             merge_metrics(&mut state.last_metrics, &m);
-            callback(TrainEvent::Metrics(m));
+            callback(TrainerEvent::Metrics(m));
             window = (0.0, 0, 0.0, 0, 0, Instant::now());
         }
 
@@ -861,7 +823,7 @@ pub fn train(
                     && state.step.is_multiple_of(u64::from(spec.eval_interval)))
                 || (spec.eval_interval == 0 && end_of_epoch));
         if eval_now {
-            callback(TrainEvent::Phase {
+            callback(TrainerEvent::Phase {
                 phase: Phase::Evaluating,
                 message: format!("evaluating at step {}", state.step),
             });
@@ -876,14 +838,14 @@ pub fn train(
             } else {
                 state.evals_without_improvement += 1;
             }
-            callback(TrainEvent::Eval {
+            callback(TrainerEvent::Eval {
                 step: state.step,
                 metrics: m,
             });
             if spec.early_stopping_patience > 0
                 && state.evals_without_improvement >= spec.early_stopping_patience
             {
-                callback(TrainEvent::Warning {
+                callback(TrainerEvent::Warning {
                     message: format!(
                         "early stopping at step {}: no lower validation loss in {} evaluations",
                         state.step, state.evals_without_improvement
@@ -908,7 +870,7 @@ pub fn train(
         }
     }
 
-    callback(TrainEvent::Phase {
+    callback(TrainerEvent::Phase {
         phase: Phase::Saving,
         message: "saving the final model".into(),
     });

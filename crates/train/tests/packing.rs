@@ -16,7 +16,7 @@ use tuna_core::spec::{parse_create_request, SpecPolicy};
 use tuna_train::data::group_by_length;
 use tuna_train::data::{collate, collate_packed, loss_and_correct, pack_rows, Collated, Features};
 use tuna_train::model::{Batch, FreezeOptions, LoadOptions, Model, TaskHead};
-use tuna_train::trainer::{accumulate, train, Control, StepConfig, TrainEvent};
+use tuna_train::trainer::{accumulate, train, Control, StepConfig, TrainerEvent};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -193,8 +193,8 @@ fn packing_job_trains_like_the_unpacked_one() {
         );
         let out = tempfile::tempdir().unwrap();
         let mut l = Vec::new();
-        let mut cb = |ev: TrainEvent| {
-            if let TrainEvent::Metrics(m) = ev {
+        let mut cb = |ev: TrainerEvent| {
+            if let TrainerEvent::Metrics(m) = ev {
                 l.push(m.train_loss);
             }
         };

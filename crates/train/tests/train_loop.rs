@@ -11,7 +11,7 @@ use serde_json::json;
 use tch::Tensor;
 use tuna_core::data::{Example, Label};
 use tuna_core::spec::{parse_create_request, JobSpec, SpecPolicy};
-use tuna_train::trainer::{train, Control, TrainEvent, TrainOutcome};
+use tuna_train::trainer::{train, Control, TrainOutcome, TrainerEvent};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -71,7 +71,7 @@ fn texts() -> Vec<(u64, Example)> {
 struct Run {
     losses: Vec<(u64, f64)>,
     evals: Vec<serde_json::Value>,
-    checkpoints: Vec<String>,
+    checkpoints: Vec<PathBuf>,
     outcome: TrainOutcome,
 }
 
@@ -87,15 +87,15 @@ fn run(
     let mut losses = Vec::new();
     let mut evals = Vec::new();
     let mut checkpoints = Vec::new();
-    let mut cb = |ev: TrainEvent| match ev {
-        TrainEvent::Metrics(m) => {
+    let mut cb = |ev: TrainerEvent| match ev {
+        TrainerEvent::Metrics(m) => {
             losses.push((m.step, m.train_loss));
             if Some(m.step) == pause_at {
                 control.pause();
             }
         }
-        TrainEvent::Eval { metrics, .. } => evals.push(serde_json::to_value(metrics).unwrap()),
-        TrainEvent::Checkpoint { path, .. } => checkpoints.push(path),
+        TrainerEvent::Eval { metrics, .. } => evals.push(serde_json::to_value(metrics).unwrap()),
+        TrainerEvent::Checkpoint { path, .. } => checkpoints.push(path),
         _ => {}
     };
     let outcome = train(
@@ -154,7 +154,7 @@ fn causal_lm_loss_goes_down_and_checkpoints_are_complete() {
     ] {
         assert!(final_dir.join(f).is_file(), "final/{f}");
     }
-    let ck = PathBuf::from(r.checkpoints.last().unwrap());
+    let ck = r.checkpoints.last().unwrap().clone();
     assert!(ck.ends_with("checkpoints/step-40"));
     for f in [
         "model.safetensors",
@@ -444,7 +444,7 @@ fn lora_job_saves_adapter_and_merged_weights() {
         assert!(final_dir.join(f).is_file(), "final/{f}");
     }
     assert!(final_dir.join("merged/model.safetensors").is_file());
-    let ck = PathBuf::from(r.checkpoints.last().unwrap());
+    let ck = r.checkpoints.last().unwrap().clone();
     let state =
         tuna_train::loader::read_safetensors(&ck.join("training_state/optimizer.safetensors"))
             .unwrap();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use tuna_core::data::{read_all, Example, Format};
 use tuna_core::spec::{parse_create_request, SpecPolicy};
-use tuna_train::trainer::{train, Control, TrainEvent, TrainOutcome};
+use tuna_train::trainer::{train, Control, TrainOutcome, TrainerEvent};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -78,15 +78,15 @@ fn minilm_sst2_clears_80_percent() {
     let control = Control::new();
     let mut evals = Vec::new();
     let mut eps = Vec::new();
-    let mut cb = |ev: TrainEvent| match ev {
-        TrainEvent::Metrics(m) => {
+    let mut cb = |ev: TrainerEvent| match ev {
+        TrainerEvent::Metrics(m) => {
             eprintln!(
                 "step {}/{} loss {:.4} acc {:?} {:.1} ex/s",
                 m.step, m.total_steps, m.train_loss, m.train_accuracy, m.examples_per_second
             );
             eps.push(m.examples_per_second);
         }
-        TrainEvent::Eval { metrics, .. } => evals.push(metrics),
+        TrainerEvent::Eval { metrics, .. } => evals.push(metrics),
         _ => {}
     };
     let t0 = std::time::Instant::now();

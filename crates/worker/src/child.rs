@@ -2,125 +2,22 @@
 //! its JSON-line events from stdout, keeping the tail of its stderr, sending `pause` / `cancel`
 //! on stdin and killing it (the whole group, SIGKILL) when it does not stop in time.
 //!
-//! Protocol (see crates/train/src/main.rs): stdout carries one JSON object per line with an
-//! `event` field; exit status 0 after `done` / `paused` / `cancelled`, 2 after `error`, 3 when
-//! stdin reached EOF; anything else, or no terminal event, is a crash.
+//! The protocol (events on stdout, control lines on stdin, exit statuses) is
+//! `tuna_core::protocol`, which the trainer writes with the same types; a run that ends with no
+//! terminal event is a crash.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 
-use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 /// How many stderr lines are kept for crash messages.
 const STDERR_TAIL: usize = 30;
 
-/// One event of the trainer (the `event` field picks the variant; the other fields are kept).
-#[derive(Debug, Clone, PartialEq)]
-pub enum TrainerEvent {
-    Phase {
-        phase: String,
-        message: String,
-    },
-    Data(Map<String, Value>),
-    Metrics(Map<String, Value>),
-    Eval(Map<String, Value>),
-    Checkpoint {
-        step: i64,
-        path: PathBuf,
-        metrics: Value,
-    },
-    Warning(String),
-    Done {
-        trained_tokens: Option<i64>,
-        final_dir: PathBuf,
-        metrics: Value,
-    },
-    Paused {
-        checkpoint: Option<PathBuf>,
-        step: Option<i64>,
-    },
-    Cancelled,
-    Error {
-        code: String,
-        message: String,
-        param: Option<String>,
-    },
-    /// A line that is not a known event (logged, otherwise ignored).
-    Other(String),
-}
-
-impl TrainerEvent {
-    /// Parses one stdout line.
-    pub fn parse(line: &str) -> TrainerEvent {
-        let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(line) else {
-            return TrainerEvent::Other(line.to_string());
-        };
-        let s =
-            |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
-        let i = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_i64);
-        let kind = s(&obj, "event").unwrap_or_default();
-        obj.remove("event");
-        match kind.as_str() {
-            "phase" => TrainerEvent::Phase {
-                phase: s(&obj, "phase").unwrap_or_default(),
-                message: s(&obj, "message").unwrap_or_default(),
-            },
-            "data" => TrainerEvent::Data(obj),
-            "metrics" => TrainerEvent::Metrics(obj),
-            "eval" => TrainerEvent::Eval(obj),
-            "checkpoint" => match (i(&obj, "step"), s(&obj, "path")) {
-                (Some(step), Some(path)) => TrainerEvent::Checkpoint {
-                    step,
-                    path: PathBuf::from(path),
-                    metrics: obj
-                        .get("metrics")
-                        .cloned()
-                        .unwrap_or(Value::Object(Map::new())),
-                },
-                _ => TrainerEvent::Other(line.to_string()),
-            },
-            "warning" => TrainerEvent::Warning(s(&obj, "message").unwrap_or_default()),
-            "done" => match s(&obj, "final_dir") {
-                Some(dir) => TrainerEvent::Done {
-                    trained_tokens: i(&obj, "trained_tokens"),
-                    final_dir: PathBuf::from(dir),
-                    metrics: obj
-                        .get("metrics")
-                        .cloned()
-                        .unwrap_or(Value::Object(Map::new())),
-                },
-                None => TrainerEvent::Other(line.to_string()),
-            },
-            "paused" => TrainerEvent::Paused {
-                checkpoint: s(&obj, "checkpoint").map(PathBuf::from),
-                step: i(&obj, "step"),
-            },
-            "cancelled" => TrainerEvent::Cancelled,
-            "error" => TrainerEvent::Error {
-                code: s(&obj, "code").unwrap_or_else(|| "internal".into()),
-                message: s(&obj, "message")
-                    .unwrap_or_else(|| "the trainer reported an error".into()),
-                param: s(&obj, "param"),
-            },
-            _ => TrainerEvent::Other(line.to_string()),
-        }
-    }
-
-    /// Whether this event ends the run.
-    pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            TrainerEvent::Done { .. }
-                | TrainerEvent::Paused { .. }
-                | TrainerEvent::Cancelled
-                | TrainerEvent::Error { .. }
-        )
-    }
-}
+pub use tuna_core::protocol::{ControlLine, TrainerEvent};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -244,12 +141,11 @@ impl TrainerProcess {
         }
     }
 
-    /// Sends one control line (`pause` or `cancel`). Errors are ignored: a child that closed
-    /// stdin is exiting anyway.
-    pub async fn send(&mut self, line: &str) {
+    /// Sends one control line. Errors are ignored: a child that closed stdin is exiting anyway.
+    pub async fn send(&mut self, line: ControlLine) {
         if let Some(stdin) = self.stdin.as_mut() {
             let ok = stdin
-                .write_all(format!("{line}\n").as_bytes())
+                .write_all(format!("{}\n", line.as_str()).as_bytes())
                 .await
                 .is_ok()
                 && stdin.flush().await.is_ok();
@@ -329,58 +225,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn parses_events() {
-        assert_eq!(
-            TrainerEvent::parse(r#"{"event":"phase","phase":"training","message":"go"}"#),
-            TrainerEvent::Phase {
-                phase: "training".into(),
-                message: "go".into()
-            }
-        );
-        let TrainerEvent::Metrics(m) =
-            TrainerEvent::parse(r#"{"event":"metrics","step":3,"train_loss":1.5}"#)
-        else {
-            panic!()
-        };
-        assert_eq!(m["step"], 3);
-        assert!(!m.contains_key("event"));
-        assert_eq!(
-            TrainerEvent::parse(
-                r#"{"event":"error","code":"nan_loss","message":"m","param":"learning_rate"}"#
-            ),
-            TrainerEvent::Error {
-                code: "nan_loss".into(),
-                message: "m".into(),
-                param: Some("learning_rate".into())
-            }
-        );
-        assert!(matches!(
-            TrainerEvent::parse("not json"),
-            TrainerEvent::Other(_)
-        ));
-        assert!(matches!(
-            TrainerEvent::parse(r#"{"event":"checkpoint","step":1}"#),
-            TrainerEvent::Other(_)
-        ));
-        assert!(TrainerEvent::parse(r#"{"event":"cancelled","step":2}"#).is_terminal());
-    }
-
     #[tokio::test]
     async fn reads_lines_and_control_goes_to_stdin() {
-        // Echoes the control line it receives as an event, like the trainer's protocol.
+        // Answers the control line it receives (`cancel`) with its event (`cancelled`).
         let mut p = TrainerProcess::spawn(&sh(
-            r#"echo '{"event":"phase","phase":"training","message":"x"}'; read l; echo "{\"event\":\"$l\"}"; echo oops >&2; exit 0"#,
+            r#"echo '{"event":"phase","phase":"training","message":"x"}'; read l; echo "{\"event\":\"${l}led\",\"step\":0}"; echo oops >&2; exit 0"#,
         ))
         .unwrap();
         assert!(matches!(
             TrainerEvent::parse(&p.next_line().await.unwrap()),
-            TrainerEvent::Phase { .. }
+            Ok(TrainerEvent::Phase { .. })
         ));
-        p.send("cancelled").await;
+        p.send(ControlLine::Cancel).await;
         assert_eq!(
-            TrainerEvent::parse(&p.next_line().await.unwrap()),
-            TrainerEvent::Cancelled
+            TrainerEvent::parse(&p.next_line().await.unwrap()).unwrap(),
+            TrainerEvent::Cancelled { step: 0 }
         );
         assert!(p.next_line().await.is_none());
         let st = p.wait().await.unwrap();

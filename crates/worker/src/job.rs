@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tuna_core::protocol::StepMetrics;
 use tuna_core::spec::{Device, JobSpec};
 use tuna_db::queue::{
     self, Claimed, Completion, Control, EventKind, JobError, Lease, Level, Listener, QueueError,
@@ -23,7 +24,7 @@ use tuna_db::queue::{
 };
 use tuna_db::rows::JobRow;
 
-use crate::child::{describe_exit, TrainerCommand, TrainerEvent, TrainerProcess};
+use crate::child::{describe_exit, ControlLine, TrainerCommand, TrainerEvent, TrainerProcess};
 use crate::inputs::{self, LocalDataset};
 use crate::results::Results;
 use crate::{Outcome, WorkerConfig, WorkerError};
@@ -481,31 +482,23 @@ impl Uploader {
     }
 }
 
-fn update_progress(ctx: &Ctx<'_>, m: &Map<String, Value>, total_hint: Option<i64>) {
-    let step = m.get("step").and_then(Value::as_i64);
-    let total = m.get("total_steps").and_then(Value::as_i64).or(total_hint);
-    let eta = m
-        .get("eta_seconds")
-        .and_then(Value::as_f64)
-        .filter(|e| e.is_finite() && *e >= 0.0);
+fn update_progress(ctx: &Ctx<'_>, m: &StepMetrics) {
+    let (step, total) = (m.step, m.total_steps);
+    let eta = Some(m.eta_seconds).filter(|e| e.is_finite() && *e >= 0.0);
     let mut p = ctx.progress.lock().unwrap_or_else(|p| p.into_inner());
-    let percent = match (step, total) {
-        (Some(s), Some(t)) if t > 0 => Some(((s as f64 / t as f64) * 1000.0).round() / 10.0),
-        _ => None,
-    };
+    let percent = (total > 0).then(|| ((step as f64 / total as f64) * 1000.0).round() / 10.0);
     p.value = Some(json!({
         "step": step, "total_steps": total, "percent": percent,
         "seconds_remaining": eta.map(|e| e.round() as i64),
-        "epoch": m.get("epoch"),
-        "train_loss": m.get("train_loss"),
+        "epoch": m.epoch,
+        "train_loss": m.train_loss,
     }));
     p.eta = eta.map(|e| Utc::now() + chrono::Duration::milliseconds((e * 1000.0) as i64));
 }
 
-fn fmt_num(m: &Map<String, Value>, k: &str) -> Option<String> {
-    m.get(k)
-        .and_then(Value::as_f64)
-        .map(|v| format!("{k}={v:.4}"))
+/// `name=value` with four decimals, for event messages.
+fn fmt_num(k: &str, v: Option<f64>) -> Option<String> {
+    v.map(|v| format!("{k}={v:.4}"))
 }
 
 async fn execute(
@@ -610,7 +603,6 @@ async fn execute(
     let mut uploads_done: Option<(Option<i64>, Result<(), WorkerError>)> = None;
 
     let mut results = Results::default();
-    let mut total_steps: Option<i64> = None;
     let mut terminal: Option<TrainerEvent> = None;
     let mut request: Option<Request> = None;
     let mut kill_at: Option<Instant> = None;
@@ -649,8 +641,14 @@ async fn execute(
                     if ctx.lost.is_cancelled() {
                         continue;
                     }
-                    let ev = TrainerEvent::parse(&line);
-                    let r = handle_event(ctx, &ev, &mut results, &mut total_steps, up_tx.as_ref()).await;
+                    let ev = match TrainerEvent::parse(&line) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            tracing::debug!(%job_id, "trainer printed a line that is no event ({e}): {line}");
+                            continue;
+                        }
+                    };
+                    let r = handle_event(ctx, &ev, &mut results, up_tx.as_ref()).await;
                     if r.is_err() {
                         proc.close_stdin();
                         proc.kill();
@@ -716,8 +714,8 @@ async fn execute(
         if let Some(r) = new_request {
             request = Some(r);
             let (line, grace) = match r {
-                Request::Cancel => ("cancel", ctx.cfg.cancel_grace),
-                Request::Pause | Request::Shutdown => ("pause", ctx.cfg.pause_grace),
+                Request::Cancel => (ControlLine::Cancel, ctx.cfg.cancel_grace),
+                Request::Pause | Request::Shutdown => (ControlLine::Pause, ctx.cfg.pause_grace),
             };
             tracing::info!(%job_id, ?r, "asking the trainer to stop");
             proc.send(line).await;
@@ -754,6 +752,7 @@ async fn execute(
             trained_tokens,
             final_dir,
             metrics,
+            ..
         }) => {
             finish_succeeded(
                 ctx,
@@ -767,22 +766,20 @@ async fn execute(
             .await
         }
         Some(TrainerEvent::Paused { checkpoint, step }) => {
-            if let (Some(path), Some(step)) = (checkpoint, step) {
-                if last_uploaded != Some(step) {
-                    let c = CkptJob {
-                        step,
-                        path,
-                        metrics: json!({}),
-                    };
-                    if let Err(e) = uploader.upload(&c).await {
-                        if let WorkerError::LeaseLost(_) = e {
-                            return Err(e);
-                        }
-                        let msg = format!("The pause checkpoint could not be saved ({e}); the job keeps its previous checkpoint");
-                        ctx.event(Level::Warn, &msg, None, EventKind::Message)
-                            .await
-                            .map_err(|_| lost_err())?;
+            if last_uploaded != Some(step as i64) {
+                let c = CkptJob {
+                    step: step as i64,
+                    path: checkpoint,
+                    metrics: json!({}),
+                };
+                if let Err(e) = uploader.upload(&c).await {
+                    if let WorkerError::LeaseLost(_) = e {
+                        return Err(e);
                     }
+                    let msg = format!("The pause checkpoint could not be saved ({e}); the job keeps its previous checkpoint");
+                    ctx.event(Level::Warn, &msg, None, EventKind::Message)
+                        .await
+                        .map_err(|_| lost_err())?;
                 }
             }
             if request == Some(Request::Shutdown) {
@@ -791,7 +788,7 @@ async fn execute(
                 finish_paused(ctx).await
             }
         }
-        Some(TrainerEvent::Cancelled) => finish_cancelled(ctx).await,
+        Some(TrainerEvent::Cancelled { .. }) => finish_cancelled(ctx).await,
         Some(TrainerEvent::Error {
             code,
             message,
@@ -800,7 +797,7 @@ async fn execute(
             finish_failed(
                 ctx,
                 &JobError {
-                    code,
+                    code: code.as_str().to_string(),
                     message,
                     param,
                 },
@@ -855,98 +852,71 @@ async fn execute(
     }
 }
 
+/// A trainer event's fields without its `event` tag: the `data` of the job event it becomes.
+fn event_data(ev: &TrainerEvent) -> Value {
+    let mut v = serde_json::to_value(ev).unwrap_or(Value::Null);
+    if let Some(m) = v.as_object_mut() {
+        m.shift_remove("event");
+    }
+    v
+}
+
+/// Turns a non-terminal trainer event into job events, progress and checkpoint uploads.
 async fn handle_event(
     ctx: &Ctx<'_>,
     ev: &TrainerEvent,
     results: &mut Results,
-    total_steps: &mut Option<i64>,
     uploads: Option<&mpsc::UnboundedSender<CkptJob>>,
 ) -> Result<(), LeaseLost> {
     match ev {
         TrainerEvent::Phase { phase, message } => {
-            let label = match phase.as_str() {
-                "loading_model" => "Loading the base model",
-                "tokenizing" => "Tokenizing the data",
-                "training" => "Training",
-                "evaluating" => "Evaluating",
-                "saving" => "Saving the model",
-                _ => "Working",
-            };
+            let label = phase.label();
             let msg = if message.is_empty() {
                 label.to_string()
             } else {
                 format!("{label}: {message}")
             };
-            ctx.phase(phase, &msg).await
+            ctx.phase(phase.as_str(), &msg).await
         }
-        TrainerEvent::Data(m) => {
-            *total_steps = m.get("total_steps").and_then(Value::as_i64);
-            let n = |k: &str| {
-                m.get(k)
-                    .and_then(|v| v.get("examples"))
-                    .and_then(Value::as_i64)
-            };
-            let mut msg = format!(
-                "Data tokenized: {} training examples",
-                n("train").unwrap_or(0)
-            );
-            if let Some(v) = n("valid") {
-                msg.push_str(&format!(", {v} validation examples"));
+        TrainerEvent::Data(d) => {
+            let mut msg = format!("Data tokenized: {} training examples", d.train.examples);
+            if let Some(v) = &d.valid {
+                msg.push_str(&format!(", {} validation examples", v.examples));
             }
-            if let Some(t) = *total_steps {
-                msg.push_str(&format!("; {t} training steps"));
-            }
-            ctx.event(
-                Level::Info,
-                &msg,
-                Some(&Value::Object(m.clone())),
-                EventKind::Message,
-            )
-            .await
+            msg.push_str(&format!("; {} training steps", d.total_steps));
+            ctx.event(Level::Info, &msg, Some(&event_data(ev)), EventKind::Message)
+                .await
         }
         TrainerEvent::Metrics(m) => {
             results.add_metrics(m);
-            update_progress(ctx, m, *total_steps);
-            let step = m.get("step").and_then(Value::as_i64).unwrap_or(0);
-            let total = m
-                .get("total_steps")
-                .and_then(Value::as_i64)
-                .or(*total_steps);
-            let mut msg = match total {
-                Some(t) => format!("Step {step}/{t}"),
-                None => format!("Step {step}"),
-            };
-            let parts: Vec<String> = ["train_loss", "train_mean_token_accuracy", "train_accuracy"]
-                .iter()
-                .filter_map(|k| fmt_num(m, k))
-                .collect();
-            if !parts.is_empty() {
-                msg.push_str(": ");
-                msg.push_str(&parts.join(", "));
-            }
-            ctx.event(
-                Level::Info,
-                &msg,
-                Some(&Value::Object(m.clone())),
-                EventKind::Metrics,
-            )
-            .await
+            update_progress(ctx, m);
+            let mut msg = format!("Step {}/{}", m.step, m.total_steps);
+            let parts: Vec<String> = [
+                fmt_num("train_loss", Some(m.train_loss)),
+                fmt_num("train_mean_token_accuracy", m.train_mean_token_accuracy),
+                fmt_num("train_accuracy", m.train_accuracy),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            msg.push_str(": ");
+            msg.push_str(&parts.join(", "));
+            ctx.event(Level::Info, &msg, Some(&event_data(ev)), EventKind::Metrics)
+                .await
         }
-        TrainerEvent::Eval(m) => {
-            results.add_eval(m);
-            let step = m.get("step").and_then(Value::as_i64).unwrap_or(0);
-            let parts: Vec<String> = ["valid_loss", "valid_mean_token_accuracy", "valid_accuracy"]
-                .iter()
-                .filter_map(|k| fmt_num(m, k))
-                .collect();
+        TrainerEvent::Eval { step, metrics: m } => {
+            results.add_eval(*step, m);
+            let parts: Vec<String> = [
+                fmt_num("valid_loss", Some(m.valid_loss)),
+                fmt_num("valid_mean_token_accuracy", m.valid_mean_token_accuracy),
+                fmt_num("valid_accuracy", m.valid_accuracy),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             let msg = format!("Step {step}: {}", parts.join(", "));
-            ctx.event(
-                Level::Info,
-                &msg,
-                Some(&Value::Object(m.clone())),
-                EventKind::Metrics,
-            )
-            .await
+            ctx.event(Level::Info, &msg, Some(&event_data(ev)), EventKind::Metrics)
+                .await
         }
         TrainerEvent::Checkpoint {
             step,
@@ -955,20 +925,22 @@ async fn handle_event(
         } => {
             if let Some(tx) = uploads {
                 let _ = tx.send(CkptJob {
-                    step: *step,
+                    step: *step as i64,
                     path: path.clone(),
-                    metrics: metrics.clone(),
+                    metrics: Value::Object(metrics.clone()),
                 });
             }
             Ok(())
         }
-        TrainerEvent::Warning(msg) => ctx.event(Level::Warn, msg, None, EventKind::Message).await,
-        TrainerEvent::Other(line) => {
-            tracing::debug!(job_id = %ctx.job.job_id, "trainer: {line}");
-            Ok(())
+        TrainerEvent::Warning { message } => {
+            ctx.event(Level::Warn, message, None, EventKind::Message)
+                .await
         }
         // Terminal events are handled after the child exits.
-        _ => Ok(()),
+        TrainerEvent::Done { .. }
+        | TrainerEvent::Paused { .. }
+        | TrainerEvent::Cancelled { .. }
+        | TrainerEvent::Error { .. } => Ok(()),
     }
 }
 
@@ -1038,8 +1010,8 @@ async fn finish_succeeded(
     model_name: &str,
     prepared: &Prepared,
     final_dir: &Path,
-    trained_tokens: Option<i64>,
-    metrics: &Value,
+    trained_tokens: u64,
+    metrics: &Map<String, Value>,
     results: &Results,
 ) -> Result<Outcome, WorkerError> {
     let lost_err = || WorkerError::LeaseLost(ctx.lease.job_id.clone());
@@ -1084,7 +1056,7 @@ async fn finish_succeeded(
         .map_err(|e| WorkerError::Store(e.to_string()))?;
     let done = Completion {
         fine_tuned_model: model_name.to_string(),
-        trained_tokens,
+        trained_tokens: Some(trained_tokens as i64),
         result_files: vec![file_id.clone()],
         results_file: Some(queue::ResultsFile {
             file_id: file_id.clone(),

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value};
+use tuna_core::protocol::{EvalMetrics, StepMetrics};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Row {
@@ -21,31 +21,19 @@ pub struct Results {
     rows: BTreeMap<i64, Row>,
 }
 
-fn num(m: &Map<String, Value>, keys: &[&str]) -> Option<f64> {
-    keys.iter().find_map(|k| m.get(*k).and_then(Value::as_f64))
-}
-
 impl Results {
-    /// A `metrics` event's fields.
-    pub fn add_metrics(&mut self, m: &Map<String, Value>) {
-        let Some(step) = m.get("step").and_then(Value::as_i64) else {
-            return;
-        };
-        let row = self.rows.entry(step).or_default();
-        row.train_loss = num(m, &["train_loss"]).or(row.train_loss);
-        row.train_accuracy =
-            num(m, &["train_mean_token_accuracy", "train_accuracy"]).or(row.train_accuracy);
+    /// A `metrics` event.
+    pub fn add_metrics(&mut self, m: &StepMetrics) {
+        let row = self.rows.entry(m.step as i64).or_default();
+        row.train_loss = Some(m.train_loss);
+        row.train_accuracy = m.accuracy().or(row.train_accuracy);
     }
 
-    /// An `eval` event's fields.
-    pub fn add_eval(&mut self, m: &Map<String, Value>) {
-        let Some(step) = m.get("step").and_then(Value::as_i64) else {
-            return;
-        };
-        let row = self.rows.entry(step).or_default();
-        row.valid_loss = num(m, &["valid_loss"]).or(row.valid_loss);
-        row.valid_accuracy =
-            num(m, &["valid_mean_token_accuracy", "valid_accuracy"]).or(row.valid_accuracy);
+    /// An `eval` event.
+    pub fn add_eval(&mut self, step: u64, m: &EvalMetrics) {
+        let row = self.rows.entry(step as i64).or_default();
+        row.valid_loss = Some(m.valid_loss);
+        row.valid_accuracy = m.accuracy().or(row.valid_accuracy);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -79,24 +67,34 @@ impl Results {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    fn step(step: u64, train_loss: f64) -> StepMetrics {
+        StepMetrics {
+            step,
+            train_loss,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn rows_merge_by_step() {
         let mut r = Results::default();
-        r.add_metrics(&obj(
-            json!({"step": 1, "train_loss": 2.5, "train_mean_token_accuracy": 0.25}),
-        ));
-        r.add_metrics(&obj(
-            json!({"step": 2, "train_loss": 2.0, "train_accuracy": 0.5}),
-        ));
-        r.add_eval(&obj(
-            json!({"step": 2, "valid_loss": 2.25, "valid_accuracy": 0.75}),
-        ));
+        r.add_metrics(&StepMetrics {
+            train_mean_token_accuracy: Some(0.25),
+            ..step(1, 2.5)
+        });
+        r.add_metrics(&StepMetrics {
+            train_accuracy: Some(0.5),
+            ..step(2, 2.0)
+        });
+        r.add_eval(
+            2,
+            &EvalMetrics {
+                valid_loss: 2.25,
+                valid_accuracy: Some(0.75),
+                ..Default::default()
+            },
+        );
         let text = String::from_utf8(r.to_csv()).unwrap();
         assert_eq!(
             text,
