@@ -33,6 +33,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::tar;
 use crate::AppState;
+use tuna_core::status::JobStatus;
 
 /// Ranges are read from the store in pieces of this size, so a large range is streamed too.
 const RANGE_CHUNK: u64 = 4 * 1024 * 1024;
@@ -65,8 +66,8 @@ pub struct Source {
 /// The final model of a job of the caller's organisation.
 pub async fn final_source(st: &AppState, caller: &Caller, job_id: &str) -> ApiResult<Source> {
     let job = crate::jobs::find(st, caller, job_id).await?;
-    let model = match (&job.fine_tuned_model, job.status.as_str()) {
-        (Some(m), "succeeded") => m.clone(),
+    let model = match (&job.fine_tuned_model, job.status) {
+        (Some(m), JobStatus::Succeeded) => m.clone(),
         (_, status) => return Err(no_final_model(&job, status)),
     };
     let location = tuna_db::models::get_model(&st.db, &job.organization_id, &model)
@@ -82,10 +83,11 @@ pub async fn final_source(st: &AppState, caller: &Caller, job_id: &str) -> ApiRe
     })
 }
 
-fn no_final_model(job: &JobRow, status: &str) -> ApiError {
-    let when = match status {
-        "failed" | "cancelled" => "it will have none".to_string(),
-        _ => "its files can be downloaded once it has succeeded".to_string(),
+fn no_final_model(job: &JobRow, status: JobStatus) -> ApiError {
+    let when = if status.is_terminal() {
+        "it will have none"
+    } else {
+        "its files can be downloaded once it has succeeded"
     };
     ApiError::Conflict(format!(
         "Fine-tuning job '{}' has no final model (status '{status}'); {when}. Its checkpoints, if \

@@ -28,6 +28,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::query::ListParams;
 use crate::{objects, AppState};
+use tuna_core::status::JobStatus;
 
 /// How often a stream looks for new events.
 pub const POLL: Duration = Duration::from_millis(300);
@@ -41,10 +42,6 @@ pub fn router() -> Router<AppState> {
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events/stream",
         get(stream_events),
     )
-}
-
-fn terminal(status: &str) -> bool {
-    matches!(status, "succeeded" | "failed" | "cancelled")
 }
 
 /// Where a stream starts: after the event `after` (its `seq`), or from the beginning.
@@ -76,11 +73,14 @@ async fn events_after(pool: &PgPool, job_id: &str, seq: i64) -> sqlx::Result<Vec
         .await
 }
 
-async fn job_status(pool: &PgPool, job_id: &str) -> sqlx::Result<Option<String>> {
-    sqlx::query_scalar("select status from jobs where job_id = $1")
+async fn job_status(pool: &PgPool, job_id: &str) -> sqlx::Result<Option<JobStatus>> {
+    let status: Option<String> = sqlx::query_scalar("select status from jobs where job_id = $1")
         .bind(job_id)
         .fetch_optional(pool)
-        .await
+        .await?;
+    status
+        .map(|s| s.parse().map_err(|e: String| sqlx::Error::Decode(e.into())))
+        .transpose()
 }
 
 async fn stream_events(
@@ -165,7 +165,7 @@ pub fn job_stream(
                 let out = rows.iter().map(sse_event).collect();
                 return Some((out, c));
             }
-            if terminal(&status) {
+            if status.is_terminal() {
                 c.done = true;
                 let ev = Event::default()
                     .event("end")

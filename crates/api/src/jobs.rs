@@ -9,6 +9,7 @@ use rand::Rng;
 use serde_json::Value;
 use tuna_core::ids;
 use tuna_core::spec::{self, CreateRequest, Device, SpecPolicy};
+use tuna_core::status::JobStatus;
 use tuna_db::queue::{self, Inserted, NewJob};
 use tuna_db::rows::{FileRow, JobRow, ModelRow};
 use tuna_db::{checkpoints, events, jobs as db};
@@ -234,7 +235,7 @@ pub async fn create_job(
     conn.release();
     match inserted {
         Inserted::Created(row) => {
-            if row.status == "queued" || row.status == "validating_files" {
+            if matches!(row.status, JobStatus::Queued | JobStatus::ValidatingFiles) {
                 st.pending.created(&caller.organization_id);
             }
             Ok(row)

@@ -8,6 +8,7 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
 use tuna_core::spec::{JobSpec, Method, OpenAiHyperparameters, Task};
+use tuna_core::status::JobStatus;
 use tuna_db::rows::{CheckpointRow, EventRow, FileRow, JobRow, ModelRow};
 
 fn ts(t: &DateTime<Utc>) -> i64 {
@@ -84,7 +85,7 @@ pub struct Job<'a> {
     model: &'a str,
     organization_id: &'a str,
     result_files: &'a Value,
-    status: &'a str,
+    status: JobStatus,
     trained_tokens: Option<i64>,
     training_file: &'a Option<String>,
     validation_file: &'a Option<String>,
@@ -122,7 +123,7 @@ pub fn job(row: &JobRow) -> Job<'_> {
         model: &row.model,
         organization_id: &row.organization_id,
         result_files: &row.result_files,
-        status: &row.status,
+        status: row.status,
         trained_tokens: row.trained_tokens,
         training_file: &row.training_file,
         validation_file: &row.validation_file,

@@ -52,10 +52,7 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
     match queue::count_by_status(&st.db).await {
         Ok(counts) => {
             for s in JobStatus::ALL {
-                let n = counts
-                    .iter()
-                    .find(|(k, _)| k == s.as_str())
-                    .map_or(0, |(_, n)| *n);
+                let n = counts.iter().find(|(k, _)| *k == s).map_or(0, |(_, n)| *n);
                 metrics::gauge!("tuna_jobs", "status" => s.as_str()).set(n as f64);
             }
         }

@@ -26,6 +26,7 @@ use tuna_db::PgPool;
 
 use crate::http::Api;
 use crate::stats::Summary;
+use tuna_core::status::JobStatus;
 
 /// The lease the bench's claims take; nothing renews it, and the jobs are left `running`.
 const LEASE: Duration = Duration::from_secs(3600);
@@ -298,10 +299,10 @@ pub struct DrainResult {
 }
 
 /// Number of jobs in `status`.
-pub async fn count(db: &PgPool, status: &str) -> anyhow::Result<i64> {
+pub async fn count(db: &PgPool, status: JobStatus) -> anyhow::Result<i64> {
     Ok(
         sqlx::query_scalar("select count(*) from jobs where status = $1")
-            .bind(status)
+            .bind(status.as_str())
             .fetch_one(db)
             .await?,
     )
@@ -311,7 +312,7 @@ pub async fn count(db: &PgPool, status: &str) -> anyhow::Result<i64> {
 pub async fn wait_validated(db: &PgPool, timeout: Duration) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
-        let n = count(db, "validating_files").await?;
+        let n = count(db, JobStatus::ValidatingFiles).await?;
         if n == 0 {
             return Ok(start.elapsed());
         }

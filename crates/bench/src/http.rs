@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::stats::Summary;
+use tuna_core::status::JobStatus;
 
 /// A client of one tuna server (setup requests; the load phases use [`LoadConn`]s).
 #[derive(Clone)]
@@ -248,9 +249,10 @@ impl Api {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let job = self.get_json(&format!("/v1/fine_tuning/jobs/{id}")).await?;
-            match job["status"].as_str() {
-                Some("queued") | Some("running") => return Ok(id),
-                Some("validating_files") if Instant::now() < deadline => {
+            let status = job["status"].as_str().and_then(|s| s.parse().ok());
+            match status {
+                Some(JobStatus::Queued | JobStatus::Running) => return Ok(id),
+                Some(JobStatus::ValidatingFiles) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await
                 }
                 _ => bail!(

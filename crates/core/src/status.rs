@@ -1,10 +1,32 @@
-//! The job state machine.
+//! The job state machine. Every transition, and the `tuna_db::queue` call that makes it (the
+//! only code that writes a job's status):
 //!
 //! ```text
-//! validating_files -> queued -> running -> succeeded | failed | cancelled
-//!                        ^         |  \-> paused -> (resume) queued
-//!                        \---------/ lost lease (rescuer re-queues)
+//!          insert_job                 insert_checked_job (files already checked at upload)
+//!              │                        │                │
+//!              ▼                        ▼                ▼
+//!      validating_files ──────────▶ queued           failed
+//!        │   finish_validation ok     │  ▲ ▲
+//!        │                     claim  │  │ └──────────── resume ───────────┐
+//!        │                            ▼  │ fail (attempts left),         paused ◀── request_pause
+//!        │                         running  release, rescue_expired       ▲        (a queued job)
+//!        │                          │ │ │ └─────────────────────────────────┘
+//!        │                          │ │ │   release_paused; fail, release or rescue_expired
+//!        │                          │ │ │   while a pause is requested
+//!        │                          │ │ └─▶ succeeded   complete
+//!        │                          │ └───▶ failed      fail (no attempts left), rescue_expired
+//!        │                          │                   (worker lost max_infra_retries times)
+//!        ▼                          └─────▶ cancelled   finish_cancelled; fail, release or
+//!      failed (finish_validation error)                 rescue_expired while a cancel is requested
+//!
+//!   request_cancel: validating_files, queued or paused -> cancelled at once; running -> a
+//!   request the worker honours (finish_cancelled).
+//!   request_pause: queued -> paused at once; running -> a request the worker honours with a
+//!   checkpoint (release_paused).
 //! ```
+//!
+//! `succeeded`, `failed` and `cancelled` are terminal ([`JobStatus::is_terminal`]): nothing
+//! leaves them.
 
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +86,14 @@ impl std::str::FromStr for JobStatus {
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| format!("unknown job status '{s}'"))
+    }
+}
+
+/// For rows: the `status` column is text, decoded into the enum where the row is read.
+impl TryFrom<String> for JobStatus {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 

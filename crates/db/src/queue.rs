@@ -45,13 +45,13 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tuna_core::ids;
+use tuna_core::status::JobStatus;
 use uuid::Uuid;
 
 use crate::rows::{CheckpointRow, JobRow};
@@ -465,12 +465,20 @@ pub async fn job(pool: &PgPool, job_id: &str) -> Result<Option<JobRow>> {
 }
 
 /// Number of jobs per status (statuses with no job are absent), sorted by status.
-pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(String, i64)>> {
-    Ok(
+pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(JobStatus, i64)>> {
+    let rows: Vec<(String, i64)> =
         sqlx::query_as("select status, count(*) from jobs group by status order by status")
             .fetch_all(pool)
-            .await?,
-    )
+            .await?;
+    rows.into_iter()
+        .map(|(s, n)| {
+            Ok((
+                s.parse::<JobStatus>()
+                    .map_err(|e| sqlx::Error::Decode(e.into()))?,
+                n,
+            ))
+        })
+        .collect()
 }
 
 async fn lock_for_control(
@@ -497,8 +505,8 @@ pub async fn request_cancel(
 ) -> Result<JobRow, ControlError> {
     let mut tx = pool.begin().await?;
     let job = lock_for_control(&mut tx, organization_id, job_id).await?;
-    let row: JobRow = match job.status.as_str() {
-        "validating_files" | "queued" | "paused" => {
+    let row: JobRow = match job.status {
+        JobStatus::ValidatingFiles | JobStatus::Queued | JobStatus::Paused => {
             let row = sqlx::query_as(
                 "update jobs set status = 'cancelled', finished_at = now(), cancel_requested_at = now(), \
                  pause_requested_at = null where job_id = $1 returning *",
@@ -517,7 +525,7 @@ pub async fn request_cancel(
             .await?;
             row
         }
-        "running" => {
+        JobStatus::Running => {
             let row = sqlx::query_as(
                 "update jobs set cancel_requested_at = coalesce(cancel_requested_at, now()) where job_id = $1 returning *",
             )
@@ -538,7 +546,9 @@ pub async fn request_cancel(
             notify_control(&mut tx, &job, ControlAction::Cancel).await?;
             row
         }
-        other => return Err(ControlError::Conflict(format!("job is already {other}"))),
+        other @ (JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled) => {
+            return Err(ControlError::Conflict(format!("job is already {other}")))
+        }
     };
     tx.commit().await?;
     Ok(row)
@@ -554,8 +564,8 @@ pub async fn request_pause(
 ) -> Result<JobRow, ControlError> {
     let mut tx = pool.begin().await?;
     let job = lock_for_control(&mut tx, organization_id, job_id).await?;
-    let row: JobRow = match job.status.as_str() {
-        "queued" => {
+    let row: JobRow = match job.status {
+        JobStatus::Queued => {
             let row =
                 sqlx::query_as("update jobs set status = 'paused' where job_id = $1 returning *")
                     .bind(job_id)
@@ -572,10 +582,10 @@ pub async fn request_pause(
             .await?;
             row
         }
-        "running" if job.cancel_requested_at.is_some() => {
+        JobStatus::Running if job.cancel_requested_at.is_some() => {
             return Err(ControlError::Conflict("job is being cancelled".to_string()))
         }
-        "running" => {
+        JobStatus::Running => {
             let row = sqlx::query_as(
                 "update jobs set pause_requested_at = coalesce(pause_requested_at, now()) where job_id = $1 returning *",
             )
@@ -596,8 +606,13 @@ pub async fn request_pause(
             notify_control(&mut tx, &job, ControlAction::Pause).await?;
             row
         }
-        "paused" => return Err(ControlError::Conflict("job is already paused".to_string())),
-        other => {
+        JobStatus::Paused => {
+            return Err(ControlError::Conflict("job is already paused".to_string()))
+        }
+        other @ (JobStatus::ValidatingFiles
+        | JobStatus::Succeeded
+        | JobStatus::Failed
+        | JobStatus::Cancelled) => {
             return Err(ControlError::Conflict(format!(
                 "cannot pause a job that is {other}"
             )))
@@ -616,7 +631,7 @@ pub async fn resume(
 ) -> Result<JobRow, ControlError> {
     let mut tx = pool.begin().await?;
     let job = lock_for_control(&mut tx, organization_id, job_id).await?;
-    if job.status != "paused" {
+    if job.status != JobStatus::Paused {
         return Err(ControlError::Conflict(format!(
             "cannot resume a job that is {} (only paused jobs)",
             job.status
@@ -804,19 +819,20 @@ pub enum Control {
 }
 
 /// Renews the lease for `ttl` from now (also refreshing the worker's heartbeat), stores
-/// `progress` and `estimated_finish` when given, and returns the pending control request.
+/// `progress` when given and, from `remaining` (the trainer's estimate of the time left), sets
+/// `estimated_finish` to the database's `now()` plus it. Returns the pending control request;
 /// `LeaseLost` when the lease is gone.
 pub async fn heartbeat(
     pool: &PgPool,
     lease: &Lease,
     ttl: Duration,
     progress: Option<&Value>,
-    estimated_finish: Option<DateTime<Utc>>,
+    remaining: Option<Duration>,
 ) -> Result<Control> {
     let flags: Option<(bool, bool)> = sqlx::query_as(
         "with w as (update workers set last_heartbeat_at = now() where worker_id = $6) \
          update jobs set lease_expires_at = now() + make_interval(secs => $3), progress = coalesce($4, progress), \
-           estimated_finish = coalesce($5, estimated_finish) \
+           estimated_finish = coalesce(now() + make_interval(secs => $5), estimated_finish) \
          where job_id = $1 and lease_token = $2 and status = 'running' \
          returning cancel_requested_at is not null, pause_requested_at is not null",
     )
@@ -824,7 +840,7 @@ pub async fn heartbeat(
     .bind(lease.token)
     .bind(secs(ttl))
     .bind(progress)
-    .bind(estimated_finish)
+    .bind(remaining.map(secs))
     .bind(&lease.worker_id)
     .fetch_optional(pool)
     .await?;
@@ -1064,9 +1080,9 @@ pub async fn fail_with_retry_delay(
         .await?
     } else if job.attempt < job.max_attempts {
         let next = if job.pause_requested_at.is_some() {
-            "paused"
+            JobStatus::Paused
         } else {
-            "queued"
+            JobStatus::Queued
         };
         let msg = format!(
             "Attempt {} of {} failed: {}; the job will be retried",
@@ -1087,11 +1103,11 @@ pub async fn fail_with_retry_delay(
              where job_id = $1 returning *"
         ))
         .bind(&job.job_id)
-        .bind(next)
+        .bind(next.as_str())
         .bind(secs(retry_delay))
         .fetch_one(&mut *tx)
         .await?;
-        if next == "queued" {
+        if next == JobStatus::Queued {
             notify_queued(&mut tx).await?;
         }
         row
@@ -1177,12 +1193,12 @@ pub async fn release(pool: &PgPool, lease: &Lease) -> Result<JobRow> {
     let mut tx = pool.begin().await?;
     let job = lock_leased(&mut tx, lease).await?;
     let (status, msg) = if job.cancel_requested_at.is_some() {
-        ("cancelled", "Job cancelled".to_string())
+        (JobStatus::Cancelled, "Job cancelled".to_string())
     } else if job.pause_requested_at.is_some() {
-        ("paused", "Job paused".to_string())
+        (JobStatus::Paused, "Job paused".to_string())
     } else {
         (
-            "queued",
+            JobStatus::Queued,
             format!(
                 "Worker {} released the job; it is queued again",
                 lease.worker_id
@@ -1195,7 +1211,7 @@ pub async fn release(pool: &PgPool, lease: &Lease) -> Result<JobRow> {
          where job_id = $1 returning *"
     ))
     .bind(&lease.job_id)
-    .bind(status)
+    .bind(status.as_str())
     .fetch_one(&mut *tx)
     .await?;
     insert_event(
@@ -1207,7 +1223,7 @@ pub async fn release(pool: &PgPool, lease: &Lease) -> Result<JobRow> {
         EventKind::Message,
     )
     .await?;
-    if status == "queued" {
+    if status == JobStatus::Queued {
         notify_queued(&mut tx).await?;
     }
     tx.commit().await?;
@@ -1237,19 +1253,19 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<String>> {
             Some(step) => format!("will resume from checkpoint step {step}"),
             None => "will restart from the beginning".to_string(),
         };
-        let (status, level, msg, error): (&str, Level, String, Option<Value>) = if job
+        let (status, level, msg, error): (JobStatus, Level, String, Option<Value>) = if job
             .cancel_requested_at
             .is_some()
         {
             (
-                "cancelled",
+                JobStatus::Cancelled,
                 Level::Warn,
                 format!("Worker {worker} was lost while cancelling; job cancelled"),
                 None,
             )
         } else if job.pause_requested_at.is_some() {
             (
-                "paused",
+                JobStatus::Paused,
                 Level::Warn,
                 format!("Worker {worker} was lost while pausing; job paused, resume {resume_from}"),
                 None,
@@ -1260,7 +1276,7 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<String>> {
                 job.infra_retries + 1,
                 job.max_infra_retries
             );
-            ("queued", Level::Warn, msg, None)
+            (JobStatus::Queued, Level::Warn, msg, None)
         } else {
             let e = JobError::new(
                 "worker_lost",
@@ -1269,7 +1285,12 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<String>> {
                     job.infra_retries + 1
                 ),
             );
-            ("failed", Level::Error, e.message.clone(), Some(e.to_json()))
+            (
+                JobStatus::Failed,
+                Level::Error,
+                e.message.clone(),
+                Some(e.to_json()),
+            )
         };
         sqlx::query(&format!(
             "update jobs set status = $2, {CLEAR_LEASE}, pause_requested_at = null, \
@@ -1279,12 +1300,12 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<String>> {
              where job_id = $1"
         ))
         .bind(&job.job_id)
-        .bind(status)
+        .bind(status.as_str())
         .bind(&error)
         .execute(&mut *tx)
         .await?;
         let data = json!({"reason": "lease_expired", "worker_id": job.lease_owner, "status": status,
-                          "infra_retries": job.infra_retries + i32::from(status == "queued"),
+                          "infra_retries": job.infra_retries + i32::from(status == JobStatus::Queued),
                           "checkpoint_step": job.checkpoint_step});
         insert_event(
             &mut tx,
@@ -1295,7 +1316,7 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<String>> {
             EventKind::Message,
         )
         .await?;
-        requeued |= status == "queued";
+        requeued |= status == JobStatus::Queued;
         ids.push(job.job_id);
     }
     if requeued {

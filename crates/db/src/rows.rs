@@ -5,6 +5,7 @@ use serde_json::Value;
 use sqlx::postgres::{PgTypeInfo, PgValueRef};
 use sqlx::Postgres;
 use tuna_core::spec::JobSpec;
+use tuna_core::status::JobStatus;
 use uuid::Uuid;
 
 /// A job's `spec` column, read straight from the column's bytes into a [`JobSpec`]. A stored
@@ -45,7 +46,8 @@ pub struct JobRow {
     pub job_id: String,
     pub seq: i64,
     pub organization_id: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: JobStatus,
     pub model: String,
     pub training_file: Option<String>,
     pub validation_file: Option<String>,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use tuna_core::status::JobStatus;
 use tuna_db::queue::{
     self, Completion, Control, ControlAction, ControlError, EventKind, JobError, Level, NewJob,
     QueueError, Wake, WorkerInfo,
@@ -70,7 +71,7 @@ async fn worker(pool: &PgPool, id: &str, device: &str, gpu_memory_mb: Option<i64
     w
 }
 
-async fn status(pool: &PgPool, id: &str) -> String {
+async fn status(pool: &PgPool, id: &str) -> JobStatus {
     queue::job(pool, id).await.unwrap().unwrap().status
 }
 
@@ -143,7 +144,7 @@ async fn concurrent_claimers_claim_every_job_exactly_once() {
             let info = worker(&pool, &format!("worker-{w}"), "cpu", None).await;
             let mut mine = Vec::new();
             while let Some(c) = queue::claim(&pool, &info, TTL).await.unwrap() {
-                assert_eq!(c.job.status, "running");
+                assert_eq!(c.job.status, JobStatus::Running);
                 assert_eq!(c.job.lease_token, Some(c.lease.token));
                 queue::heartbeat(&pool, &c.lease, TTL, None, None)
                     .await
@@ -173,7 +174,7 @@ async fn concurrent_claimers_claim_every_job_exactly_once() {
         "only one worker got work: {per_worker:?}"
     );
     let counts = queue::count_by_status(&pool).await.unwrap();
-    assert_eq!(counts, vec![("succeeded".to_string(), JOBS)]);
+    assert_eq!(counts, vec![(JobStatus::Succeeded, JOBS)]);
     let started: i64 = sqlx::query_scalar(
         "select count(*) from job_events where message = 'Fine-tuning job started'",
     )
@@ -212,7 +213,7 @@ async fn expired_lease_is_rescued_and_the_old_token_is_fenced_off() {
     assert_eq!(queue::rescue_expired(pool).await.unwrap(), vec![id.clone()]);
 
     let job = queue::job(pool, &id).await.unwrap().unwrap();
-    assert_eq!(job.status, "queued");
+    assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.infra_retries, 1);
     assert_eq!(job.attempt, 1, "a lost worker is not a job failure");
     assert!(
@@ -287,7 +288,7 @@ async fn expired_lease_is_rescued_and_the_old_token_is_fenced_off() {
     )
     .await
     .unwrap();
-    assert_eq!(done.status, "succeeded");
+    assert_eq!(done.status, JobStatus::Succeeded);
     assert_eq!(done.progress, Some(json!({"step": 7})));
     let late: i64 = sqlx::query_scalar("select count(*) from job_events where message = 'late'")
         .fetch_one(pool)
@@ -318,7 +319,7 @@ async fn exhausted_infra_retries_fail_the_job() {
         );
     }
     let job = queue::job(pool, &id).await.unwrap().unwrap();
-    assert_eq!(job.status, "failed");
+    assert_eq!(job.status, JobStatus::Failed);
     assert!(job.finished_at.is_some());
     assert_eq!(job.error.as_ref().unwrap()["code"], "worker_lost");
     assert_eq!(events(pool, &id).await.last().unwrap().0, "error");
@@ -342,7 +343,7 @@ async fn cancel_reaches_the_lease_holder_by_notification_and_heartbeat() {
         Err(ControlError::NotFound)
     ));
     let row = queue::request_cancel(pool, ORG, &id).await.unwrap();
-    assert_eq!(row.status, "running");
+    assert_eq!(row.status, JobStatus::Running);
     assert!(row.cancel_requested_at.is_some());
     let wake = listener.next(Duration::from_secs(5)).await;
     assert_eq!(
@@ -362,7 +363,7 @@ async fn cancel_reaches_the_lease_holder_by_notification_and_heartbeat() {
     // Asking again is harmless.
     queue::request_cancel(pool, ORG, &id).await.unwrap();
     let row = queue::finish_cancelled(pool, &c.lease).await.unwrap();
-    assert_eq!(row.status, "cancelled");
+    assert_eq!(row.status, JobStatus::Cancelled);
     assert!(row.finished_at.is_some() && row.lease_token.is_none());
     match queue::request_cancel(pool, ORG, &id).await {
         Err(ControlError::Conflict(m)) => assert_eq!(m, "job is already cancelled"),
@@ -373,7 +374,7 @@ async fn cancel_reaches_the_lease_holder_by_notification_and_heartbeat() {
     let q = queued(pool, new_job("ftjob-cancel-queued")).await;
     assert_eq!(
         queue::request_cancel(pool, ORG, &q).await.unwrap().status,
-        "cancelled"
+        JobStatus::Cancelled
     );
     queue::insert_job(pool, &new_job("ftjob-cancel-validating"))
         .await
@@ -383,7 +384,7 @@ async fn cancel_reaches_the_lease_holder_by_notification_and_heartbeat() {
             .await
             .unwrap()
             .status,
-        "cancelled"
+        JobStatus::Cancelled
     );
     assert!(
         queue::finish_validation(pool, "ftjob-cancel-validating", Ok(()))
@@ -419,7 +420,7 @@ async fn pause_and_resume_keep_the_checkpoint() {
         Err(ControlError::Conflict(_))
     ));
     let row = queue::request_pause(pool, ORG, &id).await.unwrap();
-    assert_eq!(row.status, "running");
+    assert_eq!(row.status, JobStatus::Running);
     match listener.next(Duration::from_secs(5)).await {
         Wake::Control(m) => assert_eq!(
             (m.job_id.as_str(), m.action),
@@ -434,7 +435,7 @@ async fn pause_and_resume_keep_the_checkpoint() {
         Control::Pause
     );
     let row = queue::release_paused(pool, &c.lease).await.unwrap();
-    assert_eq!(row.status, "paused");
+    assert_eq!(row.status, JobStatus::Paused);
     assert!(row.lease_token.is_none() && row.finished_at.is_none());
     assert!(
         queue::claim(pool, &w, TTL).await.unwrap().is_none(),
@@ -446,7 +447,7 @@ async fn pause_and_resume_keep_the_checkpoint() {
     ));
 
     let row = queue::resume(pool, ORG, &id).await.unwrap();
-    assert_eq!(row.status, "queued");
+    assert_eq!(row.status, JobStatus::Queued);
     assert_eq!(row.checkpoint_step, Some(10));
     assert_eq!(
         row.checkpoint_uri.as_deref(),
@@ -470,9 +471,12 @@ async fn pause_and_resume_keep_the_checkpoint() {
     let q = queued(pool, new_job("ftjob-pause-queued")).await;
     assert_eq!(
         queue::request_pause(pool, ORG, &q).await.unwrap().status,
-        "paused"
+        JobStatus::Paused
     );
-    assert_eq!(queue::resume(pool, ORG, &q).await.unwrap().status, "queued");
+    assert_eq!(
+        queue::resume(pool, ORG, &q).await.unwrap().status,
+        JobStatus::Queued
+    );
     assert_references_hold(&db.pool).await;
 }
 
@@ -486,7 +490,7 @@ async fn idempotent_insert_returns_the_existing_job() {
     b.idempotency_key = Some("key-1".into());
     let first = queue::insert_job(pool, &a).await.unwrap();
     assert!(matches!(first, queue::Inserted::Created(_)));
-    assert_eq!(first.job().status, "validating_files");
+    assert_eq!(first.job().status, JobStatus::ValidatingFiles);
     match queue::insert_job(pool, &b).await.unwrap() {
         queue::Inserted::Existing(j) => assert_eq!(j.job_id, "ftjob-a"),
         other => panic!("{other:?}"),
@@ -591,7 +595,7 @@ async fn failures_retry_until_max_attempts() {
     )
     .await
     .unwrap();
-    assert_eq!((row.status.as_str(), row.attempt), ("queued", 2));
+    assert_eq!((row.status, row.attempt), (JobStatus::Queued, 2));
     assert!(row.error.is_none());
     let c = queue::claim(pool, &w, TTL).await.unwrap().unwrap();
     assert_eq!(c.job.attempt, 2);
@@ -601,7 +605,7 @@ async fn failures_retry_until_max_attempts() {
         param: Some("hyperparameters".into()),
     };
     let row = queue::fail(pool, &c.lease, &err).await.unwrap();
-    assert_eq!(row.status, "failed");
+    assert_eq!(row.status, JobStatus::Failed);
     assert!(row.finished_at.is_some());
     let stored: JobError = serde_json::from_value(row.error.unwrap()).unwrap();
     assert_eq!(stored, err);
@@ -634,14 +638,14 @@ async fn validation_outcomes_and_status_counts() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(ok.status, "queued");
+    assert_eq!(ok.status, JobStatus::Queued);
     let mut e = JobError::new("invalid_training_file", "line 3: missing \"messages\"");
     e.param = Some("training_file".into());
     let bad = queue::finish_validation(pool, "ftjob-bad", Err(e.clone()))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(bad.status, "failed");
+    assert_eq!(bad.status, JobStatus::Failed);
     assert!(bad.finished_at.is_some());
     assert_eq!(
         serde_json::from_value::<JobError>(bad.error.unwrap()).unwrap(),
@@ -655,9 +659,9 @@ async fn validation_outcomes_and_status_counts() {
     assert_eq!(
         counts,
         vec![
-            ("failed".to_string(), 1),
-            ("queued".to_string(), 1),
-            ("validating_files".to_string(), 1)
+            (JobStatus::Failed, 1),
+            (JobStatus::Queued, 1),
+            (JobStatus::ValidatingFiles, 1)
         ]
     );
     assert_references_hold(&db.pool).await;
@@ -672,8 +676,8 @@ async fn release_requeues_without_counting_and_complete_registers_the_model() {
     let c = queue::claim(pool, &w, TTL).await.unwrap().unwrap();
     let row = queue::release(pool, &c.lease).await.unwrap();
     assert_eq!(
-        (row.status.as_str(), row.attempt, row.infra_retries),
-        ("queued", 1, 0)
+        (row.status, row.attempt, row.infra_retries),
+        (JobStatus::Queued, 1, 0)
     );
     let done = Completion {
         fine_tuned_model: "ft:tiny-bert:org-test::abc".into(),
@@ -703,7 +707,7 @@ async fn release_requeues_without_counting_and_complete_registers_the_model() {
     assert_eq!(c.job.attempt, 1);
     let row = queue::complete(pool, &c.lease, &done).await.unwrap();
     assert_eq!(results_rows().await, 1);
-    assert_eq!(row.status, "succeeded");
+    assert_eq!(row.status, JobStatus::Succeeded);
     assert_eq!(row.trained_tokens, Some(1234));
     assert_eq!(row.result_files, json!(["file-results"]));
     let (org, kind, loc): (Option<String>, String, String) =
@@ -720,7 +724,7 @@ async fn release_requeues_without_counting_and_complete_registers_the_model() {
         events(pool, &id).await.last().unwrap().1,
         "The job has successfully completed"
     );
-    assert_eq!(status(pool, &id).await, "succeeded");
+    assert_eq!(status(pool, &id).await, JobStatus::Succeeded);
     assert_lost(queue::complete(pool, &c.lease, &done).await);
     assert_references_hold(&db.pool).await;
 }
@@ -785,7 +789,7 @@ async fn listener_reconnects_after_its_connection_is_killed() {
 }
 
 #[tokio::test]
-async fn heartbeat_stores_progress_and_estimate() {
+async fn heartbeat_stores_progress_and_an_estimate_by_the_database_clock() {
     let db = db().await;
     let pool = &db.pool;
     let id = queued(pool, new_job("ftjob-hb")).await;
@@ -795,13 +799,12 @@ async fn heartbeat_stores_progress_and_estimate() {
         .unwrap()
         .unwrap();
     let before = c.job.lease_expires_at.unwrap();
-    let eta = chrono::Utc::now() + chrono::Duration::minutes(10);
     let ctl = queue::heartbeat(
         pool,
         &c.lease,
         Duration::from_secs(300),
         Some(&json!({"step": 3, "total": 10})),
-        Some(eta),
+        Some(Duration::from_secs(600)),
     )
     .await
     .unwrap();
@@ -809,20 +812,19 @@ async fn heartbeat_stores_progress_and_estimate() {
     let job = queue::job(pool, &id).await.unwrap().unwrap();
     assert!(job.lease_expires_at.unwrap() > before + chrono::Duration::seconds(200));
     assert_eq!(job.progress, Some(json!({"step": 3, "total": 10})));
-    assert!(
-        (job.estimated_finish.unwrap() - eta)
-            .num_milliseconds()
-            .abs()
-            < 5
+    // The estimate is the database's now() plus the time left (the lease uses the same now()).
+    let estimate = job.estimated_finish.unwrap();
+    assert_eq!(
+        estimate - job.lease_expires_at.unwrap(),
+        chrono::Duration::seconds(300)
     );
     // A heartbeat without progress keeps the last one.
     queue::heartbeat(pool, &c.lease, TTL, None, None)
         .await
         .unwrap();
-    assert_eq!(
-        queue::job(pool, &id).await.unwrap().unwrap().progress,
-        Some(json!({"step": 3, "total": 10}))
-    );
+    let job = queue::job(pool, &id).await.unwrap().unwrap();
+    assert_eq!(job.progress, Some(json!({"step": 3, "total": 10})));
+    assert_eq!(job.estimated_finish, Some(estimate));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -857,7 +859,7 @@ async fn concurrent_rescuers_rescue_each_job_once() {
     assert_eq!(retries, vec![1]);
     assert_eq!(
         queue::count_by_status(pool).await.unwrap(),
-        vec![("queued".to_string(), 40)]
+        vec![(JobStatus::Queued, 40)]
     );
 }
 
@@ -886,15 +888,15 @@ async fn lost_workers_and_releases_honour_pending_cancel_and_pause() {
     expire_lease(pool, &b).await;
     assert_eq!(queue::rescue_expired(pool).await.unwrap().len(), 2);
     let ja = queue::job(pool, &a).await.unwrap().unwrap();
-    assert_eq!((ja.status.as_str(), ja.infra_retries), ("cancelled", 0));
+    assert_eq!((ja.status, ja.infra_retries), (JobStatus::Cancelled, 0));
     assert!(ja.finished_at.is_some());
     let jb = queue::job(pool, &b).await.unwrap().unwrap();
-    assert_eq!((jb.status.as_str(), jb.infra_retries), ("paused", 0));
+    assert_eq!((jb.status, jb.infra_retries), (JobStatus::Paused, 0));
     assert!(jb.finished_at.is_none());
     // A clean release with a pending cancel ends cancelled, not queued.
     queue::request_cancel(pool, ORG, &c).await.unwrap();
     let jc = queue::release(pool, &cc.lease).await.unwrap();
-    assert_eq!(jc.status, "cancelled");
+    assert_eq!(jc.status, JobStatus::Cancelled);
     assert!(jc.finished_at.is_some());
     assert_references_hold(&db.pool).await;
 }

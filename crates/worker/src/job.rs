@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
@@ -45,7 +44,16 @@ struct LeaseLost;
 #[derive(Debug, Clone, Default)]
 struct ProgressState {
     value: Option<Value>,
-    eta: Option<DateTime<Utc>>,
+    /// The trainer's estimate of the time left, and when it was made (the database turns it
+    /// into `estimated_finish` with its own clock).
+    eta: Option<(Duration, Instant)>,
+}
+
+impl ProgressState {
+    /// Time left now: the estimate less what has passed since it was made.
+    fn remaining(&self) -> Option<Duration> {
+        self.eta.map(|(left, at)| left.saturating_sub(at.elapsed()))
+    }
 }
 
 /// Why the worker asked the trainer to stop.
@@ -204,7 +212,7 @@ async fn heartbeat_loop(
         let snap = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let r = tokio::time::timeout(
             every.max(Duration::from_secs(5)),
-            queue::heartbeat(&pool, &lease, ttl, snap.value.as_ref(), snap.eta),
+            queue::heartbeat(&pool, &lease, ttl, snap.value.as_ref(), snap.remaining()),
         )
         .await;
         match r {
@@ -493,7 +501,7 @@ fn update_progress(ctx: &Ctx<'_>, m: &StepMetrics) {
         "epoch": m.epoch,
         "train_loss": m.train_loss,
     }));
-    p.eta = eta.map(|e| Utc::now() + chrono::Duration::milliseconds((e * 1000.0) as i64));
+    p.eta = eta.map(|e| (Duration::from_secs_f64(e.min(1e9)), Instant::now()));
 }
 
 /// `name=value` with four decimals, for event messages.
@@ -979,7 +987,7 @@ async fn flush_progress(ctx: &Ctx<'_>) -> Result<(), WorkerError> {
             &ctx.lease,
             ctx.cfg.lease_ttl,
             snap.value.as_ref(),
-            snap.eta,
+            snap.remaining(),
         )
         .await,
         &ctx.lost,

@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tuna_core::status::JobStatus;
 use tuna_db::queue::{self, Listener, QueueError, Wake, WorkerInfo};
 use tuna_store::{S3Settings, Store};
 
@@ -149,10 +150,10 @@ pub enum Outcome {
     Idle,
     /// The job ended in `status` (succeeded, failed, cancelled, paused, or queued again for a
     /// retry).
-    Finished { job_id: String, status: String },
+    Finished { job_id: String, status: JobStatus },
     /// The worker gave the job back on shutdown (`status`: queued, or paused/cancelled when
     /// requested meanwhile).
-    Released { job_id: String, status: String },
+    Released { job_id: String, status: JobStatus },
     /// The lease was lost; the job was stopped and nothing more was written.
     LeaseLost { job_id: String },
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::{cls_data, gpt2_data, Env, ORG};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tuna_core::status::JobStatus;
 use tuna_db::queue::{self, EventKind, Lease, Level};
 use tuna_store::testing::Moto;
 use tuna_store::Store;
@@ -34,7 +35,7 @@ async fn causal_lm_job_succeeds_and_its_model_is_a_base_for_the_next_job() {
         out,
         Outcome::Finished {
             job_id: job_id.clone(),
-            status: "succeeded".into()
+            status: JobStatus::Succeeded
         },
         "{:?}",
         job.error
@@ -162,7 +163,7 @@ async fn causal_lm_job_succeeds_and_its_model_is_a_base_for_the_next_job() {
         out,
         Outcome::Finished {
             job_id: job2.clone(),
-            status: "succeeded".into()
+            status: JobStatus::Succeeded
         },
         "{:?}",
         j2.error
@@ -204,7 +205,7 @@ async fn classification_job_on_bert_with_s3_dataset_and_artifacts_on_moto() {
         out,
         Outcome::Finished {
             job_id: job_id.clone(),
-            status: "succeeded".into()
+            status: JobStatus::Succeeded
         },
         "{:?}",
         job.error
@@ -256,9 +257,11 @@ async fn cancel_mid_run_stops_within_10_seconds() {
         .await
         .unwrap();
     let job = env
-        .wait_job(&job_id, Duration::from_secs(10), |j| j.status != "running")
+        .wait_job(&job_id, Duration::from_secs(10), |j| {
+            j.status != JobStatus::Running
+        })
         .await;
-    assert_eq!(job.status, "cancelled");
+    assert_eq!(job.status, JobStatus::Cancelled);
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert!(job.lease_token.is_none() && job.finished_at.is_some());
     // The child is gone (no trainer left with this job's directory on its command line).
@@ -282,9 +285,11 @@ async fn pause_then_resume_continues_from_the_checkpoint() {
         .await
         .unwrap();
     let job = env
-        .wait_job(&job_id, Duration::from_secs(60), |j| j.status != "running")
+        .wait_job(&job_id, Duration::from_secs(60), |j| {
+            j.status != JobStatus::Running
+        })
         .await;
-    assert_eq!(job.status, "paused", "{:?}", job.error);
+    assert_eq!(job.status, JobStatus::Paused, "{:?}", job.error);
     let step = job.checkpoint_step.expect("a pause checkpoint");
     assert!(step >= 3);
     let paused_metrics = env.metric_events(&job_id).await.len();
@@ -295,7 +300,7 @@ async fn pause_then_resume_continues_from_the_checkpoint() {
             ["succeeded", "failed"].contains(&j.status.as_str())
         })
         .await;
-    assert_eq!(job.status, "succeeded", "{:?}", job.error);
+    assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
     let events = env.events(&job_id).await;
     assert!(events.iter().any(|e| e
         .message
@@ -362,7 +367,7 @@ async fn a_killed_worker_loses_its_job_to_another_worker_which_resumes_from_the_
             ["succeeded", "failed"].contains(&j.status.as_str())
         })
         .await;
-    assert_eq!(job.status, "succeeded", "{:?}", job.error);
+    assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
     assert_eq!(job.infra_retries, 1);
     let msgs = assert_resumed_after_lost_worker(&env, &job_id, "worker-dead", ckpt, &old).await;
     assert!(
@@ -399,7 +404,7 @@ async fn a_dataset_with_a_bad_line_fails_with_its_line_number() {
         out,
         Outcome::Finished {
             job_id: job_id.clone(),
-            status: "failed".into()
+            status: JobStatus::Failed
         }
     );
     let err = env.job(&job_id).await.error.unwrap();
@@ -454,7 +459,7 @@ async fn an_unreachable_dataset_url_fails_with_a_clear_error() {
         out,
         Outcome::Finished {
             job_id: job_id.clone(),
-            status: "failed".into()
+            status: JobStatus::Failed
         }
     );
     let err = env.job(&job_id).await.error.unwrap();
@@ -504,7 +509,9 @@ async fn signal_the_trainer_mid_job(
     assert_eq!(pids.len(), 1);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), signal).unwrap();
     let job = env
-        .wait_job(&job_id, Duration::from_secs(30), |j| j.status != "running")
+        .wait_job(&job_id, Duration::from_secs(30), |j| {
+            j.status != JobStatus::Running
+        })
         .await;
     (job, file, token, worker)
 }
@@ -515,7 +522,7 @@ async fn a_crashing_trainer_fails_its_job_and_the_worker_goes_on() {
     let (job, file, token, worker) =
         signal_the_trainer_mid_job(&env, env.config("crash"), nix::sys::signal::Signal::SIGABRT)
             .await;
-    assert_eq!(job.status, "failed");
+    assert_eq!(job.status, JobStatus::Failed);
     let err = job.error.unwrap();
     assert_eq!(err["code"], "trainer_crashed");
     assert!(
@@ -533,7 +540,7 @@ async fn a_crashing_trainer_fails_its_job_and_the_worker_goes_on() {
             ["succeeded", "failed"].contains(&j.status.as_str())
         })
         .await;
-    assert_eq!(job.status, "succeeded", "{:?}", job.error);
+    assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
     token.cancel();
     worker.await.unwrap().unwrap();
 }
@@ -581,7 +588,7 @@ async fn cancel_without_notifications_is_seen_at_the_next_heartbeat() {
         out,
         Outcome::Finished {
             job_id: job_id.clone(),
-            status: "cancelled".into()
+            status: JobStatus::Cancelled
         }
     );
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
@@ -623,7 +630,7 @@ async fn a_lost_lease_kills_the_trainer_and_stops_all_writes() {
         n,
         "writes after the lease was lost"
     );
-    assert_eq!(env.job(&job_id).await.status, "running");
+    assert_eq!(env.job(&job_id).await.status, JobStatus::Running);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -640,7 +647,7 @@ async fn shutdown_checkpoints_and_releases_the_job() {
     token.cancel();
     worker.await.unwrap().unwrap();
     let job = env.job(&job_id).await;
-    assert_eq!(job.status, "queued");
+    assert_eq!(job.status, JobStatus::Queued);
     assert!(job.checkpoint_step.unwrap() >= 3);
     assert!(job.lease_token.is_none());
     assert!(env
@@ -728,7 +735,7 @@ async fn a_sigkilled_tuna_worker_process_loses_its_job_which_another_worker_resu
             ["succeeded", "failed"].contains(&j.status.as_str())
         })
         .await;
-    assert_eq!(job.status, "succeeded", "{:?}", job.error);
+    assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
     assert_resumed_after_lost_worker(&env, &job_id, "worker-proc", ckpt, &old).await;
     token.cancel();
     second.await.unwrap().unwrap();
@@ -784,7 +791,7 @@ async fn a_hung_trainer_is_stopped_and_its_job_fails_as_stalled() {
     // A stopped process neither prints nor exits: what a deadlocked trainer looks like.
     let (job, _, token, worker) =
         signal_the_trainer_mid_job(&env, cfg, nix::sys::signal::Signal::SIGSTOP).await;
-    assert_eq!(job.status, "failed");
+    assert_eq!(job.status, JobStatus::Failed);
     let err = job.error.unwrap();
     assert_eq!(err["code"], "trainer_stalled", "{err}");
     assert!(
@@ -816,7 +823,7 @@ async fn a_merged_lora_model_is_a_base_for_the_next_job_an_adapter_alone_is_refu
         let id = env.create_job(lora(merge, suffix)).await;
         run_once(&env, "lora").await;
         let job = env.job(&id).await;
-        assert_eq!(job.status, "succeeded", "{:?}", job.error);
+        assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
         models.push(job.fine_tuned_model.unwrap());
     }
     // Full fine-tuning starts from the merged weights.
@@ -826,7 +833,7 @@ async fn a_merged_lora_model_is_a_base_for_the_next_job_an_adapter_alone_is_refu
         .await;
     run_once(&env, "lora").await;
     let job = env.job(&next).await;
-    assert_eq!(job.status, "succeeded", "{:?}", job.error);
+    assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
     // An adapter alone cannot be a base: the error says what to do.
     let refused = env
         .create_job(json!({"model": models[1], "training_file": file, "max_seq_length": 32}))

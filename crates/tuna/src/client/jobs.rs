@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{json, Map, Value};
+use tuna_core::status::JobStatus;
 
 use super::http::{seg, Api};
 use super::output::{self, print_json};
@@ -267,17 +268,21 @@ async fn control(api: &Api, opts: &ClientOpts, id: &str, action: &str) -> Result
         print_json(&job);
         return Ok(());
     }
-    let status = output::text(&job["status"]);
+    let status = output::job_status(&job);
     let pending = match action {
-        "cancel" if job["cancel_requested"] == true && status != "cancelled" => {
+        "cancel" if job["cancel_requested"] == true && status != Some(JobStatus::Cancelled) => {
             " (cancel requested; the worker stops at its next step)"
         }
-        "pause" if job["pause_requested"] == true && status != "paused" => {
+        "pause" if job["pause_requested"] == true && status != Some(JobStatus::Paused) => {
             " (pause requested; the worker saves a checkpoint first)"
         }
         _ => "",
     };
-    println!("{}: {status}{pending}", output::text(&job["id"]));
+    println!(
+        "{}: {}{pending}",
+        output::text(&job["id"]),
+        output::text(&job["status"])
+    );
     Ok(())
 }
 

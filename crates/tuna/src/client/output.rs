@@ -2,6 +2,17 @@
 
 use chrono::{TimeZone, Utc};
 use serde_json::Value;
+use tuna_core::status::JobStatus;
+
+/// A job object's `status`, decoded (None when absent or unknown to this client).
+pub fn job_status(job: &Value) -> Option<JobStatus> {
+    job["status"].as_str()?.parse().ok()
+}
+
+/// Whether a job object shows a status after which the job never changes.
+pub fn is_terminal(job: &Value) -> bool {
+    job_status(job).is_some_and(JobStatus::is_terminal)
+}
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json(value: &Value) {

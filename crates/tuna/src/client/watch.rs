@@ -17,10 +17,11 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value};
+use tuna_core::status::JobStatus;
 
 use super::http::{api_error, Api};
 use super::jobs::{error_text, event_line, job_path};
-use super::output;
+use super::output::{self, is_terminal, job_status};
 use super::{ClientOpts, Failure, Result};
 
 #[derive(Debug, Args)]
@@ -45,11 +46,6 @@ impl WatchArgs {
     }
 }
 
-/// Statuses after which a job never changes.
-fn is_terminal(status: &str) -> bool {
-    matches!(status, "succeeded" | "failed" | "cancelled")
-}
-
 /// Consecutive failed polls tolerated (e.g. while the server restarts) before giving up.
 const MAX_POLL_FAILURES: u32 = 10;
 
@@ -66,7 +62,7 @@ pub async fn run(api: &Api, opts: &ClientOpts, args: &WatchArgs) -> Result<()> {
     view.job(&job);
     let mut seen = Seen::default();
     let mut streamed = false;
-    if !args.poll && !is_terminal(view.status.as_str()) {
+    if !args.poll && !is_terminal(&job) {
         // The recent history first, then the stream from there on.
         for ev in new_events(api, &path, &seen).await? {
             view.event(&ev, &mut seen);
@@ -118,7 +114,7 @@ async fn poll(
 ) -> Result<Value> {
     let mut failures = 0;
     loop {
-        let status = job["status"].as_str().unwrap_or_default().to_string();
+        let ended = is_terminal(&job);
         match new_events(api, path, seen).await {
             Ok(events) => {
                 failures = 0;
@@ -136,7 +132,7 @@ async fn poll(
         }
         seen.started = true;
         view.job(&job);
-        if is_terminal(&status) {
+        if ended {
             return Ok(job);
         }
         tokio::time::sleep(interval).await;
@@ -282,7 +278,7 @@ async fn follow_stream(
                 _ = check.tick() => {
                     if let Ok(j) = api.get(path).await {
                         view.job(&j);
-                        if is_terminal(j["status"].as_str().unwrap_or_default()) {
+                        if is_terminal(&j) {
                             return Ok(Some(j));
                         }
                     }
@@ -291,7 +287,7 @@ async fn follow_stream(
         }
         let job = api.get(path).await?;
         view.job(&job);
-        if is_terminal(job["status"].as_str().unwrap_or_default()) {
+        if is_terminal(&job) {
             return Ok(Some(job));
         }
         if done || reconnects >= MAX_POLL_FAILURES {
@@ -360,7 +356,7 @@ fn parse_message(message: &str) -> Option<Sse> {
 struct View {
     pb: ProgressBar,
     json: bool,
-    status: String,
+    status: Option<JobStatus>,
     step: Option<u64>,
     total: Option<u64>,
     loss: Option<f64>,
@@ -384,7 +380,7 @@ impl View {
         let v = View {
             pb,
             json,
-            status: String::new(),
+            status: None,
             step: None,
             total: None,
             loss: None,
@@ -448,7 +444,7 @@ impl View {
     }
 
     fn job(&mut self, job: &Value) {
-        self.status = job["status"].as_str().unwrap_or_default().to_string();
+        self.status = job_status(job);
         let p = &job["progress"];
         if let Some(s) = p["step"].as_u64() {
             self.step = Some(s);
@@ -473,7 +469,7 @@ impl View {
             }
         }
         self.pb.set_position(self.step.unwrap_or(0));
-        let mut parts: Vec<String> = vec![self.status.clone()];
+        let mut parts: Vec<String> = vec![self.status.map(|s| s.to_string()).unwrap_or_default()];
         if self.total.is_none() {
             if let Some(s) = self.step {
                 parts.push(format!("step {s}"));
@@ -485,7 +481,7 @@ impl View {
         if let Some(t) = self.tokens_per_second {
             parts.push(format!("{t:.0} tok/s"));
         }
-        if self.status == "running" {
+        if self.status == Some(JobStatus::Running) {
             if let Some(s) = self.seconds_left {
                 parts.push(format!("{} left", output::duration(s)));
             }
@@ -497,7 +493,7 @@ impl View {
 /// Prints the outcome and the final metrics; the job's end decides the exit code.
 async fn finish(api: &Api, path: &str, view: &View, job: &Value) -> Result<()> {
     let id = output::text(&job["id"]);
-    let status = job["status"].as_str().unwrap_or_default();
+    let status = output::text(&job["status"]);
     let mut metrics: Map<String, Value> = view
         .metrics
         .iter()
@@ -543,9 +539,9 @@ async fn finish(api: &Api, path: &str, view: &View, job: &Value) -> Result<()> {
             );
         }
     }
-    match status {
-        "succeeded" => Ok(()),
-        "failed" => Err(Failure::JobEnded(format!(
+    match job_status(job) {
+        Some(JobStatus::Succeeded) => Ok(()),
+        Some(JobStatus::Failed) => Err(Failure::JobEnded(format!(
             "job {id} failed: {}",
             error_text(&job["error"])
         ))),
