@@ -194,7 +194,7 @@ pub async fn create_job(
                 fresh_read,
             )
             .await?;
-        fit_auto_to_model(body, &mut req, ctx.model.as_ref());
+        fit_auto_to_model(&mut req, ctx.model.as_ref());
         for (id, row, param) in [
             (&req.spec.training_file, &ctx.training_file, "training_file"),
             (
@@ -284,19 +284,10 @@ fn check_input_file(file: Option<&FileRow>, file_id: &str, param: &str) -> ApiRe
     Ok(())
 }
 
-/// Whether the request gave `key` a value other than "auto" (top level or in a
-/// hyperparameters object).
-fn explicit(body: &Value, key: &str) -> bool {
-    let given = |v: Option<&Value>| v.is_some_and(|v| !v.is_null() && v != "auto");
-    given(body.get(key))
-        || given(body.pointer(&format!("/hyperparameters/{key}")))
-        || given(body.pointer(&format!("/method/supervised/hyperparameters/{key}")))
-}
-
 /// Resolves "auto" knobs that depend on the model: `max_seq_length` is capped at the model's
 /// context length when the request left it to the server.
-fn fit_auto_to_model(body: &Value, req: &mut CreateRequest, model: Option<&ModelRow>) {
-    if explicit(body, "max_seq_length") {
+fn fit_auto_to_model(req: &mut CreateRequest, model: Option<&ModelRow>) {
+    if req.max_seq_length_given {
         return;
     }
     let Some(ctx) = model

@@ -11,7 +11,11 @@ use tuna_core::spec::{parse_create_request, SpecPolicy};
 fn every_recorded_request_parses_as_recorded() {
     let table = include_str!("data/create_requests.jsonl");
     let mut checked = 0;
-    for (n, line) in table.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in table
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let case: Value = serde_json::from_str(line).unwrap();
         let body = &case["body"];
         let got = match parse_create_request(body, &SpecPolicy::default(), 42) {
