@@ -370,6 +370,8 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 pub struct WeightLoader<'a> {
     ckpt: &'a Checkpoint,
     prefix: String,
+    /// The architecture's older spelling of a base tensor name, if any.
+    legacy: fn(&str) -> Option<String>,
     device: Device,
     used: BTreeSet<String>,
     missing: Vec<String>,
@@ -379,10 +381,16 @@ pub struct WeightLoader<'a> {
 }
 
 impl<'a> WeightLoader<'a> {
-    pub fn new(ckpt: &'a Checkpoint, base_prefix: &str, device: Device) -> Self {
+    pub fn new(
+        ckpt: &'a Checkpoint,
+        base_prefix: &str,
+        legacy: fn(&str) -> Option<String>,
+        device: Device,
+    ) -> Self {
         WeightLoader {
             ckpt,
             prefix: base_prefix.to_string(),
+            legacy,
             device,
             used: BTreeSet::new(),
             missing: Vec::new(),
@@ -393,11 +401,7 @@ impl<'a> WeightLoader<'a> {
 
     fn resolve(&self, rel: &str) -> Option<String> {
         let mut candidates = vec![format!("{}.{rel}", self.prefix), rel.to_string()];
-        // Old BERT checkpoints name LayerNorm parameters gamma/beta (transformers renames them).
-        if rel.contains("LayerNorm.") {
-            let old = rel
-                .replace("LayerNorm.weight", "LayerNorm.gamma")
-                .replace("LayerNorm.bias", "LayerNorm.beta");
+        if let Some(old) = (self.legacy)(rel) {
             candidates.push(format!("{}.{old}", self.prefix));
             candidates.push(old);
         }

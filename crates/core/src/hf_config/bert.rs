@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    activation, check_heads, dropout, err, from_json, int, positive, Arch, ArchFacts, Family,
+    activation, check_heads, dropout, err, from_json, int, positive, Arch, ArchFacts, Dims, Family,
     HfConfigError, Int,
 };
 
@@ -113,20 +113,15 @@ impl ArchFacts for BertConfig {
     fn ties_embeddings_by_default(&self) -> bool {
         true
     }
-    fn num_layers(&self) -> i64 {
-        self.num_hidden_layers
-    }
-    fn hidden_size(&self) -> i64 {
-        self.hidden_size
-    }
-    fn num_heads(&self) -> i64 {
-        self.num_attention_heads
-    }
-    fn context_length(&self) -> i64 {
-        self.max_position_embeddings
-    }
-    fn vocab_size(&self) -> i64 {
-        self.vocab_size
+    fn dims(&self) -> Dims {
+        Dims {
+            num_layers: self.num_hidden_layers,
+            hidden_size: self.hidden_size,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_attention_heads,
+            context_length: self.max_position_embeddings,
+            vocab_size: self.vocab_size,
+        }
     }
     fn layer_prefix(&self) -> &'static str {
         "encoder.layer"

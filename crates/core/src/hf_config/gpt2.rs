@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    activation, check_heads, dropout, err, from_json, int, positive, Arch, ArchFacts, Family,
+    activation, check_heads, dropout, err, from_json, int, positive, Arch, ArchFacts, Dims, Family,
     HfConfigError, Int,
 };
 
@@ -103,20 +103,15 @@ impl ArchFacts for Gpt2Config {
     fn ties_embeddings_by_default(&self) -> bool {
         true
     }
-    fn num_layers(&self) -> i64 {
-        self.n_layer
-    }
-    fn hidden_size(&self) -> i64 {
-        self.n_embd
-    }
-    fn num_heads(&self) -> i64 {
-        self.n_head
-    }
-    fn context_length(&self) -> i64 {
-        self.n_positions
-    }
-    fn vocab_size(&self) -> i64 {
-        self.vocab_size
+    fn dims(&self) -> Dims {
+        Dims {
+            num_layers: self.n_layer,
+            hidden_size: self.n_embd,
+            num_heads: self.n_head,
+            num_kv_heads: self.n_head,
+            context_length: self.n_positions,
+            vocab_size: self.vocab_size,
+        }
     }
     fn layer_prefix(&self) -> &'static str {
         "transformer.h"

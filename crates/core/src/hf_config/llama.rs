@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    activation, check_heads, dropout, err, from_json, int, positive, Arch, ArchFacts, Family,
+    activation, check_heads, dropout, err, from_json, int, positive, Arch, ArchFacts, Dims, Family,
     HfConfigError, Int,
 };
 
@@ -311,23 +311,15 @@ impl ArchFacts for LlamaConfig {
     fn ties_embeddings_by_default(&self) -> bool {
         false
     }
-    fn num_layers(&self) -> i64 {
-        self.num_hidden_layers
-    }
-    fn hidden_size(&self) -> i64 {
-        self.hidden_size
-    }
-    fn num_heads(&self) -> i64 {
-        self.num_attention_heads
-    }
-    fn num_kv_heads(&self) -> i64 {
-        self.num_key_value_heads
-    }
-    fn context_length(&self) -> i64 {
-        self.max_position_embeddings
-    }
-    fn vocab_size(&self) -> i64 {
-        self.vocab_size
+    fn dims(&self) -> Dims {
+        Dims {
+            num_layers: self.num_hidden_layers,
+            hidden_size: self.hidden_size,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads,
+            context_length: self.max_position_embeddings,
+            vocab_size: self.vocab_size,
+        }
     }
     fn layer_prefix(&self) -> &'static str {
         "model.layers"

@@ -109,15 +109,8 @@ pub trait ArchFacts {
     fn is_decoder(&self) -> bool;
     /// `tie_word_embeddings` when config.json leaves it out (transformers' default).
     fn ties_embeddings_by_default(&self) -> bool;
-    fn num_layers(&self) -> i64;
-    fn hidden_size(&self) -> i64;
-    fn num_heads(&self) -> i64;
-    fn num_kv_heads(&self) -> i64 {
-        self.num_heads()
-    }
-    /// Longest sequence the position embeddings (or RoPE training length) cover.
-    fn context_length(&self) -> i64;
-    fn vocab_size(&self) -> i64;
+    /// The sizes, whatever the family calls them.
+    fn dims(&self) -> Dims;
     /// Name of the transformer layers in the state dict; layer `i` is `{layer_prefix}.{i}`.
     fn layer_prefix(&self) -> &'static str;
     /// The linear modules of one layer, relative to the layer, in order (`self_attn.q_proj`).
@@ -130,6 +123,18 @@ pub trait ArchFacts {
     fn freeze_patterns(&self) -> &'static [&'static str];
     /// See [`HfConfig::num_parameters`]; `tied`: the LM head is the embedding matrix.
     fn num_parameters(&self, tied: bool) -> i64;
+}
+
+/// The sizes every family has, under the family's own key names in config.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Dims {
+    pub num_layers: i64,
+    pub hidden_size: i64,
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    /// Longest sequence the position embeddings (or RoPE training length) cover.
+    pub context_length: i64,
+    pub vocab_size: i64,
 }
 
 /// A resolved config.json.
@@ -145,12 +150,8 @@ pub struct ModelDescription {
     pub model_type: String,
     pub family: String,
     pub architectures: Vec<String>,
-    pub num_layers: i64,
-    pub hidden_size: i64,
-    pub num_heads: i64,
-    pub num_kv_heads: i64,
-    pub context_length: i64,
-    pub vocab_size: i64,
+    #[serde(flatten)]
+    pub dims: Dims,
     /// See [`HfConfig::num_parameters`].
     pub num_parameters: i64,
     pub dtype: Option<String>,
@@ -407,29 +408,9 @@ impl HfConfig {
         self.arch.facts().is_decoder()
     }
 
-    pub fn num_layers(&self) -> i64 {
-        self.arch.facts().num_layers()
-    }
-
-    pub fn hidden_size(&self) -> i64 {
-        self.arch.facts().hidden_size()
-    }
-
-    pub fn num_heads(&self) -> i64 {
-        self.arch.facts().num_heads()
-    }
-
-    pub fn num_kv_heads(&self) -> i64 {
-        self.arch.facts().num_kv_heads()
-    }
-
-    /// Longest sequence the position embeddings (or RoPE training length) cover.
-    pub fn context_length(&self) -> i64 {
-        self.arch.facts().context_length()
-    }
-
-    pub fn vocab_size(&self) -> i64 {
-        self.arch.facts().vocab_size()
+    /// Layers, widths, heads, context length and vocabulary size.
+    pub fn dims(&self) -> Dims {
+        self.arch.facts().dims()
     }
 
     /// Decoders: causal LM and sequence classification; BERT: sequence classification only.
@@ -460,7 +441,7 @@ impl HfConfig {
     pub fn linear_modules(&self) -> Vec<String> {
         let f = self.arch.facts();
         let mut out = Vec::new();
-        for i in 0..f.num_layers() {
+        for i in 0..f.dims().num_layers {
             for m in f.layer_linears() {
                 out.push(format!("{}.{i}.{m}", f.layer_prefix()));
             }
@@ -490,12 +471,7 @@ impl HfConfig {
             model_type: self.common.model_type.clone(),
             family: self.family().to_string(),
             architectures: self.common.architectures.clone(),
-            num_layers: self.num_layers(),
-            hidden_size: self.hidden_size(),
-            num_heads: self.num_heads(),
-            num_kv_heads: self.num_kv_heads(),
-            context_length: self.context_length(),
-            vocab_size: self.vocab_size(),
+            dims: self.dims(),
             num_parameters: self.num_parameters(),
             dtype: self.common.dtype.clone(),
             tasks: self.tasks(),

@@ -39,8 +39,8 @@ fn llama_new_and_old_keys_resolve_the_same() {
     assert_eq!(new.common.eos_token_ids, vec![128001, 128008, 128009]);
     assert!(new.common.tie_word_embeddings);
     assert_eq!(new.num_parameters(), 1_235_814_400, "Llama-3.2-1B");
-    assert_eq!(new.num_kv_heads(), 8);
-    assert_eq!(new.context_length(), 131072);
+    assert_eq!(new.dims().num_kv_heads, 8);
+    assert_eq!(new.dims().context_length, 131072);
 }
 
 #[test]
@@ -115,7 +115,7 @@ fn gpt2_and_module_names() {
     assert_eq!(g.activation_function, "gelu_new");
     assert!(c.common.tie_word_embeddings);
     let d = c.describe();
-    assert_eq!(d.context_length, 1024);
+    assert_eq!(d.dims.context_length, 1024);
     assert!(d.lora_target_modules.contains(&"all-linear".to_string()));
 }
 
