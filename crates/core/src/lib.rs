@@ -5,7 +5,8 @@
 //! - `spec`: the fine-tuning job request, its validation and the resolved [`spec::JobSpec`].
 //! - `data`: dataset formats (JSONL chat / prompt-completion / text / text+label, CSV, TSV),
 //!   parsed and checked line by line with line numbers and rule names.
-//! - `hf_config`: Hugging Face `config.json` parsing (old and new key forms) and model facts.
+//! - `hf_config`: Hugging Face `config.json` parsing (serde, one file per family; old and new key
+//!   forms) and model facts.
 //! - `protocol`: the worker ↔ `tuna-trainer` process boundary (stdout events, stdin control).
 
 pub mod data;

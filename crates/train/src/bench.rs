@@ -266,7 +266,7 @@ pub fn run(o: &BenchOptions) -> Result<Value> {
         micro: batches.iter().map(Vec::len).max().unwrap_or(1),
         pad_id,
         causal,
-        with_types: info.model_type == "bert",
+        with_types: model.uses_token_type_ids(),
         pack_len: (causal && o.packing).then_some(file.max_len),
         group_overhead_tokens: (!causal && o.packing).then_some(trainer::GROUP_OVERHEAD_TOKENS),
     };

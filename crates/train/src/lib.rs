@@ -6,8 +6,8 @@
 //!
 //! Layout:
 //! - `model.rs`: the [`model::Model`] trait, the contract between model code and training code.
-//! - model side: `loader.rs`, `layers.rs`, `lora.rs`, `freeze.rs`, `models/` (one architecture per file;
-//!   config.json parsing is `tuna_core::hf_config`).
+//! - model side: `loader.rs`, `layers.rs`, `lora.rs`, `freeze.rs`, `models/` (one architecture per
+//!   file, the parameter builder and the export; config.json parsing is `tuna_core::hf_config`).
 //! - training side: `tokenizer.rs`, `data.rs`, `optim.rs`, `schedule.rs`, `checkpoint.rs`, `trainer.rs`.
 //! - `bench.rs`: `tuna-trainer bench`, the training-speed benchmark against transformers.
 

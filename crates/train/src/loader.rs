@@ -1,30 +1,40 @@
 //! Reading and writing Hugging Face safetensors checkpoints.
 //!
 //! [`Checkpoint::open`] maps `model.safetensors`, or every shard named by
-//! `model.safetensors.index.json`, into memory and indexes the tensors by name (the header is
-//! parsed here; no tensor data is read until asked for). [`WeightLoader`] hands tensors to the
-//! model code by Hugging Face name, converting dtype and device, and collects the names that were
-//! asked for but absent (MISSING), present but never asked for (UNEXPECTED) or of the wrong shape,
-//! so a mismatch between checkpoint and architecture becomes one error that lists them all.
+//! `model.safetensors.index.json`, into memory and indexes the tensors by name (the `safetensors`
+//! crate reads and checks each header; no tensor data is read until asked for). [`WeightLoader`]
+//! hands tensors to the model code by Hugging Face name, converting dtype and device, and collects
+//! the names that were asked for but absent (MISSING), present but never asked for (UNEXPECTED) or
+//! of the wrong shape, so a mismatch between checkpoint and architecture becomes one error that
+//! lists them all.
 //!
 //! [`save_safetensors`] writes tensors with `{"format": "pt"}` metadata, as transformers does.
 #![allow(unsafe_code)] // memory-mapping the checkpoint files
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
 struct Entry {
     file: usize,
-    dtype: String,
+    dtype: Dtype,
     shape: Vec<i64>,
+    /// Byte range of the data in the file.
     begin: usize,
     end: usize,
+}
+
+/// `model.safetensors.index.json`: which shard holds each tensor.
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
 }
 
 /// A (possibly sharded) safetensors checkpoint, memory-mapped.
@@ -49,22 +59,19 @@ impl Checkpoint {
         if index.is_file() {
             let text = std::fs::read_to_string(&index)
                 .map_err(|e| Error::io(format!("reading {}", index.display()), e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| weights_err(format!("{}: not valid JSON: {e}", index.display())))?;
-            let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
-                return Err(weights_err(format!(
-                    "{}: no `weight_map` object",
-                    index.display()
-                )));
-            };
-            let mut shards = BTreeSet::new();
-            for (name, file) in map {
-                let Some(file) = file.as_str() else {
-                    return Err(weights_err(format!(
-                        "{}: `weight_map.{name}` is not a file name",
-                        index.display()
-                    )));
+            let index_err = |e: serde_json::Error| {
+                let what = if e.is_data() {
+                    "not a shard index"
+                } else {
+                    "not valid JSON"
                 };
+                weights_err(format!("{}: {what}: {e}", index.display()))
+            };
+            let map = serde_json::from_str::<ShardIndex>(&text)
+                .map_err(index_err)?
+                .weight_map;
+            let mut shards = BTreeSet::new();
+            for file in map.values() {
                 if file.contains('/') || file.contains("..") {
                     return Err(weights_err(format!(
                         "{}: shard name {file:?} must be a plain file name",
@@ -129,15 +136,14 @@ impl Checkpoint {
             .entries
             .get(name)
             .ok_or_else(|| weights_err(format!("tensor {name} is not in the checkpoint")))?;
-        let src_kind = kind_of(&e.dtype).ok_or_else(|| {
+        let src_kind = kind_of(e.dtype).ok_or_else(|| {
             weights_err(format!(
-                "tensor {name} has dtype {} which tuna cannot read",
+                "tensor {name} has dtype {:?} which tuna cannot read",
                 e.dtype
             ))
         })?;
         let (path, mmap) = &self.files[e.file];
-        let header = 8 + u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
-        let data = &mmap[header + e.begin..header + e.end];
+        let data = &mmap[e.begin..e.end];
         let t = Tensor::f_from_data_size(data, &e.shape, src_kind)
             .map_err(|err| weights_err(format!("{}: reading {name}: {err}", path.display())))?;
         let t = if device != Device::Cpu {
@@ -152,102 +158,90 @@ impl Checkpoint {
         })
     }
 
-    /// The safetensors dtype string of a tensor ("F32", "BF16", ...).
-    pub fn dtype(&self, name: &str) -> Option<&str> {
-        self.entries.get(name).map(|e| e.dtype.as_str())
+    /// The safetensors dtype of a tensor.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.entries.get(name).map(|e| e.dtype)
     }
 }
 
+/// Indexes the tensors of one file; the `safetensors` crate reads the header and checks that the
+/// data offsets tile the file and fit each tensor's shape and dtype.
 fn parse_header(
     mmap: &Mmap,
     file: usize,
     path: &Path,
     entries: &mut BTreeMap<String, Entry>,
 ) -> Result<()> {
-    let bad = |msg: String| {
+    let (n, metadata) = SafeTensors::read_metadata(mmap).map_err(|e| {
         weights_err(format!(
-            "{} is not a valid safetensors file: {msg}",
-            path.display()
+            "{} is not a valid safetensors file: {}",
+            path.display(),
+            header_problem(&e)
         ))
-    };
-    if mmap.len() < 8 {
-        return Err(bad("shorter than its 8-byte header length".into()));
-    }
-    let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
-    if n > mmap.len() - 8 {
-        return Err(bad(format!("header length {n} exceeds the file")));
-    }
-    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&mmap[8..8 + n])
-        .map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let data_len = mmap.len() - 8 - n;
-    for (name, v) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = v
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .ok_or_else(|| bad(format!("{name}: no dtype")))?;
-        let shape: Vec<i64> = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| bad(format!("{name}: no shape")))?;
-        let offs = v
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .and_then(|a| {
-                a.iter()
-                    .map(|x| x.as_u64().map(|u| u as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .filter(|o| o.len() == 2)
-            .ok_or_else(|| bad(format!("{name}: no data_offsets")))?;
-        let (begin, end) = (offs[0], offs[1]);
-        let numel: i64 = shape.iter().product();
-        let expected = kind_of(dtype).map(|k| numel as usize * k.elt_size_in_bytes());
-        if end < begin || end > data_len || expected.is_some_and(|x| x != end - begin) {
-            return Err(bad(format!(
-                "{name}: data offsets {begin}..{end} do not fit its shape or the file"
-            )));
-        }
+    })?;
+    let data_start = 8 + n;
+    for (name, info) in metadata.tensors() {
         if entries.contains_key(&name) {
             return Err(weights_err(format!(
                 "tensor {name} appears in two checkpoint files"
             )));
         }
+        let (begin, end) = info.data_offsets;
         entries.insert(
             name,
             Entry {
                 file,
-                dtype: dtype.to_string(),
-                shape,
-                begin,
-                end,
+                dtype: info.dtype,
+                shape: info.shape.iter().map(|&d| d as i64).collect(),
+                begin: data_start + begin,
+                end: data_start + end,
             },
         );
     }
     Ok(())
 }
 
-fn kind_of(dtype: &str) -> Option<Kind> {
+fn header_problem(e: &SafeTensorError) -> String {
+    match e {
+        SafeTensorError::HeaderTooSmall => "shorter than its 8-byte header length".into(),
+        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength => {
+            "its header length exceeds the file".into()
+        }
+        SafeTensorError::InvalidHeader
+        | SafeTensorError::InvalidHeaderStart
+        | SafeTensorError::InvalidHeaderDeserialization => {
+            "its header is not a JSON table of tensors with known dtypes".into()
+        }
+        SafeTensorError::InvalidOffset(name) => {
+            format!("{name}: data offsets do not follow the previous tensor's")
+        }
+        SafeTensorError::TensorInvalidInfo | SafeTensorError::ValidationOverflow => {
+            "a tensor's data offsets do not fit its shape".into()
+        }
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "its tensors do not cover the file's data (truncated?)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
-        "F32" => Kind::Float,
-        "F16" => Kind::Half,
-        "BF16" => Kind::BFloat16,
-        "F64" => Kind::Double,
-        "I64" => Kind::Int64,
-        "I32" => Kind::Int,
-        "I16" => Kind::Int16,
-        "I8" => Kind::Int8,
-        "U8" => Kind::Uint8,
-        "BOOL" => Kind::Bool,
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
         _ => return None,
     })
 }
 
-fn dtype_of(kind: Kind) -> Result<safetensors::Dtype> {
-    use safetensors::Dtype;
+fn dtype_of(kind: Kind) -> Result<Dtype> {
     Ok(match kind {
         Kind::Float => Dtype::F32,
         Kind::Half => Dtype::F16,
@@ -361,7 +355,7 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let ck = Checkpoint::open_files(&[path.to_path_buf()])?;
     let mut out = BTreeMap::new();
     for name in ck.names() {
-        let kind = kind_of(ck.dtype(name).unwrap_or("")).unwrap_or(Kind::Float);
+        let kind = ck.dtype(name).and_then(kind_of).unwrap_or(Kind::Float);
         out.insert(name.to_string(), ck.tensor(name, kind, Device::Cpu)?);
     }
     Ok(out)
@@ -376,6 +370,8 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 pub struct WeightLoader<'a> {
     ckpt: &'a Checkpoint,
     prefix: String,
+    /// The architecture's older spelling of a base tensor name, if any.
+    legacy: fn(&str) -> Option<String>,
     device: Device,
     used: BTreeSet<String>,
     missing: Vec<String>,
@@ -385,10 +381,16 @@ pub struct WeightLoader<'a> {
 }
 
 impl<'a> WeightLoader<'a> {
-    pub fn new(ckpt: &'a Checkpoint, base_prefix: &str, device: Device) -> Self {
+    pub fn new(
+        ckpt: &'a Checkpoint,
+        base_prefix: &str,
+        legacy: fn(&str) -> Option<String>,
+        device: Device,
+    ) -> Self {
         WeightLoader {
             ckpt,
             prefix: base_prefix.to_string(),
+            legacy,
             device,
             used: BTreeSet::new(),
             missing: Vec::new(),
@@ -399,11 +401,7 @@ impl<'a> WeightLoader<'a> {
 
     fn resolve(&self, rel: &str) -> Option<String> {
         let mut candidates = vec![format!("{}.{rel}", self.prefix), rel.to_string()];
-        // Old BERT checkpoints name LayerNorm parameters gamma/beta (transformers renames them).
-        if rel.contains("LayerNorm.") {
-            let old = rel
-                .replace("LayerNorm.weight", "LayerNorm.gamma")
-                .replace("LayerNorm.bias", "LayerNorm.beta");
+        if let Some(old) = (self.legacy)(rel) {
             candidates.push(format!("{}.{old}", self.prefix));
             candidates.push(old);
         }

@@ -79,7 +79,7 @@ pub struct ModelInfo {
 pub struct Batch<'a> {
     pub input_ids: &'a Tensor,
     pub attention_mask: &'a Tensor,
-    /// BERT only; zeros when None.
+    /// Read by models whose [`Model::uses_token_type_ids`] says so (BERT); zeros when None.
     pub token_type_ids: Option<&'a Tensor>,
     /// Decoders only: several examples per row (see [`crate::data::collate_packed`]); the
     /// attention is causal within each example and positions restart per example.
@@ -89,6 +89,11 @@ pub struct Batch<'a> {
 pub trait Model {
     fn info(&self) -> &ModelInfo;
     fn device(&self) -> Device;
+    /// Whether `forward` reads [`Batch::token_type_ids`] (BERT's segment embeddings), so the
+    /// trainer collates them.
+    fn uses_token_type_ids(&self) -> bool {
+        false
+    }
     /// Logits as described by [`TaskHead`]. `train` turns dropout on.
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
     /// Every parameter that receives gradients, by its Hugging Face (or PEFT) name, in a stable

@@ -641,7 +641,7 @@ pub fn train(
     let job = Job {
         model: model.as_ref(),
         causal,
-        with_types: info.model_type == "bert",
+        with_types: model.uses_token_type_ids(),
         pad_id,
         device,
         micro,
@@ -649,7 +649,7 @@ pub fn train(
             micro,
             pad_id,
             causal,
-            with_types: info.model_type == "bert",
+            with_types: model.uses_token_type_ids(),
             pack_len: (causal && spec.packing).then_some(max_len),
             group_overhead_tokens: (!causal && spec.packing).then_some(GROUP_OVERHEAD_TOKENS),
         },

@@ -8,7 +8,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use tuna_core::hf_config::{BertConfig, HfConfig};
 
-use super::{is_buffer, read_config, Builder, Core, Forward, Net};
+use super::{read_config, Architecture, Builder, Core, Net};
 use crate::freeze::Role;
 use crate::layers::{
     activation, all_real, dropout, embedding, padding_mask, sdpa, Fwd, LayerNorm, Linear,
@@ -76,7 +76,7 @@ fn build_net(
             "BERT supports sequence_classification only".into(),
         ));
     };
-    let mut b = Builder::new(ckpt, "bert", cfg.num_hidden_layers as usize, &hf, opts)?;
+    let mut b = Builder::new::<Bert>(ckpt, cfg.num_hidden_layers as usize, &hf, opts)?;
     let (d, eps, inter) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.intermediate_size);
     let e = Role::Embedding;
     let word = b.param("embeddings.word_embeddings.weight", &[cfg.vocab_size, d], e)?;
@@ -109,9 +109,7 @@ fn build_net(
     let pooler = b.linear_or_init("pooler.dense", d, d, Role::Other)?;
     let classifier = b.classifier("classifier", d, id2label.len() as i64, true)?;
     let tied = false;
-    let core = b.finish(dir, hf, opts, tied, |n| {
-        is_buffer(n) || n.starts_with("cls.") || n.starts_with("bert.cls.")
-    })?;
+    let core = b.finish(dir, hf, opts, tied)?;
     let classifier_dropout = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);
     Ok(Net {
         core,
@@ -132,7 +130,7 @@ fn build_net(
 impl Bert {
     /// `last_hidden_state [b, t, d]` and `pooler_output [b, d]`.
     fn encode(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(Tensor, Tensor)> {
-        let (bsz, t) = core.check_batch(batch)?;
+        let (bsz, t) = core.check_batch(batch, Some(self.cfg.max_position_embeddings))?;
         let f = Fwd {
             kind: core.compute_kind,
             train,
@@ -187,7 +185,32 @@ impl Net<Bert> {
     }
 }
 
-impl Forward for Bert {
+impl Architecture for Bert {
+    const BASE_PREFIX: &'static str = "bert";
+    const TOKEN_TYPE_IDS: bool = true;
+
+    fn hf_class(_model_type: &str, task: &TaskHead) -> String {
+        match task {
+            TaskHead::CausalLm => "BertForCausalLM".into(),
+            TaskHead::SequenceClassification { .. } => "BertForSequenceClassification".into(),
+        }
+    }
+
+    /// The position-id buffer older transformers saved, and the pre-training heads (`cls.*`).
+    fn is_buffer(name: &str) -> bool {
+        name.ends_with("embeddings.position_ids")
+            || name.starts_with("cls.")
+            || name.starts_with("bert.cls.")
+    }
+
+    /// Old BERT checkpoints name LayerNorm parameters gamma/beta (transformers renames them).
+    fn legacy_name(rel: &str) -> Option<String> {
+        rel.contains("LayerNorm.").then(|| {
+            rel.replace("LayerNorm.weight", "LayerNorm.gamma")
+                .replace("LayerNorm.bias", "LayerNorm.beta")
+        })
+    }
+
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
         if batch.packed.is_some() {
             return Err(crate::Error::Config(

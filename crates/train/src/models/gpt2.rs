@@ -7,7 +7,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use tuna_core::hf_config::{Gpt2Config, HfConfig};
 
-use super::{is_buffer, Builder, Core, Forward, Head, Net};
+use super::{Architecture, Builder, Core, Head, Net};
 use crate::freeze::Role;
 use crate::layers::{
     activation, all_real, causal_mask, dropout, embedding, packed_mask, sdpa, Fwd, LayerNorm,
@@ -42,7 +42,7 @@ pub(super) fn build(
     ckpt: &Checkpoint,
     opts: &LoadOptions,
 ) -> Result<Box<dyn Model>> {
-    let mut b = Builder::new(ckpt, "transformer", cfg.n_layer as usize, &hf, opts)?;
+    let mut b = Builder::new::<Gpt2>(ckpt, cfg.n_layer as usize, &hf, opts)?;
     let (d, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
     let wte = b.param("wte.weight", &[cfg.vocab_size, d], Role::Embedding)?;
     let wpe = b.param("wpe.weight", &[cfg.n_positions, d], Role::Embedding)?;
@@ -67,7 +67,7 @@ pub(super) fn build(
             Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?)
         }
     };
-    let core = b.finish(dir, hf, opts, tied, is_buffer)?;
+    let core = b.finish(dir, hf, opts, tied)?;
     Ok(Box::new(Net {
         core,
         arch: Gpt2 {
@@ -81,9 +81,23 @@ pub(super) fn build(
     }))
 }
 
-impl Forward for Gpt2 {
+impl Architecture for Gpt2 {
+    const BASE_PREFIX: &'static str = "transformer";
+
+    fn hf_class(_model_type: &str, task: &TaskHead) -> String {
+        match task {
+            TaskHead::CausalLm => "GPT2LMHeadModel".into(),
+            TaskHead::SequenceClassification { .. } => "GPT2ForSequenceClassification".into(),
+        }
+    }
+
+    /// The causal-mask buffers older transformers saved.
+    fn is_buffer(name: &str) -> bool {
+        name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
+    }
+
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        let (bsz, t) = core.check_batch(batch)?;
+        let (bsz, t) = core.check_batch(batch, Some(self.cfg.n_positions))?;
         let f = Fwd {
             kind: core.compute_kind,
             train,

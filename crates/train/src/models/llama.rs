@@ -8,7 +8,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use tuna_core::hf_config::{HfConfig, LlamaConfig, RopeScaling};
 
-use super::{is_buffer, Builder, Core, Forward, Head, Net};
+use super::{Architecture, Builder, Core, Head, Net};
 use crate::freeze::Role;
 use crate::layers::{
     activation, all_real, causal_mask, embedding, packed_mask, sdpa, Fwd, Linear, RmsNorm,
@@ -147,7 +147,7 @@ pub(super) fn build(
     ckpt: &Checkpoint,
     opts: &LoadOptions,
 ) -> Result<Box<dyn Model>> {
-    let mut b = Builder::new(ckpt, "model", cfg.num_hidden_layers as usize, &hf, opts)?;
+    let mut b = Builder::new::<Llama>(ckpt, cfg.num_hidden_layers as usize, &hf, opts)?;
     let (d, eps, hd) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.head_dim);
     let (nh, nkv, inter) = (
         cfg.num_attention_heads,
@@ -228,7 +228,7 @@ pub(super) fn build(
             Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?)
         }
     };
-    let core = b.finish(dir, hf, opts, tied, is_buffer)?;
+    let core = b.finish(dir, hf, opts, tied)?;
     let (inv, attn_factor) = rope_inv_freq(&cfg, cfg.max_position_embeddings);
     let inv_freq = Tensor::f_from_slice(&inv)?.f_to_device(opts.device)?;
     Ok(Box::new(Net {
@@ -301,9 +301,30 @@ impl Llama {
     }
 }
 
-impl Forward for Llama {
+impl Architecture for Llama {
+    const BASE_PREFIX: &'static str = "model";
+
+    fn hf_class(model_type: &str, task: &TaskHead) -> String {
+        let base = match model_type {
+            "llama" => "Llama",
+            "mistral" => "Mistral",
+            "qwen2" => "Qwen2",
+            other => other,
+        };
+        match task {
+            TaskHead::CausalLm => format!("{base}ForCausalLM"),
+            TaskHead::SequenceClassification { .. } => format!("{base}ForSequenceClassification"),
+        }
+    }
+
+    /// The rotary frequencies older transformers saved.
+    fn is_buffer(name: &str) -> bool {
+        name.ends_with("rotary_emb.inv_freq")
+    }
+
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        let (bsz, t) = core.check_batch(batch)?;
+        // No table of positions bounds the length under RoPE.
+        let (bsz, t) = core.check_batch(batch, None)?;
         let f = Fwd {
             kind: core.compute_kind,
             train,
