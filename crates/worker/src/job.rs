@@ -509,16 +509,15 @@ fn fmt_num(k: &str, v: Option<f64>) -> Option<String> {
     v.map(|v| format!("{k}={v:.4}"))
 }
 
+/// Runs a claimed job: inputs, the trainer child, and the job's end.
 async fn execute(
     ctx: &Ctx<'_>,
     work: &Path,
     worker_device: &str,
-    mut ctl_rx: watch::Receiver<Control>,
-    mut listener: Option<&mut Listener>,
+    ctl_rx: watch::Receiver<Control>,
+    listener: Option<&mut Listener>,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, WorkerError> {
-    let job_id = ctx.job.job_id.clone();
-    let lost_err = || WorkerError::LeaseLost(job_id.clone());
     let spec: JobSpec = match ctx.job.spec.get() {
         Ok(s) => s.clone(),
         Err(e) => {
@@ -529,35 +528,70 @@ async fn execute(
             return finish_failed(ctx, &err).await;
         }
     };
-
-    // Inputs, abandoned at once on a lost lease, cancel, pause or shutdown.
-    let prepared = {
-        let mut rx = ctl_rx.clone();
-        tokio::select! {
-            r = prepare(ctx, &spec, work) => match r {
-                Ok(r) => r,
-                Err(LeaseLost) => return Err(lost_err()),
-            },
-            _ = ctx.lost.cancelled() => return Err(lost_err()),
-            c = async {
-                let got = rx.wait_for(|c| *c != Control::Continue).await.map(|v| *v).ok();
-                match got {
-                    Some(c) => c,
-                    None => std::future::pending().await,
-                }
-            } => {
-                return if c == Control::Cancel { finish_cancelled(ctx).await } else { finish_paused(ctx).await };
-            }
-            _ = shutdown.cancelled() => return finish_released(ctx).await,
-        }
-    };
-    let prepared = match prepared {
+    let prepared = match prepare_unless_stopped(ctx, &spec, work, &ctl_rx, shutdown).await? {
         Ok(p) => p,
-        Err(e) => return finish_failed(ctx, &e).await,
+        Err(outcome) => return Ok(outcome),
     };
-
     let model_name = fine_tuned_model_name(&ctx.job);
-    let output = work.join("output");
+    let proc = spawn_trainer(ctx, &spec, &prepared, work, worker_device).await?;
+    let uploader = Uploader {
+        pool: ctx.pool.clone(),
+        store: ctx.cfg.store.clone(),
+        lease: ctx.lease.clone(),
+        lost: ctx.lost.clone(),
+        job_prefix: ctx.job_prefix(),
+        model_name: model_name.clone(),
+    };
+    let mut run = RunLoop::start(ctx, proc, uploader.clone());
+    run.drive(ctl_rx, listener, shutdown).await;
+    let ended = run.finish().await?;
+    conclude(ctx, ended, &uploader, &model_name, &prepared).await
+}
+
+/// Prepares the inputs, abandoned at once on a lost lease, cancel, pause or shutdown (then the
+/// job's outcome comes back as `Err`).
+async fn prepare_unless_stopped(
+    ctx: &Ctx<'_>,
+    spec: &JobSpec,
+    work: &Path,
+    ctl_rx: &watch::Receiver<Control>,
+    shutdown: &CancellationToken,
+) -> Result<Result<Prepared, Outcome>, WorkerError> {
+    let lost_err = || WorkerError::LeaseLost(ctx.job.job_id.clone());
+    let mut rx = ctl_rx.clone();
+    let prepared = tokio::select! {
+        r = prepare(ctx, spec, work) => match r {
+            Ok(r) => r,
+            Err(LeaseLost) => return Err(lost_err()),
+        },
+        _ = ctx.lost.cancelled() => return Err(lost_err()),
+        c = async {
+            let got = rx.wait_for(|c| *c != Control::Continue).await.map(|v| *v).ok();
+            match got {
+                Some(c) => c,
+                None => std::future::pending().await,
+            }
+        } => {
+            let outcome = if c == Control::Cancel { finish_cancelled(ctx).await } else { finish_paused(ctx).await };
+            return outcome.map(Err);
+        }
+        _ = shutdown.cancelled() => return finish_released(ctx).await.map(Err),
+    };
+    match prepared {
+        Ok(p) => Ok(Ok(p)),
+        Err(e) => finish_failed(ctx, &e).await.map(Err),
+    }
+}
+
+/// Starts `tuna-trainer run` for the prepared job. A trainer that cannot start is a broken
+/// worker, not a broken job: the job is given back.
+async fn spawn_trainer(
+    ctx: &Ctx<'_>,
+    spec: &JobSpec,
+    prepared: &Prepared,
+    work: &Path,
+    worker_device: &str,
+) -> Result<TrainerProcess, WorkerError> {
     let device = match spec.device {
         Device::Auto => Some(worker_device),
         _ => None,
@@ -568,15 +602,14 @@ async fn execute(
         &prepared.spec_path,
         &prepared.train.path,
         prepared.valid.as_ref().map(|v| v.path.as_path()),
-        &output,
+        &work.join("output"),
         prepared.resume.as_deref(),
         device,
         ctx.cfg.trainer_threads,
     );
-    let mut proc = match TrainerProcess::spawn(&cmd) {
+    let proc = match TrainerProcess::spawn(&cmd) {
         Ok(p) => p,
         Err(e) => {
-            // A broken worker, not a broken job: give the job back and report.
             let _ = queue::release(ctx.pool, &ctx.lease).await;
             return Err(WorkerError::Trainer(format!(
                 "cannot start {}: {e}",
@@ -594,168 +627,265 @@ async fn execute(
             &format!("Training resumes from checkpoint step {step}"),
         )
         .await
-        .map_err(|_| lost_err())?;
+        .map_err(|_| WorkerError::LeaseLost(ctx.job.job_id.clone()))?;
+    }
+    Ok(proc)
+}
+
+/// What the checkpoint-upload task ends with: the last step it uploaded, and whether it failed.
+type UploadsDone = (Option<i64>, Result<(), WorkerError>);
+
+/// The event loop over a running trainer: its output, lease loss, control requests (heartbeat
+/// and notifications), shutdown, the stall and kill deadlines, and the checkpoint uploads,
+/// which run beside it so control stays responsive. One method per source.
+struct RunLoop<'c, 'a> {
+    ctx: &'c Ctx<'a>,
+    proc: TrainerProcess,
+    results: Results,
+    /// The terminal event the trainer printed, if any.
+    terminal: Option<TrainerEvent>,
+    /// Why the worker asked the trainer to stop, if it did.
+    request: Option<Request>,
+    kill_at: Option<Instant>,
+    killed: bool,
+    /// The heartbeat's control channel is still open.
+    hb_open: bool,
+    up_tx: Option<mpsc::UnboundedSender<CkptJob>>,
+    uploads: AbortOnDrop<UploadsDone>,
+    uploads_done: Option<UploadsDone>,
+    eof: bool,
+    last_output: Instant,
+    stalled: bool,
+}
+
+/// How the trainer's run ended, once the process has exited.
+struct Ended {
+    status: std::io::Result<std::process::ExitStatus>,
+    stderr_tail: Vec<String>,
+    terminal: Option<TrainerEvent>,
+    request: Option<Request>,
+    stalled: bool,
+    results: Results,
+    last_uploaded: Option<i64>,
+}
+
+impl<'c, 'a> RunLoop<'c, 'a> {
+    fn start(ctx: &'c Ctx<'a>, proc: TrainerProcess, uploader: Uploader) -> Self {
+        let (up_tx, up_rx) = mpsc::unbounded_channel::<CkptJob>();
+        RunLoop {
+            ctx,
+            proc,
+            results: Results::default(),
+            terminal: None,
+            request: None,
+            kill_at: None,
+            killed: false,
+            hb_open: true,
+            up_tx: Some(up_tx),
+            uploads: AbortOnDrop(tokio::spawn(uploader.run(up_rx))),
+            uploads_done: None,
+            eof: false,
+            last_output: Instant::now(),
+            stalled: false,
+        }
     }
 
-    // Checkpoint uploads run beside the event loop so control stays responsive.
-    let uploader = Uploader {
-        pool: ctx.pool.clone(),
-        store: ctx.cfg.store.clone(),
-        lease: ctx.lease.clone(),
-        lost: ctx.lost.clone(),
-        job_prefix: ctx.job_prefix(),
-        model_name: model_name.clone(),
-    };
-    let (up_tx, up_rx) = mpsc::unbounded_channel::<CkptJob>();
-    let mut uploads = AbortOnDrop(tokio::spawn(uploader.clone().run(up_rx)));
-    let mut uploads_done: Option<(Option<i64>, Result<(), WorkerError>)> = None;
-
-    let mut results = Results::default();
-    let mut terminal: Option<TrainerEvent> = None;
-    let mut request: Option<Request> = None;
-    let mut kill_at: Option<Instant> = None;
-    let mut killed = false;
-    let mut hb_open = true;
-    let mut up_tx = Some(up_tx);
-    let mut eof = false;
-    let mut last_output = Instant::now();
-    let mut stalled = false;
-
-    while !eof {
-        let stall_sleep = async {
-            match ctx.cfg.stall_timeout {
-                Some(t) => tokio::time::sleep_until(last_output + t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let kill_sleep = async {
-            match kill_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let notified = async {
-            match listener.as_deref_mut() {
-                Some(l) => l.next(Duration::from_secs(3600)).await,
-                None => std::future::pending().await,
-            }
-        };
-        let mut new_request: Option<Request> = None;
-        tokio::select! {
-            line = proc.next_line() => match line {
-                None => eof = true,
-                Some(line) => {
-                    last_output = Instant::now();
-                    if ctx.lost.is_cancelled() {
-                        continue;
-                    }
-                    let ev = match TrainerEvent::parse(&line) {
-                        Ok(ev) => ev,
-                        Err(e) => {
-                            tracing::debug!(%job_id, "trainer printed a line that is no event ({e}): {line}");
-                            continue;
-                        }
-                    };
-                    let r = handle_event(ctx, &ev, &mut results, up_tx.as_ref()).await;
-                    if r.is_err() {
-                        proc.close_stdin();
-                        proc.kill();
-                        continue;
-                    }
-                    if ev.is_terminal() {
-                        terminal = Some(ev);
-                    }
+    /// Runs until the trainer's stdout ends.
+    async fn drive(
+        &mut self,
+        mut ctl_rx: watch::Receiver<Control>,
+        mut listener: Option<&mut Listener>,
+        shutdown: &CancellationToken,
+    ) {
+        while !self.eof {
+            let stall_timeout = self.ctx.cfg.stall_timeout;
+            let last_output = self.last_output;
+            let stall_sleep = async {
+                match stall_timeout {
+                    Some(t) => tokio::time::sleep_until(last_output + t).await,
+                    None => std::future::pending().await,
                 }
-            },
-            _ = ctx.lost.cancelled(), if !killed => {
-                proc.close_stdin();
-                proc.kill();
-                killed = true;
-            }
-            r = ctl_rx.changed(), if hb_open && request.is_none() => match r {
-                Err(_) => hb_open = false,
-                Ok(()) => {
-                    let c: Control = *ctl_rx.borrow_and_update();
-                    new_request = match c {
+            };
+            let kill_at = self.kill_at;
+            let kill_sleep = async {
+                match kill_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let notified = async {
+                match listener.as_deref_mut() {
+                    Some(l) => l.next(Duration::from_secs(3600)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let asking = self.request.is_none();
+            let new_request = tokio::select! {
+                line = self.proc.next_line() => { self.on_line(line).await; None }
+                _ = self.ctx.lost.cancelled(), if !self.killed => { self.on_lease_lost(); None }
+                r = ctl_rx.changed(), if self.hb_open && asking => match r {
+                    Err(_) => { self.hb_open = false; None }
+                    Ok(()) => match *ctl_rx.borrow_and_update() {
                         Control::Cancel => Some(Request::Cancel),
                         Control::Pause => Some(Request::Pause),
                         Control::Continue => None,
-                    };
-                }
-            },
-            w = notified, if request.is_none() => {
-                if let Wake::Control(m) = w {
-                    if m.job_id == job_id {
-                        new_request = Some(match m.action {
-                            queue::ControlAction::Cancel => Request::Cancel,
-                            queue::ControlAction::Pause => Request::Pause,
-                        });
-                    }
-                }
-            }
-            _ = shutdown.cancelled(), if request.is_none() => new_request = Some(Request::Shutdown),
-            _ = stall_sleep, if !killed && request.is_none() => {
-                tracing::warn!(%job_id, "the trainer printed nothing for the stall timeout; killing it");
-                proc.close_stdin();
-                proc.kill();
-                killed = true;
-                stalled = true;
-            }
-            _ = kill_sleep, if kill_at.is_some() => {
-                tracing::warn!(%job_id, "the trainer did not stop in time; killing it");
-                proc.kill();
-                kill_at = None;
-                killed = true;
-            }
-            done = &mut uploads.0, if uploads_done.is_none() => {
-                let done = done.unwrap_or_else(|e| (None, Err(WorkerError::Trainer(format!("checkpoint upload task: {e}")))));
-                let failed = done.1.is_err();
-                uploads_done = Some(done);
-                if failed {
-                    // The lease is lost or the store failed: stop training.
-                    proc.close_stdin();
-                    proc.kill();
-                    killed = true;
-                }
-            }
-        }
-        if let Some(r) = new_request {
-            request = Some(r);
-            let (line, grace) = match r {
-                Request::Cancel => (ControlLine::Cancel, ctx.cfg.cancel_grace),
-                Request::Pause | Request::Shutdown => (ControlLine::Pause, ctx.cfg.pause_grace),
+                    },
+                },
+                w = notified, if asking => self.on_notification(w),
+                _ = shutdown.cancelled(), if asking => Some(Request::Shutdown),
+                _ = stall_sleep, if !self.killed && asking => { self.on_stall(); None }
+                _ = kill_sleep, if kill_at.is_some() => { self.on_kill_deadline(); None }
+                done = &mut self.uploads.0, if self.uploads_done.is_none() => { self.on_uploads_done(done); None }
             };
-            tracing::info!(%job_id, ?r, "asking the trainer to stop");
-            proc.send(line).await;
-            kill_at = Some(Instant::now() + grace);
+            if let Some(r) = new_request {
+                self.ask_to_stop(r).await;
+            }
         }
     }
-    let status = proc.wait().await;
-    drop(up_tx.take());
-    let (last_uploaded, upload_result) = match uploads_done {
-        Some(d) => d,
-        None => (&mut uploads.0).await.unwrap_or_else(|e| {
+
+    /// A line of the trainer's stdout (`None`: it ended).
+    async fn on_line(&mut self, line: Option<String>) {
+        let Some(line) = line else {
+            self.eof = true;
+            return;
+        };
+        self.last_output = Instant::now();
+        if self.ctx.lost.is_cancelled() {
+            return;
+        }
+        let ev = match TrainerEvent::parse(&line) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::debug!(job_id = %self.ctx.job.job_id, "trainer printed a line that is no event ({e}): {line}");
+                return;
+            }
+        };
+        let r = handle_event(self.ctx, &ev, &mut self.results, self.up_tx.as_ref()).await;
+        if r.is_err() {
+            self.proc.close_stdin();
+            self.proc.kill();
+            return;
+        }
+        if ev.is_terminal() {
+            self.terminal = Some(ev);
+        }
+    }
+
+    fn on_lease_lost(&mut self) {
+        self.proc.close_stdin();
+        self.proc.kill();
+        self.killed = true;
+    }
+
+    /// A control notification: a request for this job, if it is one.
+    fn on_notification(&self, w: Wake) -> Option<Request> {
+        match w {
+            Wake::Control(m) if m.job_id == self.ctx.job.job_id => Some(match m.action {
+                queue::ControlAction::Cancel => Request::Cancel,
+                queue::ControlAction::Pause => Request::Pause,
+            }),
+            _ => None,
+        }
+    }
+
+    fn on_stall(&mut self) {
+        tracing::warn!(job_id = %self.ctx.job.job_id, "the trainer printed nothing for the stall timeout; killing it");
+        self.proc.close_stdin();
+        self.proc.kill();
+        self.killed = true;
+        self.stalled = true;
+    }
+
+    fn on_kill_deadline(&mut self) {
+        tracing::warn!(job_id = %self.ctx.job.job_id, "the trainer did not stop in time; killing it");
+        self.proc.kill();
+        self.kill_at = None;
+        self.killed = true;
+    }
+
+    fn on_uploads_done(&mut self, done: Result<UploadsDone, tokio::task::JoinError>) {
+        let done = done.unwrap_or_else(|e| {
             (
                 None,
                 Err(WorkerError::Trainer(format!("checkpoint upload task: {e}"))),
             )
-        }),
-    };
-    if ctx.lost.is_cancelled() {
-        return Err(lost_err());
-    }
-    if let Err(e) = upload_result {
-        if let WorkerError::LeaseLost(_) = e {
-            return Err(e);
+        });
+        let failed = done.1.is_err();
+        self.uploads_done = Some(done);
+        if failed {
+            // The lease is lost or the store failed: stop training.
+            self.proc.close_stdin();
+            self.proc.kill();
+            self.killed = true;
         }
-        let err = JobError::new(
-            "artifact_store_error",
-            format!("saving a checkpoint to the artifact store failed: {e}"),
-        );
-        return finish_failed(ctx, &err).await;
     }
 
-    match terminal {
+    /// Sends the trainer its control line and sets the deadline after which it is killed.
+    async fn ask_to_stop(&mut self, r: Request) {
+        self.request = Some(r);
+        let (line, grace) = match r {
+            Request::Cancel => (ControlLine::Cancel, self.ctx.cfg.cancel_grace),
+            Request::Pause | Request::Shutdown => (ControlLine::Pause, self.ctx.cfg.pause_grace),
+        };
+        tracing::info!(job_id = %self.ctx.job.job_id, ?r, "asking the trainer to stop");
+        self.proc.send(line).await;
+        self.kill_at = Some(Instant::now() + grace);
+    }
+
+    /// Waits for the trainer's exit and the last checkpoint upload. A lost lease, or a lease
+    /// lost during an upload, is an error; a failed upload fails the job.
+    async fn finish(mut self) -> Result<Result<Ended, Outcome>, WorkerError> {
+        let status = self.proc.wait().await;
+        drop(self.up_tx.take());
+        let (last_uploaded, upload_result) = match self.uploads_done.take() {
+            Some(d) => d,
+            None => (&mut self.uploads.0).await.unwrap_or_else(|e| {
+                (
+                    None,
+                    Err(WorkerError::Trainer(format!("checkpoint upload task: {e}"))),
+                )
+            }),
+        };
+        let ctx = self.ctx;
+        if ctx.lost.is_cancelled() {
+            return Err(WorkerError::LeaseLost(ctx.job.job_id.clone()));
+        }
+        if let Err(e) = upload_result {
+            if let WorkerError::LeaseLost(_) = e {
+                return Err(e);
+            }
+            let err = JobError::new(
+                "artifact_store_error",
+                format!("saving a checkpoint to the artifact store failed: {e}"),
+            );
+            return finish_failed(ctx, &err).await.map(Err);
+        }
+        Ok(Ok(Ended {
+            status,
+            stderr_tail: self.proc.stderr_tail(),
+            terminal: self.terminal,
+            request: self.request,
+            stalled: self.stalled,
+            results: self.results,
+            last_uploaded,
+        }))
+    }
+}
+
+/// Ends the job from how the trainer's run ended.
+async fn conclude(
+    ctx: &Ctx<'_>,
+    ended: Result<Ended, Outcome>,
+    uploader: &Uploader,
+    model_name: &str,
+    prepared: &Prepared,
+) -> Result<Outcome, WorkerError> {
+    let ended = match ended {
+        Ok(e) => e,
+        Err(outcome) => return Ok(outcome),
+    };
+    let lost_err = || WorkerError::LeaseLost(ctx.job.job_id.clone());
+    match ended.terminal {
         Some(TrainerEvent::Done {
             trained_tokens,
             final_dir,
@@ -764,17 +894,17 @@ async fn execute(
         }) => {
             finish_succeeded(
                 ctx,
-                &model_name,
-                &prepared,
+                model_name,
+                prepared,
                 &final_dir,
                 trained_tokens,
                 &metrics,
-                &results,
+                &ended.results,
             )
             .await
         }
         Some(TrainerEvent::Paused { checkpoint, step }) => {
-            if last_uploaded != Some(step as i64) {
+            if ended.last_uploaded != Some(step as i64) {
                 let c = CkptJob {
                     step: step as i64,
                     path: checkpoint,
@@ -790,7 +920,7 @@ async fn execute(
                         .map_err(|_| lost_err())?;
                 }
             }
-            if request == Some(Request::Shutdown) {
+            if ended.request == Some(Request::Shutdown) {
                 finish_released(ctx).await
             } else {
                 finish_paused(ctx).await
@@ -812,51 +942,43 @@ async fn execute(
             )
             .await
         }
-        _ => match request {
-            Some(Request::Cancel) => finish_cancelled(ctx).await,
-            Some(Request::Pause) => {
-                let msg = "The trainer did not stop in time; the job is paused at its last saved checkpoint";
-                ctx.event(Level::Warn, msg, None, EventKind::Message)
-                    .await
-                    .map_err(|_| lost_err())?;
-                finish_paused(ctx).await
+        _ => conclude_without_verdict(ctx, &ended).await,
+    }
+}
+
+/// The trainer ended without a terminal event: stopped on request, stalled, or crashed.
+async fn conclude_without_verdict(ctx: &Ctx<'_>, ended: &Ended) -> Result<Outcome, WorkerError> {
+    match ended.request {
+        Some(Request::Cancel) => finish_cancelled(ctx).await,
+        Some(Request::Pause) => {
+            let msg =
+                "The trainer did not stop in time; the job is paused at its last saved checkpoint";
+            ctx.event(Level::Warn, msg, None, EventKind::Message)
+                .await
+                .map_err(|_| WorkerError::LeaseLost(ctx.job.job_id.clone()))?;
+            finish_paused(ctx).await
+        }
+        Some(Request::Shutdown) => finish_released(ctx).await,
+        None if ended.stalled => {
+            let secs = ctx.cfg.stall_timeout.unwrap_or_default().as_secs();
+            let message = format!(
+                "The training process printed nothing for {secs} s (no step, evaluation, checkpoint or phase event) and was stopped as hung. If steps or evaluations of this job legitimately take longer, raise the worker's --stall-timeout-secs."
+            );
+            finish_failed(ctx, &JobError::new("trainer_stalled", message)).await
+        }
+        None => {
+            let how = match &ended.status {
+                Ok(s) => describe_exit(s),
+                Err(e) => format!("its status is unknown: {e}"),
+            };
+            let tail = &ended.stderr_tail[ended.stderr_tail.len().saturating_sub(5)..];
+            let mut message =
+                format!("The training process crashed ({how}) without reporting an error.");
+            if !tail.is_empty() {
+                message.push_str(&format!(" Its last output: {}", tail.join(" | ")));
             }
-            Some(Request::Shutdown) => finish_released(ctx).await,
-            None if stalled => {
-                let secs = ctx.cfg.stall_timeout.unwrap_or_default().as_secs();
-                let message = format!(
-                    "The training process printed nothing for {secs} s (no step, evaluation, checkpoint or phase event) and was stopped as hung. If steps or evaluations of this job legitimately take longer, raise the worker's --stall-timeout-secs."
-                );
-                finish_failed(ctx, &JobError::new("trainer_stalled", message)).await
-            }
-            None => {
-                let how = match &status {
-                    Ok(s) => describe_exit(s),
-                    Err(e) => format!("its status is unknown: {e}"),
-                };
-                let tail = proc.stderr_tail();
-                let tail: Vec<&String> = tail
-                    .iter()
-                    .rev()
-                    .take(5)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                let mut message =
-                    format!("The training process crashed ({how}) without reporting an error.");
-                if !tail.is_empty() {
-                    message.push_str(&format!(
-                        " Its last output: {}",
-                        tail.iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(" | ")
-                    ));
-                }
-                finish_failed(ctx, &JobError::new("trainer_crashed", message)).await
-            }
-        },
+            finish_failed(ctx, &JobError::new("trainer_crashed", message)).await
+        }
     }
 }
 
