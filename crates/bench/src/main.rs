@@ -27,7 +27,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
+use sqlx::PgPool;
 
 use crate::claim::{Claimer, DrainResult, LatencyResult};
 use crate::http::{Api, LoadResult, Op};
@@ -160,173 +161,212 @@ fn print_load(name: &str, what: &str, p: &Phase<LoadResult>) {
     println!("  {}", p.cpu);
 }
 
+/// Runs `fut` and measures the CPU every watched party used meanwhile.
+async fn measured<T: Serialize>(
+    watch: &CpuWatch,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<Phase<T>> {
+    let mark = watch.mark();
+    let result = fut.await?;
+    Ok(Phase {
+        cpu: watch.since(&mark),
+        result,
+    })
+}
+
+/// What every phase of `tuna-bench api` uses.
+struct ApiBench {
+    args: ApiArgs,
+    db: PgPool,
+    claimer_db: PgPool,
+    watch: CpuWatch,
+    api: Api,
+    /// The create body every phase sends.
+    body: Arc<Value>,
+}
+
 async fn run_api(args: ApiArgs) -> anyhow::Result<()> {
-    let url = database_url(&args)?;
-    let db = tuna_db::connect_with_size(&url, (args.drain_claimers + 2) as u32)
-        .await
-        .context("connecting to the server's database")?;
-    let claimer_db = tuna_db::connect_with_size(&url, 3).await?;
-    let watch = CpuWatch {
-        server_pid: args.server_pid,
-        postmaster_pid: args
-            .data_dir
-            .as_ref()
-            .and_then(|d| CpuWatch::postmaster_of(&d.join("pg"))),
-    };
-    let api = Api::new(&args.url, &args.api_key, args.concurrency.max(1) * 2)?;
+    let bench = ApiBench::connect(args).await?;
     let mut report = Report::default();
-
-    let file = match &args.training_file {
-        Some(f) => f.clone(),
-        None => api.upload_training_file().await?,
-    };
-    let body = Arc::new(json!({"model": args.model, "training_file": file}));
-    let probe = api.probe_job(&body).await?;
+    let probe = bench.api.probe_job(&bench.body).await?;
     println!(
-        "setup: training_file={file} model={} probe job {probe} is claimable",
-        args.model
+        "setup: training_file={} model={} probe job {probe} is claimable",
+        bench.body["training_file"].as_str().unwrap_or_default(),
+        bench.args.model
     );
-
-    let warmup = Duration::from_secs(args.warmup);
-    let duration = Duration::from_secs(args.duration);
-
-    let mark = watch.mark();
-    let create = http::run_load(
-        &api,
-        Op::Create(serde_json::to_vec(&*body)?.into()),
-        args.concurrency,
-        warmup,
-        duration,
-    )
-    .await?;
-    let phase = Phase {
-        cpu: watch.since(&mark),
-        result: create,
-    };
-    print_load("create", "jobs", &phase);
-    let mut paths: Vec<String> = phase
-        .result
-        .created
-        .iter()
-        .map(|id| format!("/v1/fine_tuning/jobs/{id}"))
-        .collect();
-    paths.push(format!("/v1/fine_tuning/jobs/{probe}"));
-    report.create = Some(phase);
-
-    let backlog = claim::wait_validated(&db, Duration::from_secs(600)).await?;
-    println!(
-        "validation backlog: the last created job left validating_files {:.2}s after the create phase",
-        backlog.as_secs_f64()
-    );
-    report.validation_backlog_s = Some(backlog.as_secs_f64());
-
-    let mark = watch.mark();
-    let retrieve = http::run_load(
-        &api,
-        Op::Retrieve(Arc::new(paths)),
-        args.concurrency,
-        warmup,
-        duration,
-    )
-    .await?;
-    let phase = Phase {
-        cpu: watch.since(&mark),
-        result: retrieve,
-    };
-    print_load("retrieve", "jobs", &phase);
-    report.retrieve = Some(phase);
-
-    let mark = watch.mark();
-    let health = http::run_load(&api, Op::Health, args.concurrency, warmup, duration).await?;
-    let phase = Phase {
-        cpu: watch.since(&mark),
-        result: health,
-    };
-    print_load("reference: GET /healthz", "requests", &phase);
-    report.healthz = Some(phase);
-
-    let mark = watch.mark();
-    let drained = claim::drain(&db, args.drain_claimers).await?;
-    let phase = Phase {
-        cpu: watch.since(&mark),
-        result: drained,
-    };
-    println!(
-        "drain: {} queued jobs claimed in {:.2}s by {} claim loops = {:.0} claims/s\n  {}",
-        phase.result.claimed,
-        phase.result.seconds,
-        phase.result.claimers,
-        phase.result.claims_per_s,
-        phase.cpu
-    );
-    report.drain = Some(phase);
-
-    let gap = Duration::from_millis(args.claim_gap_ms);
-    let mut claimer = Claimer::start(&claimer_db, Duration::from_secs(args.poll_s.max(1))).await?;
-    if args.claim_jobs > 0 {
-        let mark = watch.mark();
-        let r = claim::queue_latency(&db, &mut claimer, args.claim_jobs as usize, gap).await?;
-        let phase = Phase {
-            cpu: watch.since(&mark),
-            result: r,
-        };
-        if let Some(s) = &phase.result.notify_to_claim {
-            println!(
-                "insert-to-claim (queue level, queued+NOTIFY -> claimed, {} ms gaps): {s}",
-                args.claim_gap_ms
-            );
-        }
-        println!(
-            "  claims not woken by NOTIFY: {}",
-            phase.result.claims_not_by_notify
-        );
-        report.queue_latency = Some(phase);
-    }
-    if args.http_claim_jobs > 0 {
-        let mark = watch.mark();
-        let r = claim::http_latency(
-            &api,
-            &body,
-            &db,
-            &mut claimer,
-            args.http_claim_jobs as usize,
-            gap,
-        )
-        .await?;
-        let phase = Phase {
-            cpu: watch.since(&mark),
-            result: r,
-        };
-        let show = |label: &str, s: &Option<stats::Summary>| {
-            if let Some(s) = s {
-                println!("  {label}: {s}");
-            }
-        };
-        println!("end to end (POST create -> claimed by the idle claimer):");
-        show("request -> claimed", &phase.result.request_to_claim);
-        show(
-            "db: inserted -> queued (validation)",
-            &phase.result.db_insert_to_queued,
-        );
-        show(
-            "db: queued -> claim transaction",
-            &phase.result.db_queued_to_claim,
-        );
-        println!(
-            "  claims not woken by NOTIFY: {}",
-            phase.result.claims_not_by_notify
-        );
-        report.http_latency = Some(phase);
-    }
-    claimer.stop().await?;
-
-    if let Some(path) = &args.json {
+    bench.http_phases(&probe, &mut report).await?;
+    bench.drain(&mut report).await?;
+    bench.claim_latency(&mut report).await?;
+    if let Some(path) = &bench.args.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
-    db.close().await;
-    claimer_db.close().await;
+    bench.db.close().await;
+    bench.claimer_db.close().await;
     Ok(())
+}
+
+impl ApiBench {
+    /// Connects to the server's database and API and uploads the training file unless given.
+    async fn connect(args: ApiArgs) -> anyhow::Result<ApiBench> {
+        let url = database_url(&args)?;
+        let db = tuna_db::connect_with_size(&url, (args.drain_claimers + 2) as u32)
+            .await
+            .context("connecting to the server's database")?;
+        let claimer_db = tuna_db::connect_with_size(&url, 3).await?;
+        let watch = CpuWatch {
+            server_pid: args.server_pid,
+            postmaster_pid: args
+                .data_dir
+                .as_ref()
+                .and_then(|d| CpuWatch::postmaster_of(&d.join("pg"))),
+        };
+        let api = Api::new(&args.url, &args.api_key, args.concurrency.max(1) * 2)?;
+        let file = match &args.training_file {
+            Some(f) => f.clone(),
+            None => api.upload_training_file().await?,
+        };
+        let body = Arc::new(json!({"model": args.model, "training_file": file}));
+        Ok(ApiBench {
+            args,
+            db,
+            claimer_db,
+            watch,
+            api,
+            body,
+        })
+    }
+
+    /// One HTTP load phase of the configured concurrency, warm-up and duration.
+    async fn load(&self, op: Op) -> anyhow::Result<Phase<LoadResult>> {
+        let (warmup, duration) = (
+            Duration::from_secs(self.args.warmup),
+            Duration::from_secs(self.args.duration),
+        );
+        measured(
+            &self.watch,
+            http::run_load(&self.api, op, self.args.concurrency, warmup, duration),
+        )
+        .await
+    }
+
+    /// Creates, then retrieves what was created (and the probe), then `GET /healthz` for
+    /// reference.
+    async fn http_phases(&self, probe: &str, report: &mut Report) -> anyhow::Result<()> {
+        let create = self
+            .load(Op::Create(serde_json::to_vec(&*self.body)?.into()))
+            .await?;
+        print_load("create", "jobs", &create);
+        let mut paths: Vec<String> = create
+            .result
+            .created
+            .iter()
+            .map(|id| format!("/v1/fine_tuning/jobs/{id}"))
+            .collect();
+        paths.push(format!("/v1/fine_tuning/jobs/{probe}"));
+        report.create = Some(create);
+
+        let backlog = claim::wait_validated(&self.db, Duration::from_secs(600)).await?;
+        println!(
+            "validation backlog: the last created job left validating_files {:.2}s after the create phase",
+            backlog.as_secs_f64()
+        );
+        report.validation_backlog_s = Some(backlog.as_secs_f64());
+
+        let retrieve = self.load(Op::Retrieve(Arc::new(paths))).await?;
+        print_load("retrieve", "jobs", &retrieve);
+        report.retrieve = Some(retrieve);
+
+        let health = self.load(Op::Health).await?;
+        print_load("reference: GET /healthz", "requests", &health);
+        report.healthz = Some(health);
+        Ok(())
+    }
+
+    /// Claims every queued job with `drain_claimers` claim loops.
+    async fn drain(&self, report: &mut Report) -> anyhow::Result<()> {
+        let phase = measured(
+            &self.watch,
+            claim::drain(&self.db, self.args.drain_claimers),
+        )
+        .await?;
+        println!(
+            "drain: {} queued jobs claimed in {:.2}s by {} claim loops = {:.0} claims/s\n  {}",
+            phase.result.claimed,
+            phase.result.seconds,
+            phase.result.claimers,
+            phase.result.claims_per_s,
+            phase.cpu
+        );
+        report.drain = Some(phase);
+        Ok(())
+    }
+
+    /// Insert-to-claim latency with an idle claimer: at the queue level, then end to end from
+    /// the HTTP create.
+    async fn claim_latency(&self, report: &mut Report) -> anyhow::Result<()> {
+        let args = &self.args;
+        let gap = Duration::from_millis(args.claim_gap_ms);
+        let mut claimer =
+            Claimer::start(&self.claimer_db, Duration::from_secs(args.poll_s.max(1))).await?;
+        if args.claim_jobs > 0 {
+            let phase = measured(
+                &self.watch,
+                claim::queue_latency(&self.db, &mut claimer, args.claim_jobs as usize, gap),
+            )
+            .await?;
+            if let Some(s) = &phase.result.notify_to_claim {
+                println!(
+                    "insert-to-claim (queue level, queued+NOTIFY -> claimed, {} ms gaps): {s}",
+                    args.claim_gap_ms
+                );
+            }
+            println!(
+                "  claims not woken by NOTIFY: {}",
+                phase.result.claims_not_by_notify
+            );
+            report.queue_latency = Some(phase);
+        }
+        if args.http_claim_jobs > 0 {
+            let phase = measured(
+                &self.watch,
+                claim::http_latency(
+                    &self.api,
+                    &self.body,
+                    &self.db,
+                    &mut claimer,
+                    args.http_claim_jobs as usize,
+                    gap,
+                ),
+            )
+            .await?;
+            print_http_latency(&phase);
+            report.http_latency = Some(phase);
+        }
+        claimer.stop().await
+    }
+}
+
+fn print_http_latency(phase: &Phase<LatencyResult>) {
+    let show = |label: &str, s: &Option<stats::Summary>| {
+        if let Some(s) = s {
+            println!("  {label}: {s}");
+        }
+    };
+    println!("end to end (POST create -> claimed by the idle claimer):");
+    show("request -> claimed", &phase.result.request_to_claim);
+    show(
+        "db: inserted -> queued (validation)",
+        &phase.result.db_insert_to_queued,
+    );
+    show(
+        "db: queued -> claim transaction",
+        &phase.result.db_queued_to_claim,
+    );
+    println!(
+        "  claims not woken by NOTIFY: {}",
+        phase.result.claims_not_by_notify
+    );
 }
 
 #[tokio::main]
