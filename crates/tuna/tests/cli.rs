@@ -198,13 +198,37 @@ fn write_training_file(dir: &Path) -> PathBuf {
     path
 }
 
-#[tokio::test]
-async fn files_and_models_commands() {
-    let s = Server::start().await;
+/// Uploads the ten-record training file; returns its id and local path.
+fn upload_training_file(s: &Server) -> (String, PathBuf) {
     let train = write_training_file(s.data_dir());
-    let train = train.to_str().unwrap();
+    let file = s
+        .tuna(&["files", "upload", train.to_str().unwrap(), "--json"])
+        .ok()
+        .json();
+    (file["id"].as_str().unwrap().to_string(), train)
+}
 
-    // Models.
+/// Creates a job on the tiny GPT-2 from `file_id` with `extra` flags; waits until it is queued.
+fn queued_job(s: &Server, file_id: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "jobs",
+        "create",
+        "--model",
+        "gpt2",
+        "--training-file",
+        file_id,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let job = s.tuna(&args).ok().json();
+    let id = job["id"].as_str().unwrap().to_string();
+    s.wait_status(&id, "queued");
+    id
+}
+
+#[tokio::test]
+async fn models_list_and_show() {
+    let s = Server::start().await;
     let list = s.tuna(&["models", "list"]).ok();
     let first = list.stdout.lines().next().unwrap();
     assert!(
@@ -222,6 +246,13 @@ async fn files_and_models_commands() {
         missing.stderr.contains("The model 'nope' does not exist"),
         "{missing:?}"
     );
+}
+
+#[tokio::test]
+async fn files_upload_list_show_content_and_delete() {
+    let s = Server::start().await;
+    let train = write_training_file(s.data_dir());
+    let train = train.to_str().unwrap();
 
     // Upload, human and --json.
     let up = s.tuna(&["files", "upload", train]).ok();
@@ -261,6 +292,16 @@ async fn files_and_models_commands() {
         .ok();
     assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(train).unwrap());
 
+    let deleted = s.tuna(&["files", "delete", &id]).ok();
+    assert_eq!(deleted.stdout.trim(), format!("deleted {id}"));
+    let gone = s.tuna(&["files", "show", &id]);
+    assert_eq!(gone.code, 1);
+    assert!(gone.stderr.contains("No file found"), "{gone:?}");
+}
+
+#[tokio::test]
+async fn a_rejected_upload_exits_1_and_a_missing_local_file_2() {
+    let s = Server::start().await;
     // A file the server rejects: exit 1 with the API's message.
     let bad = s.data_dir().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"x\"\nnot json\n").unwrap();
@@ -274,13 +315,11 @@ async fn files_and_models_commands() {
     // A local file that does not exist: usage error.
     let nofile = s.tuna(&["files", "upload", "/nonexistent/x.jsonl"]);
     assert_eq!(nofile.code, 2, "{nofile:?}");
+}
 
-    let deleted = s.tuna(&["files", "delete", &id]).ok();
-    assert_eq!(deleted.stdout.trim(), format!("deleted {id}"));
-    let gone = s.tuna(&["files", "show", &id]);
-    assert_eq!(gone.code, 1);
-    assert!(gone.stderr.contains("No file found"), "{gone:?}");
-
+#[tokio::test]
+async fn keys_urls_and_flags() {
+    let s = Server::start().await;
     // Keys: --api-key wins over the admin key file; a wrong one is an API error (401).
     let wrong = s.tuna(&["files", "list", "--api-key", "tuna-sk-wrong"]);
     assert_eq!(wrong.code, 1);
@@ -307,16 +346,9 @@ async fn files_and_models_commands() {
 }
 
 #[tokio::test]
-async fn jobs_commands_on_queued_jobs() {
+async fn jobs_create_from_flags_and_show() {
     let s = Server::start().await;
-    let train = write_training_file(s.data_dir());
-    let file = s
-        .tuna(&["files", "upload", train.to_str().unwrap(), "--json"])
-        .ok()
-        .json();
-    let file_id = file["id"].as_str().unwrap();
-
-    // From flags.
+    let (file_id, _) = upload_training_file(&s);
     let job = s
         .tuna(&[
             "jobs",
@@ -324,7 +356,7 @@ async fn jobs_commands_on_queued_jobs() {
             "--model",
             "gpt2",
             "--training-file",
-            file_id,
+            &file_id,
             "--task",
             "causal_lm",
             "--epochs",
@@ -370,9 +402,13 @@ async fn jobs_commands_on_queued_jobs() {
     ] {
         assert!(shown.stdout.contains(want), "{want}: {shown:?}");
     }
+}
 
-    // From a YAML job file, the training file given as a local path (uploaded first); flags
-    // override the file.
+#[tokio::test]
+async fn jobs_create_from_a_job_file_uploads_its_local_training_file() {
+    let s = Server::start().await;
+    let (file_id, train) = upload_training_file(&s);
+    // The training file given as a local path (uploaded first); flags override the file.
     let job_file = s.data_dir().join("job.yaml");
     std::fs::write(
         &job_file,
@@ -393,18 +429,18 @@ async fn jobs_commands_on_queued_jobs() {
         ])
         .ok();
     assert!(created.stderr.contains("uploaded"), "{created:?}");
-    let id2 = created
+    let id = created
         .stdout
         .split_whitespace()
         .nth(1)
         .unwrap_or_default()
         .to_string();
     assert!(created.stdout.starts_with("created ftjob-"), "{created:?}");
-    let job2 = s.wait_status(&id2, "queued");
-    assert_eq!(job2["seed"], 11);
-    assert_eq!(job2["hyperparameters"]["n_epochs"], 3);
-    assert_eq!(job2["user_provided_suffix"], "from-file");
-    assert_ne!(job2["training_file"], file_id);
+    let job = s.wait_status(&id, "queued");
+    assert_eq!(job["seed"], 11);
+    assert_eq!(job["hyperparameters"]["n_epochs"], 3);
+    assert_eq!(job["user_provided_suffix"], "from-file");
+    assert_ne!(job["training_file"], file_id.as_str());
 
     // --dry-run prints the body without sending it.
     let dry = s
@@ -423,8 +459,14 @@ async fn jobs_commands_on_queued_jobs() {
         dry,
         serde_json::json!({"model": "m", "dataset_url": "s3://b/k"})
     );
+}
 
-    // Lists, filters.
+#[tokio::test]
+async fn jobs_list_pages_and_filters() {
+    let s = Server::start().await;
+    let (file_id, _) = upload_training_file(&s);
+    let id = queued_job(&s, &file_id, &["--metadata", "team=nlp"]);
+    let id2 = queued_job(&s, &file_id, &[]);
     let list = s.tuna(&["jobs", "list"]).ok();
     assert!(
         list.stdout.contains(&id) && list.stdout.contains(&id2),
@@ -445,8 +487,13 @@ async fn jobs_commands_on_queued_jobs() {
         .json();
     assert_eq!(nlp["data"].as_array().unwrap().len(), 1);
     assert_eq!(nlp["data"][0]["id"], id.as_str());
+}
 
-    // Control.
+#[tokio::test]
+async fn pause_resume_events_checkpoints_and_no_download_of_a_queued_job() {
+    let s = Server::start().await;
+    let (file_id, _) = upload_training_file(&s);
+    let id = queued_job(&s, &file_id, &[]);
     let paused = s.tuna(&["jobs", "pause", &id]).ok();
     assert_eq!(paused.stdout.trim(), format!("{id}: paused"));
     let again = s.tuna(&["jobs", "pause", &id]);
@@ -489,23 +536,15 @@ async fn jobs_commands_on_queued_jobs() {
     let dl = s.tuna(&["download", &id, "--checkpoint", "5"]);
     assert_eq!(dl.code, 1, "{dl:?}");
     assert!(dl.stderr.contains("no checkpoint '5'"), "{dl:?}");
+}
 
-    // Watch a queued job that is cancelled meanwhile: exit 3 after the cancel event.
+#[tokio::test]
+async fn watch_exits_3_when_the_job_is_cancelled_meanwhile() {
+    let s = Server::start().await;
+    let (file_id, _) = upload_training_file(&s);
+    // Streamed, then polled.
     for extra in [&[][..], &["--poll"][..]] {
-        let job = s
-            .tuna(&[
-                "jobs",
-                "create",
-                "--model",
-                "gpt2",
-                "--training-file",
-                file_id,
-                "--json",
-            ])
-            .ok()
-            .json();
-        let jid = job["id"].as_str().unwrap().to_string();
-        s.wait_status(&jid, "queued");
+        let jid = queued_job(&s, &file_id, &[]);
         let mut args = vec!["jobs", "watch", jid.as_str()];
         args.extend_from_slice(extra);
         let out = std::thread::scope(|scope| {
@@ -522,10 +561,15 @@ async fn jobs_commands_on_queued_jobs() {
         assert!(stdout.contains(&format!("job {jid} cancelled")), "{stdout}");
         assert!(stderr.contains("was cancelled"), "{stderr}");
     }
+}
 
-    // Watching a job that already ended returns at once; --json prints NDJSON.
-    s.tuna(&["jobs", "cancel", &id2]).ok();
-    let watched = s.tuna_limited(&["jobs", "watch", &id2, "--json"], Duration::from_secs(60));
+#[tokio::test]
+async fn watch_of_an_ended_job_returns_at_once_and_json_is_ndjson() {
+    let s = Server::start().await;
+    let (file_id, _) = upload_training_file(&s);
+    let id = queued_job(&s, &file_id, &[]);
+    s.tuna(&["jobs", "cancel", &id]).ok();
+    let watched = s.tuna_limited(&["jobs", "watch", &id, "--json"], Duration::from_secs(60));
     assert_eq!(watched.code, 3, "{watched:?}");
     let docs: Vec<Value> = watched
         .stdout
@@ -536,9 +580,14 @@ async fn jobs_commands_on_queued_jobs() {
     assert!(docs
         .iter()
         .any(|d| d["object"] == "fine_tuning.job.event" && d["message"] == "Job cancelled"));
+}
 
-    // A job that fails (validation: prompt/completion data cannot train a classifier): watch
-    // exits 3 with the job's error; it has no model to download.
+#[tokio::test]
+async fn watch_of_a_failed_job_exits_3_with_its_error() {
+    let s = Server::start().await;
+    let (file_id, _) = upload_training_file(&s);
+    // Validation fails: prompt/completion data cannot train a classifier. The job has no
+    // model to download.
     let failing = s
         .tuna(&[
             "jobs",
@@ -546,7 +595,7 @@ async fn jobs_commands_on_queued_jobs() {
             "--model",
             "gpt2",
             "--training-file",
-            file_id,
+            &file_id,
             "--task",
             "sequence_classification",
             "--json",
@@ -569,8 +618,12 @@ async fn jobs_commands_on_queued_jobs() {
     let dl = s.tuna(&["download", &fid]);
     assert_eq!(dl.code, 1, "{dl:?}");
     assert!(dl.stderr.contains("it will have none"), "{dl:?}");
+}
 
-    // Errors: API (1), usage (2).
+#[tokio::test]
+async fn jobs_errors_exit_1_from_the_api_and_2_for_usage() {
+    let s = Server::start().await;
+    let (file_id, _) = upload_training_file(&s);
     let unknown = s.tuna(&["jobs", "show", "ftjob-nope"]);
     assert_eq!(unknown.code, 1);
     assert!(
@@ -584,7 +637,7 @@ async fn jobs_commands_on_queued_jobs() {
         "--model",
         "gpt2",
         "--training-file",
-        file_id,
+        &file_id,
         "--set",
         "bogus=1",
     ]);
