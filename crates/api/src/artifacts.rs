@@ -21,8 +21,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
 use futures::{stream, Stream, StreamExt, TryStreamExt};
 use serde_json::{json, Value};
@@ -31,6 +30,7 @@ use tuna_store::{check_key, ObjectInfo, Store, StoreError};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::routes::Routes;
 use crate::tar;
 use crate::AppState;
 use tuna_core::status::JobStatus;
@@ -38,16 +38,16 @@ use tuna_core::status::JobStatus;
 /// Ranges are read from the store in pieces of this size, so a large range is streamed too.
 const RANGE_CHUNK: u64 = 4 * 1024 * 1024;
 
-pub fn router() -> Router<AppState> {
+pub fn routes() -> Routes {
     const JOB: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}";
     const CKPT: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}";
-    Router::new()
-        .route(&format!("{JOB}/artifacts"), get(final_list))
-        .route(&format!("{JOB}/artifacts.tar"), get(final_tar))
-        .route(&format!("{JOB}/artifacts/{{*path}}"), get(final_file))
-        .route(&format!("{CKPT}/artifacts"), get(checkpoint_list))
-        .route(&format!("{CKPT}/artifacts.tar"), get(checkpoint_tar))
-        .route(&format!("{CKPT}/artifacts/{{*path}}"), get(checkpoint_file))
+    Routes::new()
+        .get(&format!("{JOB}/artifacts"), final_list)
+        .get(&format!("{JOB}/artifacts.tar"), final_tar)
+        .get(&format!("{JOB}/artifacts/{{*path}}"), final_file)
+        .get(&format!("{CKPT}/artifacts"), checkpoint_list)
+        .get(&format!("{CKPT}/artifacts.tar"), checkpoint_tar)
+        .get(&format!("{CKPT}/artifacts/{{*path}}"), checkpoint_file)
 }
 
 /// A directory of the store holding one model.

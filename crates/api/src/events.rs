@@ -17,8 +17,6 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::routing::get;
-use axum::Router;
 use futures::{stream, Stream, StreamExt};
 use serde_json::json;
 use tuna_db::rows::EventRow;
@@ -27,6 +25,7 @@ use tuna_db::PgPool;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::query::ListParams;
+use crate::routes::Routes;
 use crate::{objects, AppState};
 use tuna_core::status::JobStatus;
 
@@ -37,10 +36,10 @@ pub const BATCH: i64 = 200;
 /// Keep-alive comment interval.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-pub fn router() -> Router<AppState> {
-    Router::new().route(
+pub fn routes() -> Routes {
+    Routes::new().get(
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events/stream",
-        get(stream_events),
+        stream_events,
     )
 }
 

@@ -11,8 +11,7 @@ use axum::extract::multipart::{Field, MultipartRejection};
 use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -26,6 +25,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::objects::Rendered;
 use crate::query::{page, ListParams};
+use crate::routes::Routes;
 use crate::{objects, AppState, Config};
 
 /// Purposes OpenAI knows; only `fine-tune` files are checked.
@@ -46,14 +46,15 @@ const MAX_REPORTED_ERRORS: usize = 5;
 /// still sending sees the answer rather than a reset connection.
 const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
 
-pub fn router(_config: &Config) -> Router<AppState> {
-    Router::new()
-        .route(
-            "/v1/files",
-            get(list).post(upload).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/v1/files/{file_id}", get(retrieve).delete(delete))
-        .route("/v1/files/{file_id}/content", get(content))
+pub fn routes() -> Routes {
+    Routes::new()
+        .get("/v1/files", list)
+        .post_with("/v1/files", upload, |r| {
+            r.layer(DefaultBodyLimit::disable())
+        })
+        .get("/v1/files/{file_id}", retrieve)
+        .delete("/v1/files/{file_id}", delete)
+        .get("/v1/files/{file_id}/content", content)
 }
 
 async fn upload(

@@ -3,8 +3,6 @@
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
-use axum::Router;
 use rand::Rng;
 use serde_json::Value;
 use tuna_core::ids;
@@ -18,33 +16,21 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, ApiResult};
 use crate::objects::Rendered;
 use crate::query::{page, page_with_ids, ListParams};
+use crate::routes::Routes;
 use crate::{objects, validate, AppState, Config};
 
-pub fn router(config: &Config) -> Router<AppState> {
+pub fn routes(config: &Config) -> Routes {
     let limit = axum::extract::DefaultBodyLimit::max(config.max_json_bytes);
-    Router::new()
-        .route("/v1/fine_tuning/jobs", get(list).post(create).layer(limit))
-        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}", get(retrieve))
-        .route(
-            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel",
-            post(cancel),
-        )
-        .route(
-            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause",
-            post(pause),
-        )
-        .route(
-            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume",
-            post(resume),
-        )
-        .route(
-            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
-            get(list_events),
-        )
-        .route(
-            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
-            get(list_checkpoints),
-        )
+    const JOB: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}";
+    Routes::new()
+        .get("/v1/fine_tuning/jobs", list)
+        .post_with("/v1/fine_tuning/jobs", create, |r| r.layer(limit))
+        .get(JOB, retrieve)
+        .post(&format!("{JOB}/cancel"), cancel)
+        .post(&format!("{JOB}/pause"), pause)
+        .post(&format!("{JOB}/resume"), resume)
+        .get(&format!("{JOB}/events"), list_events)
+        .get(&format!("{JOB}/checkpoints"), list_checkpoints)
 }
 
 #[tracing::instrument(skip_all, fields(job_id = tracing::field::Empty))]

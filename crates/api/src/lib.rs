@@ -11,7 +11,8 @@
 //! - `query`: list parameters (`after`, `limit`, `order`, `metadata[k]`) and list envelopes.
 //! - `validate`: the check a new job goes through before it is queued.
 //! - `limits`: the cap on an organisation's waiting jobs.
-//! - [`ROUTES`]: every route the router serves; a test compares it with `openapi.yaml`.
+//! - `routes`: the router built by method and path, so it lists what it serves ([`api_routes`]);
+//!   a test compares that list with `openapi.yaml` both ways.
 //!
 //! Handlers stay short and call named functions over the pool; only `tuna_db::queue` changes a
 //! job's status. The crate never links libtorch.
@@ -37,6 +38,7 @@ pub mod models;
 pub mod objects;
 pub mod ops;
 pub mod query;
+pub mod routes;
 pub mod tar;
 pub mod validate;
 
@@ -121,67 +123,19 @@ impl AppState {
     }
 }
 
-/// Every route: (method, path), paths in OpenAPI's `{param}` syntax (axum's too, except that the
-/// router captures `{path}`, the rest of the URL, as the wildcard `{*path}`).
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("POST", "/v1/files"),
-    ("GET", "/v1/files"),
-    ("GET", "/v1/files/{file_id}"),
-    ("DELETE", "/v1/files/{file_id}"),
-    ("GET", "/v1/files/{file_id}/content"),
-    ("POST", "/v1/fine_tuning/jobs"),
-    ("GET", "/v1/fine_tuning/jobs"),
-    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"),
-    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"),
-    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"),
-    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
-    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"),
-    (
-        "GET",
-        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
-    ),
-    (
-        "GET",
-        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events/stream",
-    ),
-    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts"),
-    (
-        "GET",
-        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts.tar",
-    ),
-    (
-        "GET",
-        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/artifacts/{path}",
-    ),
-    (
-        "GET",
-        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/artifacts",
-    ),
-    (
-        "GET",
-        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/artifacts.tar",
-    ),
-    (
-        "GET",
-        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/artifacts/{path}",
-    ),
-    ("GET", "/v1/models"),
-    ("POST", "/v1/models"),
-    ("GET", "/v1/models/{model}"),
-];
+/// Every route of the API, and what the router serves (`(method, path)`, [`routes::Routes`]).
+pub fn api_routes(config: &Config) -> routes::Routes {
+    files::routes()
+        .merge(jobs::routes(config))
+        .merge(models::routes())
+        .merge(artifacts::routes())
+        .merge(events::routes())
+        .merge(ops::routes())
+}
 
 /// The whole application: resource routers, error fallbacks and the middleware stack.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .merge(files::router(&state.config))
-        .merge(jobs::router(&state.config))
-        .merge(models::router(&state.config))
-        .merge(artifacts::router())
-        .merge(events::router())
-        .merge(ops::router());
+    let api = api_routes(&state.config).into_router();
     ops::layers(api, state)
 }
 

@@ -4,8 +4,7 @@
 use std::path::Path as FsPath;
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tuna_core::hf_config::HfConfig;
@@ -15,12 +14,14 @@ use tuna_db::PgPool;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, ApiResult};
-use crate::{objects, AppState, Config};
+use crate::routes::Routes;
+use crate::{objects, AppState};
 
-pub fn router(_config: &Config) -> Router<AppState> {
-    Router::new()
-        .route("/v1/models", get(list).post(register))
-        .route("/v1/models/{model}", get(retrieve))
+pub fn routes() -> Routes {
+    Routes::new()
+        .get("/v1/models", list)
+        .post("/v1/models", register)
+        .get("/v1/models/{model}", retrieve)
 }
 
 async fn list(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
