@@ -25,6 +25,7 @@ pub mod models;
 pub mod pg;
 pub mod queue;
 pub mod rows;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 /// The migrations in the repository's `migrations/` folder, embedded in the binary.

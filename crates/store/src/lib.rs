@@ -17,6 +17,7 @@
 //!   for the HTTP download endpoints.
 //! - [`fetch_s3_url`] downloads an `s3://bucket/key` dataset with a size cap.
 
+#[cfg(feature = "testing")]
 pub mod testing;
 
 use std::collections::HashMap;
