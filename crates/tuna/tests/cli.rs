@@ -208,8 +208,8 @@ fn upload_training_file(s: &Server) -> (String, PathBuf) {
     (file["id"].as_str().unwrap().to_string(), train)
 }
 
-/// Creates a job on the tiny GPT-2 from `file_id` with `extra` flags; waits until it is queued.
-fn queued_job(s: &Server, file_id: &str, extra: &[&str]) -> String {
+/// `tuna jobs create` on the tiny GPT-2 from `file_id` with `extra` flags: the job object.
+fn create_job(s: &Server, file_id: &str, extra: &[&str]) -> Value {
     let mut args = vec![
         "jobs",
         "create",
@@ -220,7 +220,12 @@ fn queued_job(s: &Server, file_id: &str, extra: &[&str]) -> String {
         "--json",
     ];
     args.extend_from_slice(extra);
-    let job = s.tuna(&args).ok().json();
+    s.tuna(&args).ok().json()
+}
+
+/// [`create_job`], then waits until the job is queued; its id.
+fn queued_job(s: &Server, file_id: &str, extra: &[&str]) -> String {
+    let job = create_job(s, file_id, extra);
     let id = job["id"].as_str().unwrap().to_string();
     s.wait_status(&id, "queued");
     id
@@ -349,14 +354,10 @@ async fn keys_urls_and_flags() {
 async fn jobs_create_from_flags_and_show() {
     let s = Server::start().await;
     let (file_id, _) = upload_training_file(&s);
-    let job = s
-        .tuna(&[
-            "jobs",
-            "create",
-            "--model",
-            "gpt2",
-            "--training-file",
-            &file_id,
+    let job = create_job(
+        &s,
+        &file_id,
+        &[
             "--task",
             "causal_lm",
             "--epochs",
@@ -375,10 +376,8 @@ async fn jobs_create_from_flags_and_show() {
             "team=nlp",
             "--set",
             "warmup_ratio=0.1",
-            "--json",
-        ])
-        .ok()
-        .json();
+        ],
+    );
     let id = job["id"].as_str().unwrap().to_string();
     assert!(id.starts_with("ftjob-"), "{job}");
     assert_eq!(job["seed"], 7);
@@ -588,20 +587,7 @@ async fn watch_of_a_failed_job_exits_3_with_its_error() {
     let (file_id, _) = upload_training_file(&s);
     // Validation fails: prompt/completion data cannot train a classifier. The job has no
     // model to download.
-    let failing = s
-        .tuna(&[
-            "jobs",
-            "create",
-            "--model",
-            "gpt2",
-            "--training-file",
-            &file_id,
-            "--task",
-            "sequence_classification",
-            "--json",
-        ])
-        .ok()
-        .json();
+    let failing = create_job(&s, &file_id, &["--task", "sequence_classification"]);
     let fid = failing["id"].as_str().unwrap().to_string();
     let failed = s.tuna_limited(&["jobs", "watch", &fid], Duration::from_secs(60));
     assert_eq!(failed.code, 3, "{failed:?}");
