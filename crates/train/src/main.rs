@@ -30,7 +30,7 @@ use tuna_core::protocol::{
     ControlLine, TrainerErrorCode, TrainerEvent, EXIT_ABORTED, EXIT_JOB_ERROR, EXIT_OK,
 };
 use tuna_core::spec::{Device, JobSpec, Precision};
-use tuna_train::trainer::{self, Control, TrainOutcome};
+use tuna_train::trainer::{self, Control, TrainInputs, TrainOutcome};
 use tuna_train::Error;
 
 #[derive(Parser)]
@@ -334,17 +334,16 @@ fn run(
     }
     tracing::info!(?device, model_dir = %model_dir.display(), "starting");
     let mut callback = |ev: TrainerEvent| emit(&ev);
-    let result = trainer::train(
-        &model_dir,
-        &spec,
-        &train,
-        valid.as_deref(),
-        &output_dir,
-        resume_from.as_deref(),
+    let inputs = TrainInputs {
+        model_dir: &model_dir,
+        spec: &spec,
+        train_examples: &train,
+        valid_examples: valid.as_deref(),
+        output_dir: &output_dir,
+        resume_from: resume_from.as_deref(),
         device,
-        &mut callback,
-        &control,
-    );
+    };
+    let result = trainer::train(&inputs, &mut callback, &control);
     if control.is_aborted() {
         return EXIT_ABORTED;
     }

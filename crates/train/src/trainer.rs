@@ -29,6 +29,7 @@
 //! weights are bf16 (`LoadOptions::base_kind`) while trainable parameters and AdamW moments stay
 //! fp32 (the model casts activations); the loss is computed in fp32.
 
+use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,13 +39,13 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 use tuna_core::data::Example;
-use tuna_core::protocol::DataReport;
+use tuna_core::protocol::{DataReport, DataStats};
 use tuna_core::spec::{JobSpec, Precision, Task, TrainingType};
 
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::{self, Resume, TrainState};
 use crate::data::{self, Collated, Features, LabelMap};
 use crate::metrics::{macro_f1, EvalMetrics, StepMetrics};
-use crate::model::{Batch, FreezeOptions, LoadOptions, LoraOptions, Model, TaskHead};
+use crate::model::{Batch, FreezeOptions, LoadOptions, LoraOptions, Model, ModelInfo, TaskHead};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::tokenizer::Tok;
@@ -409,7 +410,43 @@ struct Job<'a> {
     step_cfg: StepConfig,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
+    /// The job's batching: padding with the tokenizer's pad token (else the model's pad or
+    /// first end token), packing or length grouping when the job asks for `packing`.
+    fn new(
+        model: &'a dyn Model,
+        tok: &Tok,
+        inputs: &TrainInputs,
+        micro: usize,
+        max_len: usize,
+    ) -> Job<'a> {
+        let (spec, info) = (inputs.spec, model.info());
+        let causal = spec.task == Task::CausalLm;
+        let pad_id = tok
+            .pad
+            .as_ref()
+            .map(|p| i64::from(p.id))
+            .or(info.pad_token_id)
+            .or(info.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        Job {
+            model,
+            causal,
+            with_types: model.uses_token_type_ids(),
+            pad_id,
+            device: inputs.device,
+            micro,
+            step_cfg: StepConfig {
+                micro,
+                pad_id,
+                causal,
+                with_types: model.uses_token_type_ids(),
+                pack_len: (causal && spec.packing).then_some(max_len),
+                group_overhead_tokens: (!causal && spec.packing).then_some(GROUP_OVERHEAD_TOKENS),
+            },
+        }
+    }
+
     fn batch<'b>(&self, c: &'b Collated) -> Batch<'b> {
         Batch {
             input_ids: &c.input_ids,
@@ -501,405 +538,655 @@ fn merge_metrics(into: &mut Map<String, Value>, v: impl Serialize) {
     }
 }
 
-/// Runs one job. `train_examples`/`valid_examples` are `(line, example)` pairs as
-/// `tuna_core::data::read_all` returns them. See the module documentation for the semantics.
-#[allow(clippy::too_many_arguments)]
+/// What [`train`] runs: one job's inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainInputs<'a> {
+    /// The base model folder (Hugging Face layout).
+    pub model_dir: &'a Path,
+    pub spec: &'a JobSpec,
+    /// `(line, example)` pairs as `tuna_core::data::read_all` returns them.
+    pub train_examples: &'a [(u64, Example)],
+    /// The validation file's examples; None: `spec.validation_split` of the training data.
+    pub valid_examples: Option<&'a [(u64, Example)]>,
+    /// Where `checkpoints/step-<n>/` and `final/` are written.
+    pub output_dir: &'a Path,
+    /// A checkpoint folder to resume from.
+    pub resume_from: Option<&'a Path>,
+    pub device: Device,
+}
+
+/// Runs one job: checks the labels, loads the model, tokenises the data, runs the optimiser
+/// steps (with their evaluations and checkpoints) and saves the final model. `callback` receives the progress events in order;
+/// `control` is polled between steps. See the module documentation for the semantics.
 pub fn train(
-    model_dir: &Path,
-    spec: &JobSpec,
-    train_examples: &[(u64, Example)],
-    valid_examples: Option<&[(u64, Example)]>,
-    output_dir: &Path,
-    resume_from: Option<&Path>,
-    device: Device,
+    inputs: &TrainInputs,
     callback: &mut dyn FnMut(TrainerEvent),
     control: &Control,
 ) -> Result<TrainOutcome> {
     let started = Instant::now();
+    let spec = inputs.spec;
     let causal = spec.task == Task::CausalLm;
-    if train_examples.is_empty() {
+    if inputs.train_examples.is_empty() {
         return Err(Error::Data("the training data holds no examples".into()));
     }
-    let resume = resume_from.map(checkpoint::load).transpose()?;
-
-    // Labels come from the whole training file (before any validation split).
-    let label_map = if causal {
-        None
-    } else {
-        let m = LabelMap::from_examples(train_examples);
-        if m.len() < 2 {
-            return Err(Error::Data(format!(
-                "sequence classification needs at least two distinct labels in the training data, found {}",
-                m.len()
-            )));
-        }
-        Some(m)
-    };
-    if let (Some(r), Some(m)) = (&resume, &label_map) {
-        if r.state.id2label.as_ref() != Some(&m.id2label()) {
-            return Err(Error::Config(
-                "the checkpoint was trained with other labels than this training data".into(),
-            ));
-        }
-    }
+    let resume = inputs.resume_from.map(checkpoint::load).transpose()?;
+    let label_map = label_map(inputs.train_examples, causal, resume.as_ref())?;
 
     callback(TrainerEvent::Phase {
         phase: Phase::LoadingModel,
-        message: format!("loading {}", model_dir.display()),
+        message: format!("loading {}", inputs.model_dir.display()),
     });
-    let task = match &label_map {
-        None => TaskHead::CausalLm,
-        Some(m) => TaskHead::SequenceClassification {
-            id2label: m.id2label(),
-        },
-    };
-    let opts = load_options(spec, device, task);
-    let model = guarded(|| crate::models::load_model(model_dir, &opts))?;
-    let info = model.info().clone();
-    let tok = Tok::load(model_dir, info.is_decoder)?;
+    let (model, tok) = load_model_and_tokenizer(inputs, label_map.as_ref())?;
     let notes = model.load_notes();
 
     callback(TrainerEvent::Phase {
         phase: Phase::Tokenizing,
         message: "tokenizing the data".into(),
     });
+    let data = tokenize(inputs, &tok, model.info(), label_map.as_ref())?;
+    let plan = Plan::new(spec, data.train.len());
+    report_data(&data, &plan, label_map.as_ref(), notes, callback);
+
+    let job = Job::new(model.as_ref(), &tok, inputs, plan.micro, data.max_len);
+    let mut run = Run::new(
+        *inputs,
+        job,
+        data,
+        plan,
+        label_map.as_ref(),
+        resume.as_ref(),
+    )?;
+    match run.steps(callback, control)? {
+        ControlFlow::Break(outcome) => Ok(outcome),
+        ControlFlow::Continue(()) => run.finish(started, callback),
+    }
+}
+
+/// AdamW over the model's trainable parameters.
+fn optimiser(model: &dyn Model, weight_decay: f64) -> Result<AdamW> {
+    AdamW::new(
+        model.trainable_parameters(),
+        AdamWConfig {
+            weight_decay,
+            ..Default::default()
+        },
+    )
+}
+
+/// Sequence classification: the labels of the whole training file (before any validation
+/// split), which must be the checkpoint's when resuming. None for causal LM.
+fn label_map(
+    train_examples: &[(u64, Example)],
+    causal: bool,
+    resume: Option<&Resume>,
+) -> Result<Option<LabelMap>> {
+    if causal {
+        return Ok(None);
+    }
+    let m = LabelMap::from_examples(train_examples);
+    if m.len() < 2 {
+        return Err(Error::Data(format!(
+            "sequence classification needs at least two distinct labels in the training data, found {}",
+            m.len()
+        )));
+    }
+    if let Some(r) = resume {
+        if r.state.id2label.as_ref() != Some(&m.id2label()) {
+            return Err(Error::Config(
+                "the checkpoint was trained with other labels than this training data".into(),
+            ));
+        }
+    }
+    Ok(Some(m))
+}
+
+/// The job's model (with a classification head over `labels`, if any) and its tokenizer.
+fn load_model_and_tokenizer(
+    inputs: &TrainInputs,
+    labels: Option<&LabelMap>,
+) -> Result<(Box<dyn Model>, Tok)> {
+    let task = match labels {
+        None => TaskHead::CausalLm,
+        Some(m) => TaskHead::SequenceClassification {
+            id2label: m.id2label(),
+        },
+    };
+    let opts = load_options(inputs.spec, inputs.device, task);
+    let model = guarded(|| crate::models::load_model(inputs.model_dir, &opts))?;
+    let tok = Tok::load(inputs.model_dir, model.info().is_decoder)?;
+    Ok((model, tok))
+}
+
+/// A job's tokenised examples.
+struct JobData {
+    train: Vec<Features>,
+    train_stats: DataStats,
+    valid: Vec<Features>,
+    valid_stats: Option<DataStats>,
+    /// Examples are cut to this many tokens.
+    max_len: usize,
+}
+
+/// Splits the validation part off the training data (unless there is a validation file) and
+/// tokenises both parts, cut to the job's (and the model's) maximum length.
+fn tokenize(
+    inputs: &TrainInputs,
+    tok: &Tok,
+    info: &ModelInfo,
+    labels: Option<&LabelMap>,
+) -> Result<JobData> {
+    let spec = inputs.spec;
     let max_len = if info.max_positions > 0 {
         (spec.max_seq_length as usize).min(info.max_positions as usize)
     } else {
         spec.max_seq_length as usize
     };
     type Lines = Vec<(u64, Example)>;
-    let (train_part, valid_part): (Lines, Lines) = match valid_examples {
-        Some(v) => (train_examples.to_vec(), v.to_vec()),
-        None => data::split_validation(train_examples, spec.validation_split, spec.seed),
+    let (train_part, valid_part): (Lines, Lines) = match inputs.valid_examples {
+        Some(v) => (inputs.train_examples.to_vec(), v.to_vec()),
+        None => data::split_validation(inputs.train_examples, spec.validation_split, spec.seed),
     };
-    let (train_feats, train_stats) = data::featurize(
-        &tok,
+    let (train, train_stats) = data::featurize(
+        tok,
         spec.task,
         &train_part,
         max_len,
-        label_map.as_ref(),
+        labels,
         "training file",
     )?;
-    if train_feats.is_empty() {
+    if train.is_empty() {
         return Err(Error::Data(format!(
             "no training example is left after truncation to {max_len} tokens ({} dropped)",
             train_stats.dropped
         )));
     }
-    let valid_source = if valid_examples.is_some() {
+    let valid_source = if inputs.valid_examples.is_some() {
         "validation file"
     } else {
         "training file (validation split)"
     };
-    let (valid_feats, valid_stats) = if valid_part.is_empty() {
+    let (valid, valid_stats) = if valid_part.is_empty() {
         (Vec::new(), None)
     } else {
-        let (f, s) = data::featurize(
-            &tok,
-            spec.task,
-            &valid_part,
-            max_len,
-            label_map.as_ref(),
-            valid_source,
-        )?;
+        let (f, s) = data::featurize(tok, spec.task, &valid_part, max_len, labels, valid_source)?;
         (f, Some(s))
     };
+    Ok(JobData {
+        train,
+        train_stats,
+        valid,
+        valid_stats,
+        max_len,
+    })
+}
 
-    let n = train_feats.len();
-    let batch_size = (spec.batch_size.max(1) as usize).min(n);
-    let accum = spec.gradient_accumulation_steps.max(1) as usize;
-    let micro = batch_size.div_ceil(accum).max(1);
-    let steps_per_epoch = n.div_ceil(batch_size) as u64;
-    let mut total_steps = steps_per_epoch * u64::from(spec.n_epochs.max(1));
-    if spec.max_steps > 0 {
-        total_steps = total_steps.min(u64::from(spec.max_steps));
+/// How a job's examples make steps and epochs.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Training examples (after tokenisation).
+    n: usize,
+    /// Examples per optimiser step.
+    batch_size: usize,
+    /// Micro-batches per step.
+    accum: usize,
+    /// Examples per micro-batch.
+    micro: usize,
+    steps_per_epoch: u64,
+    total_steps: u64,
+}
+
+impl Plan {
+    fn new(spec: &JobSpec, n: usize) -> Plan {
+        let batch_size = (spec.batch_size.max(1) as usize).min(n);
+        let accum = spec.gradient_accumulation_steps.max(1) as usize;
+        let micro = batch_size.div_ceil(accum).max(1);
+        let steps_per_epoch = n.div_ceil(batch_size) as u64;
+        let mut total_steps = steps_per_epoch * u64::from(spec.n_epochs.max(1));
+        if spec.max_steps > 0 {
+            total_steps = total_steps.min(u64::from(spec.max_steps));
+        }
+        Plan {
+            n,
+            batch_size,
+            accum,
+            micro,
+            steps_per_epoch,
+            total_steps,
+        }
     }
+}
+
+/// The `data` event, and a warning when training examples were cut or dropped.
+fn report_data(
+    data: &JobData,
+    plan: &Plan,
+    labels: Option<&LabelMap>,
+    notes: Vec<String>,
+    callback: &mut dyn FnMut(TrainerEvent),
+) {
     callback(TrainerEvent::Data(DataReport {
-        train: train_stats.clone(),
-        valid: valid_stats.clone(),
-        labels: label_map.as_ref().map(LabelMap::id2label),
-        total_steps,
-        notes: notes.clone(),
+        train: data.train_stats.clone(),
+        valid: data.valid_stats.clone(),
+        labels: labels.map(LabelMap::id2label),
+        total_steps: plan.total_steps,
+        notes,
     }));
-    if train_stats.truncated > 0 || train_stats.dropped > 0 {
+    let (stats, max_len) = (&data.train_stats, data.max_len);
+    if stats.truncated > 0 || stats.dropped > 0 {
         callback(TrainerEvent::Warning {
             message: format!(
                 "{} training example(s) were cut to {max_len} tokens; {} had nothing left to learn from and were dropped",
-                train_stats.truncated, train_stats.dropped
+                stats.truncated, stats.dropped
             ),
         });
     }
+}
 
-    let pad_id = tok
-        .pad
-        .as_ref()
-        .map(|p| i64::from(p.id))
-        .or(info.pad_token_id)
-        .or(info.eos_token_ids.first().copied())
-        .unwrap_or(0);
-    let job = Job {
-        model: model.as_ref(),
-        causal,
-        with_types: model.uses_token_type_ids(),
-        pad_id,
-        device,
-        micro,
-        step_cfg: StepConfig {
-            micro,
-            pad_id,
-            causal,
-            with_types: model.uses_token_type_ids(),
-            pack_len: (causal && spec.packing).then_some(max_len),
-            group_overhead_tokens: (!causal && spec.packing).then_some(GROUP_OVERHEAD_TOKENS),
-        },
-    };
-    let mut opt = AdamW::new(
-        model.trainable_parameters(),
-        AdamWConfig {
-            weight_decay: spec.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let schedule = Schedule::new(
-        spec.lr_scheduler,
-        spec.learning_rate,
-        total_steps,
-        u64::from(spec.warmup_steps),
-        spec.warmup_ratio,
-    );
-
-    let mut state = TrainState {
+/// The run state at the first step: a fresh one, or the checkpoint's when resuming (its
+/// trainable weights and optimiser moments are loaded into `model` and `opt`).
+fn initial_state(
+    plan: &Plan,
+    spec: &JobSpec,
+    labels: Option<&LabelMap>,
+    resume: Option<&Resume>,
+    model: &dyn Model,
+    opt: &mut AdamW,
+) -> Result<TrainState> {
+    let (n, batch_size, steps_per_epoch) = (plan.n, plan.batch_size, plan.steps_per_epoch);
+    let fresh = TrainState {
         format: 1,
         step: 0,
-        total_steps,
+        total_steps: plan.total_steps,
         steps_per_epoch,
         seed: spec.seed,
         train_examples: n,
         batch_size,
-        micro_batch_size: micro,
-        id2label: label_map.as_ref().map(LabelMap::id2label),
+        micro_batch_size: plan.micro,
+        id2label: labels.map(LabelMap::id2label),
         ..Default::default()
     };
-    if let Some(r) = &resume {
-        if (
-            r.state.train_examples,
-            r.state.batch_size,
-            r.state.steps_per_epoch,
-        ) != (n, batch_size, steps_per_epoch)
-        {
-            return Err(Error::Config(format!(
-                "the checkpoint was made with {} training examples in batches of {}; this run has {n} in batches of {batch_size}: resume with the same data and settings",
-                r.state.train_examples, r.state.batch_size
-            )));
+    let Some(r) = resume else {
+        return Ok(fresh);
+    };
+    if (
+        r.state.train_examples,
+        r.state.batch_size,
+        r.state.steps_per_epoch,
+    ) != (n, batch_size, steps_per_epoch)
+    {
+        return Err(Error::Config(format!(
+            "the checkpoint was made with {} training examples in batches of {}; this run has {n} in batches of {batch_size}: resume with the same data and settings",
+            r.state.train_examples, r.state.batch_size
+        )));
+    }
+    model.load_trainable(&r.trainable)?;
+    opt.load(&r.optimizer)?;
+    Ok(TrainState {
+        total_steps: plan.total_steps,
+        ..r.state.clone()
+    })
+}
+
+/// Sums since the last `metrics` event.
+struct Window {
+    loss: f64,
+    targets: usize,
+    correct: f64,
+    tokens: usize,
+    examples: usize,
+    since: Instant,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            loss: 0.0,
+            targets: 0,
+            correct: 0.0,
+            tokens: 0,
+            examples: 0,
+            since: Instant::now(),
         }
-        model.load_trainable(&r.trainable)?;
-        opt.load(&r.optimizer)?;
-        state = TrainState {
-            total_steps,
-            ..r.state.clone()
-        };
     }
 
-    let num_labels = label_map.as_ref().map(LabelMap::len).unwrap_or(0);
-    let lora = spec.training_type == TrainingType::Lora;
-    let run_start = Instant::now();
-    let start_step = state.step;
-    let elapsed_before = state.elapsed_seconds;
-    let mut order_epoch = u64::MAX;
-    let mut order: Vec<usize> = Vec::new();
-    let mut window = (0.0f64, 0usize, 0.0f64, 0usize, 0usize, Instant::now()); // loss, targets, correct, tokens, examples, since
-    let mut last_saved: Option<u64> = None;
-    let mut stop_early = false;
+    fn add(&mut self, r: &StepResult) {
+        self.loss += r.loss_sum;
+        self.targets += r.targets;
+        self.correct += r.correct;
+        self.tokens += r.tokens;
+        self.examples += r.examples;
+    }
+}
 
-    let save_ckpt = |state: &TrainState,
-                     opt: &AdamW,
-                     callback: &mut dyn FnMut(TrainerEvent)|
-     -> Result<PathBuf> {
-        let dir = checkpoint::checkpoint_dir(output_dir, state.step);
+/// What one step of [`Run::step`] did.
+struct Stepped {
+    result: StepResult,
+    lr: f64,
+    end_of_epoch: bool,
+}
+
+/// The optimiser steps of one job and what lives across them.
+struct Run<'a> {
+    inputs: TrainInputs<'a>,
+    job: Job<'a>,
+    data: JobData,
+    plan: Plan,
+    opt: AdamW,
+    schedule: Schedule,
+    state: TrainState,
+    num_labels: usize,
+    /// This process started at `start_step` with `elapsed_before` seconds of earlier runs.
+    run_start: Instant,
+    start_step: u64,
+    elapsed_before: f64,
+    /// The data order of epoch `order_epoch`.
+    order_epoch: u64,
+    order: Vec<usize>,
+    window: Window,
+    /// The step of the latest checkpoint this process saved.
+    last_saved: Option<u64>,
+    stop_early: bool,
+}
+
+impl<'a> Run<'a> {
+    /// Sets up the optimiser, the schedule and the run state (restored from `resume`).
+    fn new(
+        inputs: TrainInputs<'a>,
+        job: Job<'a>,
+        data: JobData,
+        plan: Plan,
+        labels: Option<&LabelMap>,
+        resume: Option<&Resume>,
+    ) -> Result<Run<'a>> {
+        let spec = inputs.spec;
+        let mut opt = optimiser(job.model, spec.weight_decay)?;
+        let schedule = Schedule::new(
+            spec.lr_scheduler,
+            spec.learning_rate,
+            plan.total_steps,
+            u64::from(spec.warmup_steps),
+            spec.warmup_ratio,
+        );
+        let state = initial_state(&plan, spec, labels, resume, job.model, &mut opt)?;
+        let (start_step, elapsed_before) = (state.step, state.elapsed_seconds);
+        Ok(Run {
+            inputs,
+            job,
+            data,
+            plan,
+            opt,
+            schedule,
+            state,
+            num_labels: labels.map(LabelMap::len).unwrap_or(0),
+            run_start: Instant::now(),
+            start_step,
+            elapsed_before,
+            order_epoch: u64::MAX,
+            order: Vec::new(),
+            window: Window::new(),
+            last_saved: None,
+            stop_early: false,
+        })
+    }
+
+    /// Runs the steps from `state.step` to the end, early stopping or a stop request (`Break`,
+    /// with the outcome: paused or cancelled).
+    fn steps(
+        &mut self,
+        callback: &mut dyn FnMut(TrainerEvent),
+        control: &Control,
+    ) -> Result<ControlFlow<TrainOutcome>> {
+        let p = self.plan;
+        callback(TrainerEvent::Phase {
+            phase: Phase::Training,
+            message: format!(
+                "{} examples, {} steps of {} examples ({} micro-batch(es) of up to {}), from step {}",
+                p.n, p.total_steps, p.batch_size, p.accum, p.micro, self.start_step
+            ),
+        });
+        while self.state.step < p.total_steps && !self.stop_early {
+            if let ControlFlow::Break(outcome) = self.poll(callback, control)? {
+                return Ok(ControlFlow::Break(outcome));
+            }
+            let s = self.step()?;
+            let last = self.state.step == p.total_steps;
+            let log_interval = u64::from(self.inputs.spec.log_interval.max(1));
+            if self.state.step.is_multiple_of(log_interval) || last {
+                self.log_metrics(&s, callback);
+            }
+            if self.eval_due(last, s.end_of_epoch) {
+                if let ControlFlow::Break(outcome) = self.evaluate(callback, control)? {
+                    return Ok(ControlFlow::Break(outcome));
+                }
+            }
+            if self.checkpoint_due(last, s.end_of_epoch) {
+                self.state.elapsed_seconds = self.elapsed();
+                self.save_checkpoint(callback)?;
+                self.last_saved = Some(self.state.step);
+                self.window.since = Instant::now();
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Seconds of training so far, earlier runs of a resumed job included.
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.run_start.elapsed().as_secs_f64()
+    }
+
+    /// Cancel: stop. Pause: save a checkpoint (unless this step's is saved) and stop.
+    fn poll(
+        &mut self,
+        callback: &mut dyn FnMut(TrainerEvent),
+        control: &Control,
+    ) -> Result<ControlFlow<TrainOutcome>> {
+        let step = self.state.step;
+        if control.is_cancelled() {
+            return Ok(ControlFlow::Break(TrainOutcome::Cancelled { step }));
+        }
+        if !control.is_paused() {
+            return Ok(ControlFlow::Continue(()));
+        }
+        self.state.elapsed_seconds = self.elapsed();
+        let checkpoint = if self.last_saved == Some(step) {
+            checkpoint::checkpoint_dir(self.inputs.output_dir, step)
+        } else {
+            self.save_checkpoint(callback)?
+        };
+        Ok(ControlFlow::Break(TrainOutcome::Paused {
+            checkpoint,
+            step,
+        }))
+    }
+
+    /// Optimiser step `state.step` on its batch of the epoch's order (each epoch's order is a
+    /// permutation seeded by `(seed, epoch)`), counted in the state and the window.
+    fn step(&mut self) -> Result<Stepped> {
+        let (spec, p) = (self.inputs.spec, self.plan);
+        let step = self.state.step;
+        let epoch = step / p.steps_per_epoch;
+        let in_epoch = (step % p.steps_per_epoch) as usize;
+        if self.order_epoch != epoch {
+            self.order = data::epoch_order(p.n, spec.seed, epoch);
+            self.order_epoch = epoch;
+        }
+        let lo = in_epoch * p.batch_size;
+        let hi = (lo + p.batch_size).min(p.n);
+        let items: Vec<&Features> = self.order[lo..hi]
+            .iter()
+            .map(|i| &self.data.train[*i])
+            .collect();
+        let lr = self.schedule.lr(step);
+        let result = self.job.train_step(
+            &mut self.opt,
+            &items,
+            spec.seed,
+            step,
+            lr,
+            spec.max_grad_norm,
+        )?;
+        self.state.step += 1;
+        self.state.trained_tokens += result.tokens as u64;
+        self.window.add(&result);
+        Ok(Stepped {
+            result,
+            lr,
+            end_of_epoch: in_epoch as u64 + 1 == p.steps_per_epoch,
+        })
+    }
+
+    /// The `metrics` event over the window, which starts again.
+    fn log_metrics(&mut self, s: &Stepped, callback: &mut dyn FnMut(TrainerEvent)) {
+        let (w, total_steps, causal) = (&self.window, self.plan.total_steps, self.job.causal);
+        let secs = w.since.elapsed().as_secs_f64().max(1e-9);
+        let run_secs = self.run_start.elapsed().as_secs_f64();
+        let done = (self.state.step - self.start_step) as f64;
+        let acc = w.correct / w.targets.max(1) as f64;
+        let m = StepMetrics {
+            step: self.state.step,
+            total_steps,
+            epoch: self.state.step as f64 / self.plan.steps_per_epoch as f64,
+            train_loss: w.loss / w.targets.max(1) as f64,
+            train_mean_token_accuracy: causal.then_some(acc),
+            train_accuracy: (!causal).then_some(acc),
+            learning_rate: s.lr,
+            grad_norm: s.result.grad_norm,
+            tokens_per_second: w.tokens as f64 / secs,
+            examples_per_second: w.examples as f64 / secs,
+            elapsed_seconds: self.elapsed_before + run_secs,
+            eta_seconds: if done > 0.0 {
+                run_secs / done * (total_steps - self.state.step) as f64
+            } else {
+                0.0
+            },
+            trained_tokens: self.state.trained_tokens,
+            peak_memory_bytes: None,
+        };
+        merge_metrics(&mut self.state.last_metrics, &m);
+        callback(TrainerEvent::Metrics(m));
+        self.window = Window::new();
+    }
+
+    /// Evaluate every `eval_interval` steps (0: at each epoch end) and after the last step.
+    fn eval_due(&self, last: bool, end_of_epoch: bool) -> bool {
+        let interval = self.inputs.spec.eval_interval;
+        !self.data.valid.is_empty()
+            && (last
+                || (interval > 0 && self.state.step.is_multiple_of(u64::from(interval)))
+                || (interval == 0 && end_of_epoch))
+    }
+
+    /// Evaluates, tracks the best validation loss and decides on early stopping. An abort during
+    /// the evaluation cancels the run (`Break`).
+    fn evaluate(
+        &mut self,
+        callback: &mut dyn FnMut(TrainerEvent),
+        control: &Control,
+    ) -> Result<ControlFlow<TrainOutcome>> {
+        let step = self.state.step;
+        callback(TrainerEvent::Phase {
+            phase: Phase::Evaluating,
+            message: format!("evaluating at step {step}"),
+        });
+        let Some(m) = self
+            .job
+            .evaluate(&self.data.valid, self.num_labels, control)?
+        else {
+            return Ok(ControlFlow::Break(TrainOutcome::Cancelled { step }));
+        };
+        let state = &mut self.state;
+        merge_metrics(&mut state.last_metrics, &m);
+        let improved = state.best_valid_loss.is_none_or(|b| m.valid_loss < b);
+        if improved {
+            state.best_valid_loss = Some(m.valid_loss);
+            state.evals_without_improvement = 0;
+        } else {
+            state.evals_without_improvement += 1;
+        }
+        let evals_without_improvement = state.evals_without_improvement;
+        callback(TrainerEvent::Eval { step, metrics: m });
+        let patience = self.inputs.spec.early_stopping_patience;
+        if patience > 0 && evals_without_improvement >= patience {
+            callback(TrainerEvent::Warning {
+                message: format!(
+                    "early stopping at step {step}: no lower validation loss in {evals_without_improvement} evaluations"
+                ),
+            });
+            self.stop_early = true;
+        }
+        self.window.since = Instant::now();
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Save every `checkpoint_interval` steps (0: at each epoch end), after the last step and
+    /// when stopping early.
+    fn checkpoint_due(&self, last: bool, end_of_epoch: bool) -> bool {
+        let interval = self.inputs.spec.checkpoint_interval;
+        last || self.stop_early
+            || (interval > 0 && self.state.step.is_multiple_of(u64::from(interval)))
+            || (interval == 0 && end_of_epoch)
+    }
+
+    /// Saves `checkpoints/step-<n>/` with the training state, between its two events.
+    fn save_checkpoint(&self, callback: &mut dyn FnMut(TrainerEvent)) -> Result<PathBuf> {
+        let step = self.state.step;
+        let dir = checkpoint::checkpoint_dir(self.inputs.output_dir, step);
         callback(TrainerEvent::Phase {
             phase: Phase::Saving,
-            message: format!("saving checkpoint step-{}", state.step),
+            message: format!("saving checkpoint step-{step}"),
         });
-        guarded(|| {
-            checkpoint::save(
-                &dir,
-                model.as_ref(),
-                model_dir,
-                lora,
-                spec.merge_lora,
-                Some((state, opt)),
-            )
-        })?;
+        self.save(&dir, Some((&self.state, &self.opt)))?;
         callback(TrainerEvent::Checkpoint {
-            step: state.step,
+            step,
             path: dir.clone(),
-            metrics: state.last_metrics.clone(),
+            metrics: self.state.last_metrics.clone(),
         });
         Ok(dir)
-    };
-
-    callback(TrainerEvent::Phase {
-        phase: Phase::Training,
-        message: format!(
-            "{n} examples, {total_steps} steps of {batch_size} examples ({accum} micro-batch(es) of up to {micro}), from step {start_step}"
-        ),
-    });
-    while state.step < total_steps && !stop_early {
-        if control.is_cancelled() {
-            return Ok(TrainOutcome::Cancelled { step: state.step });
-        }
-        if control.is_paused() {
-            state.elapsed_seconds = elapsed_before + run_start.elapsed().as_secs_f64();
-            let dir = if last_saved == Some(state.step) {
-                checkpoint::checkpoint_dir(output_dir, state.step)
-            } else {
-                save_ckpt(&state, &opt, callback)?
-            };
-            return Ok(TrainOutcome::Paused {
-                checkpoint: dir,
-                step: state.step,
-            });
-        }
-        let step = state.step;
-        let epoch = step / steps_per_epoch;
-        let in_epoch = (step % steps_per_epoch) as usize;
-        if order_epoch != epoch {
-            order = data::epoch_order(n, spec.seed, epoch);
-            order_epoch = epoch;
-        }
-        let lo = in_epoch * batch_size;
-        let hi = (lo + batch_size).min(n);
-        let items: Vec<&Features> = order[lo..hi].iter().map(|i| &train_feats[*i]).collect();
-        let lr = schedule.lr(step);
-        let r = job.train_step(&mut opt, &items, spec.seed, step, lr, spec.max_grad_norm)?;
-        state.step += 1;
-        state.trained_tokens += r.tokens as u64;
-        window.0 += r.loss_sum;
-        window.1 += r.targets;
-        window.2 += r.correct;
-        window.3 += r.tokens;
-        window.4 += r.examples;
-        let end_of_epoch = in_epoch as u64 + 1 == steps_per_epoch;
-        let last = state.step == total_steps;
-
-        if state
-            .step
-            .is_multiple_of(u64::from(spec.log_interval.max(1)))
-            || last
-        {
-            let secs = window.5.elapsed().as_secs_f64().max(1e-9);
-            let run_secs = run_start.elapsed().as_secs_f64();
-            let done = (state.step - start_step) as f64;
-            let acc = window.2 / window.1.max(1) as f64;
-            let m = StepMetrics {
-                step: state.step,
-                total_steps,
-                epoch: state.step as f64 / steps_per_epoch as f64,
-                train_loss: window.0 / window.1.max(1) as f64,
-                train_mean_token_accuracy: causal.then_some(acc),
-                train_accuracy: (!causal).then_some(acc),
-                learning_rate: lr,
-                grad_norm: r.grad_norm,
-                tokens_per_second: window.3 as f64 / secs,
-                examples_per_second: window.4 as f64 / secs,
-                elapsed_seconds: elapsed_before + run_secs,
-                eta_seconds: if done > 0.0 {
-                    run_secs / done * (total_steps - state.step) as f64
-                } else {
-                    0.0
-                },
-                trained_tokens: state.trained_tokens,
-                peak_memory_bytes: None,
-            };
-            merge_metrics(&mut state.last_metrics, &m);
-            callback(TrainerEvent::Metrics(m));
-            window = (0.0, 0, 0.0, 0, 0, Instant::now());
-        }
-
-        let eval_now = !valid_feats.is_empty()
-            && (last
-                || (spec.eval_interval > 0
-                    && state.step.is_multiple_of(u64::from(spec.eval_interval)))
-                || (spec.eval_interval == 0 && end_of_epoch));
-        if eval_now {
-            callback(TrainerEvent::Phase {
-                phase: Phase::Evaluating,
-                message: format!("evaluating at step {}", state.step),
-            });
-            let Some(m) = job.evaluate(&valid_feats, num_labels, control)? else {
-                return Ok(TrainOutcome::Cancelled { step: state.step });
-            };
-            merge_metrics(&mut state.last_metrics, &m);
-            let improved = state.best_valid_loss.is_none_or(|b| m.valid_loss < b);
-            if improved {
-                state.best_valid_loss = Some(m.valid_loss);
-                state.evals_without_improvement = 0;
-            } else {
-                state.evals_without_improvement += 1;
-            }
-            callback(TrainerEvent::Eval {
-                step: state.step,
-                metrics: m,
-            });
-            if spec.early_stopping_patience > 0
-                && state.evals_without_improvement >= spec.early_stopping_patience
-            {
-                callback(TrainerEvent::Warning {
-                    message: format!(
-                        "early stopping at step {}: no lower validation loss in {} evaluations",
-                        state.step, state.evals_without_improvement
-                    ),
-                });
-                stop_early = true;
-            }
-            window.5 = Instant::now();
-        }
-        let ckpt_now = last
-            || stop_early
-            || (spec.checkpoint_interval > 0
-                && state
-                    .step
-                    .is_multiple_of(u64::from(spec.checkpoint_interval)))
-            || (spec.checkpoint_interval == 0 && end_of_epoch);
-        if ckpt_now {
-            state.elapsed_seconds = elapsed_before + run_start.elapsed().as_secs_f64();
-            save_ckpt(&state, &opt, callback)?;
-            last_saved = Some(state.step);
-            window.5 = Instant::now();
-        }
     }
 
-    callback(TrainerEvent::Phase {
-        phase: Phase::Saving,
-        message: "saving the final model".into(),
-    });
-    let final_dir = output_dir.join("final");
-    guarded(|| {
-        checkpoint::save(
-            &final_dir,
-            model.as_ref(),
-            model_dir,
-            lora,
-            spec.merge_lora,
-            None,
-        )
-    })?;
-    let mut metrics = state.last_metrics.clone();
-    metrics.insert(
-        "elapsed_seconds".into(),
-        json!(elapsed_before + run_start.elapsed().as_secs_f64()),
-    );
-    metrics.insert(
-        "wall_seconds".into(),
-        json!(started.elapsed().as_secs_f64()),
-    );
-    Ok(TrainOutcome::Done {
-        final_dir,
-        trained_tokens: state.trained_tokens,
-        steps: state.step,
-        metrics,
-    })
+    /// [`checkpoint::save`] of the job's model (`state`: with the training state).
+    fn save(&self, dir: &Path, state: Option<(&TrainState, &AdamW)>) -> Result<()> {
+        let (inputs, lora) = (
+            self.inputs,
+            self.inputs.spec.training_type == TrainingType::Lora,
+        );
+        guarded(|| {
+            checkpoint::save(
+                dir,
+                self.job.model,
+                inputs.model_dir,
+                lora,
+                inputs.spec.merge_lora,
+                state,
+            )
+        })
+    }
+
+    /// Saves `final/` (the last weights) and reports the run.
+    fn finish(
+        self,
+        started: Instant,
+        callback: &mut dyn FnMut(TrainerEvent),
+    ) -> Result<TrainOutcome> {
+        callback(TrainerEvent::Phase {
+            phase: Phase::Saving,
+            message: "saving the final model".into(),
+        });
+        let final_dir = self.inputs.output_dir.join("final");
+        self.save(&final_dir, None)?;
+        let mut metrics = self.state.last_metrics.clone();
+        metrics.insert("elapsed_seconds".into(), json!(self.elapsed()));
+        metrics.insert(
+            "wall_seconds".into(),
+            json!(started.elapsed().as_secs_f64()),
+        );
+        Ok(TrainOutcome::Done {
+            final_dir,
+            trained_tokens: self.state.trained_tokens,
+            steps: self.state.step,
+            metrics,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use tuna_core::spec::{parse_create_request, SpecPolicy};
 use tuna_train::data::group_by_length;
 use tuna_train::data::{collate, collate_packed, loss_and_correct, pack_rows, Collated, Features};
 use tuna_train::model::{Batch, FreezeOptions, LoadOptions, Model, TaskHead};
-use tuna_train::trainer::{accumulate, train, Control, StepConfig, TrainerEvent};
+use tuna_train::trainer::{accumulate, train, Control, StepConfig, TrainInputs, TrainerEvent};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -199,18 +199,16 @@ fn packing_job_trains_like_the_unpacked_one() {
             }
         };
         // Llama fixture: no dropout, so both layouts compute the same numbers.
-        train(
-            &fixture("llama"),
-            &spec,
-            &texts,
-            None,
-            out.path(),
-            None,
-            Device::Cpu,
-            &mut cb,
-            &Control::new(),
-        )
-        .unwrap();
+        let inputs = TrainInputs {
+            model_dir: &fixture("llama"),
+            spec: &spec,
+            train_examples: &texts,
+            valid_examples: None,
+            output_dir: out.path(),
+            resume_from: None,
+            device: Device::Cpu,
+        };
+        train(&inputs, &mut cb, &Control::new()).unwrap();
         l
     };
     let (plain, packed) = (losses(false), losses(true));

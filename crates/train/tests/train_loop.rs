@@ -11,7 +11,7 @@ use serde_json::json;
 use tch::Tensor;
 use tuna_core::data::{Example, Label};
 use tuna_core::spec::{parse_create_request, JobSpec, SpecPolicy};
-use tuna_train::trainer::{train, Control, TrainOutcome, TrainerEvent};
+use tuna_train::trainer::{train, Control, TrainInputs, TrainOutcome, TrainerEvent};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -98,18 +98,16 @@ fn run(
         TrainerEvent::Checkpoint { path, .. } => checkpoints.push(path),
         _ => {}
     };
-    let outcome = train(
-        model,
+    let inputs = TrainInputs {
+        model_dir: model,
         spec,
-        data,
-        None,
-        out,
-        resume,
-        tch::Device::Cpu,
-        &mut cb,
-        &control,
-    )
-    .unwrap();
+        train_examples: data,
+        valid_examples: None,
+        output_dir: out,
+        resume_from: resume,
+        device: tch::Device::Cpu,
+    };
+    let outcome = train(&inputs, &mut cb, &control).unwrap();
     Run {
         losses,
         evals,
@@ -490,18 +488,16 @@ fn non_finite_loss_stops_with_an_error() {
     let out = tempfile::tempdir().unwrap();
     let s = spec(json!({"n_epochs": 1, "batch_size": 4, "validation_split": 0.0}));
     let control = Control::new();
-    let err = train(
-        &model,
-        &s,
-        &texts(),
-        None,
-        out.path(),
-        None,
-        tch::Device::Cpu,
-        &mut |_| {},
-        &control,
-    )
-    .unwrap_err();
+    let inputs = TrainInputs {
+        model_dir: &model,
+        spec: &s,
+        train_examples: &texts(),
+        valid_examples: None,
+        output_dir: out.path(),
+        resume_from: None,
+        device: tch::Device::Cpu,
+    };
+    let err = train(&inputs, &mut |_| {}, &control).unwrap_err();
     assert!(
         matches!(err, tuna_train::Error::NonFiniteLoss { step: 1, .. }),
         "{err}"

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use tuna_core::data::{read_all, Example, Format};
 use tuna_core::spec::{parse_create_request, SpecPolicy};
-use tuna_train::trainer::{train, Control, TrainOutcome, TrainerEvent};
+use tuna_train::trainer::{train, Control, TrainInputs, TrainOutcome, TrainerEvent};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -90,18 +90,16 @@ fn minilm_sst2_clears_80_percent() {
         _ => {}
     };
     let t0 = std::time::Instant::now();
-    let outcome = train(
-        &minilm_dir(),
-        &spec,
-        &train_rows,
-        Some(&dev),
-        out.path(),
-        None,
-        tch::Device::Cpu,
-        &mut cb,
-        &control,
-    )
-    .unwrap();
+    let inputs = TrainInputs {
+        model_dir: &minilm_dir(),
+        spec: &spec,
+        train_examples: &train_rows,
+        valid_examples: Some(&dev),
+        output_dir: out.path(),
+        resume_from: None,
+        device: tch::Device::Cpu,
+    };
+    let outcome = train(&inputs, &mut cb, &control).unwrap();
     let secs = t0.elapsed().as_secs_f64();
     assert!(matches!(outcome, TrainOutcome::Done { .. }), "{outcome:?}");
     let m = evals.last().expect("an evaluation at the end");
