@@ -34,7 +34,6 @@ use tuna_core::spec::Precision;
 
 use crate::data::{self, Features};
 use crate::model::{FreezeOptions, LoadOptions, LoraOptions, Model, TaskHead};
-use crate::optim::{AdamW, AdamWConfig};
 use crate::trainer::{self, StepConfig};
 use crate::{Error, Result};
 
@@ -186,45 +185,207 @@ fn median(v: &[f64]) -> f64 {
 
 /// Runs the benchmark and returns the JSON line `tuna-trainer bench` prints.
 pub fn run(o: &BenchOptions) -> Result<Value> {
-    let file = read_batches(&o.data)?;
-    let causal = file.task == "causal_lm";
-    let task = if causal {
-        TaskHead::CausalLm
-    } else {
-        let n = file.num_labels.unwrap_or_else(|| {
-            1 + file
-                .batches
-                .iter()
-                .flatten()
-                .filter_map(|e| e.label)
-                .max()
-                .unwrap_or(1) as usize
-        });
-        TaskHead::SequenceClassification {
-            id2label: (0..n).map(|i| i.to_string()).collect(),
+    let bench = Bench::load(o)?;
+    let timed = bench.time_steps()?;
+    Ok(bench.report(&timed))
+}
+
+/// A loaded benchmark: the model, the batches and how one step runs them.
+struct Bench<'a> {
+    o: &'a BenchOptions,
+    file: BatchFile,
+    base_kind: Kind,
+    model: Box<dyn Model>,
+    /// Seconds `load_model` took.
+    load_s: f64,
+    batches: Vec<Vec<Features>>,
+    cfg: StepConfig,
+    /// [`flop_params`]: (all, trainable, matmul weights, LoRA weights).
+    params: (i64, i64, i64, i64),
+}
+
+/// The timed steps' sums.
+struct Timed {
+    /// Wall time of each timed step.
+    times: Vec<f64>,
+    /// Non-padding tokens.
+    real: usize,
+    /// Tokens computed, padding included.
+    padded: usize,
+    flops: f64,
+    loss_sum: f64,
+    targets: usize,
+    /// Loss per target of the very last step (warm-up included).
+    last_loss: f64,
+}
+
+impl<'a> Bench<'a> {
+    /// Reads the batch file and loads the model (LoRA on every linear layer when asked).
+    fn load(o: &'a BenchOptions) -> Result<Bench<'a>> {
+        let file = read_batches(&o.data)?;
+        let causal = file.task == "causal_lm";
+        let base_kind = trainer::base_kind(o.device, o.precision);
+        let opts = LoadOptions {
+            device: o.device,
+            base_kind,
+            task: task_head(&file, causal),
+            lora: o.lora_r.map(|r| LoraOptions {
+                r,
+                alpha: o.lora_alpha,
+                dropout: 0.0,
+                target_modules: vec!["all-linear".into()],
+            }),
+            freeze: FreezeOptions::default(),
+            init_seed: o.seed as i64,
+        };
+        let load_start = Instant::now();
+        let model = crate::models::load_model(&o.model_dir, &opts)?;
+        let load_s = load_start.elapsed().as_secs_f64();
+        let batches = features(&file, causal, model.info().vocab_size)?;
+        let cfg = step_config(model.as_ref(), &file, &batches, causal, o.packing);
+        let params = flop_params(model.as_ref(), causal);
+        Ok(Bench {
+            o,
+            file,
+            base_kind,
+            model,
+            load_s,
+            batches,
+            cfg,
+            params,
+        })
+    }
+
+    /// `warmup` untimed steps, then `steps` timed ones (each ending with a device sync on CUDA),
+    /// cycling through the batches.
+    fn time_steps(&self) -> Result<Timed> {
+        let (o, info) = (self.o, self.model.info());
+        let mut opt = trainer::optimiser(self.model.as_ref(), o.weight_decay)?;
+        let (_, _, n_mm, n_lora) = self.params;
+        let mut t = Timed {
+            times: Vec::with_capacity(o.steps),
+            real: 0,
+            padded: 0,
+            flops: 0.0,
+            loss_sum: 0.0,
+            targets: 0,
+            last_loss: f64::NAN,
+        };
+        for step in 0..(o.warmup + o.steps) {
+            let items: Vec<&Features> = self.batches[step % self.batches.len()].iter().collect();
+            let started = Instant::now();
+            let r = trainer::train_step(
+                self.model.as_ref(),
+                &mut opt,
+                &items,
+                &self.cfg,
+                o.seed,
+                step as u64,
+                o.learning_rate,
+                o.max_grad_norm,
+            )?;
+            if let Device::Cuda(i) = o.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            let secs = started.elapsed().as_secs_f64();
+            t.last_loss = r.loss_sum / r.targets.max(1) as f64;
+            if step < o.warmup {
+                continue;
+            }
+            t.times.push(secs);
+            let lengths: Vec<usize> = items.iter().map(|f| f.input_ids.len()).collect();
+            t.real += r.tokens;
+            t.padded += padded_tokens(&lengths, &self.cfg);
+            t.flops += step_flops(
+                &lengths,
+                n_mm,
+                n_lora,
+                o.lora_r.is_some(),
+                info.num_layers,
+                info.hidden_size,
+            );
+            t.loss_sum += r.loss_sum;
+            t.targets += r.targets;
         }
-    };
-    let base_kind = match (o.device, o.precision) {
-        (Device::Cpu, _) | (_, Precision::Fp32) => Kind::Float,
-        _ => Kind::BFloat16,
-    };
-    let opts = LoadOptions {
-        device: o.device,
-        base_kind,
-        task,
-        lora: o.lora_r.map(|r| LoraOptions {
-            r,
-            alpha: o.lora_alpha,
-            dropout: 0.0,
-            target_modules: vec!["all-linear".into()],
-        }),
-        freeze: FreezeOptions::default(),
-        init_seed: o.seed as i64,
-    };
-    let load_start = Instant::now();
-    let model = crate::models::load_model(&o.model_dir, &opts)?;
-    let load_s = load_start.elapsed().as_secs_f64();
-    let info = model.info().clone();
+        Ok(t)
+    }
+
+    /// The JSON line (see the module documentation).
+    fn report(&self, t: &Timed) -> Value {
+        let (o, file, cfg, info) = (self.o, &self.file, &self.cfg, self.model.info());
+        let (total, trainable, n_mm, n_lora) = self.params;
+        let lora = o.lora_r.is_some();
+        let times = &t.times;
+        let total_s: f64 = times.iter().sum();
+        let mean = total_s / times.len().max(1) as f64;
+        let tflops = if total_s > 0.0 {
+            t.flops / total_s / 1e12
+        } else {
+            f64::NAN
+        };
+        json!({
+            "side": "tuna",
+            "case": o.case,
+            "device": format!("{:?}", o.device).to_lowercase(),
+            "threads": tch::get_num_threads(),
+            "precision": if self.base_kind == Kind::BFloat16 { "bf16" } else { "fp32" },
+            "model_type": info.model_type,
+            "task": file.task,
+            "lora_r": o.lora_r,
+            "packing": if cfg.pack_len.is_some() { "packed rows" } else if cfg.group_overhead_tokens.is_some() { "length groups" } else { "none" },
+            "batch_size": self.batches[0].len(),
+            "max_len": file.max_len,
+            "warmup_steps": o.warmup,
+            "timed_steps": times.len(),
+            "params": total,
+            "trainable_params": trainable,
+            "matmul_params": n_mm,
+            "lora_params": n_lora,
+            "load_s": self.load_s,
+            "step_time_median_s": median(times),
+            "step_time_mean_s": mean,
+            "step_times_s": times,
+            "real_tokens": t.real,
+            "padded_tokens": t.padded,
+            "tokens_per_s_real": t.real as f64 / total_s,
+            "tokens_per_s_padded": t.padded as f64 / total_s,
+            "tflops": tflops,
+            "mfu": o.peak_tflops.map(|p| tflops / p),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "timed_loss_per_target": t.loss_sum / t.targets.max(1) as f64,
+            "last_loss": t.last_loss,
+            "flops_formula": if lora {
+                "4*N*n + 6*N_lora*n + 12*L*d*n^2 per example of n real tokens"
+            } else {
+                "6*N*n + 12*L*d*n^2 per example of n real tokens"
+            },
+        })
+    }
+}
+
+/// The head the batch file's task needs: classification over `num_labels` (else one more than
+/// the largest label).
+fn task_head(file: &BatchFile, causal: bool) -> TaskHead {
+    if causal {
+        return TaskHead::CausalLm;
+    }
+    let n = file.num_labels.unwrap_or_else(|| {
+        1 + file
+            .batches
+            .iter()
+            .flatten()
+            .filter_map(|e| e.label)
+            .max()
+            .unwrap_or(1) as usize
+    });
+    TaskHead::SequenceClassification {
+        id2label: (0..n).map(|i| i.to_string()).collect(),
+    }
+}
+
+/// The batch file's examples as the trainer's features (causal: every token is a target),
+/// checked against the model's vocabulary.
+fn features(file: &BatchFile, causal: bool, vocab_size: i64) -> Result<Vec<Vec<Features>>> {
     let batches: Vec<Vec<Features>> = file
         .batches
         .iter()
@@ -251,137 +412,60 @@ pub fn run(o: &BenchOptions) -> Result<Value> {
         .iter()
         .flatten()
         .flat_map(|f| f.input_ids.iter())
-        .find(|i| **i < 0 || **i >= info.vocab_size)
+        .find(|i| **i < 0 || **i >= vocab_size)
     {
         return Err(Error::Data(format!(
-            "token id {v} is outside the model's vocabulary of {}",
-            info.vocab_size
+            "token id {v} is outside the model's vocabulary of {vocab_size}"
         )));
     }
+    Ok(batches)
+}
+
+/// One micro-batch per step (the largest batch), packed or length-grouped with `packing`.
+fn step_config(
+    model: &dyn Model,
+    file: &BatchFile,
+    batches: &[Vec<Features>],
+    causal: bool,
+    packing: bool,
+) -> StepConfig {
+    let info = model.info();
     let pad_id = info
         .pad_token_id
         .or(info.eos_token_ids.first().copied())
         .unwrap_or(0);
-    let cfg = StepConfig {
+    StepConfig {
         micro: batches.iter().map(Vec::len).max().unwrap_or(1),
         pad_id,
         causal,
         with_types: model.uses_token_type_ids(),
-        pack_len: (causal && o.packing).then_some(file.max_len),
-        group_overhead_tokens: (!causal && o.packing).then_some(trainer::GROUP_OVERHEAD_TOKENS),
-    };
-    let mut opt = AdamW::new(
-        model.trainable_parameters(),
-        AdamWConfig {
-            weight_decay: o.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let (total, trainable, n_mm, n_lora) = flop_params(model.as_ref(), causal);
-    let lora = o.lora_r.is_some();
-
-    let mut times = Vec::with_capacity(o.steps);
-    let (mut real, mut padded, mut flops, mut loss_sum, mut targets) =
-        (0usize, 0usize, 0.0, 0.0, 0);
-    let mut last_loss = f64::NAN;
-    for step in 0..(o.warmup + o.steps) {
-        let items: Vec<&Features> = batches[step % batches.len()].iter().collect();
-        let started = Instant::now();
-        let r = trainer::train_step(
-            model.as_ref(),
-            &mut opt,
-            &items,
-            &cfg,
-            o.seed,
-            step as u64,
-            o.learning_rate,
-            o.max_grad_norm,
-        )?;
-        if let Device::Cuda(i) = o.device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        let secs = started.elapsed().as_secs_f64();
-        last_loss = r.loss_sum / r.targets.max(1) as f64;
-        if step < o.warmup {
-            continue;
-        }
-        times.push(secs);
-        let lengths: Vec<usize> = items.iter().map(|f| f.input_ids.len()).collect();
-        real += r.tokens;
-        padded += match cfg.pack_len {
-            None if cfg.group_overhead_tokens.is_some() => {
-                let overhead = cfg.group_overhead_tokens.unwrap_or(0);
-                data::group_by_length(&lengths, overhead)
-                    .iter()
-                    .map(|g| g.len() * g.iter().map(|i| lengths[*i]).max().unwrap_or(0))
-                    .sum()
-            }
-            Some(len) => {
-                let rows = data::pack_rows(&lengths, len);
-                let longest = rows
-                    .iter()
-                    .map(|r| r.iter().map(|i| lengths[*i]).sum::<usize>())
-                    .max()
-                    .unwrap_or(0);
-                rows.len() * longest
-            }
-            None => lengths.len() * lengths.iter().copied().max().unwrap_or(0),
-        };
-        flops += step_flops(
-            &lengths,
-            n_mm,
-            n_lora,
-            lora,
-            info.num_layers,
-            info.hidden_size,
-        );
-        loss_sum += r.loss_sum;
-        targets += r.targets;
+        pack_len: (causal && packing).then_some(file.max_len),
+        group_overhead_tokens: (!causal && packing).then_some(trainer::GROUP_OVERHEAD_TOKENS),
     }
-    let total_s: f64 = times.iter().sum();
-    let mean = total_s / times.len().max(1) as f64;
-    let tflops = if total_s > 0.0 {
-        flops / total_s / 1e12
-    } else {
-        f64::NAN
-    };
-    Ok(json!({
-        "side": "tuna",
-        "case": o.case,
-        "device": format!("{:?}", o.device).to_lowercase(),
-        "threads": tch::get_num_threads(),
-        "precision": if base_kind == Kind::BFloat16 { "bf16" } else { "fp32" },
-        "model_type": info.model_type,
-        "task": file.task,
-        "lora_r": o.lora_r,
-        "packing": if cfg.pack_len.is_some() { "packed rows" } else if cfg.group_overhead_tokens.is_some() { "length groups" } else { "none" },
-        "batch_size": batches[0].len(),
-        "max_len": file.max_len,
-        "warmup_steps": o.warmup,
-        "timed_steps": times.len(),
-        "params": total,
-        "trainable_params": trainable,
-        "matmul_params": n_mm,
-        "lora_params": n_lora,
-        "load_s": load_s,
-        "step_time_median_s": median(&times),
-        "step_time_mean_s": mean,
-        "step_times_s": times,
-        "real_tokens": real,
-        "padded_tokens": padded,
-        "tokens_per_s_real": real as f64 / total_s,
-        "tokens_per_s_padded": padded as f64 / total_s,
-        "tflops": tflops,
-        "mfu": o.peak_tflops.map(|p| tflops / p),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "timed_loss_per_target": loss_sum / targets.max(1) as f64,
-        "last_loss": last_loss,
-        "flops_formula": if lora {
-            "4*N*n + 6*N_lora*n + 12*L*d*n^2 per example of n real tokens"
-        } else {
-            "6*N*n + 12*L*d*n^2 per example of n real tokens"
-        },
-    }))
+}
+
+/// Tokens the model computes for examples of these lengths, padding included: packed rows,
+/// length groups or one batch padded to its longest example.
+fn padded_tokens(lengths: &[usize], cfg: &StepConfig) -> usize {
+    match cfg.pack_len {
+        None if cfg.group_overhead_tokens.is_some() => {
+            let overhead = cfg.group_overhead_tokens.unwrap_or(0);
+            data::group_by_length(lengths, overhead)
+                .iter()
+                .map(|g| g.len() * g.iter().map(|i| lengths[*i]).max().unwrap_or(0))
+                .sum()
+        }
+        Some(len) => {
+            let rows = data::pack_rows(lengths, len);
+            let longest = rows
+                .iter()
+                .map(|r| r.iter().map(|i| lengths[*i]).sum::<usize>())
+                .max()
+                .unwrap_or(0);
+            rows.len() * longest
+        }
+        None => lengths.len() * lengths.iter().copied().max().unwrap_or(0),
+    }
 }
 
 #[cfg(test)]

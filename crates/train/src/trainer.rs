@@ -124,15 +124,19 @@ pub fn resolve_device(d: tuna_core::spec::Device) -> Result<Device> {
     }
 }
 
-/// The options `load_model` gets for a job.
-pub fn load_options(spec: &JobSpec, device: Device, task: TaskHead) -> LoadOptions {
-    let base_kind = match (device, spec.precision) {
+/// The kind of the frozen base weights: fp32 on CPU or when asked for, else bf16.
+pub fn base_kind(device: Device, precision: Precision) -> Kind {
+    match (device, precision) {
         (Device::Cpu, _) | (_, Precision::Fp32) => Kind::Float,
         _ => Kind::BFloat16,
-    };
+    }
+}
+
+/// The options `load_model` gets for a job.
+pub fn load_options(spec: &JobSpec, device: Device, task: TaskHead) -> LoadOptions {
     LoadOptions {
         device,
-        base_kind,
+        base_kind: base_kind(device, spec.precision),
         task,
         lora: match (spec.training_type, &spec.lora) {
             (TrainingType::Lora, Some(l)) => Some(LoraOptions {
@@ -603,7 +607,7 @@ pub fn train(
 }
 
 /// AdamW over the model's trainable parameters.
-fn optimiser(model: &dyn Model, weight_decay: f64) -> Result<AdamW> {
+pub(crate) fn optimiser(model: &dyn Model, weight_decay: f64) -> Result<AdamW> {
     AdamW::new(
         model.trainable_parameters(),
         AdamWConfig {
