@@ -11,7 +11,7 @@ CASES.json is a list of objects:
 
 OUT.safetensors gets one fp32 tensor per case (its logits, eval mode, CPU); the script also prints
 one JSON line per case with the label names transformers read (`id2label`) and the logits' shape.
-Used by crates/train/tests/export.rs; any load error (missing/unexpected keys included) fails.
+Used by crates/train/tests/train/export.rs; any load error (missing/unexpected keys included) fails.
 """
 
 import json

@@ -6,42 +6,17 @@
 //! bias). A packing job trains like the unpacked one. For classification, `packing` groups a
 //! step's examples by length into separately padded micro-batches: same loss and gradients.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-
 use serde_json::json;
-use tch::{Device, Kind};
-use tuna_core::data::Example;
-use tuna_core::spec::{parse_create_request, SpecPolicy};
+use tch::Device;
 use tuna_train::data::group_by_length;
 use tuna_train::data::{collate, collate_packed, loss_and_correct, pack_rows, Collated, Features};
-use tuna_train::model::{Batch, FreezeOptions, LoadOptions, Model, TaskHead};
+use tuna_train::model::{Batch, Model, TaskHead};
 use tuna_train::trainer::{accumulate, train, Control, StepConfig, TrainInputs, TrainerEvent};
 
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.fixtures")
-        .join(name);
-    assert!(
-        p.join("config.json").is_file(),
-        "fixture {} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
-}
+use crate::support::{cpu_options, fixture, job_spec, lock, text_examples};
 
 fn load(name: &str) -> Box<dyn Model> {
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        base_kind: Kind::Float,
-        task: TaskHead::CausalLm,
-        lora: None,
-        freeze: FreezeOptions::default(),
-        init_seed: 0,
-    };
-    tuna_train::load_model(&fixture(name), &opts).unwrap()
+    tuna_train::load_model(&fixture(name), &cpu_options(TaskHead::CausalLm)).unwrap()
 }
 
 /// Examples of varied lengths with deterministic ids; the second has a masked prompt.
@@ -86,7 +61,7 @@ fn loss_of(model: &dyn Model, c: &Collated) -> (f64, f64) {
 }
 
 fn check(name: &str) {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = lock();
     let model = load(name);
     let feats = examples(model.info().vocab_size);
     let refs: Vec<&Features> = feats.iter().collect();
@@ -157,35 +132,21 @@ fn pack_rows_places_every_example_once_within_the_limit() {
 
 #[test]
 fn packing_job_trains_like_the_unpacked_one() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(2);
-    let texts: Vec<(u64, Example)> = [
+    let _g = lock();
+    let texts = text_examples(&[
         "the cat sat on the mat",
         "a dog",
         "the bird flew over the tall green tree today",
         "hello",
         "machine learning models learn patterns from many examples",
         "rust is fast",
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, t)| {
-        (
-            i as u64 + 1,
-            Example::Text {
-                text: t.to_string(),
-            },
-        )
-    })
-    .collect();
+    ]);
     let losses = |packing: bool| {
         let body = json!({"model": "m", "training_file": "file-x", "seed": 3,
             "hyperparameters": {"n_epochs": 1, "batch_size": 6},
             "max_steps": 3, "log_interval": 1, "packing": packing, "validation_split": 0.0,
             "learning_rate": 0.001});
-        let spec = parse_create_request(&body, &SpecPolicy::default(), 1)
-            .unwrap()
-            .spec;
+        let spec = job_spec(&body);
         assert_eq!(spec.packing, packing);
         assert_eq!(
             serde_json::to_value(spec.method_hyperparameters()).unwrap()["packing"],
@@ -237,18 +198,11 @@ fn group_by_length_splits_sorted_lengths_and_keeps_every_example() {
 
 #[test]
 fn length_grouped_classification_gives_the_same_loss_and_gradients() {
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = lock();
     // Llama fixture as a classifier: no dropout, so both layouts compute the same numbers.
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        base_kind: Kind::Float,
-        task: TaskHead::SequenceClassification {
-            id2label: vec!["a".into(), "b".into()],
-        },
-        lora: None,
-        freeze: FreezeOptions::default(),
-        init_seed: 0,
-    };
+    let opts = cpu_options(TaskHead::SequenceClassification {
+        id2label: vec!["a".into(), "b".into()],
+    });
     let model = tuna_train::load_model(&fixture("llama"), &opts).unwrap();
     let feats: Vec<Features> = examples(model.info().vocab_size)
         .into_iter()

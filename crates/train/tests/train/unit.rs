@@ -2,8 +2,6 @@
 //! label masking with real tokenizers and chat templates, classification features, and bad data
 //! turning into errors that name the line (never a panic).
 
-use std::path::{Path, PathBuf};
-
 use tch::{Device, Kind, Tensor};
 use tuna_core::data::{parse_json_line, Example, Label};
 use tuna_core::spec::Task;
@@ -12,17 +10,7 @@ use tuna_train::optim::{AdamW, AdamWConfig};
 use tuna_train::tokenizer::Tok;
 use tuna_train::Error;
 
-fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.fixtures")
-        .join(name);
-    assert!(
-        p.join("tokenizer.json").is_file(),
-        "fixture {} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
-}
+use crate::support::fixture;
 
 fn targets_text(tok: &Tok, f: &Features) -> String {
     let ids: Vec<u32> = f

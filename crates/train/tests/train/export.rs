@@ -6,39 +6,21 @@
 //! `python/check_export.py` (run with `.venv/bin/python`, `HF_HUB_OFFLINE=1`) loads each with
 //! transformers / `PeftModel.from_pretrained` and the logits must match tuna's within 1e-4.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 use tuna_train::load_model;
 use tuna_train::loader::read_safetensors;
-use tuna_train::model::{Batch, FreezeOptions, LoadOptions, LoraOptions, Model, TaskHead};
+use tuna_train::model::{Batch, LoadOptions, LoraOptions, Model, TaskHead};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    let p = workspace().join(".fixtures").join(name);
-    assert!(
-        p.join("config.json").is_file(),
-        "fixture {} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
-}
+use crate::support::{cpu_options, fixture, lock, python, workspace};
 
 fn opts(task: TaskHead, lora: Option<LoraOptions>) -> LoadOptions {
     LoadOptions {
-        device: Device::Cpu,
-        base_kind: Kind::Float,
-        task,
         lora,
-        freeze: FreezeOptions::default(),
         init_seed: 7,
+        ..cpu_options(task)
     }
 }
 
@@ -53,6 +35,8 @@ fn lora(targets: &[&str]) -> Option<LoraOptions> {
 
 /// Adds noise to every trainable parameter whose name contains one of `which` (all when empty).
 fn perturb(model: &dyn Model, which: &[&str]) {
+    // Seeds and draws from libtorch's process-wide generator.
+    let _lock = lock();
     tch::manual_seed(11);
     let _g = tch::no_grad_guard();
     let mut n = 0;
@@ -313,13 +297,7 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
     let cases_path = t.join("cases.json");
     std::fs::write(&cases_path, serde_json::to_string(&specs).unwrap()).unwrap();
     let out_path = t.join("out.safetensors");
-    let py = workspace().join(".venv/bin/python");
-    assert!(
-        py.is_file(),
-        "{} is missing: run scripts/setup.sh",
-        py.display()
-    );
-    let out = std::process::Command::new(&py)
+    let out = std::process::Command::new(python())
         .arg(workspace().join("python/check_export.py"))
         .arg(&cases_path)
         .arg(&out_path)

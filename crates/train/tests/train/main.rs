@@ -1,0 +1,23 @@
+//! tuna-train's integration tests, one binary (libtorch is linked once), one module per area:
+//!
+//! - `parity`: logits and hidden states equal transformers' on the tiny fixtures; load errors;
+//!   freezing, LoRA and gradients.
+//! - `export`: checkpoints tuna writes load unchanged in transformers and PEFT.
+//! - `packing`: packed rows and length groups give the unpacked losses and gradients.
+//! - `unit`: AdamW against PyTorch, label masking with real tokenizers, bad data.
+//! - `train_loop`: training runs: the loss goes down, resume repeats the uninterrupted run,
+//!   accumulation, LoRA jobs, early stopping.
+//! - `cli`: the `tuna-trainer` binary as the worker runs it.
+//! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
+//!
+//! `support` holds the set-up they share: fixtures, the venv's Python, the lock around
+//! libtorch's process-wide random generator.
+
+mod cli;
+mod export;
+mod minilm;
+mod packing;
+mod parity;
+mod support;
+mod train_loop;
+mod unit;
