@@ -6,6 +6,7 @@
 //! `python/check_export.py` (run with `.venv/bin/python`, `HF_HUB_OFFLINE=1`) loads each with
 //! transformers / `PeftModel.from_pretrained` and the logits must match tuna's within 1e-4.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -69,8 +70,130 @@ fn inputs(vocab: i64, pad: i64, first: Option<i64>) -> (Vec<Vec<i64>>, Vec<Vec<i
     (ids, mask)
 }
 
+/// One checkpoint tuna exports.
+struct Export {
+    name: &'static str,
+    /// The fixture it starts from.
+    base: &'static str,
+    task: TaskHead,
+    lora: Option<LoraOptions>,
+    /// Save LoRA merged into full weights.
+    merge: bool,
+    /// Trainable parameters to perturb, by part of their name (all when empty).
+    perturb: &'static [&'static str],
+    /// The first token of every row (BOS, or BERT's [CLS]).
+    first_token: Option<i64>,
+}
+
+fn three_labels() -> TaskHead {
+    TaskHead::SequenceClassification {
+        id2label: vec!["negative".into(), "neutral".into(), "positive".into()],
+    }
+}
+
+fn two_labels() -> TaskHead {
+    TaskHead::SequenceClassification {
+        id2label: vec!["bad".into(), "good".into()],
+    }
+}
+
+impl Export {
+    fn new(
+        name: &'static str,
+        base: &'static str,
+        task: TaskHead,
+        perturb: &'static [&'static str],
+    ) -> Export {
+        Export {
+            name,
+            base,
+            task,
+            lora: None,
+            merge: false,
+            perturb,
+            first_token: None,
+        }
+    }
+
+    fn lora(self, targets: &[&str]) -> Export {
+        Export {
+            lora: lora(targets),
+            ..self
+        }
+    }
+
+    fn merged(self) -> Export {
+        Export {
+            merge: true,
+            ..self
+        }
+    }
+
+    fn first(self, token: i64) -> Export {
+        Export {
+            first_token: Some(token),
+            ..self
+        }
+    }
+}
+
+/// Every kind of checkpoint tuna writes.
+fn exports() -> Vec<Export> {
+    let causal = || TaskHead::CausalLm;
+    vec![
+        // (a) full fine-tunes: GPT-2 (Conv1D layout, tied head) and Llama (GQA, untied head).
+        Export::new(
+            "gpt2_full",
+            "gpt2",
+            causal(),
+            &["c_attn", "wte", "mlp.c_proj"],
+        ),
+        Export::new("llama_full", "llama", causal(), &[]).first(1),
+        // (b) LoRA adapters with non-zero B.
+        Export::new("llama_lora", "llama", causal(), &["lora_B"])
+            .lora(&["all-linear"])
+            .first(1),
+        Export::new("gpt2_lora", "gpt2", causal(), &["lora_B"]).lora(&["c_attn", "c_fc"]),
+        Export::new(
+            "qwen2_lora_cls",
+            "qwen2",
+            three_labels(),
+            &["lora_B", "score"],
+        )
+        .lora(&["q_proj", "v_proj"]),
+        Export::new(
+            "bert_lora_cls",
+            "bert",
+            two_labels(),
+            &["lora_B", "classifier"],
+        )
+        .lora(&["query", "value"])
+        .first(2),
+        // (c) classification checkpoints with id2label.
+        Export::new(
+            "llama_tied_cls",
+            "llama-tied",
+            three_labels(),
+            &["score", "layers.1"],
+        )
+        .first(1),
+        Export::new("gpt2_cls", "gpt2", two_labels(), &["score"]),
+        Export::new("bert_cls", "bert", two_labels(), &["classifier", "pooler"]).first(2),
+        // (d) LoRA merged into full weights.
+        Export::new("mistral_merged", "mistral", causal(), &["lora_B"])
+            .lora(&["q_proj", "down_proj"])
+            .merged()
+            .first(1),
+        Export::new("gpt2_merged", "gpt2", causal(), &["lora_B"])
+            .lora(&["c_attn", "c_proj"])
+            .merged(),
+    ]
+}
+
+/// An exported checkpoint with its inputs and tuna's logits for them.
 struct Case {
     name: String,
+    task: TaskHead,
     spec: Value,
     tuna: Tensor,
 }
@@ -80,223 +203,77 @@ fn to_tensor(v: &[Vec<i64>]) -> Tensor {
     Tensor::from_slice(&flat).view([v.len() as i64, -1])
 }
 
-#[allow(clippy::too_many_arguments)]
-fn make_case(
-    tmp: &Path,
-    name: &str,
-    base: &str,
-    task: TaskHead,
-    lora_opts: Option<LoraOptions>,
-    merge: bool,
-    perturb_which: &[&str],
-    first_token: Option<i64>,
-) -> Case {
-    let base_dir = fixture(base);
-    let model = load_model(&base_dir, &opts(task.clone(), lora_opts.clone())).unwrap();
-    perturb(model.as_ref(), perturb_which);
-    let info = model.info().clone();
-    let pad = info
-        .pad_token_id
-        .or(info.eos_token_ids.first().copied())
-        .unwrap_or(0);
-    let (ids, mask) = inputs(info.vocab_size, pad, first_token);
-    let (ids_t, mask_t) = (to_tensor(&ids), to_tensor(&mask));
-    let tuna = tch::no_grad(|| {
+fn forward(model: &dyn Model, ids: &Tensor, mask: &Tensor) -> Tensor {
+    tch::no_grad(|| {
         model.forward(
             &Batch {
-                input_ids: &ids_t,
-                attention_mask: &mask_t,
+                input_ids: ids,
+                attention_mask: mask,
                 token_type_ids: None,
                 packed: None,
             },
             false,
         )
     })
-    .unwrap();
-    let out = tmp.join(name);
-    model.save_pretrained(&out, merge).unwrap();
-    let is_lora = lora_opts.is_some() && !merge;
-    let task_name = match task {
+    .unwrap()
+}
+
+/// Loads `e.base`, perturbs it, computes its logits and saves it under `tmp/<name>`.
+fn export(tmp: &Path, e: &Export) -> Case {
+    let base_dir = fixture(e.base);
+    let model = load_model(&base_dir, &opts(e.task.clone(), e.lora.clone())).unwrap();
+    perturb(model.as_ref(), e.perturb);
+    let info = model.info().clone();
+    let pad = info
+        .pad_token_id
+        .or(info.eos_token_ids.first().copied())
+        .unwrap_or(0);
+    let (ids, mask) = inputs(info.vocab_size, pad, e.first_token);
+    let tuna = forward(model.as_ref(), &to_tensor(&ids), &to_tensor(&mask));
+    let out = tmp.join(e.name);
+    model.save_pretrained(&out, e.merge).unwrap();
+    let is_lora = e.lora.is_some() && !e.merge;
+    let task_name = match e.task {
         TaskHead::CausalLm => "causal_lm",
         TaskHead::SequenceClassification { .. } => "sequence_classification",
     };
     let mut base_kwargs = json!({});
-    if let TaskHead::SequenceClassification { id2label } = &task {
+    if let TaskHead::SequenceClassification { id2label } = &e.task {
         base_kwargs = json!({"num_labels": id2label.len(), "pad_token_id": pad});
     }
     let spec = json!({
-        "name": name, "kind": if is_lora { "lora" } else { "full" }, "task": task_name,
+        "name": e.name, "kind": if is_lora { "lora" } else { "full" }, "task": task_name,
         "dir": out, "base": base_dir, "base_kwargs": base_kwargs,
         "input_ids": ids, "attention_mask": mask,
     });
     Case {
-        name: name.to_string(),
+        name: e.name.to_string(),
+        task: e.task.clone(),
         spec,
         tuna,
     }
 }
 
-#[test]
-fn exports_load_in_transformers_and_peft_with_equal_logits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let labels = TaskHead::SequenceClassification {
-        id2label: vec!["negative".into(), "neutral".into(), "positive".into()],
-    };
-    let two = TaskHead::SequenceClassification {
-        id2label: vec!["bad".into(), "good".into()],
-    };
-    let cases = vec![
-        // (a) full fine-tunes: GPT-2 (Conv1D layout, tied head) and Llama (GQA, untied head).
-        make_case(
-            t,
-            "gpt2_full",
-            "gpt2",
-            TaskHead::CausalLm,
-            None,
-            false,
-            &["c_attn", "wte", "mlp.c_proj"],
-            None,
-        ),
-        make_case(
-            t,
-            "llama_full",
-            "llama",
-            TaskHead::CausalLm,
-            None,
-            false,
-            &[],
-            Some(1),
-        ),
-        // (b) LoRA adapters with non-zero B.
-        make_case(
-            t,
-            "llama_lora",
-            "llama",
-            TaskHead::CausalLm,
-            lora(&["all-linear"]),
-            false,
-            &["lora_B"],
-            Some(1),
-        ),
-        make_case(
-            t,
-            "gpt2_lora",
-            "gpt2",
-            TaskHead::CausalLm,
-            lora(&["c_attn", "c_fc"]),
-            false,
-            &["lora_B"],
-            None,
-        ),
-        make_case(
-            t,
-            "qwen2_lora_cls",
-            "qwen2",
-            labels.clone(),
-            lora(&["q_proj", "v_proj"]),
-            false,
-            &["lora_B", "score"],
-            None,
-        ),
-        make_case(
-            t,
-            "bert_lora_cls",
-            "bert",
-            two.clone(),
-            lora(&["query", "value"]),
-            false,
-            &["lora_B", "classifier"],
-            Some(2),
-        ),
-        // (c) classification checkpoints with id2label.
-        make_case(
-            t,
-            "llama_tied_cls",
-            "llama-tied",
-            labels.clone(),
-            None,
-            false,
-            &["score", "layers.1"],
-            Some(1),
-        ),
-        make_case(
-            t,
-            "gpt2_cls",
-            "gpt2",
-            two.clone(),
-            None,
-            false,
-            &["score"],
-            None,
-        ),
-        make_case(
-            t,
-            "bert_cls",
-            "bert",
-            two.clone(),
-            None,
-            false,
-            &["classifier", "pooler"],
-            Some(2),
-        ),
-        // (d) LoRA merged into full weights.
-        make_case(
-            t,
-            "mistral_merged",
-            "mistral",
-            TaskHead::CausalLm,
-            lora(&["q_proj", "down_proj"]),
-            true,
-            &["lora_B"],
-            Some(1),
-        ),
-        make_case(
-            t,
-            "gpt2_merged",
-            "gpt2",
-            TaskHead::CausalLm,
-            lora(&["c_attn", "c_proj"]),
-            true,
-            &["lora_B"],
-            None,
-        ),
-    ];
-    // Spot-check the files.
-    let adapter: Value = serde_json::from_str(
-        &std::fs::read_to_string(t.join("qwen2_lora_cls/adapter_config.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(adapter["peft_type"], "LORA");
-    assert_eq!(adapter["task_type"], "SEQ_CLS");
-    assert_eq!(adapter["modules_to_save"], json!(["score"]));
-    let keys = read_safetensors(&t.join("qwen2_lora_cls/adapter_model.safetensors")).unwrap();
-    assert!(
-        keys.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
-        "{:?}",
-        keys.keys()
-    );
-    assert!(keys.contains_key("base_model.model.score.weight"));
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(t.join("bert_cls/config.json")).unwrap())
-            .unwrap();
-    assert_eq!(
-        cfg["architectures"],
-        json!(["BertForSequenceClassification"])
-    );
-    assert_eq!(cfg["id2label"], json!({"0": "bad", "1": "good"}));
-    assert_eq!(cfg["label2id"], json!({"bad": 0, "good": 1}));
-    let full = read_safetensors(&t.join("gpt2_full/model.safetensors")).unwrap();
-    assert_eq!(
-        full["transformer.h.0.attn.c_attn.weight"].size(),
-        vec![64, 192],
-        "Conv1D layout [in, out]"
-    );
+/// Exports the cases named (all of them when `names` is empty) into `tmp`.
+fn export_cases(tmp: &Path, names: &[&str]) -> Vec<Case> {
+    let cases: Vec<Case> = exports()
+        .iter()
+        .filter(|e| names.is_empty() || names.contains(&e.name))
+        .map(|e| export(tmp, e))
+        .collect();
+    if !names.is_empty() {
+        assert_eq!(cases.len(), names.len(), "unknown case among {names:?}");
+    }
+    cases
+}
 
+/// What transformers / PEFT made of the exports (`python/check_export.py`): one JSON line per
+/// case, and the logits by case name.
+fn check_export(tmp: &Path, cases: &[Case]) -> (Vec<Value>, BTreeMap<String, Tensor>) {
     let specs: Vec<Value> = cases.iter().map(|c| c.spec.clone()).collect();
-    let cases_path = t.join("cases.json");
+    let cases_path = tmp.join("cases.json");
     std::fs::write(&cases_path, serde_json::to_string(&specs).unwrap()).unwrap();
-    let out_path = t.join("out.safetensors");
+    let out_path = tmp.join("out.safetensors");
     let out = std::process::Command::new(python())
         .arg(workspace().join("python/check_export.py"))
         .arg(&cases_path)
@@ -311,7 +288,22 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
         "check_export.py failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let theirs = read_safetensors(&out_path).unwrap();
+    let lines = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    (lines, read_safetensors(&out_path).unwrap())
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn exports_load_in_transformers_and_peft_with_equal_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = export_cases(tmp.path(), &[]);
+    let (_, theirs) = check_export(tmp.path(), &cases);
     let mut report = Vec::new();
     let mut bad = false;
     for c in &cases {
@@ -327,42 +319,15 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
         "logits differ from transformers/PEFT:\n{}",
         report.join("\n")
     );
-    // tuna reloads its own exports (prefixed `bert.`/`model.` keys, trained heads kept).
-    for (name, task) in [
-        ("bert_cls", two.clone()),
-        ("llama_tied_cls", labels.clone()),
-        ("gpt2_full", TaskHead::CausalLm),
-    ] {
-        let c = cases.iter().find(|c| c.name == name).unwrap();
-        let m = load_model(&t.join(name), &opts(task, None)).unwrap();
-        assert!(
-            !m.load_notes().iter().any(|n| n.contains("initialised")),
-            "{name}: {:?}",
-            m.load_notes()
-        );
-        let ids = to_tensor(
-            &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["input_ids"].clone()).unwrap(),
-        );
-        let mask = to_tensor(
-            &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["attention_mask"].clone()).unwrap(),
-        );
-        let again = tch::no_grad(|| {
-            m.forward(
-                &Batch {
-                    input_ids: &ids,
-                    attention_mask: &mask,
-                    token_type_ids: None,
-                    packed: None,
-                },
-                false,
-            )
-        })
-        .unwrap();
-        let diff = f64::try_from((&again - &c.tuna).abs().max()).unwrap();
-        assert!(diff < 1e-5, "{name}: reloaded export differs by {diff}");
-    }
-    for line in stdout.lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
+}
+
+#[test]
+fn transformers_reads_the_labels_of_classification_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = export_cases(tmp.path(), &["llama_tied_cls", "bert_cls"]);
+    let (lines, _) = check_export(tmp.path(), &cases);
+    let mut seen = Vec::new();
+    for v in &lines {
         match v["name"].as_str().unwrap() {
             "llama_tied_cls" => {
                 assert_eq!(
@@ -377,5 +342,80 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
             "bert_cls" => assert_eq!(v["id2label"], json!({"0": "bad", "1": "good"})),
             _ => {}
         }
+        seen.push(v["name"].as_str().unwrap().to_string());
+    }
+    for name in ["llama_tied_cls", "bert_cls"] {
+        assert!(
+            seen.iter().any(|s| s == name),
+            "no line for {name}: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn lora_adapter_has_peft_config_and_key_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    export_cases(t, &["qwen2_lora_cls"]);
+    let adapter = read_json(&t.join("qwen2_lora_cls/adapter_config.json"));
+    assert_eq!(adapter["peft_type"], "LORA");
+    assert_eq!(adapter["task_type"], "SEQ_CLS");
+    assert_eq!(adapter["modules_to_save"], json!(["score"]));
+    let keys = read_safetensors(&t.join("qwen2_lora_cls/adapter_model.safetensors")).unwrap();
+    assert!(
+        keys.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+        "{:?}",
+        keys.keys()
+    );
+    assert!(keys.contains_key("base_model.model.score.weight"));
+}
+
+#[test]
+fn classification_config_names_the_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    export_cases(tmp.path(), &["bert_cls"]);
+    let cfg = read_json(&tmp.path().join("bert_cls/config.json"));
+    assert_eq!(
+        cfg["architectures"],
+        json!(["BertForSequenceClassification"])
+    );
+    assert_eq!(cfg["id2label"], json!({"0": "bad", "1": "good"}));
+    assert_eq!(cfg["label2id"], json!({"bad": 0, "good": 1}));
+}
+
+#[test]
+fn gpt2_export_keeps_the_conv1d_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    export_cases(tmp.path(), &["gpt2_full"]);
+    let full = read_safetensors(&tmp.path().join("gpt2_full/model.safetensors")).unwrap();
+    assert_eq!(
+        full["transformer.h.0.attn.c_attn.weight"].size(),
+        vec![64, 192],
+        "Conv1D layout [in, out]"
+    );
+}
+
+/// tuna reloads its own exports (prefixed `bert.`/`model.` keys, trained heads kept).
+#[test]
+fn tuna_reloads_its_own_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    for c in export_cases(t, &["bert_cls", "llama_tied_cls", "gpt2_full"]) {
+        let name = &c.name;
+        let m = load_model(&t.join(name), &opts(c.task.clone(), None)).unwrap();
+        assert!(
+            !m.load_notes().iter().any(|n| n.contains("initialised")),
+            "{name}: {:?}",
+            m.load_notes()
+        );
+        let ids = to_tensor(
+            &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["input_ids"].clone()).unwrap(),
+        );
+        let mask = to_tensor(
+            &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["attention_mask"].clone()).unwrap(),
+        );
+        let again = forward(m.as_ref(), &ids, &mask);
+        let diff = f64::try_from((&again - &c.tuna).abs().max()).unwrap();
+        assert!(diff < 1e-5, "{name}: reloaded export differs by {diff}");
     }
 }
