@@ -127,7 +127,8 @@ pub struct StepMetrics {
     pub eta_seconds: f64,
     /// Tokens (non-padding) seen so far.
     pub trained_tokens: u64,
-    /// CUDA only; libtorch's allocator statistics are not reachable through tch, so None.
+    /// Peak memory so far: on CPU the process's peak resident memory (`VmHWM`); on CUDA None
+    /// (the caching allocator's statistics are not reachable through tch 0.24).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
 }

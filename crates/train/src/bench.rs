@@ -109,13 +109,7 @@ fn read_batches(path: &Path) -> Result<BatchFile> {
     }
 }
 
-/// Peak resident memory of this process in bytes (`VmHWM`), if the platform reports it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use crate::memory::peak_rss_bytes;
 
 /// Parameter counts for the FLOP formula: (all, trainable, matmul weights `N`, LoRA weights).
 pub fn flop_params(model: &dyn Model, causal: bool) -> (i64, i64, i64, i64) {

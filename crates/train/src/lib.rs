@@ -10,6 +10,7 @@
 //!   file, the parameter builder and the export; config.json parsing is `tuna_core::hf_config`).
 //! - training side: `tokenizer.rs`, `data.rs`, `optim.rs`, `schedule.rs`, `checkpoint.rs`, `trainer.rs`.
 //! - `bench.rs`: `tuna-trainer bench`, the training-speed benchmark against transformers.
+//! - `memory.rs`: measured peak memory (metrics events, benchmarks).
 
 pub mod bench;
 pub mod checkpoint;
@@ -18,6 +19,7 @@ pub mod freeze;
 pub mod layers;
 pub mod loader;
 pub mod lora;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod models;

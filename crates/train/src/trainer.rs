@@ -1064,7 +1064,7 @@ impl<'a> Run<'a> {
                 0.0
             },
             trained_tokens: self.state.trained_tokens,
-            peak_memory_bytes: None,
+            peak_memory_bytes: crate::memory::peak_bytes(self.job.device),
         };
         merge_metrics(&mut self.state.last_metrics, &m);
         callback(TrainerEvent::Metrics(m));

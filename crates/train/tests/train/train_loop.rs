@@ -49,6 +49,8 @@ fn texts() -> Vec<(u64, Example)> {
 
 struct Run {
     losses: Vec<(u64, f64)>,
+    /// `peak_memory_bytes` of each metrics event.
+    peaks: Vec<Option<u64>>,
     evals: Vec<serde_json::Value>,
     checkpoints: Vec<PathBuf>,
     outcome: TrainOutcome,
@@ -64,11 +66,13 @@ fn run(
 ) -> Run {
     let control = Control::new();
     let mut losses = Vec::new();
+    let mut peaks = Vec::new();
     let mut evals = Vec::new();
     let mut checkpoints = Vec::new();
     let mut cb = |ev: TrainerEvent| match ev {
         TrainerEvent::Metrics(m) => {
             losses.push((m.step, m.train_loss));
+            peaks.push(m.peak_memory_bytes);
             if Some(m.step) == pause_at {
                 control.pause();
             }
@@ -89,6 +93,7 @@ fn run(
     let outcome = train(&inputs, &mut cb, &control).unwrap();
     Run {
         losses,
+        peaks,
         evals,
         checkpoints,
         outcome,
@@ -112,6 +117,11 @@ fn causal_lm_loss_goes_down_and_checkpoints_are_complete() {
         "18 train examples / 4 = 5 steps per epoch"
     );
     assert_eq!(r.evals.len(), 8, "one evaluation per epoch");
+    // Every step reports the process's peak memory on CPU, which never falls: at least the
+    // model's weights (the tiny GPT-2 is a few MB; libtorch itself is far more).
+    let peaks: Vec<u64> = r.peaks.iter().map(|p| p.expect("peak memory")).collect();
+    assert!(peaks.windows(2).all(|w| w[0] <= w[1]), "{peaks:?}");
+    assert!(peaks[0] > 50 << 20, "{peaks:?}");
     let e0 = r.evals[0]["valid_loss"].as_f64().unwrap();
     let e1 = r.evals.last().unwrap()["valid_loss"].as_f64().unwrap();
     assert!(e1 < e0, "valid loss {e0} -> {e1}");
