@@ -48,12 +48,17 @@ async fn create(
 
 async fn list(State(st): State<AppState>, caller: Caller, q: ListParams) -> ApiResult<Rendered> {
     let limit = q.limit(20, 100)?;
+    let filter = db::JobFilter {
+        metadata: q.metadata()?,
+        status: q.status()?,
+        model: q.model().map(str::to_string),
+    };
     let rows = db::list_jobs(
         &st.db,
         &caller.organization_id,
         q.after(),
         limit + 1,
-        &q.metadata()?,
+        &filter,
     )
     .await?;
     Ok(page(&rows, limit, objects::job))

@@ -12,7 +12,8 @@
 //! - `validate`: the check a new job goes through before it is queued.
 //! - `limits`: the cap on an organisation's waiting jobs.
 //! - `routes`: the router built by method and path, so it lists what it serves ([`api_routes`]);
-//!   a test compares that list with `openapi.yaml` both ways.
+//!   a test compares that list with `openapi.yaml` both ways. Routes outside the API (the web
+//!   dashboard, `tuna-dashboard`) join through [`router_with`] and are not listed.
 //!
 //! Handlers stay short and call named functions over the pool; only `tuna_db::queue` changes a
 //! job's status. The crate never links libtorch.
@@ -135,7 +136,14 @@ pub fn api_routes(config: &Config) -> routes::Routes {
 
 /// The whole application: resource routers, error fallbacks and the middleware stack.
 pub fn router(state: AppState) -> Router {
-    let api = api_routes(&state.config).into_router();
+    router_with(state, Router::new())
+}
+
+/// [`router`] plus `pages`: routes that are not part of the API (the web dashboard's pages and
+/// files), so neither listed by [`api_routes`] nor in `openapi.yaml`. They get the same
+/// middleware (request ids, tracing, metrics, error shape).
+pub fn router_with(state: AppState, pages: Router<AppState>) -> Router {
+    let api = api_routes(&state.config).into_router().merge(pages);
     ops::layers(api, state)
 }
 
@@ -151,12 +159,22 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, Router::new(), shutdown).await
+}
+
+/// [`serve`] of [`router_with`]`(state, pages)`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    pages: Router<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let streams = state.shutdown.clone();
     let shutdown = async move {
         shutdown.await;
         streams.cancel();
     };
-    axum::serve(listener, router(state))
+    axum::serve(listener, router_with(state, pages))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -189,7 +189,8 @@ pub fn file(row: &FileRow) -> Value {
     })
 }
 
-/// A `model`; `architecture` is tuna's extension.
+/// A `model`; `kind`, `architecture` and `job_id` (the job that made a fine-tuned model) are
+/// tuna's extensions.
 pub fn model(row: &ModelRow) -> Value {
     json!({
         "id": row.model_id,
@@ -198,5 +199,6 @@ pub fn model(row: &ModelRow) -> Value {
         "owned_by": row.organization_id.as_deref().unwrap_or("tuna"),
         "kind": row.kind,
         "architecture": row.architecture,
+        "job_id": row.job_id,
     })
 }

@@ -1,4 +1,5 @@
-//! List parameters (`after`, `limit`, `order`, `purpose`, `metadata[k]=v`) and list envelopes.
+//! List parameters (`after`, `limit`, `order`, `purpose`, `metadata[k]=v`, and for jobs `status`
+//! and `model`) and list envelopes.
 //!
 //! Lists answer `{"object": "list", "data": [...], "has_more": bool}`; `after` is the id of the
 //! last item of the previous page, in the same order. A page is fetched with `limit + 1` rows to
@@ -8,6 +9,7 @@ use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use tuna_core::status::JobStatus;
 use tuna_db::jobs::MetadataFilter;
 
 use crate::error::ApiError;
@@ -70,6 +72,25 @@ impl ListParams {
                 Some("order"),
             )),
         }
+    }
+
+    /// `status`: jobs in this state only (tuna extension).
+    pub fn status(&self) -> Result<Option<JobStatus>, ApiError> {
+        match self.get("status").filter(|s| !s.is_empty()) {
+            None => Ok(None),
+            Some(s) => s.parse().map(Some).map_err(|_| {
+                let known: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::bad_request(
+                    format!("`status` must be one of {}, got '{s}'", known.join(", ")),
+                    Some("status"),
+                )
+            }),
+        }
+    }
+
+    /// `model`: jobs of this model only (tuna extension).
+    pub fn model(&self) -> Option<&str> {
+        self.get("model").filter(|s| !s.is_empty())
     }
 
     pub fn purpose(&self) -> Option<&str> {

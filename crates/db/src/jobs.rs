@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 use sqlx::PgPool;
+use tuna_core::status::JobStatus;
 
 use crate::rows::{FileRow, JobRow, ModelRow};
 use crate::Result;
@@ -31,15 +32,25 @@ pub async fn get_job<'e>(
     )
 }
 
-/// Up to `limit` jobs of the organisation, newest first, after the job `after`.
+/// Which jobs a listing shows: all of [`MetadataFilter`], the status and the model must match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFilter {
+    pub metadata: MetadataFilter,
+    pub status: Option<JobStatus>,
+    /// The job's `model` (its base model, or the fine-tuned model it started from).
+    pub model: Option<String>,
+}
+
+/// Up to `limit` jobs of the organisation, newest first, after the job `after`, that match
+/// `filter`.
 pub async fn list_jobs(
     pool: &PgPool,
     organization_id: &str,
     after: Option<&str>,
     limit: i64,
-    metadata: &MetadataFilter,
+    filter: &JobFilter,
 ) -> Result<Vec<JobRow>> {
-    let (null_only, contains) = match metadata {
+    let (null_only, contains) = match &filter.metadata {
         MetadataFilter::Any => (false, None),
         MetadataFilter::Null => (true, None),
         MetadataFilter::Contains(v) => (false, Some(v)),
@@ -49,12 +60,16 @@ pub async fn list_jobs(
            and ($2::text is null or seq < (select seq from jobs where job_id = $2 and organization_id = $1)) \
            and (not $3 or metadata is null or metadata = 'null'::jsonb) \
            and ($4::jsonb is null or metadata @> $4) \
-         order by seq desc limit $5",
+           and ($5::text is null or status = $5) \
+           and ($6::text is null or model = $6) \
+         order by seq desc limit $7",
     )
     .bind(organization_id)
     .bind(after)
     .bind(null_only)
     .bind(contains)
+    .bind(filter.status.map(JobStatus::as_str))
+    .bind(filter.model.as_deref())
     .bind(limit)
     .fetch_all(pool)
     .await?)

@@ -207,6 +207,57 @@ async fn jobs_list_pages_newest_first_and_filters_metadata() {
 }
 
 #[tokio::test]
+async fn jobs_list_filters_by_status_and_model() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let a = create(&app, json!({"model": "gpt2", "training_file": file})).await;
+    let b = create(&app, json!({"model": "gpt2", "training_file": file})).await;
+    let (a, b) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    let (status, paused) = json(
+        app.post_json(&format!("/v1/fine_tuning/jobs/{b}/pause"), &json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!((status, paused["status"].as_str()), (200, Some("paused")));
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, queued) = json(app.get("/v1/fine_tuning/jobs?status=queued").await).await;
+    assert_eq!(ids(&queued), [a]);
+    let (_, paused) = json(
+        app.get("/v1/fine_tuning/jobs?status=paused&model=gpt2")
+            .await,
+    )
+    .await;
+    assert_eq!(ids(&paused), [b]);
+    let (_, both) = json(app.get("/v1/fine_tuning/jobs?model=gpt2&limit=1").await).await;
+    assert_eq!(
+        (ids(&both), both["has_more"].as_bool()),
+        (vec![b.to_string()], Some(true))
+    );
+    let (_, none) = json(app.get("/v1/fine_tuning/jobs?model=bert").await).await;
+    assert!(ids(&none).is_empty());
+    let (status, bad) = json(app.get("/v1/fine_tuning/jobs?status=done").await).await;
+    assert_eq!(status, 400);
+    assert_eq!(error_of(&bad)["param"], "status");
+    assert!(
+        error_of(&bad)["message"]
+            .as_str()
+            .unwrap()
+            .contains("`status` must be one of validating_files, queued, running"),
+        "{bad}"
+    );
+    // A base model was made by no job.
+    let (_, model) = json(app.get("/v1/models/gpt2").await).await;
+    assert_eq!(model["job_id"], Value::Null);
+}
+
+#[tokio::test]
 async fn another_organisations_job_is_404() {
     let app = spawn_app().await;
     let file = app.upload_ok("t.jsonl", CHAT).await;
