@@ -100,15 +100,18 @@ def _wait_for_address(proc, deadline):
 
 
 @contextlib.contextmanager
-def tuna_serve(args, prefix, database_url=None, models=()):
-    """Runs `target/debug/tuna serve --port 0 ARGS` in a fresh data directory, registers each
+def tuna_serve(args, prefix, database_url=None, models=(), port=0, data_dir=None):
+    """Runs `target/debug/tuna serve --port PORT ARGS` in a fresh data directory, registers each
     fixture model of `models` under its name, and yields `(base_url, admin_key, data_dir)`.
     Without `database_url` the server runs its own private PostgreSQL there. SIGTERM on exit;
-    the data directory is kept when the server did not exit cleanly."""
+    the data directory is kept when the server did not exit cleanly. With `data_dir` (a
+    directory an earlier server used), the server restarts on it, which is then left alone."""
     # Not pytest's tmp_path: the private cluster may run as user `postgres` (when the tests run
     # as root), which must be able to reach the directory.
-    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
-    data_dir.chmod(0o755)
+    reused = data_dir is not None
+    if not reused:
+        data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+        data_dir.chmod(0o755)
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)
     if database_url:
@@ -116,7 +119,7 @@ def tuna_serve(args, prefix, database_url=None, models=()):
     env.setdefault("RUST_LOG", "warn")
     log = open(data_dir / "server.log", "w")
     proc = subprocess.Popen(
-        [str(BINARY), "serve", "--port", "0", "--data-dir", str(data_dir), *args],
+        [str(BINARY), "serve", "--port", str(port), "--data-dir", str(data_dir), *args],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
@@ -138,7 +141,8 @@ def tuna_serve(args, prefix, database_url=None, models=()):
             proc.kill()
         log.close()
         if proc.returncode == 0:
-            shutil.rmtree(data_dir, ignore_errors=True)
+            if not reused:
+                shutil.rmtree(data_dir, ignore_errors=True)
         else:
             print(f"tuna serve exited with {proc.returncode}; its data directory is kept: {data_dir}")
 
@@ -192,3 +196,27 @@ def responses_match_the_spec(spec_checker):
     spec_checker.failures.clear()
     yield
     assert not spec_checker.failures, "responses that do not match openapi.yaml:\n" + "\n".join(spec_checker.failures)
+
+
+@pytest.fixture(scope="session")
+def worker_server():
+    """`tuna serve` with its in-process CPU worker, so jobs really train, and the tiny
+    `.fixtures/gpt2` and `.fixtures/bert` checkpoints registered as `gpt2` and `bert`: for the
+    dashboard's browser tests and the terminal test of `jobs watch`. `file://` dataset URLs
+    are allowed (data the worker reads itself, so that a bad line fails the job)."""
+    if not BINARY.exists() or not (BINARY.parent / "tuna-trainer").exists():
+        pytest.fail("build first: cargo build -p tuna -p tuna-train --bins")
+    if os.environ.get("TUNA_TEST_DATABASE_URL"):
+        pytest.skip("needs a private database of its own")
+    args = ["--worker-device", "cpu", "--allow-file-urls"]
+    with tuna_serve(args, "tuna-ui-", models=["gpt2", "bert"]) as (base, key, data_dir):
+        yield {"base": base, "key": key, "data_dir": data_dir}
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item (`item.rep_call`), so fixtures can tell
+    whether the test failed (the browser tests save a screenshot then)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -1,5 +1,5 @@
 //! `tuna serve`: binds, opens the database and the artifact store, makes sure an admin key
-//! exists, serves (and, unless `--no-worker`, runs one in-process worker on the same database
+//! exists, serves the API and the web dashboard (`tuna-dashboard`, at `/`) (and, unless `--no-worker`, runs one in-process worker on the same database
 //! and store) until SIGINT/SIGTERM, then drains requests, lets the worker checkpoint and release
 //! its job, and stops the private PostgreSQL it started.
 
@@ -145,8 +145,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         signal.cancel();
     });
     println!("tuna listening on http://{addr}");
+    eprintln!("tuna: dashboard at http://{addr}/");
     tracing::info!(%addr, worker = !no_worker, "tuna listening");
-    let served = tuna_api::serve(listener, state, shutdown.clone().cancelled_owned()).await;
+    let served = tuna_api::serve_with(
+        listener,
+        state,
+        tuna_dashboard::router(),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await;
     tracing::info!("shutting down");
     shutdown.cancel();
     if let Some(w) = worker {
