@@ -6,6 +6,16 @@
 # Build from the repo root: docker build -f docker/worker.Dockerfile -t tuna-worker .
 ARG CUDA_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
+# The dashboard's front end, built as scripts/setup.sh builds it (`npm ci`, `npm run build`);
+# the tuna binary (also in this image) embeds crates/dashboard/web/dist.
+FROM node:20-bookworm-slim AS web
+WORKDIR /web
+COPY crates/dashboard/web/package.json crates/dashboard/web/package-lock.json ./
+RUN npm ci --ignore-scripts --no-audit --no-fund
+COPY crates/dashboard/web/tsconfig.json crates/dashboard/web/build.mjs crates/dashboard/web/index.html ./
+COPY crates/dashboard/web/src ./src
+RUN npm run build
+
 FROM ${CUDA_BASE} AS build
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         ca-certificates curl build-essential pkg-config python3 python3-venv python3-dev \
@@ -14,6 +24,7 @@ ENV RUSTUP_HOME=/opt/rustup CARGO_HOME=/opt/cargo PATH=/opt/cargo/bin:$PATH
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none
 WORKDIR /src
 COPY . .
+COPY --from=web /web/dist crates/dashboard/web/dist
 # Same as scripts/setup.sh (only torch: the worker needs no transformers at run time).
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir torch==2.11.0 setuptools \
     && TORCH_DIR=$(/opt/venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))') \

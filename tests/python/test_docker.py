@@ -110,6 +110,12 @@ def test_worker_image_builds_like_setup():
     assert re.search(r"cargo build --release --locked -p tuna -p tuna-train", worker_df)
     assert "tuna-train" not in re.sub(r"#.*", "", api_df), "the control plane image must not build libtorch code"
     assert re.search(r"^FROM nvidia/cuda|CUDA_BASE=nvidia/cuda", worker_df, re.M)
+    # Both images build `tuna`, which embeds the dashboard: built in a Node stage with the
+    # commands setup.sh runs, and copied where crates/dashboard/build.rs reads it.
+    for df in (api_df, worker_df):
+        assert "npm ci --ignore-scripts" in df and "npm run build" in df
+        assert "COPY --from=web /web/dist crates/dashboard/web/dist" in df
+    assert "npm ci --ignore-scripts" in setup and "npm run --silent build" in setup
     # The toolchain the images build with is the repo's.
     channel = re.search(r'channel = "(\d+\.\d+)', (ROOT / "rust-toolchain.toml").read_text()).group(1)
     assert f"rust:{channel}" in api_df
