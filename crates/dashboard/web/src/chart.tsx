@@ -18,6 +18,9 @@ function tick(v: number | null): string {
   return String(Number(v.toPrecision(3)));
 }
 
+/** Steps are whole numbers: no tick at 1.5. */
+const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7];
+
 export const PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777"];
 
 export function Chart(props: {
@@ -40,7 +43,7 @@ export function Chart(props: {
       height: props.height ?? 220,
       scales: { x: { time: false }, y: props.log ? { distr: 3 } : {} },
       axes: [
-        { label: "step", stroke: "#64748b", grid: { stroke: "#e2e8f0" } },
+        { label: "step", stroke: "#64748b", grid: { stroke: "#e2e8f0" }, incrs: STEP_INCRS },
         { stroke: "#64748b", grid: { stroke: "#e2e8f0" }, size: 60, values: (_u, splits) => splits.map(tick) },
       ],
       legend: { live: true },
