@@ -315,6 +315,7 @@ def test_new_job_refuses_a_bad_file_by_line_then_trains_with_live_curves_and_dow
     expect(page.locator('[data-stat="Step"]')).to_have_text(re.compile(r"^(\d+) / \1$"))
     expect(page.locator('[data-stat="Learning rate"]')).not_to_have_text("—")
     expect(page.locator('[data-stat="Tokens/s"]')).not_to_have_text("—")
+    expect(page.locator('[data-stat="Peak memory"]')).to_have_text(re.compile(r"^\d+\.\d (MiB|GiB)$"))
     expect(page.locator(".log")).to_contain_text("The job has successfully completed")
     hp = page.get_by_test_id("hyperparameters")
     expect(hp.locator('[data-key="lora_r"]')).to_have_text(defaults["lora_r"])

@@ -1,7 +1,8 @@
 //! The `tuna` command.
 //!
-//! - `tuna serve`: the HTTP API (private PostgreSQL under `<data-dir>/pg` unless `DATABASE_URL`
-//!   is set; an admin key is created on first start and written to `<data-dir>/admin_key`).
+//! - `tuna serve`: the HTTP API and the web dashboard at `/` (`tuna-dashboard`; private
+//!   PostgreSQL under `<data-dir>/pg` unless `DATABASE_URL` is set; an admin key is created on
+//!   first start and written to `<data-dir>/admin_key`).
 //! - `tuna worker`: a worker process on a shared database and artifact store (`worker_cmd.rs`).
 //! - `tuna keys create|list`: API keys.
 //! - `tuna models register <id> <dir>`: registers a Hugging Face checkpoint as a base model.
@@ -41,7 +42,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the HTTP API (and, unless --no-worker, one in-process worker).
+    /// Run the HTTP API and the web dashboard (and, unless --no-worker, one in-process worker).
     Serve(serve::ServeArgs),
     /// Run a worker: claim jobs from the shared queue and train them.
     Worker(worker_cmd::WorkerArgs),

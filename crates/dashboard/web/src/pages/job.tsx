@@ -196,6 +196,7 @@ function Summary(props: { job: Job; metrics: Record<string, any> | null; live: s
     ["Learning rate", num(m?.learning_rate)],
     ["Tokens/s", m?.tokens_per_second ? Math.round(m.tokens_per_second).toString() : "—"],
     ["Trained tokens", count(j.trained_tokens ?? m?.trained_tokens)],
+    ["Peak memory", typeof m?.peak_memory_bytes === "number" ? bytes(m.peak_memory_bytes) : "—"],
     ["Created", dateTime(j.created_at)],
     ["Started", dateTime(j.started_at)],
     ["Finished", dateTime(j.finished_at)],
