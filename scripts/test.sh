@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 scripts/setup.sh
+echo "== setup: $SECONDS s"
 
 export PATH="$ROOT/.venv/bin:$PATH"
 export VIRTUAL_ENV="$ROOT/.venv"
@@ -29,20 +30,29 @@ stop_test_pg() {
 }
 trap stop_test_pg EXIT
 
-echo "== cargo fmt --check"
+# Each phase prints how long the previous one took (CI time is a budget: keep the suite inside it).
+phase() {
+    local now=$SECONDS
+    [ -n "${PHASE_NAME:-}" ] && echo "== ${PHASE_NAME}: $((now - PHASE_START)) s"
+    PHASE_NAME=$1 PHASE_START=$now
+    echo "== $1"
+}
+
+phase "cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo shear (unused or misplaced dependencies)"
+phase "cargo shear (unused or misplaced dependencies)"
 cargo shear
 
-echo "== cargo clippy (workspace, tests included; warnings are errors)"
+phase "cargo clippy (workspace, tests included; warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "== cargo build (workspace, tests included)"
+phase "cargo build (workspace, tests included)"
 cargo build --workspace --all-targets
 
-echo "== cargo test"
+phase "cargo test"
 cargo test --workspace -- --test-threads=2
 
-echo "== python tests (openai SDK, transformers/peft loading, OpenAPI)"
+phase "python tests (openai SDK, transformers/peft loading, OpenAPI)"
 python -m pytest -q tests/python
+phase "done"
