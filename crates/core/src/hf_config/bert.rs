@@ -139,6 +139,18 @@ impl ArchFacts for BertConfig {
     fn other_linears(&self) -> &'static [&'static str] {
         &["pooler.dense"]
     }
+    fn intermediate_size(&self) -> i64 {
+        self.intermediate_size
+    }
+    fn layer_linear_shapes(&self) -> Vec<(i64, i64)> {
+        let (d, i) = (self.hidden_size, self.intermediate_size);
+        vec![(d, d), (d, d), (d, d), (d, d), (d, i), (i, d)]
+    }
+    /// Like GPT-2 (post-norm blocks with a GELU MLP): all-MiniLM-L6-v2's SST-2 batches are too
+    /// short to measure it apart from the runtime.
+    fn activation_bytes_per_width(&self) -> f64 {
+        22.9
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &[
             "embeddings.*",

@@ -119,6 +119,17 @@ impl ArchFacts for Gpt2Config {
     fn layer_linears(&self) -> &'static [&'static str] {
         &["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     }
+    fn intermediate_size(&self) -> i64 {
+        self.n_inner
+    }
+    fn layer_linear_shapes(&self) -> Vec<(i64, i64)> {
+        let (d, i) = (self.n_embd, self.n_inner);
+        vec![(d, 3 * d), (d, d), (d, i), (i, d)]
+    }
+    /// GPT-2 124M, batches of 2 and 4 x 256 and 2 x 512 tokens (BENCHMARKS.md, memory).
+    fn activation_bytes_per_width(&self) -> f64 {
+        22.9
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &[
             "transformer.wte.*",

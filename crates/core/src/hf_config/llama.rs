@@ -335,6 +335,21 @@ impl ArchFacts for LlamaConfig {
             "mlp.down_proj",
         ]
     }
+    fn intermediate_size(&self) -> i64 {
+        self.intermediate_size
+    }
+    fn layer_linear_shapes(&self) -> Vec<(i64, i64)> {
+        let (d, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
+        vec![(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
+    }
+    /// SmolLM-135M's shape, batches of 2 and 4 x 256 and 2 x 512 tokens (BENCHMARKS.md, memory).
+    fn activation_bytes_per_width(&self) -> f64 {
+        33.0
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &[
             "model.embed_tokens.*",

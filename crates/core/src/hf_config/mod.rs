@@ -123,6 +123,24 @@ pub trait ArchFacts {
     fn freeze_patterns(&self) -> &'static [&'static str];
     /// See [`HfConfig::num_parameters`]; `tied`: the LM head is the embedding matrix.
     fn num_parameters(&self, tied: bool) -> i64;
+    /// The MLP's inner width.
+    fn intermediate_size(&self) -> i64 {
+        4 * self.dims().hidden_size
+    }
+    /// `(in_features, out_features)` of each of [`ArchFacts::layer_linears`], in that order (a
+    /// LoRA adapter of rank r has `r * (in + out)` parameters and keeps its input for the
+    /// backward pass). The default takes the hidden size for both.
+    fn layer_linear_shapes(&self) -> Vec<(i64, i64)> {
+        let d = self.dims().hidden_size;
+        vec![(d, d); self.layer_linears().len()]
+    }
+    /// Bytes one transformer layer keeps for the backward pass per token, per unit of
+    /// `hidden_size + intermediate_size`, in fp32 (attention scores aside; see
+    /// `crate::memory`). Measured per family with `scripts/bench-memory.sh`; the default is the
+    /// largest measured so far, so an unmeasured family is not underestimated.
+    fn activation_bytes_per_width(&self) -> f64 {
+        33.0
+    }
 }
 
 /// The sizes every family has, under the family's own key names in config.json.

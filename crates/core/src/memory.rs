@@ -1,0 +1,281 @@
+//! Will the job fit? An estimate of a training job's peak memory from the model's `config.json`
+//! and the job's knobs, before anything is loaded.
+//!
+//! The peak of a step is reached at the start of the backward pass of its largest micro-batch:
+//!
+//! - **weights**: every parameter, trainable ones in fp32 (the optimiser updates fp32 weights),
+//!   frozen ones in the base dtype (fp32 on CPU; bf16 on CUDA under `precision` auto or bf16);
+//! - **gradients** and **optimizer** state: fp32, 4 and 8 bytes (AdamW's two moments) per
+//!   trainable parameter;
+//! - **activations**: per layer and token, [`ArchFacts::activation_bytes_per_width`] bytes per
+//!   unit of `hidden_size + intermediate_size` (measured per family), plus what each LoRA adapter
+//!   keeps of its input (its dropout copy and mask), plus the attention scores where they are
+//!   materialised (on CPU: every head keeps about [`ATTENTION_SCORE_BYTES`] per query and key;
+//!   CUDA's fused kernels keep none); halved in bf16;
+//! - **logits**: causal LM keeps `[tokens, vocab]` three times in fp32 (the logits, their log
+//!   softmax and its gradient);
+//! - **runtime**: libtorch itself (CPU: the process's code and buffers, [`CPU_RUNTIME_BYTES`];
+//!   CUDA: the context, [`CUDA_RUNTIME_BYTES`]).
+//!
+//! The micro-batch is `ceil(batch_size / gradient_accumulation_steps)` examples of
+//! `max_seq_length` tokens: the worst case, since every micro-batch is padded only to its longest
+//! example. BENCHMARKS.md compares the estimate with measured peaks (`scripts/bench-memory.sh`).
+
+use serde::Serialize;
+
+use crate::hf_config::{ArchFacts, HfConfig};
+use crate::spec::{JobSpec, Lora, Precision, Task, TrainingType};
+
+/// libtorch's resident memory before any model (CPU), measured with the benchmark's runs.
+pub const CPU_RUNTIME_BYTES: u64 = 550 << 20;
+/// A CUDA context and libtorch's kernels on the device.
+pub const CUDA_RUNTIME_BYTES: u64 = 600 << 20;
+/// Bytes per head, query and key of the attention scores on CPU (scores, probabilities and their
+/// gradient), measured with GPT-2 at 256 and 512 tokens.
+pub const ATTENTION_SCORE_BYTES: f64 = 13.25;
+/// What a LoRA adapter keeps per input element when its dropout is on (the dropped copy in fp32
+/// and its mask), measured with the Llama case under LoRA r16 on every linear layer.
+const LORA_INPUT_BYTES_DROPOUT: f64 = 6.7;
+/// Without dropout an adapter keeps only its input.
+const LORA_INPUT_BYTES: f64 = 4.0;
+
+/// Where the job trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accelerator {
+    Cpu,
+    Cuda,
+}
+
+/// The estimate, in bytes, by what holds the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryEstimate {
+    pub accelerator: Accelerator,
+    pub micro_batch: u64,
+    pub seq_len: u64,
+    pub weights_bytes: u64,
+    pub gradients_bytes: u64,
+    pub optimizer_bytes: u64,
+    pub activations_bytes: u64,
+    pub logits_bytes: u64,
+    pub runtime_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// The peak memory of `spec` on `accelerator` with micro-batches of `micro_batch` examples.
+pub fn estimate_with(
+    hf: &HfConfig,
+    spec: &JobSpec,
+    accelerator: Accelerator,
+    micro_batch: u64,
+) -> MemoryEstimate {
+    let f = hf.arch.facts();
+    let d = f.dims();
+    let (layers, hidden, heads) = (d.num_layers as f64, d.hidden_size as f64, d.num_heads as f64);
+    let seq = u64::from(spec.max_seq_length).min(d.context_length.max(1) as u64);
+    let tokens = (micro_batch * seq) as f64;
+    let bf16 = accelerator == Accelerator::Cuda && spec.precision != Precision::Fp32;
+
+    let params = hf.num_parameters().max(0) as u64;
+    let trainable = trainable_parameters(hf, spec).min(params);
+    let base_bytes = if bf16 { 2 } else { 4 };
+    // LoRA adds its adapters to the base; a full job trains (most of) the base itself.
+    let stored_base = match spec.training_type {
+        TrainingType::Lora => params,
+        TrainingType::Full => params - trainable,
+    };
+    let weights = stored_base * base_bytes + trainable * 4;
+
+    let width = hidden + f.intermediate_size() as f64;
+    let mut per_layer_token = f.activation_bytes_per_width() * width;
+    if let Some(lora) = &spec.lora {
+        let per_input = if lora.dropout > 0.0 {
+            LORA_INPUT_BYTES_DROPOUT
+        } else {
+            LORA_INPUT_BYTES
+        };
+        per_layer_token += per_input * lora_inputs(f, lora) as f64;
+    }
+    let mut activations = layers * tokens * per_layer_token;
+    if accelerator == Accelerator::Cpu {
+        activations +=
+            layers * micro_batch as f64 * heads * (seq * seq) as f64 * ATTENTION_SCORE_BYTES;
+    }
+    if bf16 {
+        activations /= 2.0;
+    }
+    let logits = match spec.task {
+        Task::CausalLm => tokens * d.vocab_size as f64 * 4.0 * 3.0,
+        Task::SequenceClassification => 0.0,
+    };
+    let runtime = match accelerator {
+        Accelerator::Cpu => CPU_RUNTIME_BYTES,
+        Accelerator::Cuda => CUDA_RUNTIME_BYTES,
+    };
+    let (activations, logits) = (activations as u64, logits as u64);
+    let (gradients, optimizer) = (trainable * 4, trainable * 8);
+    MemoryEstimate {
+        accelerator,
+        micro_batch,
+        seq_len: seq,
+        weights_bytes: weights,
+        gradients_bytes: gradients,
+        optimizer_bytes: optimizer,
+        activations_bytes: activations,
+        logits_bytes: logits,
+        runtime_bytes: runtime,
+        total_bytes: weights + gradients + optimizer + activations + logits + runtime,
+    }
+}
+
+/// [`estimate_with`] at the job's own micro-batch.
+pub fn estimate(hf: &HfConfig, spec: &JobSpec, accelerator: Accelerator) -> MemoryEstimate {
+    estimate_with(hf, spec, accelerator, micro_batch(spec))
+}
+
+/// Examples per forward pass: `ceil(batch_size / gradient_accumulation_steps)`.
+pub fn micro_batch(spec: &JobSpec) -> u64 {
+    u64::from(spec.batch_size).div_ceil(u64::from(spec.gradient_accumulation_steps.max(1)))
+}
+
+/// Parameters the job trains: LoRA's adapters, or the base less its frozen embeddings and
+/// layers (freeze patterns are not counted: they may match anything).
+pub fn trainable_parameters(hf: &HfConfig, spec: &JobSpec) -> u64 {
+    let f = hf.arch.facts();
+    let d = f.dims();
+    match &spec.lora {
+        Some(lora) => {
+            let per_layer: i64 = targeted(f, lora)
+                .map(|(input, output)| i64::from(lora.r) * (input + output))
+                .sum();
+            (per_layer * d.num_layers).max(0) as u64
+        }
+        None => {
+            let all = hf.num_parameters();
+            let per_layer = (all - d.vocab_size * d.hidden_size) / d.num_layers.max(1);
+            let mut frozen = i64::from(spec.freeze.layers).min(d.num_layers) * per_layer.max(0);
+            if spec.freeze.embeddings {
+                frozen += d.vocab_size * d.hidden_size;
+            }
+            (all - frozen).max(0) as u64
+        }
+    }
+}
+
+/// The `(in, out)` widths of the layer linears a LoRA spec targets.
+fn targeted<'a>(f: &'a dyn ArchFacts, lora: &'a Lora) -> impl Iterator<Item = (i64, i64)> + 'a {
+    let all = lora.target_modules.iter().any(|m| m == "all-linear");
+    f.layer_linears()
+        .iter()
+        .zip(f.layer_linear_shapes())
+        .filter(move |(name, _)| {
+            let short = name.rsplit('.').next().unwrap_or(name);
+            all || lora.target_modules.iter().any(|m| m == short || m == *name)
+        })
+        .map(|(_, shape)| shape)
+}
+
+/// Sum of the input widths of the targeted linears of one layer.
+fn lora_inputs(f: &dyn ArchFacts, lora: &Lora) -> i64 {
+    targeted(f, lora).map(|(input, _)| input).sum()
+}
+
+/// `bytes` as GiB with one decimal ("3.4 GiB"), for messages.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::parse_create_request;
+    use serde_json::json;
+
+    fn gpt2_124m() -> HfConfig {
+        HfConfig::parse(
+            &json!({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
+                    "n_positions": 1024, "vocab_size": 50257})
+            .to_string(),
+        )
+        .unwrap()
+    }
+
+    fn spec(extra: serde_json::Value) -> JobSpec {
+        let mut body = json!({"model": "gpt2", "training_file": "f"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        parse_create_request(&body, &Default::default(), 1)
+            .unwrap()
+            .spec
+    }
+
+    #[test]
+    fn full_fine_tuning_holds_sixteen_bytes_per_parameter_and_the_activations() {
+        let hf = gpt2_124m();
+        let s = spec(json!({"max_seq_length": 256, "hyperparameters": {"batch_size": 4}}));
+        let e = estimate(&hf, &s, Accelerator::Cpu);
+        let p = hf.num_parameters() as u64;
+        assert_eq!(p, 124_439_808);
+        assert_eq!((e.micro_batch, e.seq_len), (4, 256));
+        assert_eq!(e.weights_bytes + e.gradients_bytes + e.optimizer_bytes, 16 * p);
+        // The measured peak of this configuration (BENCHMARKS.md): 4,663 MiB.
+        let mib = e.total_bytes >> 20;
+        assert!((4200..5100).contains(&mib), "{e:?}");
+        assert_eq!(
+            e.total_bytes,
+            e.weights_bytes
+                + e.gradients_bytes
+                + e.optimizer_bytes
+                + e.activations_bytes
+                + e.logits_bytes
+                + e.runtime_bytes
+        );
+    }
+
+    #[test]
+    fn accumulation_lora_and_bf16_each_shrink_the_estimate() {
+        let hf = gpt2_124m();
+        let base = estimate(&hf, &spec(json!({"max_seq_length": 512})), Accelerator::Cpu);
+        let accumulated = estimate(
+            &hf,
+            &spec(json!({"max_seq_length": 512, "gradient_accumulation_steps": 4})),
+            Accelerator::Cpu,
+        );
+        assert_eq!((base.micro_batch, accumulated.micro_batch), (8, 2));
+        assert!(accumulated.activations_bytes * 3 < base.activations_bytes);
+        // LoRA trains few parameters, but each adapter keeps a dropout copy of its input: it saves
+        // memory where the weights dominate (short sequences), not on long ones.
+        let short = json!({"max_seq_length": 64, "hyperparameters": {"batch_size": 1}});
+        let full_short = estimate(&hf, &spec(short.clone()), Accelerator::Cpu);
+        let mut lora_short = short;
+        lora_short["lora_r"] = json!(16);
+        let lora = estimate(&hf, &spec(lora_short), Accelerator::Cpu);
+        assert!(lora.optimizer_bytes * 20 < full_short.optimizer_bytes, "{lora:?}");
+        assert!(lora.total_bytes < full_short.total_bytes);
+        assert!(lora.activations_bytes > full_short.activations_bytes);
+        let cuda = estimate(&hf, &spec(json!({"max_seq_length": 512})), Accelerator::Cuda);
+        assert!(cuda.activations_bytes < base.activations_bytes / 2);
+        // Full fine-tuning keeps fp32 weights on CUDA too; only frozen weights are bf16.
+        assert_eq!(cuda.weights_bytes, base.weights_bytes);
+    }
+
+    #[test]
+    fn frozen_layers_and_embeddings_are_not_trained() {
+        let hf = gpt2_124m();
+        let all = trainable_parameters(&hf, &spec(json!({})));
+        let frozen = trainable_parameters(
+            &hf,
+            &spec(json!({"freeze_embeddings": true, "freeze_layers": 6})),
+        );
+        assert_eq!(all, hf.num_parameters() as u64);
+        let embeddings = 50257 * 768;
+        assert!(frozen < all - embeddings && frozen > all / 4, "{frozen} of {all}");
+        // LoRA r16 on GPT-2's c_attn (768 -> 2304) only, as PEFT counts it.
+        let lora = trainable_parameters(
+            &hf,
+            &spec(json!({"lora_r": 16, "lora_target_modules": ["c_attn"]})),
+        );
+        assert_eq!(lora, 12 * 16 * (768 + 2304));
+    }
+}
