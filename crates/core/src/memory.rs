@@ -71,7 +71,11 @@ pub fn estimate_with(
 ) -> MemoryEstimate {
     let f = hf.arch.facts();
     let d = f.dims();
-    let (layers, hidden, heads) = (d.num_layers as f64, d.hidden_size as f64, d.num_heads as f64);
+    let (layers, hidden, heads) = (
+        d.num_layers as f64,
+        d.hidden_size as f64,
+        d.num_heads as f64,
+    );
     let seq = u64::from(spec.max_seq_length).min(d.context_length.max(1) as u64);
     let tokens = (micro_batch * seq) as f64;
     let bf16 = accelerator == Accelerator::Cuda && spec.precision != Precision::Fp32;
@@ -180,6 +184,89 @@ fn lora_inputs(f: &dyn ArchFacts, lora: &Lora) -> i64 {
     targeted(f, lora).map(|(input, _)| input).sum()
 }
 
+/// Why a job will not fit, for its error: what it needs (by part) against what the device has,
+/// and the changes that would make it fit, each with its own estimate.
+pub fn does_not_fit(
+    hf: &HfConfig,
+    spec: &JobSpec,
+    e: &MemoryEstimate,
+    available: u64,
+    device: &str,
+) -> String {
+    let mut msg = format!(
+        "the job needs about {} of memory ({} weights, {} gradients, {} optimizer state, {} activations, {} logits, {} runtime; micro-batches of {} x {} tokens) but the {device} has {}",
+        gib(e.total_bytes),
+        gib(e.weights_bytes),
+        gib(e.gradients_bytes),
+        gib(e.optimizer_bytes),
+        gib(e.activations_bytes),
+        gib(e.logits_bytes),
+        gib(e.runtime_bytes),
+        e.micro_batch,
+        e.seq_len,
+        gib(available),
+    );
+    let fixes = fitting_changes(hf, spec, e.accelerator, available);
+    if fixes.is_empty() {
+        msg.push_str("; nothing tuna can change about the job would make it fit: use a smaller model or a device with more memory");
+    } else {
+        msg.push_str("; it would fit with ");
+        msg.push_str(&fixes.join(", or "));
+    }
+    msg
+}
+
+/// Single changes to the job that fit in `available`: a smaller micro-batch with gradient
+/// accumulation (the same optimiser steps), LoRA instead of full fine-tuning, a shorter
+/// `max_seq_length`.
+pub fn fitting_changes(
+    hf: &HfConfig,
+    spec: &JobSpec,
+    accelerator: Accelerator,
+    available: u64,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let fits = |s: &JobSpec, m: u64| estimate_with(hf, s, accelerator, m).total_bytes <= available;
+    let m = micro_batch(spec);
+    if let Some(smaller) = (1..m).rev().find(|&k| fits(spec, k)) {
+        let steps = u64::from(spec.batch_size).div_ceil(smaller);
+        out.push(format!(
+            "gradient_accumulation_steps {steps} (micro-batches of {smaller}, {})",
+            gib(estimate_with(hf, spec, accelerator, smaller).total_bytes)
+        ));
+    }
+    if spec.training_type == TrainingType::Full {
+        let mut lora = spec.clone();
+        lora.training_type = TrainingType::Lora;
+        lora.lora = Some(Lora {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            target_modules: vec!["all-linear".into()],
+        });
+        lora.freeze = Default::default();
+        if fits(&lora, m) {
+            out.push(format!(
+                "training_type lora (r 16 on every linear layer, {})",
+                gib(estimate_with(hf, &lora, accelerator, m).total_bytes)
+            ));
+        }
+    }
+    let mut shorter = spec.clone();
+    while shorter.max_seq_length > 64 {
+        shorter.max_seq_length /= 2;
+        if fits(&shorter, m) {
+            out.push(format!(
+                "max_seq_length {} ({})",
+                shorter.max_seq_length,
+                gib(estimate_with(hf, &shorter, accelerator, m).total_bytes)
+            ));
+            break;
+        }
+    }
+    out
+}
+
 /// `bytes` as GiB with one decimal ("3.4 GiB"), for messages.
 pub fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -218,7 +305,10 @@ mod tests {
         let p = hf.num_parameters() as u64;
         assert_eq!(p, 124_439_808);
         assert_eq!((e.micro_batch, e.seq_len), (4, 256));
-        assert_eq!(e.weights_bytes + e.gradients_bytes + e.optimizer_bytes, 16 * p);
+        assert_eq!(
+            e.weights_bytes + e.gradients_bytes + e.optimizer_bytes,
+            16 * p
+        );
         // The measured peak of this configuration (BENCHMARKS.md): 4,663 MiB.
         let mib = e.total_bytes >> 20;
         assert!((4200..5100).contains(&mib), "{e:?}");
@@ -251,13 +341,57 @@ mod tests {
         let mut lora_short = short;
         lora_short["lora_r"] = json!(16);
         let lora = estimate(&hf, &spec(lora_short), Accelerator::Cpu);
-        assert!(lora.optimizer_bytes * 20 < full_short.optimizer_bytes, "{lora:?}");
+        assert!(
+            lora.optimizer_bytes * 20 < full_short.optimizer_bytes,
+            "{lora:?}"
+        );
         assert!(lora.total_bytes < full_short.total_bytes);
         assert!(lora.activations_bytes > full_short.activations_bytes);
-        let cuda = estimate(&hf, &spec(json!({"max_seq_length": 512})), Accelerator::Cuda);
+        let cuda = estimate(
+            &hf,
+            &spec(json!({"max_seq_length": 512})),
+            Accelerator::Cuda,
+        );
         assert!(cuda.activations_bytes < base.activations_bytes / 2);
         // Full fine-tuning keeps fp32 weights on CUDA too; only frozen weights are bf16.
         assert_eq!(cuda.weights_bytes, base.weights_bytes);
+    }
+
+    #[test]
+    fn a_job_that_does_not_fit_says_what_would() {
+        let hf = gpt2_124m();
+        let s = spec(json!({"max_seq_length": 1024, "hyperparameters": {"batch_size": 8}}));
+        let e = estimate(&hf, &s, Accelerator::Cpu);
+        let available = 6 << 30;
+        assert!(e.total_bytes > available);
+        let msg = does_not_fit(&hf, &s, &e, available, "CPU");
+        assert!(
+            msg.starts_with(&format!(
+                "the job needs about {} of memory (",
+                gib(e.total_bytes)
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("but the CPU has 6.0 GiB; it would fit with "),
+            "{msg}"
+        );
+        let fixes = fitting_changes(&hf, &s, Accelerator::Cpu, available);
+        assert!(
+            fixes[0].starts_with("gradient_accumulation_steps "),
+            "{fixes:?}"
+        );
+        // Every suggestion really fits: applied, it estimates under the limit.
+        let steps: u32 = fixes[0].split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut fixed = s.clone();
+        fixed.gradient_accumulation_steps = steps;
+        assert!(estimate(&hf, &fixed, Accelerator::Cpu).total_bytes <= available);
+        // Nothing fits in 100 MiB: not even the weights.
+        let none = does_not_fit(&hf, &s, &e, 100 << 20, "CPU");
+        assert!(
+            none.ends_with("use a smaller model or a device with more memory"),
+            "{none}"
+        );
     }
 
     #[test]
@@ -270,7 +404,10 @@ mod tests {
         );
         assert_eq!(all, hf.num_parameters() as u64);
         let embeddings = 50257 * 768;
-        assert!(frozen < all - embeddings && frozen > all / 4, "{frozen} of {all}");
+        assert!(
+            frozen < all - embeddings && frozen > all / 4,
+            "{frozen} of {all}"
+        );
         // LoRA r16 on GPT-2's c_attn (768 -> 2304) only, as PEFT counts it.
         let lora = trainable_parameters(
             &hf,

@@ -63,6 +63,11 @@ pub struct WorkerOptions {
     /// job fails as hung; 0 never.
     #[arg(long, default_value_t = 3600)]
     pub stall_timeout_secs: u64,
+    /// Memory one job may use, in MiB (default: all of the GPU's, or the machine's on CPU). A
+    /// job whose estimated peak is larger fails before training with what it needs and what
+    /// would fit.
+    #[arg(long, env = "TUNA_MEMORY_LIMIT_MB")]
+    pub memory_limit_mb: Option<u64>,
 }
 
 /// `tuna worker`'s arguments.
@@ -108,6 +113,7 @@ pub fn worker_config(o: &WorkerOptions) -> anyhow::Result<WorkerConfig> {
     cfg.trainer_threads = o.threads;
     cfg.stall_timeout =
         (o.stall_timeout_secs > 0).then(|| Duration::from_secs(o.stall_timeout_secs));
+    cfg.memory_limit = o.memory_limit_mb.map(|mb| mb.saturating_mul(1 << 20));
     Ok(cfg)
 }
 

@@ -15,6 +15,8 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tuna_core::hf_config::HfConfig;
+use tuna_core::memory;
 use tuna_core::protocol::StepMetrics;
 use tuna_core::spec::{Device, JobSpec};
 use tuna_db::queue::{
@@ -26,7 +28,7 @@ use tuna_db::rows::JobRow;
 use crate::child::{describe_exit, ControlLine, TrainerCommand, TrainerEvent, TrainerProcess};
 use crate::inputs::{self, LocalDataset};
 use crate::results::Results;
-use crate::{Outcome, WorkerConfig, WorkerError};
+use crate::{JobMemory, Outcome, WorkerConfig, WorkerError};
 
 /// Aborts a task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -72,6 +74,8 @@ struct Ctx<'a> {
     job: JobRow,
     progress: Arc<Mutex<ProgressState>>,
     lost: CancellationToken,
+    /// What the job may use on this worker's device.
+    memory: Option<JobMemory>,
 }
 
 impl Ctx<'_> {
@@ -143,6 +147,7 @@ pub(crate) async fn run_job(
     pool: &PgPool,
     cfg: &WorkerConfig,
     worker_device: &str,
+    memory: Option<JobMemory>,
     claimed: Claimed,
     listener: Option<&mut Listener>,
     shutdown: &CancellationToken,
@@ -176,6 +181,7 @@ pub(crate) async fn run_job(
         job,
         progress,
         lost: lost.clone(),
+        memory,
     };
     let result = execute(&ctx, &work, worker_device, ctl_rx, listener, shutdown).await;
     hb_stop.cancel();
@@ -532,6 +538,9 @@ async fn execute(
         Ok(p) => p,
         Err(outcome) => return Ok(outcome),
     };
+    if let Some(err) = memory_check(ctx, &spec, &prepared).await {
+        return finish_failed(ctx, &err).await;
+    }
     let model_name = fine_tuned_model_name(&ctx.job);
     let proc = spawn_trainer(ctx, &spec, &prepared, work, worker_device).await?;
     let uploader = Uploader {
@@ -581,6 +590,27 @@ async fn prepare_unless_stopped(
         Ok(p) => Ok(Ok(p)),
         Err(e) => finish_failed(ctx, &e).await.map(Err),
     }
+}
+
+/// The job's estimated peak memory against what this worker's device has
+/// (`tuna_core::memory`): an `insufficient_memory` error, naming both and what would fit, when
+/// the job would not fit. A model whose config.json cannot be read is left to the trainer.
+async fn memory_check(ctx: &Ctx<'_>, spec: &JobSpec, prepared: &Prepared) -> Option<JobError> {
+    let memory = ctx.memory.as_ref()?;
+    let text = tokio::fs::read_to_string(prepared.model.dir.join("config.json"))
+        .await
+        .ok()?;
+    let hf = HfConfig::parse(&text).ok()?;
+    let e = memory::estimate(&hf, spec, memory.accelerator);
+    if e.total_bytes <= memory.bytes {
+        return None;
+    }
+    let message = memory::does_not_fit(&hf, spec, &e, memory.bytes, &memory.device);
+    Some(JobError {
+        code: "insufficient_memory".into(),
+        message: format!("{}{}", message[..1].to_uppercase(), &message[1..]),
+        param: Some("batch_size".into()),
+    })
 }
 
 /// Starts `tuna-trainer run` for the prepared job. A trainer that cannot start is a broken

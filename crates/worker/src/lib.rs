@@ -79,6 +79,8 @@ pub struct WorkerConfig {
     pub labels: Value,
     /// Keep each job's scratch directory (debugging).
     pub keep_work_dirs: bool,
+    /// Memory one job may use, in bytes; `None`: the GPU's memory, or the machine's on CPU.
+    pub memory_limit: Option<u64>,
 }
 
 impl WorkerConfig {
@@ -105,6 +107,7 @@ impl WorkerConfig {
             trainer_threads: None,
             labels: json!({}),
             keep_work_dirs: false,
+            memory_limit: None,
         }
     }
 }
@@ -189,6 +192,22 @@ pub fn detect_device(choice: DeviceChoice) -> (String, Option<String>, Option<i6
     }
 }
 
+/// What a job may use on this worker: which memory, how much, and how messages name it.
+#[derive(Debug, Clone)]
+pub struct JobMemory {
+    pub accelerator: tuna_core::memory::Accelerator,
+    pub bytes: u64,
+    pub device: String,
+}
+
+/// The machine's memory (`MemTotal`), if the platform reports it.
+fn machine_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// A worker: one job at a time.
 pub struct Worker {
     pool: PgPool,
@@ -231,6 +250,33 @@ impl Worker {
     /// What this worker announces.
     pub fn info(&self) -> &WorkerInfo {
         &self.info
+    }
+
+    /// The memory a job may use here (`None`: unknown, then nothing is checked).
+    fn job_memory(&self) -> Option<JobMemory> {
+        use tuna_core::memory::Accelerator;
+        let limit = self.cfg.memory_limit;
+        let (accelerator, device, bytes) = if self.info.device_kind == "cuda" {
+            let gpu = self
+                .info
+                .gpu_memory_mb
+                .map(|mb| mb.max(0) as u64 * (1 << 20));
+            let name = self.info.gpu_name.clone().unwrap_or_else(|| "GPU".into());
+            (Accelerator::Cuda, name, gpu)
+        } else {
+            (Accelerator::Cpu, "CPU".to_string(), machine_memory())
+        };
+        let (bytes, device) = match (limit, bytes) {
+            (Some(l), Some(b)) if l < b => (l, format!("{device} (limited by --memory-limit-mb)")),
+            (Some(l), None) => (l, format!("{device} (limited by --memory-limit-mb)")),
+            (_, Some(b)) => (b, device),
+            (None, None) => return None,
+        };
+        Some(JobMemory {
+            accelerator,
+            bytes,
+            device,
+        })
     }
 
     pub fn config(&self) -> &WorkerConfig {
@@ -307,6 +353,7 @@ impl Worker {
             &self.pool,
             &self.cfg,
             &self.info.device_kind,
+            self.job_memory(),
             claimed,
             listener,
             shutdown,

@@ -414,6 +414,53 @@ async fn a_dataset_with_a_bad_line_fails_with_its_line_number() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_too_big_for_the_device_fails_before_training_with_what_would_fit() {
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(8)).await;
+    let job_id = env
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file}))
+        .await;
+    // Less than libtorch itself needs: no job fits, and none is started.
+    let mut cfg = env.config("small");
+    cfg.memory_limit = Some(200 << 20);
+    let out = Worker::new(env.pool().clone(), cfg)
+        .try_run_one()
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job_id.clone(),
+            status: JobStatus::Failed
+        }
+    );
+    let err = env.job(&job_id).await.error.unwrap();
+    assert_eq!(err["code"], "insufficient_memory", "{err}");
+    assert_eq!(err["param"], "batch_size");
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.starts_with("The job needs about "), "{msg}");
+    assert!(
+        msg.contains("but the CPU (limited by --memory-limit-mb) has 0.2 GiB"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("use a smaller model or a device with more memory"),
+        "{msg}"
+    );
+    // The trainer never started: no event of its phases.
+    let events = env.events(&job_id).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.message.starts_with("Loading the base model")),
+        "{events:?}"
+    );
+    assert!(events
+        .iter()
+        .any(|e| e.message.starts_with("The job needs about")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_dataset_url_fails_with_a_clear_error() {
     let env = Env::new(None).await;
     // A port nobody listens on.
