@@ -22,7 +22,9 @@
 //!   tied to the embeddings), `N_lora` the adapter weights, `L` layers, `d` attention width.
 //!   Padding is not counted (useful work only), for both sides alike;
 //! - `peak_rss_bytes`: the process's peak resident memory (`VmHWM`), meaningful on CPU; on
-//!   CUDA the driver script samples `nvidia-smi` for both processes instead.
+//!   CUDA the driver script samples `nvidia-smi` for both processes instead;
+//! - `planned`: the memory planner's estimate (`tuna_core::memory`) for a job of the same model,
+//!   batch, length and method, to compare with the measured peak (`scripts/bench-memory.sh`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -47,6 +49,7 @@ pub struct BenchOptions {
     /// LoRA on every linear layer (PEFT's `all-linear`) with this rank; None: full fine-tune.
     pub lora_r: Option<i64>,
     pub lora_alpha: f64,
+    pub lora_dropout: f64,
     /// Causal LM: pack each step's examples into rows of `max_len` tokens; classification: group
     /// them by length into separately padded micro-batches (as a job with `packing` does).
     pub packing: bool,
@@ -226,7 +229,7 @@ impl<'a> Bench<'a> {
             lora: o.lora_r.map(|r| LoraOptions {
                 r,
                 alpha: o.lora_alpha,
-                dropout: 0.0,
+                dropout: o.lora_dropout,
                 target_modules: vec!["all-linear".into()],
             }),
             freeze: FreezeOptions::default(),
@@ -304,6 +307,35 @@ impl<'a> Bench<'a> {
         Ok(t)
     }
 
+    /// The memory planner's estimate for this run (`tuna_core::memory`), as a job of the same
+    /// model, batch, length and method would get it; null when config.json does not read.
+    fn planned(&self) -> Value {
+        let (o, file) = (self.o, &self.file);
+        let Ok(hf) = crate::models::read_config(&o.model_dir) else {
+            return Value::Null;
+        };
+        let mut body = json!({
+            "model": "bench", "training_file": "bench", "max_seq_length": file.max_len,
+            "hyperparameters": {"batch_size": self.batches.iter().map(Vec::len).max().unwrap_or(1)},
+            "task": file.task,
+        });
+        if let Some(r) = o.lora_r {
+            body["lora_r"] = json!(r);
+            body["lora_alpha"] = json!(o.lora_alpha);
+            body["lora_dropout"] = json!(o.lora_dropout);
+        }
+        let spec = match tuna_core::spec::parse_create_request(&body, &Default::default(), 0) {
+            Ok(r) => r.spec,
+            Err(e) => return json!({"error": e.message}),
+        };
+        let accelerator = if o.device == Device::Cpu {
+            tuna_core::memory::Accelerator::Cpu
+        } else {
+            tuna_core::memory::Accelerator::Cuda
+        };
+        json!(tuna_core::memory::estimate(&hf, &spec, accelerator))
+    }
+
     /// The JSON line (see the module documentation).
     fn report(&self, t: &Timed) -> Value {
         let (o, file, cfg, info) = (self.o, &self.file, &self.cfg, self.model.info());
@@ -346,6 +378,7 @@ impl<'a> Bench<'a> {
             "tflops": tflops,
             "mfu": o.peak_tflops.map(|p| tflops / p),
             "peak_rss_bytes": peak_rss_bytes(),
+            "planned": self.planned(),
             "timed_loss_per_target": t.loss_sum / t.targets.max(1) as f64,
             "last_loss": t.last_loss,
             "flops_formula": if lora {

@@ -89,6 +89,9 @@ enum Cmd {
         lora_r: Option<i64>,
         #[arg(long, default_value_t = 32.0)]
         lora_alpha: f64,
+        /// Dropout on the adapters' input (PEFT's lora_dropout).
+        #[arg(long, default_value_t = 0.0)]
+        lora_dropout: f64,
         /// Causal LM: pack each step's examples into rows of the file's max_len; classification: group them by length.
         #[arg(long)]
         packing: bool,
@@ -174,6 +177,7 @@ fn main() {
             precision,
             lora_r,
             lora_alpha,
+            lora_dropout,
             packing,
             warmup,
             steps,
@@ -196,6 +200,7 @@ fn main() {
                     precision,
                     lora_r,
                     lora_alpha,
+                    lora_dropout,
                     packing,
                     warmup,
                     steps,
