@@ -96,6 +96,9 @@ pub trait Model {
     }
     /// Logits as described by [`TaskHead`]. `train` turns dropout on.
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
+    /// Encoders: `last_hidden_state [batch, seq, hidden]` in eval mode, as transformers' base
+    /// model (`RobertaModel`, `DebertaV2Model`, ...) returns it; an error for decoders.
+    fn last_hidden_state(&self, batch: &Batch<'_>) -> Result<Tensor>;
     /// Every parameter that receives gradients, by its Hugging Face (or PEFT) name, in a stable
     /// order. Biases and norm weights are recognised by name for the no-weight-decay group.
     fn trainable_parameters(&self) -> Vec<(String, Tensor)>;

@@ -284,8 +284,10 @@ impl<'a> Builder<'a> {
         Ok(t)
     }
 
-    /// A classification head (`score` or `classifier`), from the checkpoint when it has one of the
-    /// right shape, else initialised N(0, initializer_range) (bias zeros), seeded.
+    /// A linear module of the classification head (`score`, `classifier`, or a part of a larger
+    /// head: RoBERTa's `classifier.dense`, DistilBERT's `pre_classifier`), from the checkpoint when
+    /// it has one of the right shape, else initialised N(0, initializer_range) (bias zeros),
+    /// seeded. Saved adapters keep the head's top-level module (PEFT's `modules_to_save`).
     pub fn classifier(&mut self, name: &str, in_f: i64, n: i64, bias: bool) -> Result<Linear> {
         let wname = format!("{name}.weight");
         let trainable = self.plan.trainable(&wname, Role::ClassifierHead);
@@ -311,7 +313,7 @@ impl<'a> Builder<'a> {
                     None
                 };
                 self.ld.notes.push(format!(
-                    "{name} initialised afresh ({n} labels, std {})",
+                    "{name} initialised afresh ({in_f} -> {n}, std {})",
                     self.init_std
                 ));
                 (w, b)

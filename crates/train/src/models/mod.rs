@@ -49,6 +49,12 @@ pub trait Architecture: Send {
         None
     }
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
+    /// An encoder's `last_hidden_state [b, t, d]`, as transformers' base model returns it.
+    fn last_hidden_state(&self, _core: &Core, _batch: &Batch<'_>, _train: bool) -> Result<Tensor> {
+        Err(Error::Config(
+            "only encoders return a last hidden state".into(),
+        ))
+    }
 }
 
 /// What every architecture shares once loaded.
@@ -112,6 +118,26 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Llama(c) => llama::build(dir, hf, c, &ckpt, opts),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
     }
+}
+
+/// The number of labels of an encoder's task (encoders train sequence classification only).
+fn encoder_labels(opts: &LoadOptions, family: &str) -> Result<i64> {
+    match &opts.task {
+        TaskHead::SequenceClassification { id2label } => Ok(id2label.len() as i64),
+        TaskHead::CausalLm => Err(Error::Config(format!(
+            "{family} supports sequence_classification only"
+        ))),
+    }
+}
+
+/// Encoders read whole rows: packing several examples into one is for causal language models.
+fn unpacked(batch: &Batch<'_>, family: &str) -> Result<()> {
+    if batch.packed.is_some() {
+        return Err(Error::Config(format!(
+            "packing applies to causal language models, not to {family}"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads and resolves `dir/config.json`.
@@ -218,6 +244,10 @@ impl<A: Architecture> Model for Net<A> {
     }
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
         self.arch.forward(&self.core, batch, train)
+    }
+    fn last_hidden_state(&self, batch: &Batch<'_>) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        self.arch.last_hidden_state(&self.core, batch, false)
     }
     fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
         self.core.trainable_parameters()
