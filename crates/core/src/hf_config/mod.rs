@@ -20,8 +20,11 @@
 //! [`Arch::facts`], and its line in `FAMILIES`.
 
 mod bert;
+#[cfg(test)]
+mod encoder_tests;
 mod gpt2;
 mod llama;
+mod roberta;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +37,7 @@ use serde_json::Value;
 pub use bert::BertConfig;
 pub use gpt2::Gpt2Config;
 pub use llama::{LlamaConfig, RopeConfig, RopeScaling};
+pub use roberta::RobertaConfig;
 
 use crate::spec::Task;
 
@@ -53,7 +57,7 @@ struct Family {
 }
 
 /// Every family tuna trains, in the order error messages list them. One line per family.
-const FAMILIES: &[Family] = &[gpt2::FAMILY, llama::FAMILY, bert::FAMILY];
+const FAMILIES: &[Family] = &[gpt2::FAMILY, llama::FAMILY, bert::FAMILY, roberta::FAMILY];
 
 /// The model types tuna can train.
 pub fn supported_model_types() -> Vec<&'static str> {
@@ -87,6 +91,7 @@ pub enum Arch {
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
     Bert(BertConfig),
+    Roberta(RobertaConfig),
 }
 
 impl Arch {
@@ -96,6 +101,7 @@ impl Arch {
             Arch::Gpt2(c) => c,
             Arch::Llama(c) => c,
             Arch::Bert(c) => c,
+            Arch::Roberta(c) => c,
         }
     }
 }

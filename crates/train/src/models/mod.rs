@@ -16,6 +16,7 @@ mod builder;
 mod export;
 pub mod gpt2;
 pub mod llama;
+pub mod roberta;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -117,6 +118,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Gpt2(c) => gpt2::build(dir, hf, c, &ckpt, opts),
         Arch::Llama(c) => llama::build(dir, hf, c, &ckpt, opts),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
+        Arch::Roberta(c) => roberta::build(dir, hf, c, &ckpt, opts),
     }
 }
 

@@ -1,0 +1,117 @@
+"""Tiny RANDOM encoder checkpoints beyond BERT for tuna's Rust tests (called by make_fixtures.py).
+
+Each ROOT/<name> is a folder as `save_pretrained` writes it plus `reference.safetensors` with fixed
+`input_ids` [2, T] (second row right-padded), `attention_mask` (and `token_type_ids` where the
+model reads them), what transformers computes for them (fp32, CPU, eval mode, from the model as
+it reloads it from disk): `last_hidden_state` of the base model, `logits` for the fixtures saved
+with a classification head, and `num_parameters`: the base model's parameter count inside
+`AutoModelForSequenceClassification` (the number `GET /v1/models/{id}` shows).
+
+Fixtures (one in the form the published checkpoints have, one odd configuration per family):
+- roberta:          RobertaForMaskedLM (tied lm_head), byte-level BPE, <pad> = 1.
+- xlm-roberta:      XLMRobertaForSequenceClassification, 3 labels, 3 heads of 16, SentencePiece-style
+                    Unigram tokenizer, old `torch_dtype` key.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForSequenceClassification,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+)
+
+import make_fixtures as mf
+
+NAMES = ["roberta", "xlm-roberta"]
+
+
+def unigram(vocab_size, specials, unk, cls, sep):
+    """A SentencePiece-style Unigram tokenizer (XLM-R, DeBERTa-v3) with `cls $A sep`."""
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=unk,
+                                      show_progress=False)
+    tok.train_from_iterator(mf.CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}",
+        special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
+    return tok
+
+
+def rewrite_config(out, edit):
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    edit(cfg)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+def write(root, name, model_cls, cfg, tok, specials, seed, *, attn="sdpa", cls_token=None,
+          token_types=False, keep=(), edit_config=None):
+    """Saves a randomised `model_cls(cfg)` with its tokenizer as ROOT/name and its reference."""
+    out = os.path.join(root, name)
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    kept = {k: v.detach().clone() for k, v in model.named_parameters() if any(s in k for s in keep)}
+    mf.randomize(model, seed)
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            if k in kept:
+                v.copy_(kept[k])
+    model.save_pretrained(out)
+    mf.save_tokenizer(tok, out, **specials)
+    if edit_config is not None:
+        rewrite_config(out, edit_config)
+    pad_id = tok.token_to_id(specials["pad_token"])
+    first = tok.token_to_id(cls_token) if cls_token else None
+    inputs = mf.reference_inputs(cfg.vocab_size, pad_id, first, seed, bert=token_types)
+    reloaded = model_cls.from_pretrained(out, dtype=torch.float32, attn_implementation=attn).eval()
+    with torch.no_grad():
+        hidden = reloaded.base_model(**inputs).last_hidden_state
+        model.set_attn_implementation(attn)
+        direct = model.eval().base_model(**inputs).last_hidden_state
+        tensors = {k: v.contiguous() for k, v in inputs.items()}
+        tensors["last_hidden_state"] = hidden.float().contiguous()
+        if "SequenceClassification" in model_cls.__name__:
+            tensors["logits"] = reloaded(**inputs).logits.float().contiguous()
+    assert torch.allclose(direct, hidden, atol=1e-5), f"{name}: reloaded model differs"
+    counted = AutoModelForSequenceClassification.from_pretrained(out)
+    tensors["num_parameters"] = torch.tensor([counted.base_model.num_parameters()])
+    save_file(tensors, os.path.join(out, "reference.safetensors"), metadata={"format": "pt"})
+
+
+def write_encoder_fixtures(root):
+    for sub in NAMES:
+        shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
+
+    # RoBERTa: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, byte-level BPE, `<s> $A </s>`.
+    rspecials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    rtok = mf.byte_level_bpe(400, rspecials)
+    rtok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=False)
+    rsp = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+           "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"}
+    write(root, "roberta", RobertaForMaskedLM,
+          RobertaConfig(vocab_size=rtok.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=128, max_position_embeddings=40,
+                        type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2),
+          rtok, rsp, seed=21, cls_token="<s>")
+    xtok = unigram(300, rspecials, "<unk>", "<s>", "</s>")
+    write(root, "xlm-roberta", XLMRobertaForSequenceClassification,
+          XLMRobertaConfig(vocab_size=xtok.get_vocab_size(), hidden_size=48, num_hidden_layers=2,
+                           num_attention_heads=3, intermediate_size=80, max_position_embeddings=24,
+                           type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2, classifier_dropout=0.3,
+                           id2label={0: "negative", 1: "neutral", 2: "positive"}),
+          xtok, rsp, seed=22, cls_token="<s>",
+          edit_config=lambda c: c.update(torch_dtype=c.pop("dtype"), transformers_version="4.40.0"))
