@@ -11,6 +11,8 @@ Fixtures (one in the form the published checkpoints have, one odd configuration 
 - roberta:          RobertaForMaskedLM (tied lm_head), byte-level BPE, <pad> = 1.
 - xlm-roberta:      XLMRobertaForSequenceClassification, 3 labels, 3 heads of 16, SentencePiece-style
                     Unigram tokenizer, old `torch_dtype` key.
+- distilbert:       DistilBertForMaskedLM, WordPiece.
+- distilbert-odd:   DistilBertForSequenceClassification, sinusoidal positions, 3 heads, ReLU.
 """
 
 import json
@@ -22,6 +24,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    DistilBertForSequenceClassification,
     RobertaConfig,
     RobertaForMaskedLM,
     XLMRobertaConfig,
@@ -30,7 +35,7 @@ from transformers import (
 
 import make_fixtures as mf
 
-NAMES = ["roberta", "xlm-roberta"]
+NAMES = ["roberta", "xlm-roberta", "distilbert", "distilbert-odd"]
 
 
 def unigram(vocab_size, specials, unk, cls, sep):
@@ -115,3 +120,17 @@ def write_encoder_fixtures(root):
                            id2label={0: "negative", 1: "neutral", 2: "positive"}),
           xtok, rsp, seed=22, cls_token="<s>",
           edit_config=lambda c: c.update(torch_dtype=c.pop("dtype"), transformers_version="4.40.0"))
+
+    # DistilBERT: WordPiece, [PAD] = 0.
+    wtok = mf.wordpiece(300)
+    wsp = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+           "mask_token": "[MASK]"}
+    write(root, "distilbert", DistilBertForMaskedLM,
+          DistilBertConfig(vocab_size=wtok.get_vocab_size(), dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                           max_position_embeddings=32, pad_token_id=0),
+          wtok, wsp, seed=23, cls_token="[CLS]")
+    write(root, "distilbert-odd", DistilBertForSequenceClassification,
+          DistilBertConfig(vocab_size=wtok.get_vocab_size(), dim=48, n_layers=2, n_heads=3, hidden_dim=96,
+                           max_position_embeddings=32, sinusoidal_pos_embds=True, activation="relu",
+                           seq_classif_dropout=0.1, pad_token_id=0, id2label={0: "bad", 1: "good"}),
+          wtok, wsp, seed=24, cls_token="[CLS]", keep=("position_embeddings",))

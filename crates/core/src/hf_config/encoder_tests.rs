@@ -75,10 +75,57 @@ fn roberta_refusals_name_the_field() {
     assert!(refusal(&v).contains("`pad_token_id` (513)"));
 }
 
+fn distilbert_base() -> Value {
+    json!({
+        "activation": "gelu", "architectures": ["DistilBertForMaskedLM"], "attention_dropout": 0.1,
+        "dim": 768, "dropout": 0.1, "hidden_dim": 3072, "initializer_range": 0.02,
+        "max_position_embeddings": 512, "model_type": "distilbert", "n_heads": 12, "n_layers": 6,
+        "pad_token_id": 0, "qa_dropout": 0.1, "seq_classif_dropout": 0.2,
+        "sinusoidal_pos_embds": false, "tie_weights_": true,
+        "transformers_version": "4.10.0.dev0", "vocab_size": 30522
+    })
+}
+
+#[test]
+fn distilbert_facts_and_bert_style_names() {
+    let c = parse(&distilbert_base());
+    assert_eq!(c.family(), "distilbert");
+    assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
+    assert_eq!(c.num_parameters(), 66_362_880, "distilbert-base-uncased");
+    let d = c.dims();
+    assert_eq!((d.num_layers, d.hidden_size, d.num_heads), (6, 768, 12));
+    assert_eq!(
+        c.module_names(),
+        vec!["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
+    );
+    assert_eq!(c.linear_modules()[0], "transformer.layer.0.attention.q_lin");
+    assert!(c
+        .freeze_patterns()
+        .contains(&"transformer.layer.*.ffn.*".to_string()));
+    // The names transformers' attribute_map accepts resolve the same.
+    let mut v = distilbert_base();
+    let m = v.as_object_mut().unwrap();
+    for (old, new) in [
+        ("dim", "hidden_size"),
+        ("n_layers", "num_hidden_layers"),
+        ("n_heads", "num_attention_heads"),
+    ] {
+        let x = m.remove(old).unwrap();
+        m.insert(new.into(), x);
+    }
+    assert_eq!(parse(&v).arch, c.arch);
+    let mut v = distilbert_base();
+    v.as_object_mut().unwrap().remove("hidden_dim");
+    assert!(refusal(&v).contains("`hidden_dim` is missing"));
+    let mut v = distilbert_base();
+    v["n_heads"] = json!(5);
+    assert!(refusal(&v).contains("dim (768) is not divisible"));
+}
+
 #[test]
 fn encoders_are_listed_among_the_supported_types() {
     let e = refusal(&json!({"model_type": "electra"}));
-    for t in ["roberta", "xlm-roberta"] {
+    for t in ["roberta", "xlm-roberta", "distilbert"] {
         assert!(e.contains(t), "{t}: {e}");
     }
 }

@@ -20,6 +20,7 @@
 //! [`Arch::facts`], and its line in `FAMILIES`.
 
 mod bert;
+mod distilbert;
 #[cfg(test)]
 mod encoder_tests;
 mod gpt2;
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use bert::BertConfig;
+pub use distilbert::{DistilBertConfig, DISTILBERT_LAYER_NORM_EPS};
 pub use gpt2::Gpt2Config;
 pub use llama::{LlamaConfig, RopeConfig, RopeScaling};
 pub use roberta::RobertaConfig;
@@ -57,7 +59,13 @@ struct Family {
 }
 
 /// Every family tuna trains, in the order error messages list them. One line per family.
-const FAMILIES: &[Family] = &[gpt2::FAMILY, llama::FAMILY, bert::FAMILY, roberta::FAMILY];
+const FAMILIES: &[Family] = &[
+    gpt2::FAMILY,
+    llama::FAMILY,
+    bert::FAMILY,
+    roberta::FAMILY,
+    distilbert::FAMILY,
+];
 
 /// The model types tuna can train.
 pub fn supported_model_types() -> Vec<&'static str> {
@@ -92,6 +100,7 @@ pub enum Arch {
     Llama(LlamaConfig),
     Bert(BertConfig),
     Roberta(RobertaConfig),
+    DistilBert(DistilBertConfig),
 }
 
 impl Arch {
@@ -102,6 +111,7 @@ impl Arch {
             Arch::Llama(c) => c,
             Arch::Bert(c) => c,
             Arch::Roberta(c) => c,
+            Arch::DistilBert(c) => c,
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod bert;
 mod builder;
+pub mod distilbert;
 mod export;
 pub mod gpt2;
 pub mod llama;
@@ -119,6 +120,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Llama(c) => llama::build(dir, hf, c, &ckpt, opts),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
         Arch::Roberta(c) => roberta::build(dir, hf, c, &ckpt, opts),
+        Arch::DistilBert(c) => distilbert::build(dir, hf, c, &ckpt, opts),
     }
 }
 

@@ -84,7 +84,13 @@ fn roberta_and_xlm_roberta_match_transformers() {
     check_parity("xlm-roberta");
 }
 
-const FIXTURES: &[&str] = &["roberta", "xlm-roberta"];
+#[test]
+fn distilbert_matches_transformers() {
+    check_parity("distilbert");
+    check_parity("distilbert-odd");
+}
+
+const FIXTURES: &[&str] = &["roberta", "xlm-roberta", "distilbert", "distilbert-odd"];
 
 /// What the API describes (`HfConfig::describe`) is what the loaded model has.
 #[test]
@@ -107,6 +113,7 @@ fn described_facts_match_the_loaded_models_and_transformers() {
         assert_eq!(counted, want, "{name}: the loaded base model");
         let cfg = read_json(&dir.join("config.json"));
         let (layers, heads) = match name {
+            n if n.starts_with("distilbert") => (&cfg["n_layers"], &cfg["n_heads"]),
             _ => (&cfg["num_hidden_layers"], &cfg["num_attention_heads"]),
         };
         assert_eq!(json!(d.dims.num_layers), *layers, "{name}");
@@ -157,6 +164,7 @@ fn described_facts_match_the_loaded_models_and_transformers() {
 fn base_prefix(fixture: &str) -> &'static str {
     match fixture.split('-').next().unwrap() {
         "roberta" | "xlm" => "roberta",
+        "distilbert" => "distilbert",
         _ => "model",
     }
 }
@@ -167,7 +175,10 @@ fn base_prefix(fixture: &str) -> &'static str {
 fn bf16_base_stays_close_and_keeps_fp32_gradients() {
     // Training-mode forwards draw dropout masks from libtorch's generator.
     let _g = lock();
-    for (name, targets) in [("xlm-roberta", None::<&str>)] {
+    for (name, targets) in [
+        ("xlm-roberta", None::<&str>),
+        ("distilbert-odd", Some("all-linear")),
+    ] {
         let r = reference(name);
         let o = LoadOptions {
             base_kind: Kind::BFloat16,
@@ -245,6 +256,16 @@ fn roberta_classification_trains() {
     classification_run("roberta", json!({}), 0.6);
 }
 
+#[test]
+fn distilbert_classification_trains_with_lora() {
+    classification_run(
+        "distilbert",
+        json!({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "merge_lora": true,
+               "learning_rate": 1e-2}),
+        0.8,
+    );
+}
+
 /// The encoders' exports: a full fine-tune, a LoRA adapter over a checkpoint without the
 /// classification head, and merged LoRA, per family.
 fn encoder_exports() -> Vec<Export> {
@@ -262,6 +283,19 @@ fn encoder_exports() -> Vec<Export> {
             .lora(&["query", "value"])
             .merged()
             .first(0),
+        Export::new("distilbert_odd_full", "distilbert-odd", two_labels(), &[]).first(2),
+        Export::new(
+            "distilbert_lora",
+            "distilbert",
+            two_labels(),
+            &["lora_B", "classifier"],
+        )
+        .lora(&["q_lin", "v_lin"])
+        .first(2),
+        Export::new("distilbert_merged", "distilbert", two_labels(), &["lora_B"])
+            .lora(&["all-linear"])
+            .merged()
+            .first(2),
     ]
 }
 
@@ -284,7 +318,10 @@ fn encoder_exports_load_in_transformers_and_peft_with_equal_logits() {
     }
     assert_eq!(lines.len(), cases.len(), "{lines:?}");
     // The adapters keep every part of the head (PEFT's modules_to_save).
-    for (name, heads) in [("roberta_lora", json!(["classifier"]))] {
+    for (name, heads) in [
+        ("roberta_lora", json!(["classifier"])),
+        ("distilbert_lora", json!(["pre_classifier", "classifier"])),
+    ] {
         let cfg = read_json(&t.join(name).join("adapter_config.json"));
         assert_eq!(cfg["modules_to_save"], heads, "{name}");
     }
@@ -307,6 +344,8 @@ fn heads_start_afresh_on_pretraining_checkpoints() {
     ] {
         assert!(n.contains(needle), "roberta: {n}");
     }
+    let n = notes(&fixture("distilbert"));
+    assert!(n.contains("pre_classifier initialised afresh"), "{n}");
 }
 
 #[test]
