@@ -13,6 +13,12 @@ Fixtures (one in the form the published checkpoints have, one odd configuration 
                     Unigram tokenizer, old `torch_dtype` key.
 - distilbert:       DistilBertForMaskedLM, WordPiece.
 - distilbert-odd:   DistilBertForSequenceClassification, sinusoidal positions, 3 heads, ReLU.
+- deberta-v3:       DebertaV2ForMaskedLM as v3 configs are published: relative attention with log
+                    buckets (8, below the reference length), shared keys, p2c|c2p as a string,
+                    LayerNorm'd relative embeddings, no absolute positions.
+- deberta-odd:      DebertaV2ForSequenceClassification: separate position projections, no buckets,
+                    max_relative_positions 5 (clipped), absolute positions, token types, v2's
+                    convolution, 3 heads.
 """
 
 import json
@@ -24,6 +30,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForSequenceClassification,
+    DebertaV2Config,
+    DebertaV2ForMaskedLM,
+    DebertaV2ForSequenceClassification,
     DistilBertConfig,
     DistilBertForMaskedLM,
     DistilBertForSequenceClassification,
@@ -35,7 +44,7 @@ from transformers import (
 
 import make_fixtures as mf
 
-NAMES = ["roberta", "xlm-roberta", "distilbert", "distilbert-odd"]
+NAMES = ["roberta", "xlm-roberta", "distilbert", "distilbert-odd", "deberta-v3", "deberta-odd"]
 
 
 def unigram(vocab_size, specials, unk, cls, sep):
@@ -134,3 +143,26 @@ def write_encoder_fixtures(root):
                            max_position_embeddings=32, sinusoidal_pos_embds=True, activation="relu",
                            seq_classif_dropout=0.1, pad_token_id=0, id2label={0: "bad", 1: "good"}),
           wtok, wsp, seed=24, cls_token="[CLS]", keep=("position_embeddings",))
+
+    # DeBERTa-v2/v3: [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=4, Unigram, `[CLS] $A [SEP]`.
+    dspecials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    dtok = unigram(300, dspecials, "[UNK]", "[CLS]", "[SEP]")
+    dsp = {"bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "[UNK]", "pad_token": "[PAD]",
+           "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+    write(root, "deberta-v3", DebertaV2ForMaskedLM,
+          DebertaV2Config(vocab_size=dtok.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=128, max_position_embeddings=32,
+                          relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                          norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type="p2c|c2p",
+                          position_biased_input=False, type_vocab_size=0, layer_norm_eps=1e-7,
+                          pad_token_id=0),
+          dtok, dsp, seed=25, attn="eager", cls_token="[CLS]",
+          edit_config=lambda c: c.update(pos_att_type="p2c|c2p"))
+    write(root, "deberta-odd", DebertaV2ForSequenceClassification,
+          DebertaV2Config(vocab_size=dtok.get_vocab_size(), hidden_size=48, num_hidden_layers=2,
+                          num_attention_heads=3, intermediate_size=96, max_position_embeddings=32,
+                          relative_attention=True, max_relative_positions=5, share_att_key=False,
+                          pos_att_type=["c2p", "p2c"], position_biased_input=True, type_vocab_size=2,
+                          conv_kernel_size=3, conv_act="gelu", layer_norm_eps=1e-7, pad_token_id=0,
+                          id2label={0: "a", 1: "b", 2: "c"}),
+          dtok, dsp, seed=26, attn="eager", cls_token="[CLS]", token_types=True)

@@ -122,10 +122,120 @@ fn distilbert_facts_and_bert_style_names() {
     assert!(refusal(&v).contains("dim (768) is not divisible"));
 }
 
+fn deberta_v3_base() -> Value {
+    json!({
+        "model_type": "deberta-v2", "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02,
+        "intermediate_size": 3072, "max_position_embeddings": 512, "relative_attention": true,
+        "position_buckets": 256, "norm_rel_ebd": "layer_norm", "share_att_key": true,
+        "pos_att_type": "p2c|c2p", "layer_norm_eps": 1e-7, "max_relative_positions": -1,
+        "position_biased_input": false, "num_attention_heads": 12, "num_hidden_layers": 12,
+        "type_vocab_size": 0, "vocab_size": 128100
+    })
+}
+
+#[test]
+fn deberta_v3_and_v2_facts() {
+    let c = parse(&deberta_v3_base());
+    assert_eq!(c.family(), "deberta-v2");
+    assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
+    assert_eq!(c.num_parameters(), 183_831_552, "deberta-v3-base");
+    let Arch::DebertaV2(d) = &c.arch else {
+        panic!()
+    };
+    let rel = d.relative.as_ref().unwrap();
+    assert_eq!((rel.att_span(), rel.max_relative_positions), (256, 512));
+    assert!(d.c2p && d.p2c && d.share_att_key && d.norm_rel_ebd && d.conv.is_none());
+    assert_eq!(
+        c.module_names(),
+        vec!["query_proj", "key_proj", "value_proj", "dense"]
+    );
+    assert_eq!(
+        c.freeze_patterns().last().map(String::as_str),
+        Some("encoder.LayerNorm.*")
+    );
+    // The 5.x list form of pos_att_type reads the same.
+    let mut v = deberta_v3_base();
+    v["pos_att_type"] = json!(["p2c", "c2p"]);
+    assert_eq!(parse(&v).arch, c.arch);
+
+    // v2-xlarge: the convolution after the first layer, an explicit head size.
+    let mut v = deberta_v3_base();
+    let m = v.as_object_mut().unwrap();
+    for (k, x) in [
+        ("hidden_size", json!(1536)),
+        ("intermediate_size", json!(6144)),
+        ("num_attention_heads", json!(24)),
+        ("attention_head_size", json!(64)),
+        ("num_hidden_layers", json!(24)),
+        ("conv_kernel_size", json!(3)),
+        ("conv_act", json!("gelu")),
+    ] {
+        m.insert(k.into(), x);
+    }
+    let c = parse(&v);
+    assert_eq!(c.num_parameters(), 884_593_152, "deberta-v2-xlarge");
+    assert_eq!(
+        c.freeze_patterns().last().map(String::as_str),
+        Some("encoder.conv.*")
+    );
+}
+
+#[test]
+fn deberta_separate_position_projections_are_lora_targets() {
+    let mut v = deberta_v3_base();
+    v["share_att_key"] = json!(false);
+    v["pos_att_type"] = json!("c2p");
+    let c = parse(&v);
+    assert_eq!(
+        c.module_names(),
+        vec![
+            "query_proj",
+            "key_proj",
+            "value_proj",
+            "pos_key_proj",
+            "dense"
+        ]
+    );
+    // One extra 768 × 768 projection with bias per layer.
+    let shared = parse(&deberta_v3_base()).num_parameters();
+    assert_eq!(c.num_parameters(), shared + 12 * (768 * 768 + 768));
+}
+
+#[test]
+fn deberta_refusals_name_the_field() {
+    for (key, value, needle) in [
+        ("pos_att_type", json!("c2p|p2p"), "`pos_att_type` 'p2p'"),
+        ("embedding_size", json!(128), "`embedding_size` (128)"),
+        (
+            "norm_rel_ebd",
+            json!("rms_norm"),
+            "`norm_rel_ebd` 'rms_norm'",
+        ),
+        (
+            "attention_head_size",
+            json!(32),
+            "`attention_head_size` (32)",
+        ),
+        ("conv_kernel_size", json!(2), "`conv_kernel_size`"),
+        ("position_buckets", json!(1024), "`position_buckets` (1024)"),
+        (
+            "hidden_act",
+            json!("quick_gelu"),
+            "`hidden_act` 'quick_gelu'",
+        ),
+    ] {
+        let mut v = deberta_v3_base();
+        v[key] = value;
+        let e = refusal(&v);
+        assert!(e.contains(needle), "{key}: {e}");
+    }
+}
+
 #[test]
 fn encoders_are_listed_among_the_supported_types() {
     let e = refusal(&json!({"model_type": "electra"}));
-    for t in ["roberta", "xlm-roberta", "distilbert"] {
+    for t in ["roberta", "xlm-roberta", "distilbert", "deberta-v2"] {
         assert!(e.contains(t), "{t}: {e}");
     }
 }

@@ -20,6 +20,7 @@
 //! [`Arch::facts`], and its line in `FAMILIES`.
 
 mod bert;
+mod deberta_v2;
 mod distilbert;
 #[cfg(test)]
 mod encoder_tests;
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use bert::BertConfig;
+pub use deberta_v2::{ConvConfig, DebertaV2Config, RelativeAttention};
 pub use distilbert::{DistilBertConfig, DISTILBERT_LAYER_NORM_EPS};
 pub use gpt2::Gpt2Config;
 pub use llama::{LlamaConfig, RopeConfig, RopeScaling};
@@ -65,6 +67,7 @@ const FAMILIES: &[Family] = &[
     bert::FAMILY,
     roberta::FAMILY,
     distilbert::FAMILY,
+    deberta_v2::FAMILY,
 ];
 
 /// The model types tuna can train.
@@ -101,6 +104,7 @@ pub enum Arch {
     Bert(BertConfig),
     Roberta(RobertaConfig),
     DistilBert(DistilBertConfig),
+    DebertaV2(DebertaV2Config),
 }
 
 impl Arch {
@@ -112,6 +116,7 @@ impl Arch {
             Arch::Bert(c) => c,
             Arch::Roberta(c) => c,
             Arch::DistilBert(c) => c,
+            Arch::DebertaV2(c) => c,
         }
     }
 }
@@ -365,6 +370,7 @@ pub const ACTIVATIONS: &[&str] = &[
     "relu",
     "silu",
     "swish",
+    "tanh",
 ];
 
 /// The activation named by `key` (`default` when absent), if the models implement it.

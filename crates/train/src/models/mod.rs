@@ -13,6 +13,7 @@
 
 pub mod bert;
 mod builder;
+pub mod deberta_v2;
 pub mod distilbert;
 mod export;
 pub mod gpt2;
@@ -121,6 +122,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
         Arch::Roberta(c) => roberta::build(dir, hf, c, &ckpt, opts),
         Arch::DistilBert(c) => distilbert::build(dir, hf, c, &ckpt, opts),
+        Arch::DebertaV2(c) => deberta_v2::build(dir, hf, c, &ckpt, opts),
     }
 }
 

@@ -90,7 +90,20 @@ fn distilbert_matches_transformers() {
     check_parity("distilbert-odd");
 }
 
-const FIXTURES: &[&str] = &["roberta", "xlm-roberta", "distilbert", "distilbert-odd"];
+#[test]
+fn deberta_v2_matches_transformers() {
+    check_parity("deberta-v3");
+    check_parity("deberta-odd");
+}
+
+const FIXTURES: &[&str] = &[
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "distilbert-odd",
+    "deberta-v3",
+    "deberta-odd",
+];
 
 /// What the API describes (`HfConfig::describe`) is what the loaded model has.
 #[test]
@@ -165,6 +178,7 @@ fn base_prefix(fixture: &str) -> &'static str {
     match fixture.split('-').next().unwrap() {
         "roberta" | "xlm" => "roberta",
         "distilbert" => "distilbert",
+        "deberta" => "deberta",
         _ => "model",
     }
 }
@@ -178,6 +192,7 @@ fn bf16_base_stays_close_and_keeps_fp32_gradients() {
     for (name, targets) in [
         ("xlm-roberta", None::<&str>),
         ("distilbert-odd", Some("all-linear")),
+        ("deberta-odd", Some("all-linear")),
     ] {
         let r = reference(name);
         let o = LoadOptions {
@@ -266,6 +281,11 @@ fn distilbert_classification_trains_with_lora() {
     );
 }
 
+#[test]
+fn deberta_classification_trains() {
+    classification_run("deberta-v3", json!({}), 0.6);
+}
+
 /// The encoders' exports: a full fine-tune, a LoRA adapter over a checkpoint without the
 /// classification head, and merged LoRA, per family.
 fn encoder_exports() -> Vec<Export> {
@@ -296,6 +316,24 @@ fn encoder_exports() -> Vec<Export> {
             .lora(&["all-linear"])
             .merged()
             .first(2),
+        Export::new("deberta_odd_full", "deberta-odd", three_labels(), &[]).first(1),
+        Export::new(
+            "deberta_v3_lora",
+            "deberta-v3",
+            two_labels(),
+            &["lora_B", "pooler", "classifier"],
+        )
+        .lora(&["all-linear"])
+        .first(1),
+        Export::new(
+            "deberta_odd_merged",
+            "deberta-odd",
+            three_labels(),
+            &["lora_B"],
+        )
+        .lora(&["query_proj", "pos_key_proj", "pos_query_proj"])
+        .merged()
+        .first(1),
     ]
 }
 
@@ -321,6 +359,7 @@ fn encoder_exports_load_in_transformers_and_peft_with_equal_logits() {
     for (name, heads) in [
         ("roberta_lora", json!(["classifier"])),
         ("distilbert_lora", json!(["pre_classifier", "classifier"])),
+        ("deberta_v3_lora", json!(["pooler", "classifier"])),
     ] {
         let cfg = read_json(&t.join(name).join("adapter_config.json"));
         assert_eq!(cfg["modules_to_save"], heads, "{name}");
@@ -346,6 +385,8 @@ fn heads_start_afresh_on_pretraining_checkpoints() {
     }
     let n = notes(&fixture("distilbert"));
     assert!(n.contains("pre_classifier initialised afresh"), "{n}");
+    let n = notes(&fixture("deberta-v3"));
+    assert!(n.contains("pooler.dense initialised afresh"), "{n}");
 }
 
 #[test]
@@ -355,4 +396,13 @@ fn encoders_refuse_causal_lm_and_a_config_tuna_cannot_train() {
         .unwrap()
         .to_string();
     assert!(msg.contains("sequence_classification"), "{msg}");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = read_json(&fixture("deberta-v3").join("config.json"));
+    cfg["pos_att_type"] = json!("p2c|p2p");
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let msg = load_model(tmp.path(), &cpu_options(two_labels()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("`pos_att_type` 'p2p'"), "{msg}");
 }
