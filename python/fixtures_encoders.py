@@ -19,6 +19,11 @@ Fixtures (one in the form the published checkpoints have, one odd configuration 
 - deberta-odd:      DebertaV2ForSequenceClassification: separate position projections, no buckets,
                     max_relative_positions 5 (clipped), absolute positions, token types, v2's
                     convolution, 3 heads.
+- modernbert:       ModernBertForMaskedLM, transformers 5 keys (layer_types, rope_parameters),
+                    local window 8 (below the reference length), mean pooling.
+- modernbert-odd:   ModernBertForSequenceClassification, the older keys
+                    (global_attn_every_n_layers, global/local_rope_theta), local window 4, 3 heads,
+                    every bias on, cls pooling.
 """
 
 import json
@@ -36,6 +41,9 @@ from transformers import (
     DistilBertConfig,
     DistilBertForMaskedLM,
     DistilBertForSequenceClassification,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    ModernBertForSequenceClassification,
     RobertaConfig,
     RobertaForMaskedLM,
     XLMRobertaConfig,
@@ -44,7 +52,7 @@ from transformers import (
 
 import make_fixtures as mf
 
-NAMES = ["roberta", "xlm-roberta", "distilbert", "distilbert-odd", "deberta-v3", "deberta-odd"]
+NAMES = ["roberta", "xlm-roberta", "distilbert", "distilbert-odd", "deberta-v3", "deberta-odd", "modernbert", "modernbert-odd"]
 
 
 def unigram(vocab_size, specials, unk, cls, sep):
@@ -57,6 +65,14 @@ def unigram(vocab_size, specials, unk, cls, sep):
     tok.train_from_iterator(mf.CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}",
+        special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
+    return tok
+
+
+def bpe_with_template(vocab_size, specials, cls, sep):
+    tok = mf.byte_level_bpe(vocab_size, specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
         special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
     return tok
 
@@ -166,3 +182,39 @@ def write_encoder_fixtures(root):
                           conv_kernel_size=3, conv_act="gelu", layer_norm_eps=1e-7, pad_token_id=0,
                           id2label={0: "a", 1: "b", 2: "c"}),
           dtok, dsp, seed=26, attn="eager", cls_token="[CLS]", token_types=True)
+
+    # ModernBERT: byte-level BPE with BERT-style specials, `[CLS] $A [SEP]`.
+    mspecials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    mtok = bpe_with_template(400, mspecials, "[CLS]", "[SEP]")
+    msp = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+           "mask_token": "[MASK]"}
+    ids = {k: mtok.token_to_id(v) for k, v in
+           [("pad_token_id", "[PAD]"), ("cls_token_id", "[CLS]"), ("sep_token_id", "[SEP]"),
+            ("bos_token_id", "[CLS]"), ("eos_token_id", "[SEP]")]}
+    write(root, "modernbert", ModernBertForMaskedLM,
+          ModernBertConfig(vocab_size=mtok.get_vocab_size(), hidden_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, intermediate_size=96, max_position_embeddings=64,
+                           global_attn_every_n_layers=3, local_attention=8, classifier_pooling="mean",
+                           rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 160000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                           **ids),
+          mtok, msp, seed=27, attn="eager", cls_token="[CLS]")
+
+    def old_modernbert_keys(c):
+        # As transformers < 5 wrote them (the published checkpoints).
+        c.pop("layer_types")
+        rope = c.pop("rope_parameters")
+        c.update(global_attn_every_n_layers=2, global_rope_theta=rope["full_attention"]["rope_theta"],
+                 local_rope_theta=rope["sliding_attention"]["rope_theta"], transformers_version="4.48.0",
+                 torch_dtype=c.pop("dtype"))
+
+    write(root, "modernbert-odd", ModernBertForSequenceClassification,
+          ModernBertConfig(vocab_size=mtok.get_vocab_size(), hidden_size=48, num_hidden_layers=3,
+                           num_attention_heads=3, intermediate_size=64, max_position_embeddings=64,
+                           global_attn_every_n_layers=2, local_attention=4, norm_bias=True,
+                           attention_bias=True, mlp_bias=True, classifier_bias=True,
+                           classifier_pooling="cls", classifier_activation="silu",
+                           rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
+                           id2label={0: "bad", 1: "good"}, **ids),
+          mtok, msp, seed=28, attn="eager", cls_token="[CLS]", edit_config=old_modernbert_keys)

@@ -78,9 +78,10 @@ pub fn embedding(weight: &Tensor, ids: &Tensor, kind: Kind) -> Result<Tensor> {
     cast(&e, kind)
 }
 
+/// LayerNorm over the last dimension; without bias for models that leave it out (ModernBERT).
 pub struct LayerNorm {
     pub weight: Tensor,
-    pub bias: Tensor,
+    pub bias: Option<Tensor>,
     pub eps: f64,
 }
 
@@ -88,9 +89,12 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.kind();
         let w = cast(&self.weight, k)?;
-        let b = cast(&self.bias, k)?;
+        let b = match &self.bias {
+            Some(b) => Some(cast(b, k)?),
+            None => None,
+        };
         let d = *x.size().last().expect("non-scalar");
-        Ok(x.f_layer_norm([d], Some(&w), Some(&b), self.eps, true)?)
+        Ok(x.f_layer_norm([d], Some(&w), b.as_ref(), self.eps, true)?)
     }
 }
 

@@ -232,10 +232,102 @@ fn deberta_refusals_name_the_field() {
     }
 }
 
+fn modernbert_base() -> Value {
+    json!({
+        "architectures": ["ModernBertForMaskedLM"], "attention_bias": false,
+        "attention_dropout": 0.0, "bos_token_id": 50281, "classifier_activation": "gelu",
+        "classifier_bias": false, "classifier_dropout": 0.0, "classifier_pooling": "mean",
+        "cls_token_id": 50281, "decoder_bias": true, "deterministic_flash_attn": false,
+        "embedding_dropout": 0.0, "eos_token_id": 50282, "global_attn_every_n_layers": 3,
+        "global_rope_theta": 160000.0, "gradient_checkpointing": false,
+        "hidden_activation": "gelu", "hidden_size": 768, "initializer_cutoff_factor": 2.0,
+        "initializer_range": 0.02, "intermediate_size": 1152, "layer_norm_eps": 1e-05,
+        "local_attention": 128, "local_rope_theta": 10000.0, "max_position_embeddings": 8192,
+        "mlp_bias": false, "mlp_dropout": 0.0, "model_type": "modernbert", "norm_bias": false,
+        "norm_eps": 1e-05, "num_attention_heads": 12, "num_hidden_layers": 22,
+        "pad_token_id": 50283, "position_embedding_type": "absolute", "sep_token_id": 50282,
+        "tie_word_embeddings": true, "torch_dtype": "float32",
+        "transformers_version": "4.47.0.dev0", "vocab_size": 50368
+    })
+}
+
+#[test]
+fn modernbert_facts_and_both_key_forms() {
+    let c = parse(&modernbert_base());
+    assert_eq!(c.family(), "modernbert");
+    assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
+    assert_eq!(c.num_parameters(), 149_014_272, "ModernBERT-base");
+    assert_eq!(c.dims().context_length, 8192);
+    assert_eq!(c.module_names(), vec!["Wqkv", "Wo", "Wi"]);
+    assert_eq!(c.linear_modules()[0], "layers.0.attn.Wqkv");
+    let Arch::ModernBert(m) = &c.arch else {
+        panic!()
+    };
+    assert_eq!(&m.local_layers[..4], &[false, true, true, false]);
+    assert_eq!(
+        (m.global_rope_theta, m.local_rope_theta),
+        (160000.0, 10000.0)
+    );
+    assert_eq!(m.classifier_pooling, Pooling::Mean);
+
+    // As transformers ≥ 5 writes it.
+    let mut v = modernbert_base();
+    let o = v.as_object_mut().unwrap();
+    for k in [
+        "global_attn_every_n_layers",
+        "global_rope_theta",
+        "local_rope_theta",
+    ] {
+        o.remove(k);
+    }
+    let types: Vec<&str> = (0..22)
+        .map(|i| {
+            if i % 3 == 0 {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
+        .collect();
+    o.insert("layer_types".into(), json!(types));
+    o.insert(
+        "rope_parameters".into(),
+        json!({"full_attention": {"rope_type": "default", "rope_theta": 160000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    );
+    assert_eq!(parse(&v).arch, c.arch);
+}
+
+#[test]
+fn modernbert_refusals_name_the_field() {
+    let mut v = modernbert_base();
+    v["rope_parameters"] = json!({"full_attention": {"rope_type": "yarn", "factor": 4.0}});
+    let e = refusal(&v);
+    assert!(
+        e.contains("`rope_parameters.full_attention.rope_type` 'yarn'"),
+        "{e}"
+    );
+    let mut v = modernbert_base();
+    v["classifier_pooling"] = json!("max");
+    assert!(refusal(&v).contains("`classifier_pooling` 'max'"));
+    let mut v = modernbert_base();
+    v["layer_types"] = json!(["full_attention"]);
+    assert!(refusal(&v).contains("`layer_types` has 1 entries for 22 layers"));
+    let mut v = modernbert_base();
+    v["layer_types"] = json!(vec!["chunked_attention"; 22]);
+    assert!(refusal(&v).contains("'chunked_attention'"));
+}
+
 #[test]
 fn encoders_are_listed_among_the_supported_types() {
     let e = refusal(&json!({"model_type": "electra"}));
-    for t in ["roberta", "xlm-roberta", "distilbert", "deberta-v2"] {
+    for t in [
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "deberta-v2",
+        "modernbert",
+    ] {
         assert!(e.contains(t), "{t}: {e}");
     }
 }

@@ -26,6 +26,7 @@ mod distilbert;
 mod encoder_tests;
 mod gpt2;
 mod llama;
+mod modernbert;
 mod roberta;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ pub use deberta_v2::{ConvConfig, DebertaV2Config, RelativeAttention};
 pub use distilbert::{DistilBertConfig, DISTILBERT_LAYER_NORM_EPS};
 pub use gpt2::Gpt2Config;
 pub use llama::{LlamaConfig, RopeConfig, RopeScaling};
+pub use modernbert::{ModernBertConfig, Pooling};
 pub use roberta::RobertaConfig;
 
 use crate::spec::Task;
@@ -68,6 +70,7 @@ const FAMILIES: &[Family] = &[
     roberta::FAMILY,
     distilbert::FAMILY,
     deberta_v2::FAMILY,
+    modernbert::FAMILY,
 ];
 
 /// The model types tuna can train.
@@ -105,6 +108,7 @@ pub enum Arch {
     Roberta(RobertaConfig),
     DistilBert(DistilBertConfig),
     DebertaV2(DebertaV2Config),
+    ModernBert(ModernBertConfig),
 }
 
 impl Arch {
@@ -117,6 +121,7 @@ impl Arch {
             Arch::Roberta(c) => c,
             Arch::DistilBert(c) => c,
             Arch::DebertaV2(c) => c,
+            Arch::ModernBert(c) => c,
         }
     }
 }

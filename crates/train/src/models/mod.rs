@@ -18,6 +18,7 @@ pub mod distilbert;
 mod export;
 pub mod gpt2;
 pub mod llama;
+pub mod modernbert;
 pub mod roberta;
 
 use std::collections::BTreeMap;
@@ -123,6 +124,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Roberta(c) => roberta::build(dir, hf, c, &ckpt, opts),
         Arch::DistilBert(c) => distilbert::build(dir, hf, c, &ckpt, opts),
         Arch::DebertaV2(c) => deberta_v2::build(dir, hf, c, &ckpt, opts),
+        Arch::ModernBert(c) => modernbert::build(dir, hf, c, &ckpt, opts),
     }
 }
 

@@ -23,7 +23,8 @@ use crate::export::{
     two_labels, Export,
 };
 use crate::parity::{
-    self, assert_all_padding_row_finite, assert_padding_does_not_leak, max_abs_diff,
+    self, assert_all_padding_row_finite, assert_padding_does_not_leak, copy_fixture_with,
+    max_abs_diff,
 };
 use crate::support::{cpu_options, fixture, lock};
 use crate::train_loop::{reviews, run, spec};
@@ -96,6 +97,12 @@ fn deberta_v2_matches_transformers() {
     check_parity("deberta-odd");
 }
 
+#[test]
+fn modernbert_matches_transformers() {
+    check_parity("modernbert");
+    check_parity("modernbert-odd");
+}
+
 const FIXTURES: &[&str] = &[
     "roberta",
     "xlm-roberta",
@@ -103,6 +110,8 @@ const FIXTURES: &[&str] = &[
     "distilbert-odd",
     "deberta-v3",
     "deberta-odd",
+    "modernbert",
+    "modernbert-odd",
 ];
 
 /// What the API describes (`HfConfig::describe`) is what the loaded model has.
@@ -193,6 +202,7 @@ fn bf16_base_stays_close_and_keeps_fp32_gradients() {
         ("xlm-roberta", None::<&str>),
         ("distilbert-odd", Some("all-linear")),
         ("deberta-odd", Some("all-linear")),
+        ("modernbert-odd", None),
     ] {
         let r = reference(name);
         let o = LoadOptions {
@@ -286,6 +296,16 @@ fn deberta_classification_trains() {
     classification_run("deberta-v3", json!({}), 0.6);
 }
 
+#[test]
+fn modernbert_classification_trains_with_lora() {
+    classification_run(
+        "modernbert",
+        json!({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "merge_lora": true,
+               "learning_rate": 1e-2}),
+        0.8,
+    );
+}
+
 /// The encoders' exports: a full fine-tune, a LoRA adapter over a checkpoint without the
 /// classification head, and merged LoRA, per family.
 fn encoder_exports() -> Vec<Export> {
@@ -334,6 +354,19 @@ fn encoder_exports() -> Vec<Export> {
         .lora(&["query_proj", "pos_key_proj", "pos_query_proj"])
         .merged()
         .first(1),
+        Export::new("modernbert_odd_full", "modernbert-odd", two_labels(), &[]).first(1),
+        Export::new(
+            "modernbert_lora",
+            "modernbert",
+            two_labels(),
+            &["lora_B", "head", "classifier"],
+        )
+        .lora(&["Wqkv", "Wi"])
+        .first(1),
+        Export::new("modernbert_merged", "modernbert", two_labels(), &["lora_B"])
+            .lora(&["all-linear"])
+            .merged()
+            .first(1),
     ]
 }
 
@@ -360,6 +393,7 @@ fn encoder_exports_load_in_transformers_and_peft_with_equal_logits() {
         ("roberta_lora", json!(["classifier"])),
         ("distilbert_lora", json!(["pre_classifier", "classifier"])),
         ("deberta_v3_lora", json!(["pooler", "classifier"])),
+        ("modernbert_lora", json!(["head", "classifier"])),
     ] {
         let cfg = read_json(&t.join(name).join("adapter_config.json"));
         assert_eq!(cfg["modules_to_save"], heads, "{name}");
@@ -387,6 +421,26 @@ fn heads_start_afresh_on_pretraining_checkpoints() {
     assert!(n.contains("pre_classifier initialised afresh"), "{n}");
     let n = notes(&fixture("deberta-v3"));
     assert!(n.contains("pooler.dense initialised afresh"), "{n}");
+    // ModernBERT's MLM checkpoint has the head the classifier starts from; without it, afresh.
+    let n = notes(&fixture("modernbert"));
+    assert!(!n.contains("head."), "{n}");
+    let tmp = copy_fixture_with("modernbert", |t| {
+        t.retain(|k, _| !k.starts_with("head."));
+    });
+    let m = load(tmp.path());
+    let n = m.load_notes().join("; ");
+    for needle in [
+        "head.dense initialised afresh",
+        "head.norm initialised afresh",
+    ] {
+        assert!(n.contains(needle), "{n}");
+    }
+    let w = &m.all_parameters()["head.norm.weight"];
+    assert_eq!(
+        w.eq(1.0).all().int64_value(&[]),
+        1,
+        "head.norm starts at ones"
+    );
 }
 
 #[test]
