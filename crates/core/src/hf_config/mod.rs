@@ -7,13 +7,15 @@
 //! `rope_scaling` (with `rope_type` or the older `type`) and `torch_dtype`. `null` counts as
 //! absent everywhere, and integers may be written as floats with no fraction (`768.0`).
 //!
-//! Supported families: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`) and BERT
-//! (`bert`). [`HfConfig::module_names`] lists the linear module names a user may name as LoRA
-//! target modules, and [`HfConfig::describe`] summarises a model for the API.
+//! Supported families: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`), and the
+//! encoders BERT (`bert`), RoBERTa (`roberta`, `xlm-roberta`), DistilBERT (`distilbert`),
+//! DeBERTa-v2/v3 (`deberta-v2`) and ModernBERT (`modernbert`). [`HfConfig::module_names`] lists
+//! the linear module names a user may name as LoRA target modules, and [`HfConfig::describe`]
+//! summarises a model for the API.
 //!
 //! Layout: this file holds what every family shares ([`HfConfig`], [`Common`], [`Arch`], the
 //! facts the API shows, the family registry and the checks); one file per family (`gpt2.rs`,
-//! `llama.rs`, `bert.rs`) holds its `RawXxxConfig` (config.json as it is, serde), the strict
+//! `llama.rs`, `bert.rs`, ...) holds its `RawXxxConfig` (config.json as it is, serde), the strict
 //! `XxxConfig` that `into_config()` resolves it into, and its [`ArchFacts`].
 //!
 //! Adding a family: a new file here with those three parts, a variant of [`Arch`] with its arm in
@@ -129,7 +131,8 @@ impl Arch {
 /// What the API and the trainer read off one family's resolved config; each family's file
 /// implements it for its `XxxConfig`.
 pub trait ArchFacts {
-    /// "gpt2", "llama" (Llama, Mistral, Qwen2) or "bert".
+    /// "gpt2", "llama" (Llama, Mistral, Qwen2), or an encoder's: "bert", "roberta" (RoBERTa,
+    /// XLM-RoBERTa), "distilbert", "deberta-v2", "modernbert".
     fn family(&self) -> &'static str;
     /// Decoders train for causal LM and sequence classification, encoders for classification.
     fn is_decoder(&self) -> bool;
@@ -426,7 +429,7 @@ impl HfConfig {
         &self.common.model_type
     }
 
-    /// "gpt2", "llama" (Llama, Mistral, Qwen2) or "bert".
+    /// See [`ArchFacts::family`].
     pub fn family(&self) -> &'static str {
         self.arch.facts().family()
     }
@@ -440,7 +443,7 @@ impl HfConfig {
         self.arch.facts().dims()
     }
 
-    /// Decoders: causal LM and sequence classification; BERT: sequence classification only.
+    /// Decoders: causal LM and sequence classification; encoders: sequence classification only.
     pub fn tasks(&self) -> Vec<Task> {
         if self.is_decoder() {
             vec![Task::CausalLm, Task::SequenceClassification]

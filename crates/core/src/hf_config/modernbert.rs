@@ -40,9 +40,9 @@ struct RawRope {
     rope_theta: Option<f64>,
 }
 
-/// config.json as it is. Flash-attention, MLM-head and compile settings (`deterministic_flash_attn`,
-/// `sparse_prediction`, `decoder_bias`, `reference_compile`, ...) do not touch classification, nor
-/// does the leftover `position_embedding_type`.
+/// config.json as it is. Flash-attention, MLM-head and compile settings
+/// (`deterministic_flash_attn`, `sparse_prediction`, `decoder_bias`, `reference_compile`, ...) do
+/// not touch classification, nor does the leftover `position_embedding_type`.
 #[derive(Deserialize)]
 struct RawModernBertConfig {
     vocab_size: Option<Int>,

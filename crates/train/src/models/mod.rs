@@ -1,4 +1,5 @@
-//! The architectures, one per file (`gpt2.rs`, `llama.rs`, `bert.rs`), and what they share.
+//! The architectures, one per file (`gpt2.rs`, `llama.rs`; the encoders `bert.rs`, `roberta.rs`,
+//! `distilbert.rs`, `deberta_v2.rs`, `modernbert.rs`), and what they share.
 //!
 //! - this file: the [`Architecture`] trait each file implements (its checkpoint names, the
 //!   class transformers saves it as, its forward pass), [`load_model`] (the registry: one arm per
