@@ -11,7 +11,8 @@ CASES.json is a list of objects:
 
 OUT.safetensors gets one fp32 tensor per case (its logits, eval mode, CPU); the script also prints
 one JSON line per case with the label names transformers read (`id2label`) and the logits' shape.
-Used by crates/train/tests/train/export.rs; any load error (missing/unexpected keys included) fails.
+Used by crates/train/tests/train/export.rs; any load error (missing/unexpected keys included, in the
+full checkpoint or the adapter) fails.
 """
 
 import json
@@ -41,8 +42,17 @@ def main():
         else:
             from peft import PeftModel
 
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import load_file
+
             base = cls.from_pretrained(case["base"], dtype=torch.float32, **case.get("base_kwargs", {}))
             model = PeftModel.from_pretrained(base, case["dir"])
+            # The adapter holds exactly what PEFT saves for its config: no key missing or unexpected.
+            saved = set(load_file(f"{case['dir']}/adapter_model.safetensors"))
+            expected = set(get_peft_model_state_dict(model))
+            if saved != expected:
+                sys.exit(f"{case['name']}: adapter keys missing {sorted(expected - saved)}, "
+                         f"unexpected {sorted(saved - expected)}")
         model.eval()
         ids = torch.tensor(case["input_ids"], dtype=torch.long)
         mask = torch.tensor(case["attention_mask"], dtype=torch.long)

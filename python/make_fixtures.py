@@ -22,6 +22,7 @@ Fixtures:
 - llama-dynamic: LlamaForCausalLM with dynamic NTK scaling, reference longer than max positions.
 - mistral:       MistralForCausalLM, GQA, sliding window smaller than the reference length.
 - bert:          BertModel with pooler, WordPiece tokenizer, num_labels 2.
+- the encoders beyond BERT: python/fixtures_encoders.py.
 - minilm-reference.safetensors: last_hidden_state of the real all-MiniLM-L6-v2 (when its package
                  is installed) for a padded batch.
 """
@@ -351,6 +352,8 @@ def main():
             hidden = minilm(input_ids=ids, attention_mask=mask).last_hidden_state
         save_file({"input_ids": ids, "attention_mask": mask, "last_hidden_state": hidden.contiguous()},
                   os.path.join(root, "minilm-reference.safetensors"), metadata={"format": "pt"})
+    import fixtures_encoders  # the encoders beyond BERT (with this file's helpers)
+    fixtures_encoders.write_encoder_fixtures(root)
     print(f"fixtures written to {root}")
 
 

@@ -52,7 +52,8 @@ fi
 TORCH_DIR=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 ln -sfn "$TORCH_DIR" .libtorch
 
-if [ ! -f .fixtures/.done ] || [ python/make_fixtures.py -nt .fixtures/.done ]; then
+# Rewritten when the fixture writer or one of the files it calls (python/fixtures_*.py) changes.
+if [ ! -f .fixtures/.done ] || [ -n "$(find python -name '*fixtures*.py' -newer .fixtures/.done)" ]; then
     log "writing tiny Hugging Face checkpoints to .fixtures"
     rm -rf .fixtures
     HF_HUB_OFFLINE=1 .venv/bin/python python/make_fixtures.py .fixtures

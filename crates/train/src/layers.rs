@@ -78,9 +78,10 @@ pub fn embedding(weight: &Tensor, ids: &Tensor, kind: Kind) -> Result<Tensor> {
     cast(&e, kind)
 }
 
+/// LayerNorm over the last dimension; without bias for models that leave it out (ModernBERT).
 pub struct LayerNorm {
     pub weight: Tensor,
-    pub bias: Tensor,
+    pub bias: Option<Tensor>,
     pub eps: f64,
 }
 
@@ -88,9 +89,12 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.kind();
         let w = cast(&self.weight, k)?;
-        let b = cast(&self.bias, k)?;
+        let b = match &self.bias {
+            Some(b) => Some(cast(b, k)?),
+            None => None,
+        };
         let d = *x.size().last().expect("non-scalar");
-        Ok(x.f_layer_norm([d], Some(&w), Some(&b), self.eps, true)?)
+        Ok(x.f_layer_norm([d], Some(&w), b.as_ref(), self.eps, true)?)
     }
 }
 
@@ -123,6 +127,7 @@ pub fn activation(x: &Tensor, name: &str) -> Result<Tensor> {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.f_gelu("tanh")?,
         "relu" => x.f_relu()?,
         "silu" | "swish" => x.f_silu()?,
+        "tanh" => x.f_tanh()?,
         other => {
             return Err(crate::Error::Config(format!(
                 "activation '{other}' is not supported"
@@ -225,6 +230,18 @@ pub fn padding_mask(attention_mask: &Tensor, all_real: bool) -> Result<AttnMask>
         mask: Some(keys.f_logical_or(&none)?),
         is_causal: false,
     })
+}
+
+/// The lowest finite value of `kind` (`torch.finfo(dtype).min`), with which transformers' eager
+/// attention masks a score (DeBERTa, ModernBERT): a query whose every key is masked then attends
+/// uniformly instead of returning NaN.
+pub fn lowest(kind: Kind) -> f64 {
+    match kind {
+        Kind::BFloat16 => -3.3895313892515355e38,
+        Kind::Half => -65504.0,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
 }
 
 /// Whether every position of `attention_mask` is a real token. One host read (a device sync on

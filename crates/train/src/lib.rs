@@ -1,4 +1,5 @@
-//! tuna's training engine: loads Hugging Face checkpoints (GPT-2, the Llama family, BERT) into
+//! tuna's training engine: loads Hugging Face checkpoints (GPT-2, the Llama family; the encoders
+//! BERT, RoBERTa/XLM-R, DistilBERT, DeBERTa-v2/v3, ModernBERT) into
 //! libtorch through tch, fine-tunes them (full, frozen layers or LoRA) for causal-LM SFT or
 //! sequence classification, and writes checkpoints that transformers and PEFT load unchanged.
 //!

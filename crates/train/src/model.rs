@@ -14,10 +14,11 @@ use crate::Result;
 pub enum TaskHead {
     /// Next-token prediction: `forward` returns logits `[batch, seq, vocab]`.
     CausalLm,
-    /// Sequence classification: `forward` returns logits `[batch, num_labels]`. For BERT the head
-    /// reads the pooled output (`classifier` on top of `bert.pooler`), for decoders it reads the
-    /// hidden state of the last non-padding token (`score` as in transformers'
-    /// `*ForSequenceClassification`). `id2label[i]` names label `i`.
+    /// Sequence classification: `forward` returns logits `[batch, num_labels]`. Encoders read the
+    /// first token (or the mean of the real tokens) through their family's head, as transformers'
+    /// `*ForSequenceClassification` does (BERT: `classifier` on top of `bert.pooler`; RoBERTa:
+    /// `classifier.dense` and `classifier.out_proj`; ...); decoders read the hidden state of the
+    /// last non-padding token (`score`). `id2label[i]` names label `i`.
     SequenceClassification { id2label: Vec<String> },
 }
 
@@ -59,7 +60,7 @@ pub struct LoadOptions {
 /// Architecture facts, read from config.json, that the trainer and the API need.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelInfo {
-    /// "gpt2", "llama", "mistral", "qwen2" or "bert".
+    /// config.json's `model_type` ("gpt2", "llama", "qwen2", "bert", "xlm-roberta", ...).
     pub model_type: String,
     pub family: String,
     pub vocab_size: i64,
@@ -96,6 +97,9 @@ pub trait Model {
     }
     /// Logits as described by [`TaskHead`]. `train` turns dropout on.
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
+    /// Encoders: `last_hidden_state [batch, seq, hidden]` in eval mode, as transformers' base
+    /// model (`RobertaModel`, `DebertaV2Model`, ...) returns it; an error for decoders.
+    fn last_hidden_state(&self, batch: &Batch<'_>) -> Result<Tensor>;
     /// Every parameter that receives gradients, by its Hugging Face (or PEFT) name, in a stable
     /// order. Biases and norm weights are recognised by name for the no-weight-decay group.
     fn trainable_parameters(&self) -> Vec<(String, Tensor)>;

@@ -1,5 +1,6 @@
 //! BERT (`model_type: bert`): config.json as transformers' `BertConfig` writes it, resolved into
-//! [`BertConfig`]. An encoder: sequence classification only.
+//! [`BertConfig`]. An encoder: sequence classification only. RoBERTa (`roberta.rs`) has the same
+//! keys and reads them through [`RawBertConfig`].
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,13 +17,13 @@ pub(super) const FAMILY: Family = Family {
 
 fn parse(value: &Value, _model_type: &str) -> Result<Arch, HfConfigError> {
     Ok(Arch::Bert(
-        from_json::<RawBertConfig>(value)?.into_config()?,
+        from_json::<RawBertConfig>(value)?.into_config("BERT")?,
     ))
 }
 
 /// config.json as it is.
 #[derive(Deserialize)]
-struct RawBertConfig {
+pub(super) struct RawBertConfig {
     vocab_size: Option<Int>,
     hidden_size: Option<Int>,
     num_hidden_layers: Option<Int>,
@@ -57,7 +58,8 @@ pub struct BertConfig {
 }
 
 impl RawBertConfig {
-    fn into_config(self) -> Result<BertConfig, HfConfigError> {
+    /// `family` names the model in errors ("BERT", "RoBERTa").
+    pub(super) fn into_config(self, family: &str) -> Result<BertConfig, HfConfigError> {
         let hidden_size = positive(self.hidden_size, "hidden_size")?;
         let heads = positive(self.num_attention_heads, "num_attention_heads")?;
         check_heads(hidden_size, heads, "hidden_size")?;
@@ -66,11 +68,13 @@ impl RawBertConfig {
             .unwrap_or_else(|| "absolute".to_string());
         if pet != "absolute" {
             return err(format!(
-                "BERT `position_embedding_type` '{pet}' is not supported (only 'absolute')"
+                "{family} `position_embedding_type` '{pet}' is not supported (only 'absolute')"
             ));
         }
         if self.is_decoder == Some(true) || self.add_cross_attention == Some(true) {
-            return err("BERT as a decoder is not supported");
+            return err(format!(
+                "{family} as a decoder is not supported (`is_decoder`)"
+            ));
         }
         let hidden_act = activation(self.hidden_act, "gelu", "hidden_act")?;
         let classifier_dropout = match self.classifier_dropout {
@@ -103,6 +107,26 @@ impl RawBertConfig {
     }
 }
 
+/// The linear modules of a BERT (and RoBERTa) layer.
+pub(super) const LAYER_LINEARS: &[&str] = &[
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
+/// BERT's freeze examples; the last one, the pooler, is BERT's own (RoBERTa's classification
+/// model has none).
+pub(super) const FREEZE_PATTERNS: [&str; 5] = [
+    "embeddings.*",
+    "encoder.layer.*.attention.*",
+    "encoder.layer.*.intermediate.*",
+    "encoder.layer.*.output.*",
+    "pooler.*",
+];
+
 impl ArchFacts for BertConfig {
     fn family(&self) -> &'static str {
         "bert"
@@ -127,14 +151,7 @@ impl ArchFacts for BertConfig {
         "encoder.layer"
     }
     fn layer_linears(&self) -> &'static [&'static str] {
-        &[
-            "attention.self.query",
-            "attention.self.key",
-            "attention.self.value",
-            "attention.output.dense",
-            "intermediate.dense",
-            "output.dense",
-        ]
+        LAYER_LINEARS
     }
     fn other_linears(&self) -> &'static [&'static str] {
         &["pooler.dense"]
@@ -152,21 +169,28 @@ impl ArchFacts for BertConfig {
         22.9
     }
     fn freeze_patterns(&self) -> &'static [&'static str] {
-        &[
-            "embeddings.*",
-            "encoder.layer.*.attention.*",
-            "encoder.layer.*.intermediate.*",
-            "encoder.layer.*.output.*",
-            "pooler.*",
-        ]
+        &FREEZE_PATTERNS
     }
     /// No LM head: `tied` does not matter.
     fn num_parameters(&self, _tied: bool) -> i64 {
-        let (d, i) = (self.hidden_size, self.intermediate_size);
-        let layer = 4 * (d * d + d) + 4 * d + (d * i + i) + (i * d + d);
+        let d = self.hidden_size;
+        self.encoder_parameters() + (d * d + d)
+    }
+}
+
+impl BertConfig {
+    /// Embeddings and layers (what BERT and RoBERTa share; BERT adds its pooler).
+    pub(super) fn encoder_parameters(&self) -> i64 {
+        let d = self.hidden_size;
         (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * d
             + 2 * d
-            + self.num_hidden_layers * layer
-            + (d * d + d)
+            + self.num_hidden_layers * layer_parameters(d, self.intermediate_size)
     }
+}
+
+/// One post-LayerNorm encoder layer of width `d` and feed-forward width `i` (BERT, RoBERTa,
+/// DistilBERT, DeBERTa without its relative-position projections): q, k, v and output
+/// projections, two LayerNorms, the feed-forward pair, every linear with a bias.
+pub(super) fn layer_parameters(d: i64, i: i64) -> i64 {
+    4 * (d * d + d) + 4 * d + (d * i + i) + (i * d + d)
 }

@@ -7,21 +7,29 @@
 //! `rope_scaling` (with `rope_type` or the older `type`) and `torch_dtype`. `null` counts as
 //! absent everywhere, and integers may be written as floats with no fraction (`768.0`).
 //!
-//! Supported families: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`) and BERT
-//! (`bert`). [`HfConfig::module_names`] lists the linear module names a user may name as LoRA
-//! target modules, and [`HfConfig::describe`] summarises a model for the API.
+//! Supported families: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`), and the
+//! encoders BERT (`bert`), RoBERTa (`roberta`, `xlm-roberta`), DistilBERT (`distilbert`),
+//! DeBERTa-v2/v3 (`deberta-v2`) and ModernBERT (`modernbert`). [`HfConfig::module_names`] lists
+//! the linear module names a user may name as LoRA target modules, and [`HfConfig::describe`]
+//! summarises a model for the API.
 //!
 //! Layout: this file holds what every family shares ([`HfConfig`], [`Common`], [`Arch`], the
 //! facts the API shows, the family registry and the checks); one file per family (`gpt2.rs`,
-//! `llama.rs`, `bert.rs`) holds its `RawXxxConfig` (config.json as it is, serde), the strict
+//! `llama.rs`, `bert.rs`, ...) holds its `RawXxxConfig` (config.json as it is, serde), the strict
 //! `XxxConfig` that `into_config()` resolves it into, and its [`ArchFacts`].
 //!
 //! Adding a family: a new file here with those three parts, a variant of [`Arch`] with its arm in
 //! [`Arch::facts`], and its line in `FAMILIES`.
 
 mod bert;
+mod deberta_v2;
+mod distilbert;
+#[cfg(test)]
+mod encoder_tests;
 mod gpt2;
 mod llama;
+mod modernbert;
+mod roberta;
 #[cfg(test)]
 mod tests;
 
@@ -32,8 +40,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use bert::BertConfig;
+pub use deberta_v2::{ConvConfig, DebertaV2Config, RelativeAttention};
+pub use distilbert::{DistilBertConfig, DISTILBERT_LAYER_NORM_EPS};
 pub use gpt2::Gpt2Config;
 pub use llama::{LlamaConfig, RopeConfig, RopeScaling};
+pub use modernbert::{ModernBertConfig, Pooling};
+pub use roberta::RobertaConfig;
 
 use crate::spec::Task;
 
@@ -53,7 +65,15 @@ struct Family {
 }
 
 /// Every family tuna trains, in the order error messages list them. One line per family.
-const FAMILIES: &[Family] = &[gpt2::FAMILY, llama::FAMILY, bert::FAMILY];
+const FAMILIES: &[Family] = &[
+    gpt2::FAMILY,
+    llama::FAMILY,
+    bert::FAMILY,
+    roberta::FAMILY,
+    distilbert::FAMILY,
+    deberta_v2::FAMILY,
+    modernbert::FAMILY,
+];
 
 /// The model types tuna can train.
 pub fn supported_model_types() -> Vec<&'static str> {
@@ -87,6 +107,10 @@ pub enum Arch {
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
     Bert(BertConfig),
+    Roberta(RobertaConfig),
+    DistilBert(DistilBertConfig),
+    DebertaV2(DebertaV2Config),
+    ModernBert(ModernBertConfig),
 }
 
 impl Arch {
@@ -96,6 +120,10 @@ impl Arch {
             Arch::Gpt2(c) => c,
             Arch::Llama(c) => c,
             Arch::Bert(c) => c,
+            Arch::Roberta(c) => c,
+            Arch::DistilBert(c) => c,
+            Arch::DebertaV2(c) => c,
+            Arch::ModernBert(c) => c,
         }
     }
 }
@@ -103,7 +131,8 @@ impl Arch {
 /// What the API and the trainer read off one family's resolved config; each family's file
 /// implements it for its `XxxConfig`.
 pub trait ArchFacts {
-    /// "gpt2", "llama" (Llama, Mistral, Qwen2) or "bert".
+    /// "gpt2", "llama" (Llama, Mistral, Qwen2), or an encoder's: "bert", "roberta" (RoBERTa,
+    /// XLM-RoBERTa), "distilbert", "deberta-v2", "modernbert".
     fn family(&self) -> &'static str;
     /// Decoders train for causal LM and sequence classification, encoders for classification.
     fn is_decoder(&self) -> bool;
@@ -367,6 +396,7 @@ pub const ACTIVATIONS: &[&str] = &[
     "relu",
     "silu",
     "swish",
+    "tanh",
 ];
 
 /// The activation named by `key` (`default` when absent), if the models implement it.
@@ -417,7 +447,7 @@ impl HfConfig {
         &self.common.model_type
     }
 
-    /// "gpt2", "llama" (Llama, Mistral, Qwen2) or "bert".
+    /// See [`ArchFacts::family`].
     pub fn family(&self) -> &'static str {
         self.arch.facts().family()
     }
@@ -431,7 +461,7 @@ impl HfConfig {
         self.arch.facts().dims()
     }
 
-    /// Decoders: causal LM and sequence classification; BERT: sequence classification only.
+    /// Decoders: causal LM and sequence classification; encoders: sequence classification only.
     pub fn tasks(&self) -> Vec<Task> {
         if self.is_decoder() {
             vec![Task::CausalLm, Task::SequenceClassification]

@@ -2,25 +2,56 @@
 //! and token-type embeddings, post-LayerNorm encoder layers, tanh pooler on `[CLS]`, dropout and
 //! `classifier` on the pooled output. A checkpoint without pooler weights (some sentence-embedding
 //! exports) gets a freshly initialised pooler, said in the load notes.
+//!
+//! Also what BERT's relatives take from it: [`BertEncoder`] (embeddings and layers, shaped by an
+//! [`EncoderSpec`]) for RoBERTa and DistilBERT, and [`EncoderLayer`] (a post-LayerNorm layer under
+//! the family's [`LayerNames`], the attention left to the caller) for DeBERTa too.
 
 use std::path::Path;
 
 use tch::{Kind, Tensor};
 use tuna_core::hf_config::{BertConfig, HfConfig};
 
-use super::{read_config, Architecture, Builder, Core, Net};
+use super::{encoder_labels, read_config, unpacked, Architecture, Builder, Core, Net};
 use crate::freeze::Role;
 use crate::layers::{
-    activation, all_real, dropout, embedding, padding_mask, sdpa, Fwd, LayerNorm, Linear,
+    activation, all_real, dropout, embedding, padding_mask, sdpa, AttnMask, Fwd, LayerNorm, Linear,
 };
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
 use crate::{Error, Result};
 
-struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+/// The module names of one post-LayerNorm encoder layer, relative to the layer.
+pub(super) struct LayerNames {
+    pub query: &'static str,
+    pub key: &'static str,
+    pub value: &'static str,
+    pub attn_out: &'static str,
+    pub attn_ln: &'static str,
+    pub inter: &'static str,
+    pub out: &'static str,
+    pub out_ln: &'static str,
+}
+
+/// BERT's (and RoBERTa's) names.
+const BERT_LAYER: LayerNames = LayerNames {
+    query: "attention.self.query",
+    key: "attention.self.key",
+    value: "attention.self.value",
+    attn_out: "attention.output.dense",
+    attn_ln: "attention.output.LayerNorm",
+    inter: "intermediate.dense",
+    out: "output.dense",
+    out_ln: "output.LayerNorm",
+};
+
+/// One post-LayerNorm encoder layer (BERT, RoBERTa, DistilBERT, DeBERTa): q/k/v projections, the
+/// attention output projection, residual and LayerNorm, the feed-forward pair, residual and
+/// LayerNorm. The attention itself is the architecture's.
+pub(super) struct EncoderLayer {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
     attn_out: Linear,
     attn_ln: LayerNorm,
     inter: Linear,
@@ -28,13 +59,218 @@ struct Layer {
     out_ln: LayerNorm,
 }
 
-pub struct Bert {
-    cfg: BertConfig,
+/// Dropout probabilities of [`EncoderLayer::finish`].
+pub(super) struct LayerDropout {
+    /// After the attention output projection.
+    pub attn_out: f64,
+    /// After the feed-forward output.
+    pub ffn: f64,
+}
+
+impl EncoderLayer {
+    /// Layer `prefix` (`encoder.layer.3`) of width `d`, feed-forward width `inter`.
+    pub(super) fn load(
+        b: &mut Builder,
+        prefix: &str,
+        names: &LayerNames,
+        (d, inter, eps): (i64, i64, f64),
+        role: Role,
+    ) -> Result<Self> {
+        let p = |n: &str| format!("{prefix}.{n}");
+        Ok(EncoderLayer {
+            query: b.linear(&p(names.query), d, d, true, role, false)?,
+            key: b.linear(&p(names.key), d, d, true, role, false)?,
+            value: b.linear(&p(names.value), d, d, true, role, false)?,
+            attn_out: b.linear(&p(names.attn_out), d, d, true, role, false)?,
+            attn_ln: b.layer_norm(&p(names.attn_ln), d, eps, role)?,
+            inter: b.linear(&p(names.inter), d, inter, true, role, false)?,
+            out: b.linear(&p(names.out), inter, d, true, role, false)?,
+            out_ln: b.layer_norm(&p(names.out_ln), d, eps, role)?,
+        })
+    }
+
+    /// The layer's output from its input `h` and the attention's context `ctx` (`[b, t, d]`, heads
+    /// merged), the feed-forward activation `act`.
+    pub(super) fn finish(
+        &self,
+        h: &Tensor,
+        ctx: &Tensor,
+        act: &str,
+        p: &LayerDropout,
+        f: Fwd,
+    ) -> Result<Tensor> {
+        let y = dropout(self.attn_out.forward(ctx, f)?, p.attn_out, f.train)?;
+        let a = self.attn_ln.forward(&y.f_add(h)?)?;
+        let m = activation(&self.inter.forward(&a, f)?, act)?;
+        let m = dropout(self.out.forward(&m, f)?, p.ffn, f.train)?;
+        self.out_ln.forward(&m.f_add(&a)?)
+    }
+}
+
+/// Self-attention of a BERT-style layer over SDPA: `[b, t, d]` in, heads merged out.
+fn self_attention(
+    l: &EncoderLayer,
+    h: &Tensor,
+    mask: &AttnMask,
+    heads: i64,
+    attn_dropout: f64,
+    f: Fwd,
+) -> Result<Tensor> {
+    let s = h.size();
+    let (bsz, t, d) = (s[0], s[1], s[2]);
+    let split = |x: Tensor| {
+        x.f_view([bsz, t, heads, d / heads])
+            .and_then(|x| x.f_transpose(1, 2))
+    };
+    let q = split(l.query.forward(h, f)?)?;
+    let k = split(l.key.forward(h, f)?)?;
+    let v = split(l.value.forward(h, f)?)?;
+    let p = if f.train { attn_dropout } else { 0.0 };
+    Ok(sdpa(&q, &k, &v, mask, p, None, false)?
+        .f_transpose(1, 2)?
+        .f_reshape([bsz, t, d])?)
+}
+
+/// The shape of a BERT-style encoder: what [`BertEncoder`] needs of BERT's, RoBERTa's or
+/// DistilBERT's config.
+pub(super) struct EncoderSpec {
+    pub vocab_size: i64,
+    pub max_positions: i64,
+    /// Token type embeddings when positive.
+    pub type_vocab_size: i64,
+    pub hidden: i64,
+    pub intermediate: i64,
+    pub heads: i64,
+    pub layers: i64,
+    pub eps: f64,
+    pub act: String,
+    /// Dropout after the embeddings (and [`LayerDropout`] in the layers).
+    pub dropout: f64,
+    pub layer_dropout: LayerDropout,
+    pub attn_dropout: f64,
+    /// Where the layers are (`encoder.layer`) and what their modules are called.
+    pub layer_prefix: &'static str,
+    pub names: &'static LayerNames,
+}
+
+impl EncoderSpec {
+    pub(super) fn bert(c: &BertConfig) -> Self {
+        EncoderSpec {
+            vocab_size: c.vocab_size,
+            max_positions: c.max_position_embeddings,
+            type_vocab_size: c.type_vocab_size,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            layers: c.num_hidden_layers,
+            eps: c.layer_norm_eps,
+            act: c.hidden_act.clone(),
+            dropout: c.hidden_dropout_prob,
+            layer_dropout: LayerDropout {
+                attn_out: c.hidden_dropout_prob,
+                ffn: c.hidden_dropout_prob,
+            },
+            attn_dropout: c.attention_probs_dropout_prob,
+            layer_prefix: "encoder.layer",
+            names: &BERT_LAYER,
+        }
+    }
+}
+
+/// BERT's encoder, which RoBERTa and DistilBERT share: word, position and (but for DistilBERT)
+/// token-type embeddings with their LayerNorm, then the post-LayerNorm layers over SDPA.
+pub(super) struct BertEncoder {
+    spec: EncoderSpec,
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    token_type: Option<Tensor>,
     emb_ln: LayerNorm,
-    layers: Vec<Layer>,
+    layers: Vec<EncoderLayer>,
+}
+
+impl BertEncoder {
+    pub(super) fn load(b: &mut Builder, spec: EncoderSpec) -> Result<Self> {
+        let (d, eps) = (spec.hidden, spec.eps);
+        let e = Role::Embedding;
+        let word = b.param(
+            "embeddings.word_embeddings.weight",
+            &[spec.vocab_size, d],
+            e,
+        )?;
+        let position = b.param(
+            "embeddings.position_embeddings.weight",
+            &[spec.max_positions, d],
+            e,
+        )?;
+        let token_type = if spec.type_vocab_size > 0 {
+            let shape = [spec.type_vocab_size, d];
+            Some(b.param("embeddings.token_type_embeddings.weight", &shape, e)?)
+        } else {
+            None
+        };
+        let emb_ln = b.layer_norm("embeddings.LayerNorm", d, eps, e)?;
+        let layers = (0..spec.layers)
+            .map(|i| {
+                let p = format!("{}.{i}", spec.layer_prefix);
+                let r = Role::Layer(i as usize);
+                EncoderLayer::load(b, &p, spec.names, (d, spec.intermediate, eps), r)
+            })
+            .collect::<Result<_>>()?;
+        Ok(BertEncoder {
+            spec,
+            word,
+            position,
+            token_type,
+            emb_ln,
+            layers,
+        })
+    }
+
+    /// `last_hidden_state [b, t, d]` for positions `position_ids` (`[b or 1, t]`) and token types
+    /// `token_types` (zeros when None).
+    pub(super) fn forward(
+        &self,
+        core: &Core,
+        batch: &Batch<'_>,
+        position_ids: &Tensor,
+        token_types: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let f = Fwd {
+            kind: core.compute_kind,
+            train,
+        };
+        let c = &self.spec;
+        let t = batch.input_ids.size()[1];
+        let mut h = embedding(&self.word, batch.input_ids, f.kind)?.f_add(&embedding(
+            &self.position,
+            position_ids,
+            f.kind,
+        )?)?;
+        if let Some(table) = &self.token_type {
+            let tt = match token_types {
+                Some(tt) => embedding(table, tt, f.kind)?,
+                None => embedding(
+                    table,
+                    &Tensor::f_zeros([1, t], (Kind::Int64, core.device))?,
+                    f.kind,
+                )?,
+            };
+            h = h.f_add(&tt)?;
+        }
+        let mut h = dropout(self.emb_ln.forward(&h)?, c.dropout, train)?;
+        let mask = padding_mask(batch.attention_mask, all_real(batch.attention_mask)?)?;
+        for l in &self.layers {
+            let ctx = self_attention(l, &h, &mask, c.heads, c.attn_dropout, f)?;
+            h = l.finish(&h, &ctx, &c.act, &c.layer_dropout, f)?;
+        }
+        Ok(h)
+    }
+}
+
+pub struct Bert {
+    cfg: BertConfig,
+    encoder: BertEncoder,
     pooler: Linear,
     classifier: Linear,
     classifier_dropout: f64,
@@ -71,43 +307,12 @@ fn build_net(
     ckpt: &Checkpoint,
     opts: &LoadOptions,
 ) -> Result<Net<Bert>> {
-    let TaskHead::SequenceClassification { id2label } = &opts.task else {
-        return Err(Error::Config(
-            "BERT supports sequence_classification only".into(),
-        ));
-    };
+    let labels = encoder_labels(opts, "BERT")?;
     let mut b = Builder::new::<Bert>(ckpt, cfg.num_hidden_layers as usize, &hf, opts)?;
-    let (d, eps, inter) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.intermediate_size);
-    let e = Role::Embedding;
-    let word = b.param("embeddings.word_embeddings.weight", &[cfg.vocab_size, d], e)?;
-    let position = b.param(
-        "embeddings.position_embeddings.weight",
-        &[cfg.max_position_embeddings, d],
-        e,
-    )?;
-    let token_type = b.param(
-        "embeddings.token_type_embeddings.weight",
-        &[cfg.type_vocab_size, d],
-        e,
-    )?;
-    let emb_ln = b.layer_norm("embeddings.LayerNorm", d, eps, e)?;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers as usize);
-    for i in 0..cfg.num_hidden_layers {
-        let r = Role::Layer(i as usize);
-        let p = format!("encoder.layer.{i}");
-        layers.push(Layer {
-            query: b.linear(&format!("{p}.attention.self.query"), d, d, true, r, false)?,
-            key: b.linear(&format!("{p}.attention.self.key"), d, d, true, r, false)?,
-            value: b.linear(&format!("{p}.attention.self.value"), d, d, true, r, false)?,
-            attn_out: b.linear(&format!("{p}.attention.output.dense"), d, d, true, r, false)?,
-            attn_ln: b.layer_norm(&format!("{p}.attention.output.LayerNorm"), d, eps, r)?,
-            inter: b.linear(&format!("{p}.intermediate.dense"), d, inter, true, r, false)?,
-            out: b.linear(&format!("{p}.output.dense"), inter, d, true, r, false)?,
-            out_ln: b.layer_norm(&format!("{p}.output.LayerNorm"), d, eps, r)?,
-        });
-    }
+    let d = cfg.hidden_size;
+    let encoder = BertEncoder::load(&mut b, EncoderSpec::bert(&cfg))?;
     let pooler = b.linear_or_init("pooler.dense", d, d, Role::Other)?;
-    let classifier = b.classifier("classifier", d, id2label.len() as i64, true)?;
+    let classifier = b.classifier("classifier", d, labels, true)?;
     let tied = false;
     let core = b.finish(dir, hf, opts, tied)?;
     let classifier_dropout = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);
@@ -115,11 +320,7 @@ fn build_net(
         core,
         arch: Bert {
             cfg,
-            word,
-            position,
-            token_type,
-            emb_ln,
-            layers,
+            encoder,
             pooler,
             classifier,
             classifier_dropout,
@@ -130,47 +331,15 @@ fn build_net(
 impl Bert {
     /// `last_hidden_state [b, t, d]` and `pooler_output [b, d]`.
     fn encode(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(Tensor, Tensor)> {
-        let (bsz, t) = core.check_batch(batch, Some(self.cfg.max_position_embeddings))?;
+        let (_, t) = core.check_batch(batch, Some(self.cfg.max_position_embeddings))?;
+        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
+        let h = self
+            .encoder
+            .forward(core, batch, &pos, batch.token_type_ids, train)?;
         let f = Fwd {
             kind: core.compute_kind,
             train,
         };
-        let c = &self.cfg;
-        let (nh, d) = (c.num_attention_heads, c.hidden_size);
-        let hd = d / nh;
-        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
-        let tt = match batch.token_type_ids {
-            Some(tt) => embedding(&self.token_type, tt, f.kind)?,
-            None => embedding(
-                &self.token_type,
-                &Tensor::f_zeros([1, t], (Kind::Int64, core.device))?,
-                f.kind,
-            )?,
-        };
-        let h = embedding(&self.word, batch.input_ids, f.kind)?
-            .f_add(&embedding(&self.position, &pos, f.kind)?)?
-            .f_add(&tt)?;
-        let mut h = dropout(self.emb_ln.forward(&h)?, c.hidden_dropout_prob, train)?;
-        let mask = padding_mask(batch.attention_mask, all_real(batch.attention_mask)?)?;
-        let attn_p = if train {
-            c.attention_probs_dropout_prob
-        } else {
-            0.0
-        };
-        let split = |x: Tensor| x.f_view([bsz, t, nh, hd]).and_then(|x| x.f_transpose(1, 2));
-        for l in &self.layers {
-            let q = split(l.query.forward(&h, f)?)?;
-            let k = split(l.key.forward(&h, f)?)?;
-            let v = split(l.value.forward(&h, f)?)?;
-            let y = sdpa(&q, &k, &v, &mask, attn_p, None, false)?
-                .f_transpose(1, 2)?
-                .f_reshape([bsz, t, d])?;
-            let y = dropout(l.attn_out.forward(&y, f)?, c.hidden_dropout_prob, train)?;
-            let a = l.attn_ln.forward(&y.f_add(&h)?)?;
-            let m = activation(&l.inter.forward(&a, f)?, &c.hidden_act)?;
-            let m = dropout(l.out.forward(&m, f)?, c.hidden_dropout_prob, train)?;
-            h = l.out_ln.forward(&m.f_add(&a)?)?;
-        }
         let cls = h.f_select(1, 0)?;
         let pooled = self.pooler.forward(&cls, f)?.f_tanh()?;
         Ok((h, pooled))
@@ -211,12 +380,12 @@ impl Architecture for Bert {
         })
     }
 
+    fn last_hidden_state(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        Ok(self.encode(core, batch, train)?.0)
+    }
+
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        if batch.packed.is_some() {
-            return Err(crate::Error::Config(
-                "packing applies to causal language models, not to BERT".into(),
-            ));
-        }
+        unpacked(batch, "BERT")?;
         let (_, pooled) = self.encode(core, batch, train)?;
         let pooled = dropout(pooled, self.classifier_dropout, train)?;
         self.classifier.forward(

@@ -249,9 +249,25 @@ impl<'a> Builder<'a> {
     }
 
     pub fn layer_norm(&mut self, rel: &str, d: i64, eps: f64, role: Role) -> Result<LayerNorm> {
+        self.layer_norm_with(rel, d, eps, true, role)
+    }
+
+    /// A LayerNorm with or without its bias.
+    pub fn layer_norm_with(
+        &mut self,
+        rel: &str,
+        d: i64,
+        eps: f64,
+        bias: bool,
+        role: Role,
+    ) -> Result<LayerNorm> {
         Ok(LayerNorm {
             weight: self.param(&format!("{rel}.weight"), &[d], role)?,
-            bias: self.param(&format!("{rel}.bias"), &[d], role)?,
+            bias: if bias {
+                Some(self.param(&format!("{rel}.bias"), &[d], role)?)
+            } else {
+                None
+            },
             eps,
         })
     }
@@ -284,8 +300,10 @@ impl<'a> Builder<'a> {
         Ok(t)
     }
 
-    /// A classification head (`score` or `classifier`), from the checkpoint when it has one of the
-    /// right shape, else initialised N(0, initializer_range) (bias zeros), seeded.
+    /// A linear module of the classification head (`score`, `classifier`, or a part of a larger
+    /// head: RoBERTa's `classifier.dense`, DistilBERT's `pre_classifier`), from the checkpoint when
+    /// it has one of the right shape, else initialised N(0, initializer_range) (bias zeros),
+    /// seeded. Saved adapters keep the head's top-level module (PEFT's `modules_to_save`).
     pub fn classifier(&mut self, name: &str, in_f: i64, n: i64, bias: bool) -> Result<Linear> {
         let wname = format!("{name}.weight");
         let trainable = self.plan.trainable(&wname, Role::ClassifierHead);
@@ -311,7 +329,7 @@ impl<'a> Builder<'a> {
                     None
                 };
                 self.ld.notes.push(format!(
-                    "{name} initialised afresh ({n} labels, std {})",
+                    "{name} initialised afresh ({in_f} -> {n}, std {})",
                     self.init_std
                 ));
                 (w, b)
@@ -338,6 +356,45 @@ impl<'a> Builder<'a> {
             bias: b,
             lora: None,
             conv1d: false,
+        })
+    }
+
+    /// A LayerNorm of the classification head (ModernBERT's `head.norm`), from the checkpoint
+    /// when it has all of it, else ones (and zero bias).
+    pub fn head_layer_norm(
+        &mut self,
+        name: &str,
+        d: i64,
+        eps: f64,
+        bias: bool,
+    ) -> Result<LayerNorm> {
+        let (wname, bname) = (format!("{name}.weight"), format!("{name}.bias"));
+        let kind = self.kind_for(self.plan.trainable(&wname, Role::ClassifierHead));
+        let w = self.ld.head(&wname, &[d], kind)?;
+        let b = match (&w, bias) {
+            (Some(_), true) => self.ld.head(&bname, &[d], kind)?,
+            _ => None,
+        };
+        let (w, b) = match (w, b) {
+            (Some(w), b) if b.is_some() == bias => (w, b),
+            _ => {
+                self.ld.notes.push(format!("{name} initialised afresh"));
+                let zeros = || Tensor::f_zeros([d], (kind, self.device));
+                let b = if bias { Some(zeros()?) } else { None };
+                (zeros()?.f_add_scalar(1.0)?, b)
+            }
+        };
+        let mut norm = |n: String, t: Tensor| {
+            let trainable = self.plan.trainable(&n, Role::ClassifierHead);
+            let t = t.set_requires_grad(trainable);
+            self.params
+                .push(ParamEntry::new(n, &t, trainable).in_head());
+            t
+        };
+        Ok(LayerNorm {
+            weight: norm(wname, w),
+            bias: b.map(|b| norm(bname, b)),
+            eps,
         })
     }
 

@@ -121,8 +121,11 @@ impl Core {
                     .f_to_kind(Kind::Float)?
                     .f_contiguous()?,
             ));
-            if let Some(m) = &p.module {
-                heads.push(m.clone());
+            // The head's top-level module (`classifier` for RoBERTa's `classifier.dense` and
+            // `classifier.out_proj`), which PEFT saves whole.
+            let top = p.name.split('.').next().unwrap_or(&p.name).to_string();
+            if !heads.contains(&top) {
+                heads.push(top);
             }
         }
         let modules: Vec<String> = self.loras.iter().map(|l| l.module.clone()).collect();

@@ -1,4 +1,5 @@
-//! The architectures, one per file (`gpt2.rs`, `llama.rs`, `bert.rs`), and what they share.
+//! The architectures, one per file (`gpt2.rs`, `llama.rs`; the encoders `bert.rs`, `roberta.rs`,
+//! `distilbert.rs`, `deberta_v2.rs`, `modernbert.rs`), and what they share.
 //!
 //! - this file: the [`Architecture`] trait each file implements (its checkpoint names, the
 //!   class transformers saves it as, its forward pass), [`load_model`] (the registry: one arm per
@@ -13,9 +14,13 @@
 
 pub mod bert;
 mod builder;
+pub mod deberta_v2;
+pub mod distilbert;
 mod export;
 pub mod gpt2;
 pub mod llama;
+pub mod modernbert;
+pub mod roberta;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +54,12 @@ pub trait Architecture: Send {
         None
     }
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
+    /// An encoder's `last_hidden_state [b, t, d]`, as transformers' base model returns it.
+    fn last_hidden_state(&self, _core: &Core, _batch: &Batch<'_>, _train: bool) -> Result<Tensor> {
+        Err(Error::Config(
+            "only encoders return a last hidden state".into(),
+        ))
+    }
 }
 
 /// What every architecture shares once loaded.
@@ -111,7 +122,31 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Gpt2(c) => gpt2::build(dir, hf, c, &ckpt, opts),
         Arch::Llama(c) => llama::build(dir, hf, c, &ckpt, opts),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
+        Arch::Roberta(c) => roberta::build(dir, hf, c, &ckpt, opts),
+        Arch::DistilBert(c) => distilbert::build(dir, hf, c, &ckpt, opts),
+        Arch::DebertaV2(c) => deberta_v2::build(dir, hf, c, &ckpt, opts),
+        Arch::ModernBert(c) => modernbert::build(dir, hf, c, &ckpt, opts),
     }
+}
+
+/// The number of labels of an encoder's task (encoders train sequence classification only).
+fn encoder_labels(opts: &LoadOptions, family: &str) -> Result<i64> {
+    match &opts.task {
+        TaskHead::SequenceClassification { id2label } => Ok(id2label.len() as i64),
+        TaskHead::CausalLm => Err(Error::Config(format!(
+            "{family} supports sequence_classification only"
+        ))),
+    }
+}
+
+/// Encoders read whole rows: packing several examples into one is for causal language models.
+fn unpacked(batch: &Batch<'_>, family: &str) -> Result<()> {
+    if batch.packed.is_some() {
+        return Err(Error::Config(format!(
+            "packing applies to causal language models, not to {family}"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads and resolves `dir/config.json`.
@@ -218,6 +253,10 @@ impl<A: Architecture> Model for Net<A> {
     }
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
         self.arch.forward(&self.core, batch, train)
+    }
+    fn last_hidden_state(&self, batch: &Batch<'_>) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        self.arch.last_hidden_state(&self.core, batch, false)
     }
     fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
         self.core.trainable_parameters()

@@ -17,7 +17,7 @@ use tuna_train::model::{Batch, LoadOptions, LoraOptions, Model, TaskHead};
 
 use crate::support::{cpu_options, fixture, lock, python, workspace};
 
-fn opts(task: TaskHead, lora: Option<LoraOptions>) -> LoadOptions {
+pub(crate) fn opts(task: TaskHead, lora: Option<LoraOptions>) -> LoadOptions {
     LoadOptions {
         lora,
         init_seed: 7,
@@ -71,7 +71,7 @@ fn inputs(vocab: i64, pad: i64, first: Option<i64>) -> (Vec<Vec<i64>>, Vec<Vec<i
 }
 
 /// One checkpoint tuna exports.
-struct Export {
+pub(crate) struct Export {
     name: &'static str,
     /// The fixture it starts from.
     base: &'static str,
@@ -85,20 +85,20 @@ struct Export {
     first_token: Option<i64>,
 }
 
-fn three_labels() -> TaskHead {
+pub(crate) fn three_labels() -> TaskHead {
     TaskHead::SequenceClassification {
         id2label: vec!["negative".into(), "neutral".into(), "positive".into()],
     }
 }
 
-fn two_labels() -> TaskHead {
+pub(crate) fn two_labels() -> TaskHead {
     TaskHead::SequenceClassification {
         id2label: vec!["bad".into(), "good".into()],
     }
 }
 
 impl Export {
-    fn new(
+    pub(crate) fn new(
         name: &'static str,
         base: &'static str,
         task: TaskHead,
@@ -115,21 +115,21 @@ impl Export {
         }
     }
 
-    fn lora(self, targets: &[&str]) -> Export {
+    pub(crate) fn lora(self, targets: &[&str]) -> Export {
         Export {
             lora: lora(targets),
             ..self
         }
     }
 
-    fn merged(self) -> Export {
+    pub(crate) fn merged(self) -> Export {
         Export {
             merge: true,
             ..self
         }
     }
 
-    fn first(self, token: i64) -> Export {
+    pub(crate) fn first(self, token: i64) -> Export {
         Export {
             first_token: Some(token),
             ..self
@@ -191,19 +191,19 @@ fn exports() -> Vec<Export> {
 }
 
 /// An exported checkpoint with its inputs and tuna's logits for them.
-struct Case {
-    name: String,
-    task: TaskHead,
-    spec: Value,
-    tuna: Tensor,
+pub(crate) struct Case {
+    pub name: String,
+    pub task: TaskHead,
+    pub spec: Value,
+    pub tuna: Tensor,
 }
 
-fn to_tensor(v: &[Vec<i64>]) -> Tensor {
+pub(crate) fn to_tensor(v: &[Vec<i64>]) -> Tensor {
     let flat: Vec<i64> = v.iter().flatten().copied().collect();
     Tensor::from_slice(&flat).view([v.len() as i64, -1])
 }
 
-fn forward(model: &dyn Model, ids: &Tensor, mask: &Tensor) -> Tensor {
+pub(crate) fn forward(model: &dyn Model, ids: &Tensor, mask: &Tensor) -> Tensor {
     tch::no_grad(|| {
         model.forward(
             &Batch {
@@ -219,7 +219,7 @@ fn forward(model: &dyn Model, ids: &Tensor, mask: &Tensor) -> Tensor {
 }
 
 /// Loads `e.base`, perturbs it, computes its logits and saves it under `tmp/<name>`.
-fn export(tmp: &Path, e: &Export) -> Case {
+pub(crate) fn export(tmp: &Path, e: &Export) -> Case {
     let base_dir = fixture(e.base);
     let model = load_model(&base_dir, &opts(e.task.clone(), e.lora.clone())).unwrap();
     perturb(model.as_ref(), e.perturb);
@@ -269,7 +269,7 @@ fn export_cases(tmp: &Path, names: &[&str]) -> Vec<Case> {
 
 /// What transformers / PEFT made of the exports (`python/check_export.py`): one JSON line per
 /// case, and the logits by case name.
-fn check_export(tmp: &Path, cases: &[Case]) -> (Vec<Value>, BTreeMap<String, Tensor>) {
+pub(crate) fn check_export(tmp: &Path, cases: &[Case]) -> (Vec<Value>, BTreeMap<String, Tensor>) {
     let specs: Vec<Value> = cases.iter().map(|c| c.spec.clone()).collect();
     let cases_path = tmp.join("cases.json");
     std::fs::write(&cases_path, serde_json::to_string(&specs).unwrap()).unwrap();
@@ -295,18 +295,15 @@ fn check_export(tmp: &Path, cases: &[Case]) -> (Vec<Value>, BTreeMap<String, Ten
     (lines, read_safetensors(&out_path).unwrap())
 }
 
-fn read_json(path: &Path) -> Value {
+pub(crate) fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-#[test]
-fn exports_load_in_transformers_and_peft_with_equal_logits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cases = export_cases(tmp.path(), &[]);
-    let (_, theirs) = check_export(tmp.path(), &cases);
+/// Every case's logits equal transformers'/PEFT's within 1e-4 (the report goes to stderr).
+pub(crate) fn assert_equal_logits(cases: &[Case], theirs: &BTreeMap<String, Tensor>) {
     let mut report = Vec::new();
     let mut bad = false;
-    for c in &cases {
+    for c in cases {
         let want = &theirs[&c.name];
         assert_eq!(c.tuna.size(), want.size(), "{}: shapes differ", c.name);
         let diff = f64::try_from((&c.tuna - want).abs().max()).unwrap();
@@ -319,6 +316,14 @@ fn exports_load_in_transformers_and_peft_with_equal_logits() {
         "logits differ from transformers/PEFT:\n{}",
         report.join("\n")
     );
+}
+
+#[test]
+fn exports_load_in_transformers_and_peft_with_equal_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = export_cases(tmp.path(), &[]);
+    let (_, theirs) = check_export(tmp.path(), &cases);
+    assert_equal_logits(&cases, &theirs);
 }
 
 #[test]
@@ -401,21 +406,26 @@ fn tuna_reloads_its_own_exports() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     for c in export_cases(t, &["bert_cls", "llama_tied_cls", "gpt2_full"]) {
-        let name = &c.name;
-        let m = load_model(&t.join(name), &opts(c.task.clone(), None)).unwrap();
-        assert!(
-            !m.load_notes().iter().any(|n| n.contains("initialised")),
-            "{name}: {:?}",
-            m.load_notes()
-        );
-        let ids = to_tensor(
-            &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["input_ids"].clone()).unwrap(),
-        );
-        let mask = to_tensor(
-            &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["attention_mask"].clone()).unwrap(),
-        );
-        let again = forward(m.as_ref(), &ids, &mask);
-        let diff = f64::try_from((&again - &c.tuna).abs().max()).unwrap();
-        assert!(diff < 1e-5, "{name}: reloaded export differs by {diff}");
+        assert_tuna_reloads(t, &c);
     }
+}
+
+/// tuna loads the full checkpoint `c` exported under `t` with no head initialised afresh, and
+/// computes the same logits.
+pub(crate) fn assert_tuna_reloads(t: &Path, c: &Case) {
+    let name = &c.name;
+    let m = load_model(&t.join(name), &opts(c.task.clone(), None)).unwrap();
+    assert!(
+        !m.load_notes().iter().any(|n| n.contains("initialised")),
+        "{name}: {:?}",
+        m.load_notes()
+    );
+    let ids =
+        to_tensor(&serde_json::from_value::<Vec<Vec<i64>>>(c.spec["input_ids"].clone()).unwrap());
+    let mask = to_tensor(
+        &serde_json::from_value::<Vec<Vec<i64>>>(c.spec["attention_mask"].clone()).unwrap(),
+    );
+    let again = forward(m.as_ref(), &ids, &mask);
+    let diff = f64::try_from((&again - &c.tuna).abs().max()).unwrap();
+    assert!(diff < 1e-5, "{name}: reloaded export differs by {diff}");
 }

@@ -3,6 +3,7 @@
 //! - `parity`: logits and hidden states equal transformers' on the tiny fixtures; load errors;
 //!   freezing, LoRA and gradients.
 //! - `export`: checkpoints tuna writes load unchanged in transformers and PEFT.
+//! - `encoders`: the encoders beyond BERT: parity, facts, training, exports.
 //! - `packing`: packed rows and length groups give the unpacked losses and gradients.
 //! - `unit`: AdamW against PyTorch, label masking with real tokenizers, bad data.
 //! - `train_loop`: training runs: the loss goes down, resume repeats the uninterrupted run,
@@ -14,6 +15,7 @@
 //! libtorch's process-wide random generator.
 
 mod cli;
+mod encoders;
 mod export;
 mod minilm;
 mod packing;

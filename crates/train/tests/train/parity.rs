@@ -14,12 +14,12 @@ use tuna_train::{load_model, Error};
 
 use crate::support::{cpu_options as opts, fixture, lock, minilm_dir, workspace};
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
     f64::try_from((a - b).abs().max()).unwrap()
 }
 
-fn reference(dir: &Path) -> BTreeMap<String, Tensor> {
+pub(crate) fn reference(dir: &Path) -> BTreeMap<String, Tensor> {
     read_safetensors(&dir.join("reference.safetensors")).unwrap()
 }
 
@@ -48,26 +48,34 @@ fn check_decoder_with(name: &str, alone: bool) {
     );
     let diff = max_abs_diff(&logits, want);
     assert!(diff < 1e-4, "{name}: max |tuna - transformers| = {diff}");
-    if !alone {
-        return;
+    if alone {
+        assert_padding_does_not_leak(name, &r, &logits, |b| {
+            tch::no_grad(|| model.forward(b, false)).unwrap()
+        });
     }
-    // The padded row's real tokens equal the same tokens run alone (no leak through padding).
+}
+
+/// The second row of reference `r` is right-padded: its real tokens (with their token types),
+/// run alone through `run`, give what they gave in the batch (`out`, `[2, t, ...]`): nothing
+/// leaks through padding.
+pub(crate) fn assert_padding_does_not_leak(
+    name: &str,
+    r: &BTreeMap<String, Tensor>,
+    out: &Tensor,
+    run: impl Fn(&Batch<'_>) -> Tensor,
+) {
     let real = i64::try_from(r["attention_mask"].get(1).sum(Kind::Int64)).unwrap();
-    let ids = r["input_ids"].get(1).narrow(0, 0, real).unsqueeze(0);
+    let first = |t: &Tensor| t.get(1).narrow(0, 0, real).unsqueeze(0);
+    let ids = first(&r["input_ids"]);
+    let types = r.get("token_type_ids").map(first);
     let mask = Tensor::ones([1, real], (Kind::Int64, Device::Cpu));
-    let alone = tch::no_grad(|| {
-        model.forward(
-            &Batch {
-                input_ids: &ids,
-                attention_mask: &mask,
-                token_type_ids: None,
-                packed: None,
-            },
-            false,
-        )
-    })
-    .unwrap();
-    let diff = max_abs_diff(&alone.get(0), &logits.get(1).narrow(0, 0, real));
+    let alone = run(&Batch {
+        input_ids: &ids,
+        attention_mask: &mask,
+        token_type_ids: types.as_ref(),
+        packed: None,
+    });
+    let diff = max_abs_diff(&alone.get(0), &out.get(1).narrow(0, 0, real));
     assert!(diff < 1e-4, "{name}: padded vs unpadded differ by {diff}");
 }
 
@@ -172,7 +180,7 @@ fn minilm_loads_for_classification_and_matches_transformers() {
     assert!(notes.contains("classifier initialised"), "{notes}");
 }
 
-fn copy_fixture_with(
+pub(crate) fn copy_fixture_with(
     name: &str,
     edit: impl FnOnce(&mut BTreeMap<String, Tensor>),
 ) -> tempfile::TempDir {
@@ -577,26 +585,31 @@ fn all_padding_rows_stay_finite() {
         ),
     ] {
         let m = load_model(&fixture(name), &opts(task)).unwrap();
-        let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 0, 0, 0, 0]).view([2, 4]);
-        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 0, 0, 0]).view([2, 4]);
-        let y = tch::no_grad(|| {
-            m.forward(
-                &Batch {
-                    input_ids: &ids,
-                    attention_mask: &mask,
-                    token_type_ids: None,
-                    packed: None,
-                },
-                false,
-            )
-        })
-        .unwrap();
-        assert_eq!(
-            y.isfinite().all().int64_value(&[]),
-            1,
-            "{name}: non-finite output for an all-padding row"
-        );
+        assert_all_padding_row_finite(name, m.as_ref());
     }
+}
+
+/// A row with no real token (mask all zeros) gives finite outputs.
+pub(crate) fn assert_all_padding_row_finite(name: &str, m: &dyn Model) {
+    let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 0, 0, 0, 0]).view([2, 4]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 0, 0, 0]).view([2, 4]);
+    let y = tch::no_grad(|| {
+        m.forward(
+            &Batch {
+                input_ids: &ids,
+                attention_mask: &mask,
+                token_type_ids: None,
+                packed: None,
+            },
+            false,
+        )
+    })
+    .unwrap();
+    assert_eq!(
+        y.isfinite().all().int64_value(&[]),
+        1,
+        "{name}: non-finite output for an all-padding row"
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use tuna_train::trainer::{train, Control, TrainInputs, TrainOutcome, TrainerEven
 
 use crate::support::{cpu_options, fixture, job_spec, lock, text_examples};
 
-fn spec(extra: serde_json::Value) -> JobSpec {
+pub(crate) fn spec(extra: serde_json::Value) -> JobSpec {
     let mut body = json!({"model": "m", "training_file": "file-x", "seed": 3});
     for (k, v) in extra.as_object().unwrap() {
         if ["n_epochs", "batch_size", "learning_rate_multiplier"].contains(&k.as_str()) {
@@ -47,16 +47,16 @@ fn texts() -> Vec<(u64, Example)> {
         .collect()
 }
 
-struct Run {
-    losses: Vec<(u64, f64)>,
+pub(crate) struct Run {
+    pub losses: Vec<(u64, f64)>,
     /// `peak_memory_bytes` of each metrics event.
-    peaks: Vec<Option<u64>>,
-    evals: Vec<serde_json::Value>,
-    checkpoints: Vec<PathBuf>,
-    outcome: TrainOutcome,
+    pub peaks: Vec<Option<u64>>,
+    pub evals: Vec<serde_json::Value>,
+    pub checkpoints: Vec<PathBuf>,
+    pub outcome: TrainOutcome,
 }
 
-fn run(
+pub(crate) fn run(
     model: &Path,
     spec: &JobSpec,
     data: &[(u64, Example)],
@@ -153,10 +153,8 @@ fn causal_lm_loss_goes_down_and_checkpoints_are_complete() {
     }
 }
 
-#[test]
-fn classification_loss_goes_down_bert() {
-    let _g = lock();
-    let dir = tempfile::tempdir().unwrap();
+/// 24 short reviews, "positive" and "negative" in turn.
+pub(crate) fn reviews() -> Vec<(u64, Example)> {
     let pos = [
         "good great fine",
         "great good",
@@ -184,6 +182,14 @@ fn classification_loss_goes_down_bert() {
             },
         ));
     }
+    data
+}
+
+#[test]
+fn classification_loss_goes_down_bert() {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let data = reviews();
     let s = spec(
         json!({"task": "sequence_classification", "n_epochs": 15, "batch_size": 8, "learning_rate": 2e-3, "log_interval": 1, "validation_split": 0.0}),
     );

@@ -1,0 +1,117 @@
+//! DistilBERT (`DistilBertForSequenceClassification`): BERT's encoder ([`BertEncoder`]) without
+//! token types, under DistilBERT's names (`transformer.layer.{i}.attention.q_lin`, ...), with no
+//! dropout after the attention output and LayerNorm epsilon 1e-12; then `pre_classifier`, ReLU,
+//! dropout and `classifier` on the first token.
+
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+use tuna_core::hf_config::{DistilBertConfig, HfConfig, DISTILBERT_LAYER_NORM_EPS};
+
+use super::bert::{BertEncoder, EncoderSpec, LayerDropout, LayerNames};
+use super::{encoder_labels, unpacked, Architecture, Builder, Core, Net};
+use crate::layers::{dropout, Fwd, Linear};
+use crate::loader::Checkpoint;
+use crate::model::{Batch, LoadOptions, Model, TaskHead};
+use crate::Result;
+
+const LAYER: LayerNames = LayerNames {
+    query: "attention.q_lin",
+    key: "attention.k_lin",
+    value: "attention.v_lin",
+    attn_out: "attention.out_lin",
+    attn_ln: "sa_layer_norm",
+    inter: "ffn.lin1",
+    out: "ffn.lin2",
+    out_ln: "output_layer_norm",
+};
+
+fn spec(c: &DistilBertConfig) -> EncoderSpec {
+    EncoderSpec {
+        vocab_size: c.vocab_size,
+        max_positions: c.max_position_embeddings,
+        type_vocab_size: 0,
+        hidden: c.dim,
+        intermediate: c.hidden_dim,
+        heads: c.n_heads,
+        layers: c.n_layers,
+        eps: DISTILBERT_LAYER_NORM_EPS,
+        act: c.activation.clone(),
+        dropout: c.dropout,
+        layer_dropout: LayerDropout {
+            attn_out: 0.0,
+            ffn: c.dropout,
+        },
+        attn_dropout: c.attention_dropout,
+        layer_prefix: "transformer.layer",
+        names: &LAYER,
+    }
+}
+
+pub struct DistilBert {
+    cfg: DistilBertConfig,
+    encoder: BertEncoder,
+    pre_classifier: Linear,
+    classifier: Linear,
+}
+
+pub(super) fn build(
+    dir: &Path,
+    hf: HfConfig,
+    cfg: DistilBertConfig,
+    ckpt: &Checkpoint,
+    opts: &LoadOptions,
+) -> Result<Box<dyn Model>> {
+    let labels = encoder_labels(opts, "DistilBERT")?;
+    let mut b = Builder::new::<DistilBert>(ckpt, cfg.n_layers as usize, &hf, opts)?;
+    let encoder = BertEncoder::load(&mut b, spec(&cfg))?;
+    let pre_classifier = b.classifier("pre_classifier", cfg.dim, cfg.dim, true)?;
+    let classifier = b.classifier("classifier", cfg.dim, labels, true)?;
+    let core = b.finish(dir, hf, opts, false)?;
+    Ok(Box::new(Net {
+        core,
+        arch: DistilBert {
+            cfg,
+            encoder,
+            pre_classifier,
+            classifier,
+        },
+    }))
+}
+
+impl Architecture for DistilBert {
+    const BASE_PREFIX: &'static str = "distilbert";
+
+    fn hf_class(_model_type: &str, task: &TaskHead) -> String {
+        match task {
+            TaskHead::CausalLm => "DistilBertForMaskedLM".into(),
+            TaskHead::SequenceClassification { .. } => "DistilBertForSequenceClassification".into(),
+        }
+    }
+
+    /// The position-id buffer older transformers saved, and the MLM head (`vocab_*`).
+    fn is_buffer(name: &str) -> bool {
+        name.ends_with("embeddings.position_ids") || name.starts_with("vocab_")
+    }
+
+    fn last_hidden_state(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        let (_, t) = core.check_batch(batch, Some(self.cfg.max_position_embeddings))?;
+        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
+        self.encoder.forward(core, batch, &pos, None, train)
+    }
+
+    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        unpacked(batch, "DistilBERT")?;
+        let f = Fwd {
+            kind: core.compute_kind,
+            train,
+        };
+        let h = self.last_hidden_state(core, batch, train)?;
+        let x = self
+            .pre_classifier
+            .forward(&h.f_select(1, 0)?, f)?
+            .f_relu()?;
+        let x = dropout(x, self.cfg.seq_classif_dropout, train)?;
+        self.classifier.forward(&x, f)
+    }
+}

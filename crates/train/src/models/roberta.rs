@@ -1,0 +1,110 @@
+//! RoBERTa and XLM-RoBERTa (`RobertaForSequenceClassification`,
+//! `XLMRobertaForSequenceClassification`): BERT's encoder ([`BertEncoder`]) with positions
+//! counted over the non-pad tokens from `padding_idx + 1` (pad tokens keep `padding_idx`), as
+//! transformers computes them from `input_ids`; token type 0 throughout; no pooler. The head
+//! (`classifier.dense`, tanh, `classifier.out_proj`, dropout before each) reads `<s>`.
+
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+use tuna_core::hf_config::{HfConfig, RobertaConfig};
+
+use super::bert::{BertEncoder, EncoderSpec};
+use super::{encoder_labels, unpacked, Architecture, Builder, Core, Net};
+use crate::layers::{dropout, Fwd, Linear};
+use crate::loader::Checkpoint;
+use crate::model::{Batch, LoadOptions, Model, TaskHead};
+use crate::Result;
+
+pub struct Roberta {
+    cfg: RobertaConfig,
+    encoder: BertEncoder,
+    dense: Linear,
+    out_proj: Linear,
+    classifier_dropout: f64,
+}
+
+pub(super) fn build(
+    dir: &Path,
+    hf: HfConfig,
+    cfg: RobertaConfig,
+    ckpt: &Checkpoint,
+    opts: &LoadOptions,
+) -> Result<Box<dyn Model>> {
+    let labels = encoder_labels(opts, "RoBERTa")?;
+    let c = &cfg.bert;
+    let mut b = Builder::new::<Roberta>(ckpt, c.num_hidden_layers as usize, &hf, opts)?;
+    let d = c.hidden_size;
+    let encoder = BertEncoder::load(&mut b, EncoderSpec::bert(c))?;
+    let dense = b.classifier("classifier.dense", d, d, true)?;
+    let out_proj = b.classifier("classifier.out_proj", d, labels, true)?;
+    let core = b.finish(dir, hf, opts, false)?;
+    let classifier_dropout = c.classifier_dropout.unwrap_or(c.hidden_dropout_prob);
+    Ok(Box::new(Net {
+        core,
+        arch: Roberta {
+            cfg,
+            encoder,
+            dense,
+            out_proj,
+            classifier_dropout,
+        },
+    }))
+}
+
+impl Roberta {
+    /// transformers' `create_position_ids_from_input_ids`: `padding_idx + 1, + 2, ...` over the
+    /// tokens that are not `padding_idx`, which keep `padding_idx`.
+    fn position_ids(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let pad = self.cfg.padding_idx;
+        let real = input_ids.f_ne(pad)?.f_to_kind(Kind::Int64)?;
+        Ok(real
+            .f_cumsum(1, Kind::Int64)?
+            .f_mul(&real)?
+            .f_add_scalar(pad)?)
+    }
+}
+
+impl Architecture for Roberta {
+    const BASE_PREFIX: &'static str = "roberta";
+
+    fn hf_class(model_type: &str, task: &TaskHead) -> String {
+        let family = if model_type == "xlm-roberta" {
+            "XLMRoberta"
+        } else {
+            "Roberta"
+        };
+        match task {
+            TaskHead::CausalLm => format!("{family}ForCausalLM"),
+            TaskHead::SequenceClassification { .. } => format!("{family}ForSequenceClassification"),
+        }
+    }
+
+    /// The position-id buffer older transformers saved, and the pooler of `RobertaModel`
+    /// checkpoints, which the classification model does not have (the MLM head, `lm_head`, is
+    /// noted as another task's).
+    fn is_buffer(name: &str) -> bool {
+        name.ends_with("embeddings.position_ids")
+            || name.starts_with("pooler.")
+            || name.starts_with("roberta.pooler.")
+    }
+
+    fn last_hidden_state(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        core.check_batch(batch, Some(self.cfg.max_tokens()))?;
+        let pos = self.position_ids(batch.input_ids)?;
+        self.encoder.forward(core, batch, &pos, None, train)
+    }
+
+    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        unpacked(batch, "RoBERTa")?;
+        let f = Fwd {
+            kind: core.compute_kind,
+            train,
+        };
+        let h = self.last_hidden_state(core, batch, train)?;
+        let x = dropout(h.f_select(1, 0)?, self.classifier_dropout, train)?;
+        let x = self.dense.forward(&x, f)?.f_tanh()?;
+        let x = dropout(x, self.classifier_dropout, train)?;
+        self.out_proj.forward(&x, f)
+    }
+}
