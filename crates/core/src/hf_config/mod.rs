@@ -14,12 +14,15 @@
 //! Layout: this file holds what every family shares ([`HfConfig`], [`Common`], [`Arch`], the
 //! facts the API shows, the family registry and the checks); one file per family (`gpt2.rs`,
 //! `llama.rs`, `bert.rs`) holds its `RawXxxConfig` (config.json as it is, serde), the strict
-//! `XxxConfig` that `into_config()` resolves it into, and its [`ArchFacts`].
+//! `XxxConfig` that `into_config()` resolves it into, and its [`ArchFacts`]; `decoder.rs` holds
+//! what the Llama-style decoders share (sizes and heads, RoPE, sliding-window layers, parts of
+//! their facts).
 //!
 //! Adding a family: a new file here with those three parts, a variant of [`Arch`] with its arm in
 //! [`Arch::facts`], and its line in `FAMILIES`.
 
 mod bert;
+mod decoder;
 mod gpt2;
 mod llama;
 #[cfg(test)]
@@ -32,8 +35,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use bert::BertConfig;
+pub use decoder::{DecoderShape, LayerType, RopeConfig, RopeScaling};
 pub use gpt2::Gpt2Config;
-pub use llama::{LlamaConfig, RopeConfig, RopeScaling};
+pub use llama::LlamaConfig;
 
 use crate::spec::Task;
 
@@ -417,7 +421,7 @@ impl HfConfig {
         &self.common.model_type
     }
 
-    /// "gpt2", "llama" (Llama, Mistral, Qwen2) or "bert".
+    /// The family's name (see [`ArchFacts::family`]).
     pub fn family(&self) -> &'static str {
         self.arch.facts().family()
     }

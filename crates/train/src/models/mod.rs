@@ -5,14 +5,19 @@
 //!   family of config.json), the shared state [`Core`] and [`Net`], which implements [`Model`]
 //!   for every architecture (parameter listings, resume), and the decoder output [`Head`].
 //! - `builder.rs`: the parameter registry and builder that load weights by Hugging Face name.
+//! - `decoder.rs`: the layers the Llama-style decoders share, and their loading; each of those
+//!   files says where its norms sit and how its projections are named.
 //! - `export.rs`: `save_pretrained` in transformers' and PEFT's formats.
 //!
 //! Adding an architecture: its config in `tuna_core::hf_config`, a file here with a
 //! `build(dir, hf, cfg, ckpt, opts)` that loads its weights through `Builder::new::<Self>` and
-//! its [`Architecture`] impl, and its arm in [`load_model`].
+//! its [`Architecture`] impl, and its arm in [`load_model`]. A Llama-style decoder instead
+//! describes its layers to `decoder::build` and implements `decoder::DecoderFamily` (the
+//! classes it saves as); its `Architecture` is `decoder::DecoderNet`'s.
 
 pub mod bert;
 mod builder;
+pub mod decoder;
 mod export;
 pub mod gpt2;
 pub mod llama;
@@ -107,9 +112,14 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     }
     let ckpt = Checkpoint::open(dir)?;
     let _guard = tch::no_grad_guard();
+    let src = decoder::Source {
+        dir,
+        ckpt: &ckpt,
+        opts,
+    };
     match hf.arch.clone() {
         Arch::Gpt2(c) => gpt2::build(dir, hf, c, &ckpt, opts),
-        Arch::Llama(c) => llama::build(dir, hf, c, &ckpt, opts),
+        Arch::Llama(c) => llama::build(src, hf, c),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
     }
 }
