@@ -25,6 +25,7 @@ mod bert;
 mod decoder;
 mod gpt2;
 mod llama;
+mod qwen3;
 #[cfg(test)]
 mod tests;
 
@@ -38,6 +39,7 @@ pub use bert::BertConfig;
 pub use decoder::{DecoderShape, LayerType, RopeConfig, RopeScaling};
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
+pub use qwen3::Qwen3Config;
 
 use crate::spec::Task;
 
@@ -57,7 +59,7 @@ struct Family {
 }
 
 /// Every family tuna trains, in the order error messages list them. One line per family.
-const FAMILIES: &[Family] = &[gpt2::FAMILY, llama::FAMILY, bert::FAMILY];
+const FAMILIES: &[Family] = &[gpt2::FAMILY, llama::FAMILY, qwen3::FAMILY, bert::FAMILY];
 
 /// The model types tuna can train.
 pub fn supported_model_types() -> Vec<&'static str> {
@@ -90,6 +92,7 @@ pub struct Common {
 pub enum Arch {
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
+    Qwen3(Qwen3Config),
     Bert(BertConfig),
 }
 
@@ -99,6 +102,7 @@ impl Arch {
         match self {
             Arch::Gpt2(c) => c,
             Arch::Llama(c) => c,
+            Arch::Qwen3(c) => c,
             Arch::Bert(c) => c,
         }
     }

@@ -21,6 +21,7 @@ pub mod decoder;
 mod export;
 pub mod gpt2;
 pub mod llama;
+pub mod qwen3;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -120,6 +121,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     match hf.arch.clone() {
         Arch::Gpt2(c) => gpt2::build(dir, hf, c, &ckpt, opts),
         Arch::Llama(c) => llama::build(src, hf, c),
+        Arch::Qwen3(c) => qwen3::build(src, hf, c),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
     }
 }
