@@ -23,6 +23,7 @@
 
 mod bert;
 mod decoder;
+mod gemma;
 mod gpt2;
 mod llama;
 mod qwen3;
@@ -37,6 +38,7 @@ use serde_json::Value;
 
 pub use bert::BertConfig;
 pub use decoder::{DecoderShape, LayerType, RopeConfig, RopeScaling};
+pub use gemma::GemmaConfig;
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
 pub use qwen3::Qwen3Config;
@@ -59,7 +61,13 @@ struct Family {
 }
 
 /// Every family tuna trains, in the order error messages list them. One line per family.
-const FAMILIES: &[Family] = &[gpt2::FAMILY, llama::FAMILY, qwen3::FAMILY, bert::FAMILY];
+const FAMILIES: &[Family] = &[
+    gpt2::FAMILY,
+    llama::FAMILY,
+    qwen3::FAMILY,
+    gemma::FAMILY,
+    bert::FAMILY,
+];
 
 /// The model types tuna can train.
 pub fn supported_model_types() -> Vec<&'static str> {
@@ -93,6 +101,7 @@ pub enum Arch {
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
     Qwen3(Qwen3Config),
+    Gemma(GemmaConfig),
     Bert(BertConfig),
 }
 
@@ -103,6 +112,7 @@ impl Arch {
             Arch::Gpt2(c) => c,
             Arch::Llama(c) => c,
             Arch::Qwen3(c) => c,
+            Arch::Gemma(c) => c,
             Arch::Bert(c) => c,
         }
     }

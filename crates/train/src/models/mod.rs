@@ -19,6 +19,7 @@ pub mod bert;
 mod builder;
 pub mod decoder;
 mod export;
+pub mod gemma;
 pub mod gpt2;
 pub mod llama;
 pub mod qwen3;
@@ -122,6 +123,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Gpt2(c) => gpt2::build(dir, hf, c, &ckpt, opts),
         Arch::Llama(c) => llama::build(src, hf, c),
         Arch::Qwen3(c) => qwen3::build(src, hf, c),
+        Arch::Gemma(c) => gemma::build(src, hf, c),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
     }
 }
