@@ -26,6 +26,7 @@ mod decoder;
 mod gemma;
 mod gpt2;
 mod llama;
+mod phi3;
 mod qwen3;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ pub use decoder::{DecoderShape, LayerType, RopeConfig, RopeScaling};
 pub use gemma::GemmaConfig;
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
+pub use phi3::Phi3Config;
 pub use qwen3::Qwen3Config;
 
 use crate::spec::Task;
@@ -66,6 +68,7 @@ const FAMILIES: &[Family] = &[
     llama::FAMILY,
     qwen3::FAMILY,
     gemma::FAMILY,
+    phi3::FAMILY,
     bert::FAMILY,
 ];
 
@@ -102,6 +105,7 @@ pub enum Arch {
     Llama(LlamaConfig),
     Qwen3(Qwen3Config),
     Gemma(GemmaConfig),
+    Phi3(Phi3Config),
     Bert(BertConfig),
 }
 
@@ -113,6 +117,7 @@ impl Arch {
             Arch::Llama(c) => c,
             Arch::Qwen3(c) => c,
             Arch::Gemma(c) => c,
+            Arch::Phi3(c) => c,
             Arch::Bert(c) => c,
         }
     }

@@ -22,6 +22,7 @@ mod export;
 pub mod gemma;
 pub mod gpt2;
 pub mod llama;
+pub mod phi3;
 pub mod qwen3;
 
 use std::collections::BTreeMap;
@@ -124,6 +125,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Llama(c) => llama::build(src, hf, c),
         Arch::Qwen3(c) => qwen3::build(src, hf, c),
         Arch::Gemma(c) => gemma::build(src, hf, c),
+        Arch::Phi3(c) => phi3::build(src, hf, c),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
     }
 }
