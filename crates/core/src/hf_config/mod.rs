@@ -7,16 +7,17 @@
 //! `rope_scaling` (with `rope_type` or the older `type`) and `torch_dtype`. `null` counts as
 //! absent everywhere, and integers may be written as floats with no fraction (`768.0`).
 //!
-//! Supported families: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`) and BERT
+//! Supported families: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`), Qwen3
+//! (`qwen3`), Gemma (`gemma2`, `gemma3_text`), Phi-3 (`phi3`), OLMo 2 (`olmo2`) and BERT
 //! (`bert`). [`HfConfig::module_names`] lists the linear module names a user may name as LoRA
 //! target modules, and [`HfConfig::describe`] summarises a model for the API.
 //!
 //! Layout: this file holds what every family shares ([`HfConfig`], [`Common`], [`Arch`], the
 //! facts the API shows, the family registry and the checks); one file per family (`gpt2.rs`,
-//! `llama.rs`, `bert.rs`) holds its `RawXxxConfig` (config.json as it is, serde), the strict
-//! `XxxConfig` that `into_config()` resolves it into, and its [`ArchFacts`]; `decoder.rs` holds
-//! what the Llama-style decoders share (sizes and heads, RoPE, sliding-window layers, parts of
-//! their facts).
+//! `llama.rs`, `qwen3.rs`, `gemma.rs`, `phi3.rs`, `olmo2.rs`, `bert.rs`) holds its
+//! `RawXxxConfig` (config.json as it is, serde), the strict `XxxConfig` that `into_config()`
+//! resolves it into, and its [`ArchFacts`]; `decoder.rs` holds what the Llama-style decoders
+//! share (sizes and heads, RoPE, sliding-window layers, parts of their facts).
 //!
 //! Adding a family: a new file here with those three parts, a variant of [`Arch`] with its arm in
 //! [`Arch::facts`], and its line in `FAMILIES`.
@@ -26,6 +27,7 @@ mod decoder;
 mod gemma;
 mod gpt2;
 mod llama;
+mod olmo2;
 mod phi3;
 mod qwen3;
 #[cfg(test)]
@@ -42,6 +44,7 @@ pub use decoder::{DecoderShape, LayerType, RopeConfig, RopeScaling};
 pub use gemma::GemmaConfig;
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
+pub use olmo2::Olmo2Config;
 pub use phi3::Phi3Config;
 pub use qwen3::Qwen3Config;
 
@@ -69,6 +72,7 @@ const FAMILIES: &[Family] = &[
     qwen3::FAMILY,
     gemma::FAMILY,
     phi3::FAMILY,
+    olmo2::FAMILY,
     bert::FAMILY,
 ];
 
@@ -106,6 +110,7 @@ pub enum Arch {
     Qwen3(Qwen3Config),
     Gemma(GemmaConfig),
     Phi3(Phi3Config),
+    Olmo2(Olmo2Config),
     Bert(BertConfig),
 }
 
@@ -118,6 +123,7 @@ impl Arch {
             Arch::Qwen3(c) => c,
             Arch::Gemma(c) => c,
             Arch::Phi3(c) => c,
+            Arch::Olmo2(c) => c,
             Arch::Bert(c) => c,
         }
     }
@@ -126,7 +132,8 @@ impl Arch {
 /// What the API and the trainer read off one family's resolved config; each family's file
 /// implements it for its `XxxConfig`.
 pub trait ArchFacts {
-    /// "gpt2", "llama" (Llama, Mistral, Qwen2) or "bert".
+    /// "gpt2", "llama" (Llama, Mistral, Qwen2), "qwen3", "gemma" (Gemma 2, Gemma 3 text),
+    /// "phi3", "olmo2" or "bert".
     fn family(&self) -> &'static str;
     /// Decoders train for causal LM and sequence classification, encoders for classification.
     fn is_decoder(&self) -> bool;

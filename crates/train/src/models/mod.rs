@@ -1,12 +1,14 @@
-//! The architectures, one per file (`gpt2.rs`, `llama.rs`, `bert.rs`), and what they share.
+//! The architectures, one per file (`gpt2.rs`, `llama.rs`, `qwen3.rs`, `gemma.rs`, `phi3.rs`,
+//! `olmo2.rs`, `bert.rs`), and what they share.
 //!
 //! - this file: the [`Architecture`] trait each file implements (its checkpoint names, the
 //!   class transformers saves it as, its forward pass), [`load_model`] (the registry: one arm per
 //!   family of config.json), the shared state [`Core`] and [`Net`], which implements [`Model`]
 //!   for every architecture (parameter listings, resume), and the decoder output [`Head`].
 //! - `builder.rs`: the parameter registry and builder that load weights by Hugging Face name.
-//! - `decoder.rs`: the layers the Llama-style decoders share, and their loading; each of those
-//!   files says where its norms sit and how its projections are named.
+//! - `decoder.rs`: the layers the Llama-style decoders (Llama, Qwen3, Gemma, Phi-3, OLMo 2)
+//!   share, and their loading; each of those files says where its norms sit and how its
+//!   projections are named.
 //! - `export.rs`: `save_pretrained` in transformers' and PEFT's formats.
 //!
 //! Adding an architecture: its config in `tuna_core::hf_config`, a file here with a
@@ -22,6 +24,7 @@ mod export;
 pub mod gemma;
 pub mod gpt2;
 pub mod llama;
+pub mod olmo2;
 pub mod phi3;
 pub mod qwen3;
 
@@ -126,6 +129,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         Arch::Qwen3(c) => qwen3::build(src, hf, c),
         Arch::Gemma(c) => gemma::build(src, hf, c),
         Arch::Phi3(c) => phi3::build(src, hf, c),
+        Arch::Olmo2(c) => olmo2::build(src, hf, c),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
     }
 }
