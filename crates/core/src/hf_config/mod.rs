@@ -24,6 +24,8 @@
 
 mod bert;
 mod decoder;
+#[cfg(test)]
+mod decoder_tests;
 mod gemma;
 mod gpt2;
 mod llama;
