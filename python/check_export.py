@@ -11,14 +11,16 @@ CASES.json is a list of objects:
 
 OUT.safetensors gets one fp32 tensor per case (its logits, eval mode, CPU); the script also prints
 one JSON line per case with the label names transformers read (`id2label`) and the logits' shape.
-Used by crates/train/tests/train/export.rs; any load error (missing/unexpected keys included) fails.
+Used by crates/train/tests/train/export.rs; any load error (missing/unexpected keys included, of
+full checkpoints and of adapters) fails.
 """
 
 import json
+import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 
@@ -39,10 +41,16 @@ def main():
             if bad:
                 sys.exit(f"{case['name']}: transformers reports {bad}")
         else:
-            from peft import PeftModel
+            from peft import PeftModel, get_peft_model_state_dict
 
             base = cls.from_pretrained(case["base"], dtype=torch.float32, **case.get("base_kwargs", {}))
             model = PeftModel.from_pretrained(base, case["dir"])
+            # PEFT only warns about adapter keys it does not use or does not find: fail instead.
+            saved = set(load_file(os.path.join(case["dir"], "adapter_model.safetensors")))
+            wanted = set(get_peft_model_state_dict(model))
+            if saved != wanted:
+                sys.exit(f"{case['name']}: adapter keys unexpected {sorted(saved - wanted)}, "
+                         f"missing {sorted(wanted - saved)}")
         model.eval()
         ids = torch.tensor(case["input_ids"], dtype=torch.long)
         mask = torch.tensor(case["attention_mask"], dtype=torch.long)

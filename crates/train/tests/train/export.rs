@@ -71,7 +71,7 @@ fn inputs(vocab: i64, pad: i64, first: Option<i64>) -> (Vec<Vec<i64>>, Vec<Vec<i
 }
 
 /// One checkpoint tuna exports.
-struct Export {
+pub(crate) struct Export {
     name: &'static str,
     /// The fixture it starts from.
     base: &'static str,
@@ -85,7 +85,7 @@ struct Export {
     first_token: Option<i64>,
 }
 
-fn three_labels() -> TaskHead {
+pub(crate) fn three_labels() -> TaskHead {
     TaskHead::SequenceClassification {
         id2label: vec!["negative".into(), "neutral".into(), "positive".into()],
     }
@@ -98,7 +98,7 @@ fn two_labels() -> TaskHead {
 }
 
 impl Export {
-    fn new(
+    pub(crate) fn new(
         name: &'static str,
         base: &'static str,
         task: TaskHead,
@@ -115,21 +115,21 @@ impl Export {
         }
     }
 
-    fn lora(self, targets: &[&str]) -> Export {
+    pub(crate) fn lora(self, targets: &[&str]) -> Export {
         Export {
             lora: lora(targets),
             ..self
         }
     }
 
-    fn merged(self) -> Export {
+    pub(crate) fn merged(self) -> Export {
         Export {
             merge: true,
             ..self
         }
     }
 
-    fn first(self, token: i64) -> Export {
+    pub(crate) fn first(self, token: i64) -> Export {
         Export {
             first_token: Some(token),
             ..self
@@ -301,8 +301,14 @@ fn read_json(path: &Path) -> Value {
 
 #[test]
 fn exports_load_in_transformers_and_peft_with_equal_logits() {
+    assert_exports_match(&exports());
+}
+
+/// Exports each of `list`, has transformers / PEFT load it (`python/check_export.py`) and
+/// asserts their logits equal tuna's within 1e-4; prints the differences.
+pub(crate) fn assert_exports_match(list: &[Export]) {
     let tmp = tempfile::tempdir().unwrap();
-    let cases = export_cases(tmp.path(), &[]);
+    let cases: Vec<Case> = list.iter().map(|e| export(tmp.path(), e)).collect();
     let (_, theirs) = check_export(tmp.path(), &cases);
     let mut report = Vec::new();
     let mut bad = false;

@@ -2,6 +2,7 @@
 //!
 //! - `parity`: logits and hidden states equal transformers' on the tiny fixtures; load errors;
 //!   freezing, LoRA and gradients.
+//! - `decoders`: Qwen3, Gemma 2 / 3, Phi-3 and OLMo 2: parity, facts, exports, training.
 //! - `export`: checkpoints tuna writes load unchanged in transformers and PEFT.
 //! - `packing`: packed rows and length groups give the unpacked losses and gradients.
 //! - `unit`: AdamW against PyTorch, label masking with real tokenizers, bad data.
@@ -14,6 +15,7 @@
 //! libtorch's process-wide random generator.
 
 mod cli;
+mod decoders;
 mod export;
 mod minilm;
 mod packing;

@@ -14,32 +14,38 @@ use tuna_train::{load_model, Error};
 
 use crate::support::{cpu_options as opts, fixture, lock, minilm_dir, workspace};
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
     f64::try_from((a - b).abs().max()).unwrap()
 }
 
-fn reference(dir: &Path) -> BTreeMap<String, Tensor> {
+pub(crate) fn reference(dir: &Path) -> BTreeMap<String, Tensor> {
     read_safetensors(&dir.join("reference.safetensors")).unwrap()
 }
 
-fn check_decoder(name: &str) {
-    check_decoder_with(name, true)
-}
-
-/// `alone`: also check that the padded row's real tokens equal the same tokens run unpadded
-/// (not true for dynamic NTK, whose rotary base depends on the padded length).
-fn check_decoder_with(name: &str, alone: bool) {
-    let dir = fixture(name);
-    let r = reference(&dir);
-    let model = load_model(&dir, &opts(TaskHead::CausalLm)).unwrap();
+/// The model's outputs in eval mode, without gradients.
+pub(crate) fn eval_logits(m: &dyn Model, ids: &Tensor, mask: &Tensor) -> Tensor {
     let batch = Batch {
-        input_ids: &r["input_ids"],
-        attention_mask: &r["attention_mask"],
+        input_ids: ids,
+        attention_mask: mask,
         token_type_ids: None,
         packed: None,
     };
-    let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
+    tch::no_grad(|| m.forward(&batch, false)).unwrap()
+}
+
+fn check_decoder(name: &str) {
+    check_decoder_with(name, true);
+}
+
+/// `alone`: also check that the padded row's real tokens equal the same tokens run unpadded
+/// (not true for dynamic NTK and LongRoPE, whose frequencies depend on the padded length).
+/// Returns the largest difference from transformers' logits.
+pub(crate) fn check_decoder_with(name: &str, alone: bool) -> f64 {
+    let dir = fixture(name);
+    let r = reference(&dir);
+    let model = load_model(&dir, &opts(TaskHead::CausalLm)).unwrap();
+    let logits = eval_logits(model.as_ref(), &r["input_ids"], &r["attention_mask"]);
     let want = &r["logits"];
     let scale = f64::try_from(want.abs().max()).unwrap();
     assert!(
@@ -49,26 +55,19 @@ fn check_decoder_with(name: &str, alone: bool) {
     let diff = max_abs_diff(&logits, want);
     assert!(diff < 1e-4, "{name}: max |tuna - transformers| = {diff}");
     if !alone {
-        return;
+        return diff;
     }
     // The padded row's real tokens equal the same tokens run alone (no leak through padding).
     let real = i64::try_from(r["attention_mask"].get(1).sum(Kind::Int64)).unwrap();
     let ids = r["input_ids"].get(1).narrow(0, 0, real).unsqueeze(0);
     let mask = Tensor::ones([1, real], (Kind::Int64, Device::Cpu));
-    let alone = tch::no_grad(|| {
-        model.forward(
-            &Batch {
-                input_ids: &ids,
-                attention_mask: &mask,
-                token_type_ids: None,
-                packed: None,
-            },
-            false,
-        )
-    })
-    .unwrap();
-    let diff = max_abs_diff(&alone.get(0), &logits.get(1).narrow(0, 0, real));
-    assert!(diff < 1e-4, "{name}: padded vs unpadded differ by {diff}");
+    let alone = eval_logits(model.as_ref(), &ids, &mask);
+    let pad_diff = max_abs_diff(&alone.get(0), &logits.get(1).narrow(0, 0, real));
+    assert!(
+        pad_diff < 1e-4,
+        "{name}: padded vs unpadded differ by {pad_diff}"
+    );
+    diff
 }
 
 #[test]
@@ -576,27 +575,21 @@ fn all_padding_rows_stay_finite() {
             },
         ),
     ] {
-        let m = load_model(&fixture(name), &opts(task)).unwrap();
-        let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 0, 0, 0, 0]).view([2, 4]);
-        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 0, 0, 0]).view([2, 4]);
-        let y = tch::no_grad(|| {
-            m.forward(
-                &Batch {
-                    input_ids: &ids,
-                    attention_mask: &mask,
-                    token_type_ids: None,
-                    packed: None,
-                },
-                false,
-            )
-        })
-        .unwrap();
-        assert_eq!(
-            y.isfinite().all().int64_value(&[]),
-            1,
-            "{name}: non-finite output for an all-padding row"
-        );
+        assert_all_padding_row_finite(name, task);
     }
+}
+
+/// A batch whose second row is padding only gives finite outputs.
+pub(crate) fn assert_all_padding_row_finite(name: &str, task: TaskHead) {
+    let m = load_model(&fixture(name), &opts(task)).unwrap();
+    let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 0, 0, 0, 0]).view([2, 4]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 0, 0, 0]).view([2, 4]);
+    let y = eval_logits(m.as_ref(), &ids, &mask);
+    assert_eq!(
+        y.isfinite().all().int64_value(&[]),
+        1,
+        "{name}: non-finite output for an all-padding row"
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use tuna_train::trainer::{train, Control, TrainInputs, TrainOutcome, TrainerEven
 
 use crate::support::{cpu_options, fixture, job_spec, lock, text_examples};
 
-fn spec(extra: serde_json::Value) -> JobSpec {
+pub(crate) fn spec(extra: serde_json::Value) -> JobSpec {
     let mut body = json!({"model": "m", "training_file": "file-x", "seed": 3});
     for (k, v) in extra.as_object().unwrap() {
         if ["n_epochs", "batch_size", "learning_rate_multiplier"].contains(&k.as_str()) {
@@ -26,7 +26,7 @@ fn spec(extra: serde_json::Value) -> JobSpec {
     job_spec(&body)
 }
 
-fn texts() -> Vec<(u64, Example)> {
+pub(crate) fn texts() -> Vec<(u64, Example)> {
     let base = [
         "the cat sat on the mat",
         "the dog sat on the log",
@@ -47,8 +47,8 @@ fn texts() -> Vec<(u64, Example)> {
         .collect()
 }
 
-struct Run {
-    losses: Vec<(u64, f64)>,
+pub(crate) struct Run {
+    pub(crate) losses: Vec<(u64, f64)>,
     /// `peak_memory_bytes` of each metrics event.
     peaks: Vec<Option<u64>>,
     evals: Vec<serde_json::Value>,
@@ -56,7 +56,7 @@ struct Run {
     outcome: TrainOutcome,
 }
 
-fn run(
+pub(crate) fn run(
     model: &Path,
     spec: &JobSpec,
     data: &[(u64, Example)],
