@@ -52,7 +52,8 @@ fi
 TORCH_DIR=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 ln -sfn "$TORCH_DIR" .libtorch
 
-if [ ! -f .fixtures/.done ] || [ python/make_fixtures.py -nt .fixtures/.done ]; then
+if [ ! -f .fixtures/.done ] || [ python/make_fixtures.py -nt .fixtures/.done ] \
+    || [ python/fixtures_decoders.py -nt .fixtures/.done ]; then
     log "writing tiny Hugging Face checkpoints to .fixtures"
     rm -rf .fixtures
     HF_HUB_OFFLINE=1 .venv/bin/python python/make_fixtures.py .fixtures

@@ -59,8 +59,9 @@ pub struct LoadOptions {
 /// Architecture facts, read from config.json, that the trainer and the API need.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelInfo {
-    /// "gpt2", "llama", "mistral", "qwen2" or "bert".
+    /// config.json's `model_type` ("gpt2", "llama", "gemma3_text", ...).
     pub model_type: String,
+    /// [`tuna_core::hf_config::ArchFacts::family`] ("gpt2", "llama", "gemma", ...).
     pub family: String,
     pub vocab_size: i64,
     pub hidden_size: i64,
