@@ -134,8 +134,8 @@ pub(super) trait DecoderFacts {
     /// are not measured yet and take the same, the largest measured so far.
     const ACTIVATION_BYTES_PER_WIDTH: f64 = 33.0;
     fn shape(&self) -> &DecoderShape;
-    /// Parameters of one layer.
-    fn layer_parameters(&self) -> i64;
+    /// Parameters of one layer (`s` is [`DecoderFacts::shape`]).
+    fn layer_parameters(&self, s: &DecoderShape) -> i64;
     /// `(in_features, out_features)` of each of `LINEARS`, in that order (separate q, k, v, o,
     /// gate, up and down projections unless the family says otherwise).
     fn linear_shapes(s: &DecoderShape) -> Vec<(i64, i64)> {
@@ -180,7 +180,8 @@ impl<T: DecoderFacts> ArchFacts for T {
         FREEZE_PATTERNS
     }
     fn num_parameters(&self, tied: bool) -> i64 {
-        self.shape().parameters(self.layer_parameters(), tied)
+        let s = self.shape();
+        s.parameters(self.layer_parameters(s), tied)
     }
 }
 

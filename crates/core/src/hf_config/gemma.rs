@@ -212,11 +212,12 @@ impl DecoderFacts for GemmaConfig {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
-    fn layer_parameters(&self) -> i64 {
-        let s = &self.shape;
-        let bias = self.attention_bias;
+    fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         let qk_norm = if self.qk_norm { 2 * s.head_dim } else { 0 };
         // Four norms.
-        4 * s.hidden_size + s.attention_parameters(bias, bias) + qk_norm + s.mlp_parameters()
+        4 * s.hidden_size
+            + s.attention_parameters(self.attention_bias, self.attention_bias)
+            + qk_norm
+            + s.mlp_parameters()
     }
 }

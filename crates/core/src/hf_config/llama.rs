@@ -96,8 +96,7 @@ impl DecoderFacts for LlamaConfig {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
-    fn layer_parameters(&self) -> i64 {
-        let s = &self.shape;
+    fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         let (d, i) = (s.hidden_size, s.intermediate_size);
         let mlp_bias = if self.mlp_bias { 2 * i + d } else { 0 };
         // Two norms.

@@ -51,11 +51,12 @@ impl DecoderFacts for Olmo2Config {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
-    fn layer_parameters(&self) -> i64 {
-        let s = &self.shape;
-        let bias = self.attention_bias;
+    fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         // Two norms; q_norm and k_norm span all query and key heads.
         let qk_norm = (s.num_attention_heads + s.num_key_value_heads) * s.head_dim;
-        2 * s.hidden_size + s.attention_parameters(bias, bias) + qk_norm + s.mlp_parameters()
+        2 * s.hidden_size
+            + s.attention_parameters(self.attention_bias, self.attention_bias)
+            + qk_norm
+            + s.mlp_parameters()
     }
 }

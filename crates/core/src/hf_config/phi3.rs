@@ -145,8 +145,7 @@ impl DecoderFacts for Phi3Config {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
-    fn layer_parameters(&self) -> i64 {
-        let s = &self.shape;
+    fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         // Two norms; the fused projections hold as many weights as separate ones.
         2 * s.hidden_size + s.attention_parameters(false, false) + s.mlp_parameters()
     }

@@ -83,10 +83,11 @@ impl DecoderFacts for Qwen3Config {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
-    fn layer_parameters(&self) -> i64 {
-        let s = &self.shape;
-        let bias = self.attention_bias;
+    fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         // Two norms and the per-head q/k norms.
-        2 * s.hidden_size + s.attention_parameters(bias, bias) + 2 * s.head_dim + s.mlp_parameters()
+        2 * s.hidden_size
+            + s.attention_parameters(self.attention_bias, self.attention_bias)
+            + 2 * s.head_dim
+            + s.mlp_parameters()
     }
 }
