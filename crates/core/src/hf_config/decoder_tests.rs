@@ -29,6 +29,25 @@ fn assert_facts(c: &HfConfig, family: &str, layers_heads_kv: [i64; 3], params: i
     want.push("all-linear".into());
     assert_eq!(d.lora_target_modules, want);
     assert_eq!(d.tasks, vec![Task::CausalLm, Task::SequenceClassification]);
+    // The memory planner's LoRA sizes: one (in, out) per linear module of a layer, whose
+    // weights add up to the attention and MLP parameters.
+    let f = c.arch.facts();
+    let shapes = f.layer_linear_shapes();
+    assert_eq!(shapes.len(), f.layer_linears().len());
+    let weights: i64 = shapes.iter().map(|(i, o)| i * o).sum();
+    let s = match &c.arch {
+        Arch::Llama(x) => &x.shape,
+        Arch::Qwen3(x) => &x.shape,
+        Arch::Gemma(x) => &x.shape,
+        Arch::Phi3(x) => &x.shape,
+        Arch::Olmo2(x) => &x.shape,
+        _ => unreachable!("a decoder"),
+    };
+    assert_eq!(
+        weights,
+        s.attention_parameters(false, false) + s.mlp_parameters()
+    );
+    assert_eq!(f.intermediate_size(), s.intermediate_size);
     assert!(d
         .freeze_patterns
         .contains(&"model.layers.*.self_attn.*".to_string()));

@@ -145,6 +145,12 @@ impl DecoderFacts for Phi3Config {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
+    fn linear_shapes(s: &DecoderShape) -> Vec<(i64, i64)> {
+        let (d, i) = (s.hidden_size, s.intermediate_size);
+        let q = s.num_attention_heads * s.head_dim;
+        let qkv = q + 2 * s.num_key_value_heads * s.head_dim;
+        vec![(d, qkv), (q, d), (d, 2 * i), (i, d)]
+    }
     fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         // Two norms; the fused projections hold as many weights as separate ones.
         2 * s.hidden_size + s.attention_parameters(false, false) + s.mlp_parameters()
