@@ -16,10 +16,11 @@ full checkpoint or the adapter) fails.
 """
 
 import json
+import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 
@@ -40,7 +41,7 @@ def main():
             if bad:
                 sys.exit(f"{case['name']}: transformers reports {bad}")
         else:
-            from peft import PeftModel
+            from peft import PeftModel, get_peft_model_state_dict
 
             from peft.utils import get_peft_model_state_dict
             from safetensors.torch import load_file

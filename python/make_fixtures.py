@@ -21,6 +21,7 @@ Fixtures:
 - qwen2-yarn:    Qwen2ForCausalLM with YaRN rope scaling, old `rope_scaling.type` key, tied head.
 - llama-dynamic: LlamaForCausalLM with dynamic NTK scaling, reference longer than max positions.
 - mistral:       MistralForCausalLM, GQA, sliding window smaller than the reference length.
+- qwen3, gemma2, gemma3, phi3, olmo2 and their variants: see fixtures_decoders.py.
 - bert:          BertModel with pooler, WordPiece tokenizer, num_labels 2.
 - the encoders beyond BERT: python/fixtures_encoders.py.
 - minilm-reference.safetensors: last_hidden_state of the real all-MiniLM-L6-v2 (when its package
@@ -206,7 +207,8 @@ def chat_template_in_tokenizer_config(out):
 
 
 def write_reference(out, cls, inputs, bert=False):
-    model = cls.from_pretrained(out, dtype=torch.float32, attn_implementation="sdpa")
+    attn = "sdpa" if cls._supports_sdpa else "eager"  # Gemma 2 has no SDPA (soft-capping)
+    model = cls.from_pretrained(out, dtype=torch.float32, attn_implementation=attn)
     model.eval()
     with torch.no_grad():
         res = model(**inputs)
@@ -322,6 +324,8 @@ def main():
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
         seed=5,
     )
+
+    __import__("fixtures_decoders").write_decoder_fixtures(root)  # Qwen3, Gemma, Phi-3, OLMo 2
 
     # BERT (BertModel with pooler), WordPiece.
     bert_tok = wordpiece(300)

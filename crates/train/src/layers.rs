@@ -1,6 +1,6 @@
 //! Building blocks shared by the architectures: linear layers (with an optional LoRA adapter),
-//! embeddings, LayerNorm, RMSNorm, activations, dropout, attention masks, and seeded host-side
-//! initialisation.
+//! embeddings, LayerNorm, RMSNorm (three ways of applying its weight), activations, dropout,
+//! attention masks, and seeded host-side initialisation.
 //!
 //! Weights live in the *storage* kind decided at load (fp32 for trainable parameters, the base
 //! kind for frozen ones); every forward casts them to the *compute* kind of the activations, so
@@ -98,25 +98,42 @@ impl LayerNorm {
     }
 }
 
-/// RMSNorm as in Llama: normalised in fp32, cast back, then scaled by the weight.
+/// How an RMSNorm applies its weight; the families differ only there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmsScale {
+    /// Llama, Qwen, Phi-3: normalised in fp32, cast back, then times the weight.
+    AfterCast,
+    /// OLMo 2: times the weight in fp32, then cast back.
+    InFp32,
+    /// Gemma: times `1 + weight` in fp32, then cast back (the weight is stored around 0).
+    OnePlusInFp32,
+}
+
+/// RMSNorm over the last dimension, normalised in fp32.
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
+    pub scale: RmsScale,
 }
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.kind();
         let d = *x.size().last().expect("non-scalar");
+        let w = match self.scale {
+            RmsScale::OnePlusInFp32 => self.weight.f_to_kind(Kind::Float)?.f_add_scalar(1.0)?,
+            _ => self.weight.shallow_clone(),
+        };
         if k == Kind::Float {
-            let w = cast(&self.weight, k)?;
-            return Ok(x.f_rms_norm([d], Some(&w), self.eps)?);
+            return Ok(x.f_rms_norm([d], Some(&cast(&w, k)?), self.eps)?);
         }
         let n = x
             .f_to_kind(Kind::Float)?
-            .f_rms_norm([d], None::<Tensor>, self.eps)?
-            .f_to_kind(k)?;
-        Ok(n.f_mul(&cast(&self.weight, k)?)?)
+            .f_rms_norm([d], None::<Tensor>, self.eps)?;
+        Ok(match self.scale {
+            RmsScale::AfterCast => n.f_to_kind(k)?.f_mul(&cast(&w, k)?)?,
+            _ => n.f_mul(&cast(&w, Kind::Float)?)?.f_to_kind(k)?,
+        })
     }
 }
 

@@ -1,7 +1,8 @@
-//! tuna's training engine: loads Hugging Face checkpoints (GPT-2, the Llama family; the encoders
-//! BERT, RoBERTa/XLM-R, DistilBERT, DeBERTa-v2/v3, ModernBERT) into
-//! libtorch through tch, fine-tunes them (full, frozen layers or LoRA) for causal-LM SFT or
-//! sequence classification, and writes checkpoints that transformers and PEFT load unchanged.
+//! tuna's training engine: loads Hugging Face checkpoints (GPT-2, the Llama family, Qwen3, Gemma
+//! 2 and 3, Phi-3, OLMo 2; the encoders BERT, RoBERTa/XLM-R, DistilBERT, DeBERTa-v2/v3,
+//! ModernBERT) into libtorch through tch, fine-tunes them (full, frozen layers or LoRA) for
+//! causal-LM SFT or sequence classification, and writes checkpoints that transformers and PEFT
+//! load unchanged.
 //!
 //! No database, no HTTP: the worker runs this crate's `tuna-trainer` binary in a child process.
 //!

@@ -60,8 +60,9 @@ pub struct LoadOptions {
 /// Architecture facts, read from config.json, that the trainer and the API need.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelInfo {
-    /// config.json's `model_type` ("gpt2", "llama", "qwen2", "bert", "xlm-roberta", ...).
+    /// config.json's `model_type` ("gpt2", "llama", "gemma3_text", "bert", "xlm-roberta", ...).
     pub model_type: String,
+    /// [`tuna_core::hf_config::ArchFacts::family`] ("gpt2", "llama", "gemma", ...).
     pub family: String,
     pub vocab_size: i64,
     pub hidden_size: i64,

@@ -7,28 +7,38 @@
 //! `rope_scaling` (with `rope_type` or the older `type`) and `torch_dtype`. `null` counts as
 //! absent everywhere, and integers may be written as floats with no fraction (`768.0`).
 //!
-//! Supported families: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`), and the
-//! encoders BERT (`bert`), RoBERTa (`roberta`, `xlm-roberta`), DistilBERT (`distilbert`),
-//! DeBERTa-v2/v3 (`deberta-v2`) and ModernBERT (`modernbert`). [`HfConfig::module_names`] lists
-//! the linear module names a user may name as LoRA target modules, and [`HfConfig::describe`]
-//! summarises a model for the API.
+//! Supported families: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`), Qwen3
+//! (`qwen3`), Gemma (`gemma2`, `gemma3_text`), Phi-3 (`phi3`), OLMo 2 (`olmo2`), and the encoders
+//! BERT (`bert`), RoBERTa (`roberta`, `xlm-roberta`), DistilBERT (`distilbert`), DeBERTa-v2/v3
+//! (`deberta-v2`) and ModernBERT (`modernbert`). [`HfConfig::module_names`] lists the linear
+//! module names a user may name as LoRA target modules, and [`HfConfig::describe`] summarises a
+//! model for the API.
 //!
 //! Layout: this file holds what every family shares ([`HfConfig`], [`Common`], [`Arch`], the
 //! facts the API shows, the family registry and the checks); one file per family (`gpt2.rs`,
-//! `llama.rs`, `bert.rs`, ...) holds its `RawXxxConfig` (config.json as it is, serde), the strict
-//! `XxxConfig` that `into_config()` resolves it into, and its [`ArchFacts`].
+//! `llama.rs`, `qwen3.rs`, `gemma.rs`, `phi3.rs`, `olmo2.rs`, `bert.rs`, `roberta.rs`, ...)
+//! holds its `RawXxxConfig` (config.json as it is, serde), the strict `XxxConfig` that
+//! `into_config()` resolves it into, and its [`ArchFacts`]; `decoder.rs` holds what the
+//! Llama-style decoders share (sizes and heads, RoPE, sliding-window layers, parts of their facts).
 //!
 //! Adding a family: a new file here with those three parts, a variant of [`Arch`] with its arm in
 //! [`Arch::facts`], and its line in `FAMILIES`.
 
 mod bert;
 mod deberta_v2;
+mod decoder;
+#[cfg(test)]
+mod decoder_tests;
 mod distilbert;
 #[cfg(test)]
 mod encoder_tests;
+mod gemma;
 mod gpt2;
 mod llama;
 mod modernbert;
+mod olmo2;
+mod phi3;
+mod qwen3;
 mod roberta;
 #[cfg(test)]
 mod tests;
@@ -41,10 +51,15 @@ use serde_json::Value;
 
 pub use bert::BertConfig;
 pub use deberta_v2::{ConvConfig, DebertaV2Config, RelativeAttention};
+pub use decoder::{DecoderShape, LayerType, RopeConfig, RopeScaling};
 pub use distilbert::{DistilBertConfig, DISTILBERT_LAYER_NORM_EPS};
+pub use gemma::GemmaConfig;
 pub use gpt2::Gpt2Config;
-pub use llama::{LlamaConfig, RopeConfig, RopeScaling};
+pub use llama::LlamaConfig;
 pub use modernbert::{ModernBertConfig, Pooling};
+pub use olmo2::Olmo2Config;
+pub use phi3::Phi3Config;
+pub use qwen3::Qwen3Config;
 pub use roberta::RobertaConfig;
 
 use crate::spec::Task;
@@ -68,6 +83,10 @@ struct Family {
 const FAMILIES: &[Family] = &[
     gpt2::FAMILY,
     llama::FAMILY,
+    qwen3::FAMILY,
+    gemma::FAMILY,
+    phi3::FAMILY,
+    olmo2::FAMILY,
     bert::FAMILY,
     roberta::FAMILY,
     distilbert::FAMILY,
@@ -106,6 +125,10 @@ pub struct Common {
 pub enum Arch {
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
+    Qwen3(Qwen3Config),
+    Gemma(GemmaConfig),
+    Phi3(Phi3Config),
+    Olmo2(Olmo2Config),
     Bert(BertConfig),
     Roberta(RobertaConfig),
     DistilBert(DistilBertConfig),
@@ -119,6 +142,10 @@ impl Arch {
         match self {
             Arch::Gpt2(c) => c,
             Arch::Llama(c) => c,
+            Arch::Qwen3(c) => c,
+            Arch::Gemma(c) => c,
+            Arch::Phi3(c) => c,
+            Arch::Olmo2(c) => c,
             Arch::Bert(c) => c,
             Arch::Roberta(c) => c,
             Arch::DistilBert(c) => c,
@@ -131,8 +158,9 @@ impl Arch {
 /// What the API and the trainer read off one family's resolved config; each family's file
 /// implements it for its `XxxConfig`.
 pub trait ArchFacts {
-    /// "gpt2", "llama" (Llama, Mistral, Qwen2), or an encoder's: "bert", "roberta" (RoBERTa,
-    /// XLM-RoBERTa), "distilbert", "deberta-v2", "modernbert".
+    /// "gpt2", "llama" (Llama, Mistral, Qwen2), "qwen3", "gemma" (Gemma 2, Gemma 3 text),
+    /// "phi3", "olmo2", or an encoder's: "bert", "roberta" (RoBERTa, XLM-RoBERTa),
+    /// "distilbert", "deberta-v2", "modernbert".
     fn family(&self) -> &'static str;
     /// Decoders train for causal LM and sequence classification, encoders for classification.
     fn is_decoder(&self) -> bool;
@@ -447,7 +475,7 @@ impl HfConfig {
         &self.common.model_type
     }
 
-    /// See [`ArchFacts::family`].
+    /// The family's name (see [`ArchFacts::family`]).
     pub fn family(&self) -> &'static str {
         self.arch.facts().family()
     }

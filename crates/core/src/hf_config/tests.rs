@@ -30,7 +30,7 @@ fn llama_new_and_old_keys_resolve_the_same() {
     .unwrap();
     assert_eq!(new, old);
     let Arch::Llama(c) = &new.arch else { panic!() };
-    assert_eq!(c.head_dim, 64);
+    assert_eq!(c.shape.head_dim, 64);
     assert_eq!(c.rope.theta, 500000.0);
     assert!(
         matches!(c.rope.scaling, RopeScaling::Llama3 { factor, original_max_position_embeddings: 8192, .. } if factor == 32.0)
@@ -78,7 +78,7 @@ fn qwen2_has_qkv_bias_and_untied_default() {
     let Arch::Llama(l) = &c.arch else { panic!() };
     assert!(l.qkv_bias && !l.o_bias);
     assert_eq!(l.sliding_window, None);
-    assert_eq!(l.head_dim, 64);
+    assert_eq!(l.shape.head_dim, 64);
     assert_eq!(
         c.tasks(),
         vec![Task::CausalLm, Task::SequenceClassification]

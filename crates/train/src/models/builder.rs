@@ -11,7 +11,7 @@ use tuna_core::hf_config::HfConfig;
 
 use super::{Architecture, Core};
 use crate::freeze::{FreezePlan, Role};
-use crate::layers::{HostRng, LayerNorm, Linear, RmsNorm};
+use crate::layers::{HostRng, LayerNorm, Linear, RmsNorm, RmsScale};
 use crate::loader::{kind_from_name, Checkpoint, WeightLoader};
 use crate::lora::{self, LoraAdapter};
 use crate::model::{LoadOptions, LoraOptions, ModelInfo, TaskHead};
@@ -276,6 +276,7 @@ impl<'a> Builder<'a> {
         Ok(RmsNorm {
             weight: self.param(&format!("{rel}.weight"), &[d], role)?,
             eps,
+            scale: RmsScale::AfterCast,
         })
     }
 

@@ -1,25 +1,36 @@
-//! The architectures, one per file (`gpt2.rs`, `llama.rs`; the encoders `bert.rs`, `roberta.rs`,
-//! `distilbert.rs`, `deberta_v2.rs`, `modernbert.rs`), and what they share.
+//! The architectures, one per file (`gpt2.rs`, `llama.rs`, `qwen3.rs`, `gemma.rs`, `phi3.rs`,
+//! `olmo2.rs`; the encoders `bert.rs`, `roberta.rs`, `distilbert.rs`, `deberta_v2.rs`,
+//! `modernbert.rs`), and what they share (`decoder.rs` runs the Llama-style decoders).
 //!
 //! - this file: the [`Architecture`] trait each file implements (its checkpoint names, the
 //!   class transformers saves it as, its forward pass), [`load_model`] (the registry: one arm per
 //!   family of config.json), the shared state [`Core`] and [`Net`], which implements [`Model`]
 //!   for every architecture (parameter listings, resume), and the decoder output [`Head`].
 //! - `builder.rs`: the parameter registry and builder that load weights by Hugging Face name.
+//! - `decoder.rs`: the layers the Llama-style decoders (Llama, Qwen3, Gemma, Phi-3, OLMo 2)
+//!   share, and their loading; each of those files says where its norms sit and how its
+//!   projections are named.
 //! - `export.rs`: `save_pretrained` in transformers' and PEFT's formats.
 //!
 //! Adding an architecture: its config in `tuna_core::hf_config`, a file here with a
 //! `build(dir, hf, cfg, ckpt, opts)` that loads its weights through `Builder::new::<Self>` and
-//! its [`Architecture`] impl, and its arm in [`load_model`].
+//! its [`Architecture`] impl, and its arm in [`load_model`]. A Llama-style decoder instead
+//! describes its layers to `decoder::build` and implements `decoder::DecoderFamily` (the
+//! classes it saves as); its `Architecture` is `decoder::DecoderNet`'s.
 
 pub mod bert;
 mod builder;
 pub mod deberta_v2;
+pub mod decoder;
 pub mod distilbert;
 mod export;
+pub mod gemma;
 pub mod gpt2;
 pub mod llama;
 pub mod modernbert;
+pub mod olmo2;
+pub mod phi3;
+pub mod qwen3;
 pub mod roberta;
 
 use std::collections::BTreeMap;
@@ -118,9 +129,18 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     }
     let ckpt = Checkpoint::open(dir)?;
     let _guard = tch::no_grad_guard();
+    let src = decoder::Source {
+        dir,
+        ckpt: &ckpt,
+        opts,
+    };
     match hf.arch.clone() {
         Arch::Gpt2(c) => gpt2::build(dir, hf, c, &ckpt, opts),
-        Arch::Llama(c) => llama::build(dir, hf, c, &ckpt, opts),
+        Arch::Llama(c) => llama::build(src, hf, c),
+        Arch::Qwen3(c) => qwen3::build(src, hf, c),
+        Arch::Gemma(c) => gemma::build(src, hf, c),
+        Arch::Phi3(c) => phi3::build(src, hf, c),
+        Arch::Olmo2(c) => olmo2::build(src, hf, c),
         Arch::Bert(c) => bert::build(dir, hf, c, &ckpt, opts),
         Arch::Roberta(c) => roberta::build(dir, hf, c, &ckpt, opts),
         Arch::DistilBert(c) => distilbert::build(dir, hf, c, &ckpt, opts),

@@ -16,7 +16,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use tuna_core::hf_config::{HfConfig, ModernBertConfig, Pooling};
 
-use super::llama::apply_rope;
+use super::decoder::apply_rope;
 use super::{encoder_labels, unpacked, Architecture, Builder, Core, Net};
 use crate::freeze::Role;
 use crate::layers::{

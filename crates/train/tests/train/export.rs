@@ -299,6 +299,20 @@ pub(crate) fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+#[test]
+fn exports_load_in_transformers_and_peft_with_equal_logits() {
+    assert_exports_match(&exports());
+}
+
+/// Exports each of `list`, has transformers / PEFT load it (`python/check_export.py`) and
+/// asserts their logits equal tuna's within 1e-4; prints the differences.
+pub(crate) fn assert_exports_match(list: &[Export]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<Case> = list.iter().map(|e| export(tmp.path(), e)).collect();
+    let (_, theirs) = check_export(tmp.path(), &cases);
+    assert_equal_logits(&cases, &theirs);
+}
+
 /// Every case's logits equal transformers'/PEFT's within 1e-4 (the report goes to stderr).
 pub(crate) fn assert_equal_logits(cases: &[Case], theirs: &BTreeMap<String, Tensor>) {
     let mut report = Vec::new();
@@ -316,14 +330,6 @@ pub(crate) fn assert_equal_logits(cases: &[Case], theirs: &BTreeMap<String, Tens
         "logits differ from transformers/PEFT:\n{}",
         report.join("\n")
     );
-}
-
-#[test]
-fn exports_load_in_transformers_and_peft_with_equal_logits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cases = export_cases(tmp.path(), &[]);
-    let (_, theirs) = check_export(tmp.path(), &cases);
-    assert_equal_logits(&cases, &theirs);
 }
 
 #[test]

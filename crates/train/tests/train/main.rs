@@ -2,6 +2,7 @@
 //!
 //! - `parity`: logits and hidden states equal transformers' on the tiny fixtures; load errors;
 //!   freezing, LoRA and gradients.
+//! - `decoders`: Qwen3, Gemma 2 / 3, Phi-3 and OLMo 2: parity, facts, exports, training.
 //! - `export`: checkpoints tuna writes load unchanged in transformers and PEFT.
 //! - `encoders`: the encoders beyond BERT: parity, facts, training, exports.
 //! - `packing`: packed rows and length groups give the unpacked losses and gradients.
@@ -15,6 +16,7 @@
 //! libtorch's process-wide random generator.
 
 mod cli;
+mod decoders;
 mod encoders;
 mod export;
 mod minilm;

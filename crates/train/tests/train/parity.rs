@@ -23,23 +23,29 @@ pub(crate) fn reference(dir: &Path) -> BTreeMap<String, Tensor> {
     read_safetensors(&dir.join("reference.safetensors")).unwrap()
 }
 
-fn check_decoder(name: &str) {
-    check_decoder_with(name, true)
-}
-
-/// `alone`: also check that the padded row's real tokens equal the same tokens run unpadded
-/// (not true for dynamic NTK, whose rotary base depends on the padded length).
-fn check_decoder_with(name: &str, alone: bool) {
-    let dir = fixture(name);
-    let r = reference(&dir);
-    let model = load_model(&dir, &opts(TaskHead::CausalLm)).unwrap();
+/// The model's outputs in eval mode, without gradients.
+pub(crate) fn eval_logits(m: &dyn Model, ids: &Tensor, mask: &Tensor) -> Tensor {
     let batch = Batch {
-        input_ids: &r["input_ids"],
-        attention_mask: &r["attention_mask"],
+        input_ids: ids,
+        attention_mask: mask,
         token_type_ids: None,
         packed: None,
     };
-    let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap();
+    tch::no_grad(|| m.forward(&batch, false)).unwrap()
+}
+
+fn check_decoder(name: &str) {
+    check_decoder_with(name, true);
+}
+
+/// `alone`: also check that the padded row's real tokens equal the same tokens run unpadded
+/// (not true for dynamic NTK and LongRoPE, whose frequencies depend on the padded length).
+/// Returns the largest difference from transformers' logits.
+pub(crate) fn check_decoder_with(name: &str, alone: bool) -> f64 {
+    let dir = fixture(name);
+    let r = reference(&dir);
+    let model = load_model(&dir, &opts(TaskHead::CausalLm)).unwrap();
+    let logits = eval_logits(model.as_ref(), &r["input_ids"], &r["attention_mask"]);
     let want = &r["logits"];
     let scale = f64::try_from(want.abs().max()).unwrap();
     assert!(
@@ -53,6 +59,7 @@ fn check_decoder_with(name: &str, alone: bool) {
             tch::no_grad(|| model.forward(b, false)).unwrap()
         });
     }
+    diff
 }
 
 /// The second row of reference `r` is right-padded: its real tokens (with their token types),
@@ -589,22 +596,11 @@ fn all_padding_rows_stay_finite() {
     }
 }
 
-/// A row with no real token (mask all zeros) gives finite outputs.
+/// A batch whose second row is padding only gives finite outputs.
 pub(crate) fn assert_all_padding_row_finite(name: &str, m: &dyn Model) {
     let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 0, 0, 0, 0]).view([2, 4]);
     let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 0, 0, 0]).view([2, 4]);
-    let y = tch::no_grad(|| {
-        m.forward(
-            &Batch {
-                input_ids: &ids,
-                attention_mask: &mask,
-                token_type_ids: None,
-                packed: None,
-            },
-            false,
-        )
-    })
-    .unwrap();
+    let y = eval_logits(m, &ids, &mask);
     assert_eq!(
         y.isfinite().all().int64_value(&[]),
         1,

@@ -26,7 +26,7 @@ pub(crate) fn spec(extra: serde_json::Value) -> JobSpec {
     job_spec(&body)
 }
 
-fn texts() -> Vec<(u64, Example)> {
+pub(crate) fn texts() -> Vec<(u64, Example)> {
     let base = [
         "the cat sat on the mat",
         "the dog sat on the log",
@@ -48,7 +48,7 @@ fn texts() -> Vec<(u64, Example)> {
 }
 
 pub(crate) struct Run {
-    pub losses: Vec<(u64, f64)>,
+    pub(crate) losses: Vec<(u64, f64)>,
     /// `peak_memory_bytes` of each metrics event.
     pub peaks: Vec<Option<u64>>,
     pub evals: Vec<serde_json::Value>,
