@@ -149,10 +149,20 @@ pub fn trainable_parameters(hf: &HfConfig, spec: &JobSpec) -> u64 {
     let d = f.dims();
     match &spec.lora {
         Some(lora) => {
+            let r = i64::from(lora.r);
             let per_layer: i64 = targeted(f, lora)
-                .map(|(input, output)| i64::from(lora.r) * (input + output))
+                .map(|(input, output)| r * (input + output))
                 .sum();
-            (per_layer * d.num_layers).max(0) as u64
+            // Linears outside the layers (an encoder's pooler) are hidden -> hidden.
+            let outside = f
+                .other_linears()
+                .iter()
+                .filter(|name| targets(lora, name))
+                .count() as i64
+                * r
+                * 2
+                * d.hidden_size;
+            (per_layer * d.num_layers + outside).max(0) as u64
         }
         None => {
             let all = hf.num_parameters();
@@ -166,16 +176,21 @@ pub fn trainable_parameters(hf: &HfConfig, spec: &JobSpec) -> u64 {
     }
 }
 
+/// Whether a LoRA spec puts an adapter on the linear `name`: `all-linear`, or a target equal to
+/// the name or to its last part (PEFT's matching).
+fn targets(lora: &Lora, name: &str) -> bool {
+    let short = name.rsplit('.').next().unwrap_or(name);
+    lora.target_modules
+        .iter()
+        .any(|m| m == "all-linear" || m == short || m == name)
+}
+
 /// The `(in, out)` widths of the layer linears a LoRA spec targets.
 fn targeted<'a>(f: &'a dyn ArchFacts, lora: &'a Lora) -> impl Iterator<Item = (i64, i64)> + 'a {
-    let all = lora.target_modules.iter().any(|m| m == "all-linear");
     f.layer_linears()
         .iter()
         .zip(f.layer_linear_shapes())
-        .filter(move |(name, _)| {
-            let short = name.rsplit('.').next().unwrap_or(name);
-            all || lora.target_modules.iter().any(|m| m == short || m == *name)
-        })
+        .filter(move |(name, _)| targets(lora, name))
         .map(|(_, shape)| shape)
 }
 

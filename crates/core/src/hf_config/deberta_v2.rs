@@ -326,6 +326,16 @@ impl ArchFacts for DebertaV2Config {
             (true, true) => &[Q, K, V, PK, PQ, O, I, OUT],
         }
     }
+    fn intermediate_size(&self) -> i64 {
+        self.intermediate_size
+    }
+    fn layer_linear_shapes(&self) -> Vec<(i64, i64)> {
+        let (d, i) = (self.hidden_size, self.intermediate_size);
+        let attention = self.layer_linears().len() - 2;
+        let mut shapes = vec![(d, d); attention];
+        shapes.extend([(d, i), (i, d)]);
+        shapes
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         const REL: &str = "encoder.rel_embeddings.*";
         const NORM: &str = "encoder.LayerNorm.*";

@@ -118,6 +118,17 @@ impl ArchFacts for DistilBertConfig {
             "ffn.lin2",
         ]
     }
+    fn intermediate_size(&self) -> i64 {
+        self.hidden_dim
+    }
+    fn layer_linear_shapes(&self) -> Vec<(i64, i64)> {
+        let (d, i) = (self.dim, self.hidden_dim);
+        vec![(d, d), (d, d), (d, d), (d, d), (d, i), (i, d)]
+    }
+    /// BERT's layer under other names.
+    fn activation_bytes_per_width(&self) -> f64 {
+        22.9
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &[
             "embeddings.*",

@@ -289,6 +289,14 @@ impl ArchFacts for ModernBertConfig {
     fn layer_linears(&self) -> &'static [&'static str] {
         &["attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"]
     }
+    fn intermediate_size(&self) -> i64 {
+        self.intermediate_size
+    }
+    /// `Wi` holds GeGLU's input and gate halves.
+    fn layer_linear_shapes(&self) -> Vec<(i64, i64)> {
+        let (d, i) = (self.hidden_size, self.intermediate_size);
+        vec![(d, 3 * d), (d, d), (d, 2 * i), (i, d)]
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &[
             "embeddings.*",

@@ -76,6 +76,15 @@ impl ArchFacts for RobertaConfig {
     fn layer_linears(&self) -> &'static [&'static str] {
         LAYER_LINEARS
     }
+    fn intermediate_size(&self) -> i64 {
+        self.bert.intermediate_size
+    }
+    fn layer_linear_shapes(&self) -> Vec<(i64, i64)> {
+        self.bert.layer_linear_shapes()
+    }
+    fn activation_bytes_per_width(&self) -> f64 {
+        self.bert.activation_bytes_per_width()
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &FREEZE_PATTERNS[..4]
     }

@@ -22,6 +22,7 @@ mod export;
 mod minilm;
 mod packing;
 mod parity;
+mod planner;
 mod support;
 mod train_loop;
 mod unit;
