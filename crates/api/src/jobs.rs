@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use rand::Rng;
 use serde_json::Value;
+use tuna_core::hf_config::HfConfig;
 use tuna_core::ids;
 use tuna_core::spec::{self, CreateRequest, Device, SpecPolicy};
 use tuna_core::status::JobStatus;
@@ -201,8 +202,11 @@ pub async fn create_job(
         st.pending
             .admit(&st.db, &caller.organization_id, st.config.max_pending_jobs)
             .await?;
-        let new = new_job(caller, &req, key.clone())?;
-        match validate::check_inline(st, &caller.organization_id, &req.spec, &ctx).await? {
+        let hf = st.fit.config(ctx.model.as_ref()).await;
+        let new = new_job(caller, &req, key.clone(), hf.as_deref())?;
+        match validate::check_inline(st, &caller.organization_id, &req.spec, &ctx, hf.as_deref())
+            .await?
+        {
             Some(outcome) => match queue::insert_checked_job(conn.conn(), &new, &outcome).await? {
                 Some(inserted) => break inserted,
                 None if !fresh_read => fresh_read = true,
@@ -292,7 +296,12 @@ fn fit_auto_to_model(req: &mut CreateRequest, model: Option<&ModelRow>) {
     }
 }
 
-fn new_job(caller: &Caller, req: &CreateRequest, key: Option<String>) -> ApiResult<NewJob> {
+fn new_job(
+    caller: &Caller,
+    req: &CreateRequest,
+    key: Option<String>,
+    hf: Option<&HfConfig>,
+) -> ApiResult<NewJob> {
     let s = &req.spec;
     Ok(NewJob {
         job_id: ids::new_id(ids::JOB),
@@ -315,5 +324,6 @@ fn new_job(caller: &Caller, req: &CreateRequest, key: Option<String>) -> ApiResu
         min_gpu_memory_mb: None,
         idempotency_key: key,
         max_attempts: 1,
+        memory_estimate: crate::fit::estimate_json(hf, s),
     })
 }

@@ -32,6 +32,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod files;
+pub mod fit;
 pub mod inputs;
 pub mod jobs;
 pub mod limits;
@@ -107,6 +108,8 @@ pub struct AppState {
     pub direct: Arc<tuna_db::direct::Direct>,
     /// Settled model and file rows that new jobs refer to.
     pub inputs: Arc<inputs::InputCache>,
+    /// Model configs and worker memory for the create-time memory check.
+    pub fit: Arc<fit::FitCache>,
 }
 
 impl AppState {
@@ -120,6 +123,7 @@ impl AppState {
             keys: Arc::default(),
             pending: Arc::default(),
             inputs: Arc::default(),
+            fit: Arc::default(),
         }
     }
 }

@@ -95,8 +95,11 @@ pub async fn register_base_model(pool: &PgPool, id: &str, dir: &FsPath) -> ApiRe
         message: format!("{}/config.json cannot be used: {e}", dir.display()),
         param: Some("path".into()),
     })?;
-    let architecture =
+    // The description, and which methods fit which GPU sizes (`tuna_core::memory::fits_table`).
+    let mut architecture =
         serde_json::to_value(config.describe()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    architecture["memory"] = serde_json::to_value(tuna_core::memory::fits_table(&config))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     db::register_base(pool, id, &dir.to_string_lossy(), &architecture)
         .await?
         .ok_or_else(|| {

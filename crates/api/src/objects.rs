@@ -107,6 +107,9 @@ pub struct Job<'a> {
     started_at: Option<DateTime<Utc>>,
     cancel_requested: bool,
     pause_requested: bool,
+    /// The memory planner's estimate of the job's peak memory on either accelerator
+    /// (`tuna_core::memory::JobEstimates`), null when the model's config could not be read.
+    memory_estimate: &'a Option<Value>,
 }
 
 /// A `fine_tuning.job`.
@@ -143,6 +146,7 @@ pub fn job(row: &JobRow) -> Job<'_> {
         started_at: row.started_at,
         cancel_requested: row.cancel_requested_at.is_some(),
         pause_requested: row.pause_requested_at.is_some(),
+        memory_estimate: &row.memory_estimate,
     }
 }
 

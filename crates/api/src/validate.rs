@@ -12,8 +12,6 @@
 //! naming the cause and what would fit). Jobs left in `validating_files` by a previous run are
 //! picked up by [`sweep`] at startup.
 
-use std::path::PathBuf;
-
 use serde::Deserialize;
 use tuna_core::data::{self, Format, Shape};
 use tuna_core::hf_config::HfConfig;
@@ -98,7 +96,16 @@ pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, 
         spec.validation_file.as_deref(),
     )
     .await?;
-    let outcome = check_with(st, &job.organization_id, spec, &ctx, Some(&job.job_id)).await?;
+    let hf = st.fit.config(ctx.model.as_ref()).await;
+    let outcome = check_with(
+        st,
+        &job.organization_id,
+        spec,
+        &ctx,
+        hf.as_deref(),
+        Some(&job.job_id),
+    )
+    .await?;
     Ok(outcome.unwrap_or_else(|| {
         Err(JobError::new(
             "internal",
@@ -107,29 +114,39 @@ pub async fn check(st: &AppState, job: &JobRow) -> Result<Result<(), JobError>, 
     }))
 }
 
-/// The check of a new job from what the create request already read (`ctx`) and the scans
-/// stored at upload, without reading any file. `None` when a file's scan was not stored (it
-/// was checked by an older version): the job must be checked by [`spawn`] instead.
+/// The check of a new job from what the create request already read (`ctx`, the model's
+/// config `hf`) and the scans stored at upload, without reading any file. `None` when a
+/// file's scan was not stored (it was checked by an older version): the job must be checked
+/// by [`spawn`] instead.
 pub async fn check_inline(
     st: &AppState,
     organization_id: &str,
     spec: &JobSpec,
     ctx: &CreateContext,
+    hf: Option<&HfConfig>,
 ) -> Result<Option<Result<(), JobError>>, ApiError> {
-    check_with(st, organization_id, spec, ctx, None).await
+    check_with(st, organization_id, spec, ctx, hf, None).await
 }
 
-/// Model first, then each file. `read_files_as`: the job id under which a file without a
+/// Model first (with whether the job fits a live worker, `crate::fit`), then each file.
+/// `read_files_as`: the job id under which a file without a
 /// stored scan is downloaded and scanned; `None` answers `None` for such a file.
 async fn check_with(
     st: &AppState,
     organization_id: &str,
     spec: &JobSpec,
     ctx: &CreateContext,
+    hf: Option<&HfConfig>,
     read_files_as: Option<&str>,
 ) -> Result<Option<Result<(), JobError>>, ApiError> {
-    if let Err(e) = check_model(st, organization_id, spec, ctx.model.as_ref()).await? {
+    if let Err(e) = check_model(st, organization_id, spec, ctx.model.as_ref(), hf).await? {
         return Ok(Some(Err(e)));
+    }
+    if let Some(hf) = hf {
+        let workers = st.fit.workers(&st.db).await?;
+        if let Err(e) = crate::fit::check(hf, spec, &workers) {
+            return Ok(Some(Err(e)));
+        }
     }
     for (file_id, row, param) in [
         (&spec.training_file, &ctx.training_file, "training_file"),
@@ -185,6 +202,7 @@ async fn check_model(
     organization_id: &str,
     spec: &JobSpec,
     model: Option<&ModelRow>,
+    config: Option<&HfConfig>,
 ) -> Result<Result<(), JobError>, ApiError> {
     let Some(model) = model else {
         let known: Vec<String> = models::list_models(&st.db, organization_id)
@@ -207,20 +225,7 @@ async fn check_model(
         )));
     };
     let arch: Arch = Arch::deserialize(&model.architecture).unwrap_or_default();
-    // The model's config lists its modules; only freeze patterns need it.
-    let config = if spec.freeze.patterns.is_empty() {
-        None
-    } else {
-        read_config(PathBuf::from(&model.location)).await
-    };
-    Ok(check_arch(spec, &arch, config.as_ref()))
-}
-
-async fn read_config(dir: PathBuf) -> Option<HfConfig> {
-    let text = tokio::fs::read_to_string(dir.join("config.json"))
-        .await
-        .ok()?;
-    HfConfig::parse(&text).ok()
+    Ok(check_arch(spec, &arch, config))
 }
 
 fn check_arch(spec: &JobSpec, arch: &Arch, config: Option<&HfConfig>) -> Result<(), JobError> {

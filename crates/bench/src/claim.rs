@@ -53,6 +53,7 @@ fn worker(name: &str) -> WorkerInfo {
         device_kind: "cpu".into(),
         gpu_name: None,
         gpu_memory_mb: None,
+        memory_bytes: None,
         labels: json!({"bench": true}),
     }
 }
@@ -178,6 +179,7 @@ fn queue_job() -> NewJob {
         min_gpu_memory_mb: None,
         idempotency_key: None,
         max_attempts: 1,
+        memory_estimate: None,
     }
 }
 

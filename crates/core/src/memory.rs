@@ -10,8 +10,9 @@
 //! - **activations**: per layer and token, [`ArchFacts::activation_bytes_per_width`] bytes per
 //!   unit of `hidden_size + intermediate_size` (measured per family), plus what each LoRA adapter
 //!   keeps of its input (its dropout copy and mask), plus the attention scores where they are
-//!   materialised (on CPU: every head keeps about [`ATTENTION_SCORE_BYTES`] per query and key;
-//!   CUDA's fused kernels keep none); halved in bf16;
+//!   materialised (on CPU, with attention dropout ([`ArchFacts::cpu_attention_keeps_scores`]):
+//!   every head keeps about [`ATTENTION_SCORE_BYTES`] per query and key; CPU's fused kernel
+//!   without dropout and CUDA's fused kernels keep none); halved in bf16;
 //! - **logits**: causal LM keeps `[tokens, vocab]` three times in fp32 (the logits, their log
 //!   softmax and its gradient);
 //! - **runtime**: libtorch itself (CPU: the process's code and buffers, [`CPU_RUNTIME_BYTES`];
@@ -21,7 +22,8 @@
 //! `max_seq_length` tokens: the worst case, since every micro-batch is padded only to its longest
 //! example. BENCHMARKS.md compares the estimate with measured peaks (`scripts/bench-memory.sh`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::hf_config::{ArchFacts, HfConfig};
 use crate::spec::{JobSpec, Lora, Precision, Task, TrainingType};
@@ -33,14 +35,15 @@ pub const CUDA_RUNTIME_BYTES: u64 = 600 << 20;
 /// Bytes per head, query and key of the attention scores on CPU (scores, probabilities and their
 /// gradient), measured with GPT-2 at 256 and 512 tokens.
 pub const ATTENTION_SCORE_BYTES: f64 = 13.25;
-/// What a LoRA adapter keeps per input element when its dropout is on (the dropped copy in fp32
-/// and its mask), measured with the Llama case under LoRA r16 on every linear layer.
-const LORA_INPUT_BYTES_DROPOUT: f64 = 6.7;
+/// What a LoRA adapter keeps per input element when its dropout is on (its input, the dropped
+/// copy and the mask), measured with the Llama case under LoRA r16 on every linear layer, with
+/// and without dropout.
+const LORA_INPUT_BYTES_DROPOUT: f64 = 10.8;
 /// Without dropout an adapter keeps only its input.
 const LORA_INPUT_BYTES: f64 = 4.0;
 
 /// Where the job trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Accelerator {
     Cpu,
@@ -48,7 +51,7 @@ pub enum Accelerator {
 }
 
 /// The estimate, in bytes, by what holds the memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryEstimate {
     pub accelerator: Accelerator,
     pub micro_batch: u64,
@@ -101,7 +104,7 @@ pub fn estimate_with(
         per_layer_token += per_input * lora_inputs(f, lora) as f64;
     }
     let mut activations = layers * tokens * per_layer_token;
-    if accelerator == Accelerator::Cpu {
+    if accelerator == Accelerator::Cpu && f.cpu_attention_keeps_scores() {
         activations +=
             layers * micro_batch as f64 * heads * (seq * seq) as f64 * ATTENTION_SCORE_BYTES;
     }
@@ -135,6 +138,108 @@ pub fn estimate_with(
 /// [`estimate_with`] at the job's own micro-batch.
 pub fn estimate(hf: &HfConfig, spec: &JobSpec, accelerator: Accelerator) -> MemoryEstimate {
     estimate_with(hf, spec, accelerator, micro_batch(spec))
+}
+
+/// A job's estimate on either accelerator, as the API stores it with the job (the API does
+/// not know which worker will run it; each worker checks its own again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEstimates {
+    pub cpu: MemoryEstimate,
+    pub cuda: MemoryEstimate,
+}
+
+/// [`estimate`] on the CPU and on CUDA.
+pub fn estimates(hf: &HfConfig, spec: &JobSpec) -> JobEstimates {
+    JobEstimates {
+        cpu: estimate(hf, spec, Accelerator::Cpu),
+        cuda: estimate(hf, spec, Accelerator::Cuda),
+    }
+}
+
+/// The GPU memory sizes [`fits_table`] answers for, in GiB (a "24 GB" card has 24 GiB).
+pub const GPU_SIZES_GIB: [u64; 3] = [24, 48, 80];
+
+/// One row of [`fits_table`]: a method at a micro-batch size on CUDA (bf16 autocast).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodFit {
+    pub task: Task,
+    pub training_type: TrainingType,
+    /// LoRA's rank (on every linear layer), if LoRA.
+    pub lora_r: Option<u32>,
+    pub micro_batch: u64,
+    pub seq_len: u64,
+    pub total_bytes: u64,
+    /// For each of [`GPU_SIZES_GIB`]: whether the estimate fits in that much GPU memory.
+    pub fits_gib: std::collections::BTreeMap<String, bool>,
+}
+
+/// Which methods fit which GPU memory sizes, for a model: full fine-tuning and LoRA (r 16 on
+/// every linear layer) for the model's first task, at micro-batches of 1 (reach any batch
+/// with gradient accumulation) and 8 (the default batch without accumulation), sequences of
+/// the model's context length up to 2048 tokens (512 for encoders), the other knobs at their
+/// defaults.
+pub fn fits_table(hf: &HfConfig) -> Vec<MethodFit> {
+    let task = hf
+        .tasks()
+        .first()
+        .copied()
+        .unwrap_or(Task::SequenceClassification);
+    let cap = if hf.is_decoder() { 2048 } else { 512 };
+    let seq = hf.dims().context_length.clamp(8, cap);
+    let mut rows = Vec::new();
+    for lora_r in [None, Some(16u32)] {
+        let mut body = json!({"model": "m", "training_file": "f", "task": task.as_str(),
+                              "max_seq_length": seq});
+        if let Some(r) = lora_r {
+            body["lora_r"] = json!(r);
+            body["lora_target_modules"] = json!("all-linear");
+        }
+        let Ok(req) = crate::spec::parse_create_request(&body, &Default::default(), 0) else {
+            continue;
+        };
+        for micro_batch in [1, 8] {
+            let e = estimate_with(hf, &req.spec, Accelerator::Cuda, micro_batch);
+            rows.push(MethodFit {
+                task,
+                training_type: req.spec.training_type,
+                lora_r,
+                micro_batch,
+                seq_len: e.seq_len,
+                total_bytes: e.total_bytes,
+                fits_gib: GPU_SIZES_GIB
+                    .iter()
+                    .map(|g| (g.to_string(), e.total_bytes <= g << 30))
+                    .collect(),
+            });
+        }
+    }
+    rows
+}
+
+/// How the job runs in `available` bytes on `accelerator`: as it is when it fits; else, under
+/// `batch_size: "auto"` (not [`JobSpec::fixed_batch_size`]), with the largest micro-batch that
+/// fits, reached with more gradient accumulation (the same effective batch, so the same
+/// optimiser steps). `Err`: it does not fit either way; the estimate of the job as given.
+pub fn fit(
+    hf: &HfConfig,
+    spec: &JobSpec,
+    accelerator: Accelerator,
+    available: u64,
+) -> Result<JobSpec, MemoryEstimate> {
+    let e = estimate(hf, spec, accelerator);
+    if e.total_bytes <= available {
+        return Ok(spec.clone());
+    }
+    if !spec.fixed_batch_size {
+        let fits = |k: u64| estimate_with(hf, spec, accelerator, k).total_bytes <= available;
+        if let Some(k) = (1..micro_batch(spec)).rev().find(|&k| fits(k)) {
+            let mut fitted = spec.clone();
+            // ceil(batch / steps) <= k: the micro-batch the trainer forms is at most k.
+            fitted.gradient_accumulation_steps = u64::from(spec.batch_size).div_ceil(k) as u32;
+            return Ok(fitted);
+        }
+    }
+    Err(e)
 }
 
 /// Examples per forward pass: `ceil(batch_size / gradient_accumulation_steps)`.
@@ -429,5 +534,78 @@ mod tests {
             &spec(json!({"lora_r": 16, "lora_target_modules": ["c_attn"]})),
         );
         assert_eq!(lora, 12 * 16 * (768 + 2304));
+    }
+
+    #[test]
+    fn the_fits_table_answers_each_method_for_each_gpu_size() {
+        let small = fits_table(&gpt2_124m());
+        assert_eq!(small.len(), 4);
+        assert!(
+            small.iter().all(|f| f.fits_gib["80"] && f.seq_len == 1024),
+            "{small:?}"
+        );
+        // Llama 2 7B's shape: full fine-tuning (16 bytes per parameter) fits no single GPU;
+        // LoRA's frozen bf16 base does, given the memory for its activations.
+        let llama = HfConfig::parse(
+            &json!({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "max_position_embeddings": 4096, "vocab_size": 32000})
+            .to_string(),
+        )
+        .unwrap();
+        let table = fits_table(&llama);
+        let row = |t: TrainingType, mb: u64| {
+            table
+                .iter()
+                .find(|f| f.training_type == t && f.micro_batch == mb)
+                .unwrap()
+        };
+        let full = row(TrainingType::Full, 1);
+        assert!(
+            full.total_bytes > 100 << 30 && !full.fits_gib["80"],
+            "{full:?}"
+        );
+        let lora = row(TrainingType::Lora, 1);
+        assert_eq!(
+            (lora.lora_r, lora.seq_len, lora.task),
+            (Some(16), 2048, Task::CausalLm)
+        );
+        assert!(!lora.fits_gib["24"] && lora.fits_gib["80"], "{lora:?}");
+        assert!(row(TrainingType::Lora, 8).total_bytes > lora.total_bytes);
+        // The rows are the planner's own estimates.
+        let e = estimates(
+            &llama,
+            &spec(
+                json!({"model": "m", "lora_r": 16, "lora_target_modules": "all-linear",
+                                               "max_seq_length": 2048, "gradient_accumulation_steps": 8}),
+            ),
+        );
+        assert_eq!(e.cuda.total_bytes, lora.total_bytes);
+        assert!(e.cpu.total_bytes > e.cuda.total_bytes);
+    }
+
+    #[test]
+    fn batch_size_auto_splits_micro_batches_to_fit_and_a_given_batch_size_does_not() {
+        let hf = gpt2_124m();
+        let auto = spec(json!({"max_seq_length": 1024, "hyperparameters": {"batch_size": "auto"}}));
+        let given = spec(json!({"max_seq_length": 1024, "hyperparameters": {"batch_size": 8}}));
+        assert!(!auto.fixed_batch_size && given.fixed_batch_size);
+        let available = 6 << 30;
+        assert!(estimate(&hf, &auto, Accelerator::Cpu).total_bytes > available);
+        let fitted = fit(&hf, &auto, Accelerator::Cpu, available).unwrap();
+        let m = micro_batch(&fitted);
+        assert!(
+            m < 8 && fitted.gradient_accumulation_steps as u64 * m >= 8,
+            "{m}"
+        );
+        assert_eq!(fitted.batch_size, 8);
+        assert!(estimate(&hf, &fitted, Accelerator::Cpu).total_bytes <= available);
+        // The largest that fits: one more example per micro-batch would not.
+        assert!(estimate_with(&hf, &auto, Accelerator::Cpu, m + 1).total_bytes > available);
+        // A job that fits stays as it is; a given batch size is not changed; nothing fits in
+        // 100 MiB.
+        assert_eq!(fit(&hf, &auto, Accelerator::Cpu, 1 << 40).unwrap(), auto);
+        assert!(fit(&hf, &given, Accelerator::Cpu, available).is_err());
+        assert!(fit(&hf, &auto, Accelerator::Cpu, 100 << 20).is_err());
     }
 }

@@ -230,6 +230,9 @@ pub struct NewJob {
     pub min_gpu_memory_mb: Option<i64>,
     pub idempotency_key: Option<String>,
     pub max_attempts: i32,
+    /// The memory planner's estimate (`tuna_core::memory::JobEstimates` as JSON), if the
+    /// model's config could be read.
+    pub memory_estimate: Option<Value>,
 }
 
 /// Result of [`insert_job`].
@@ -262,8 +265,9 @@ pub async fn insert_job(pool: &PgPool, job: &NewJob) -> Result<Inserted> {
     let mut tx = pool.begin().await?;
     let query = sqlx::query_as(
         "insert into jobs (job_id, organization_id, status, model, training_file, validation_file, spec, suffix, seed, \
-                           metadata, integrations, priority, required_device, min_gpu_memory_mb, idempotency_key, max_attempts) \
-         values ($1, $2, 'validating_files', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, greatest($15, 1)) \
+                           metadata, integrations, priority, required_device, min_gpu_memory_mb, idempotency_key, max_attempts, \
+                           memory_estimate) \
+         values ($1, $2, 'validating_files', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, greatest($15, 1), $16) \
          on conflict (organization_id, idempotency_key) where idempotency_key is not null do nothing \
          returning *",
     );
@@ -317,9 +321,9 @@ pub async fn insert_checked_job(
         "with j as ( \
            insert into jobs (job_id, organization_id, status, model, training_file, validation_file, spec, suffix, \
                              seed, metadata, integrations, priority, required_device, min_gpu_memory_mb, \
-                             idempotency_key, max_attempts, error, finished_at) \
-           select $1, $2, case when $16::jsonb is null then 'queued' else 'failed' end, $3, $4, $5, $6, $7, $8, \
-                  $9, $10, $11, $12, $13, $14, greatest($15, 1), $16, case when $16::jsonb is null then null else now() end \
+                             idempotency_key, max_attempts, memory_estimate, error, finished_at) \
+           select $1, $2, case when $17::jsonb is null then 'queued' else 'failed' end, $3, $4, $5, $6, $7, $8, \
+                  $9, $10, $11, $12, $13, $14, greatest($15, 1), $16, $17, case when $17::jsonb is null then null else now() end \
            where ($4::text is null or exists (select 1 from files f where f.file_id = $4 \
                                               and f.organization_id = $2 and f.deleted_at is null)) \
              and ($5::text is null or exists (select 1 from files f where f.file_id = $5 \
@@ -329,10 +333,10 @@ pub async fn insert_checked_job(
          e as ( \
            insert into job_events (event_id, job_id, level, message, data, type) \
            select v.event_id, j.job_id, v.level, v.message, v.data, 'message' \
-           from j cross join (values (1, $17, 'info', 'Created fine-tuning job: ' || $1, null::jsonb), \
-                                     (2, $18, $19, $20, $16::jsonb)) as v (n, event_id, level, message, data) \
+           from j cross join (values (1, $18, 'info', 'Created fine-tuning job: ' || $1, null::jsonb), \
+                                     (2, $19, $20, $21, $17::jsonb)) as v (n, event_id, level, message, data) \
            order by v.n) \
-         select j.*, case when j.status = 'queued' then pg_notify($21, 'queued') is null end as notified from j",
+         select j.*, case when j.status = 'queued' then pg_notify($22, 'queued') is null end as notified from j",
     );
     let created: Option<JobRow> = bind_new_job(query, job)
         .bind(&error)
@@ -357,7 +361,7 @@ pub async fn insert_checked_job(
     )
 }
 
-/// Binds a new job's columns as `$1` to `$15`, in the order both inserts list them.
+/// Binds a new job's columns as `$1` to `$16`, in the order both inserts list them.
 fn bind_new_job<'q>(
     query: sqlx::query::QueryAs<'q, sqlx::Postgres, JobRow, sqlx::postgres::PgArguments>,
     job: &'q NewJob,
@@ -378,6 +382,7 @@ fn bind_new_job<'q>(
         .bind(job.min_gpu_memory_mb)
         .bind(&job.idempotency_key)
         .bind(job.max_attempts)
+        .bind(&job.memory_estimate)
 }
 
 fn check_device(job: &NewJob) -> Result<()> {
@@ -665,6 +670,9 @@ pub struct WorkerInfo {
     pub device_kind: String,
     pub gpu_name: Option<String>,
     pub gpu_memory_mb: Option<i64>,
+    /// The memory a job may use on this worker, in bytes (`None`: unknown).
+    #[serde(default)]
+    pub memory_bytes: Option<i64>,
     pub labels: Value,
 }
 
@@ -677,11 +685,11 @@ pub async fn register_worker(pool: &PgPool, w: &WorkerInfo) -> Result<()> {
         )));
     }
     sqlx::query(
-        "insert into workers (worker_id, hostname, device_kind, gpu_name, gpu_memory_mb, labels) \
-         values ($1, $2, $3, $4, $5, $6) \
+        "insert into workers (worker_id, hostname, device_kind, gpu_name, gpu_memory_mb, labels, memory_bytes) \
+         values ($1, $2, $3, $4, $5, $6, $7) \
          on conflict (worker_id) do update set hostname = excluded.hostname, device_kind = excluded.device_kind, \
            gpu_name = excluded.gpu_name, gpu_memory_mb = excluded.gpu_memory_mb, labels = excluded.labels, \
-           started_at = now(), last_heartbeat_at = now()",
+           memory_bytes = excluded.memory_bytes, started_at = now(), last_heartbeat_at = now()",
     )
     .bind(&w.worker_id)
     .bind(&w.hostname)
@@ -689,9 +697,34 @@ pub async fn register_worker(pool: &PgPool, w: &WorkerInfo) -> Result<()> {
     .bind(&w.gpu_name)
     .bind(w.gpu_memory_mb)
     .bind(&w.labels)
+    .bind(w.memory_bytes)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// A live worker's capacity, for the API's check that a new job fits somewhere.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WorkerCapacity {
+    pub worker_id: String,
+    pub device_kind: String,
+    pub gpu_name: Option<String>,
+    pub gpu_memory_mb: Option<i64>,
+    pub memory_bytes: i64,
+}
+
+/// Workers that may still claim jobs (not draining, heard from within `within`) and said how
+/// much memory a job may use on them.
+pub async fn worker_capacities(pool: &PgPool, within: Duration) -> Result<Vec<WorkerCapacity>> {
+    Ok(sqlx::query_as(
+        "select worker_id, device_kind, gpu_name, gpu_memory_mb, memory_bytes from workers \
+         where not draining and memory_bytes is not null \
+           and last_heartbeat_at > now() - make_interval(secs => $1) \
+         order by worker_id",
+    )
+    .bind(secs(within))
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Refreshes the worker's `last_heartbeat_at`; returns whether it is asked to drain (claim

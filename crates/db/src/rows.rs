@@ -74,6 +74,8 @@ pub struct JobRow {
     pub checkpoint_uri: Option<String>,
     pub progress: Option<Value>,
     pub estimated_finish: Option<DateTime<Utc>>,
+    /// See migrations/0006_memory.sql.
+    pub memory_estimate: Option<Value>,
     pub fine_tuned_model: Option<String>,
     pub trained_tokens: Option<i64>,
     pub result_files: Value,

@@ -44,6 +44,7 @@ fn new_job(id: &str) -> NewJob {
         min_gpu_memory_mb: None,
         idempotency_key: None,
         max_attempts: 1,
+        memory_estimate: None,
     }
 }
 
@@ -65,6 +66,7 @@ async fn worker(pool: &PgPool, id: &str, device: &str, gpu_memory_mb: Option<i64
         device_kind: device.to_string(),
         gpu_name: gpu_memory_mb.map(|_| "Test GPU".to_string()),
         gpu_memory_mb,
+        memory_bytes: None,
         labels: json!({}),
     };
     queue::register_worker(pool, &w).await.unwrap();

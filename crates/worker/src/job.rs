@@ -538,9 +538,10 @@ async fn execute(
         Ok(p) => p,
         Err(outcome) => return Ok(outcome),
     };
-    if let Some(err) = memory_check(ctx, &spec, &prepared).await {
-        return finish_failed(ctx, &err).await;
-    }
+    let spec = match memory_check(ctx, &spec, &prepared).await? {
+        Ok(fitted) => fitted,
+        Err(err) => return finish_failed(ctx, &err).await,
+    };
     let model_name = fine_tuned_model_name(&ctx.job);
     let proc = spawn_trainer(ctx, &spec, &prepared, work, worker_device).await?;
     let uploader = Uploader {
@@ -593,24 +594,65 @@ async fn prepare_unless_stopped(
 }
 
 /// The job's estimated peak memory against what this worker's device has
-/// (`tuna_core::memory`): an `insufficient_memory` error, naming both and what would fit, when
-/// the job would not fit. A model whose config.json cannot be read is left to the trainer.
-async fn memory_check(ctx: &Ctx<'_>, spec: &JobSpec, prepared: &Prepared) -> Option<JobError> {
-    let memory = ctx.memory.as_ref()?;
-    let text = tokio::fs::read_to_string(prepared.model.dir.join("config.json"))
+/// (`tuna_core::memory`). `Ok`: the spec to train with: the job's own, or, under `batch_size:
+/// "auto"`, one with smaller micro-batches and more gradient accumulation that fits (written
+/// over the prepared spec.json, with an event saying so). `Err`: an `insufficient_memory`
+/// error naming what the job needs, what the device has and what would fit. A model whose
+/// config.json cannot be read is left to the trainer.
+async fn memory_check(
+    ctx: &Ctx<'_>,
+    spec: &JobSpec,
+    prepared: &Prepared,
+) -> Result<Result<JobSpec, JobError>, WorkerError> {
+    let Some(memory) = ctx.memory.as_ref() else {
+        return Ok(Ok(spec.clone()));
+    };
+    let Some(hf) = read_config(&prepared.model.dir).await else {
+        return Ok(Ok(spec.clone()));
+    };
+    let fitted = match memory::fit(&hf, spec, memory.accelerator, memory.bytes) {
+        Ok(fitted) => fitted,
+        Err(e) => {
+            let message = memory::does_not_fit(&hf, spec, &e, memory.bytes, &memory.device);
+            return Ok(Err(JobError {
+                code: "insufficient_memory".into(),
+                message: format!("{}{}", message[..1].to_uppercase(), &message[1..]),
+                param: Some("batch_size".into()),
+            }));
+        }
+    };
+    if fitted.gradient_accumulation_steps != spec.gradient_accumulation_steps {
+        let text = serde_json::to_vec_pretty(&fitted).unwrap_or_default();
+        if let Err(e) = tokio::fs::write(&prepared.spec_path, text).await {
+            return Ok(Err(JobError::new(
+                "internal",
+                format!("cannot write {}: {e}", prepared.spec_path.display()),
+            )));
+        }
+        let (before, after) = (memory::micro_batch(spec), memory::micro_batch(&fitted));
+        let e = memory::estimate(&hf, &fitted, memory.accelerator);
+        let msg = format!(
+            "batch_size auto: micro-batches of {after} instead of {before} (gradient_accumulation_steps {}, the same batch of {}) to fit the {}: about {} of {}",
+            fitted.gradient_accumulation_steps,
+            fitted.batch_size,
+            memory.device,
+            memory::gib(e.total_bytes),
+            memory::gib(memory.bytes),
+        );
+        let data = json!({"gradient_accumulation_steps": fitted.gradient_accumulation_steps,
+                          "micro_batch": after, "memory_estimate": e});
+        ctx.event(Level::Info, &msg, Some(&data), EventKind::Message)
+            .await
+            .map_err(|_| WorkerError::LeaseLost(ctx.job.job_id.clone()))?;
+    }
+    Ok(Ok(fitted))
+}
+
+async fn read_config(dir: &Path) -> Option<HfConfig> {
+    let text = tokio::fs::read_to_string(dir.join("config.json"))
         .await
         .ok()?;
-    let hf = HfConfig::parse(&text).ok()?;
-    let e = memory::estimate(&hf, spec, memory.accelerator);
-    if e.total_bytes <= memory.bytes {
-        return None;
-    }
-    let message = memory::does_not_fit(&hf, spec, &e, memory.bytes, &memory.device);
-    Some(JobError {
-        code: "insufficient_memory".into(),
-        message: format!("{}{}", message[..1].to_uppercase(), &message[1..]),
-        param: Some("batch_size".into()),
-    })
+    HfConfig::parse(&text).ok()
 }
 
 /// Starts `tuna-trainer run` for the prepared job. A trainer that cannot start is a broken

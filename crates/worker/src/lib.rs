@@ -208,6 +208,30 @@ fn machine_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The memory a job may use on the worker `info` describes, at most `limit` (`None`: unknown,
+/// then nothing is checked).
+fn job_memory(info: &WorkerInfo, limit: Option<u64>) -> Option<JobMemory> {
+    use tuna_core::memory::Accelerator;
+    let (accelerator, device, bytes) = if info.device_kind == "cuda" {
+        let gpu = info.gpu_memory_mb.map(|mb| mb.max(0) as u64 * (1 << 20));
+        let name = info.gpu_name.clone().unwrap_or_else(|| "GPU".into());
+        (Accelerator::Cuda, name, gpu)
+    } else {
+        (Accelerator::Cpu, "CPU".to_string(), machine_memory())
+    };
+    let (bytes, device) = match (limit, bytes) {
+        (Some(l), Some(b)) if l < b => (l, format!("{device} (limited by --memory-limit-mb)")),
+        (Some(l), None) => (l, format!("{device} (limited by --memory-limit-mb)")),
+        (_, Some(b)) => (b, device),
+        (None, None) => return None,
+    };
+    Some(JobMemory {
+        accelerator,
+        bytes,
+        device,
+    })
+}
+
 /// A worker: one job at a time.
 pub struct Worker {
     pool: PgPool,
@@ -230,14 +254,17 @@ impl Worker {
             .worker_id
             .clone()
             .unwrap_or_else(|| tuna_core::ids::new_id(tuna_core::ids::WORKER));
-        let info = WorkerInfo {
+        let mut info = WorkerInfo {
             worker_id,
             hostname,
             device_kind,
             gpu_name,
             gpu_memory_mb,
+            memory_bytes: None,
             labels: cfg.labels.clone(),
         };
+        info.memory_bytes =
+            job_memory(&info, cfg.memory_limit).and_then(|m| i64::try_from(m.bytes).ok());
         Worker {
             pool,
             cfg,
@@ -250,33 +277,6 @@ impl Worker {
     /// What this worker announces.
     pub fn info(&self) -> &WorkerInfo {
         &self.info
-    }
-
-    /// The memory a job may use here (`None`: unknown, then nothing is checked).
-    fn job_memory(&self) -> Option<JobMemory> {
-        use tuna_core::memory::Accelerator;
-        let limit = self.cfg.memory_limit;
-        let (accelerator, device, bytes) = if self.info.device_kind == "cuda" {
-            let gpu = self
-                .info
-                .gpu_memory_mb
-                .map(|mb| mb.max(0) as u64 * (1 << 20));
-            let name = self.info.gpu_name.clone().unwrap_or_else(|| "GPU".into());
-            (Accelerator::Cuda, name, gpu)
-        } else {
-            (Accelerator::Cpu, "CPU".to_string(), machine_memory())
-        };
-        let (bytes, device) = match (limit, bytes) {
-            (Some(l), Some(b)) if l < b => (l, format!("{device} (limited by --memory-limit-mb)")),
-            (Some(l), None) => (l, format!("{device} (limited by --memory-limit-mb)")),
-            (_, Some(b)) => (b, device),
-            (None, None) => return None,
-        };
-        Some(JobMemory {
-            accelerator,
-            bytes,
-            device,
-        })
     }
 
     pub fn config(&self) -> &WorkerConfig {
@@ -353,7 +353,7 @@ impl Worker {
             &self.pool,
             &self.cfg,
             &self.info.device_kind,
-            self.job_memory(),
+            job_memory(&self.info, self.cfg.memory_limit),
             claimed,
             listener,
             shutdown,

@@ -414,6 +414,57 @@ async fn a_dataset_with_a_bad_line_fails_with_its_line_number() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_size_auto_trains_in_smaller_micro_batches_where_the_batch_does_not_fit() {
+    use tuna_core::hf_config::HfConfig;
+    use tuna_core::memory::{estimate_with, Accelerator};
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(16)).await;
+    let job_id = env
+        .create_job(json!({"model": "gpt2-tiny", "training_file": file,
+                           "hyperparameters": {"n_epochs": 1, "batch_size": "auto"}}))
+        .await;
+    // Room for micro-batches of 2, not 3: the planner's own figures for this job.
+    let job = env.job(&job_id).await;
+    let spec = job.spec.get().unwrap();
+    assert_eq!((spec.batch_size, spec.gradient_accumulation_steps), (8, 1));
+    let config = common::workspace().join(".fixtures/gpt2/config.json");
+    let hf = HfConfig::parse(&std::fs::read_to_string(config).unwrap()).unwrap();
+    let at = |m| estimate_with(&hf, spec, Accelerator::Cpu, m).total_bytes;
+    let mut cfg = env.config("small");
+    cfg.memory_limit = Some((at(2) + at(3)) / 2);
+    let out = Worker::new(env.pool().clone(), cfg)
+        .try_run_one()
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job_id.clone(),
+            status: JobStatus::Succeeded
+        }
+    );
+    let events = env.events(&job_id).await;
+    let fitted = events
+        .iter()
+        .find(|e| e.message.starts_with("batch_size auto: "))
+        .expect("an event saying how the batch was split");
+    assert!(
+        fitted.message.starts_with(
+            "batch_size auto: micro-batches of 2 instead of 8 (gradient_accumulation_steps 4, the same batch of 8) to fit the CPU (limited by --memory-limit-mb)"
+        ),
+        "{}",
+        fitted.message
+    );
+    assert_eq!(fitted.data.as_ref().unwrap()["micro_batch"], 2);
+    // The same optimiser steps as one batch of 8 per step: 16 examples less the validation
+    // split, one epoch.
+    let total = env.job(&job_id).await.progress.unwrap()["total_steps"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(total, 2, "{total}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_too_big_for_the_device_fails_before_training_with_what_would_fit() {
     let env = Env::new(None).await;
     let file = env.upload("train.jsonl", &gpt2_data(8)).await;

@@ -24,6 +24,7 @@ pub fn worker() -> WorkerInfo {
         device_kind: "cpu".into(),
         gpu_name: None,
         gpu_memory_mb: None,
+        memory_bytes: None,
         labels: json!({}),
     }
 }

@@ -334,6 +334,7 @@ fn worker() -> WorkerInfo {
         device_kind: "cpu".into(),
         gpu_name: None,
         gpu_memory_mb: None,
+        memory_bytes: None,
         labels: json!({}),
     }
 }
@@ -550,6 +551,7 @@ async fn startup_sweep_validates_jobs_left_in_validating_files() {
         min_gpu_memory_mb: None,
         idempotency_key: None,
         max_attempts: 1,
+        memory_estimate: None,
     };
     let row = queue::insert_job(&app.db.pool, &new)
         .await

@@ -7,4 +7,5 @@ mod events;
 mod files;
 mod helpers;
 mod jobs;
+mod memory;
 mod openapi;

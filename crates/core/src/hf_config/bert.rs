@@ -168,6 +168,9 @@ impl ArchFacts for BertConfig {
     fn activation_bytes_per_width(&self) -> f64 {
         22.9
     }
+    fn cpu_attention_keeps_scores(&self) -> bool {
+        self.attention_probs_dropout_prob > 0.0
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &FREEZE_PATTERNS
     }

@@ -134,6 +134,8 @@ pub(super) trait DecoderFacts {
     /// are not measured yet and take the same, the largest measured so far.
     const ACTIVATION_BYTES_PER_WIDTH: f64 = 33.0;
     fn shape(&self) -> &DecoderShape;
+    /// `attention_dropout` (see [`ArchFacts::cpu_attention_keeps_scores`]).
+    fn attention_dropout(&self) -> f64;
     /// Parameters of one layer (`s` is [`DecoderFacts::shape`]).
     fn layer_parameters(&self, s: &DecoderShape) -> i64;
     /// `(in_features, out_features)` of each of `LINEARS`, in that order (separate q, k, v, o,
@@ -175,6 +177,9 @@ impl<T: DecoderFacts> ArchFacts for T {
     }
     fn activation_bytes_per_width(&self) -> f64 {
         T::ACTIVATION_BYTES_PER_WIDTH
+    }
+    fn cpu_attention_keeps_scores(&self) -> bool {
+        self.attention_dropout() > 0.0
     }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         FREEZE_PATTERNS

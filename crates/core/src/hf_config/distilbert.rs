@@ -129,6 +129,9 @@ impl ArchFacts for DistilBertConfig {
     fn activation_bytes_per_width(&self) -> f64 {
         22.9
     }
+    fn cpu_attention_keeps_scores(&self) -> bool {
+        self.attention_dropout > 0.0
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &[
             "embeddings.*",

@@ -212,6 +212,9 @@ impl DecoderFacts for GemmaConfig {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
+    fn attention_dropout(&self) -> f64 {
+        self.attention_dropout
+    }
     fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         let qk_norm = if self.qk_norm { 2 * s.head_dim } else { 0 };
         // Four norms.

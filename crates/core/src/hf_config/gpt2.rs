@@ -130,6 +130,9 @@ impl ArchFacts for Gpt2Config {
     fn activation_bytes_per_width(&self) -> f64 {
         22.9
     }
+    fn cpu_attention_keeps_scores(&self) -> bool {
+        self.attn_pdrop > 0.0
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &[
             "transformer.wte.*",

@@ -96,6 +96,9 @@ impl DecoderFacts for LlamaConfig {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
+    fn attention_dropout(&self) -> f64 {
+        self.attention_dropout
+    }
     fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         let (d, i) = (s.hidden_size, s.intermediate_size);
         let mlp_bias = if self.mlp_bias { 2 * i + d } else { 0 };

@@ -198,6 +198,14 @@ pub trait ArchFacts {
     fn activation_bytes_per_width(&self) -> f64 {
         33.0
     }
+    /// Whether training on the CPU keeps each head's attention scores for the backward pass:
+    /// libtorch's fused CPU attention kernel keeps none, but it takes no dropout, so a model
+    /// with attention dropout falls back to the kernel that materialises them (measured with
+    /// GPT-2, dropout 0.1, against SmolLM's Llama shape, none; BENCHMARKS.md, memory). The
+    /// default (a family with its own attention code) keeps them.
+    fn cpu_attention_keeps_scores(&self) -> bool {
+        true
+    }
 }
 
 /// The sizes every family has, under the family's own key names in config.json.

@@ -289,6 +289,9 @@ impl ArchFacts for ModernBertConfig {
     fn layer_linears(&self) -> &'static [&'static str] {
         &["attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"]
     }
+    fn cpu_attention_keeps_scores(&self) -> bool {
+        self.attention_dropout > 0.0
+    }
     fn intermediate_size(&self) -> i64 {
         self.intermediate_size
     }

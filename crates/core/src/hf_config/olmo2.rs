@@ -51,6 +51,9 @@ impl DecoderFacts for Olmo2Config {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
+    fn attention_dropout(&self) -> f64 {
+        self.attention_dropout
+    }
     fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         // Two norms; q_norm and k_norm span all query and key heads.
         let qk_norm = (s.num_attention_heads + s.num_key_value_heads) * s.head_dim;

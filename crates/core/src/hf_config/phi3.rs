@@ -145,6 +145,9 @@ impl DecoderFacts for Phi3Config {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
+    fn attention_dropout(&self) -> f64 {
+        self.attention_dropout
+    }
     fn linear_shapes(s: &DecoderShape) -> Vec<(i64, i64)> {
         let (d, i) = (s.hidden_size, s.intermediate_size);
         let q = s.num_attention_heads * s.head_dim;

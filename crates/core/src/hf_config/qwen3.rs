@@ -83,6 +83,9 @@ impl DecoderFacts for Qwen3Config {
     fn shape(&self) -> &DecoderShape {
         &self.shape
     }
+    fn attention_dropout(&self) -> f64 {
+        self.attention_dropout
+    }
     fn layer_parameters(&self, s: &DecoderShape) -> i64 {
         // Two norms and the per-head q/k norms.
         2 * s.hidden_size

@@ -85,6 +85,9 @@ impl ArchFacts for RobertaConfig {
     fn activation_bytes_per_width(&self) -> f64 {
         self.bert.activation_bytes_per_width()
     }
+    fn cpu_attention_keeps_scores(&self) -> bool {
+        self.bert.cpu_attention_keeps_scores()
+    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         &FREEZE_PATTERNS[..4]
     }

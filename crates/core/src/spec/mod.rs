@@ -159,6 +159,13 @@ pub struct JobSpec {
     pub device: Device,
     /// Log a metrics event every N optimiser steps.
     pub log_interval: u32,
+    /// `batch_size` was given as a number: the worker runs micro-batches of
+    /// `ceil(batch_size / gradient_accumulation_steps)` examples as the job says. Absent or
+    /// `"auto"`, the worker may split them further (more gradient accumulation, the same
+    /// effective batch) where the job would not fit its device otherwise
+    /// ([`crate::memory::fit`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fixed_batch_size: bool,
 }
 
 /// A request that cannot be accepted: `param` names the offending field.

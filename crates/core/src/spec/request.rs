@@ -692,6 +692,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         precision: k.precision.choice(Precision::Auto, false)?,
         device: k.device.choice(Device::Auto, false)?,
         log_interval,
+        fixed_batch_size: k.batch_size.is_given() && !matches!(k.batch_size.given, Given::Auto),
     };
     Ok((spec, priority))
 }

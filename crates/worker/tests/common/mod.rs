@@ -122,6 +122,7 @@ impl Env {
             min_gpu_memory_mb: None,
             idempotency_key: None,
             max_attempts: 1,
+            memory_estimate: None,
         };
         queue::insert_job(self.pool(), &new).await.unwrap();
         queue::finish_validation(self.pool(), &job_id, Ok(()))
