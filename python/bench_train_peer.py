@@ -24,6 +24,7 @@ Cases:
            sentences (tests/data/sst2 in the repository, or --sst2), tokenised with the model's tokenizer,
            cut to T tokens.
   minilm-fixed  the same model on rows of exactly T random tokens (the memory benchmark)
+  llama12  a 12-layer Llama-style decoder, hidden 768 (the memory benchmark's checkpointing case)
 """
 
 import argparse
@@ -83,11 +84,20 @@ def prepare(a):
     os.makedirs(a.out, exist_ok=True)
     model_dir = os.path.join(a.out, "model")
     task, num_labels = "causal_lm", None
-    if a.case in ("gpt2", "varlen", "llama"):
+    if a.case in ("gpt2", "varlen", "llama", "llama12"):
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(a.seed)
-        if a.case == "llama":
+        if a.case == "llama12":
+            # A 12-layer Llama-style decoder of GPT-2's width (the memory benchmark's
+            # checkpointing case).
+            cfg = LlamaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              num_key_value_heads=12, intermediate_size=2048, vocab_size=49152,
+                              max_position_embeddings=2048, tie_word_embeddings=True,
+                              rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=0,
+                              eos_token_id=0, pad_token_id=None)
+            model = LlamaForCausalLM(cfg)
+        elif a.case == "llama":
             cfg = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                               num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
                               max_position_embeddings=2048, tie_word_embeddings=True,
@@ -272,7 +282,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("--case", required=True, choices=["gpt2", "llama", "varlen", "minilm", "minilm-fixed"])
+    p.add_argument("--case", required=True, choices=["gpt2", "llama", "llama12", "varlen", "minilm", "minilm-fixed"])
     p.add_argument("--out", required=True)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)

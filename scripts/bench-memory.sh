@@ -5,8 +5,8 @@
 #   scripts/bench-memory.sh [--out DIR] [--threads T]
 #
 # Each case prepares a model and pre-tokenised batches with python/bench_train_peer.py (GPT-2
-# 124M or SmolLM-135M's Llama shape, random weights; fixed-length rows, or variable-length rows
-# that need padding masks), runs `tuna-trainer bench` for one warm-up and two timed steps on the
+# 124M, SmolLM-135M's Llama shape, a 12-layer Llama-style decoder or all-MiniLM-L6-v2; random
+# weights but MiniLM's; fixed-length rows, or variable-length rows that need padding masks), runs `tuna-trainer bench` for one warm-up and two timed steps on the
 # CPU, and reads the process's peak resident memory (VmHWM) and the planner's estimate from its
 # JSON line. Prints a markdown table (measured, planned, planned / measured) and writes the raw
 # lines to DIR/memory.jsonl (default target/bench/memory).
@@ -43,6 +43,10 @@ CASES=(
   "llama 2 256"
   "llama 4 256"
   "llama 2 512"
+  "llama 2 512 --gradient-checkpointing"
+  "llama12 2 512"
+  "llama12 2 512 --gradient-checkpointing"
+  "llama12 4 512 --lora-r 16 --gradient-checkpointing"
   "llama 4 256 --lora-r 16"
   "llama 4 256 --lora-r 16 --lora-dropout 0.05"
   "minilm-fixed 32 128"

@@ -316,6 +316,12 @@ def test_new_job_refuses_a_bad_file_by_line_then_trains_with_live_curves_and_dow
     expect(page.locator('[data-stat="Learning rate"]')).not_to_have_text("—")
     expect(page.locator('[data-stat="Tokens/s"]')).not_to_have_text("—")
     expect(page.locator('[data-stat="Peak memory"]')).to_have_text(re.compile(r"^\d+\.\d (MiB|GiB)$"))
+    # The planner's estimate from the job object, in the same units.
+    est = api.job(job_id)["memory_estimate"]
+    mib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    expect(page.locator('[data-stat="Planned memory"]')).to_have_text(
+        f"{mib(est['cpu']['total_bytes'])} CPU · {mib(est['cuda']['total_bytes'])} GPU"
+    )
     expect(page.locator(".log")).to_contain_text("The job has successfully completed")
     hp = page.get_by_test_id("hyperparameters")
     expect(hp.locator('[data-key="lora_r"]')).to_have_text(defaults["lora_r"])

@@ -143,6 +143,18 @@ async fn check_with(
         return Ok(Some(Err(e)));
     }
     if let Some(hf) = hf {
+        if spec.gradient_checkpointing == Some(true)
+            && !hf.arch.facts().supports_gradient_checkpointing()
+        {
+            return Ok(Some(Err(fail(
+                "invalid_hyperparameters",
+                "gradient_checkpointing",
+                format!(
+                    "gradient_checkpointing is not available for model type '{}' yet (the Llama-style decoders have it): set it to false or \"auto\"",
+                    hf.model_type()
+                ),
+            ))));
+        }
         let workers = st.fit.workers(&st.db).await?;
         if let Err(e) = crate::fit::check(hf, spec, &workers) {
             return Ok(Some(Err(e)));

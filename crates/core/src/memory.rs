@@ -13,8 +13,11 @@
 //!   materialised (on CPU, with attention dropout ([`ArchFacts::cpu_attention_keeps_scores`]):
 //!   every head keeps about [`ATTENTION_SCORE_BYTES`] per query and key; CPU's fused kernel
 //!   without dropout and CUDA's fused kernels keep none); halved in bf16;
+//! - with **activation checkpointing**, instead: each layer's input (`hidden_size` fp32 values
+//!   per token and layer) and one layer's activations while it runs again in the backward;
 //! - **logits**: causal LM keeps `[tokens, vocab]` three times in fp32 (the logits, their log
-//!   softmax and its gradient);
+//!   softmax and its gradient), 4.5 times with checkpointing (the peak is then in the loss's
+//!   backward);
 //! - **runtime**: libtorch itself (CPU: the process's code and buffers, [`CPU_RUNTIME_BYTES`];
 //!   CUDA: the context, [`CUDA_RUNTIME_BYTES`]).
 //!
@@ -39,6 +42,10 @@ pub const ATTENTION_SCORE_BYTES: f64 = 13.25;
 /// copy and the mask), measured with the Llama case under LoRA r16 on every linear layer, with
 /// and without dropout.
 const LORA_INPUT_BYTES_DROPOUT: f64 = 10.8;
+/// fp32 `[tokens, vocab]` copies a causal LM step keeps at its peak (logits, log softmax, the
+/// gradient), and with activation checkpointing (measured with the Llama cases, 2 x 512).
+const LOGIT_COPIES: f64 = 3.0;
+const CHECKPOINTED_LOGIT_COPIES: f64 = 4.5;
 /// Without dropout an adapter keeps only its input.
 const LORA_INPUT_BYTES: f64 = 4.0;
 
@@ -103,16 +110,28 @@ pub fn estimate_with(
         };
         per_layer_token += per_input * lora_inputs(f, lora) as f64;
     }
-    let mut activations = layers * tokens * per_layer_token;
+    let mut one_layer = tokens * per_layer_token;
     if accelerator == Accelerator::Cpu && f.cpu_attention_keeps_scores() {
-        activations +=
-            layers * micro_batch as f64 * heads * (seq * seq) as f64 * ATTENTION_SCORE_BYTES;
+        one_layer += micro_batch as f64 * heads * (seq * seq) as f64 * ATTENTION_SCORE_BYTES;
     }
+    let mut activations = if checkpointing(hf, spec) {
+        // Each layer's input (fp32), and one layer's activations while it runs again.
+        layers * tokens * hidden * 4.0 + one_layer
+    } else {
+        layers * one_layer
+    };
     if bf16 {
         activations /= 2.0;
     }
+    // With checkpointing the peak moves to the loss's backward, where the logits, their log
+    // softmax and both gradients are live at once: 4.5 copies measured (BENCHMARKS.md, memory).
+    let logit_copies = if checkpointing(hf, spec) {
+        CHECKPOINTED_LOGIT_COPIES
+    } else {
+        LOGIT_COPIES
+    };
     let logits = match spec.task {
-        Task::CausalLm => tokens * d.vocab_size as f64 * 4.0 * 3.0,
+        Task::CausalLm => tokens * d.vocab_size as f64 * 4.0 * logit_copies,
         Task::SequenceClassification => 0.0,
     };
     let runtime = match accelerator {
@@ -133,6 +152,11 @@ pub fn estimate_with(
         runtime_bytes: runtime,
         total_bytes: weights + gradients + optimizer + activations + logits + runtime,
     }
+}
+
+/// Whether the job trains with activation checkpointing: asked for, and the family has it.
+pub fn checkpointing(hf: &HfConfig, spec: &JobSpec) -> bool {
+    spec.gradient_checkpointing == Some(true) && hf.arch.facts().supports_gradient_checkpointing()
 }
 
 /// [`estimate_with`] at the job's own micro-batch.
@@ -217,9 +241,11 @@ pub fn fits_table(hf: &HfConfig) -> Vec<MethodFit> {
 }
 
 /// How the job runs in `available` bytes on `accelerator`: as it is when it fits; else, under
-/// `batch_size: "auto"` (not [`JobSpec::fixed_batch_size`]), with the largest micro-batch that
-/// fits, reached with more gradient accumulation (the same effective batch, so the same
-/// optimiser steps). `Err`: it does not fit either way; the estimate of the job as given.
+/// `gradient_checkpointing: "auto"` where the family has it, with checkpointing; else (with
+/// that too), under `batch_size: "auto"` (not [`JobSpec::fixed_batch_size`]), with the largest
+/// micro-batch that fits, reached with more gradient accumulation (the same effective batch, so
+/// the same optimiser steps). `Err`: it does not fit either way; the estimate of the job as
+/// given.
 pub fn fit(
     hf: &HfConfig,
     spec: &JobSpec,
@@ -230,10 +256,17 @@ pub fn fit(
     if e.total_bytes <= available {
         return Ok(spec.clone());
     }
+    // `gradient_checkpointing: "auto"` turns it on first (the same micro-batches).
+    let mut fitted = spec.clone();
+    if spec.gradient_checkpointing.is_none() && hf.arch.facts().supports_gradient_checkpointing() {
+        fitted.gradient_checkpointing = Some(true);
+        if estimate(hf, &fitted, accelerator).total_bytes <= available {
+            return Ok(fitted);
+        }
+    }
     if !spec.fixed_batch_size {
-        let fits = |k: u64| estimate_with(hf, spec, accelerator, k).total_bytes <= available;
+        let fits = |k: u64| estimate_with(hf, &fitted, accelerator, k).total_bytes <= available;
         if let Some(k) = (1..micro_batch(spec)).rev().find(|&k| fits(k)) {
-            let mut fitted = spec.clone();
             // ceil(batch / steps) <= k: the micro-batch the trainer forms is at most k.
             fitted.gradient_accumulation_steps = u64::from(spec.batch_size).div_ceil(k) as u32;
             return Ok(fitted);
@@ -337,8 +370,8 @@ pub fn does_not_fit(
 }
 
 /// Single changes to the job that fit in `available`: a smaller micro-batch with gradient
-/// accumulation (the same optimiser steps), LoRA instead of full fine-tuning, a shorter
-/// `max_seq_length`.
+/// accumulation (the same optimiser steps), activation checkpointing where the family has it,
+/// LoRA instead of full fine-tuning, a shorter `max_seq_length`.
 pub fn fitting_changes(
     hf: &HfConfig,
     spec: &JobSpec,
@@ -354,6 +387,16 @@ pub fn fitting_changes(
             "gradient_accumulation_steps {steps} (micro-batches of {smaller}, {})",
             gib(estimate_with(hf, spec, accelerator, smaller).total_bytes)
         ));
+    }
+    if !checkpointing(hf, spec) && hf.arch.facts().supports_gradient_checkpointing() {
+        let mut ck = spec.clone();
+        ck.gradient_checkpointing = Some(true);
+        if fits(&ck, m) {
+            out.push(format!(
+                "gradient_checkpointing true ({})",
+                gib(estimate_with(hf, &ck, accelerator, m).total_bytes)
+            ));
+        }
     }
     if spec.training_type == TrainingType::Full {
         let mut lora = spec.clone();
@@ -607,5 +650,57 @@ mod tests {
         assert_eq!(fit(&hf, &auto, Accelerator::Cpu, 1 << 40).unwrap(), auto);
         assert!(fit(&hf, &given, Accelerator::Cpu, available).is_err());
         assert!(fit(&hf, &auto, Accelerator::Cpu, 100 << 20).is_err());
+    }
+
+    #[test]
+    fn checkpointing_keeps_one_input_per_layer_and_auto_turns_it_on_before_splitting_batches() {
+        let llama = HfConfig::parse(
+            &json!({"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                    "max_position_embeddings": 2048, "vocab_size": 49152})
+            .to_string(),
+        )
+        .unwrap();
+        let mut body = json!({"model": "m", "training_file": "f", "max_seq_length": 512,
+                              "hyperparameters": {"batch_size": 2}});
+        let plain = spec(body.clone());
+        body["gradient_checkpointing"] = json!(true);
+        let on = spec(body);
+        let (a, b) = (
+            estimate(&llama, &plain, Accelerator::Cpu),
+            estimate(&llama, &on, Accelerator::Cpu),
+        );
+        // Inputs: 30 layers x 1024 tokens x 576 x 4 bytes, plus one layer's activations.
+        let inputs = 30 * 1024 * 576 * 4;
+        assert_eq!(b.activations_bytes, inputs + a.activations_bytes / 30);
+        assert_eq!(b.weights_bytes, a.weights_bytes);
+        // Auto: between the two estimates, checkpointing goes on and the micro-batch stays.
+        let mut auto = plain.clone();
+        auto.fixed_batch_size = false;
+        let room = (a.total_bytes + b.total_bytes) / 2;
+        let fitted = fit(&llama, &auto, Accelerator::Cpu, room).unwrap();
+        assert_eq!(fitted.gradient_checkpointing, Some(true));
+        assert_eq!(micro_batch(&fitted), 2);
+        let fixes = fitting_changes(&llama, &plain, Accelerator::Cpu, room);
+        assert!(
+            fixes
+                .iter()
+                .any(|f| f.starts_with("gradient_checkpointing true (")),
+            "{fixes:?}"
+        );
+        // GPT-2 has none in tuna: asking is ignored by the planner, never suggested.
+        let g = gpt2_124m();
+        let mut ask = spec(json!({}));
+        ask.gradient_checkpointing = Some(true);
+        assert!(!checkpointing(&g, &ask));
+        assert_eq!(
+            estimate(&g, &ask, Accelerator::Cpu),
+            estimate(&g, &spec(json!({})), Accelerator::Cpu)
+        );
+        let none = fitting_changes(&g, &spec(json!({})), Accelerator::Cpu, 1 << 30);
+        assert!(
+            none.iter().all(|f| !f.contains("checkpointing")),
+            "{none:?}"
+        );
     }
 }

@@ -53,6 +53,8 @@ pub struct BenchOptions {
     /// Causal LM: pack each step's examples into rows of `max_len` tokens; classification: group
     /// them by length into separately padded micro-batches (as a job with `packing` does).
     pub packing: bool,
+    /// Activation checkpointing ([`crate::model::Model::forward_backward_checkpointed`]).
+    pub gradient_checkpointing: bool,
     pub warmup: usize,
     pub steps: usize,
     pub learning_rate: f64,
@@ -239,7 +241,14 @@ impl<'a> Bench<'a> {
         let model = crate::models::load_model(&o.model_dir, &opts)?;
         let load_s = load_start.elapsed().as_secs_f64();
         let batches = features(&file, causal, model.info().vocab_size)?;
-        let cfg = step_config(model.as_ref(), &file, &batches, causal, o.packing);
+        if o.gradient_checkpointing && !model.supports_checkpointing() {
+            return Err(Error::Config(format!(
+                "--gradient-checkpointing: model type '{}' has none in tuna",
+                model.info().model_type
+            )));
+        }
+        let mut cfg = step_config(model.as_ref(), &file, &batches, causal, o.packing);
+        cfg.checkpointing = o.gradient_checkpointing;
         let params = flop_params(model.as_ref(), causal);
         Ok(Bench {
             o,
@@ -324,6 +333,9 @@ impl<'a> Bench<'a> {
             body["lora_alpha"] = json!(o.lora_alpha);
             body["lora_dropout"] = json!(o.lora_dropout);
         }
+        if o.gradient_checkpointing {
+            body["gradient_checkpointing"] = json!(true);
+        }
         let spec = match tuna_core::spec::parse_create_request(&body, &Default::default(), 0) {
             Ok(r) => r.spec,
             Err(e) => return json!({"error": e.message}),
@@ -358,6 +370,7 @@ impl<'a> Bench<'a> {
             "model_type": info.model_type,
             "task": file.task,
             "lora_r": o.lora_r,
+            "gradient_checkpointing": o.gradient_checkpointing,
             "packing": if cfg.pack_len.is_some() { "packed rows" } else if cfg.group_overhead_tokens.is_some() { "length groups" } else { "none" },
             "batch_size": self.batches[0].len(),
             "max_len": file.max_len,
@@ -468,6 +481,7 @@ fn step_config(
         with_types: model.uses_token_type_ids(),
         pack_len: (causal && packing).then_some(file.max_len),
         group_overhead_tokens: (!causal && packing).then_some(trainer::GROUP_OVERHEAD_TOKENS),
+        checkpointing: false,
     }
 }
 

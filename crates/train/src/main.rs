@@ -95,6 +95,9 @@ enum Cmd {
         /// Causal LM: pack each step's examples into rows of the file's max_len; classification: group them by length.
         #[arg(long)]
         packing: bool,
+        /// Activation checkpointing (the Llama-style decoders): each layer runs again in the backward.
+        #[arg(long)]
+        gradient_checkpointing: bool,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
         #[arg(long, default_value_t = 10)]
@@ -179,6 +182,7 @@ fn main() {
             lora_alpha,
             lora_dropout,
             packing,
+            gradient_checkpointing,
             warmup,
             steps,
             lr,
@@ -202,6 +206,7 @@ fn main() {
                     lora_alpha,
                     lora_dropout,
                     packing,
+                    gradient_checkpointing,
                     warmup,
                     steps,
                     learning_rate: lr,

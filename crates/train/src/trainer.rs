@@ -238,6 +238,8 @@ pub struct StepConfig {
     /// own longest. The loss is still divided by the step's targets, so the gradients are the
     /// same sums as without grouping.
     pub group_overhead_tokens: Option<usize>,
+    /// Activation checkpointing ([`Model::forward_backward_checkpointed`]).
+    pub checkpointing: bool,
 }
 
 /// Runs forward and backward over `items` in micro-batches of `micro`, each loss divided by the
@@ -263,6 +265,7 @@ pub fn accumulate_gradients(
         with_types,
         pack_len: None,
         group_overhead_tokens: None,
+        checkpointing: false,
     };
     accumulate(model, items, &cfg, seed, step)
 }
@@ -309,12 +312,18 @@ pub fn accumulate(
                 token_type_ids: c.token_type_ids.as_ref(),
                 packed: c.packed.as_ref(),
             };
-            let logits = model.forward(&batch, true)?;
-            let (loss, correct) = data::loss_and_correct(&logits, &c.labels, cfg.causal)?;
-            loss.f_div_scalar(denom)?.f_backward()?;
-            let _ = loss_acc.f_add_(&loss.f_detach()?)?;
-            let _ = correct_acc.f_add_(&correct.f_to_kind(Kind::Float)?)?;
-            Ok(())
+            let mut backward = |logits: &Tensor| -> Result<()> {
+                let (loss, correct) = data::loss_and_correct(logits, &c.labels, cfg.causal)?;
+                loss.f_div_scalar(denom)?.f_backward()?;
+                let _ = loss_acc.f_add_(&loss.f_detach()?)?;
+                let _ = correct_acc.f_add_(&correct.f_to_kind(Kind::Float)?)?;
+                Ok(())
+            };
+            if cfg.checkpointing {
+                model.forward_backward_checkpointed(&batch, true, &mut backward)
+            } else {
+                backward(&model.forward(&batch, true)?)
+            }
         });
         r.map_err(|e| classify(e, device, b, t))?;
     }
@@ -447,6 +456,7 @@ impl<'a> Job<'a> {
                 with_types: model.uses_token_type_ids(),
                 pack_len: (causal && spec.packing).then_some(max_len),
                 group_overhead_tokens: (!causal && spec.packing).then_some(GROUP_OVERHEAD_TOKENS),
+                checkpointing: spec.gradient_checkpointing == Some(true),
             },
         }
     }
@@ -657,6 +667,12 @@ fn load_model_and_tokenizer(
     };
     let opts = load_options(inputs.spec, inputs.device, task);
     let model = guarded(|| crate::models::load_model(inputs.model_dir, &opts))?;
+    if inputs.spec.gradient_checkpointing == Some(true) && !model.supports_checkpointing() {
+        return Err(Error::Config(format!(
+            "gradient_checkpointing is not available for model type '{}' yet (the Llama-style decoders have it): set it to false or \"auto\"",
+            model.info().model_type
+        )));
+    }
     let tok = Tok::load(inputs.model_dir, model.info().is_decoder)?;
     Ok((model, tok))
 }

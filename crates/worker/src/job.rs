@@ -594,9 +594,10 @@ async fn prepare_unless_stopped(
 }
 
 /// The job's estimated peak memory against what this worker's device has
-/// (`tuna_core::memory`). `Ok`: the spec to train with: the job's own, or, under `batch_size:
-/// "auto"`, one with smaller micro-batches and more gradient accumulation that fits (written
-/// over the prepared spec.json, with an event saying so). `Err`: an `insufficient_memory`
+/// (`tuna_core::memory`). `Ok`: the spec to train with: the job's own, or, under
+/// `gradient_checkpointing` / `batch_size` `"auto"`, one with checkpointing on and smaller
+/// micro-batches (more gradient accumulation) that fits (written over the prepared spec.json,
+/// with an event saying so). `Err`: an `insufficient_memory`
 /// error naming what the job needs, what the device has and what would fit. A model whose
 /// config.json cannot be read is left to the trainer.
 async fn memory_check(
@@ -621,7 +622,18 @@ async fn memory_check(
             }));
         }
     };
+    let mut changes = Vec::new();
+    if fitted.gradient_checkpointing != spec.gradient_checkpointing {
+        changes.push("gradient_checkpointing auto: on".to_string());
+    }
+    let (before, after) = (memory::micro_batch(spec), memory::micro_batch(&fitted));
     if fitted.gradient_accumulation_steps != spec.gradient_accumulation_steps {
+        changes.push(format!(
+            "batch_size auto: micro-batches of {after} instead of {before} (gradient_accumulation_steps {}, the same batch of {})",
+            fitted.gradient_accumulation_steps, fitted.batch_size,
+        ));
+    }
+    if !changes.is_empty() {
         let text = serde_json::to_vec_pretty(&fitted).unwrap_or_default();
         if let Err(e) = tokio::fs::write(&prepared.spec_path, text).await {
             return Ok(Err(JobError::new(
@@ -629,18 +641,18 @@ async fn memory_check(
                 format!("cannot write {}: {e}", prepared.spec_path.display()),
             )));
         }
-        let (before, after) = (memory::micro_batch(spec), memory::micro_batch(&fitted));
         let e = memory::estimate(&hf, &fitted, memory.accelerator);
         let msg = format!(
-            "batch_size auto: micro-batches of {after} instead of {before} (gradient_accumulation_steps {}, the same batch of {}) to fit the {}: about {} of {}",
-            fitted.gradient_accumulation_steps,
-            fitted.batch_size,
+            "{} to fit the {}: about {} of {}",
+            changes.join("; "),
             memory.device,
             memory::gib(e.total_bytes),
             memory::gib(memory.bytes),
         );
         let data = json!({"gradient_accumulation_steps": fitted.gradient_accumulation_steps,
-                          "micro_batch": after, "memory_estimate": e});
+                          "micro_batch": after,
+                          "gradient_checkpointing": fitted.gradient_checkpointing == Some(true),
+                          "memory_estimate": e});
         ctx.event(Level::Info, &msg, Some(&data), EventKind::Message)
             .await
             .map_err(|_| WorkerError::LeaseLost(ctx.job.job_id.clone()))?;

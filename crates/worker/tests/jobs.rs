@@ -465,6 +465,65 @@ async fn batch_size_auto_trains_in_smaller_micro_batches_where_the_batch_does_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gradient_checkpointing_auto_turns_on_where_the_activations_do_not_fit() {
+    use tuna_core::hf_config::HfConfig;
+    use tuna_core::memory::{estimate, Accelerator};
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(16)).await;
+    let job_id = env
+        .create_job(json!({"model": "llama-tiny", "training_file": file,
+                           "hyperparameters": {"n_epochs": 1, "batch_size": 8}}))
+        .await;
+    let job = env.job(&job_id).await;
+    let spec = job.spec.get().unwrap();
+    assert_eq!(spec.gradient_checkpointing, None);
+    let config = common::workspace().join(".fixtures/llama/config.json");
+    let hf = HfConfig::parse(&std::fs::read_to_string(config).unwrap()).unwrap();
+    let mut on = spec.clone();
+    on.gradient_checkpointing = Some(true);
+    let (with, without) = (
+        estimate(&hf, &on, Accelerator::Cpu).total_bytes,
+        estimate(&hf, spec, Accelerator::Cpu).total_bytes,
+    );
+    assert!(with < without, "{with} {without}");
+    let mut cfg = env.config("small");
+    cfg.memory_limit = Some((with + without) / 2);
+    let out = Worker::new(env.pool().clone(), cfg)
+        .try_run_one()
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Finished {
+            job_id: job_id.clone(),
+            status: JobStatus::Succeeded
+        }
+    );
+    let events = env.events(&job_id).await;
+    let fitted = events
+        .iter()
+        .find(|e| {
+            e.message
+                .starts_with("gradient_checkpointing auto: on to fit the CPU")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{:?}",
+                events.iter().map(|e| &e.message).collect::<Vec<_>>()
+            )
+        });
+    // The batch size was given: its micro-batches stay as they are.
+    let data = fitted.data.as_ref().unwrap();
+    assert_eq!(
+        (
+            data["gradient_checkpointing"].as_bool(),
+            data["micro_batch"].as_u64()
+        ),
+        (Some(true), Some(8))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_too_big_for_the_device_fails_before_training_with_what_would_fit() {
     let env = Env::new(None).await;
     let file = env.upload("train.jsonl", &gpt2_data(8)).await;

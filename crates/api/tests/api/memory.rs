@@ -181,3 +181,36 @@ async fn a_model_says_which_methods_fit_which_gpu_sizes() {
         );
     }
 }
+
+#[tokio::test]
+async fn gradient_checkpointing_is_refused_where_the_model_has_none() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let job = create(
+        &app,
+        json!({"model": "gpt2", "training_file": file, "gradient_checkpointing": true}),
+    )
+    .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["param"], "gradient_checkpointing");
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("gradient_checkpointing is not available for model type 'gpt2' yet"),
+        "{job}"
+    );
+    // "auto" is accepted (and echoed), and so is false.
+    for value in [json!("auto"), json!(false)] {
+        let job = create(
+            &app,
+            json!({"model": "gpt2", "training_file": file, "gradient_checkpointing": value}),
+        )
+        .await;
+        assert_eq!(job["status"], "queued", "{job}");
+        assert_eq!(
+            job["method"]["supervised"]["hyperparameters"]["gradient_checkpointing"],
+            value
+        );
+    }
+}

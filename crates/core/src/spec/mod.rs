@@ -166,6 +166,11 @@ pub struct JobSpec {
     /// ([`crate::memory::fit`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fixed_batch_size: bool,
+    /// Recompute each layer's forward in the backward instead of keeping its activations.
+    /// `None` (`"auto"`): the worker turns it on when the job would not fit its device
+    /// otherwise ([`crate::memory::fit`]), where the architecture has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
 }
 
 /// A request that cannot be accepted: `param` names the offending field.
@@ -244,6 +249,8 @@ pub struct MethodHyperparameters<'a> {
     pub freeze_patterns: &'a [String],
     pub merge_lora: bool,
     pub packing: bool,
+    /// `true`, `false` or `"auto"`.
+    pub gradient_checkpointing: serde_json::Value,
     pub precision: Precision,
     pub device: Device,
     pub log_interval: u32,
@@ -305,6 +312,10 @@ impl JobSpec {
             freeze_patterns: &self.freeze.patterns,
             merge_lora: self.merge_lora,
             packing: self.packing,
+            gradient_checkpointing: match self.gradient_checkpointing {
+                Some(on) => serde_json::Value::Bool(on),
+                None => "auto".into(),
+            },
             precision: self.precision,
             device: self.device,
             log_interval: self.log_interval,

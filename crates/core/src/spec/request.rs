@@ -73,6 +73,7 @@ struct Knobs {
     freeze_patterns: Knob<Value>,
     merge_lora: Knob<bool>,
     packing: Knob<bool>,
+    gradient_checkpointing: Knob<bool>,
     precision: Knob<Choice<Precision>>,
     device: Knob<Choice<Device>>,
     log_interval: Knob<Int>,
@@ -147,7 +148,7 @@ impl FromJson for bool {
     fn from_json(v: Value) -> Given<Self> {
         match v {
             Value::Bool(b) => Given::Is(b),
-            _ => Given::Wrong,
+            v => auto_or_wrong(v),
         }
     }
 }
@@ -271,6 +272,17 @@ impl Knob<f64> {
 }
 
 impl Knob<bool> {
+    /// Absent or `"auto"`: `None`.
+    fn auto_flag(&self) -> Result<Option<bool>, SpecError> {
+        match self.given {
+            Given::Absent | Given::Auto => Ok(None),
+            Given::Is(b) => Ok(Some(b)),
+            Given::Wrong => {
+                Err(self.error(format!("`{}` must be true, false or \"auto\"", self.key())))
+            }
+        }
+    }
+
     fn flag(&self) -> Result<bool, SpecError> {
         match self.given {
             Given::Absent => Ok(false),
@@ -693,6 +705,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         device: k.device.choice(Device::Auto, false)?,
         log_interval,
         fixed_batch_size: k.batch_size.is_given() && !matches!(k.batch_size.given, Given::Auto),
+        gradient_checkpointing: k.gradient_checkpointing.auto_flag()?,
     };
     Ok((spec, priority))
 }

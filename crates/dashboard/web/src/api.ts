@@ -245,6 +245,8 @@ export interface Job {
   max_attempts: number;
   cancel_requested: boolean;
   pause_requested: boolean;
+  /** The memory planner's estimate of the job's peak, per accelerator (null: unknown). */
+  memory_estimate: { cpu: { total_bytes: number }; cuda: { total_bytes: number } } | null;
 }
 
 export interface JobEvent {

@@ -584,6 +584,19 @@ impl<F: DecoderFamily> Architecture for DecoderNet<F> {
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
         self.decoder.forward(core, batch, train)
     }
+
+    const CHECKPOINTING: bool = true;
+
+    fn forward_backward_checkpointed(
+        &self,
+        core: &Core,
+        batch: &Batch<'_>,
+        train: bool,
+        backward: &mut dyn FnMut(&Tensor) -> Result<()>,
+    ) -> Result<()> {
+        self.decoder
+            .forward_backward_checkpointed(core, batch, train, backward)
+    }
 }
 
 /// What a model loads from.
@@ -727,8 +740,85 @@ fn softcap(x: Tensor, cap: f64) -> Result<Tensor> {
     Ok(x.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?)
 }
 
+/// What every layer of one forward pass reads: rotary tables and attention masks.
+struct PassInputs {
+    f: Fwd,
+    cs: (Tensor, Tensor),
+    local_cs: Option<(Tensor, Tensor)>,
+    global: Option<AttnMask>,
+    local: Option<AttnMask>,
+}
+
 impl Decoder {
     pub fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        let p = self.pass_inputs(core, batch, train)?;
+        let mut h = self.embed(core, batch, &p)?;
+        for i in 0..self.layers.len() {
+            h = self.layer(i, &h, &p)?;
+        }
+        self.head_logits(&h, batch, &p)
+    }
+
+    /// Forward and backward of one batch with activation checkpointing: the forward keeps only
+    /// each layer's input (run without a graph), and the backward runs each layer's forward
+    /// again, last layer first, then its backward from the gradient of its output. `backward`
+    /// gets the logits, computes the loss and calls its backward (gradients reach the head and
+    /// the last layer's output). Each layer draws its dropout
+    /// masks from a seed of its own, set again for the recomputation, so both passes drop the
+    /// same units. The gradients are those of [`Decoder::forward`] with the same masks.
+    ///
+    /// Written by hand because tch has no custom autograd functions (PyTorch's
+    /// `torch.utils.checkpoint` is one): a layer's gradient is that of
+    /// `sum(layer(x) * grad_output)`, which is `grad_output`'s vector-Jacobian product.
+    pub fn forward_backward_checkpointed(
+        &self,
+        core: &Core,
+        batch: &Batch<'_>,
+        train: bool,
+        backward: &mut dyn FnMut(&Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let p = self.pass_inputs(core, batch, train)?;
+        let embedded = self.embed(core, batch, &p)?;
+        // Per-layer seeds from the micro-batch's own stream (the caller seeded it).
+        let base = Tensor::f_randint(i64::from(i32::MAX), [1], (Kind::Int64, Device::Cpu))?
+            .int64_value(&[0]) as u64;
+        let seed = |i: usize| base.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64) as i64;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut h = embedded.f_detach()?;
+        {
+            let _no_graph = tch::no_grad_guard();
+            for i in 0..self.layers.len() {
+                tch::manual_seed(seed(i));
+                let next = self.layer(i, &h, &p)?;
+                inputs.push(h);
+                h = next;
+            }
+        }
+        let last = h.f_detach()?.set_requires_grad(true);
+        let logits = self.head_logits(&last, batch, &p)?;
+        backward(&logits)?;
+        drop(logits);
+        let mut grad = last.grad();
+        for i in (0..self.layers.len()).rev() {
+            tch::manual_seed(seed(i));
+            let x = inputs
+                .pop()
+                .expect("one input per layer")
+                .set_requires_grad(true);
+            let y = self.layer(i, &x, &p)?;
+            y.f_mul(&grad)?.f_sum(y.kind())?.f_backward()?;
+            grad = x.grad();
+        }
+        if embedded.requires_grad() {
+            embedded
+                .f_mul(&grad)?
+                .f_sum(embedded.kind())?
+                .f_backward()?;
+        }
+        Ok(())
+    }
+
+    fn pass_inputs(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<PassInputs> {
         // No table of positions bounds the length under RoPE.
         let (_, t) = core.check_batch(batch, None)?;
         let f = Fwd {
@@ -761,30 +851,47 @@ impl Decoder {
             true => Some(mask(self.sliding_window)?),
             false => None,
         };
-        let mut h = embedding(&self.embed, batch.input_ids, f.kind)?;
+        Ok(PassInputs {
+            f,
+            cs,
+            local_cs,
+            global,
+            local,
+        })
+    }
+
+    fn embed(&self, core: &Core, batch: &Batch<'_>, p: &PassInputs) -> Result<Tensor> {
+        let mut h = embedding(&self.embed, batch.input_ids, p.f.kind)?;
         if let Some(s) = self.embed_scale {
             // In the compute kind, as transformers rounds it (sqrt(3072) is 55.5 in bf16).
-            let s = Tensor::f_scalar_tensor(s, (Kind::Float, core.device))?.f_to_kind(f.kind)?;
+            let s = Tensor::f_scalar_tensor(s, (Kind::Float, core.device))?.f_to_kind(p.f.kind)?;
             h = h.f_mul(&s)?;
         }
-        for (l, sliding) in self.layers.iter().zip(&self.sliding) {
-            let (m, cs) = match (sliding, &local_cs) {
-                (true, Some(lcs)) => (local.as_ref(), lcs),
-                (true, None) => (local.as_ref(), &cs),
-                (false, _) => (global.as_ref(), &cs),
-            };
-            let m = m.expect("a mask for every kind of layer");
-            let a = l
-                .attn
-                .forward(&norm(&l.attn_in, h.shallow_clone())?, cs, m, &self.attn, f)?;
-            let a = dropout(norm(&l.attn_out, a)?, self.resid_dropout, train)?;
-            h = h.f_add(&a)?;
-            let y = l.mlp.forward(&norm(&l.mlp_in, h.shallow_clone())?, f)?;
-            let y = dropout(norm(&l.mlp_out, y)?, self.resid_dropout, train)?;
-            h = h.f_add(&y)?;
-        }
-        let h = self.norm.forward(&h)?;
-        let logits = self.head.decoder_logits(&h, batch.attention_mask, f)?;
+        Ok(h)
+    }
+
+    /// Layer `i` on the hidden states `h`.
+    fn layer(&self, i: usize, h: &Tensor, p: &PassInputs) -> Result<Tensor> {
+        let (l, f) = (&self.layers[i], p.f);
+        let (m, cs) = match (self.sliding[i], &p.local_cs) {
+            (true, Some(lcs)) => (p.local.as_ref(), lcs),
+            (true, None) => (p.local.as_ref(), &p.cs),
+            (false, _) => (p.global.as_ref(), &p.cs),
+        };
+        let m = m.expect("a mask for every kind of layer");
+        let a = l
+            .attn
+            .forward(&norm(&l.attn_in, h.shallow_clone())?, cs, m, &self.attn, f)?;
+        let a = dropout(norm(&l.attn_out, a)?, self.resid_dropout, f.train)?;
+        let h = h.f_add(&a)?;
+        let y = l.mlp.forward(&norm(&l.mlp_in, h.shallow_clone())?, f)?;
+        let y = dropout(norm(&l.mlp_out, y)?, self.resid_dropout, f.train)?;
+        Ok(h.f_add(&y)?)
+    }
+
+    fn head_logits(&self, h: &Tensor, batch: &Batch<'_>, p: &PassInputs) -> Result<Tensor> {
+        let h = self.norm.forward(h)?;
+        let logits = self.head.decoder_logits(&h, batch.attention_mask, p.f)?;
         match (&self.head, self.final_softcap) {
             (Head::Lm(_), Some(cap)) => softcap(logits, cap),
             _ => Ok(logits),

@@ -65,6 +65,20 @@ pub trait Architecture: Send {
         None
     }
     fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
+    /// Whether [`Architecture::forward_backward_checkpointed`] is implemented.
+    const CHECKPOINTING: bool = false;
+    /// See [`Model::forward_backward_checkpointed`].
+    fn forward_backward_checkpointed(
+        &self,
+        _core: &Core,
+        _batch: &Batch<'_>,
+        _train: bool,
+        _backward: &mut dyn FnMut(&Tensor) -> Result<()>,
+    ) -> Result<()> {
+        Err(Error::Config(
+            "gradient checkpointing is not available for this architecture".into(),
+        ))
+    }
     /// An encoder's `last_hidden_state [b, t, d]`, as transformers' base model returns it.
     fn last_hidden_state(&self, _core: &Core, _batch: &Batch<'_>, _train: bool) -> Result<Tensor> {
         Err(Error::Config(
@@ -273,6 +287,18 @@ impl<A: Architecture> Model for Net<A> {
     }
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
         self.arch.forward(&self.core, batch, train)
+    }
+    fn supports_checkpointing(&self) -> bool {
+        A::CHECKPOINTING
+    }
+    fn forward_backward_checkpointed(
+        &self,
+        batch: &Batch<'_>,
+        train: bool,
+        backward: &mut dyn FnMut(&Tensor) -> Result<()>,
+    ) -> Result<()> {
+        self.arch
+            .forward_backward_checkpointed(&self.core, batch, train, backward)
     }
     fn last_hidden_state(&self, batch: &Batch<'_>) -> Result<Tensor> {
         let _g = tch::no_grad_guard();

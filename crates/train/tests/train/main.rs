@@ -9,12 +9,14 @@
 //! - `unit`: AdamW against PyTorch, label masking with real tokenizers, bad data.
 //! - `train_loop`: training runs: the loss goes down, resume repeats the uninterrupted run,
 //!   accumulation, LoRA jobs, early stopping.
+//! - `checkpointing`: activation checkpointing gives the ordinary backward's gradients.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!
 //! `support` holds the set-up they share: fixtures, the venv's Python, the lock around
 //! libtorch's process-wide random generator.
 
+mod checkpointing;
 mod cli;
 mod decoders;
 mod encoders;

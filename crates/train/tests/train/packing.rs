@@ -225,6 +225,7 @@ fn length_grouped_classification_gives_the_same_loss_and_gradients() {
             with_types: false,
             pack_len: None,
             group_overhead_tokens: group,
+            checkpointing: false,
         };
         let acc = accumulate(model.as_ref(), &refs, &cfg, 1, 0).unwrap();
         let grads: Vec<tch::Tensor> = model

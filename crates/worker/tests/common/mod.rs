@@ -58,7 +58,11 @@ impl Env {
             .execute(&db.pool)
             .await
             .unwrap();
-        for (id, fixture) in [("gpt2-tiny", "gpt2"), ("bert-tiny", "bert")] {
+        for (id, fixture) in [
+            ("gpt2-tiny", "gpt2"),
+            ("bert-tiny", "bert"),
+            ("llama-tiny", "llama"),
+        ] {
             let loc = workspace().join(".fixtures").join(fixture);
             sqlx::query("insert into models (model_id, kind, location) values ($1, 'base', $2)")
                 .bind(id)

@@ -197,6 +197,12 @@ function Summary(props: { job: Job; metrics: Record<string, any> | null; live: s
     ["Tokens/s", m?.tokens_per_second ? Math.round(m.tokens_per_second).toString() : "—"],
     ["Trained tokens", count(j.trained_tokens ?? m?.trained_tokens)],
     ["Peak memory", typeof m?.peak_memory_bytes === "number" ? bytes(m.peak_memory_bytes) : "—"],
+    [
+      "Planned memory",
+      j.memory_estimate
+        ? `${bytes(j.memory_estimate.cpu.total_bytes)} CPU · ${bytes(j.memory_estimate.cuda.total_bytes)} GPU`
+        : "—",
+    ],
     ["Created", dateTime(j.created_at)],
     ["Started", dateTime(j.started_at)],
     ["Finished", dateTime(j.finished_at)],
