@@ -135,10 +135,9 @@ pub fn check(hf: &HfConfig, spec: &JobSpec, workers: &[WorkerCapacity]) -> Resul
         format!("the most memory of the {} live workers", candidates.len())
     };
     let device = format!("{kind} of worker {} ({of})", w.worker_id);
-    let message = memory::does_not_fit(hf, spec, &e, bytes, &device);
     Err(JobError {
         code: "insufficient_memory".into(),
-        message: format!("{}{}", message[..1].to_uppercase(), &message[1..]),
+        message: memory::does_not_fit(hf, spec, &e, bytes, &device),
         param: Some("batch_size".into()),
     })
 }

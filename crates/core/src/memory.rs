@@ -337,8 +337,9 @@ fn lora_inputs(f: &dyn ArchFacts, lora: &Lora) -> i64 {
     targeted(f, lora).map(|(input, _)| input).sum()
 }
 
-/// Why a job will not fit, for its error: what it needs (by part) against what the device has,
-/// and the changes that would make it fit, each with its own estimate.
+/// Why a job will not fit, as its `insufficient_memory` error says it (the API's create-time
+/// check and the worker's): what it needs (by part) against what the device has, and the
+/// changes that would make it fit, each with its own estimate.
 pub fn does_not_fit(
     hf: &HfConfig,
     spec: &JobSpec,
@@ -347,7 +348,7 @@ pub fn does_not_fit(
     device: &str,
 ) -> String {
     let mut msg = format!(
-        "the job needs about {} of memory ({} weights, {} gradients, {} optimizer state, {} activations, {} logits, {} runtime; micro-batches of {} x {} tokens) but the {device} has {}",
+        "The job needs about {} of memory ({} weights, {} gradients, {} optimizer state, {} activations, {} logits, {} runtime; micro-batches of {} x {} tokens) but the {device} has {}",
         gib(e.total_bytes),
         gib(e.weights_bytes),
         gib(e.gradients_bytes),
@@ -530,7 +531,7 @@ mod tests {
         let msg = does_not_fit(&hf, &s, &e, available, "CPU");
         assert!(
             msg.starts_with(&format!(
-                "the job needs about {} of memory (",
+                "The job needs about {} of memory (",
                 gib(e.total_bytes)
             )),
             "{msg}"

@@ -393,12 +393,8 @@ async fn prepare(
         _ => None,
     };
     let spec_path = work.join("spec.json");
-    let text = serde_json::to_vec_pretty(spec).unwrap_or_default();
-    if let Err(e) = tokio::fs::write(&spec_path, text).await {
-        return Ok(Err(JobError::new(
-            "internal",
-            format!("cannot write {}: {e}", spec_path.display()),
-        )));
+    if let Err(e) = write_spec(&spec_path, spec).await {
+        return Ok(Err(e));
     }
     Ok(Ok(Prepared {
         model,
@@ -614,10 +610,9 @@ async fn memory_check(
     let fitted = match memory::fit(&hf, spec, memory.accelerator, memory.bytes) {
         Ok(fitted) => fitted,
         Err(e) => {
-            let message = memory::does_not_fit(&hf, spec, &e, memory.bytes, &memory.device);
             return Ok(Err(JobError {
                 code: "insufficient_memory".into(),
-                message: format!("{}{}", message[..1].to_uppercase(), &message[1..]),
+                message: memory::does_not_fit(&hf, spec, &e, memory.bytes, &memory.device),
                 param: Some("batch_size".into()),
             }));
         }
@@ -634,12 +629,8 @@ async fn memory_check(
         ));
     }
     if !changes.is_empty() {
-        let text = serde_json::to_vec_pretty(&fitted).unwrap_or_default();
-        if let Err(e) = tokio::fs::write(&prepared.spec_path, text).await {
-            return Ok(Err(JobError::new(
-                "internal",
-                format!("cannot write {}: {e}", prepared.spec_path.display()),
-            )));
+        if let Err(e) = write_spec(&prepared.spec_path, &fitted).await {
+            return Ok(Err(e));
         }
         let e = memory::estimate(&hf, &fitted, memory.accelerator);
         let msg = format!(
@@ -658,6 +649,14 @@ async fn memory_check(
             .map_err(|_| WorkerError::LeaseLost(ctx.job.job_id.clone()))?;
     }
     Ok(Ok(fitted))
+}
+
+/// The spec the trainer reads (`tuna-trainer run --spec`).
+async fn write_spec(path: &Path, spec: &JobSpec) -> Result<(), JobError> {
+    let text = serde_json::to_vec_pretty(spec).unwrap_or_default();
+    tokio::fs::write(path, text)
+        .await
+        .map_err(|e| JobError::new("internal", format!("cannot write {}: {e}", path.display())))
 }
 
 async fn read_config(dir: &Path) -> Option<HfConfig> {

@@ -413,9 +413,27 @@ async fn a_dataset_with_a_bad_line_fails_with_its_line_number() {
     assert!(err["message"].as_str().unwrap().contains("line 5"), "{err}");
 }
 
+/// The config of fixture `name`, as the memory planner reads it.
+fn fixture_config(name: &str) -> tuna_core::hf_config::HfConfig {
+    let path = common::workspace()
+        .join(".fixtures")
+        .join(name)
+        .join("config.json");
+    tuna_core::hf_config::HfConfig::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// One job run by a worker that lets a job use `limit` bytes (`--memory-limit-mb`).
+async fn run_with_memory_limit(env: &Env, limit: u64) -> Outcome {
+    let mut cfg = env.config("small");
+    cfg.memory_limit = Some(limit);
+    Worker::new(env.pool().clone(), cfg)
+        .try_run_one()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_size_auto_trains_in_smaller_micro_batches_where_the_batch_does_not_fit() {
-    use tuna_core::hf_config::HfConfig;
     use tuna_core::memory::{estimate_with, Accelerator};
     let env = Env::new(None).await;
     let file = env.upload("train.jsonl", &gpt2_data(16)).await;
@@ -427,15 +445,9 @@ async fn batch_size_auto_trains_in_smaller_micro_batches_where_the_batch_does_no
     let job = env.job(&job_id).await;
     let spec = job.spec.get().unwrap();
     assert_eq!((spec.batch_size, spec.gradient_accumulation_steps), (8, 1));
-    let config = common::workspace().join(".fixtures/gpt2/config.json");
-    let hf = HfConfig::parse(&std::fs::read_to_string(config).unwrap()).unwrap();
+    let hf = fixture_config("gpt2");
     let at = |m| estimate_with(&hf, spec, Accelerator::Cpu, m).total_bytes;
-    let mut cfg = env.config("small");
-    cfg.memory_limit = Some((at(2) + at(3)) / 2);
-    let out = Worker::new(env.pool().clone(), cfg)
-        .try_run_one()
-        .await
-        .unwrap();
+    let out = run_with_memory_limit(&env, (at(2) + at(3)) / 2).await;
     assert_eq!(
         out,
         Outcome::Finished {
@@ -466,7 +478,6 @@ async fn batch_size_auto_trains_in_smaller_micro_batches_where_the_batch_does_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gradient_checkpointing_auto_turns_on_where_the_activations_do_not_fit() {
-    use tuna_core::hf_config::HfConfig;
     use tuna_core::memory::{estimate, Accelerator};
     let env = Env::new(None).await;
     let file = env.upload("train.jsonl", &gpt2_data(16)).await;
@@ -477,8 +488,7 @@ async fn gradient_checkpointing_auto_turns_on_where_the_activations_do_not_fit()
     let job = env.job(&job_id).await;
     let spec = job.spec.get().unwrap();
     assert_eq!(spec.gradient_checkpointing, None);
-    let config = common::workspace().join(".fixtures/llama/config.json");
-    let hf = HfConfig::parse(&std::fs::read_to_string(config).unwrap()).unwrap();
+    let hf = fixture_config("llama");
     let mut on = spec.clone();
     on.gradient_checkpointing = Some(true);
     let (with, without) = (
@@ -486,12 +496,7 @@ async fn gradient_checkpointing_auto_turns_on_where_the_activations_do_not_fit()
         estimate(&hf, spec, Accelerator::Cpu).total_bytes,
     );
     assert!(with < without, "{with} {without}");
-    let mut cfg = env.config("small");
-    cfg.memory_limit = Some((with + without) / 2);
-    let out = Worker::new(env.pool().clone(), cfg)
-        .try_run_one()
-        .await
-        .unwrap();
+    let out = run_with_memory_limit(&env, (with + without) / 2).await;
     assert_eq!(
         out,
         Outcome::Finished {
@@ -531,12 +536,7 @@ async fn a_job_too_big_for_the_device_fails_before_training_with_what_would_fit(
         .create_job(json!({"model": "gpt2-tiny", "training_file": file}))
         .await;
     // Less than libtorch itself needs: no job fits, and none is started.
-    let mut cfg = env.config("small");
-    cfg.memory_limit = Some(200 << 20);
-    let out = Worker::new(env.pool().clone(), cfg)
-        .try_run_one()
-        .await
-        .unwrap();
+    let out = run_with_memory_limit(&env, 200 << 20).await;
     assert_eq!(
         out,
         Outcome::Finished {

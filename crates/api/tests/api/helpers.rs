@@ -153,6 +153,13 @@ impl TestApp {
     }
 }
 
+/// `POST /v1/fine_tuning/jobs` that must answer 200: the job object.
+pub async fn create(app: &TestApp, body: Value) -> Value {
+    let (status, job) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
+    assert_eq!(status, 200, "{job}");
+    job
+}
+
 pub async fn json(resp: Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();

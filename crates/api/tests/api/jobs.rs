@@ -7,13 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tuna_db::queue::{self, Control, WorkerInfo};
 
-use crate::helpers::{error_of, json, spawn_app, TestApp, CHAT, LABELED};
-
-async fn create(app: &TestApp, body: Value) -> Value {
-    let (status, job) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
-    assert_eq!(status, 200, "{job}");
-    job
-}
+use crate::helpers::{create, error_of, json, spawn_app, TestApp, CHAT, LABELED};
 
 #[tokio::test]
 async fn create_resolves_hyperparameters_echoes_extensions_and_queues() {

@@ -6,13 +6,7 @@ use tuna_core::hf_config::HfConfig;
 use tuna_core::memory::{self, Accelerator};
 use tuna_db::queue::{self, WorkerInfo};
 
-use crate::helpers::{fixture, json, spawn_app, TestApp, CHAT};
-
-async fn create(app: &TestApp, body: Value) -> Value {
-    let (status, job) = json(app.post_json("/v1/fine_tuning/jobs", &body).await).await;
-    assert_eq!(status, 200, "{job}");
-    job
-}
+use crate::helpers::{create, fixture, json, spawn_app, TestApp, CHAT};
 
 fn gpt2() -> HfConfig {
     HfConfig::parse(&std::fs::read_to_string(fixture("gpt2").join("config.json")).unwrap()).unwrap()
