@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod model;
 pub mod models;
 pub mod optim;
+pub mod quant;
 pub mod schedule;
 pub mod tokenizer;
 pub mod trainer;

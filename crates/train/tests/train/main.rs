@@ -10,6 +10,7 @@
 //! - `train_loop`: training runs: the loss goes down, resume repeats the uninterrupted run,
 //!   accumulation, LoRA jobs, early stopping.
 //! - `checkpointing`: activation checkpointing gives the ordinary backward's gradients.
+//! - `quant`: NF4 quantisation equals bitsandbytes'.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!
@@ -25,6 +26,7 @@ mod minilm;
 mod packing;
 mod parity;
 mod planner;
+mod quant;
 mod support;
 mod train_loop;
 mod unit;
