@@ -236,6 +236,7 @@ impl<'a> Bench<'a> {
             }),
             freeze: FreezeOptions::default(),
             init_seed: o.seed as i64,
+            quantization: None,
         };
         let load_start = Instant::now();
         let model = crate::models::load_model(&o.model_dir, &opts)?;

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use tch::{Kind, Tensor};
 
 use crate::lora::LoraAdapter;
+use crate::quant::Nf4Weight;
 use crate::Result;
 
 /// Per-forward settings.
@@ -48,11 +49,17 @@ pub struct Linear {
     /// GPT-2's Conv1D: Hugging Face stores the weight as `[in, out]`; tuna keeps `[out, in]` and
     /// transposes when loading and saving.
     pub conv1d: bool,
+    /// QLoRA: the weight stored in NF4, dequantised in each forward (`weight` is then a
+    /// zero-stride placeholder of the right shape).
+    pub nf4: Option<Box<Nf4Weight>>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor, f: Fwd) -> Result<Tensor> {
-        let w = cast(&self.weight, f.kind)?;
+        let w = match &self.nf4 {
+            Some(q) => q.dequantize(f.kind)?,
+            None => cast(&self.weight, f.kind)?,
+        };
         let b = match &self.bias {
             Some(b) => Some(cast(b, f.kind)?),
             None => None,

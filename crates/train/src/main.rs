@@ -271,6 +271,7 @@ fn info(model_dir: &std::path::Path) -> i32 {
         lora: None,
         freeze: Default::default(),
         init_seed: 0,
+        quantization: None,
     };
     match tuna_train::load_model(model_dir, &opts) {
         Ok(m) => {

@@ -55,6 +55,16 @@ pub struct LoadOptions {
     pub freeze: FreezeOptions,
     /// Seed for the freshly initialised parameters (classification head, LoRA A).
     pub init_seed: i64,
+    /// QLoRA: under LoRA, the frozen linear layers of the base stored in NF4 ([`crate::quant`])
+    /// and dequantised in each forward.
+    pub quantization: Option<Nf4Options>,
+}
+
+/// How NF4 stores the base ([`crate::quant::Nf4Weight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nf4Options {
+    /// Quantise the block absmaxes again (the QLoRA paper's double quantisation).
+    pub double_quant: bool,
 }
 
 /// Architecture facts, read from config.json, that the trainer and the API need.

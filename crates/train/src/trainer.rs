@@ -153,6 +153,7 @@ pub fn load_options(spec: &JobSpec, device: Device, task: TaskHead) -> LoadOptio
             patterns: spec.freeze.patterns.clone(),
         },
         init_seed: spec.seed as i64,
+        quantization: None,
     }
 }
 

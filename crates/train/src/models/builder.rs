@@ -14,7 +14,8 @@ use crate::freeze::{FreezePlan, Role};
 use crate::layers::{HostRng, LayerNorm, Linear, RmsNorm, RmsScale};
 use crate::loader::{kind_from_name, Checkpoint, WeightLoader};
 use crate::lora::{self, LoraAdapter};
-use crate::model::{LoadOptions, LoraOptions, ModelInfo, TaskHead};
+use crate::model::{LoadOptions, LoraOptions, ModelInfo, Nf4Options, TaskHead};
+use crate::quant::Nf4Weight;
 use crate::{Error, Result};
 
 /// One parameter, by its Hugging Face name in the task model (`model.layers.0.mlp.up_proj.weight`,
@@ -29,6 +30,8 @@ pub struct ParamEntry {
     pub module: Option<String>,
     /// Part of the classification head (PEFT's `modules_to_save`).
     pub head: bool,
+    /// Stored in NF4 (QLoRA); `tensor` is then a zero-stride placeholder of the weight's shape.
+    pub nf4: Option<Nf4Weight>,
 }
 
 impl ParamEntry {
@@ -41,6 +44,7 @@ impl ParamEntry {
             conv1d: false,
             module: None,
             head: false,
+            nf4: None,
         }
     }
 
@@ -71,6 +75,7 @@ pub struct Builder<'a> {
     pub ld: WeightLoader<'a>,
     pub plan: FreezePlan,
     pub lora: Option<LoraOptions>,
+    pub quantization: Option<Nf4Options>,
     pub base_kind: Kind,
     pub device: Device,
     pub seed: i64,
@@ -99,6 +104,7 @@ impl<'a> Builder<'a> {
             ld: WeightLoader::new(ckpt, prefix, A::legacy_name, opts.device),
             plan: FreezePlan::new(&opts.freeze, opts.lora.is_some(), prefix, num_layers)?,
             lora: opts.lora.clone(),
+            quantization: opts.quantization.filter(|_| opts.lora.is_some()),
             base_kind: opts.base_kind,
             device: opts.device,
             seed: opts.init_seed,
@@ -150,6 +156,9 @@ impl<'a> Builder<'a> {
         let wname = format!("{module}.weight");
         let trainable = self.plan.trainable(&wname, role);
         let kind = self.kind_for(trainable);
+        if let Some(q) = self.quantization.filter(|_| !trainable && !conv1d) {
+            return self.nf4_linear(rel, in_f, out_f, bias, role, q);
+        }
         let weight = if conv1d {
             self.ld
                 .base(&format!("{rel}.weight"), &[in_f, out_f], kind)?
@@ -184,6 +193,55 @@ impl<'a> Builder<'a> {
             bias,
             lora,
             conv1d,
+            nf4: None,
+        })
+    }
+
+    /// [`Builder::linear`] for a frozen linear under QLoRA: the weight read in fp32, stored in
+    /// NF4, and a zero-stride placeholder of its shape where the fp32 weight would be.
+    fn nf4_linear(
+        &mut self,
+        rel: &str,
+        in_f: i64,
+        out_f: i64,
+        bias: bool,
+        role: Role,
+        q: Nf4Options,
+    ) -> Result<Linear> {
+        let module = self.full(rel);
+        let wname = format!("{module}.weight");
+        let w = self
+            .ld
+            .base(&format!("{rel}.weight"), &[out_f, in_f], Kind::Float)?;
+        let nf4 = Nf4Weight::quantize(&w, q.double_quant)?;
+        drop(w);
+        let placeholder = Tensor::f_zeros([1, 1], (self.base_kind, self.device))?
+            .f_expand([out_f, in_f], false)?;
+        self.params.push(ParamEntry {
+            nf4: Some(nf4.shallow_clone()),
+            ..ParamEntry::new(wname, &placeholder, false).of_module(&module)
+        });
+        let bias = if bias {
+            let bname = format!("{module}.bias");
+            let bt = self.plan.trainable(&bname, role);
+            let b = self
+                .ld
+                .base(&format!("{rel}.bias"), &[out_f], self.kind_for(bt))?
+                .set_requires_grad(bt);
+            self.params.push(ParamEntry::new(bname, &b, bt));
+            Some(b)
+        } else {
+            None
+        };
+        self.linear_modules.push(module.clone());
+        let lora = self.lora_for(&module, in_f, out_f)?;
+        Ok(Linear {
+            name: module,
+            weight: placeholder,
+            bias,
+            lora,
+            conv1d: false,
+            nf4: Some(Box::new(nf4)),
         })
     }
 
@@ -224,6 +282,7 @@ impl<'a> Builder<'a> {
             bias: Some(b),
             lora,
             conv1d: false,
+            nf4: None,
         })
     }
 
@@ -357,6 +416,7 @@ impl<'a> Builder<'a> {
             bias: b,
             lora: None,
             conv1d: false,
+            nf4: None,
         })
     }
 

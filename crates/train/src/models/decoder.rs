@@ -249,6 +249,8 @@ fn repeat_kv(x: &Tensor, rep: i64) -> Result<Tensor> {
 // ---- attention and MLP -------------------------------------------------------------------------
 
 /// The query, key and value projections.
+// One per layer, built once and never moved in a hot path: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Qkv {
     Split {
         q: Linear,

@@ -63,7 +63,11 @@ impl Core {
     /// Parameter `p` as saved: LoRA merged in (if asked), Conv1D transposed, in the save kind.
     fn saved_tensor(&self, p: &ParamEntry, merge: bool) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
-        let mut t = p.tensor.f_detach()?;
+        // A QLoRA base weight saves as it trained: dequantised from NF4.
+        let mut t = match &p.nf4 {
+            Some(q) => q.dequantize(Kind::Float)?,
+            None => p.tensor.f_detach()?,
+        };
         if merge && p.name.ends_with(".weight") {
             if let Some(l) = p.module.as_deref().and_then(|m| self.lora_of(m)) {
                 let delta =

@@ -21,7 +21,7 @@ const TEXTS: [&str; 5] = [
 
 /// The step's mean loss and every trainable parameter's gradient, with or without
 /// checkpointing, micro-batches of 3 (so rows are padded).
-fn loss_and_grads(
+pub(crate) fn loss_and_grads(
     model: &dyn Model,
     items: &[&Features],
     checkpointing: bool,
@@ -49,7 +49,7 @@ fn loss_and_grads(
 }
 
 /// The fixture `name` copied to `dest` with `edits` over its config.json.
-fn with_config(name: &str, dest: &Path, edits: Value) -> PathBuf {
+pub(crate) fn with_config(name: &str, dest: &Path, edits: Value) -> PathBuf {
     let src = fixture(name);
     for e in std::fs::read_dir(&src).unwrap() {
         let e = e.unwrap();
@@ -64,7 +64,7 @@ fn with_config(name: &str, dest: &Path, edits: Value) -> PathBuf {
     dest.to_path_buf()
 }
 
-fn features(dir: &Path) -> Vec<Features> {
+pub(crate) fn features(dir: &Path) -> Vec<Features> {
     let tok = tuna_train::tokenizer::Tok::load(dir, true).unwrap();
     tuna_train::data::featurize(
         &tok,

@@ -21,6 +21,7 @@ pub(crate) fn opts(task: TaskHead, lora: Option<LoraOptions>) -> LoadOptions {
     LoadOptions {
         lora,
         init_seed: 7,
+        quantization: None,
         ..cpu_options(task)
     }
 }

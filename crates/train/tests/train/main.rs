@@ -10,7 +10,8 @@
 //! - `train_loop`: training runs: the loss goes down, resume repeats the uninterrupted run,
 //!   accumulation, LoRA jobs, early stopping.
 //! - `checkpointing`: activation checkpointing gives the ordinary backward's gradients.
-//! - `quant`: NF4 quantisation equals bitsandbytes'.
+//! - `quant`: NF4 quantisation equals bitsandbytes'; LoRA over an NF4 base is LoRA over the
+//!   dequantised base.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!

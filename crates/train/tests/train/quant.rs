@@ -83,3 +83,103 @@ fn codes_and_scales_equal_bitsandbytes() {
         assert_eq!(r["dq_dequantized_max_diff"].as_f64(), Some(0.0), "{r}");
     }
 }
+
+/// QLoRA in the model code: a decoder loaded with LoRA over an NF4 base computes what the same
+/// LoRA computes over a checkpoint whose layer weights were replaced by their dequantised NF4
+/// values (the same loss and adapter gradients, checkpointed as QLoRA jobs run), differs from
+/// LoRA over the unquantised base, and saves the same adapter and the same merged model.
+#[test]
+fn lora_over_an_nf4_base_is_lora_over_the_dequantised_base() {
+    use crate::checkpointing::{features, loss_and_grads, with_config};
+    use tuna_train::data::Features;
+    use tuna_train::loader::read_safetensors;
+    use tuna_train::model::{LoraOptions, Nf4Options, TaskHead};
+
+    let _g = lock();
+    for name in ["llama", "qwen3", "phi3", "gemma2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let orig = tmp.path().join("orig");
+        let deq = tmp.path().join("dequantised");
+        std::fs::create_dir_all(&orig).unwrap();
+        std::fs::create_dir_all(&deq).unwrap();
+        let no_dropout = serde_json::json!({"resid_pdrop": 0.0, "attention_dropout": 0.0});
+        with_config(name, &orig, no_dropout.clone());
+        with_config(name, &deq, no_dropout);
+        // Every 2-D weight inside the layers is a linear layer's: NF4 round trip.
+        let weights = read_safetensors(&orig.join("model.safetensors")).unwrap();
+        let mut replaced = 0;
+        let tensors: Vec<(String, Tensor)> = weights
+            .into_iter()
+            .map(|(n, t)| {
+                if n.contains(".layers.") && t.dim() == 2 {
+                    replaced += 1;
+                    let q = Nf4Weight::quantize(&t, true).unwrap();
+                    (n, q.dequantize(Kind::Float).unwrap())
+                } else {
+                    (n, t)
+                }
+            })
+            .collect();
+        assert!(replaced >= 4, "{name}: {replaced} linear weights");
+        save_safetensors(&deq.join("model.safetensors"), &tensors).unwrap();
+
+        let mut opts = crate::support::cpu_options(TaskHead::CausalLm);
+        opts.lora = Some(LoraOptions {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: vec!["all-linear".into()],
+        });
+        let plain = tuna_train::load_model(&orig, &opts).unwrap();
+        let reference = tuna_train::load_model(&deq, &opts).unwrap();
+        opts.quantization = Some(Nf4Options { double_quant: true });
+        let qlora = tuna_train::load_model(&orig, &opts).unwrap();
+
+        let feats = features(&orig);
+        let items: Vec<&Features> = feats.iter().collect();
+        let (loss_q, grads_q) = loss_and_grads(qlora.as_ref(), &items, true);
+        let (loss_r, grads_r) = loss_and_grads(reference.as_ref(), &items, true);
+        let (loss_p, _) = loss_and_grads(plain.as_ref(), &items, false);
+        assert!(
+            (loss_q - loss_r).abs() < 1e-6,
+            "{name}: loss {loss_q} vs {loss_r}"
+        );
+        assert!(
+            (loss_q - loss_p).abs() > 1e-7,
+            "{name}: NF4 changed nothing ({loss_q} vs {loss_p})"
+        );
+        assert_eq!(grads_q.len(), grads_r.len());
+        for ((n, a), (m, b)) in grads_q.iter().zip(&grads_r) {
+            assert_eq!(n, m);
+            let d = f64::try_from((a - b).abs().max()).unwrap();
+            assert!(d < 1e-5, "{name} {n}: gradients differ by {d}");
+        }
+
+        // The adapter (over the unquantised base, as PEFT loads it) and the merged model.
+        for merge in [false, true] {
+            let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+            qlora.save_pretrained(&a, merge).unwrap();
+            reference.save_pretrained(&b, merge).unwrap();
+            let file = if merge {
+                "model.safetensors"
+            } else {
+                "adapter_model.safetensors"
+            };
+            let (ta, tb) = (
+                read_safetensors(&a.join(file)).unwrap(),
+                read_safetensors(&b.join(file)).unwrap(),
+            );
+            assert_eq!(
+                ta.keys().collect::<Vec<_>>(),
+                tb.keys().collect::<Vec<_>>(),
+                "{name} merge {merge}"
+            );
+            for (k, x) in &ta {
+                let d = f64::try_from((x - &tb[k]).abs().max()).unwrap();
+                assert!(d < 1e-6, "{name} merge {merge} {k}: {d}");
+            }
+            std::fs::remove_dir_all(&a).unwrap();
+            std::fs::remove_dir_all(&b).unwrap();
+        }
+    }
+}

@@ -70,6 +70,7 @@ pub fn cpu_options(task: TaskHead) -> LoadOptions {
         lora: None,
         freeze: FreezeOptions::default(),
         init_seed: 0,
+        quantization: None,
     }
 }
 
