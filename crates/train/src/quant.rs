@@ -105,6 +105,9 @@ pub struct Nf4Weight {
     /// uint8, two codes per byte (high nibble first), padded with code 7 (0.0) to whole blocks.
     pub packed: Tensor,
     pub absmax: Absmax,
+    /// `[256, 2]` fp32 on the weight's device: row b holds the two levels byte b encodes, so
+    /// that each forward dequantises with one lookup (built once, at quantisation).
+    pairs: Tensor,
 }
 
 /// The indices of the nearest of `levels` (sorted) to each of `x`, as bitsandbytes picks them:
@@ -154,6 +157,14 @@ impl Nf4Weight {
         let (scaled, absmax) = scale_blocks(&flat, BLOCK)?;
         let levels = Tensor::f_from_slice(&NF4_LEVELS)?.f_to_device(device)?;
         let codes = nearest(&scaled.f_reshape([-1, 2])?, &levels)?;
+        let bytes = Tensor::f_arange(256, (Kind::Int, device))?;
+        let pairs = Tensor::f_stack(
+            &[
+                levels.f_index_select(0, &bytes.f_bitwise_right_shift_tensor_scalar(4)?)?,
+                levels.f_index_select(0, &bytes.f_bitwise_and(15)?)?,
+            ],
+            1,
+        )?;
         let packed = codes
             .f_select(1, 0)?
             .f_bitwise_left_shift_tensor_scalar(4)?
@@ -178,6 +189,7 @@ impl Nf4Weight {
             shape,
             packed,
             absmax,
+            pairs,
         })
     }
 
@@ -208,18 +220,8 @@ impl Nf4Weight {
     /// The weight in `kind`: each code's level times its block's absmax (fp32, then cast).
     pub fn dequantize(&self, kind: Kind) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
-        let device = self.packed.device();
-        // One lookup per byte: row b of `pairs` is the two levels byte b encodes.
-        let levels = Tensor::f_from_slice(&NF4_LEVELS)?.f_to_device(device)?;
-        let bytes = Tensor::f_arange(256, (Kind::Int, device))?;
-        let pairs = Tensor::f_stack(
-            &[
-                levels.f_index_select(0, &bytes.f_bitwise_right_shift_tensor_scalar(4)?)?,
-                levels.f_index_select(0, &bytes.f_bitwise_and(15)?)?,
-            ],
-            1,
-        )?;
-        let values = pairs
+        let values = self
+            .pairs
             .f_index_select(0, &self.packed.f_to_kind(Kind::Int)?)?
             .f_view([-1, BLOCK])?
             .f_mul(&self.absmax()?.f_view([-1, 1])?)?;
@@ -235,7 +237,8 @@ impl Nf4Weight {
         })
     }
 
-    /// Bytes the stored weight takes (codes and scales).
+    /// Bytes the stored weight takes (codes and scales; not the lookup tables, a few KB per
+    /// weight whatever its size).
     pub fn bytes(&self) -> u64 {
         let b = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         b(&self.packed)
@@ -254,6 +257,7 @@ impl Nf4Weight {
         Nf4Weight {
             shape: self.shape.clone(),
             packed: self.packed.shallow_clone(),
+            pairs: self.pairs.shallow_clone(),
             absmax: match &self.absmax {
                 Absmax::Plain(a) => Absmax::Plain(a.shallow_clone()),
                 Absmax::Double {

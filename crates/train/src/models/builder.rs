@@ -156,10 +156,21 @@ impl<'a> Builder<'a> {
         let wname = format!("{module}.weight");
         let trainable = self.plan.trainable(&wname, role);
         let kind = self.kind_for(trainable);
-        if let Some(q) = self.quantization.filter(|_| !trainable && !conv1d) {
-            return self.nf4_linear(rel, in_f, out_f, bias, role, q);
-        }
-        let weight = if conv1d {
+        // QLoRA stores a frozen linear in NF4, read in fp32 one weight at a time, with a
+        // zero-stride placeholder of its shape where the weight would be.
+        let nf4 = match self.quantization.filter(|_| !trainable && !conv1d) {
+            Some(q) => {
+                let w = self
+                    .ld
+                    .base(&format!("{rel}.weight"), &[out_f, in_f], Kind::Float)?;
+                Some(Nf4Weight::quantize(&w, q.double_quant)?)
+            }
+            None => None,
+        };
+        let weight = if nf4.is_some() {
+            Tensor::f_zeros([1, 1], (self.base_kind, self.device))?
+                .f_expand([out_f, in_f], false)?
+        } else if conv1d {
             self.ld
                 .base(&format!("{rel}.weight"), &[in_f, out_f], kind)?
                 .f_tr()?
@@ -171,6 +182,7 @@ impl<'a> Builder<'a> {
         .set_requires_grad(trainable);
         self.params.push(ParamEntry {
             conv1d,
+            nf4: nf4.as_ref().map(Nf4Weight::shallow_clone),
             ..ParamEntry::new(wname, &weight, trainable).of_module(&module)
         });
         let bias = if bias {
@@ -193,55 +205,7 @@ impl<'a> Builder<'a> {
             bias,
             lora,
             conv1d,
-            nf4: None,
-        })
-    }
-
-    /// [`Builder::linear`] for a frozen linear under QLoRA: the weight read in fp32, stored in
-    /// NF4, and a zero-stride placeholder of its shape where the fp32 weight would be.
-    fn nf4_linear(
-        &mut self,
-        rel: &str,
-        in_f: i64,
-        out_f: i64,
-        bias: bool,
-        role: Role,
-        q: Nf4Options,
-    ) -> Result<Linear> {
-        let module = self.full(rel);
-        let wname = format!("{module}.weight");
-        let w = self
-            .ld
-            .base(&format!("{rel}.weight"), &[out_f, in_f], Kind::Float)?;
-        let nf4 = Nf4Weight::quantize(&w, q.double_quant)?;
-        drop(w);
-        let placeholder = Tensor::f_zeros([1, 1], (self.base_kind, self.device))?
-            .f_expand([out_f, in_f], false)?;
-        self.params.push(ParamEntry {
-            nf4: Some(nf4.shallow_clone()),
-            ..ParamEntry::new(wname, &placeholder, false).of_module(&module)
-        });
-        let bias = if bias {
-            let bname = format!("{module}.bias");
-            let bt = self.plan.trainable(&bname, role);
-            let b = self
-                .ld
-                .base(&format!("{rel}.bias"), &[out_f], self.kind_for(bt))?
-                .set_requires_grad(bt);
-            self.params.push(ParamEntry::new(bname, &b, bt));
-            Some(b)
-        } else {
-            None
-        };
-        self.linear_modules.push(module.clone());
-        let lora = self.lora_for(&module, in_f, out_f)?;
-        Ok(Linear {
-            name: module,
-            weight: placeholder,
-            bias,
-            lora,
-            conv1d: false,
-            nf4: Some(Box::new(nf4)),
+            nf4: nf4.map(Box::new),
         })
     }
 
