@@ -7,6 +7,9 @@ CASES.json is a list of objects:
   {"name": "...", "kind": "full" | "lora", "task": "causal_lm" | "sequence_classification",
    "dir": <checkpoint or adapter folder>, "base": <base model folder, for "lora">,
    "base_kwargs": {...extra from_pretrained kwargs for the base, e.g. num_labels/pad_token_id},
+   "nf4_base": {"double_quant": bool} (optional, "lora": a QLoRA adapter: after PEFT has loaded
+               it over the unquantised base, the base's layer linear weights are rounded through
+               bitsandbytes' NF4, block 64, as tuna stored them while training),
    "input_ids": [[...], ...], "attention_mask": [[...], ...]}
 
 OUT.safetensors gets one fp32 tensor per case (its logits, eval mode, CPU); the script also prints
@@ -26,6 +29,38 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 def model_class(task):
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def round_through_nf4(model, double_quant):
+    """Replaces every linear weight inside the layers (2-D, not an adapter's) by its bitsandbytes
+    NF4 round trip, block 64: the base a QLoRA job trained over. The codes and absmaxes are
+    bitsandbytes' (`quantize_4bit`); the weights are rebuilt from them as the format defines
+    (level x absmax; double quantisation: absmax = 8-bit code x its block's scale + offset),
+    since bitsandbytes 0.50.2's CPU `dequantize_4bit` scales some blocks by another block's
+    absmax (a [64, 48] weight is off by up to 0.03 where the codes give 0.008). The 8-bit
+    absmax codes are those of bitsandbytes' reference `quantize_blockwise` (the nearest map
+    value, over bitsandbytes' own offset and scales), which tuna's equal; its CPU kernel's
+    approximate search picks a neighbour for 0.1-0.2% of blocks (check_nf4.py)."""
+    import bitsandbytes.functional as F
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." not in name or p.dim() != 2 or "lora_" in name:
+                continue
+            w = p.data.float().contiguous()
+            q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+            packed = q.reshape(-1)
+            codes = torch.stack([(packed >> 4) & 15, packed & 15], 1).reshape(-1).long()
+            absmax = state.absmax
+            if double_quant:
+                _, plain = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+                s2, code8 = state.state2, state.state2.code
+                idx = torch.arange(plain.absmax.numel()) // s2.blocksize
+                scaled = ((plain.absmax - state.offset) / s2.absmax[idx]).clamp(-1, 1)
+                nearest = torch.bucketize(scaled, (code8[:-1] + code8[1:]) / 2)
+                absmax = code8[nearest] * s2.absmax[idx] + state.offset
+            levels = state.code[codes] * absmax.float().repeat_interleave(64)[: codes.numel()]
+            p.copy_(levels[: w.numel()].reshape(p.shape))
 
 
 def main():
@@ -54,6 +89,8 @@ def main():
             if saved != expected:
                 sys.exit(f"{case['name']}: adapter keys missing {sorted(expected - saved)}, "
                          f"unexpected {sorted(saved - expected)}")
+            if case.get("nf4_base") is not None:
+                round_through_nf4(model, case["nf4_base"]["double_quant"])
         model.eval()
         ids = torch.tensor(case["input_ids"], dtype=torch.long)
         mask = torch.tensor(case["attention_mask"], dtype=torch.long)

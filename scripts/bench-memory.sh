@@ -7,7 +7,7 @@
 # Each case prepares a model and pre-tokenised batches with python/bench_train_peer.py (GPT-2
 # 124M, SmolLM-135M's Llama shape, a 12-layer Llama-style decoder or all-MiniLM-L6-v2; random
 # weights but MiniLM's; fixed-length rows, or variable-length rows that need padding masks), runs `tuna-trainer bench` for one warm-up and two timed steps on the
-# CPU, and reads the process's peak resident memory (VmHWM) and the planner's estimate from its
+# CPU (QLoRA cases also report the bytes their NF4 base takes), and reads the process's peak resident memory (VmHWM) and the planner's estimate from its
 # JSON line. Prints a markdown table (measured, planned, planned / measured) and writes the raw
 # lines to DIR/memory.jsonl (default target/bench/memory).
 #
@@ -47,6 +47,9 @@ CASES=(
   "llama12 2 512"
   "llama12 2 512 --gradient-checkpointing"
   "llama12 4 512 --lora-r 16 --gradient-checkpointing"
+  "llama12 2 256 --lora-r 16 --gradient-checkpointing"
+  "llama12 2 256 --lora-r 16 --quantization nf4"
+  "llama12 2 256 --lora-r 16 --quantization nf4 --no-double-quantization"
   "llama 4 256 --lora-r 16"
   "llama 4 256 --lora-r 16 --lora-dropout 0.05"
   "minilm-fixed 32 128"
@@ -72,4 +75,12 @@ for line in open(sys.argv[1]):
     d = json.loads(line)
     m, p = d["peak_rss_bytes"], d["planned"]["total_bytes"]
     print(f"| {d['case'].strip()} | {d['trainable_params']:,} | {m / 2**20:,.0f} | {p / 2**20:,.0f} | {p / m:.2f} |")
+print()
+print("| QLoRA case | parameters in NF4 | their bytes | bytes per parameter | last loss |")
+print("| --- | --- | --- | --- | --- |")
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d.get("nf4_params"):
+        n, b = d["nf4_params"], d["nf4_bytes"]
+        print(f"| {d['case'].strip()} | {n:,} | {b:,} | {b / n:.4f} | {d['last_loss']:.4f} |")
 EOF

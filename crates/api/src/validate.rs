@@ -143,17 +143,12 @@ async fn check_with(
         return Ok(Some(Err(e)));
     }
     if let Some(hf) = hf {
-        if spec.gradient_checkpointing == Some(true)
-            && !hf.arch.facts().supports_gradient_checkpointing()
-        {
-            return Ok(Some(Err(fail(
-                "invalid_hyperparameters",
-                "gradient_checkpointing",
-                format!(
-                    "gradient_checkpointing is not available for model type '{}' yet (the Llama-style decoders have it): set it to false or \"auto\"",
-                    hf.model_type()
-                ),
-            ))));
+        let refusal = (!hf.arch.facts().supports_gradient_checkpointing())
+            .then(|| spec.needs_checkpointing(hf.model_type()))
+            .flatten();
+        if let Some(e) = refusal {
+            let param = e.param.as_deref().unwrap_or_default();
+            return Ok(Some(Err(fail("invalid_hyperparameters", param, e.message))));
         }
         let workers = st.fit.workers(&st.db).await?;
         if let Err(e) = crate::fit::check(hf, spec, &workers) {

@@ -5,6 +5,9 @@
 //!
 //! - **weights**: every parameter, trainable ones in fp32 (the optimiser updates fp32 weights),
 //!   frozen ones in the base dtype (fp32 on CPU; bf16 on CUDA under `precision` auto or bf16);
+//!   under QLoRA the layers' linear weights in NF4 ([`NF4_BYTES_PER_PARAM`],
+//!   [`NF4_DQ_BYTES_PER_PARAM`]) and, at the peak, one layer's of them dequantised in the base
+//!   dtype (kept for its backward while it runs again);
 //! - **gradients** and **optimizer** state: fp32, 4 and 8 bytes (AdamW's two moments) per
 //!   trainable parameter;
 //! - **activations**: per layer and token, [`ArchFacts::activation_bytes_per_width`] bytes per
@@ -29,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::hf_config::{ArchFacts, HfConfig};
-use crate::spec::{JobSpec, Lora, Precision, Task, TrainingType};
+use crate::spec::{JobSpec, Lora, Precision, Quantization, Task, TrainingType};
 
 /// libtorch's resident memory before any model (CPU), measured with the benchmark's runs.
 pub const CPU_RUNTIME_BYTES: u64 = 550 << 20;
@@ -48,6 +51,11 @@ const LOGIT_COPIES: f64 = 3.0;
 const CHECKPOINTED_LOGIT_COPIES: f64 = 4.5;
 /// Without dropout an adapter keeps only its input.
 const LORA_INPUT_BYTES: f64 = 4.0;
+/// NF4's bytes per stored parameter: a 4-bit code each, and an fp32 absmax per block of 64.
+pub const NF4_BYTES_PER_PARAM: f64 = 0.5 + 4.0 / 64.0;
+/// With double quantisation: an 8-bit absmax code per block of 64, and an fp32 scale per 256
+/// blocks.
+pub const NF4_DQ_BYTES_PER_PARAM: f64 = 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0);
 
 /// Where the job trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,7 +106,19 @@ pub fn estimate_with(
         TrainingType::Lora => params,
         TrainingType::Full => params - trainable,
     };
-    let weights = stored_base * base_bytes + trainable * 4;
+    let mut weights = stored_base * base_bytes + trainable * 4;
+    if let Some(nf4) = spec.lora.as_ref().and_then(|l| l.nf4) {
+        let per_layer: i64 = f.layer_linear_shapes().iter().map(|(i, o)| i * o).sum();
+        let quantised = (per_layer.max(0) as u64 * d.num_layers.max(0) as u64).min(stored_base);
+        let per_param = if nf4.double_quantization {
+            NF4_DQ_BYTES_PER_PARAM
+        } else {
+            NF4_BYTES_PER_PARAM
+        };
+        weights = weights - quantised * base_bytes
+            + (quantised as f64 * per_param) as u64
+            + per_layer.max(0) as u64 * base_bytes;
+    }
 
     let width = hidden + f.intermediate_size() as f64;
     let mut per_layer_token = f.activation_bytes_per_width() * width;
@@ -190,6 +210,8 @@ pub struct MethodFit {
     pub training_type: TrainingType,
     /// LoRA's rank (on every linear layer), if LoRA.
     pub lora_r: Option<u32>,
+    /// `nf4`: QLoRA (double quantisation, gradient checkpointing on).
+    pub quantization: Quantization,
     pub micro_batch: u64,
     pub seq_len: u64,
     pub total_bytes: u64,
@@ -197,8 +219,9 @@ pub struct MethodFit {
     pub fits_gib: std::collections::BTreeMap<String, bool>,
 }
 
-/// Which methods fit which GPU memory sizes, for a model: full fine-tuning and LoRA (r 16 on
-/// every linear layer) for the model's first task, at micro-batches of 1 (reach any batch
+/// Which methods fit which GPU memory sizes, for a model: full fine-tuning, LoRA (r 16 on
+/// every linear layer) and, where the family has gradient checkpointing, QLoRA (the same LoRA
+/// over an NF4 base) for the model's first task, at micro-batches of 1 (reach any batch
 /// with gradient accumulation) and 8 (the default batch without accumulation), sequences of
 /// the model's context length up to 2048 tokens (512 for encoders), the other knobs at their
 /// defaults.
@@ -211,9 +234,16 @@ pub fn fits_table(hf: &HfConfig) -> Vec<MethodFit> {
     let cap = if hf.is_decoder() { 2048 } else { 512 };
     let seq = hf.dims().context_length.clamp(8, cap);
     let mut rows = Vec::new();
-    for lora_r in [None, Some(16u32)] {
+    let mut methods = vec![
+        (None, Quantization::None),
+        (Some(16u32), Quantization::None),
+    ];
+    if hf.arch.facts().supports_gradient_checkpointing() {
+        methods.push((Some(16), Quantization::Nf4));
+    }
+    for (lora_r, quantization) in methods {
         let mut body = json!({"model": "m", "training_file": "f", "task": task.as_str(),
-                              "max_seq_length": seq});
+                              "max_seq_length": seq, "quantization": quantization});
         if let Some(r) = lora_r {
             body["lora_r"] = json!(r);
             body["lora_target_modules"] = json!("all-linear");
@@ -227,6 +257,7 @@ pub fn fits_table(hf: &HfConfig) -> Vec<MethodFit> {
                 task,
                 training_type: req.spec.training_type,
                 lora_r,
+                quantization,
                 micro_batch,
                 seq_len: e.seq_len,
                 total_bytes: e.total_bytes,
@@ -372,7 +403,8 @@ pub fn does_not_fit(
 
 /// Single changes to the job that fit in `available`: a smaller micro-batch with gradient
 /// accumulation (the same optimiser steps), activation checkpointing where the family has it,
-/// LoRA instead of full fine-tuning, a shorter `max_seq_length`.
+/// LoRA instead of full fine-tuning (QLoRA where LoRA does not fit either), QLoRA instead of
+/// LoRA, a shorter `max_seq_length`.
 pub fn fitting_changes(
     hf: &HfConfig,
     spec: &JobSpec,
@@ -407,6 +439,7 @@ pub fn fitting_changes(
             alpha: 32.0,
             dropout: 0.05,
             target_modules: vec!["all-linear".into()],
+            nf4: None,
         });
         lora.freeze = Default::default();
         if fits(&lora, m) {
@@ -414,7 +447,17 @@ pub fn fitting_changes(
                 "training_type lora (r 16 on every linear layer, {})",
                 gib(estimate_with(hf, &lora, accelerator, m).total_bytes)
             ));
+        } else if let Some(q) = qlora(hf, &lora).filter(|q| fits(q, m)) {
+            out.push(format!(
+                "quantization nf4 (QLoRA: r 16 on every linear layer over a 4-bit base, with gradient checkpointing, {})",
+                gib(estimate_with(hf, &q, accelerator, m).total_bytes)
+            ));
         }
+    } else if let Some(q) = qlora(hf, spec).filter(|q| fits(q, m)) {
+        out.push(format!(
+            "quantization nf4 (QLoRA: the base in 4 bits, with gradient checkpointing, {})",
+            gib(estimate_with(hf, &q, accelerator, m).total_bytes)
+        ));
     }
     let mut shorter = spec.clone();
     while shorter.max_seq_length > 64 {
@@ -429,6 +472,21 @@ pub fn fitting_changes(
         }
     }
     out
+}
+
+/// A LoRA spec as QLoRA (NF4 with double quantisation, checkpointing on), where the family
+/// has checkpointing (NF4 needs it) and the spec is not QLoRA already.
+fn qlora(hf: &HfConfig, spec: &JobSpec) -> Option<JobSpec> {
+    let mut q = spec.clone();
+    let lora = q.lora.as_mut()?;
+    if lora.nf4.is_some() || !hf.arch.facts().supports_gradient_checkpointing() {
+        return None;
+    }
+    lora.nf4 = Some(crate::spec::Nf4 {
+        double_quantization: true,
+    });
+    q.gradient_checkpointing = Some(true);
+    Some(q)
 }
 
 /// `bytes` as GiB with one decimal ("3.4 GiB"), for messages.
@@ -626,6 +684,78 @@ mod tests {
         );
         assert_eq!(e.cuda.total_bytes, lora.total_bytes);
         assert!(e.cpu.total_bytes > e.cuda.total_bytes);
+    }
+
+    #[test]
+    fn qlora_stores_the_layer_linears_in_about_half_a_byte_and_is_suggested_where_lora_does_not_fit(
+    ) {
+        // Llama 2 7B's shape, on a 24 GiB GPU.
+        let llama = HfConfig::parse(
+            &json!({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "max_position_embeddings": 4096, "vocab_size": 32000})
+            .to_string(),
+        )
+        .unwrap();
+        let body = json!({"model": "m", "lora_r": 16, "lora_target_modules": "all-linear",
+                          "max_seq_length": 2048, "hyperparameters": {"batch_size": 1}});
+        let lora = spec(body.clone());
+        let mut q = body.clone();
+        q["quantization"] = json!("nf4");
+        let qlora = spec(q.clone());
+        q["double_quantization"] = json!(false);
+        let plain_nf4 = spec(q);
+        assert_eq!(qlora.gradient_checkpointing, Some(true));
+        let (l, ql, pq) = (
+            estimate(&llama, &lora, Accelerator::Cuda),
+            estimate(&llama, &qlora, Accelerator::Cuda),
+            estimate(&llama, &plain_nf4, Accelerator::Cuda),
+        );
+        // The layers' linears: 32 x (4 x 4096^2 + 3 x 4096 x 11008) parameters, bf16 (2 bytes)
+        // under LoRA; 0.516 (0.5625 without double quantisation) bytes under QLoRA, plus one
+        // layer's dequantised in bf16 at the peak.
+        let per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008;
+        let quantised = 32 * per_layer;
+        let saved = l.weights_bytes - ql.weights_bytes;
+        let expect =
+            2 * quantised - (quantised as f64 * NF4_DQ_BYTES_PER_PARAM) as u64 - 2 * per_layer;
+        assert!(saved.abs_diff(expect) <= 1, "{saved} {expect}");
+        assert!(pq.weights_bytes > ql.weights_bytes);
+        assert!((0.515..0.517).contains(&NF4_DQ_BYTES_PER_PARAM));
+        // The adapters and their optimiser state are LoRA's.
+        assert_eq!(
+            (ql.gradients_bytes, ql.optimizer_bytes),
+            (l.gradients_bytes, l.optimizer_bytes)
+        );
+        let gpu = 24 << 30;
+        assert!(l.total_bytes > gpu && ql.total_bytes < gpu, "{l:?} {ql:?}");
+        let fixes = fitting_changes(&llama, &lora, Accelerator::Cuda, gpu);
+        assert!(
+            fixes
+                .iter()
+                .any(|f| f.starts_with("quantization nf4 (QLoRA")),
+            "{fixes:?}"
+        );
+        // Full fine-tuning, where LoRA does not fit either: QLoRA is the suggestion.
+        let full = spec(json!({"model": "m", "max_seq_length": 2048,
+                               "hyperparameters": {"batch_size": 1}}));
+        let fixes = fitting_changes(&llama, &full, Accelerator::Cuda, gpu);
+        assert!(
+            fixes
+                .iter()
+                .any(|f| f.starts_with("quantization nf4 (QLoRA: r 16")),
+            "{fixes:?}"
+        );
+        let table = fits_table(&llama);
+        let row = table
+            .iter()
+            .find(|f| f.quantization == Quantization::Nf4 && f.micro_batch == 1)
+            .unwrap();
+        assert!(row.fits_gib["24"], "{row:?}");
+        // GPT-2 has no checkpointing in tuna, so no QLoRA either.
+        assert!(fits_table(&gpt2_124m())
+            .iter()
+            .all(|f| f.quantization == Quantization::None));
     }
 
     #[test]

@@ -31,11 +31,11 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 use tuna_core::spec::Precision;
 
 use crate::data::{self, Features};
-use crate::model::{FreezeOptions, LoadOptions, LoraOptions, Model, TaskHead};
+use crate::model::{FreezeOptions, LoadOptions, LoraOptions, Model, Nf4Options, TaskHead};
 use crate::trainer::{self, StepConfig};
 use crate::{Error, Result};
 
@@ -55,6 +55,9 @@ pub struct BenchOptions {
     pub packing: bool,
     /// Activation checkpointing ([`crate::model::Model::forward_backward_checkpointed`]).
     pub gradient_checkpointing: bool,
+    /// QLoRA (with `lora_r`): the base's layer linears in NF4, with or without double
+    /// quantisation; checkpointing on, as a job has it.
+    pub quantization: Option<Nf4Options>,
     pub warmup: usize,
     pub steps: usize,
     pub learning_rate: f64,
@@ -216,6 +219,8 @@ struct Timed {
     targets: usize,
     /// Loss per target of the very last step (warm-up included).
     last_loss: f64,
+    /// What the run holds after its last step, by part.
+    held: Value,
 }
 
 impl<'a> Bench<'a> {
@@ -236,20 +241,24 @@ impl<'a> Bench<'a> {
             }),
             freeze: FreezeOptions::default(),
             init_seed: o.seed as i64,
-            quantization: None,
+            quantization: o.quantization,
         };
+        if o.quantization.is_some() && o.lora_r.is_none() {
+            return Err(Error::Config("--quantization nf4 needs --lora-r".into()));
+        }
         let load_start = Instant::now();
         let model = crate::models::load_model(&o.model_dir, &opts)?;
         let load_s = load_start.elapsed().as_secs_f64();
         let batches = features(&file, causal, model.info().vocab_size)?;
-        if o.gradient_checkpointing && !model.supports_checkpointing() {
+        let checkpointing = o.gradient_checkpointing || o.quantization.is_some();
+        if checkpointing && !model.supports_checkpointing() {
             return Err(Error::Config(format!(
-                "--gradient-checkpointing: model type '{}' has none in tuna",
+                "--gradient-checkpointing (which --quantization needs): model type '{}' has none in tuna",
                 model.info().model_type
             )));
         }
         let mut cfg = step_config(model.as_ref(), &file, &batches, causal, o.packing);
-        cfg.checkpointing = o.gradient_checkpointing;
+        cfg.checkpointing = checkpointing;
         let params = flop_params(model.as_ref(), causal);
         Ok(Bench {
             o,
@@ -277,6 +286,7 @@ impl<'a> Bench<'a> {
             loss_sum: 0.0,
             targets: 0,
             last_loss: f64::NAN,
+            held: Value::Null,
         };
         for step in 0..(o.warmup + o.steps) {
             let items: Vec<&Features> = self.batches[step % self.batches.len()].iter().collect();
@@ -314,7 +324,51 @@ impl<'a> Bench<'a> {
             t.loss_sum += r.loss_sum;
             t.targets += r.targets;
         }
+        t.held = self.held(&opt)?;
         Ok(t)
+    }
+
+    /// The bytes the model and optimiser hold, read from the tensors themselves: trainable
+    /// weights, their gradients, the AdamW moments, the frozen weights (NF4 ones by their codes
+    /// and scales; their zero-stride placeholders take nothing).
+    fn held(&self, opt: &crate::optim::AdamW) -> Result<Value> {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let trainable = self.model.trainable_parameters();
+        let names: std::collections::HashSet<&str> =
+            trainable.iter().map(|(n, _)| n.as_str()).collect();
+        let (mut weights, mut grads) = (0u64, 0u64);
+        for (_, p) in &trainable {
+            weights += bytes(p);
+            let g = p.grad();
+            if g.defined() {
+                grads += bytes(&g);
+            }
+        }
+        let frozen: u64 = self
+            .model
+            .all_parameters()
+            .iter()
+            .filter(|(n, t)| !names.contains(n.as_str()) && t.stride().iter().any(|&s| s != 0))
+            .map(|(_, t)| bytes(t))
+            .sum();
+        let (nf4_params, nf4_bytes) = self.model.nf4_storage();
+        let moments: u64 = opt
+            .state_tensors()?
+            .iter()
+            .filter(|(n, _)| n != "step")
+            .map(|(_, t)| bytes(t))
+            .sum();
+        let n: u64 = trainable.iter().map(|(_, p)| p.numel() as u64).sum();
+        Ok(json!({
+            "trainable_params": n,
+            "trainable_weight_bytes": weights,
+            "gradient_bytes": grads,
+            "optimizer_bytes": moments,
+            "frozen_bytes": frozen,
+            "nf4_params": nf4_params,
+            "nf4_bytes": nf4_bytes,
+            "bytes_per_trainable_param": (weights + grads + moments) as f64 / n.max(1) as f64,
+        }))
     }
 
     /// The memory planner's estimate for this run (`tuna_core::memory`), as a job of the same
@@ -336,6 +390,10 @@ impl<'a> Bench<'a> {
         }
         if o.gradient_checkpointing {
             body["gradient_checkpointing"] = json!(true);
+        }
+        if let Some(q) = o.quantization {
+            body["quantization"] = json!("nf4");
+            body["double_quantization"] = json!(q.double_quant);
         }
         let spec = match tuna_core::spec::parse_create_request(&body, &Default::default(), 0) {
             Ok(r) => r.spec,
@@ -371,7 +429,12 @@ impl<'a> Bench<'a> {
             "model_type": info.model_type,
             "task": file.task,
             "lora_r": o.lora_r,
-            "gradient_checkpointing": o.gradient_checkpointing,
+            "gradient_checkpointing": self.cfg.checkpointing,
+            "quantization": if o.quantization.is_some() { "nf4" } else { "none" },
+            "double_quantization": o.quantization.map(|q| q.double_quant),
+            "nf4_params": self.model.nf4_storage().0,
+            "nf4_bytes": self.model.nf4_storage().1,
+            "held": t.held,
             "packing": if cfg.pack_len.is_some() { "packed rows" } else if cfg.group_overhead_tokens.is_some() { "length groups" } else { "none" },
             "batch_size": self.batches[0].len(),
             "max_len": file.max_len,

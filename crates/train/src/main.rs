@@ -98,6 +98,12 @@ enum Cmd {
         /// Activation checkpointing (the Llama-style decoders): each layer runs again in the backward.
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// QLoRA with --lora-r: `nf4` stores the base's layer linears in 4-bit NF4 (checkpointing on).
+        #[arg(long, value_parser = ["none", "nf4"], default_value = "none")]
+        quantization: String,
+        /// With --quantization nf4: keep the block absmaxes in fp32 (no double quantisation).
+        #[arg(long)]
+        no_double_quantization: bool,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
         #[arg(long, default_value_t = 10)]
@@ -183,6 +189,8 @@ fn main() {
             lora_dropout,
             packing,
             gradient_checkpointing,
+            quantization,
+            no_double_quantization,
             warmup,
             steps,
             lr,
@@ -207,6 +215,11 @@ fn main() {
                     lora_dropout,
                     packing,
                     gradient_checkpointing,
+                    quantization: (quantization == "nf4").then_some(
+                        tuna_train::model::Nf4Options {
+                            double_quant: !no_double_quantization,
+                        },
+                    ),
                     warmup,
                     steps,
                     learning_rate: lr,

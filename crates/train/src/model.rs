@@ -145,4 +145,8 @@ pub trait Model {
     fn load_notes(&self) -> Vec<String> {
         Vec::new()
     }
+    /// QLoRA: the parameters stored in NF4 and the bytes they take (codes and scales).
+    fn nf4_storage(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }

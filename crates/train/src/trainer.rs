@@ -45,7 +45,9 @@ use tuna_core::spec::{JobSpec, Precision, Task, TrainingType};
 use crate::checkpoint::{self, Resume, TrainState};
 use crate::data::{self, Collated, Features, LabelMap};
 use crate::metrics::{macro_f1, EvalMetrics, StepMetrics};
-use crate::model::{Batch, FreezeOptions, LoadOptions, LoraOptions, Model, ModelInfo, TaskHead};
+use crate::model::{
+    Batch, FreezeOptions, LoadOptions, LoraOptions, Model, ModelInfo, Nf4Options, TaskHead,
+};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::tokenizer::Tok;
@@ -153,7 +155,9 @@ pub fn load_options(spec: &JobSpec, device: Device, task: TaskHead) -> LoadOptio
             patterns: spec.freeze.patterns.clone(),
         },
         init_seed: spec.seed as i64,
-        quantization: None,
+        quantization: spec.nf4().map(|q| Nf4Options {
+            double_quant: q.double_quantization,
+        }),
     }
 }
 
@@ -457,7 +461,8 @@ impl<'a> Job<'a> {
                 with_types: model.uses_token_type_ids(),
                 pack_len: (causal && spec.packing).then_some(max_len),
                 group_overhead_tokens: (!causal && spec.packing).then_some(GROUP_OVERHEAD_TOKENS),
-                checkpointing: spec.gradient_checkpointing == Some(true),
+                // QLoRA needs it (the create request turns it on with nf4).
+                checkpointing: spec.gradient_checkpointing == Some(true) || spec.nf4().is_some(),
             },
         }
     }
@@ -668,11 +673,10 @@ fn load_model_and_tokenizer(
     };
     let opts = load_options(inputs.spec, inputs.device, task);
     let model = guarded(|| crate::models::load_model(inputs.model_dir, &opts))?;
-    if inputs.spec.gradient_checkpointing == Some(true) && !model.supports_checkpointing() {
-        return Err(Error::Config(format!(
-            "gradient_checkpointing is not available for model type '{}' yet (the Llama-style decoders have it): set it to false or \"auto\"",
-            model.info().model_type
-        )));
+    if !model.supports_checkpointing() {
+        if let Some(e) = inputs.spec.needs_checkpointing(&model.info().model_type) {
+            return Err(Error::Config(e.message));
+        }
     }
     let tok = Tok::load(inputs.model_dir, model.info().is_decoder)?;
     Ok((model, tok))

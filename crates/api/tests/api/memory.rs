@@ -208,3 +208,81 @@ async fn gradient_checkpointing_is_refused_where_the_model_has_none() {
         );
     }
 }
+
+#[tokio::test]
+async fn qlora_runs_on_models_with_checkpointing_and_is_refused_elsewhere() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let gpt2 = create(
+        &app,
+        json!({"model": "gpt2", "training_file": file, "quantization": "nf4"}),
+    )
+    .await;
+    assert_eq!(gpt2["status"], "failed", "{gpt2}");
+    assert_eq!(gpt2["error"]["param"], "quantization");
+    assert!(
+        gpt2["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("quantization 'nf4' is not available for model type 'gpt2' yet: QLoRA needs gradient checkpointing"),
+        "{gpt2}"
+    );
+    // Not LoRA: a 400 naming the knob, and no job.
+    let (status, body) = json(
+        app.post_json(
+            "/v1/fine_tuning/jobs",
+            &json!({"model": "gpt2", "training_file": file, "quantization": "nf4",
+                    "training_type": "full"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "quantization", "{body}");
+
+    let (status, model) = json(
+        app.post_json(
+            "/v1/models",
+            &json!({"id": "tiny-llama", "path": crate::helpers::fixture("llama")}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{model}");
+    let rows = model["architecture"]["memory"].as_array().unwrap();
+    assert!(
+        rows.iter().any(|r| r["quantization"] == "nf4"),
+        "a QLoRA row: {model}"
+    );
+    let job = create(
+        &app,
+        json!({"model": "tiny-llama", "training_file": file, "quantization": "nf4",
+               "double_quantization": false}),
+    )
+    .await;
+    assert_eq!(job["status"], "queued", "{job}");
+    let hp = &job["method"]["supervised"]["hyperparameters"];
+    assert_eq!(
+        (
+            &hp["training_type"],
+            &hp["quantization"],
+            &hp["double_quantization"],
+            &hp["gradient_checkpointing"]
+        ),
+        (&json!("lora"), &json!("nf4"), &json!(false), &json!(true)),
+        "{job}"
+    );
+    // The estimate the job carries is the planner's for QLoRA: less than the same LoRA's.
+    let lora = create(
+        &app,
+        json!({"model": "tiny-llama", "training_file": file, "lora_r": 16,
+                                   "gradient_checkpointing": true}),
+    )
+    .await;
+    let weights = |j: &Value| {
+        j["memory_estimate"]["cuda"]["weights_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(weights(&job) < weights(&lora), "{job} {lora}");
+}

@@ -97,6 +97,27 @@ pub struct Lora {
     pub dropout: f64,
     /// PEFT-style module names (`q_proj`, …) or `all-linear`.
     pub target_modules: Vec<String>,
+    /// QLoRA: the frozen base's layer linears stored in 4-bit NF4 and dequantised in each
+    /// forward (the knob `quantization: "nf4"`); `None`: the base as loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nf4: Option<Nf4>,
+}
+
+/// The `quantization` knob: how a LoRA job stores its frozen base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantization {
+    None,
+    /// 4-bit NormalFloat with per-block absmax (block 64), the QLoRA paper's format.
+    Nf4,
+}
+
+/// How NF4 stores the base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nf4 {
+    /// Quantise the block absmaxes again (8 bits, blocks of 256): about 0.516 bytes per
+    /// parameter instead of 0.5625.
+    pub double_quantization: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -262,6 +283,11 @@ pub struct MethodHyperparameters<'a> {
     pub lora_dropout: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_target_modules: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Quantization>,
+    /// With `quantization` nf4 only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub double_quantization: Option<bool>,
 }
 
 /// The `method` object as returned: `{"type": "supervised", "supervised": {"hyperparameters": ...}}`.
@@ -278,6 +304,27 @@ pub struct Supervised<'a> {
 }
 
 impl JobSpec {
+    /// Whether the frozen base is stored in NF4 (QLoRA).
+    pub fn nf4(&self) -> Option<Nf4> {
+        self.lora.as_ref().and_then(|l| l.nf4)
+    }
+
+    /// On a model of `model_type` that has no gradient checkpointing: the error for the knob
+    /// that needs it (`quantization` nf4, then `gradient_checkpointing: true`), if any. The API
+    /// fails such a job at validation, the trainer again before it trains.
+    pub fn needs_checkpointing(&self, model_type: &str) -> Option<SpecError> {
+        if self.nf4().is_some() {
+            return Some(SpecError::new(
+                "quantization",
+                format!("quantization 'nf4' is not available for model type '{model_type}' yet: QLoRA needs gradient checkpointing, which the Llama-style decoders have; use LoRA over the unquantised base (quantization 'none')"),
+            ));
+        }
+        (self.gradient_checkpointing == Some(true)).then(|| SpecError::new(
+            "gradient_checkpointing",
+            format!("gradient_checkpointing is not available for model type '{model_type}' yet (the Llama-style decoders have it): set it to false or \"auto\""),
+        ))
+    }
+
     /// OpenAI's `hyperparameters` object, resolved.
     pub fn openai_hyperparameters(&self) -> OpenAiHyperparameters {
         OpenAiHyperparameters {
@@ -323,6 +370,11 @@ impl JobSpec {
             lora_alpha: lora.map(|l| l.alpha),
             lora_dropout: lora.map(|l| l.dropout),
             lora_target_modules: lora.map(|l| l.target_modules.as_slice()),
+            quantization: lora.map(|l| match l.nf4 {
+                Some(_) => Quantization::Nf4,
+                None => Quantization::None,
+            }),
+            double_quantization: lora.and_then(|l| l.nf4).map(|q| q.double_quantization),
         }
     }
 

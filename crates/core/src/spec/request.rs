@@ -18,8 +18,8 @@ use serde_aux::serde_introspection::serde_introspect;
 use serde_json::{Map, Value};
 
 use super::{
-    check_dataset_url, CreateRequest, Device, Freeze, JobSpec, Lora, LrSchedule, Precision,
-    SpecError, SpecPolicy, Task, TrainingType,
+    check_dataset_url, CreateRequest, Device, Freeze, JobSpec, Lora, LrSchedule, Nf4, Precision,
+    Quantization, SpecError, SpecPolicy, Task, TrainingType,
 };
 
 /// OpenAI's top-level fields (the knobs of [`Knobs`] may stand at the top level too).
@@ -68,6 +68,8 @@ struct Knobs {
     lora_alpha: Knob<f64>,
     lora_dropout: Knob<f64>,
     lora_target_modules: Knob<Value>,
+    quantization: Knob<Choice<Quantization>>,
+    double_quantization: Knob<bool>,
     freeze_embeddings: Knob<bool>,
     freeze_layers: Knob<Int>,
     freeze_patterns: Knob<Value>,
@@ -609,6 +611,8 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         k.lora_alpha.is_given(),
         k.lora_dropout.is_given(),
         k.lora_target_modules.is_given(),
+        // QLoRA is LoRA over a quantised base.
+        k.quantization.choice(Quantization::None, false)? == Quantization::Nf4,
     ]
     .contains(&true);
     let inferred = if lora_given {
@@ -618,6 +622,11 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
     };
     let training_type = k.training_type.choice(inferred, false)?;
     if training_type == TrainingType::Full && lora_given {
+        if k.quantization.choice(Quantization::None, false)? == Quantization::Nf4 {
+            return Err(k.quantization.error(
+                "quantization 'nf4' (QLoRA) trains LoRA adapters over a frozen quantised base, but `training_type` is 'full': set it to 'lora' or leave it out".into(),
+            ));
+        }
         return Err(k
             .training_type
             .error("LoRA settings were given but `training_type` is 'full'".into()));
@@ -672,6 +681,24 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
                 .into(),
         ));
     }
+    let nf4 = lora.as_ref().and_then(|l| l.nf4);
+    if nf4.is_none() && k.double_quantization.is_given() {
+        return Err(k
+            .double_quantization
+            .error("`double_quantization` applies to `quantization` 'nf4'".into()));
+    }
+    let mut gradient_checkpointing = k.gradient_checkpointing.auto_flag()?;
+    if nf4.is_some() {
+        // tch has no custom autograd function, so a layer's dequantised weights are autograd
+        // values: only recomputing the layer in the backward keeps them from being saved for
+        // every layer at once.
+        if gradient_checkpointing == Some(false) {
+            return Err(k.gradient_checkpointing.error(
+                "quantization 'nf4' needs gradient_checkpointing: without it the backward keeps every layer's dequantised weights, more memory than LoRA over the unquantised base; set it to true or \"auto\"".into(),
+            ));
+        }
+        gradient_checkpointing = Some(true);
+    }
     let spec = JobSpec {
         model,
         task,
@@ -705,7 +732,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         device: k.device.choice(Device::Auto, false)?,
         log_interval,
         fixed_batch_size: k.batch_size.is_given() && !matches!(k.batch_size.given, Given::Auto),
-        gradient_checkpointing: k.gradient_checkpointing.auto_flag()?,
+        gradient_checkpointing,
     };
     Ok((spec, priority))
 }
@@ -722,11 +749,18 @@ fn lora(k: &Knobs) -> Result<Lora, SpecError> {
     } else {
         k.lora_target_modules.names()?
     };
+    let nf4 = match k.quantization.choice(Quantization::None, false)? {
+        Quantization::Nf4 => Some(Nf4 {
+            double_quantization: k.double_quantization.auto_flag()?.unwrap_or(true),
+        }),
+        Quantization::None => None,
+    };
     Ok(Lora {
         r,
         alpha,
         dropout,
         target_modules: target_modules.unwrap_or_else(|| vec!["all-linear".to_string()]),
+        nf4,
     })
 }
 

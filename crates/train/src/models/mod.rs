@@ -319,6 +319,10 @@ impl<A: Architecture> Model for Net<A> {
     fn load_notes(&self) -> Vec<String> {
         self.core.notes.clone()
     }
+    fn nf4_storage(&self) -> (u64, u64) {
+        let stored = self.core.params.iter().filter_map(|p| p.nf4.as_ref());
+        stored.fold((0, 0), |(n, b), w| (n + w.numel() as u64, b + w.bytes()))
+    }
 }
 
 /// The output layer per task.

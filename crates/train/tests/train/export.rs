@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 use tuna_train::load_model;
 use tuna_train::loader::read_safetensors;
-use tuna_train::model::{Batch, LoadOptions, LoraOptions, Model, TaskHead};
+use tuna_train::model::{Batch, LoadOptions, LoraOptions, Model, Nf4Options, TaskHead};
 
 use crate::support::{cpu_options, fixture, lock, python, workspace};
 
@@ -84,6 +84,8 @@ pub(crate) struct Export {
     perturb: &'static [&'static str],
     /// The first token of every row (BOS, or BERT's [CLS]).
     first_token: Option<i64>,
+    /// QLoRA: the base's layer linears in NF4.
+    nf4: Option<Nf4Options>,
 }
 
 pub(crate) fn three_labels() -> TaskHead {
@@ -113,6 +115,15 @@ impl Export {
             merge: false,
             perturb,
             first_token: None,
+            nf4: None,
+        }
+    }
+
+    /// QLoRA over the LoRA set: the base's layer linears stored in NF4.
+    pub(crate) fn nf4(self, double_quant: bool) -> Export {
+        Export {
+            nf4: Some(Nf4Options { double_quant }),
+            ..self
         }
     }
 
@@ -222,7 +233,14 @@ pub(crate) fn forward(model: &dyn Model, ids: &Tensor, mask: &Tensor) -> Tensor 
 /// Loads `e.base`, perturbs it, computes its logits and saves it under `tmp/<name>`.
 pub(crate) fn export(tmp: &Path, e: &Export) -> Case {
     let base_dir = fixture(e.base);
-    let model = load_model(&base_dir, &opts(e.task.clone(), e.lora.clone())).unwrap();
+    let model = load_model(
+        &base_dir,
+        &LoadOptions {
+            quantization: e.nf4,
+            ..opts(e.task.clone(), e.lora.clone())
+        },
+    )
+    .unwrap();
     perturb(model.as_ref(), e.perturb);
     let info = model.info().clone();
     let pad = info
@@ -242,11 +260,16 @@ pub(crate) fn export(tmp: &Path, e: &Export) -> Case {
     if let TaskHead::SequenceClassification { id2label } = &e.task {
         base_kwargs = json!({"num_labels": id2label.len(), "pad_token_id": pad});
     }
-    let spec = json!({
+    let mut spec = json!({
         "name": e.name, "kind": if is_lora { "lora" } else { "full" }, "task": task_name,
         "dir": out, "base": base_dir, "base_kwargs": base_kwargs,
         "input_ids": ids, "attention_mask": mask,
     });
+    if let (Some(q), true) = (e.nf4, is_lora) {
+        // A QLoRA adapter loads over the unquantised base; check_export.py then rounds the
+        // base's layer linears through bitsandbytes' NF4 to reproduce what tuna trained over.
+        spec["nf4_base"] = json!({"double_quant": q.double_quant});
+    }
     Case {
         name: e.name.to_string(),
         task: e.task.clone(),

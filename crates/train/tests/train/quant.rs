@@ -183,3 +183,30 @@ fn lora_over_an_nf4_base_is_lora_over_the_dequantised_base() {
         }
     }
 }
+
+/// QLoRA exports as PEFT and transformers read them: the adapter loads over the unquantised base
+/// with no missing or unexpected key, and over that base rounded through bitsandbytes' NF4 it
+/// gives tuna's logits; the merged model (the dequantised base plus the adapters) loads alone.
+#[test]
+fn qlora_adapters_load_in_peft_over_the_unquantised_base() {
+    use crate::export::{assert_exports_match, Export};
+    use tuna_train::model::TaskHead;
+    // (perturb takes the lock itself.)
+    let causal = || TaskHead::CausalLm;
+    assert_exports_match(&[
+        Export::new("llama_qlora", "llama", causal(), &["lora_B"])
+            .lora(&["all-linear"])
+            .nf4(false)
+            .first(1),
+        Export::new("phi3_qlora", "phi3", causal(), &["lora_B"])
+            .lora(&["qkv_proj", "down_proj"])
+            .nf4(false),
+        Export::new("gemma2_qlora_dq", "gemma2", causal(), &["lora_B"])
+            .lora(&["all-linear"])
+            .nf4(true),
+        Export::new("qwen3_qlora_merged", "qwen3", causal(), &["lora_B"])
+            .lora(&["all-linear"])
+            .nf4(true)
+            .merged(),
+    ]);
+}

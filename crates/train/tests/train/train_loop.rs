@@ -420,6 +420,48 @@ fn lora_job_saves_adapter_and_merged_weights() {
 }
 
 #[test]
+fn qlora_job_trains_adapters_over_an_nf4_base() {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        json!({"n_epochs": 6, "batch_size": 4, "learning_rate": 1e-2, "log_interval": 1,
+        "validation_split": 0.0, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "quantization": "nf4", "merge_lora": true}),
+    );
+    assert_eq!(s.gradient_checkpointing, Some(true));
+    let r = run(&fixture("llama"), &s, &texts(), dir.path(), None, None);
+    let (first, last) = (r.losses[0].1, r.losses.last().unwrap().1);
+    assert!(last < first * 0.8, "loss {first} -> {last}");
+    let TrainOutcome::Done { final_dir, .. } = &r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(final_dir.join("adapter_model.safetensors").is_file());
+    // merged/: the dequantised base with the adapters folded in (alpha / r = 2).
+    let read = |p: &std::path::Path| tuna_train::loader::read_safetensors(p).unwrap();
+    let merged = read(&final_dir.join("merged/model.safetensors"));
+    let orig = read(&fixture("llama").join("model.safetensors"));
+    let adapter = read(&final_dir.join("adapter_model.safetensors"));
+    let m = "model.layers.0.self_attn.o_proj";
+    let (a, b) = (
+        &adapter[&format!("base_model.model.{m}.lora_A.weight")],
+        &adapter[&format!("base_model.model.{m}.lora_B.weight")],
+    );
+    let base = tuna_train::quant::Nf4Weight::quantize(&orig[&format!("{m}.weight")], true)
+        .unwrap()
+        .dequantize(tch::Kind::Float)
+        .unwrap();
+    let want = base + b.matmul(a) * 2.0;
+    let d = f64::try_from((&merged[&format!("{m}.weight")] - want).abs().max()).unwrap();
+    assert!(d < 1e-5, "{m}: merged differs by {d}");
+    assert!(f64::try_from(b.abs().max()).unwrap() > 1e-4, "B trained");
+    let ck = r.checkpoints.last().unwrap().clone();
+    let state =
+        tuna_train::loader::read_safetensors(&ck.join("training_state/optimizer.safetensors"))
+            .unwrap();
+    assert!(state.keys().all(|k| k == "step" || k.contains("lora_")));
+}
+
+#[test]
 fn early_stopping_ends_the_run_when_valid_loss_stalls() {
     let _g = lock();
     let dir = tempfile::tempdir().unwrap();

@@ -51,6 +51,7 @@ const KNOBS: Knob[] = [
   { name: "lora_r", label: "LoRA rank", dflt: () => "16", kind: "int", methods: ["lora"] },
   { name: "lora_alpha", label: "LoRA alpha", dflt: (c) => String(2 * (parseInt(c.lora_r) || 16)), kind: "number", methods: ["lora"], help: "2 × rank" },
   { name: "lora_dropout", label: "LoRA dropout", dflt: () => "0.05", kind: "number", methods: ["lora"] },
+  { name: "quantization", label: "Base weights", dflt: () => "none", kind: "choice", choices: ["none", "nf4"], methods: ["lora"], help: "nf4: QLoRA, the frozen base in 4 bits (Llama-style decoders)" },
   { name: "merge_lora", label: "Also export merged weights", dflt: () => "false", kind: "bool", methods: ["lora"] },
   { name: "freeze_embeddings", label: "Freeze embeddings", dflt: () => "false", kind: "bool", methods: ["freeze"] },
   { name: "freeze_layers", label: "Freeze the first N layers", dflt: () => "0", kind: "int", methods: ["freeze"] },
