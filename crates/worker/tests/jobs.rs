@@ -1007,3 +1007,24 @@ async fn a_merged_lora_model_is_a_base_for_the_next_job_an_adapter_alone_is_refu
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qlora_job_runs_on_the_worker() {
+    let env = Env::new(None).await;
+    let file = env.upload("train.jsonl", &gpt2_data(16)).await;
+    let id = env
+        .create_job(json!({"model": "llama-tiny", "training_file": file,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 8}, "max_seq_length": 32,
+            "quantization": "nf4", "lora_r": 4}))
+        .await;
+    let job = env.job(&id).await;
+    let spec = job.spec.get().unwrap();
+    assert_eq!(
+        (spec.nf4().map(|q| q.double_quantization), spec.gradient_checkpointing),
+        (Some(true), Some(true))
+    );
+    run_once(&env, "qlora").await;
+    let job = env.job(&id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
+    assert!(job.fine_tuned_model.is_some());
+}
