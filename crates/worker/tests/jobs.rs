@@ -1020,7 +1020,10 @@ async fn a_qlora_job_runs_on_the_worker() {
     let job = env.job(&id).await;
     let spec = job.spec.get().unwrap();
     assert_eq!(
-        (spec.nf4().map(|q| q.double_quantization), spec.gradient_checkpointing),
+        (
+            spec.nf4().map(|q| q.double_quantization),
+            spec.gradient_checkpointing
+        ),
         (Some(true), Some(true))
     );
     run_once(&env, "qlora").await;
