@@ -80,7 +80,7 @@ print("| QLoRA case | parameters in NF4 | their bytes | bytes per parameter | la
 print("| --- | --- | --- | --- | --- |")
 for line in open(sys.argv[1]):
     d = json.loads(line)
-    if d.get("nf4_params"):
-        n, b = d["nf4_params"], d["nf4_bytes"]
+    if d["held"]["nf4_params"]:
+        n, b = d["held"]["nf4_params"], d["held"]["nf4_bytes"]
         print(f"| {d['case'].strip()} | {n:,} | {b:,} | {b / n:.4f} | {d['last_loss']:.4f} |")
 EOF

@@ -109,7 +109,8 @@ pub fn estimate_with(
     let mut weights = stored_base * base_bytes + trainable * 4;
     if let Some(nf4) = spec.lora.as_ref().and_then(|l| l.nf4) {
         let per_layer: i64 = f.layer_linear_shapes().iter().map(|(i, o)| i * o).sum();
-        let quantised = (per_layer.max(0) as u64 * d.num_layers.max(0) as u64).min(stored_base);
+        let per_layer = per_layer.max(0) as u64;
+        let quantised = (per_layer * d.num_layers.max(0) as u64).min(stored_base);
         let per_param = if nf4.double_quantization {
             NF4_DQ_BYTES_PER_PARAM
         } else {
@@ -117,7 +118,7 @@ pub fn estimate_with(
         };
         weights = weights - quantised * base_bytes
             + (quantised as f64 * per_param) as u64
-            + per_layer.max(0) as u64 * base_bytes;
+            + per_layer * base_bytes;
     }
 
     let width = hidden + f.intermediate_size() as f64;
@@ -509,6 +510,17 @@ mod tests {
         .unwrap()
     }
 
+    /// Llama 2 7B's shape.
+    fn llama2_7b() -> HfConfig {
+        HfConfig::parse(
+            &json!({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "max_position_embeddings": 4096, "vocab_size": 32000})
+            .to_string(),
+        )
+        .unwrap()
+    }
+
     fn spec(extra: serde_json::Value) -> JobSpec {
         let mut body = json!({"model": "gpt2", "training_file": "f"});
         body.as_object_mut()
@@ -648,13 +660,7 @@ mod tests {
         );
         // Llama 2 7B's shape: full fine-tuning (16 bytes per parameter) fits no single GPU;
         // LoRA's frozen bf16 base does, given the memory for its activations.
-        let llama = HfConfig::parse(
-            &json!({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                    "max_position_embeddings": 4096, "vocab_size": 32000})
-            .to_string(),
-        )
-        .unwrap();
+        let llama = llama2_7b();
         let table = fits_table(&llama);
         let row = |t: TrainingType, mb: u64| {
             table
@@ -689,14 +695,8 @@ mod tests {
     #[test]
     fn qlora_stores_the_layer_linears_in_about_half_a_byte_and_is_suggested_where_lora_does_not_fit(
     ) {
-        // Llama 2 7B's shape, on a 24 GiB GPU.
-        let llama = HfConfig::parse(
-            &json!({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                    "max_position_embeddings": 4096, "vocab_size": 32000})
-            .to_string(),
-        )
-        .unwrap();
+        // On a 24 GiB GPU.
+        let llama = llama2_7b();
         let body = json!({"model": "m", "lora_r": 16, "lora_target_modules": "all-linear",
                           "max_seq_length": 2048, "hyperparameters": {"batch_size": 1}});
         let lora = spec(body.clone());

@@ -432,8 +432,6 @@ impl<'a> Bench<'a> {
             "gradient_checkpointing": self.cfg.checkpointing,
             "quantization": if o.quantization.is_some() { "nf4" } else { "none" },
             "double_quantization": o.quantization.map(|q| q.double_quant),
-            "nf4_params": self.model.nf4_storage().0,
-            "nf4_bytes": self.model.nf4_storage().1,
             "held": t.held,
             "packing": if cfg.pack_len.is_some() { "packed rows" } else if cfg.group_overhead_tokens.is_some() { "length groups" } else { "none" },
             "batch_size": self.batches[0].len(),

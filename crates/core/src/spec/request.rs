@@ -606,13 +606,14 @@ impl Files {
 /// the job's priority.
 fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec, i32), SpecError> {
     let task = k.task.choice(Task::CausalLm, false)?;
+    let nf4_asked = k.quantization.choice(Quantization::None, false)? == Quantization::Nf4;
     let lora_given = [
         k.lora_r.is_given(),
         k.lora_alpha.is_given(),
         k.lora_dropout.is_given(),
         k.lora_target_modules.is_given(),
         // QLoRA is LoRA over a quantised base.
-        k.quantization.choice(Quantization::None, false)? == Quantization::Nf4,
+        nf4_asked,
     ]
     .contains(&true);
     let inferred = if lora_given {
@@ -622,7 +623,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
     };
     let training_type = k.training_type.choice(inferred, false)?;
     if training_type == TrainingType::Full && lora_given {
-        if k.quantization.choice(Quantization::None, false)? == Quantization::Nf4 {
+        if nf4_asked {
             return Err(k.quantization.error(
                 "quantization 'nf4' (QLoRA) trains LoRA adapters over a frozen quantised base, but `training_type` is 'full': set it to 'lora' or leave it out".into(),
             ));
@@ -666,7 +667,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
     let priority = k.priority.int_in(-1000, 1000)?.unwrap_or(0) as i32;
     let lora = match training_type {
         TrainingType::Full => None,
-        TrainingType::Lora => Some(lora(k)?),
+        TrainingType::Lora => Some(lora(k, nf4_asked)?),
     };
     let freeze = Freeze {
         embeddings: k.freeze_embeddings.flag()?,
@@ -737,7 +738,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
     Ok((spec, priority))
 }
 
-fn lora(k: &Knobs) -> Result<Lora, SpecError> {
+fn lora(k: &Knobs, nf4_asked: bool) -> Result<Lora, SpecError> {
     let r = k.lora_r.count(1, 1024, 16)?;
     let alpha = k
         .lora_alpha
@@ -749,11 +750,12 @@ fn lora(k: &Knobs) -> Result<Lora, SpecError> {
     } else {
         k.lora_target_modules.names()?
     };
-    let nf4 = match k.quantization.choice(Quantization::None, false)? {
-        Quantization::Nf4 => Some(Nf4 {
+    let nf4 = if nf4_asked {
+        Some(Nf4 {
             double_quantization: k.double_quantization.auto_flag()?.unwrap_or(true),
-        }),
-        Quantization::None => None,
+        })
+    } else {
+        None
     };
     Ok(Lora {
         r,
