@@ -32,7 +32,8 @@ def model_class(task):
 
 
 def round_through_nf4(model, double_quant):
-    """Replaces every linear weight inside the layers (2-D, not an adapter's) by its bitsandbytes
+    """Replaces every linear weight inside the layers (2-D, not an adapter's; GPT-2's Conv1D as
+    [out, in]) by its bitsandbytes
     NF4 round trip, block 64: the base a QLoRA job trained over. The codes and absmaxes are
     bitsandbytes' (`quantize_4bit`); the weights are rebuilt from them as the format defines
     (level x absmax; double quantisation: absmax = 8-bit code x its block's scale + offset),
@@ -42,12 +43,16 @@ def round_through_nf4(model, double_quant):
     value, over bitsandbytes' own offset and scales), which tuna's equal; its CPU kernel's
     approximate search picks a neighbour for 0.1-0.2% of blocks (check_nf4.py)."""
     import bitsandbytes.functional as F
+    from transformers.pytorch_utils import Conv1D
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".layers." not in name or p.dim() != 2 or "lora_" in name:
+            in_layer = any(part in name for part in (".layers.", ".layer.", ".h."))
+            if not in_layer or p.dim() != 2 or "lora_" in name:
                 continue
-            w = p.data.float().contiguous()
+            # GPT-2's Conv1D weight is [in, out]: transformers transposes it for bitsandbytes.
+            conv1d = isinstance(model.get_submodule(name.rsplit(".", 1)[0]), Conv1D)
+            w = (p.data.float().T if conv1d else p.data.float()).contiguous()
             q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
             packed = q.reshape(-1)
             codes = torch.stack([(packed >> 4) & 15, packed & 15], 1).reshape(-1).long()
@@ -60,7 +65,8 @@ def round_through_nf4(model, double_quant):
                 nearest = torch.bucketize(scaled, (code8[:-1] + code8[1:]) / 2)
                 absmax = code8[nearest] * s2.absmax[idx] + state.offset
             levels = state.code[codes] * absmax.float().repeat_interleave(64)[: codes.numel()]
-            p.copy_(levels[: w.numel()].reshape(p.shape))
+            rebuilt = levels[: w.numel()].reshape(w.shape)
+            p.copy_(rebuilt.T if conv1d else rebuilt)
 
 
 def main():

@@ -2,7 +2,9 @@
 # Memory benchmark (issue 13): the memory planner's estimate (tuna_core::memory) against the
 # peak tuna-trainer really reaches, for the same model, batches and method.
 #
-#   scripts/bench-memory.sh [--out DIR] [--threads T]
+#   scripts/bench-memory.sh [--out DIR] [--threads T] [--only REGEX]
+#
+# --only runs the cases whose line below matches REGEX (grep -E), e.g. --only 'gpt2.*checkpointing'.
 #
 # Each case prepares a model and pre-tokenised batches with python/bench_train_peer.py (GPT-2
 # 124M, SmolLM-135M's Llama shape, a 12-layer Llama-style decoder or all-MiniLM-L6-v2; random
@@ -18,11 +20,13 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=target/bench/memory
 THREADS=2
+ONLY=
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --only) ONLY=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -39,6 +43,8 @@ CASES=(
   "gpt2 2 256"
   "gpt2 4 256"
   "gpt2 2 512"
+  "gpt2 2 512 --gradient-checkpointing"
+  "gpt2 2 256 --lora-r 16 --quantization nf4"
   "varlen 8 512"
   "llama 2 256"
   "llama 4 256"
@@ -53,9 +59,11 @@ CASES=(
   "llama 4 256 --lora-r 16"
   "llama 4 256 --lora-r 16 --lora-dropout 0.05"
   "minilm-fixed 32 128"
+  "minilm-fixed 32 128 --gradient-checkpointing"
   "minilm 32 128"
 )
 for c in "${CASES[@]}"; do
+  if [ -n "$ONLY" ] && ! grep -qE -- "$ONLY" <<<"$c"; then continue; fi
   read -r kind batch len extra <<<"$c"
   dir=$OUT/$kind-$batch-$len
   if [ ! -f "$dir/batches.json" ]; then

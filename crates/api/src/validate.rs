@@ -143,13 +143,6 @@ async fn check_with(
         return Ok(Some(Err(e)));
     }
     if let Some(hf) = hf {
-        let refusal = (!hf.arch.facts().supports_gradient_checkpointing())
-            .then(|| spec.needs_checkpointing(hf.model_type()))
-            .flatten();
-        if let Some(e) = refusal {
-            let param = e.param.as_deref().unwrap_or_default();
-            return Ok(Some(Err(fail("invalid_hyperparameters", param, e.message))));
-        }
         let workers = st.fit.workers(&st.db).await?;
         if let Err(e) = crate::fit::check(hf, spec, &workers) {
             return Ok(Some(Err(e)));

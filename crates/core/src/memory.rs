@@ -8,16 +8,20 @@
 //!   under QLoRA the layers' linear weights in NF4 ([`NF4_BYTES_PER_PARAM`],
 //!   [`NF4_DQ_BYTES_PER_PARAM`]) and, at the peak, one layer's of them dequantised in the base
 //!   dtype (kept for its backward while it runs again);
-//! - **gradients** and **optimizer** state: fp32, 4 and 8 bytes (AdamW's two moments) per
-//!   trainable parameter;
+//! - **gradients** and **optimizer** state: fp32, 4 and 8 bytes (AdamW's two moments; 4 with
+//!   `optimizer_moments` bf16) per trainable parameter;
 //! - **activations**: per layer and token, [`ArchFacts::activation_bytes_per_width`] bytes per
 //!   unit of `hidden_size + intermediate_size` (measured per family), plus what each LoRA adapter
 //!   keeps of its input (its dropout copy and mask), plus the attention scores where they are
 //!   materialised (on CPU, with attention dropout ([`ArchFacts::cpu_attention_keeps_scores`]):
 //!   every head keeps about [`ATTENTION_SCORE_BYTES`] per query and key; CPU's fused kernel
 //!   without dropout and CUDA's fused kernels keep none); halved in bf16;
-//! - with **activation checkpointing**, instead: each layer's input (`hidden_size` fp32 values
-//!   per token and layer) and one layer's activations while it runs again in the backward;
+//! - with **activation checkpointing**, instead: each layer's input (`hidden_size` values per
+//!   token and layer), one layer's activations, and then the larger of two later peaks: the
+//!   loss's backward (the logits below) or a layer's backward as it runs again, when its
+//!   activations' gradients add to its activations ([`CHECKPOINTED_LAYER_COPIES`] of one layer
+//!   in all; the peak of a model without an LM head, measured with MiniLM; BENCHMARKS.md,
+//!   memory);
 //! - **logits**: causal LM keeps `[tokens, vocab]` three times in fp32 (the logits, their log
 //!   softmax and its gradient), 4.5 times with checkpointing (the peak is then in the loss's
 //!   backward);
@@ -32,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::hf_config::{ArchFacts, HfConfig};
-use crate::spec::{JobSpec, Lora, Precision, Quantization, Task, TrainingType};
+use crate::spec::{JobSpec, Lora, Moments, Precision, Quantization, Task, TrainingType};
 
 /// libtorch's resident memory before any model (CPU), measured with the benchmark's runs.
 pub const CPU_RUNTIME_BYTES: u64 = 550 << 20;
@@ -49,6 +53,10 @@ const LORA_INPUT_BYTES_DROPOUT: f64 = 10.8;
 /// gradient), and with activation checkpointing (measured with the Llama cases, 2 x 512).
 const LOGIT_COPIES: f64 = 3.0;
 const CHECKPOINTED_LOGIT_COPIES: f64 = 4.5;
+/// One layer's activations and their gradients, live while the checkpointed backward runs the
+/// layer again: two copies of what the layer keeps (measured with MiniLM, 32 x 128, where no LM
+/// head's logits hide this peak: one copy planned 0.77 of the measured peak, two 0.96).
+pub const CHECKPOINTED_LAYER_COPIES: f64 = 2.0;
 /// Without dropout an adapter keeps only its input.
 const LORA_INPUT_BYTES: f64 = 4.0;
 /// NF4's bytes per stored parameter: a 4-bit code each, and an fp32 absmax per block of 64.
@@ -135,18 +143,12 @@ pub fn estimate_with(
     if accelerator == Accelerator::Cpu && f.cpu_attention_keeps_scores() {
         one_layer += micro_batch as f64 * heads * (seq * seq) as f64 * ATTENTION_SCORE_BYTES;
     }
-    let mut activations = if checkpointing(hf, spec) {
-        // Each layer's input (fp32), and one layer's activations while it runs again.
-        layers * tokens * hidden * 4.0 + one_layer
-    } else {
-        layers * one_layer
-    };
     if bf16 {
-        activations /= 2.0;
+        one_layer /= 2.0;
     }
     // With checkpointing the peak moves to the loss's backward, where the logits, their log
     // softmax and both gradients are live at once: 4.5 copies measured (BENCHMARKS.md, memory).
-    let logit_copies = if checkpointing(hf, spec) {
+    let logit_copies = if checkpointing(spec) {
         CHECKPOINTED_LOGIT_COPIES
     } else {
         LOGIT_COPIES
@@ -155,12 +157,27 @@ pub fn estimate_with(
         Task::CausalLm => tokens * d.vocab_size as f64 * 4.0 * logit_copies,
         Task::SequenceClassification => 0.0,
     };
+    let activations = if checkpointing(spec) {
+        // Each layer's input (in the compute kind), one layer's activations, and the larger of
+        // the two later peaks: the loss's backward (the logits, counted apart) or a layer's
+        // backward as it runs again, its activations' gradients on top of its activations
+        // (CHECKPOINTED_LAYER_COPIES of one layer in all).
+        let inputs = layers * tokens * hidden * if bf16 { 2.0 } else { 4.0 };
+        let layer_peak = (CHECKPOINTED_LAYER_COPIES - 1.0) * one_layer;
+        inputs + one_layer + (layer_peak - logits).max(0.0)
+    } else {
+        layers * one_layer
+    };
     let runtime = match accelerator {
         Accelerator::Cpu => CPU_RUNTIME_BYTES,
         Accelerator::Cuda => CUDA_RUNTIME_BYTES,
     };
     let (activations, logits) = (activations as u64, logits as u64);
-    let (gradients, optimizer) = (trainable * 4, trainable * 8);
+    let moment_bytes = match spec.optimizer_moments {
+        Moments::Fp32 => 8,
+        Moments::Bf16 => 4,
+    };
+    let (gradients, optimizer) = (trainable * 4, trainable * moment_bytes);
     MemoryEstimate {
         accelerator,
         micro_batch,
@@ -175,9 +192,9 @@ pub fn estimate_with(
     }
 }
 
-/// Whether the job trains with activation checkpointing: asked for, and the family has it.
-pub fn checkpointing(hf: &HfConfig, spec: &JobSpec) -> bool {
-    spec.gradient_checkpointing == Some(true) && hf.arch.facts().supports_gradient_checkpointing()
+/// Whether the job trains with activation checkpointing.
+pub fn checkpointing(spec: &JobSpec) -> bool {
+    spec.gradient_checkpointing == Some(true)
 }
 
 /// [`estimate_with`] at the job's own micro-batch.
@@ -221,8 +238,8 @@ pub struct MethodFit {
 }
 
 /// Which methods fit which GPU memory sizes, for a model: full fine-tuning, LoRA (r 16 on
-/// every linear layer) and, where the family has gradient checkpointing, QLoRA (the same LoRA
-/// over an NF4 base) for the model's first task, at micro-batches of 1 (reach any batch
+/// every linear layer) and QLoRA (the same LoRA over an NF4 base, with gradient
+/// checkpointing) for the model's first task, at micro-batches of 1 (reach any batch
 /// with gradient accumulation) and 8 (the default batch without accumulation), sequences of
 /// the model's context length up to 2048 tokens (512 for encoders), the other knobs at their
 /// defaults.
@@ -235,13 +252,11 @@ pub fn fits_table(hf: &HfConfig) -> Vec<MethodFit> {
     let cap = if hf.is_decoder() { 2048 } else { 512 };
     let seq = hf.dims().context_length.clamp(8, cap);
     let mut rows = Vec::new();
-    let mut methods = vec![
+    let methods = [
         (None, Quantization::None),
         (Some(16u32), Quantization::None),
+        (Some(16), Quantization::Nf4),
     ];
-    if hf.arch.facts().supports_gradient_checkpointing() {
-        methods.push((Some(16), Quantization::Nf4));
-    }
     for (lora_r, quantization) in methods {
         let mut body = json!({"model": "m", "training_file": "f", "task": task.as_str(),
                               "max_seq_length": seq, "quantization": quantization});
@@ -273,7 +288,7 @@ pub fn fits_table(hf: &HfConfig) -> Vec<MethodFit> {
 }
 
 /// How the job runs in `available` bytes on `accelerator`: as it is when it fits; else, under
-/// `gradient_checkpointing: "auto"` where the family has it, with checkpointing; else (with
+/// `gradient_checkpointing: "auto"`, with checkpointing; else (with
 /// that too), under `batch_size: "auto"` (not [`JobSpec::fixed_batch_size`]), with the largest
 /// micro-batch that fits, reached with more gradient accumulation (the same effective batch, so
 /// the same optimiser steps). `Err`: it does not fit either way; the estimate of the job as
@@ -290,7 +305,7 @@ pub fn fit(
     }
     // `gradient_checkpointing: "auto"` turns it on first (the same micro-batches).
     let mut fitted = spec.clone();
-    if spec.gradient_checkpointing.is_none() && hf.arch.facts().supports_gradient_checkpointing() {
+    if spec.gradient_checkpointing.is_none() {
         fitted.gradient_checkpointing = Some(true);
         if estimate(hf, &fitted, accelerator).total_bytes <= available {
             return Ok(fitted);
@@ -403,7 +418,7 @@ pub fn does_not_fit(
 }
 
 /// Single changes to the job that fit in `available`: a smaller micro-batch with gradient
-/// accumulation (the same optimiser steps), activation checkpointing where the family has it,
+/// accumulation (the same optimiser steps), activation checkpointing, bf16 optimiser moments,
 /// LoRA instead of full fine-tuning (QLoRA where LoRA does not fit either), QLoRA instead of
 /// LoRA, a shorter `max_seq_length`.
 pub fn fitting_changes(
@@ -422,13 +437,23 @@ pub fn fitting_changes(
             gib(estimate_with(hf, spec, accelerator, smaller).total_bytes)
         ));
     }
-    if !checkpointing(hf, spec) && hf.arch.facts().supports_gradient_checkpointing() {
+    if !checkpointing(spec) {
         let mut ck = spec.clone();
         ck.gradient_checkpointing = Some(true);
         if fits(&ck, m) {
             out.push(format!(
                 "gradient_checkpointing true ({})",
                 gib(estimate_with(hf, &ck, accelerator, m).total_bytes)
+            ));
+        }
+    }
+    if spec.optimizer_moments == Moments::Fp32 {
+        let mut bf16 = spec.clone();
+        bf16.optimizer_moments = Moments::Bf16;
+        if fits(&bf16, m) {
+            out.push(format!(
+                "optimizer_moments bf16 ({})",
+                gib(estimate_with(hf, &bf16, accelerator, m).total_bytes)
             ));
         }
     }
@@ -448,13 +473,13 @@ pub fn fitting_changes(
                 "training_type lora (r 16 on every linear layer, {})",
                 gib(estimate_with(hf, &lora, accelerator, m).total_bytes)
             ));
-        } else if let Some(q) = qlora(hf, &lora).filter(|q| fits(q, m)) {
+        } else if let Some(q) = qlora(&lora).filter(|q| fits(q, m)) {
             out.push(format!(
                 "quantization nf4 (QLoRA: r 16 on every linear layer over a 4-bit base, with gradient checkpointing, {})",
                 gib(estimate_with(hf, &q, accelerator, m).total_bytes)
             ));
         }
-    } else if let Some(q) = qlora(hf, spec).filter(|q| fits(q, m)) {
+    } else if let Some(q) = qlora(spec).filter(|q| fits(q, m)) {
         out.push(format!(
             "quantization nf4 (QLoRA: the base in 4 bits, with gradient checkpointing, {})",
             gib(estimate_with(hf, &q, accelerator, m).total_bytes)
@@ -475,12 +500,12 @@ pub fn fitting_changes(
     out
 }
 
-/// A LoRA spec as QLoRA (NF4 with double quantisation, checkpointing on), where the family
-/// has checkpointing (NF4 needs it) and the spec is not QLoRA already.
-fn qlora(hf: &HfConfig, spec: &JobSpec) -> Option<JobSpec> {
+/// A LoRA spec as QLoRA (NF4 with double quantisation, checkpointing on), where the spec is
+/// not QLoRA already.
+fn qlora(spec: &JobSpec) -> Option<JobSpec> {
     let mut q = spec.clone();
     let lora = q.lora.as_mut()?;
-    if lora.nf4.is_some() || !hf.arch.facts().supports_gradient_checkpointing() {
+    if lora.nf4.is_some() {
         return None;
     }
     lora.nf4 = Some(crate::spec::Nf4 {
@@ -651,9 +676,36 @@ mod tests {
     }
 
     #[test]
+    fn bf16_moments_halve_the_optimizer_state_and_are_suggested_when_they_fit() {
+        let hf = gpt2_124m();
+        let fp32 = spec(json!({"max_seq_length": 256}));
+        let bf16 = spec(json!({"max_seq_length": 256, "optimizer_moments": "bf16"}));
+        let (a, b) = (
+            estimate(&hf, &fp32, Accelerator::Cpu),
+            estimate(&hf, &bf16, Accelerator::Cpu),
+        );
+        assert_eq!(a.optimizer_bytes, hf.num_parameters() as u64 * 8);
+        assert_eq!(b.optimizer_bytes * 2, a.optimizer_bytes);
+        assert_eq!(a.total_bytes - b.total_bytes, b.optimizer_bytes);
+        // Just short of the fp32 job: bf16 moments are one of the ways to fit.
+        let room = b.total_bytes + (a.total_bytes - b.total_bytes) / 2;
+        let fixes = fitting_changes(&hf, &fp32, Accelerator::Cpu, room);
+        assert!(
+            fixes
+                .iter()
+                .any(|f| f.starts_with("optimizer_moments bf16 (")),
+            "{fixes:?}"
+        );
+        assert!(fitting_changes(&hf, &bf16, Accelerator::Cpu, room)
+            .iter()
+            .all(|f| !f.starts_with("optimizer_moments")));
+    }
+
+    #[test]
     fn the_fits_table_answers_each_method_for_each_gpu_size() {
         let small = fits_table(&gpt2_124m());
-        assert_eq!(small.len(), 4);
+        // Full, LoRA and QLoRA, at micro-batches of 1 and 8.
+        assert_eq!(small.len(), 6);
         assert!(
             small.iter().all(|f| f.fits_gib["80"] && f.seq_len == 1024),
             "{small:?}"
@@ -752,17 +804,29 @@ mod tests {
             .find(|f| f.quantization == Quantization::Nf4 && f.micro_batch == 1)
             .unwrap();
         assert!(row.fits_gib["24"], "{row:?}");
-        // GPT-2 has no checkpointing in tuna, so no QLoRA either.
-        assert!(fits_table(&gpt2_124m())
-            .iter()
-            .all(|f| f.quantization == Quantization::None));
+        // Every family has checkpointing, so QLoRA rows too: GPT-2's NF4 base is smaller.
+        let gpt2 = fits_table(&gpt2_124m());
+        let total = |q: Quantization| {
+            gpt2.iter()
+                .find(|f| f.quantization == q && f.lora_r.is_some() && f.micro_batch == 1)
+                .unwrap()
+                .total_bytes
+        };
+        assert!(total(Quantization::Nf4) < total(Quantization::None));
     }
 
     #[test]
     fn batch_size_auto_splits_micro_batches_to_fit_and_a_given_batch_size_does_not() {
         let hf = gpt2_124m();
-        let auto = spec(json!({"max_seq_length": 1024, "hyperparameters": {"batch_size": "auto"}}));
-        let given = spec(json!({"max_seq_length": 1024, "hyperparameters": {"batch_size": 8}}));
+        // Checkpointing off, so that only the micro-batch can change.
+        let auto = spec(
+            json!({"max_seq_length": 1024, "gradient_checkpointing": false,
+                               "hyperparameters": {"batch_size": "auto"}}),
+        );
+        let given = spec(
+            json!({"max_seq_length": 1024, "gradient_checkpointing": false,
+                                "hyperparameters": {"batch_size": 8}}),
+        );
         assert!(!auto.fixed_batch_size && given.fixed_batch_size);
         let available = 6 << 30;
         assert!(estimate(&hf, &auto, Accelerator::Cpu).total_bytes > available);
@@ -801,7 +865,8 @@ mod tests {
             estimate(&llama, &plain, Accelerator::Cpu),
             estimate(&llama, &on, Accelerator::Cpu),
         );
-        // Inputs: 30 layers x 1024 tokens x 576 x 4 bytes, plus one layer's activations.
+        // Inputs: 30 layers x 1024 tokens x 576 x 4 bytes, plus one layer's activations (the
+        // logits' peak, 4.5 copies of 49152 values a token, is above a layer's backward).
         let inputs = 30 * 1024 * 576 * 4;
         assert_eq!(b.activations_bytes, inputs + a.activations_bytes / 30);
         assert_eq!(b.weights_bytes, a.weights_bytes);
@@ -819,19 +884,18 @@ mod tests {
                 .any(|f| f.starts_with("gradient_checkpointing true (")),
             "{fixes:?}"
         );
-        // GPT-2 has none in tuna: asking is ignored by the planner, never suggested.
+        // Asked for, it is planned: GPT-2 keeps one input per layer too.
         let g = gpt2_124m();
-        let mut ask = spec(json!({}));
+        let mut ask = spec(json!({"max_seq_length": 512}));
         ask.gradient_checkpointing = Some(true);
-        assert!(!checkpointing(&g, &ask));
-        assert_eq!(
+        assert!(checkpointing(&ask));
+        let (off, on) = (
+            estimate(&g, &spec(json!({"max_seq_length": 512})), Accelerator::Cpu),
             estimate(&g, &ask, Accelerator::Cpu),
-            estimate(&g, &spec(json!({})), Accelerator::Cpu)
         );
-        let none = fitting_changes(&g, &spec(json!({})), Accelerator::Cpu, 1 << 30);
         assert!(
-            none.iter().all(|f| !f.contains("checkpointing")),
-            "{none:?}"
+            on.activations_bytes < off.activations_bytes / 4,
+            "{on:?} {off:?}"
         );
     }
 }

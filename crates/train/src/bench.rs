@@ -58,6 +58,8 @@ pub struct BenchOptions {
     /// QLoRA (with `lora_r`): the base's layer linears in NF4, with or without double
     /// quantisation; checkpointing on, as a job has it.
     pub quantization: Option<Nf4Options>,
+    /// AdamW's moments in bf16 with stochastic rounding (`optimizer_moments: "bf16"`).
+    pub bf16_moments: bool,
     pub warmup: usize,
     pub steps: usize,
     pub learning_rate: f64,
@@ -251,12 +253,6 @@ impl<'a> Bench<'a> {
         let load_s = load_start.elapsed().as_secs_f64();
         let batches = features(&file, causal, model.info().vocab_size)?;
         let checkpointing = o.gradient_checkpointing || o.quantization.is_some();
-        if checkpointing && !model.supports_checkpointing() {
-            return Err(Error::Config(format!(
-                "--gradient-checkpointing (which --quantization needs): model type '{}' has none in tuna",
-                model.info().model_type
-            )));
-        }
         let mut cfg = step_config(model.as_ref(), &file, &batches, causal, o.packing);
         cfg.checkpointing = checkpointing;
         let params = flop_params(model.as_ref(), causal);
@@ -276,7 +272,7 @@ impl<'a> Bench<'a> {
     /// cycling through the batches.
     fn time_steps(&self) -> Result<Timed> {
         let (o, info) = (self.o, self.model.info());
-        let mut opt = trainer::optimiser(self.model.as_ref(), o.weight_decay)?;
+        let mut opt = trainer::optimiser(self.model.as_ref(), o.weight_decay, o.bf16_moments)?;
         let (_, _, n_mm, n_lora) = self.params;
         let mut t = Timed {
             times: Vec::with_capacity(o.steps),
@@ -391,6 +387,9 @@ impl<'a> Bench<'a> {
         if o.gradient_checkpointing {
             body["gradient_checkpointing"] = json!(true);
         }
+        if o.bf16_moments {
+            body["optimizer_moments"] = json!("bf16");
+        }
         if let Some(q) = o.quantization {
             body["quantization"] = json!("nf4");
             body["double_quantization"] = json!(q.double_quant);
@@ -432,6 +431,7 @@ impl<'a> Bench<'a> {
             "gradient_checkpointing": self.cfg.checkpointing,
             "quantization": if o.quantization.is_some() { "nf4" } else { "none" },
             "double_quantization": o.quantization.map(|q| q.double_quant),
+            "optimizer_moments": if o.bf16_moments { "bf16" } else { "fp32" },
             "held": t.held,
             "packing": if cfg.pack_len.is_some() { "packed rows" } else if cfg.group_overhead_tokens.is_some() { "length groups" } else { "none" },
             "batch_size": self.batches[0].len(),

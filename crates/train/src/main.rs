@@ -95,7 +95,7 @@ enum Cmd {
         /// Causal LM: pack each step's examples into rows of the file's max_len; classification: group them by length.
         #[arg(long)]
         packing: bool,
-        /// Activation checkpointing (the Llama-style decoders): each layer runs again in the backward.
+        /// Activation checkpointing: each layer runs again in the backward.
         #[arg(long)]
         gradient_checkpointing: bool,
         /// QLoRA with --lora-r: `nf4` stores the base's layer linears in 4-bit NF4 (checkpointing on).
@@ -104,6 +104,9 @@ enum Cmd {
         /// With --quantization nf4: keep the block absmaxes in fp32 (no double quantisation).
         #[arg(long)]
         no_double_quantization: bool,
+        /// AdamW's moments: fp32, or bf16 with stochastic rounding.
+        #[arg(long, value_parser = ["fp32", "bf16"], default_value = "fp32")]
+        optimizer_moments: String,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
         #[arg(long, default_value_t = 10)]
@@ -191,6 +194,7 @@ fn main() {
             gradient_checkpointing,
             quantization,
             no_double_quantization,
+            optimizer_moments,
             warmup,
             steps,
             lr,
@@ -220,6 +224,7 @@ fn main() {
                             double_quant: !no_double_quantization,
                         },
                     ),
+                    bf16_moments: optimizer_moments == "bf16",
                     warmup,
                     steps,
                     learning_rate: lr,

@@ -108,24 +108,15 @@ pub trait Model {
     }
     /// Logits as described by [`TaskHead`]. `train` turns dropout on.
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
-    /// Whether the architecture has [`Model::forward_backward_checkpointed`] (the Llama-style
-    /// decoders).
-    fn supports_checkpointing(&self) -> bool {
-        false
-    }
     /// Forward and backward of one batch with activation checkpointing: only each layer's
     /// input is kept through the forward, and each layer runs again in the backward.
     /// `backward` gets the logits, computes the loss and calls its backward.
     fn forward_backward_checkpointed(
         &self,
-        _batch: &Batch<'_>,
-        _train: bool,
-        _backward: &mut dyn FnMut(&Tensor) -> Result<()>,
-    ) -> Result<()> {
-        Err(crate::Error::Config(
-            "gradient checkpointing is not available for this architecture".into(),
-        ))
-    }
+        batch: &Batch<'_>,
+        train: bool,
+        backward: &mut dyn FnMut(&Tensor) -> Result<()>,
+    ) -> Result<()>;
     /// Encoders: `last_hidden_state [batch, seq, hidden]` in eval mode, as transformers' base
     /// model (`RobertaModel`, `DebertaV2Model`, ...) returns it; an error for decoders.
     fn last_hidden_state(&self, batch: &Batch<'_>) -> Result<Tensor>;

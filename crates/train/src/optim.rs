@@ -5,8 +5,11 @@
 //! correction, `eps` added after the corrected square root):
 //! `p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + g*((1-b2)*g);`
 //! p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
-//! Moments are fp32 whatever the parameter kind; a non-fp32 parameter is updated in fp32 and
-//! copied back. Weight decay is off for biases and normalisation weights (by name: ending in
+//! Moments are fp32 whatever the parameter kind, or, with [`AdamWConfig::bf16_moments`], bf16
+//! (4 bytes per trainable parameter instead of 8): each step reads them into fp32, updates them
+//! there and stores them back with stochastic rounding ([`round_bf16_stochastic`]), since with
+//! round-to-nearest `0.999 * v` rounds back to `v` in bf16's 8-bit mantissa and the second
+//! moment stops decaying. A non-fp32 parameter is updated in fp32 and copied back. Weight decay is off for biases and normalisation weights (by name: ending in
 //! `bias`, or containing `norm` or `ln_`), like transformers' Trainer.
 //!
 //! Everything runs under `no_grad` with in-place ops and no host synchronisation; the only sync of
@@ -26,6 +29,8 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Keep both moments in bf16 with stochastic rounding instead of fp32.
+    pub bf16_moments: bool,
 }
 
 impl Default for AdamWConfig {
@@ -35,6 +40,7 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            bf16_moments: false,
         }
     }
 }
@@ -54,6 +60,33 @@ pub struct AdamW {
     pub step: i64,
 }
 
+impl AdamWConfig {
+    /// The kind the moments are stored in.
+    pub fn moment_kind(&self) -> Kind {
+        if self.bf16_moments {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        }
+    }
+}
+
+/// `x` (fp32) rounded to bf16 stochastically: up in magnitude with probability equal to the
+/// fraction of a bf16 step the dropped low 16 bits of its fp32 pattern make, so that the
+/// rounded value's expectation is `x`. Adds uniform noise below bit 16 of the bit pattern and
+/// truncates, which is exact for either sign (the pattern is sign and magnitude); the truncated
+/// fp32 value converts to bf16 without rounding. Draws from libtorch's generator. Written here
+/// because libtorch has no stochastic-rounding conversion.
+pub fn round_bf16_stochastic(x: &Tensor) -> Result<Tensor> {
+    let bits = x.f_contiguous()?.f_view_dtype(Kind::Int)?;
+    let noise = Tensor::f_randint_low(0, 1 << 16, x.size(), (Kind::Int, x.device()))?;
+    Ok(bits
+        .f_add(&noise)?
+        .f_bitwise_and(-(1i64 << 16))?
+        .f_view_dtype(Kind::Float)?
+        .f_to_kind(Kind::BFloat16)?)
+}
+
 /// Whether weight decay applies to a parameter, by its name.
 pub fn decays(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
@@ -63,8 +96,9 @@ pub fn decays(name: &str) -> bool {
 impl AdamW {
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Result<AdamW> {
         let mut slots = Vec::with_capacity(params.len());
+        let kind = config.moment_kind();
         for (name, param) in params {
-            let zeros = || Tensor::f_zeros_like(&param).and_then(|z| z.f_to_kind(Kind::Float));
+            let zeros = || Tensor::f_zeros_like(&param).and_then(|z| z.f_to_kind(kind));
             slots.push(Slot {
                 decay: decays(&name),
                 exp_avg: zeros()?,
@@ -174,19 +208,30 @@ impl AdamW {
             if s.decay && c.weight_decay != 0.0 {
                 let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
             }
-            let _ = s.exp_avg.f_lerp_(&g, 1.0 - c.beta1)?;
-            let _ = s.exp_avg_sq.f_mul_scalar_(c.beta2)?;
-            let _ = s
-                .exp_avg_sq
-                .f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
+            // bf16 moments are updated in fp32 copies, stored back after the update.
+            let (mut m, mut v) = if c.bf16_moments {
+                (
+                    s.exp_avg.f_to_kind(Kind::Float)?,
+                    s.exp_avg_sq.f_to_kind(Kind::Float)?,
+                )
+            } else {
+                (s.exp_avg.shallow_clone(), s.exp_avg_sq.shallow_clone())
+            };
+            let _ = m.f_lerp_(&g, 1.0 - c.beta1)?;
+            let _ = v.f_mul_scalar_(c.beta2)?;
+            let _ = v.f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
             // p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps), computed as
             // p += m / ((sqrt(v) + eps * sqrt(bc2)) * -1 / (step_size * sqrt(bc2))): the same value in
             // four passes over memory instead of six.
             if step_size != 0.0 {
-                let mut denom = s.exp_avg_sq.f_sqrt()?;
+                let mut denom = v.f_sqrt()?;
                 let _ = denom.f_add_scalar_(c.eps * bc2_sqrt)?;
                 let _ = denom.f_mul_scalar_(-1.0 / (step_size * bc2_sqrt))?;
-                let _ = p.f_addcdiv_(&s.exp_avg, &denom)?;
+                let _ = p.f_addcdiv_(&m, &denom)?;
+            }
+            if c.bf16_moments {
+                s.exp_avg.f_copy_(&round_bf16_stochastic(&m)?)?;
+                s.exp_avg_sq.f_copy_(&round_bf16_stochastic(&v)?)?;
             }
             if !fp32 {
                 s.param.f_copy_(&p)?;
@@ -256,6 +301,69 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stochastic_rounding_is_unbiased_and_lands_on_neighbouring_bf16_values() {
+        tch::manual_seed(0);
+        // 1 + 2^-10 lies a quarter of a bf16 step (2^-7 at 1.0) above 1.0, and -3.3 between
+        // two bf16 neighbours.
+        for x in [1.0f32 + 2f32.powi(-10), -3.3] {
+            let t = Tensor::full([200_000], f64::from(x), (Kind::Float, tch::Device::Cpu));
+            let r = round_bf16_stochastic(&t).unwrap();
+            assert_eq!(r.kind(), Kind::BFloat16);
+            let r = r.to_kind(Kind::Float);
+            let (lo, hi) = (
+                f64::try_from(r.min()).unwrap(),
+                f64::try_from(r.max()).unwrap(),
+            );
+            let nearest =
+                f64::try_from(t.to_kind(Kind::BFloat16).to_kind(Kind::Float).max()).unwrap();
+            assert!(lo < f64::from(x) && f64::from(x) < hi, "{lo} {x} {hi}");
+            assert!(lo == nearest || hi == nearest, "{lo} {hi} {nearest}");
+            let mean = f64::try_from(r.mean(Kind::Double)).unwrap();
+            let step = hi - lo;
+            assert!(
+                (mean - f64::from(x)).abs() < 0.01 * step,
+                "{x}: mean {mean} (step {step})"
+            );
+        }
+        // Values bf16 holds exactly stay as they are.
+        let exact = Tensor::from_slice(&[0.0f32, 1.0, -2.5, 0.15625]);
+        let r = round_bf16_stochastic(&exact).unwrap().to_kind(Kind::Float);
+        assert_eq!(
+            Vec::<f32>::try_from(&r).unwrap(),
+            vec![0.0, 1.0, -2.5, 0.15625]
+        );
+    }
+
+    #[test]
+    fn bf16_moments_keep_decaying_where_round_to_nearest_would_stall() {
+        // A gradient that stops: v should decay as 0.999^t. Stored with round-to-nearest bf16,
+        // 0.999 * v rounds back to v; stochastic rounding keeps the decay on average.
+        let p = Tensor::zeros([50_000], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let cfg = AdamWConfig {
+            bf16_moments: true,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], cfg).unwrap();
+        tch::manual_seed(1);
+        let mut grad = p.grad();
+        assert!(!grad.defined());
+        // One step with gradient 1, then 500 with gradient 0.
+        let ones = Tensor::ones([50_000], (Kind::Float, tch::Device::Cpu));
+        (&p * &ones).sum(Kind::Float).backward();
+        opt.step(1e-3).unwrap();
+        grad = p.grad();
+        let _ = grad.zero_();
+        for _ in 0..500 {
+            opt.step(1e-3).unwrap();
+        }
+        let v = opt.slots[0].exp_avg_sq.to_kind(Kind::Float);
+        let mean = f64::try_from(v.mean(Kind::Double)).unwrap();
+        let want = 0.001 * 0.999f64.powi(500);
+        assert!((mean / want - 1.0).abs() < 0.01, "v {mean} vs {want}");
+        assert_eq!(opt.slots[0].exp_avg_sq.kind(), Kind::BFloat16);
+    }
 
     #[test]
     fn no_decay_names() {

@@ -622,12 +622,13 @@ pub fn train(
     }
 }
 
-/// AdamW over the model's trainable parameters.
-pub(crate) fn optimiser(model: &dyn Model, weight_decay: f64) -> Result<AdamW> {
+/// AdamW over the model's trainable parameters, its moments in fp32 or (`bf16_moments`) bf16.
+pub(crate) fn optimiser(model: &dyn Model, weight_decay: f64, bf16_moments: bool) -> Result<AdamW> {
     AdamW::new(
         model.trainable_parameters(),
         AdamWConfig {
             weight_decay,
+            bf16_moments,
             ..Default::default()
         },
     )
@@ -673,11 +674,6 @@ fn load_model_and_tokenizer(
     };
     let opts = load_options(inputs.spec, inputs.device, task);
     let model = guarded(|| crate::models::load_model(inputs.model_dir, &opts))?;
-    if !model.supports_checkpointing() {
-        if let Some(e) = inputs.spec.needs_checkpointing(&model.info().model_type) {
-            return Err(Error::Config(e.message));
-        }
-    }
     let tok = Tok::load(inputs.model_dir, model.info().is_decoder)?;
     Ok((model, tok))
 }
@@ -924,7 +920,8 @@ impl<'a> Run<'a> {
         resume: Option<&Resume>,
     ) -> Result<Run<'a>> {
         let spec = inputs.spec;
-        let mut opt = optimiser(job.model, spec.weight_decay)?;
+        let bf16_moments = spec.optimizer_moments == tuna_core::spec::Moments::Bf16;
+        let mut opt = optimiser(job.model, spec.weight_decay, bf16_moments)?;
         let schedule = Schedule::new(
             spec.lr_scheduler,
             spec.learning_rate,

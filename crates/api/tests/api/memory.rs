@@ -148,18 +148,26 @@ async fn a_model_says_which_methods_fit_which_gpu_sizes() {
         .expect("memory table");
     let expected = serde_json::to_value(memory::fits_table(&gpt2())).unwrap();
     assert_eq!(&Value::Array(rows.clone()), &expected);
-    let methods: Vec<(&str, u64)> = rows
+    let methods: Vec<(&str, &str, u64)> = rows
         .iter()
         .map(|r| {
             (
                 r["training_type"].as_str().unwrap(),
+                r["quantization"].as_str().unwrap(),
                 r["micro_batch"].as_u64().unwrap(),
             )
         })
         .collect();
     assert_eq!(
         methods,
-        [("full", 1), ("full", 8), ("lora", 1), ("lora", 8)]
+        [
+            ("full", "none", 1),
+            ("full", "none", 8),
+            ("lora", "none", 1),
+            ("lora", "none", 8),
+            ("lora", "nf4", 1),
+            ("lora", "nf4", 8)
+        ]
     );
     for r in rows {
         let gib: Vec<&String> = r["fits_gib"].as_object().unwrap().keys().collect();
@@ -177,25 +185,11 @@ async fn a_model_says_which_methods_fit_which_gpu_sizes() {
 }
 
 #[tokio::test]
-async fn gradient_checkpointing_is_refused_where_the_model_has_none() {
+async fn gradient_checkpointing_is_a_knob_of_every_family() {
     let app = spawn_app().await;
     let file = app.upload_ok("t.jsonl", CHAT).await;
-    let job = create(
-        &app,
-        json!({"model": "gpt2", "training_file": file, "gradient_checkpointing": true}),
-    )
-    .await;
-    assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["error"]["param"], "gradient_checkpointing");
-    assert!(
-        job["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("gradient_checkpointing is not available for model type 'gpt2' yet"),
-        "{job}"
-    );
-    // "auto" is accepted (and echoed), and so is false.
-    for value in [json!("auto"), json!(false)] {
+    // true, "auto" and false are accepted and echoed.
+    for value in [json!(true), json!("auto"), json!(false)] {
         let job = create(
             &app,
             json!({"model": "gpt2", "training_file": file, "gradient_checkpointing": value}),
@@ -210,7 +204,39 @@ async fn gradient_checkpointing_is_refused_where_the_model_has_none() {
 }
 
 #[tokio::test]
-async fn qlora_runs_on_models_with_checkpointing_and_is_refused_elsewhere() {
+async fn bf16_optimizer_moments_are_echoed_and_planned_at_half_the_state() {
+    let app = spawn_app().await;
+    let file = app.upload_ok("t.jsonl", CHAT).await;
+    let plain = create(&app, json!({"model": "gpt2", "training_file": file})).await;
+    let bf16 = create(
+        &app,
+        json!({"model": "gpt2", "training_file": file, "optimizer_moments": "bf16"}),
+    )
+    .await;
+    assert_eq!(bf16["status"], "queued", "{bf16}");
+    let hp = |j: &Value| j["method"]["supervised"]["hyperparameters"].clone();
+    assert_eq!(hp(&bf16)["optimizer_moments"], "bf16", "{bf16}");
+    assert!(hp(&plain).get("optimizer_moments").is_none(), "{plain}");
+    let state = |j: &Value| {
+        j["memory_estimate"]["cuda"]["optimizer_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(2 * state(&bf16), state(&plain), "{bf16} {plain}");
+    let (status, body) = json(
+        app.post_json(
+            "/v1/fine_tuning/jobs",
+            &json!({"model": "gpt2", "training_file": file, "optimizer_moments": "fp16"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "optimizer_moments", "{body}");
+}
+
+#[tokio::test]
+async fn qlora_is_a_lora_job_over_an_nf4_base_with_checkpointing() {
     let app = spawn_app().await;
     let file = app.upload_ok("t.jsonl", CHAT).await;
     let gpt2 = create(
@@ -218,13 +244,9 @@ async fn qlora_runs_on_models_with_checkpointing_and_is_refused_elsewhere() {
         json!({"model": "gpt2", "training_file": file, "quantization": "nf4"}),
     )
     .await;
-    assert_eq!(gpt2["status"], "failed", "{gpt2}");
-    assert_eq!(gpt2["error"]["param"], "quantization");
-    assert!(
-        gpt2["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("quantization 'nf4' is not available for model type 'gpt2' yet: QLoRA needs gradient checkpointing"),
+    assert_eq!(gpt2["status"], "queued", "{gpt2}");
+    assert_eq!(
+        gpt2["method"]["supervised"]["hyperparameters"]["gradient_checkpointing"], true,
         "{gpt2}"
     );
     // Not LoRA: a 400 naming the knob, and no job.

@@ -181,9 +181,6 @@ impl<T: DecoderFacts> ArchFacts for T {
     fn cpu_attention_keeps_scores(&self) -> bool {
         self.attention_dropout() > 0.0
     }
-    fn supports_gradient_checkpointing(&self) -> bool {
-        true
-    }
     fn freeze_patterns(&self) -> &'static [&'static str] {
         FREEZE_PATTERNS
     }

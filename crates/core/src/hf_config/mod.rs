@@ -206,11 +206,6 @@ pub trait ArchFacts {
     fn cpu_attention_keeps_scores(&self) -> bool {
         true
     }
-    /// Whether tuna's trainer has activation checkpointing for the family (the Llama-style
-    /// decoders).
-    fn supports_gradient_checkpointing(&self) -> bool {
-        false
-    }
 }
 
 /// The sizes every family has, under the family's own key names in config.json.

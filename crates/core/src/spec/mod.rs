@@ -60,6 +60,23 @@ pub enum Precision {
     Bf16,
 }
 
+/// The `optimizer_moments` knob: the dtype AdamW keeps its two moments in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Moments {
+    /// 8 bytes per trainable parameter.
+    #[default]
+    Fp32,
+    /// 4 bytes per trainable parameter, stored with stochastic rounding.
+    Bf16,
+}
+
+impl Moments {
+    fn is_fp32(&self) -> bool {
+        *self == Moments::Fp32
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Device {
@@ -192,6 +209,9 @@ pub struct JobSpec {
     /// otherwise ([`crate::memory::fit`]), where the architecture has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
+    /// AdamW's moments in fp32 or bf16 (absent in specs stored before the knob: fp32).
+    #[serde(default, skip_serializing_if = "Moments::is_fp32")]
+    pub optimizer_moments: Moments,
 }
 
 /// A request that cannot be accepted: `param` names the offending field.
@@ -288,6 +308,9 @@ pub struct MethodHyperparameters<'a> {
     /// With `quantization` nf4 only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub double_quantization: Option<bool>,
+    /// Said when bf16.
+    #[serde(skip_serializing_if = "Moments::is_fp32")]
+    pub optimizer_moments: Moments,
 }
 
 /// The `method` object as returned: `{"type": "supervised", "supervised": {"hyperparameters": ...}}`.
@@ -307,22 +330,6 @@ impl JobSpec {
     /// Whether the frozen base is stored in NF4 (QLoRA).
     pub fn nf4(&self) -> Option<Nf4> {
         self.lora.as_ref().and_then(|l| l.nf4)
-    }
-
-    /// On a model of `model_type` that has no gradient checkpointing: the error for the knob
-    /// that needs it (`quantization` nf4, then `gradient_checkpointing: true`), if any. The API
-    /// fails such a job at validation, the trainer again before it trains.
-    pub fn needs_checkpointing(&self, model_type: &str) -> Option<SpecError> {
-        if self.nf4().is_some() {
-            return Some(SpecError::new(
-                "quantization",
-                format!("quantization 'nf4' is not available for model type '{model_type}' yet: QLoRA needs gradient checkpointing, which the Llama-style decoders have; use LoRA over the unquantised base (quantization 'none')"),
-            ));
-        }
-        (self.gradient_checkpointing == Some(true)).then(|| SpecError::new(
-            "gradient_checkpointing",
-            format!("gradient_checkpointing is not available for model type '{model_type}' yet (the Llama-style decoders have it): set it to false or \"auto\""),
-        ))
     }
 
     /// OpenAI's `hyperparameters` object, resolved.
@@ -375,6 +382,7 @@ impl JobSpec {
                 None => Quantization::None,
             }),
             double_quantization: lora.and_then(|l| l.nf4).map(|q| q.double_quantization),
+            optimizer_moments: self.optimizer_moments,
         }
     }
 

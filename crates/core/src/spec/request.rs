@@ -18,8 +18,8 @@ use serde_aux::serde_introspection::serde_introspect;
 use serde_json::{Map, Value};
 
 use super::{
-    check_dataset_url, CreateRequest, Device, Freeze, JobSpec, Lora, LrSchedule, Nf4, Precision,
-    Quantization, SpecError, SpecPolicy, Task, TrainingType,
+    check_dataset_url, CreateRequest, Device, Freeze, JobSpec, Lora, LrSchedule, Moments, Nf4,
+    Precision, Quantization, SpecError, SpecPolicy, Task, TrainingType,
 };
 
 /// OpenAI's top-level fields (the knobs of [`Knobs`] may stand at the top level too).
@@ -76,6 +76,7 @@ struct Knobs {
     merge_lora: Knob<bool>,
     packing: Knob<bool>,
     gradient_checkpointing: Knob<bool>,
+    optimizer_moments: Knob<Choice<Moments>>,
     precision: Knob<Choice<Precision>>,
     device: Knob<Choice<Device>>,
     log_interval: Knob<Int>,
@@ -734,6 +735,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         log_interval,
         fixed_batch_size: k.batch_size.is_given() && !matches!(k.batch_size.given, Given::Auto),
         gradient_checkpointing,
+        optimizer_moments: k.optimizer_moments.choice(Moments::Fp32, false)?,
     };
     Ok((spec, priority))
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use tuna_core::hf_config::{BertConfig, HfConfig};
 
-use super::{encoder_labels, read_config, unpacked, Architecture, Builder, Core, Net};
+use super::{encoder_labels, pass, read_config, unpacked, Architecture, Builder, Core, Net};
 use crate::freeze::Role;
 use crate::layers::{
     activation, all_real, dropout, embedding, padding_mask, sdpa, AttnMask, Fwd, LayerNorm, Linear,
@@ -226,21 +226,20 @@ impl BertEncoder {
         })
     }
 
-    /// `last_hidden_state [b, t, d]` for positions `position_ids` (`[b or 1, t]`) and token types
-    /// `token_types` (zeros when None).
-    pub(super) fn forward(
+    /// The embeddings for positions `position_ids` (`[b or 1, t]`) and token types
+    /// `token_types` (zeros when None), and what the layers read.
+    pub(super) fn embed(
         &self,
         core: &Core,
         batch: &Batch<'_>,
         position_ids: &Tensor,
         token_types: Option<&Tensor>,
         train: bool,
-    ) -> Result<Tensor> {
+    ) -> Result<(EncoderPass, Tensor)> {
         let f = Fwd {
             kind: core.compute_kind,
             train,
         };
-        let c = &self.spec;
         let t = batch.input_ids.size()[1];
         let mut h = embedding(&self.word, batch.input_ids, f.kind)?.f_add(&embedding(
             &self.position,
@@ -258,14 +257,27 @@ impl BertEncoder {
             };
             h = h.f_add(&tt)?;
         }
-        let mut h = dropout(self.emb_ln.forward(&h)?, c.dropout, train)?;
+        let h = dropout(self.emb_ln.forward(&h)?, self.spec.dropout, train)?;
         let mask = padding_mask(batch.attention_mask, all_real(batch.attention_mask)?)?;
-        for l in &self.layers {
-            let ctx = self_attention(l, &h, &mask, c.heads, c.attn_dropout, f)?;
-            h = l.finish(&h, &ctx, &c.act, &c.layer_dropout, f)?;
-        }
-        Ok(h)
+        Ok((EncoderPass { f, mask }, h))
     }
+
+    pub(super) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Layer `i` on `h`.
+    pub(super) fn layer(&self, i: usize, h: &Tensor, p: &EncoderPass) -> Result<Tensor> {
+        let (c, l) = (&self.spec, &self.layers[i]);
+        let ctx = self_attention(l, h, &p.mask, c.heads, c.attn_dropout, p.f)?;
+        l.finish(h, &ctx, &c.act, &c.layer_dropout, p.f)
+    }
+}
+
+/// What the layers of a [`BertEncoder`] read in one pass.
+pub struct EncoderPass {
+    pub(super) f: Fwd,
+    mask: AttnMask,
 }
 
 pub struct Bert {
@@ -331,18 +343,14 @@ fn build_net(
 impl Bert {
     /// `last_hidden_state [b, t, d]` and `pooler_output [b, d]`.
     fn encode(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(Tensor, Tensor)> {
-        let (_, t) = core.check_batch(batch, Some(self.cfg.max_position_embeddings))?;
-        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
-        let h = self
-            .encoder
-            .forward(core, batch, &pos, batch.token_type_ids, train)?;
-        let f = Fwd {
-            kind: core.compute_kind,
-            train,
-        };
-        let cls = h.f_select(1, 0)?;
-        let pooled = self.pooler.forward(&cls, f)?.f_tanh()?;
+        let (p, h) = pass::hidden(self, core, batch, train)?;
+        let pooled = self.pool(&h, &p)?;
         Ok((h, pooled))
+    }
+
+    /// The tanh pooler on `[CLS]`.
+    fn pool(&self, h: &Tensor, p: &EncoderPass) -> Result<Tensor> {
+        Ok(self.pooler.forward(&h.f_select(1, 0)?, p.f)?.f_tanh()?)
     }
 }
 
@@ -381,19 +389,29 @@ impl Architecture for Bert {
     }
 
     fn last_hidden_state(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        Ok(self.encode(core, batch, train)?.0)
+        Ok(pass::hidden(self, core, batch, train)?.1)
     }
 
-    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+    type Pass = EncoderPass;
+
+    fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(EncoderPass, Tensor)> {
         unpacked(batch, "BERT")?;
-        let (_, pooled) = self.encode(core, batch, train)?;
-        let pooled = dropout(pooled, self.classifier_dropout, train)?;
-        self.classifier.forward(
-            &pooled,
-            Fwd {
-                kind: core.compute_kind,
-                train,
-            },
-        )
+        let (_, t) = core.check_batch(batch, Some(self.cfg.max_position_embeddings))?;
+        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
+        self.encoder
+            .embed(core, batch, &pos, batch.token_type_ids, train)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.encoder.num_layers()
+    }
+
+    fn layer(&self, i: usize, h: &Tensor, p: &EncoderPass) -> Result<Tensor> {
+        self.encoder.layer(i, h, p)
+    }
+
+    fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &EncoderPass) -> Result<Tensor> {
+        let pooled = dropout(self.pool(h, p)?, self.classifier_dropout, p.f.train)?;
+        self.classifier.forward(&pooled, p.f)
     }
 }

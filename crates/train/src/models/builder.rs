@@ -157,12 +157,17 @@ impl<'a> Builder<'a> {
         let trainable = self.plan.trainable(&wname, role);
         let kind = self.kind_for(trainable);
         // QLoRA stores a frozen linear in NF4, read in fp32 one weight at a time, with a
-        // zero-stride placeholder of its shape where the weight would be.
-        let nf4 = match self.quantization.filter(|_| !trainable && !conv1d) {
+        // zero-stride placeholder of its shape where the weight would be. A Conv1D weight is
+        // quantised as `[out, in]`, as transformers transposes it for bitsandbytes.
+        let nf4 = match self.quantization.filter(|_| !trainable) {
             Some(q) => {
-                let w = self
-                    .ld
-                    .base(&format!("{rel}.weight"), &[out_f, in_f], Kind::Float)?;
+                let name = format!("{rel}.weight");
+                let w = if conv1d {
+                    let w = self.ld.base(&name, &[in_f, out_f], Kind::Float)?;
+                    w.f_tr()?.f_contiguous()?
+                } else {
+                    self.ld.base(&name, &[out_f, in_f], Kind::Float)?
+                };
                 Some(Nf4Weight::quantize(&w, q.double_quant)?)
             }
             None => None,

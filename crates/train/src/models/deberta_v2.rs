@@ -20,7 +20,7 @@ use tch::{Device, Kind, Tensor};
 use tuna_core::hf_config::{DebertaV2Config, HfConfig};
 
 use super::bert::{EncoderLayer, LayerDropout, LayerNames};
-use super::{encoder_labels, unpacked, Architecture, Builder, Core, Net};
+use super::{encoder_labels, pass, unpacked, Architecture, Builder, Core, Net};
 use crate::freeze::Role;
 use crate::layers::{activation, cast, dropout, embedding, lowest, Fwd, LayerNorm, Linear};
 use crate::loader::Checkpoint;
@@ -181,13 +181,20 @@ fn score_scale(head_dim: i64, factor: i64, kind: Kind) -> Result<Tensor> {
         .f_to_kind(kind)?)
 }
 
+/// What every layer reads in one pass: the attention inputs and the real tokens `[b, t]`.
+pub struct Pass {
+    f: Fwd,
+    attn: AttnInputs,
+    real: Tensor,
+}
+
 /// What every layer's attention shares in one forward.
 struct AttnInputs {
     /// `[b, 1, t, t]`: both query and key are real tokens.
     mask: Tensor,
-    /// Relative positions `[t, t]` (query minus key, bucketed) and the relative embeddings
-    /// `[1, 2·span, d]`, when the model has relative attention.
-    rel: Option<(Tensor, Tensor)>,
+    /// Relative positions `[t, t]` (query minus key, bucketed), when the model has relative
+    /// attention. The relative embeddings are normed in each layer (see `relative_embeddings`).
+    rel_pos: Option<Tensor>,
 }
 
 impl DebertaV2 {
@@ -216,9 +223,9 @@ impl DebertaV2 {
         let hd = q.size()[3];
         let scale = score_scale(hd, self.scale_factor(), f.kind)?;
         let mut scores = q.f_matmul(&k.f_transpose(-1, -2)?.f_div(&scale)?)?;
-        if let (Some((rel_pos, rel_emb)), Some(r)) = (&a.rel, &c.relative) {
+        if let (Some(rel_pos), Some(r)) = (&a.rel_pos, &c.relative) {
             let span = r.att_span();
-            let rel_emb = dropout(rel_emb.shallow_clone(), c.hidden_dropout_prob, f.train)?;
+            let rel_emb = dropout(self.relative_embeddings(f)?, c.hidden_dropout_prob, f.train)?;
             let (pos_q, pos_k) = if c.share_att_key {
                 (Some(&b.query), Some(&b.key))
             } else {
@@ -266,6 +273,22 @@ impl DebertaV2 {
             .f_matmul(&v)?
             .f_permute([0, 2, 1, 3])?
             .f_reshape([s[0], s[1], -1])?)
+    }
+
+    /// The relative embeddings `[1, 2·span, d]` through their LayerNorm. transformers norms them
+    /// once per forward; tuna does it in each layer (the same values), so that a layer reads
+    /// nothing from the pass that holds a graph: the checkpointed backward runs each layer's
+    /// graph on its own.
+    fn relative_embeddings(&self, f: Fwd) -> Result<Tensor> {
+        let w = cast(
+            self.rel_embeddings.as_ref().expect("relative embeddings"),
+            f.kind,
+        )?;
+        let w = match &self.rel_ln {
+            Some(ln) => ln.forward(&w)?,
+            None => w,
+        };
+        Ok(w.f_unsqueeze(0)?)
     }
 
     /// Relative positions `[t, t]` as transformers' `build_relative_position`.
@@ -332,6 +355,13 @@ impl Architecture for DebertaV2 {
     }
 
     fn last_hidden_state(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        Ok(pass::hidden(self, core, batch, train)?.1)
+    }
+
+    type Pass = Pass;
+
+    fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(Pass, Tensor)> {
+        unpacked(batch, "DeBERTa")?;
         let c = &self.cfg;
         let max = c.position_biased_input.then_some(c.max_position_embeddings);
         let (bsz, t) = core.check_batch(batch, max)?;
@@ -364,47 +394,39 @@ impl Architecture for DebertaV2 {
         let mask = real
             .f_view([bsz, 1, 1, t])?
             .f_logical_and(&real.f_view([bsz, 1, t, 1])?)?;
-        let rel = match (
-            self.relative_positions(t, core.device)?,
-            &self.rel_embeddings,
-        ) {
-            (Some(pos), Some(w)) => {
-                let w = cast(w, f.kind)?;
-                let w = match &self.rel_ln {
-                    Some(ln) => ln.forward(&w)?,
-                    None => w,
-                };
-                Some((pos, w.f_unsqueeze(0)?))
-            }
-            _ => None,
+        let rel_pos = match &self.rel_embeddings {
+            Some(_) => self.relative_positions(t, core.device)?,
+            None => None,
         };
-        let a = AttnInputs { mask, rel };
-        let p = LayerDropout {
+        let attn = AttnInputs { mask, rel_pos };
+        Ok((Pass { f, attn, real }, emb))
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Layer `i`; v2's convolution reads the first layer's input, the embeddings.
+    fn layer(&self, i: usize, h: &Tensor, p: &Pass) -> Result<Tensor> {
+        let (c, l, f) = (&self.cfg, &self.layers[i], p.f);
+        let drop = LayerDropout {
             attn_out: c.hidden_dropout_prob,
             ffn: c.hidden_dropout_prob,
         };
-        let mut h = emb.shallow_clone();
-        for (i, l) in self.layers.iter().enumerate() {
-            let ctx = self.attention(l, &h, &a, f)?;
-            h = l.base.finish(&h, &ctx, &c.hidden_act, &p, f)?;
-            if let (0, Some(conv)) = (i, &self.conv) {
-                h = self.conv(conv, &emb, &h, &real, f)?;
-            }
+        let ctx = self.attention(l, h, &p.attn, f)?;
+        let out = l.base.finish(h, &ctx, &c.hidden_act, &drop, f)?;
+        match (i, &self.conv) {
+            (0, Some(conv)) => self.conv(conv, h, &out, &p.real, f),
+            _ => Ok(out),
         }
-        Ok(h)
     }
 
-    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        unpacked(batch, "DeBERTa")?;
-        let f = Fwd {
-            kind: core.compute_kind,
-            train,
-        };
-        let c = &self.cfg;
-        let h = self.last_hidden_state(core, batch, train)?;
-        let x = dropout(h.f_select(1, 0)?, c.pooler_dropout, train)?;
+    /// Dropout, the pooler on `[CLS]` with its activation, dropout, `classifier`.
+    fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &Pass) -> Result<Tensor> {
+        let (c, f) = (&self.cfg, p.f);
+        let x = dropout(h.f_select(1, 0)?, c.pooler_dropout, f.train)?;
         let x = activation(&self.pooler.forward(&x, f)?, &c.pooler_hidden_act)?;
-        let x = dropout(x, c.cls_dropout, train)?;
+        let x = dropout(x, c.cls_dropout, f.train)?;
         self.classifier.forward(&x, f)
     }
 }

@@ -583,21 +583,24 @@ impl<F: DecoderFamily> Architecture for DecoderNet<F> {
         name.ends_with("rotary_emb.inv_freq")
     }
 
-    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        self.decoder.forward(core, batch, train)
+    type Pass = PassInputs;
+
+    fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(PassInputs, Tensor)> {
+        let p = self.decoder.pass_inputs(core, batch, train)?;
+        let h = self.decoder.embed(core, batch, &p)?;
+        Ok((p, h))
     }
 
-    const CHECKPOINTING: bool = true;
+    fn num_layers(&self) -> usize {
+        self.decoder.layers.len()
+    }
 
-    fn forward_backward_checkpointed(
-        &self,
-        core: &Core,
-        batch: &Batch<'_>,
-        train: bool,
-        backward: &mut dyn FnMut(&Tensor) -> Result<()>,
-    ) -> Result<()> {
-        self.decoder
-            .forward_backward_checkpointed(core, batch, train, backward)
+    fn layer(&self, i: usize, h: &Tensor, p: &PassInputs) -> Result<Tensor> {
+        self.decoder.layer(i, h, p)
+    }
+
+    fn head(&self, h: &Tensor, batch: &Batch<'_>, p: &PassInputs) -> Result<Tensor> {
+        self.decoder.head_logits(h, batch, p)
     }
 }
 
@@ -743,7 +746,7 @@ fn softcap(x: Tensor, cap: f64) -> Result<Tensor> {
 }
 
 /// What every layer of one forward pass reads: rotary tables and attention masks.
-struct PassInputs {
+pub struct PassInputs {
     f: Fwd,
     cs: (Tensor, Tensor),
     local_cs: Option<(Tensor, Tensor)>,
@@ -752,74 +755,6 @@ struct PassInputs {
 }
 
 impl Decoder {
-    pub fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        let p = self.pass_inputs(core, batch, train)?;
-        let mut h = self.embed(core, batch, &p)?;
-        for i in 0..self.layers.len() {
-            h = self.layer(i, &h, &p)?;
-        }
-        self.head_logits(&h, batch, &p)
-    }
-
-    /// Forward and backward of one batch with activation checkpointing: the forward keeps only
-    /// each layer's input (run without a graph), and the backward runs each layer's forward
-    /// again, last layer first, then its backward from the gradient of its output. `backward`
-    /// gets the logits, computes the loss and calls its backward (gradients reach the head and
-    /// the last layer's output). Each layer draws its dropout
-    /// masks from a seed of its own, set again for the recomputation, so both passes drop the
-    /// same units. The gradients are those of [`Decoder::forward`] with the same masks.
-    ///
-    /// Written by hand because tch has no custom autograd functions (PyTorch's
-    /// `torch.utils.checkpoint` is one): a layer's gradient is that of
-    /// `sum(layer(x) * grad_output)`, which is `grad_output`'s vector-Jacobian product.
-    pub fn forward_backward_checkpointed(
-        &self,
-        core: &Core,
-        batch: &Batch<'_>,
-        train: bool,
-        backward: &mut dyn FnMut(&Tensor) -> Result<()>,
-    ) -> Result<()> {
-        let p = self.pass_inputs(core, batch, train)?;
-        let embedded = self.embed(core, batch, &p)?;
-        // Per-layer seeds from the micro-batch's own stream (the caller seeded it).
-        let base = Tensor::f_randint(i64::from(i32::MAX), [1], (Kind::Int64, Device::Cpu))?
-            .int64_value(&[0]) as u64;
-        let seed = |i: usize| base.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64) as i64;
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut h = embedded.f_detach()?;
-        {
-            let _no_graph = tch::no_grad_guard();
-            for i in 0..self.layers.len() {
-                tch::manual_seed(seed(i));
-                let next = self.layer(i, &h, &p)?;
-                inputs.push(h);
-                h = next;
-            }
-        }
-        let last = h.f_detach()?.set_requires_grad(true);
-        let logits = self.head_logits(&last, batch, &p)?;
-        backward(&logits)?;
-        drop(logits);
-        let mut grad = last.grad();
-        for i in (0..self.layers.len()).rev() {
-            tch::manual_seed(seed(i));
-            let x = inputs
-                .pop()
-                .expect("one input per layer")
-                .set_requires_grad(true);
-            let y = self.layer(i, &x, &p)?;
-            y.f_mul(&grad)?.f_sum(y.kind())?.f_backward()?;
-            grad = x.grad();
-        }
-        if embedded.requires_grad() {
-            embedded
-                .f_mul(&grad)?
-                .f_sum(embedded.kind())?
-                .f_backward()?;
-        }
-        Ok(())
-    }
-
     fn pass_inputs(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<PassInputs> {
         // No table of positions bounds the length under RoPE.
         let (_, t) = core.check_batch(batch, None)?;

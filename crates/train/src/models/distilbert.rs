@@ -8,9 +8,9 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use tuna_core::hf_config::{DistilBertConfig, HfConfig, DISTILBERT_LAYER_NORM_EPS};
 
-use super::bert::{BertEncoder, EncoderSpec, LayerDropout, LayerNames};
-use super::{encoder_labels, unpacked, Architecture, Builder, Core, Net};
-use crate::layers::{dropout, Fwd, Linear};
+use super::bert::{BertEncoder, EncoderPass, EncoderSpec, LayerDropout, LayerNames};
+use super::{encoder_labels, pass, unpacked, Architecture, Builder, Core, Net};
+use crate::layers::{dropout, Linear};
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
 use crate::Result;
@@ -95,23 +95,34 @@ impl Architecture for DistilBert {
     }
 
     fn last_hidden_state(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        let (_, t) = core.check_batch(batch, Some(self.cfg.max_position_embeddings))?;
-        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
-        self.encoder.forward(core, batch, &pos, None, train)
+        Ok(pass::hidden(self, core, batch, train)?.1)
     }
 
-    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+    type Pass = EncoderPass;
+
+    fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(EncoderPass, Tensor)> {
         unpacked(batch, "DistilBERT")?;
-        let f = Fwd {
-            kind: core.compute_kind,
-            train,
-        };
-        let h = self.last_hidden_state(core, batch, train)?;
+        let (_, t) = core.check_batch(batch, Some(self.cfg.max_position_embeddings))?;
+        let pos = Tensor::f_arange(t, (Kind::Int64, core.device))?;
+        self.encoder.embed(core, batch, &pos, None, train)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.encoder.num_layers()
+    }
+
+    fn layer(&self, i: usize, h: &Tensor, p: &EncoderPass) -> Result<Tensor> {
+        self.encoder.layer(i, h, p)
+    }
+
+    /// `pre_classifier` and ReLU on `[CLS]`, dropout, `classifier`.
+    fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &EncoderPass) -> Result<Tensor> {
+        let f = p.f;
         let x = self
             .pre_classifier
             .forward(&h.f_select(1, 0)?, f)?
             .f_relu()?;
-        let x = dropout(x, self.cfg.seq_classif_dropout, train)?;
+        let x = dropout(x, self.cfg.seq_classif_dropout, f.train)?;
         self.classifier.forward(&x, f)
     }
 }

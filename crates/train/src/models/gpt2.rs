@@ -10,8 +10,8 @@ use tuna_core::hf_config::{Gpt2Config, HfConfig};
 use super::{Architecture, Builder, Core, Head, Net};
 use crate::freeze::Role;
 use crate::layers::{
-    activation, all_real, causal_mask, dropout, embedding, packed_mask, sdpa, Fwd, LayerNorm,
-    Linear,
+    activation, all_real, causal_mask, dropout, embedding, packed_mask, sdpa, AttnMask, Fwd,
+    LayerNorm, Linear,
 };
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
@@ -24,6 +24,14 @@ struct Block {
     ln_2: LayerNorm,
     c_fc: Linear,
     mlp_proj: Linear,
+}
+
+/// What every block of one pass reads.
+pub struct Pass {
+    f: Fwd,
+    bsz: i64,
+    t: i64,
+    mask: AttnMask,
 }
 
 pub struct Gpt2 {
@@ -96,53 +104,64 @@ impl Architecture for Gpt2 {
         name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
     }
 
-    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+    type Pass = Pass;
+
+    fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(Pass, Tensor)> {
         let (bsz, t) = core.check_batch(batch, Some(self.cfg.n_positions))?;
         let f = Fwd {
             kind: core.compute_kind,
             train,
         };
-        let c = &self.cfg;
-        let (nh, d) = (c.n_head, c.n_embd);
-        let hd = d / nh;
         let pos = match batch.packed {
             Some(p) => p.position_ids.shallow_clone(),
             None => Tensor::f_arange(t, (Kind::Int64, core.device))?,
         };
         let h = embedding(&self.wte, batch.input_ids, f.kind)?
             .f_add(&embedding(&self.wpe, &pos, f.kind)?)?;
-        let mut h = dropout(h, c.embd_pdrop, train)?;
+        let h = dropout(h, self.cfg.embd_pdrop, train)?;
         let mask = match batch.packed {
             Some(p) => packed_mask(&p.segment_ids, None)?,
             None => causal_mask(batch.attention_mask, None, all_real(batch.attention_mask)?)?,
         };
-        let attn_p = if train { c.attn_pdrop } else { 0.0 };
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let a = blk.ln_1.forward(&h)?;
-            let qkv = blk
-                .c_attn
-                .forward(&a, f)?
-                .f_view([bsz, t, 3, nh, hd])?
-                .f_permute([2, 0, 3, 1, 4])?;
-            let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?);
-            let mut scale = if c.scale_attn_weights {
-                1.0 / (hd as f64).sqrt()
-            } else {
-                1.0
-            };
-            if c.scale_attn_by_inverse_layer_idx {
-                scale /= (i + 1) as f64;
-            }
-            let y = sdpa(&q, &k, &v, &mask, attn_p, Some(scale), false)?;
-            let y = y.f_transpose(1, 2)?.f_reshape([bsz, t, d])?;
-            let y = dropout(blk.attn_proj.forward(&y, f)?, c.resid_pdrop, train)?;
-            h = h.f_add(&y)?;
-            let m = blk.ln_2.forward(&h)?;
-            let m = activation(&blk.c_fc.forward(&m, f)?, &c.activation_function)?;
-            let m = dropout(blk.mlp_proj.forward(&m, f)?, c.resid_pdrop, train)?;
-            h = h.f_add(&m)?;
+        Ok((Pass { f, bsz, t, mask }, h))
+    }
+
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn layer(&self, i: usize, h: &Tensor, p: &Pass) -> Result<Tensor> {
+        let (c, blk, f) = (&self.cfg, &self.blocks[i], p.f);
+        let (nh, d, bsz, t) = (c.n_head, c.n_embd, p.bsz, p.t);
+        let hd = d / nh;
+        let attn_p = if f.train { c.attn_pdrop } else { 0.0 };
+        let a = blk.ln_1.forward(h)?;
+        let qkv = blk
+            .c_attn
+            .forward(&a, f)?
+            .f_view([bsz, t, 3, nh, hd])?
+            .f_permute([2, 0, 3, 1, 4])?;
+        let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?);
+        let mut scale = if c.scale_attn_weights {
+            1.0 / (hd as f64).sqrt()
+        } else {
+            1.0
+        };
+        if c.scale_attn_by_inverse_layer_idx {
+            scale /= (i + 1) as f64;
         }
-        let h = self.ln_f.forward(&h)?;
-        self.head.decoder_logits(&h, batch.attention_mask, f)
+        let y = sdpa(&q, &k, &v, &p.mask, attn_p, Some(scale), false)?;
+        let y = y.f_transpose(1, 2)?.f_reshape([bsz, t, d])?;
+        let y = dropout(blk.attn_proj.forward(&y, f)?, c.resid_pdrop, f.train)?;
+        let h = h.f_add(&y)?;
+        let m = blk.ln_2.forward(&h)?;
+        let m = activation(&blk.c_fc.forward(&m, f)?, &c.activation_function)?;
+        let m = dropout(blk.mlp_proj.forward(&m, f)?, c.resid_pdrop, f.train)?;
+        Ok(h.f_add(&m)?)
+    }
+
+    fn head(&self, h: &Tensor, batch: &Batch<'_>, p: &Pass) -> Result<Tensor> {
+        let h = self.ln_f.forward(h)?;
+        self.head.decoder_logits(&h, batch.attention_mask, p.f)
     }
 }

@@ -3,7 +3,7 @@
 //! `modernbert.rs`), and what they share (`decoder.rs` runs the Llama-style decoders).
 //!
 //! - this file: the [`Architecture`] trait each file implements (its checkpoint names, the
-//!   class transformers saves it as, its forward pass), [`load_model`] (the registry: one arm per
+//!   class transformers saves it as, its embeddings, layers and head), [`load_model`] (the registry: one arm per
 //!   family of config.json), the shared state [`Core`] and [`Net`], which implements [`Model`]
 //!   for every architecture (parameter listings, resume), and the decoder output [`Head`].
 //! - `builder.rs`: the parameter registry and builder that load weights by Hugging Face name.
@@ -11,6 +11,8 @@
 //!   share, and their loading; each of those files says where its norms sit and how its
 //!   projections are named.
 //! - `export.rs`: `save_pretrained` in transformers' and PEFT's formats.
+//! - `pass.rs`: one pass over an architecture's layers, written once: the forward, the
+//!   encoders' last hidden state, and the forward and backward with activation checkpointing.
 //!
 //! Adding an architecture: its config in `tuna_core::hf_config`, a file here with a
 //! `build(dir, hf, cfg, ckpt, opts)` that loads its weights through `Builder::new::<Self>` and
@@ -29,6 +31,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod modernbert;
 pub mod olmo2;
+mod pass;
 pub mod phi3;
 pub mod qwen3;
 pub mod roberta;
@@ -64,21 +67,19 @@ pub trait Architecture: Send {
     fn legacy_name(_rel: &str) -> Option<String> {
         None
     }
-    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
-    /// Whether [`Architecture::forward_backward_checkpointed`] is implemented.
-    const CHECKPOINTING: bool = false;
-    /// See [`Model::forward_backward_checkpointed`].
-    fn forward_backward_checkpointed(
-        &self,
-        _core: &Core,
-        _batch: &Batch<'_>,
-        _train: bool,
-        _backward: &mut dyn FnMut(&Tensor) -> Result<()>,
-    ) -> Result<()> {
-        Err(Error::Config(
-            "gradient checkpointing is not available for this architecture".into(),
-        ))
-    }
+    /// What every layer of one pass reads (masks, rotary tables, relative positions, whether
+    /// dropout is on): nothing that needs a gradient, since the checkpointed backward runs each
+    /// layer's graph apart and frees it.
+    type Pass;
+    /// The pass's inputs and the first layer's input (the embeddings).
+    fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(Self::Pass, Tensor)>;
+    /// How many layers [`Architecture::layer`] runs.
+    fn num_layers(&self) -> usize;
+    /// Layer `i` on the hidden states `h`: a function of `h` and the pass alone, so that
+    /// `pass.rs` can run it again for activation checkpointing.
+    fn layer(&self, i: usize, h: &Tensor, pass: &Self::Pass) -> Result<Tensor>;
+    /// The output for the task (see [`Model::forward`]) from the last layer's output.
+    fn head(&self, h: &Tensor, batch: &Batch<'_>, pass: &Self::Pass) -> Result<Tensor>;
     /// An encoder's `last_hidden_state [b, t, d]`, as transformers' base model returns it.
     fn last_hidden_state(&self, _core: &Core, _batch: &Batch<'_>, _train: bool) -> Result<Tensor> {
         Err(Error::Config(
@@ -286,10 +287,7 @@ impl<A: Architecture> Model for Net<A> {
         A::TOKEN_TYPE_IDS
     }
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        self.arch.forward(&self.core, batch, train)
-    }
-    fn supports_checkpointing(&self) -> bool {
-        A::CHECKPOINTING
+        pass::forward(&self.arch, &self.core, batch, train)
     }
     fn forward_backward_checkpointed(
         &self,
@@ -297,8 +295,7 @@ impl<A: Architecture> Model for Net<A> {
         train: bool,
         backward: &mut dyn FnMut(&Tensor) -> Result<()>,
     ) -> Result<()> {
-        self.arch
-            .forward_backward_checkpointed(&self.core, batch, train, backward)
+        pass::forward_backward_checkpointed(&self.arch, &self.core, batch, train, backward)
     }
     fn last_hidden_state(&self, batch: &Batch<'_>) -> Result<Tensor> {
         let _g = tch::no_grad_guard();

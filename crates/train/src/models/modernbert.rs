@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 use tuna_core::hf_config::{HfConfig, ModernBertConfig, Pooling};
 
 use super::decoder::apply_rope;
-use super::{encoder_labels, unpacked, Architecture, Builder, Core, Net};
+use super::{encoder_labels, pass, unpacked, Architecture, Builder, Core, Net};
 use crate::freeze::Role;
 use crate::layers::{
     activation, all_real, dropout, embedding, lowest, sdpa, AttnMask, Fwd, LayerNorm, Linear,
@@ -104,6 +104,16 @@ pub(super) fn build(
             classifier,
         },
     }))
+}
+
+/// What every layer reads in one pass: the rotary tables and masks of the global and the
+/// local layers.
+pub struct Pass {
+    f: Fwd,
+    rope_global: (Tensor, Tensor),
+    rope_local: (Tensor, Tensor),
+    global: AttnMask,
+    local: AttnMask,
 }
 
 impl ModernBert {
@@ -206,7 +216,16 @@ impl Architecture for ModernBert {
         name.starts_with("decoder.")
     }
 
+    /// The layers' output through `final_norm`, as `ModernBertModel` returns it.
     fn last_hidden_state(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+        self.final_norm
+            .forward(&pass::hidden(self, core, batch, train)?.1)
+    }
+
+    type Pass = Pass;
+
+    fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(Pass, Tensor)> {
+        unpacked(batch, "ModernBERT")?;
         // No table of positions bounds the length under RoPE.
         let (_, t) = core.check_batch(batch, None)?;
         let f = Fwd {
@@ -218,31 +237,41 @@ impl Architecture for ModernBert {
         let rope_local = self.cos_sin(c.local_rope_theta, t, core.device, f.kind)?;
         let (global, local) = self.masks(batch.attention_mask, f.kind)?;
         let h = embedding(&self.tok, batch.input_ids, f.kind)?;
-        let mut h = dropout(self.emb_norm.forward(&h)?, c.embedding_dropout, train)?;
-        for l in &self.layers {
-            let x = match &l.attn_norm {
-                Some(n) => n.forward(&h)?,
-                None => h.shallow_clone(),
-            };
-            let (rope, mask) = if l.local {
-                (&rope_local, &local)
-            } else {
-                (&rope_global, &global)
-            };
-            h = h.f_add(&self.attention(l, &x, rope, mask, f)?)?;
-            h = h.f_add(&self.mlp(l, &l.mlp_norm.forward(&h)?, f)?)?;
-        }
-        self.final_norm.forward(&h)
+        let h = dropout(self.emb_norm.forward(&h)?, c.embedding_dropout, train)?;
+        let p = Pass {
+            f,
+            rope_global,
+            rope_local,
+            global,
+            local,
+        };
+        Ok((p, h))
     }
 
-    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        unpacked(batch, "ModernBERT")?;
-        let f = Fwd {
-            kind: core.compute_kind,
-            train,
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&self, i: usize, h: &Tensor, p: &Pass) -> Result<Tensor> {
+        let l = &self.layers[i];
+        let x = match &l.attn_norm {
+            Some(n) => n.forward(h)?,
+            None => h.shallow_clone(),
         };
-        let c = &self.cfg;
-        let h = self.last_hidden_state(core, batch, train)?;
+        let (rope, mask) = if l.local {
+            (&p.rope_local, &p.local)
+        } else {
+            (&p.rope_global, &p.global)
+        };
+        let h = h.f_add(&self.attention(l, &x, rope, mask, p.f)?)?;
+        Ok(h.f_add(&self.mlp(l, &l.mlp_norm.forward(&h)?, p.f)?)?)
+    }
+
+    /// `final_norm`, the pooling (`[CLS]` or the mean over real tokens), the head's dense,
+    /// activation and norm, dropout, `classifier`.
+    fn head(&self, h: &Tensor, batch: &Batch<'_>, p: &Pass) -> Result<Tensor> {
+        let (c, f) = (&self.cfg, p.f);
+        let h = self.final_norm.forward(h)?;
         let pooled = match c.classifier_pooling {
             Pooling::Cls => h.f_select(1, 0)?,
             Pooling::Mean => {
@@ -257,7 +286,7 @@ impl Architecture for ModernBert {
             &self.head_dense.forward(&pooled, f)?,
             &c.classifier_activation,
         )?;
-        let x = dropout(self.head_norm.forward(&x)?, c.classifier_dropout, train)?;
+        let x = dropout(self.head_norm.forward(&x)?, c.classifier_dropout, f.train)?;
         self.classifier.forward(&x, f)
     }
 }

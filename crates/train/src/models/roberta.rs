@@ -9,9 +9,9 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use tuna_core::hf_config::{HfConfig, RobertaConfig};
 
-use super::bert::{BertEncoder, EncoderSpec};
-use super::{encoder_labels, unpacked, Architecture, Builder, Core, Net};
-use crate::layers::{dropout, Fwd, Linear};
+use super::bert::{BertEncoder, EncoderPass, EncoderSpec};
+use super::{encoder_labels, pass, unpacked, Architecture, Builder, Core, Net};
+use crate::layers::{dropout, Linear};
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
 use crate::Result;
@@ -90,21 +90,32 @@ impl Architecture for Roberta {
     }
 
     fn last_hidden_state(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
-        core.check_batch(batch, Some(self.cfg.max_tokens()))?;
-        let pos = self.position_ids(batch.input_ids)?;
-        self.encoder.forward(core, batch, &pos, None, train)
+        Ok(pass::hidden(self, core, batch, train)?.1)
     }
 
-    fn forward(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
+    type Pass = EncoderPass;
+
+    fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(EncoderPass, Tensor)> {
         unpacked(batch, "RoBERTa")?;
-        let f = Fwd {
-            kind: core.compute_kind,
-            train,
-        };
-        let h = self.last_hidden_state(core, batch, train)?;
-        let x = dropout(h.f_select(1, 0)?, self.classifier_dropout, train)?;
+        core.check_batch(batch, Some(self.cfg.max_tokens()))?;
+        let pos = self.position_ids(batch.input_ids)?;
+        self.encoder.embed(core, batch, &pos, None, train)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.encoder.num_layers()
+    }
+
+    fn layer(&self, i: usize, h: &Tensor, p: &EncoderPass) -> Result<Tensor> {
+        self.encoder.layer(i, h, p)
+    }
+
+    /// The classification head on `<s>`: dropout, dense, tanh, dropout, `out_proj`.
+    fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &EncoderPass) -> Result<Tensor> {
+        let (f, drop) = (p.f, self.classifier_dropout);
+        let x = dropout(h.f_select(1, 0)?, drop, f.train)?;
         let x = self.dense.forward(&x, f)?.f_tanh()?;
-        let x = dropout(x, self.classifier_dropout, train)?;
+        let x = dropout(x, drop, f.train)?;
         self.out_proj.forward(&x, f)
     }
 }

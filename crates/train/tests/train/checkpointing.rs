@@ -1,11 +1,14 @@
 //! Activation (gradient) checkpointing: the same losses and gradients as the ordinary
-//! backward, for every Llama-style decoder family, full and LoRA, with padding.
+//! backward, for every family (decoders as language models, encoders as classifiers), full and
+//! LoRA, with padding.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use tch::Tensor;
-use tuna_train::data::Features;
+use tuna_core::data::{Example, Label};
+use tuna_core::spec::Task;
+use tuna_train::data::{Features, LabelMap};
 use tuna_train::model::{LoraOptions, Model, TaskHead};
 use tuna_train::trainer::{accumulate, StepConfig};
 
@@ -32,8 +35,8 @@ pub(crate) fn loss_and_grads(
     let cfg = StepConfig {
         micro: 3,
         pad_id: 0,
-        causal: true,
-        with_types: false,
+        causal: model.info().is_decoder,
+        with_types: model.uses_token_type_ids(),
         pack_len: None,
         group_overhead_tokens: None,
         checkpointing,
@@ -64,29 +67,81 @@ pub(crate) fn with_config(name: &str, dest: &Path, edits: Value) -> PathBuf {
     dest.to_path_buf()
 }
 
-pub(crate) fn features(dir: &Path) -> Vec<Features> {
-    let tok = tuna_train::tokenizer::Tok::load(dir, true).unwrap();
-    tuna_train::data::featurize(
-        &tok,
-        tuna_core::spec::Task::CausalLm,
-        &text_examples(&TEXTS),
-        64,
-        None,
-        "t",
-    )
-    .unwrap()
-    .0
+/// The fixtures that are encoders (trained here as classifiers).
+const ENCODERS: [&str; 7] = [
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "deberta-v3",
+    "deberta-odd",
+    "modernbert",
+];
+
+/// What the model is trained for here: a language model, or (encoders) the labels of the
+/// fixture's head (two where it has none).
+pub(crate) fn task(name: &str) -> TaskHead {
+    if !ENCODERS.contains(&name) {
+        return TaskHead::CausalLm;
+    }
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap())
+            .unwrap();
+    let n = cfg["id2label"].as_object().map_or(2, |m| m.len());
+    TaskHead::SequenceClassification {
+        id2label: (0..n).map(|i| i.to_string()).collect(),
+    }
+}
+
+/// [`TEXTS`] as the examples of `task`: text, or labelled text.
+pub(crate) fn features(dir: &Path, task: &TaskHead) -> Vec<Features> {
+    let decoder = matches!(task, TaskHead::CausalLm);
+    let tok = tuna_train::tokenizer::Tok::load(dir, decoder).unwrap();
+    let (examples, labels) = if decoder {
+        (text_examples(&TEXTS), None)
+    } else {
+        let labelled = TEXTS
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let label = Label::Int(i as i64 % 2);
+                (
+                    i as u64 + 1,
+                    Example::Labeled {
+                        text: t.to_string(),
+                        label,
+                    },
+                )
+            })
+            .collect();
+        let map = LabelMap::new(vec![Label::Int(0), Label::Int(1)]);
+        (labelled, Some(map))
+    };
+    let t = if decoder {
+        Task::CausalLm
+    } else {
+        Task::SequenceClassification
+    };
+    tuna_train::data::featurize(&tok, t, &examples, 64, labels.as_ref(), "t")
+        .unwrap()
+        .0
+}
+
+/// Every family's dropout knobs, off.
+pub(crate) fn no_dropout() -> Value {
+    json!({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "attention_dropout": 0.0,
+           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+           "classifier_dropout": 0.0, "dropout": 0.0, "seq_classif_dropout": 0.0,
+           "pooler_dropout": 0.0, "cls_dropout": 0.0, "mlp_dropout": 0.0,
+           "embedding_dropout": 0.0})
 }
 
 fn compare(name: &str, lora: bool) {
     // Without dropout, so that both runs compute the same function.
     let tmp = tempfile::tempdir().unwrap();
-    let dir = with_config(
-        name,
-        tmp.path(),
-        json!({"resid_pdrop": 0.0, "attention_dropout": 0.0}),
-    );
-    let mut opts = cpu_options(TaskHead::CausalLm);
+    let dir = with_config(name, tmp.path(), no_dropout());
+    let task = task(name);
+    let mut opts = cpu_options(task.clone());
     if lora {
         opts.lora = Some(LoraOptions {
             r: 4,
@@ -96,8 +151,7 @@ fn compare(name: &str, lora: bool) {
         });
     }
     let model = tuna_train::load_model(&dir, &opts).unwrap();
-    assert!(model.supports_checkpointing(), "{name}");
-    let feats = features(&dir);
+    let feats = features(&dir, &task);
     let items: Vec<&Features> = feats.iter().collect();
     let (loss, plain) = loss_and_grads(model.as_ref(), &items, false);
     let (loss_ck, ck) = loss_and_grads(model.as_ref(), &items, true);
@@ -123,9 +177,10 @@ fn compare(name: &str, lora: bool) {
 }
 
 #[test]
-fn checkpointed_gradients_equal_the_ordinary_backward_for_every_decoder_family() {
+fn checkpointed_gradients_equal_the_ordinary_backward_for_every_family() {
     let _g = lock();
     for name in [
+        "gpt2",
         "llama",
         "llama-tied",
         "mistral",
@@ -136,7 +191,10 @@ fn checkpointed_gradients_equal_the_ordinary_backward_for_every_decoder_family()
         "gemma3",
         "phi3",
         "olmo2",
-    ] {
+    ]
+    .into_iter()
+    .chain(ENCODERS)
+    {
         compare(name, false);
     }
 }
@@ -144,73 +202,64 @@ fn checkpointed_gradients_equal_the_ordinary_backward_for_every_decoder_family()
 #[test]
 fn checkpointed_lora_gradients_equal_the_ordinary_backward() {
     let _g = lock();
-    for name in ["llama", "phi3", "gemma2"] {
+    for name in [
+        "llama",
+        "phi3",
+        "gemma2",
+        "gpt2",
+        "distilbert",
+        "modernbert",
+    ] {
         compare(name, true);
     }
 }
 
 /// With dropout on, the recomputed layers must drop the units the forward dropped: the
 /// checkpointed gradient is then the true gradient of the checkpointed loss (same seed, so the
-/// same masks), which a central difference along a random direction checks.
+/// same masks), which a central difference along a random direction checks. A decoder, GPT-2
+/// (whose attention dropout is in SDPA) and an encoder.
 #[test]
 fn with_dropout_the_recomputation_drops_what_the_forward_dropped() {
     let _g = lock();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = with_config("llama", tmp.path(), json!({"attention_dropout": 0.3}));
-    let model = tuna_train::load_model(&dir, &cpu_options(TaskHead::CausalLm)).unwrap();
-    let feats = features(&dir);
-    let items: Vec<&Features> = feats.iter().collect();
-    let (loss, grads) = loss_and_grads(model.as_ref(), &items, true);
-    tch::manual_seed(7);
-    let params = model.trainable_parameters();
-    let dirs: Vec<Tensor> = params.iter().map(|(_, p)| Tensor::randn_like(p)).collect();
-    let slope: f64 = grads
-        .iter()
-        .zip(&dirs)
-        .map(|((_, g), v)| f64::try_from((g * v).sum(tch::Kind::Double)).unwrap())
-        .sum();
-    let eps = 1e-3;
-    let shift = |by: f64| {
-        let _ng = tch::no_grad_guard();
-        for ((_, p), v) in params.iter().zip(&dirs) {
-            let _ = p.shallow_clone().f_add_(&(v * by)).unwrap();
-        }
-    };
-    shift(eps);
-    let (up, _) = loss_and_grads(model.as_ref(), &items, true);
-    shift(-2.0 * eps);
-    let (down, _) = loss_and_grads(model.as_ref(), &items, true);
-    shift(eps);
-    let numeric = (up - down) / (2.0 * eps);
-    assert!(
-        (numeric - slope).abs() < 2e-2 * slope.abs().max(1e-3),
-        "directional derivative {numeric} vs the checkpointed gradient's {slope}"
-    );
-    // Dropout was on: the loss differs from the one without it.
-    let (plain, _) = loss_and_grads(model.as_ref(), &items, false);
-    assert!((plain - loss).abs() > 1e-4, "{plain} vs {loss}");
-}
-
-#[test]
-fn gpt2_and_encoders_say_they_have_no_checkpointing() {
-    let _g = lock();
-    let model = tuna_train::load_model(&fixture("gpt2"), &cpu_options(TaskHead::CausalLm)).unwrap();
-    assert!(!model.supports_checkpointing());
-    let err = model
-        .forward_backward_checkpointed(
-            &tuna_train::model::Batch {
-                input_ids: &Tensor::zeros([1, 2], (tch::Kind::Int64, tch::Device::Cpu)),
-                attention_mask: &Tensor::ones([1, 2], (tch::Kind::Int64, tch::Device::Cpu)),
-                token_type_ids: None,
-                packed: None,
-            },
-            true,
-            &mut |_| Ok(()),
-        )
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("gradient checkpointing is not available"),
-        "{err}"
-    );
+    for (name, edits) in [
+        ("llama", json!({"attention_dropout": 0.3})),
+        ("gpt2", json!({"attn_pdrop": 0.3, "resid_pdrop": 0.2})),
+        ("bert", json!({"attention_probs_dropout_prob": 0.3})),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = with_config(name, tmp.path(), edits);
+        let task = task(name);
+        let model = tuna_train::load_model(&dir, &cpu_options(task.clone())).unwrap();
+        let feats = features(&dir, &task);
+        let items: Vec<&Features> = feats.iter().collect();
+        let (loss, grads) = loss_and_grads(model.as_ref(), &items, true);
+        tch::manual_seed(7);
+        let params = model.trainable_parameters();
+        let dirs: Vec<Tensor> = params.iter().map(|(_, p)| Tensor::randn_like(p)).collect();
+        let slope: f64 = grads
+            .iter()
+            .zip(&dirs)
+            .map(|((_, g), v)| f64::try_from((g * v).sum(tch::Kind::Double)).unwrap())
+            .sum();
+        let eps = 1e-3;
+        let shift = |by: f64| {
+            let _ng = tch::no_grad_guard();
+            for ((_, p), v) in params.iter().zip(&dirs) {
+                let _ = p.shallow_clone().f_add_(&(v * by)).unwrap();
+            }
+        };
+        shift(eps);
+        let (up, _) = loss_and_grads(model.as_ref(), &items, true);
+        shift(-2.0 * eps);
+        let (down, _) = loss_and_grads(model.as_ref(), &items, true);
+        shift(eps);
+        let numeric = (up - down) / (2.0 * eps);
+        assert!(
+            (numeric - slope).abs() < 2e-2 * slope.abs().max(1e-3),
+            "{name}: directional derivative {numeric} vs the checkpointed gradient's {slope}"
+        );
+        // Dropout was on: the loss differs from the one without it.
+        let (plain, _) = loss_and_grads(model.as_ref(), &items, false);
+        assert!((plain - loss).abs() > 1e-4, "{name}: {plain} vs {loss}");
+    }
 }

@@ -90,31 +90,37 @@ fn codes_and_scales_equal_bitsandbytes() {
 /// LoRA over the unquantised base, and saves the same adapter and the same merged model.
 #[test]
 fn lora_over_an_nf4_base_is_lora_over_the_dequantised_base() {
-    use crate::checkpointing::{features, loss_and_grads, with_config};
+    use crate::checkpointing::{features, loss_and_grads, no_dropout, task, with_config};
     use tuna_train::data::Features;
     use tuna_train::loader::read_safetensors;
-    use tuna_train::model::{LoraOptions, Nf4Options, TaskHead};
+    use tuna_train::model::{LoraOptions, Nf4Options};
 
     let _g = lock();
-    for name in ["llama", "qwen3", "phi3", "gemma2"] {
+    for name in ["llama", "qwen3", "phi3", "gemma2", "gpt2", "distilbert"] {
         let tmp = tempfile::tempdir().unwrap();
         let orig = tmp.path().join("orig");
         let deq = tmp.path().join("dequantised");
         std::fs::create_dir_all(&orig).unwrap();
         std::fs::create_dir_all(&deq).unwrap();
-        let no_dropout = serde_json::json!({"resid_pdrop": 0.0, "attention_dropout": 0.0});
-        with_config(name, &orig, no_dropout.clone());
-        with_config(name, &deq, no_dropout);
-        // Every 2-D weight inside the layers is a linear layer's: NF4 round trip.
+        with_config(name, &orig, no_dropout());
+        with_config(name, &deq, no_dropout());
+        // Every 2-D weight inside the layers is a linear layer's: NF4 round trip (GPT-2's
+        // Conv1D weights `[in, out]` as `[out, in]`, as tuna and bitsandbytes quantise them).
         let weights = read_safetensors(&orig.join("model.safetensors")).unwrap();
         let mut replaced = 0;
         let tensors: Vec<(String, Tensor)> = weights
             .into_iter()
             .map(|(n, t)| {
-                if n.contains(".layers.") && t.dim() == 2 {
+                let in_layer = [".layers.", ".layer.", ".h."].iter().any(|l| n.contains(l));
+                if in_layer && t.dim() == 2 {
                     replaced += 1;
-                    let q = Nf4Weight::quantize(&t, true).unwrap();
-                    (n, q.dequantize(Kind::Float).unwrap())
+                    let conv1d = n.contains(".h.");
+                    let w = if conv1d { t.tr().contiguous() } else { t };
+                    let w = Nf4Weight::quantize(&w, true)
+                        .unwrap()
+                        .dequantize(Kind::Float)
+                        .unwrap();
+                    (n, if conv1d { w.tr().contiguous() } else { w })
                 } else {
                     (n, t)
                 }
@@ -123,7 +129,8 @@ fn lora_over_an_nf4_base_is_lora_over_the_dequantised_base() {
         assert!(replaced >= 4, "{name}: {replaced} linear weights");
         save_safetensors(&deq.join("model.safetensors"), &tensors).unwrap();
 
-        let mut opts = crate::support::cpu_options(TaskHead::CausalLm);
+        let task = task(name);
+        let mut opts = crate::support::cpu_options(task.clone());
         opts.lora = Some(LoraOptions {
             r: 4,
             alpha: 8.0,
@@ -135,7 +142,7 @@ fn lora_over_an_nf4_base_is_lora_over_the_dequantised_base() {
         opts.quantization = Some(Nf4Options { double_quant: true });
         let qlora = tuna_train::load_model(&orig, &opts).unwrap();
 
-        let feats = features(&orig);
+        let feats = features(&orig, &task);
         let items: Vec<&Features> = feats.iter().collect();
         let (loss_q, grads_q) = loss_and_grads(qlora.as_ref(), &items, true);
         let (loss_r, grads_r) = loss_and_grads(reference.as_ref(), &items, true);
@@ -189,7 +196,7 @@ fn lora_over_an_nf4_base_is_lora_over_the_dequantised_base() {
 /// gives tuna's logits; the merged model (the dequantised base plus the adapters) loads alone.
 #[test]
 fn qlora_adapters_load_in_peft_over_the_unquantised_base() {
-    use crate::export::{assert_exports_match, Export};
+    use crate::export::{assert_exports_match, two_labels, Export};
     use tuna_train::model::TaskHead;
     // (perturb takes the lock itself.)
     let causal = || TaskHead::CausalLm;
@@ -208,5 +215,11 @@ fn qlora_adapters_load_in_peft_over_the_unquantised_base() {
             .lora(&["all-linear"])
             .nf4(true)
             .merged(),
+        Export::new("gpt2_qlora", "gpt2", causal(), &["lora_B"])
+            .lora(&["c_attn", "c_fc"])
+            .nf4(true),
+        Export::new("distilbert_qlora", "distilbert", two_labels(), &["lora_B"])
+            .lora(&["all-linear"])
+            .nf4(false),
     ]);
 }
