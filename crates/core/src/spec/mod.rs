@@ -206,7 +206,7 @@ pub struct JobSpec {
     pub fixed_batch_size: bool,
     /// Recompute each layer's forward in the backward instead of keeping its activations.
     /// `None` (`"auto"`): the worker turns it on when the job would not fit its device
-    /// otherwise ([`crate::memory::fit`]), where the architecture has it.
+    /// otherwise ([`crate::memory::fit`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
     /// AdamW's moments in fp32 or bf16 (absent in specs stored before the knob: fp32).
