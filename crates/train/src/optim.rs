@@ -9,8 +9,9 @@
 //! (4 bytes per trainable parameter instead of 8): each step reads them into fp32, updates them
 //! there and stores them back with stochastic rounding ([`round_bf16_stochastic`]), since with
 //! round-to-nearest `0.999 * v` rounds back to `v` in bf16's 8-bit mantissa and the second
-//! moment stops decaying. A non-fp32 parameter is updated in fp32 and copied back. Weight decay is off for biases and normalisation weights (by name: ending in
-//! `bias`, or containing `norm` or `ln_`), like transformers' Trainer.
+//! moment stops decaying. A non-fp32 parameter is updated in fp32 and copied back. Weight decay
+//! is off for biases and normalisation weights (by name: ending in `bias`, or containing `norm`
+//! or `ln_`), like transformers' Trainer.
 //!
 //! Everything runs under `no_grad` with in-place ops and no host synchronisation; the only sync of
 //! an optimiser step is the one the trainer does to read the loss and the norm together.
@@ -347,14 +348,17 @@ mod tests {
         };
         let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], cfg).unwrap();
         tch::manual_seed(1);
-        let mut grad = p.grad();
-        assert!(!grad.defined());
-        // One step with gradient 1, then 500 with gradient 0.
-        let ones = Tensor::ones([50_000], (Kind::Float, tch::Device::Cpu));
-        (&p * &ones).sum(Kind::Float).backward();
+        // One step with gradient 1 (v = 0.001), then 500 with gradient 0.
+        p.sum(Kind::Float).backward();
         opt.step(1e-3).unwrap();
-        grad = p.grad();
-        let _ = grad.zero_();
+        let _ = p.grad().zero_();
+        // Round-to-nearest would keep v where it is.
+        let v0 = Tensor::from_slice(&[0.001f32]).to_kind(Kind::BFloat16);
+        let decayed = (v0.to_kind(Kind::Float) * 0.999).to_kind(Kind::BFloat16);
+        assert_eq!(
+            f64::try_from(&decayed).unwrap(),
+            f64::try_from(&v0).unwrap()
+        );
         for _ in 0..500 {
             opt.step(1e-3).unwrap();
         }

@@ -274,7 +274,7 @@ impl BertEncoder {
     }
 }
 
-/// What the layers of a [`BertEncoder`] read in one pass.
+/// What the layers of a `BertEncoder` read in one pass.
 pub struct EncoderPass {
     pub(super) f: Fwd,
     mask: AttnMask,

@@ -29,8 +29,6 @@ struct Block {
 /// What every block of one pass reads.
 pub struct Pass {
     f: Fwd,
-    bsz: i64,
-    t: i64,
     mask: AttnMask,
 }
 
@@ -107,7 +105,7 @@ impl Architecture for Gpt2 {
     type Pass = Pass;
 
     fn embed(&self, core: &Core, batch: &Batch<'_>, train: bool) -> Result<(Pass, Tensor)> {
-        let (bsz, t) = core.check_batch(batch, Some(self.cfg.n_positions))?;
+        let (_, t) = core.check_batch(batch, Some(self.cfg.n_positions))?;
         let f = Fwd {
             kind: core.compute_kind,
             train,
@@ -123,7 +121,7 @@ impl Architecture for Gpt2 {
             Some(p) => packed_mask(&p.segment_ids, None)?,
             None => causal_mask(batch.attention_mask, None, all_real(batch.attention_mask)?)?,
         };
-        Ok((Pass { f, bsz, t, mask }, h))
+        Ok((Pass { f, mask }, h))
     }
 
     fn num_layers(&self) -> usize {
@@ -132,7 +130,8 @@ impl Architecture for Gpt2 {
 
     fn layer(&self, i: usize, h: &Tensor, p: &Pass) -> Result<Tensor> {
         let (c, blk, f) = (&self.cfg, &self.blocks[i], p.f);
-        let (nh, d, bsz, t) = (c.n_head, c.n_embd, p.bsz, p.t);
+        let (nh, d, s) = (c.n_head, c.n_embd, h.size());
+        let (bsz, t) = (s[0], s[1]);
         let hd = d / nh;
         let attn_p = if f.train { c.attn_pdrop } else { 0.0 };
         let a = blk.ln_1.forward(h)?;

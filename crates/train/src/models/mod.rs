@@ -56,7 +56,7 @@ use crate::{Error, Result};
 pub trait Architecture: Send {
     /// The base model's prefix in task checkpoints (`transformer`, `model`, `bert`).
     const BASE_PREFIX: &'static str;
-    /// Whether [`Architecture::forward`] reads `Batch::token_type_ids`.
+    /// Whether [`Architecture::embed`] reads `Batch::token_type_ids`.
     const TOKEN_TYPE_IDS: bool = false;
     /// The `architectures` entry transformers writes for `model_type` trained for `task`.
     fn hf_class(model_type: &str, task: &TaskHead) -> String;
