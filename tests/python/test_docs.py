@@ -78,6 +78,41 @@ def test_outputs_examples_run(live_server, tmp_path):
     run_document("outputs.md", live_server, tmp_path)
 
 
+EXAMPLE = re.compile(r"^(#+ [^\n]*)$|^```(json|text)\n(.*?)^```\s*$", re.M | re.S)
+
+
+def test_data_formats_examples_are_accepted_as_their_shape(live_server):
+    """Every example file in docs/data-formats.md (```json: JSONL, ```text: CSV or TSV, by its
+    header) uploads as `processed`, with the shape its section names."""
+    import httpx2 as httpx
+
+    text = (DOCS / "data-formats.md").read_text()
+    # First match wins: "text + labels" before "text + label".
+    shapes = {"chat": "messages", "prompt / completion": "prompt_completion", "text + labels": "text_labels",
+              "text + label": "text_label", "text + number": "text_label", "sentence pairs": "text_label",
+              "text — causal": "text", "csv and tsv": "text_label"}
+    heading, checked = "", 0
+    for m in EXAMPLE.finditer(text):
+        if m.group(1):
+            heading = m.group(1).lower()
+            continue
+        lang, body = m.group(2), m.group(3)
+        if lang == "json":
+            name = "example.jsonl"
+        else:
+            name = "example.tsv" if "\t" in body.splitlines()[0] else "example.csv"
+        r = httpx.post(f"{live_server['base']}/v1/files", headers={"Authorization": f"Bearer {live_server['key']}"},
+                       files={"file": (name, body.encode())}, data={"purpose": "fine-tune"}, timeout=30)
+        assert r.status_code == 200, (heading, body, r.text)
+        f = r.json()
+        assert f["status"] == "processed", (heading, body, f)
+        want = next((v for k, v in shapes.items() if k in heading), "unknown")
+        assert want != "unknown", f"no expected shape for section {heading!r}"
+        assert f["format"] == want, (heading, body, f)
+        checked += 1
+    assert checked >= 8, checked
+
+
 def test_cli_doc_covers_every_command():
     doc = (DOCS / "cli.md").read_text()
     help_text = subprocess.run([str(BINARY), "--help"], capture_output=True, text=True, check=True).stdout

@@ -238,6 +238,7 @@ async fn receive_part(
             format: None,
             example_count: None,
             label_count: None,
+            non_numeric_label_line: None,
         }
     };
     let row = db::set_check(&st.db, &row.file_id, &check).await?;
@@ -345,7 +346,9 @@ pub async fn check_file(path: PathBuf, filename: String) -> ApiResult<FileCheck>
     })
     .await
     .map_err(|e| ApiError::Internal(format!("file check task: {e}")))??;
-    let label_count = (report.shape == Some(data::Shape::TextLabel))
+    let label_count = report
+        .shape
+        .is_some_and(data::Shape::is_labelled)
         .then(|| i32::try_from(report.labels.len()).unwrap_or(i32::MAX));
     let (status, status_details) = if report.is_ok() {
         ("processed", None)
@@ -358,5 +361,9 @@ pub async fn check_file(path: PathBuf, filename: String) -> ApiResult<FileCheck>
         format: report.shape.map(|s| s.as_str().to_string()),
         example_count: Some(report.examples as i64),
         label_count,
+        non_numeric_label_line: report
+            .first_non_numeric_label
+            .as_ref()
+            .map(|(line, _)| *line as i64),
     })
 }

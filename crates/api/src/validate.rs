@@ -6,7 +6,10 @@
 //!   modules and freeze patterns name modules it has, `freeze_layers` is below its depth.
 //! - The training and validation files (uploaded ones; `dataset_url` data cannot be read here)
 //!   have a shape the task can use: causal LM needs chat, prompt/completion or text records;
-//!   classification needs text+label records with at least two distinct labels.
+//!   classification needs text+label records with at least two distinct labels, regression
+//!   text+label records whose labels are numbers (checked here when the file is read; the
+//!   trainer names the line otherwise), multi-label classification text+labels records with at
+//!   least two distinct labels.
 //!
 //! The outcome goes to `tuna_db::queue::finish_validation` (queued, or failed with an error
 //! naming the cause and what would fit). Jobs left in `validating_files` by a previous run are
@@ -170,9 +173,7 @@ async fn check_with(
             ))));
         };
         let outcome = match (stored_scan(file), read_files_as) {
-            (Some((shape, labels)), _) => {
-                check_shape(spec.task, shape, labels, file_id, code, param)
-            }
+            (Some(scan), _) => check_shape(spec.task, &scan, file_id, code, param),
             (None, Some(job_id)) => check_content(st, job_id, spec, file, code, param).await?,
             (None, None) => return Ok(None),
         };
@@ -183,18 +184,31 @@ async fn check_with(
     Ok(Some(Ok(())))
 }
 
-/// The shape and number of distinct labels of a processed file, as its upload scan stored them.
-fn stored_scan(file: &FileRow) -> Option<(Option<Shape>, usize)> {
+/// What a job check needs of a file's scan.
+struct Scan {
+    shape: Option<Shape>,
+    /// Distinct labels.
+    labels: usize,
+    /// The first line whose label is not a number (None: all are, or not recorded).
+    non_numeric_label_line: Option<u64>,
+}
+
+/// The scan of a processed file, as its upload stored it.
+fn stored_scan(file: &FileRow) -> Option<Scan> {
     file.example_count?;
     let shape = match &file.format {
         None => None,
         Some(name) => Some(Shape::parse(name)?),
     };
     let labels = match shape {
-        Some(Shape::TextLabel) => usize::try_from(file.label_count?).unwrap_or(0),
+        Some(s) if s.is_labelled() => usize::try_from(file.label_count?).unwrap_or(0),
         _ => 0,
     };
-    Some((shape, labels))
+    Some(Scan {
+        shape,
+        labels,
+        non_numeric_label_line: file.non_numeric_label_line.map(|l| l as u64),
+    })
 }
 
 async fn check_model(
@@ -229,7 +243,9 @@ async fn check_model(
 }
 
 fn check_arch(spec: &JobSpec, arch: &Arch, config: Option<&HfConfig>) -> Result<(), JobError> {
-    if let Some(tasks) = &arch.tasks {
+    // The live config.json knows the tasks of this version; a stored summary may be older.
+    let tasks = config.map(HfConfig::tasks).or_else(|| arch.tasks.clone());
+    if let Some(tasks) = &tasks {
         if !tasks.contains(&spec.task) {
             let names: Vec<&str> = tasks.iter().map(|t| t.as_str()).collect();
             return Err(fail(
@@ -389,53 +405,69 @@ async fn check_content(
             format!("file '{file_id}' is not valid: {}", report.summary()),
         )));
     }
-    Ok(check_shape(
-        spec.task,
-        report.shape,
-        report.labels.len(),
-        file_id,
-        code,
-        param,
-    ))
+    let scan = Scan {
+        shape: report.shape,
+        labels: report.labels.len(),
+        non_numeric_label_line: report.first_non_numeric_label.map(|(line, _)| line),
+    };
+    Ok(check_shape(spec.task, &scan, file_id, code, param))
 }
 
 fn check_shape(
     task: Task,
-    shape: Option<Shape>,
-    labels: usize,
+    scan: &Scan,
     file_id: &str,
     code: &str,
     param: &str,
 ) -> Result<(), JobError> {
-    let Some(shape) = shape else {
+    let labels = scan.labels;
+    let Some(shape) = scan.shape else {
         return Err(fail(
             code,
             param,
             format!("file '{file_id}' holds no examples"),
         ));
     };
+    if !shape.fits(task) {
+        let need = match task {
+            Task::CausalLm => "chat `messages`, `prompt`/`completion` or `text` records",
+            Task::SequenceClassification | Task::SequenceRegression => "`text` + `label` records",
+            Task::MultiLabelClassification => "`text` + `labels` (a list) records",
+        };
+        let instead = Task::ALL
+            .into_iter()
+            .filter(|t| shape.fits(*t))
+            .map(|t| format!("'{}'", t.as_str()))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        return Err(fail(
+            code,
+            param,
+            format!(
+                "file '{file_id}' holds `{}` records, but task '{}' needs {need}; these records suit task {instead}",
+                shape.as_str(),
+                task.as_str()
+            ),
+        ));
+    }
     match task {
-        Task::CausalLm if !shape.fits_causal_lm() => Err(fail(
+        Task::SequenceRegression if scan.non_numeric_label_line.is_some() => Err(fail(
             code,
             param,
             format!(
-                "file '{file_id}' holds `{}` records, which task 'causal_lm' cannot train on; use chat `messages`, `prompt`/`completion` or `text` records, or set task 'sequence_classification'",
-                shape.as_str()
+                "file '{file_id}' line {}: the label is not a number; task 'sequence_regression' trains on numeric labels (for named classes use 'sequence_classification')",
+                scan.non_numeric_label_line.unwrap_or_default()
             ),
         )),
-        Task::SequenceClassification if !shape.fits_classification() => Err(fail(
-            code,
-            param,
-            format!(
-                "file '{file_id}' holds `{}` records, but task 'sequence_classification' needs `text` + `label` records",
-                shape.as_str()
-            ),
-        )),
-        Task::SequenceClassification if labels < 2 && param == "training_file" => Err(fail(
-            code,
-            param,
-            format!("file '{file_id}' has {labels} distinct label(s); classification needs at least 2"),
-        )),
+        Task::SequenceClassification | Task::MultiLabelClassification
+            if labels < 2 && param == "training_file" =>
+        {
+            Err(fail(
+                code,
+                param,
+                format!("file '{file_id}' has {labels} distinct label(s); classification needs at least 2"),
+            ))
+        }
         _ => Ok(()),
     }
 }

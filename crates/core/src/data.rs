@@ -5,9 +5,16 @@
 //!   - chat: `{"messages": [{"role", "content", "weight"?}, ...]}`
 //!   - prompt/completion: `{"prompt", "completion"}`
 //!   - text: `{"text"}`
-//!   - text + label: `{"text", "label"}` (label a string or an integer)
-//! - CSV or TSV with a header row: a `text` column (aliases `sentence`, `content`) and an
-//!   optional `label` column, or `prompt` and `completion` columns.
+//!   - text + label: `{"text", "label"}` (label a string or a number: a class name or id, or
+//!     the target of a regression)
+//!   - text + labels: `{"text", "labels": [...]}` (multi-label classification; the list may be
+//!     empty)
+//!   - both labelled shapes take a second text, `text_pair` (sentence-pair tasks); GLUE's
+//!     `sentence1` / `sentence2` keys are read as `text` / `text_pair`
+//! - CSV or TSV with a header row: a `text` column (aliases `sentence`, `content`, and
+//!   `sentence1` beside `sentence2`), an optional `text_pair` (or `sentence2`) column, and a
+//!   `label` column or a `labels` column (a JSON list, or names separated by commas); or
+//!   `prompt` and `completion` columns.
 //!
 //! Errors carry the 1-based line number and a rule name (`invalid_json`, `unrecognized_role`, …)
 //! so a user can find and fix the record. The readers never hold the whole file in memory.
@@ -16,6 +23,8 @@ use std::io::BufRead;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::spec::Task;
 
 /// How the bytes are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +66,8 @@ pub enum Shape {
     PromptCompletion,
     Text,
     TextLabel,
+    /// Multi-label: a list of labels per text.
+    TextLabels,
 }
 
 impl Shape {
@@ -66,6 +77,7 @@ impl Shape {
             Shape::PromptCompletion => "prompt_completion",
             Shape::Text => "text",
             Shape::TextLabel => "text_label",
+            Shape::TextLabels => "text_labels",
         }
     }
 
@@ -76,6 +88,7 @@ impl Shape {
             Shape::PromptCompletion,
             Shape::Text,
             Shape::TextLabel,
+            Shape::TextLabels,
         ]
         .into_iter()
         .find(|s| s.as_str() == name)
@@ -89,9 +102,18 @@ impl Shape {
         )
     }
 
-    /// Shapes a sequence-classification job can train on.
-    pub fn fits_classification(self) -> bool {
-        matches!(self, Shape::TextLabel)
+    /// Whether a job of `task` can train on records of this shape.
+    pub fn fits(self, task: Task) -> bool {
+        match task {
+            Task::CausalLm => self.fits_causal_lm(),
+            Task::SequenceClassification | Task::SequenceRegression => self == Shape::TextLabel,
+            Task::MultiLabelClassification => self == Shape::TextLabels,
+        }
+    }
+
+    /// Whether the shape carries labels (and the scan collects them).
+    pub fn is_labelled(self) -> bool {
+        matches!(self, Shape::TextLabel | Shape::TextLabels)
     }
 }
 
@@ -103,12 +125,23 @@ pub struct Message {
     pub weight: Option<u8>,
 }
 
-/// A label as written in the data: classification labels may be names or integers.
+/// A label as written in the data: classification labels may be names or integers; a number
+/// that is not an integer is kept as written, as a name (regression reads it back as a number).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Label {
     Int(i64),
     Name(String),
+}
+
+impl Label {
+    /// The label as a regression target: a number, or a name that reads as one.
+    pub fn as_number(&self) -> Option<f64> {
+        match self {
+            Label::Int(i) => Some(*i as f64),
+            Label::Name(s) => s.trim().parse::<f64>().ok().filter(|v| v.is_finite()),
+        }
+    }
 }
 
 impl std::fmt::Display for Label {
@@ -123,10 +156,30 @@ impl std::fmt::Display for Label {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Example {
-    Chat { messages: Vec<Message> },
-    PromptCompletion { prompt: String, completion: String },
-    Text { text: String },
-    Labeled { text: String, label: Label },
+    Chat {
+        messages: Vec<Message>,
+    },
+    PromptCompletion {
+        prompt: String,
+        completion: String,
+    },
+    Text {
+        text: String,
+    },
+    Labeled {
+        text: String,
+        /// The second text of a sentence pair.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text_pair: Option<String>,
+        label: Label,
+    },
+    /// Multi-label classification: every label that applies (none is allowed).
+    MultiLabeled {
+        text: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text_pair: Option<String>,
+        labels: Vec<Label>,
+    },
 }
 
 impl Example {
@@ -136,6 +189,16 @@ impl Example {
             Example::PromptCompletion { .. } => Shape::PromptCompletion,
             Example::Text { .. } => Shape::Text,
             Example::Labeled { .. } => Shape::TextLabel,
+            Example::MultiLabeled { .. } => Shape::TextLabels,
+        }
+    }
+
+    /// The labels of a labelled record (one, or a multi-label record's list).
+    pub fn labels(&self) -> &[Label] {
+        match self {
+            Example::Labeled { label, .. } => std::slice::from_ref(label),
+            Example::MultiLabeled { labels, .. } => labels,
+            _ => &[],
         }
     }
 }
@@ -202,17 +265,59 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
         }
         return Ok(Example::PromptCompletion { prompt, completion });
     }
-    if obj.contains_key("text") {
-        let text = string_field(&obj, "text", line_no)?;
+    // GLUE's sentence-pair files name the two texts `sentence1` and `sentence2`.
+    let (text_key, pair_key) = if obj.contains_key("text") || !obj.contains_key("sentence1") {
+        ("text", "text_pair")
+    } else {
+        ("sentence1", "sentence2")
+    };
+    if obj.contains_key(text_key) {
+        let text = string_field(&obj, text_key, line_no)?;
         if text.trim().is_empty() {
-            return Err(LineError::new(line_no, "empty_text", "`text` is empty"));
+            return Err(LineError::new(
+                line_no,
+                "empty_text",
+                format!("`{text_key}` is empty"),
+            ));
         }
-        return match obj.get("label") {
-            None | Some(Value::Null) => Ok(Example::Text { text }),
-            Some(label) => Ok(Example::Labeled {
+        let text_pair = match obj.get(pair_key) {
+            None | Some(Value::Null) => None,
+            Some(_) => {
+                let pair = string_field(&obj, pair_key, line_no)?;
+                if pair.trim().is_empty() {
+                    return Err(LineError::new(
+                        line_no,
+                        "empty_text",
+                        format!("`{pair_key}` is empty"),
+                    ));
+                }
+                Some(pair)
+            }
+        };
+        let label = obj.get("label").filter(|v| !v.is_null());
+        let labels = obj.get("labels").filter(|v| !v.is_null());
+        return match (label, labels) {
+            (Some(_), Some(_)) => Err(LineError::new(
+                line_no,
+                "invalid_label",
+                "a record has `label` (one label) or `labels` (a list), not both",
+            )),
+            (Some(label), None) => Ok(Example::Labeled {
                 text,
+                text_pair,
                 label: parse_label(label, line_no)?,
             }),
+            (None, Some(labels)) => Ok(Example::MultiLabeled {
+                text,
+                text_pair,
+                labels: parse_label_list(labels, line_no)?,
+            }),
+            (None, None) if text_pair.is_some() => Err(LineError::new(
+                line_no,
+                "missing_key",
+                format!("a record with `{pair_key}` needs a `label` or `labels`"),
+            )),
+            (None, None) => Ok(Example::Text { text }),
         };
     }
     let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
@@ -220,7 +325,7 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
         line_no,
         "unknown_shape",
         format!(
-            "expected `messages`, `prompt`/`completion`, `text` or `text`/`label`; found keys {keys:?}"
+            "expected `messages`, `prompt`/`completion`, `text`, `text`/`label` or `text`/`labels`; found keys {keys:?}"
         ),
     ))
 }
@@ -248,16 +353,77 @@ fn string_field(
 fn parse_label(value: &Value, line_no: u64) -> Result<Label, LineError> {
     match value {
         Value::String(s) if !s.trim().is_empty() => Ok(Label::Name(s.trim().to_string())),
-        Value::Number(n) if n.as_i64().is_some() => Ok(Label::Int(n.as_i64().unwrap_or_default())),
+        Value::Number(n) => Ok(match n.as_i64() {
+            Some(i) => Label::Int(i),
+            None => Label::Name(n.to_string()),
+        }),
         other => Err(LineError::new(
             line_no,
             "invalid_label",
             format!(
-                "`label` must be a non-empty string or an integer, found {}",
+                "`label` must be a non-empty string or a number, found {}",
                 type_name(other)
             ),
         )),
     }
+}
+
+/// A multi-label record's `labels`: a list of names or integers, duplicates dropped.
+fn parse_label_list(value: &Value, line_no: u64) -> Result<Vec<Label>, LineError> {
+    let Value::Array(items) = value else {
+        return Err(LineError::new(
+            line_no,
+            "invalid_label",
+            format!("`labels` must be a list, found {}", type_name(value)),
+        ));
+    };
+    let mut out: Vec<Label> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let label = match item {
+            Value::String(s) if !s.trim().is_empty() => Label::Name(s.trim().to_string()),
+            Value::Number(n) if n.as_i64().is_some() => Label::Int(n.as_i64().unwrap_or_default()),
+            other => {
+                return Err(LineError::new(
+                    line_no,
+                    "invalid_label",
+                    format!(
+                        "`labels[{i}]` must be a non-empty string or an integer, found {}",
+                        type_name(other)
+                    ),
+                ))
+            }
+        };
+        if !out.contains(&label) {
+            out.push(label);
+        }
+    }
+    Ok(out)
+}
+
+/// A CSV/TSV `labels` field: a JSON list, or names separated by commas (empty: no labels).
+fn parse_label_field(raw: &str, line_no: u64) -> Result<Vec<Label>, LineError> {
+    let raw = raw.trim();
+    if raw.starts_with('[') {
+        let value: Value = serde_json::from_str(raw).map_err(|e| {
+            LineError::new(
+                line_no,
+                "invalid_label",
+                format!("`labels` is not a valid JSON list: {e}"),
+            )
+        })?;
+        return parse_label_list(&value, line_no);
+    }
+    let mut out: Vec<Label> = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let label = part
+            .parse::<i64>()
+            .map(Label::Int)
+            .unwrap_or_else(|_| Label::Name(part.to_string()));
+        if !out.contains(&label) {
+            out.push(label);
+        }
+    }
+    Ok(out)
 }
 
 fn parse_messages(value: &Value, line_no: u64) -> Result<Vec<Message>, LineError> {
@@ -392,8 +558,12 @@ pub struct Report {
     pub errors: Vec<LineError>,
     /// Total number of bad records (may exceed `errors.len()`).
     pub error_count: u64,
-    /// Distinct labels (text+label data), sorted, at most 10,000 kept.
+    /// Distinct labels (text+label and text+labels data), sorted, at most 10,000 kept.
     pub labels: Vec<Label>,
+    /// Text+label data: the first record whose label is not a number (what a regression job
+    /// cannot train on), with its line.
+    #[serde(default)]
+    pub first_non_numeric_label: Option<(u64, Label)>,
 }
 
 impl Report {
@@ -446,9 +616,14 @@ pub fn scan<R: BufRead>(
         match parsed {
             Ok(ex) => {
                 report.shape.get_or_insert(ex.shape());
-                if let Example::Labeled { label, .. } = &ex {
+                for label in ex.labels() {
                     if labels.len() < 10_000 {
                         labels.insert(label.clone());
+                    }
+                }
+                if let Example::Labeled { label, .. } = &ex {
+                    if report.first_non_numeric_label.is_none() && label.as_number().is_none() {
+                        report.first_non_numeric_label = Some((line, label.clone()));
                     }
                 }
                 report.examples += 1;
@@ -546,14 +721,44 @@ fn scan_delimited<R: BufRead>(
         }
     };
     let find = |names: &[&str]| headers.iter().position(|h| names.contains(&h.as_str()));
-    let text_col = find(&["text", "sentence", "content"]);
+    let pair_col = find(&["text_pair", "sentence2"]);
+    let text_col = match find(&["text", "sentence", "content"]) {
+        None if pair_col.is_some() => find(&["sentence1"]),
+        found => found,
+    };
     let label_col = find(&["label"]);
+    let labels_col = find(&["labels"]);
     let prompt_col = find(&["prompt"]);
     let completion_col = find(&["completion"]);
-    let layout = match (text_col, label_col, prompt_col, completion_col) {
-        (_, _, Some(p), Some(c)) => Layout::PromptCompletion(p, c),
-        (Some(t), Some(l), _, _) => Layout::TextLabel(t, l),
-        (Some(t), None, _, _) => Layout::Text(t),
+    let layout = match (text_col, label_col, labels_col, prompt_col, completion_col) {
+        (_, _, _, Some(p), Some(c)) => Layout::PromptCompletion(p, c),
+        (Some(t), Some(l), None, _, _) => Layout::TextLabel(t, pair_col, l),
+        (Some(t), None, Some(l), _, _) => Layout::TextLabels(t, pair_col, l),
+        (Some(_), Some(_), Some(_), _, _) => {
+            push(
+                report,
+                1,
+                Err(LineError::new(
+                    1,
+                    "csv_missing_column",
+                    "the header has both `label` (one label per row) and `labels` (a list per row); keep one",
+                )),
+            );
+            return;
+        }
+        (Some(_), None, None, _, _) if pair_col.is_some() => {
+            push(
+                report,
+                1,
+                Err(LineError::new(
+                    1,
+                    "csv_missing_column",
+                    format!("sentence pairs need a `label` or `labels` column; found {headers:?}"),
+                )),
+            );
+            return;
+        }
+        (Some(t), None, None, _, _) => Layout::Text(t),
         _ => {
             push(
                 report,
@@ -561,7 +766,7 @@ fn scan_delimited<R: BufRead>(
                 Err(LineError::new(
                     1,
                     "csv_missing_column",
-                    format!("the header needs a `text` (or `sentence`) column, optionally `label`, or `prompt` and `completion`; found {headers:?}"),
+                    format!("the header needs a `text` (or `sentence`) column, optionally `text_pair` and `label` or `labels`, or `prompt` and `completion`; found {headers:?}"),
                 )),
             );
             return;
@@ -616,11 +821,18 @@ fn scan_delimited<R: BufRead>(
                     })
                 }
             }
-            Layout::Text(t) | Layout::TextLabel(t, _) if get(t).trim().is_empty() => {
+            Layout::Text(t) | Layout::TextLabel(t, _, _) | Layout::TextLabels(t, _, _)
+                if get(t).trim().is_empty() =>
+            {
                 Err(LineError::new(line, "empty_text", "`text` is empty"))
             }
+            Layout::TextLabel(_, Some(p), _) | Layout::TextLabels(_, Some(p), _)
+                if get(p).trim().is_empty() =>
+            {
+                Err(LineError::new(line, "empty_text", "`text_pair` is empty"))
+            }
             Layout::Text(t) => Ok(Example::Text { text: get(t) }),
-            Layout::TextLabel(t, l) => {
+            Layout::TextLabel(t, p, l) => {
                 let raw = get(l);
                 let raw = raw.trim();
                 if raw.is_empty() {
@@ -632,20 +844,30 @@ fn scan_delimited<R: BufRead>(
                         .unwrap_or_else(|_| Label::Name(raw.to_string()));
                     Ok(Example::Labeled {
                         text: get(t),
+                        text_pair: p.map(get),
                         label,
                     })
                 }
+            }
+            Layout::TextLabels(t, p, l) => {
+                parse_label_field(&get(l), line).map(|labels| Example::MultiLabeled {
+                    text: get(t),
+                    text_pair: p.map(get),
+                    labels,
+                })
             }
         };
         push(report, line, parsed);
     }
 }
 
+/// Column indices: text, the optional second text, the label(s).
 #[derive(Clone, Copy)]
 enum Layout {
     PromptCompletion(usize, usize),
     Text(usize),
-    TextLabel(usize, usize),
+    TextLabel(usize, Option<usize>, usize),
+    TextLabels(usize, Option<usize>, usize),
 }
 
 /// Reads every example of a file, or the first `max_errors` errors if any record is bad.
@@ -721,6 +943,15 @@ mod tests {
             ),
             (r#"{"text":""}"#, "empty_text"),
             (r#"{"text":"a","label":[1]}"#, "invalid_label"),
+            (r#"{"text":"a","labels":"x"}"#, "invalid_label"),
+            (r#"{"text":"a","labels":[1.5]}"#, "invalid_label"),
+            (r#"{"text":"a","label":1,"labels":[1]}"#, "invalid_label"),
+            (r#"{"text":"a","text_pair":""}"#, "empty_text"),
+            (r#"{"text":"a","text_pair":"b"}"#, "missing_key"),
+            (
+                r#"{"sentence1":"","sentence2":"b","label":0}"#,
+                "empty_text",
+            ),
             (r#"{"foo":1}"#, "unknown_shape"),
         ];
         for (line, rule) in cases {
@@ -751,6 +982,7 @@ mod tests {
             seen[1].1,
             Example::Labeled {
                 text: "awful".into(),
+                text_pair: None,
                 label: Label::Int(0)
             }
         );
@@ -765,6 +997,118 @@ mod tests {
         assert_eq!(r.errors[0].rule, "csv_field_count");
         assert_eq!(r.errors[0].line, 5);
         let r = scan_str("foo,bar\n1,2\n", Format::Csv);
+        assert_eq!(r.errors[0].rule, "csv_missing_column");
+    }
+
+    #[test]
+    fn regression_labels_multi_labels_and_pairs_parse() {
+        let lines = [
+            r#"{"text":"a","label":3.25}"#,
+            r#"{"text":"b","label":-1}"#,
+            r#"{"text":"c","text_pair":"d","label":"0.5"}"#,
+        ];
+        let got: Vec<Example> = lines
+            .iter()
+            .map(|l| parse_json_line(l, 1).unwrap())
+            .collect();
+        assert_eq!(got[0].labels()[0].as_number(), Some(3.25));
+        assert_eq!(got[1].labels()[0].as_number(), Some(-1.0));
+        assert_eq!(
+            got[2],
+            Example::Labeled {
+                text: "c".into(),
+                text_pair: Some("d".into()),
+                label: Label::Name("0.5".into())
+            }
+        );
+        assert_eq!(Label::Name("pos".into()).as_number(), None);
+        let glue = parse_json_line(r#"{"sentence1":"x","sentence2":"y","label":1}"#, 1).unwrap();
+        assert_eq!(
+            glue,
+            Example::Labeled {
+                text: "x".into(),
+                text_pair: Some("y".into()),
+                label: Label::Int(1)
+            }
+        );
+        let multi = parse_json_line(r#"{"text":"t","labels":["b","a","b",2]}"#, 1).unwrap();
+        assert_eq!(multi.shape(), Shape::TextLabels);
+        assert_eq!(
+            multi.labels(),
+            &[
+                Label::Name("b".into()),
+                Label::Name("a".into()),
+                Label::Int(2)
+            ]
+        );
+        let none = parse_json_line(r#"{"text":"t","labels":[]}"#, 1).unwrap();
+        assert!(none.labels().is_empty());
+        let r = scan_str(
+            "{\"text\":\"a\",\"labels\":[\"x\"]}\n{\"text\":\"b\",\"labels\":[\"y\",\"x\"]}\n{\"text\":\"c\",\"label\":\"x\"}\n",
+            Format::Jsonl,
+        );
+        assert_eq!(r.shape, Some(Shape::TextLabels));
+        assert_eq!(
+            r.labels,
+            vec![Label::Name("x".into()), Label::Name("y".into())]
+        );
+        assert_eq!(r.first_non_numeric_label, None);
+        let numbers = scan_str(
+            "{\"text\":\"a\",\"label\":1.5}\n{\"text\":\"b\",\"label\":\"2\"}\n{\"text\":\"c\",\"label\":\"high\"}\n",
+            Format::Jsonl,
+        );
+        assert_eq!(
+            numbers.first_non_numeric_label,
+            Some((3, Label::Name("high".into())))
+        );
+        assert_eq!(
+            (r.errors[0].line, r.errors[0].rule.as_str()),
+            (3, "mixed_shapes")
+        );
+        assert!(Shape::TextLabels.fits(Task::MultiLabelClassification));
+        assert!(!Shape::TextLabels.fits(Task::SequenceClassification));
+        assert!(Shape::TextLabel.fits(Task::SequenceRegression));
+    }
+
+    #[test]
+    fn csv_pairs_and_label_lists() {
+        let mut seen = vec![];
+        let csv = "sentence1,sentence2,label\nthe cat,a cat,0.8\n\"x, y\",z,1\n";
+        let r = scan(csv.as_bytes(), Format::Csv, 10, |_, ex| seen.push(ex));
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(
+            seen[0],
+            Example::Labeled {
+                text: "the cat".into(),
+                text_pair: Some("a cat".into()),
+                label: Label::Name("0.8".into())
+            }
+        );
+        let mut seen = vec![];
+        let tsv = "text\tlabels\nfirst\tsports,news\nsecond\t[\"news\", 3]\nthird\t\n";
+        let r = scan(tsv.as_bytes(), Format::Tsv, 10, |_, ex| seen.push(ex));
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.shape, Some(Shape::TextLabels));
+        assert_eq!(
+            seen[0].labels(),
+            &[Label::Name("sports".into()), Label::Name("news".into())]
+        );
+        assert_eq!(
+            seen[1].labels(),
+            &[Label::Name("news".into()), Label::Int(3)]
+        );
+        assert!(seen[2].labels().is_empty());
+        let r = scan_str("text,text_pair,label\na,,1\n", Format::Csv);
+        assert_eq!(
+            (r.errors[0].line, r.errors[0].rule.as_str()),
+            (2, "empty_text")
+        );
+        let r = scan_str("text\tlabels\na\t[1.5]\n", Format::Tsv);
+        assert_eq!(
+            (r.errors[0].line, r.errors[0].rule.as_str()),
+            (2, "invalid_label")
+        );
+        let r = scan_str("text,text_pair\na,b\n", Format::Csv);
         assert_eq!(r.errors[0].rule, "csv_missing_column");
     }
 

@@ -155,7 +155,7 @@ pub fn estimate_with(
     };
     let logits = match spec.task {
         Task::CausalLm => tokens * d.vocab_size as f64 * 4.0 * logit_copies,
-        Task::SequenceClassification => 0.0,
+        _ => 0.0,
     };
     let activations = if checkpointing(spec) {
         // Each layer's input (in the compute kind), one layer's activations, and the larger of

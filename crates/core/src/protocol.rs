@@ -92,8 +92,24 @@ pub struct EvalMetrics {
     /// Classification.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_accuracy: Option<f64>,
+    /// Classification and multi-label: the mean of the per-label F1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_macro_f1: Option<f64>,
+    /// Multi-label: F1 over all (example, label) decisions, each label predicted at sigmoid > 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_micro_f1: Option<f64>,
+    /// Multi-label: share of examples whose label set is predicted exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_subset_accuracy: Option<f64>,
+    /// Regression: root mean squared error (`valid_loss` is the mean squared error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_rmse: Option<f64>,
+    /// Regression: Pearson and Spearman correlation of predictions and targets (None where
+    /// undefined, e.g. constant predictions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_pearson: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_spearman: Option<f64>,
     pub valid_examples: usize,
 }
 

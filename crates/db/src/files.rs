@@ -27,6 +27,8 @@ pub struct FileCheck {
     pub example_count: Option<i64>,
     /// Distinct labels (text+label data only).
     pub label_count: Option<i32>,
+    /// Text+label data: the first line whose label is not a number.
+    pub non_numeric_label_line: Option<i64>,
 }
 
 /// Sort order of a listing by creation.
@@ -55,7 +57,7 @@ pub async fn insert_file(pool: &PgPool, f: &NewFile) -> Result<FileRow> {
 /// Stores the result of checking a file.
 pub async fn set_check(pool: &PgPool, file_id: &str, check: &FileCheck) -> Result<FileRow> {
     Ok(sqlx::query_as(
-        "update files set status = $2, status_details = $3, format = $4, example_count = $5, label_count = $6 where file_id = $1 returning *",
+        "update files set status = $2, status_details = $3, format = $4, example_count = $5, label_count = $6, non_numeric_label_line = $7 where file_id = $1 returning *",
     )
     .bind(file_id)
     .bind(&check.status)
@@ -63,6 +65,7 @@ pub async fn set_check(pool: &PgPool, file_id: &str, check: &FileCheck) -> Resul
     .bind(&check.format)
     .bind(check.example_count)
     .bind(check.label_count)
+    .bind(check.non_numeric_label_line)
     .fetch_one(pool)
     .await?)
 }

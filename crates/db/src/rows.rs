@@ -107,6 +107,8 @@ pub struct FileRow {
     pub deleted_at: Option<DateTime<Utc>>,
     /// Distinct labels of a processed text+label file (migration 0003).
     pub label_count: Option<i32>,
+    /// The first line whose label is not a number (migration 0007).
+    pub non_numeric_label_line: Option<i64>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -32,9 +32,9 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
-use tuna_core::spec::Precision;
+use tuna_core::spec::{Precision, Task};
 
-use crate::data::{self, Features};
+use crate::data::{self, Features, Target};
 use crate::model::{FreezeOptions, LoadOptions, LoraOptions, Model, Nf4Options, TaskHead};
 use crate::trainer::{self, StepConfig};
 use crate::{Error, Result};
@@ -482,6 +482,7 @@ fn task_head(file: &BatchFile, causal: bool) -> TaskHead {
     });
     TaskHead::SequenceClassification {
         id2label: (0..n).map(|i| i.to_string()).collect(),
+        problem_type: Default::default(),
     }
 }
 
@@ -505,7 +506,11 @@ fn features(file: &BatchFile, causal: bool, vocab_size: i64) -> Result<Vec<Vec<F
                         Vec::new()
                     },
                     token_type_ids: Vec::new(),
-                    class: if causal { None } else { e.label },
+                    target: if causal {
+                        Target::Tokens
+                    } else {
+                        Target::Class(e.label.unwrap_or_default())
+                    },
                 })
                 .collect()
         })
@@ -539,7 +544,11 @@ fn step_config(
     StepConfig {
         micro: batches.iter().map(Vec::len).max().unwrap_or(1),
         pad_id,
-        causal,
+        task: if causal {
+            Task::CausalLm
+        } else {
+            Task::SequenceClassification
+        },
         with_types: model.uses_token_type_ids(),
         pack_len: (causal && packing).then_some(file.max_len),
         group_overhead_tokens: (!causal && packing).then_some(trainer::GROUP_OVERHEAD_TOKENS),

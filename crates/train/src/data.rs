@@ -16,9 +16,12 @@
 //!   target. When a template does not render prefixes consistently, the span falls back to the
 //!   message content found in the full text plus the token that follows it.
 //!
-//! Sequence classification: the text with the tokenizer's special tokens ([CLS] ... [SEP]),
-//! truncated keeping the trailing special tokens; labels are mapped to ids by [`LabelMap`]
-//! (sorted: integers in numeric order, then names).
+//! Sequence-level tasks: the text with the tokenizer's special tokens ([CLS] ... [SEP]),
+//! truncated keeping the trailing special tokens; a sentence pair (`text_pair`) as the
+//! tokenizer's pair template lays it out ([`Tok::encode_pair_truncated`], the longer text cut
+//! first). Classification labels are mapped to ids by [`LabelMap`] (sorted: integers in numeric
+//! order, then names); a multi-label record becomes one 0/1 target per label of the map; a
+//! regression label must read as a number.
 //!
 //! Everything is cut to `max_len` tokens (the start is kept). Cuts are counted in [`DataStats`];
 //! a causal example left with no target after the cut is dropped and counted. A record that
@@ -42,26 +45,42 @@ pub struct Features {
     /// 1-based line in the source file.
     pub line: u64,
     pub input_ids: Vec<i64>,
-    /// Causal LM: per-position target id or -100. Classification: empty.
+    /// Causal LM: per-position target id or -100. Sequence-level tasks: empty.
     pub labels: Vec<i64>,
     pub token_type_ids: Vec<i64>,
-    /// Classification: the label id.
-    pub class: Option<i64>,
+    /// What the example is trained towards.
+    pub target: Target,
+}
+
+/// The target of one example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// Causal LM: the per-position targets are [`Features::labels`].
+    Tokens,
+    /// Single-label classification: the label id.
+    Class(i64),
+    /// Regression (one number) or multi-label classification (0 or 1 per label).
+    Values(Vec<f32>),
 }
 
 impl Features {
-    /// Tokens that count in the loss.
+    /// What counts in the loss's mean: target tokens (causal LM) or one per example.
     pub fn targets(&self) -> usize {
-        match self.class {
-            Some(_) => 1,
-            None => self.labels.iter().skip(1).filter(|l| **l != -100).count(),
+        match self.target {
+            Target::Tokens => self.labels.iter().skip(1).filter(|l| **l != -100).count(),
+            Target::Class(_) | Target::Values(_) => 1,
         }
+    }
+
+    /// A causal-LM example (its targets are per token).
+    pub fn is_causal(&self) -> bool {
+        self.target == Target::Tokens
     }
 }
 
 pub use tuna_core::protocol::DataStats;
 
-/// Label names ↔ ids for sequence classification.
+/// Label names ↔ ids for (single- and multi-label) sequence classification.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelMap {
     pub labels: Vec<Label>,
@@ -69,14 +88,12 @@ pub struct LabelMap {
 }
 
 impl LabelMap {
-    /// The sorted distinct labels of the training examples.
+    /// The sorted distinct labels of the training examples (the labels of every multi-label
+    /// record).
     pub fn from_examples(examples: &[(u64, Example)]) -> LabelMap {
         let set: std::collections::BTreeSet<Label> = examples
             .iter()
-            .filter_map(|(_, e)| match e {
-                Example::Labeled { label, .. } => Some(label.clone()),
-                _ => None,
-            })
+            .flat_map(|(_, e)| e.labels().iter().cloned())
             .collect();
         Self::new(set.into_iter().collect())
     }
@@ -139,7 +156,7 @@ pub fn featurize(
                     labels: ids.clone(),
                     input_ids: ids,
                     token_type_ids: vec![],
-                    class: None,
+                    target: Target::Tokens,
                 }
             }
             (Task::CausalLm, Example::PromptCompletion { prompt, completion }) => {
@@ -162,26 +179,34 @@ pub fn featurize(
                     input_ids,
                     labels,
                     token_type_ids: vec![],
-                    class: None,
+                    target: Target::Tokens,
                 }
             }
             (Task::CausalLm, Example::Chat { messages }) => chat_features(tok, messages)
                 .map_err(|e| err(line, e.to_string()))?
                 .with_line(line),
-            (Task::SequenceClassification, Example::Labeled { text, label }) => {
-                let map = labels.ok_or_else(|| Error::Data("no label map".into()))?;
-                let class = map.get(label).ok_or_else(|| {
-                    err(
-                        line,
-                        format!(
-                            "label `{label}` does not occur in the training data (labels: {})",
-                            map.id2label().join(", ")
-                        ),
-                    )
-                })?;
-                let (ids, types, cut) = tok
-                    .encode_truncated(text, max_len)
-                    .map_err(|e| err(line, e.to_string()))?;
+            (
+                Task::SequenceClassification | Task::SequenceRegression,
+                Example::Labeled {
+                    text,
+                    text_pair,
+                    label: _,
+                },
+            )
+            | (
+                Task::MultiLabelClassification,
+                Example::MultiLabeled {
+                    text,
+                    text_pair,
+                    labels: _,
+                },
+            ) => {
+                let target = sequence_target(task, ex, labels).map_err(|m| err(line, m))?;
+                let (ids, types, cut) = match text_pair {
+                    None => tok.encode_truncated(text, max_len),
+                    Some(pair) => tok.encode_pair_truncated(text, pair, max_len),
+                }
+                .map_err(|e| err(line, e.to_string()))?;
                 if cut {
                     stats.truncated += 1;
                 }
@@ -190,7 +215,7 @@ pub fn featurize(
                     input_ids: ids.into_iter().map(i64::from).collect(),
                     labels: vec![],
                     token_type_ids: types.into_iter().map(i64::from).collect(),
-                    class: Some(class),
+                    target,
                 }
             }
             (task, ex) => {
@@ -204,7 +229,7 @@ pub fn featurize(
                 ))
             }
         };
-        if f.input_ids.is_empty() || (f.class.is_none() && f.targets() == 0) {
+        if f.input_ids.is_empty() || (f.is_causal() && f.targets() == 0) {
             return Err(err(line, "the example has no tokens to learn from".into()));
         }
         if f.input_ids.len() > max_len {
@@ -212,7 +237,7 @@ pub fn featurize(
             f.input_ids.truncate(max_len);
             f.labels.truncate(max_len);
             f.token_type_ids.truncate(max_len);
-            if f.class.is_none() && f.targets() == 0 {
+            if f.is_causal() && f.targets() == 0 {
                 stats.dropped += 1;
                 continue;
             }
@@ -223,6 +248,50 @@ pub fn featurize(
         out.push(f);
     }
     Ok((out, stats))
+}
+
+/// The target of a sequence-level record: its label id (classification), its number
+/// (regression) or a 0/1 per label of `labels` (multi-label). The error is the line's message.
+fn sequence_target(
+    task: Task,
+    ex: &Example,
+    labels: Option<&LabelMap>,
+) -> std::result::Result<Target, String> {
+    let map = || labels.ok_or_else(|| "no label map".to_string());
+    let unseen = |label: &Label, map: &LabelMap| {
+        format!(
+            "label `{label}` does not occur in the training data (labels: {})",
+            map.id2label().join(", ")
+        )
+    };
+    match (task, ex) {
+        (Task::SequenceClassification, Example::Labeled { label, .. }) => {
+            let map = map()?;
+            map.get(label)
+                .map(Target::Class)
+                .ok_or_else(|| unseen(label, map))
+        }
+        (Task::SequenceRegression, Example::Labeled { label, .. }) => match label.as_number() {
+            Some(v) => Ok(Target::Values(vec![v as f32])),
+            None => Err(format!(
+                "label `{label}` is not a number; task sequence_regression trains on numeric labels"
+            )),
+        },
+        (Task::MultiLabelClassification, Example::MultiLabeled { labels: ls, .. }) => {
+            let map = map()?;
+            let mut v = vec![0f32; map.len()];
+            for label in ls {
+                let id = map.get(label).ok_or_else(|| unseen(label, map))?;
+                v[id as usize] = 1.0;
+            }
+            Ok(Target::Values(v))
+        }
+        _ => Err(format!(
+            "a `{}` record cannot train a {} job",
+            ex.shape().as_str(),
+            task.as_str()
+        )),
+    }
 }
 
 fn eos(tok: &Tok) -> Option<u32> {
@@ -323,7 +392,7 @@ fn chat_features(tok: &Tok, messages: &[tuna_core::data::Message]) -> Result<Fea
         input_ids: enc.ids.iter().map(|i| i64::from(*i)).collect(),
         labels,
         token_type_ids: vec![],
-        class: None,
+        target: Target::Tokens,
     })
 }
 
@@ -372,7 +441,8 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 pub struct Collated {
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
-    /// Causal: `[b, t]` with -100 on padding and non-targets. Classification: `[b]`.
+    /// Causal: `[b, t]` with -100 on padding and non-targets. Classification: `[b]` label ids.
+    /// Regression and multi-label: `[b, n]` fp32 (one number; a 0/1 per label).
     pub labels: Tensor,
     pub token_type_ids: Option<Tensor>,
     pub batch_size: usize,
@@ -467,7 +537,7 @@ pub fn collate_packed(
     device: Device,
     max_len: usize,
 ) -> Result<Collated> {
-    if items.iter().any(|f| f.class.is_some()) {
+    if items.iter().any(|f| !f.is_causal()) {
         return Err(Error::Data(
             "packing applies to causal language modelling only".into(),
         ));
@@ -539,12 +609,16 @@ pub fn collate(
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0i64; b * t];
     let mut types = vec![0i64; b * t];
-    let classification = items.first().is_some_and(|f| f.class.is_some());
-    let mut labels = if classification {
-        vec![0i64; b]
-    } else {
-        vec![-100i64; b * t]
+    let width = match items.first().map(|f| &f.target) {
+        Some(Target::Values(v)) => v.len(),
+        _ => 0,
     };
+    let mut labels = match items.first().map(|f| &f.target) {
+        Some(Target::Tokens) | None => vec![-100i64; b * t],
+        Some(Target::Class(_)) => vec![0i64; b],
+        Some(Target::Values(_)) => Vec::new(),
+    };
+    let mut values = vec![0f32; b * width];
     let mut tokens = 0;
     let mut targets = 0;
     for (r, f) in items.iter().enumerate() {
@@ -554,9 +628,19 @@ pub fn collate(
         if !f.token_type_ids.is_empty() {
             types[r * t..r * t + n].copy_from_slice(&f.token_type_ids[..n]);
         }
-        match f.class {
-            Some(c) => labels[r] = c,
-            None => labels[r * t..r * t + n].copy_from_slice(&f.labels),
+        match &f.target {
+            Target::Class(c) if labels.len() == b => labels[r] = *c,
+            Target::Tokens if labels.len() == b * t => {
+                labels[r * t..r * t + n].copy_from_slice(&f.labels)
+            }
+            Target::Values(v) if v.len() == width => {
+                values[r * width..(r + 1) * width].copy_from_slice(v)
+            }
+            _ => {
+                return Err(Error::Data(
+                    "a batch mixes examples of different tasks".into(),
+                ))
+            }
         }
         tokens += n;
         targets += f.targets();
@@ -565,14 +649,17 @@ pub fn collate(
     let to = |v: &[i64], s: &[i64]| -> Result<Tensor> {
         Ok(Tensor::f_from_slice(v)?.f_view(s)?.f_to_device(device)?)
     };
+    let labels = match items.first().map(|f| &f.target) {
+        Some(Target::Class(_)) => to(&labels, &[b as i64])?,
+        Some(Target::Values(_)) => Tensor::f_from_slice(&values)?
+            .f_view([b as i64, width as i64])?
+            .f_to_device(device)?,
+        _ => to(&labels, &shape)?,
+    };
     Ok(Collated {
         input_ids: to(&ids, &shape)?,
         attention_mask: to(&mask, &shape)?,
-        labels: if classification {
-            to(&labels, &[b as i64])?
-        } else {
-            to(&labels, &shape)?
-        },
+        labels,
         token_type_ids: if with_types {
             Some(to(&types, &shape)?)
         } else {
@@ -586,49 +673,74 @@ pub fn collate(
     })
 }
 
-/// Sum of the token cross-entropy (causal: logits at `i - 1` against labels at `i`) or example
-/// cross-entropy (classification), in fp32, plus the number of correct predictions; both as
-/// 0-dim tensors on the device (no host sync).
-pub fn loss_and_correct(
-    logits: &Tensor,
-    labels: &Tensor,
-    causal: bool,
-) -> Result<(Tensor, Tensor)> {
+/// The loss of `task` summed over the batch's targets, in fp32, plus the number of correct
+/// predictions; both 0-dim tensors on the device (no host sync).
+/// - causal LM: token cross-entropy, logits at `i - 1` against labels at `i`; correct tokens;
+/// - classification: example cross-entropy; correct examples;
+/// - regression: squared error (`[b, 1]` logits against `[b, 1]` labels); correct is 0;
+/// - multi-label: binary cross-entropy with logits, the mean over the labels of each example
+///   (so the mean over examples is transformers' `BCEWithLogitsLoss`); correct is 0.
+pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, task: Task) -> Result<(Tensor, Tensor)> {
     let logits = logits.f_to_kind(Kind::Float)?;
-    if causal {
-        // Shift the labels, not the logits: `logits[:, :-1]` is not contiguous, so flattening
-        // it would copy the whole `[b, t, vocab]` tensor (and its gradient) once more.
-        let v = *logits.size().last().unwrap_or(&1);
-        let s = labels.size();
-        let shift_labels = Tensor::f_cat(
-            &[
-                labels.f_narrow(1, 1, s[1] - 1)?,
-                Tensor::f_full([s[0], 1], -100, (Kind::Int64, labels.device()))?,
-            ],
-            1,
-        )?
-        .f_reshape([-1])?;
-        let flat_logits = logits.f_reshape([-1, v])?;
-        let loss = flat_logits.f_cross_entropy_loss(
-            &shift_labels,
-            None::<Tensor>,
-            tch::Reduction::Sum,
-            -100,
-            0.0,
-        )?;
-        let pred = flat_logits.f_argmax(-1, false)?;
-        let valid = shift_labels.f_ne(-100)?;
-        let correct = pred
-            .f_eq_tensor(&shift_labels)?
-            .f_logical_and(&valid)?
-            .f_sum(Kind::Int64)?;
-        Ok((loss, correct))
-    } else {
-        let loss =
-            logits.f_cross_entropy_loss(labels, None::<Tensor>, tch::Reduction::Sum, -100, 0.0)?;
-        let pred = logits.f_argmax(-1, false)?;
-        let correct = pred.f_eq_tensor(labels)?.f_sum(Kind::Int64)?;
-        Ok((loss, correct))
+    match task {
+        Task::CausalLm => {
+            // Shift the labels, not the logits: `logits[:, :-1]` is not contiguous, so
+            // flattening it would copy the whole `[b, t, vocab]` tensor (and its gradient) once
+            // more.
+            let v = *logits.size().last().unwrap_or(&1);
+            let s = labels.size();
+            let shift_labels = Tensor::f_cat(
+                &[
+                    labels.f_narrow(1, 1, s[1] - 1)?,
+                    Tensor::f_full([s[0], 1], -100, (Kind::Int64, labels.device()))?,
+                ],
+                1,
+            )?
+            .f_reshape([-1])?;
+            let flat_logits = logits.f_reshape([-1, v])?;
+            let loss = flat_logits.f_cross_entropy_loss(
+                &shift_labels,
+                None::<Tensor>,
+                tch::Reduction::Sum,
+                -100,
+                0.0,
+            )?;
+            let pred = flat_logits.f_argmax(-1, false)?;
+            let valid = shift_labels.f_ne(-100)?;
+            let correct = pred
+                .f_eq_tensor(&shift_labels)?
+                .f_logical_and(&valid)?
+                .f_sum(Kind::Int64)?;
+            Ok((loss, correct))
+        }
+        Task::SequenceClassification => {
+            let loss = logits.f_cross_entropy_loss(
+                labels,
+                None::<Tensor>,
+                tch::Reduction::Sum,
+                -100,
+                0.0,
+            )?;
+            let pred = logits.f_argmax(-1, false)?;
+            let correct = pred.f_eq_tensor(labels)?.f_sum(Kind::Int64)?;
+            Ok((loss, correct))
+        }
+        Task::SequenceRegression => {
+            let loss = logits.f_mse_loss(labels, tch::Reduction::Sum)?;
+            Ok((loss, Tensor::f_zeros([], (Kind::Int64, logits.device()))?))
+        }
+        Task::MultiLabelClassification => {
+            let loss = logits
+                .f_binary_cross_entropy_with_logits(
+                    labels,
+                    None::<Tensor>,
+                    None::<Tensor>,
+                    tch::Reduction::None,
+                )?
+                .f_mean_dim(-1, false, Kind::Float)?
+                .f_sum(Kind::Float)?;
+            Ok((loss, Tensor::f_zeros([], (Kind::Int64, logits.device()))?))
+        }
     }
 }
 
@@ -666,6 +778,7 @@ mod tests {
                     1,
                     Example::Labeled {
                         text: "x".into(),
+                        text_pair: None,
                         label: Label::Int(*i),
                     },
                 )
@@ -684,14 +797,14 @@ mod tests {
             input_ids: vec![5, 6, 7],
             labels: vec![5, 6, 7],
             token_type_ids: vec![],
-            class: None,
+            target: Target::Tokens,
         };
         let b = Features {
             line: 2,
             input_ids: vec![8],
             labels: vec![-100],
             token_type_ids: vec![],
-            class: None,
+            target: Target::Tokens,
         };
         let c = collate(&[&a, &b], 0, Device::Cpu, false).unwrap();
         assert_eq!(c.input_ids.size(), vec![2, 3]);

@@ -280,6 +280,7 @@ fn info(model_dir: &std::path::Path) -> i32 {
     } else {
         tuna_train::model::TaskHead::SequenceClassification {
             id2label: vec!["0".into(), "1".into()],
+            problem_type: Default::default(),
         }
     };
     let opts = tuna_train::model::LoadOptions {

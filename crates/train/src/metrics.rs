@@ -1,4 +1,6 @@
-//! Evaluation metrics (accuracy, macro F1). The numbers reported with each logged step and each
+//! Evaluation metrics: accuracy and macro F1 (classification), RMSE with Pearson and Spearman
+//! correlation (regression), micro / macro F1 and subset accuracy (multi-label), each as
+//! scikit-learn / SciPy compute it. The numbers reported with each logged step and each
 //! evaluation are protocol types (`tuna_core::protocol`), re-exported here.
 
 pub use tuna_core::protocol::{EvalMetrics, StepMetrics};
@@ -39,6 +41,130 @@ pub fn macro_f1(pairs: &[(i64, i64)], num_classes: usize) -> f64 {
     }
 }
 
+/// Index of the largest value (the first on ties; 0 for an empty row).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Regression metrics of predictions against targets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Regression {
+    /// Root mean squared error.
+    pub rmse: f64,
+    /// None where it is undefined (fewer than two points, or a constant series).
+    pub pearson: Option<f64>,
+    /// Pearson correlation of the ranks (ties get their average rank, as `scipy.stats.spearmanr`).
+    pub spearman: Option<f64>,
+}
+
+pub fn regression(pred: &[f64], truth: &[f64]) -> Regression {
+    let n = pred.len().min(truth.len());
+    let mse = pred
+        .iter()
+        .zip(truth)
+        .map(|(p, t)| (p - t) * (p - t))
+        .sum::<f64>()
+        / n.max(1) as f64;
+    Regression {
+        rmse: mse.sqrt(),
+        pearson: pearson(&pred[..n], &truth[..n]),
+        spearman: pearson(&ranks(&pred[..n]), &ranks(&truth[..n])),
+    }
+}
+
+fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
+    let n = x.len();
+    if n < 2 {
+        return None;
+    }
+    let mx = x.iter().sum::<f64>() / n as f64;
+    let my = y.iter().sum::<f64>() / n as f64;
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    let r = sxy / (sxx * syy).sqrt();
+    r.is_finite().then_some(r)
+}
+
+/// 1-based ranks, ties sharing their average rank.
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|a, b| v[*a].total_cmp(&v[*b]));
+    let mut out = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for k in &order[i..=j] {
+            out[*k] = avg;
+        }
+        i = j + 1;
+    }
+    out
+}
+
+/// Multi-label metrics over `num_labels` labels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiLabel {
+    /// F1 of all (example, label) decisions pooled.
+    pub micro: f64,
+    /// The mean of each label's F1 over all labels; a label neither true nor predicted in the
+    /// data scores 0 (scikit-learn's `f1_score(average="macro")` on indicator matrices).
+    pub macro_: f64,
+    /// Share of examples whose whole label set is predicted exactly (scikit-learn's
+    /// `accuracy_score` on indicator matrices).
+    pub subset_accuracy: f64,
+}
+
+pub fn multi_label_f1(pred: &[Vec<bool>], truth: &[Vec<bool>], num_labels: usize) -> MultiLabel {
+    let mut tp = vec![0u64; num_labels];
+    let mut fp = vec![0u64; num_labels];
+    let mut fneg = vec![0u64; num_labels];
+    let mut exact = 0usize;
+    for (p, t) in pred.iter().zip(truth) {
+        if p == t {
+            exact += 1;
+        }
+        for l in 0..num_labels.min(p.len()).min(t.len()) {
+            match (p[l], t[l]) {
+                (true, true) => tp[l] += 1,
+                (true, false) => fp[l] += 1,
+                (false, true) => fneg[l] += 1,
+                (false, false) => {}
+            }
+        }
+    }
+    let f1 = |tp: u64, fp: u64, fneg: u64| {
+        let denom = 2 * tp + fp + fneg;
+        if denom == 0 {
+            0.0
+        } else {
+            2.0 * tp as f64 / denom as f64
+        }
+    };
+    let sum = |v: &[u64]| v.iter().sum::<u64>();
+    MultiLabel {
+        micro: f1(sum(&tp), sum(&fp), sum(&fneg)),
+        macro_: (0..num_labels)
+            .map(|l| f1(tp[l], fp[l], fneg[l]))
+            .sum::<f64>()
+            / num_labels.max(1) as f64,
+        subset_accuracy: exact as f64 / pred.len().max(1) as f64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +176,36 @@ mod tests {
         let pairs = [(0, 0), (1, 0), (1, 1), (1, 1), (0, 2)];
         assert!((macro_f1(&pairs, 3) - 0.433_333_333_333_333_3).abs() < 1e-12);
         assert_eq!(macro_f1(&[(1, 1), (0, 0)], 2), 1.0);
+    }
+
+    #[test]
+    fn regression_matches_scipy() {
+        // numpy / scipy: sqrt(mean_squared_error(y, x)), pearsonr(x, y), spearmanr(x, y)
+        let y = [1.0, 2.0, 2.0, 4.5, 3.0];
+        let x = [1.2, 1.9, 2.5, 4.0, 2.0];
+        let r = regression(&x, &y);
+        assert!((r.rmse - 0.556_776_436_283_002_2).abs() < 1e-12);
+        assert!((r.pearson.unwrap() - 0.902_168_532_451_357_3).abs() < 1e-12);
+        assert!((r.spearman.unwrap() - 0.820_782_681_668_123_3).abs() < 1e-12);
+        assert_eq!(regression(&[1.0, 1.0], &[0.0, 2.0]).pearson, None);
+    }
+
+    #[test]
+    fn multi_label_f1_matches_sklearn() {
+        // sklearn f1_score(t, p, average="micro" / "macro"), accuracy_score(t, p)
+        let b = |rows: &[[u8; 3]]| -> Vec<Vec<bool>> {
+            rows.iter()
+                .map(|r| r.iter().map(|v| *v == 1).collect())
+                .collect()
+        };
+        let t = b(&[[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]]);
+        let p = b(&[[1, 0, 0], [0, 1, 1], [1, 0, 0], [0, 0, 0]]);
+        let m = multi_label_f1(&p, &t, 3);
+        assert!((m.micro - 0.666_666_666_666_666_6).abs() < 1e-12);
+        assert!((m.macro_ - 0.555_555_555_555_555_5).abs() < 1e-12);
+        assert!((m.subset_accuracy - 0.25).abs() < 1e-12);
+        // labels 1 and 2 neither true nor predicted: F1 0 each.
+        let m = multi_label_f1(&b(&[[1, 0, 0], [0, 0, 0]]), &b(&[[1, 0, 0], [1, 0, 0]]), 3);
+        assert!((m.macro_ - 0.222_222_222_222_222_2).abs() < 1e-12);
     }
 }

@@ -18,8 +18,34 @@ pub enum TaskHead {
     /// first token (or the mean of the real tokens) through their family's head, as transformers'
     /// `*ForSequenceClassification` does (BERT: `classifier` on top of `bert.pooler`; RoBERTa:
     /// `classifier.dense` and `classifier.out_proj`; ...); decoders read the hidden state of the
-    /// last non-padding token (`score`). `id2label[i]` names label `i`.
-    SequenceClassification { id2label: Vec<String> },
+    /// last non-padding token (`score`). `id2label[i]` names label `i`. Regression and
+    /// multi-label classification are this head too, as in transformers, told apart by
+    /// `problem_type` (regression has one output).
+    SequenceClassification {
+        id2label: Vec<String>,
+        problem_type: ProblemType,
+    },
+}
+
+/// transformers' `problem_type` of a `*ForSequenceClassification` head: which loss it trains
+/// with and how its logits read (softmax, the number itself, a sigmoid per label).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProblemType {
+    #[default]
+    SingleLabel,
+    Regression,
+    MultiLabel,
+}
+
+impl ProblemType {
+    /// The name config.json stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemType::SingleLabel => "single_label_classification",
+            ProblemType::Regression => "regression",
+            ProblemType::MultiLabel => "multi_label_classification",
+        }
+    }
 }
 
 /// LoRA settings (PEFT semantics: `scaling = alpha / r`, A initialised Kaiming-uniform, B zeros).

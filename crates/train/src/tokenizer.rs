@@ -21,7 +21,8 @@
 use std::path::Path;
 
 use serde_json::Value;
-use tokenizers::Tokenizer;
+use tokenizers::utils::truncation::{truncate_encodings, TruncationParams, TruncationStrategy};
+use tokenizers::{PostProcessor, Tokenizer};
 
 use crate::{Error, Result};
 
@@ -231,6 +232,41 @@ impl Tok {
         out_ids.extend_from_slice(&ids[ids.len() - tail..]);
         out_types.extend_from_slice(&types[types.len() - tail..]);
         Ok((out_ids, out_types, true))
+    }
+
+    /// Encodes the pair (`text`, `pair`) as transformers' `tokenizer(text, pair,
+    /// truncation=True, max_length=max_len)` does: each text tokenized alone, the longer one cut
+    /// a token at a time (`longest_first`) until the pair plus the model's special tokens fits,
+    /// then the pair template applied (`[CLS] a [SEP] b [SEP]` with token types 0 and 1 for BERT,
+    /// `<s> a </s></s> b </s>` for RoBERTa). Returns ids, token types and whether it cut.
+    pub fn encode_pair_truncated(
+        &self,
+        text: &str,
+        pair: &str,
+        max_len: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>, bool)> {
+        let fail = |e: tokenizers::Error| Error::Data(format!("tokenizer failed: {e}"));
+        let a = self.tokenizer.encode_fast(text, false).map_err(fail)?;
+        let b = self.tokenizer.encode_fast(pair, false).map_err(fail)?;
+        let added = self
+            .tokenizer
+            .get_post_processor()
+            .map(|p| p.added_tokens(true))
+            .unwrap_or(0);
+        let before = a.len() + b.len();
+        let (a, b) = if before + added > max_len {
+            let params = TruncationParams {
+                max_length: max_len.saturating_sub(added),
+                strategy: TruncationStrategy::LongestFirst,
+                ..Default::default()
+            };
+            truncate_encodings(a, Some(b), &params).map_err(fail)?
+        } else {
+            (a, Some(b))
+        };
+        let cut = a.len() + b.as_ref().map_or(0, |b| b.len()) < before;
+        let enc = self.tokenizer.post_process(a, b, true).map_err(fail)?;
+        Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec(), cut))
     }
 
     /// Renders the chat template (the model's, else the fallback).

@@ -43,10 +43,11 @@ use tuna_core::protocol::{DataReport, DataStats};
 use tuna_core::spec::{JobSpec, Precision, Task, TrainingType};
 
 use crate::checkpoint::{self, Resume, TrainState};
-use crate::data::{self, Collated, Features, LabelMap};
-use crate::metrics::{macro_f1, EvalMetrics, StepMetrics};
+use crate::data::{self, Collated, Features, LabelMap, Target};
+use crate::metrics::{self, macro_f1, EvalMetrics, StepMetrics};
 use crate::model::{
-    Batch, FreezeOptions, LoadOptions, LoraOptions, Model, ModelInfo, Nf4Options, TaskHead,
+    Batch, FreezeOptions, LoadOptions, LoraOptions, Model, ModelInfo, Nf4Options, ProblemType,
+    TaskHead,
 };
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
@@ -232,7 +233,8 @@ pub struct StepConfig {
     /// Examples per micro-batch.
     pub micro: usize,
     pub pad_id: i64,
-    pub causal: bool,
+    /// Decides the loss ([`data::loss_and_correct`]) and whether packing applies.
+    pub task: Task,
     /// Pass `token_type_ids` (BERT).
     pub with_types: bool,
     /// Causal LM: pack each micro-batch's examples into rows of at most this many tokens
@@ -258,7 +260,7 @@ pub fn accumulate_gradients(
     items: &[&Features],
     micro: usize,
     pad_id: i64,
-    causal: bool,
+    task: Task,
     with_types: bool,
     seed: u64,
     step: u64,
@@ -266,7 +268,7 @@ pub fn accumulate_gradients(
     let cfg = StepConfig {
         micro,
         pad_id,
-        causal,
+        task,
         with_types,
         pack_len: None,
         group_overhead_tokens: None,
@@ -304,7 +306,9 @@ pub fn accumulate(
     for (k, chunk) in chunks.iter().enumerate() {
         let chunk = chunk.as_slice();
         let c = match cfg.pack_len {
-            Some(len) if cfg.causal => data::collate_packed(chunk, cfg.pad_id, device, len)?,
+            Some(len) if cfg.task == Task::CausalLm => {
+                data::collate_packed(chunk, cfg.pad_id, device, len)?
+            }
             _ => data::collate(chunk, cfg.pad_id, device, cfg.with_types)?,
         };
         tokens += c.tokens;
@@ -318,7 +322,7 @@ pub fn accumulate(
                 packed: c.packed.as_ref(),
             };
             let mut backward = |logits: &Tensor| -> Result<()> {
-                let (loss, correct) = data::loss_and_correct(logits, &c.labels, cfg.causal)?;
+                let (loss, correct) = data::loss_and_correct(logits, &c.labels, cfg.task)?;
                 loss.f_div_scalar(denom)?.f_backward()?;
                 let _ = loss_acc.f_add_(&loss.f_detach()?)?;
                 let _ = correct_acc.f_add_(&correct.f_to_kind(Kind::Float)?)?;
@@ -420,7 +424,7 @@ pub fn train_step(
 
 struct Job<'a> {
     model: &'a dyn Model,
-    causal: bool,
+    task: Task,
     with_types: bool,
     pad_id: i64,
     device: Device,
@@ -449,7 +453,7 @@ impl<'a> Job<'a> {
             .unwrap_or(0);
         Job {
             model,
-            causal,
+            task: spec.task,
             with_types: model.uses_token_type_ids(),
             pad_id,
             device: inputs.device,
@@ -457,7 +461,7 @@ impl<'a> Job<'a> {
             step_cfg: StepConfig {
                 micro,
                 pad_id,
-                causal,
+                task: spec.task,
                 with_types: model.uses_token_type_ids(),
                 pack_len: (causal && spec.packing).then_some(max_len),
                 group_overhead_tokens: (!causal && spec.packing).then_some(GROUP_OVERHEAD_TOKENS),
@@ -508,7 +512,8 @@ impl<'a> Job<'a> {
         let mut loss = 0.0;
         let mut targets = 0usize;
         let mut correct = 0.0;
-        let mut pairs: Vec<(i64, i64)> = Vec::new();
+        // Sequence-level tasks: each example's logits and its target, for the task's metrics.
+        let mut outputs: Vec<(Vec<f32>, &Target)> = Vec::new();
         let refs: Vec<&Features> = feats.iter().collect();
         for chunk in refs.chunks(self.micro.max(1)) {
             if control.is_aborted() {
@@ -516,25 +521,22 @@ impl<'a> Job<'a> {
             }
             let c = data::collate(chunk, self.pad_id, self.device, self.with_types)?;
             let (b, t) = (c.batch_size, c.seq_len);
-            let (l, k, preds) = guarded(|| {
+            let (l, k, rows) = guarded(|| {
                 let logits = self.model.forward(&self.batch(&c), false)?;
-                let (l, k) = data::loss_and_correct(&logits, &c.labels, self.causal)?;
-                let preds = if self.causal {
+                let (l, k) = data::loss_and_correct(&logits, &c.labels, self.task)?;
+                let rows = if self.task == Task::CausalLm {
                     Vec::new()
                 } else {
-                    Vec::<i64>::try_from(logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?)?
+                    let host = logits.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?;
+                    Vec::<Vec<f32>>::try_from(host)?
                 };
-                Ok((l.f_double_value(&[])?, k.f_double_value(&[])?, preds))
+                Ok((l.f_double_value(&[])?, k.f_double_value(&[])?, rows))
             })
             .map_err(|e| classify(e, self.device, b, t))?;
             loss += l;
             correct += k;
             targets += c.targets;
-            if !self.causal {
-                for (p, f) in preds.iter().zip(chunk) {
-                    pairs.push((*p, f.class.unwrap_or(-1)));
-                }
-            }
+            outputs.extend(rows.into_iter().zip(chunk.iter().map(|f| &f.target)));
         }
         let n = targets.max(1) as f64;
         let mut m = EvalMetrics {
@@ -542,11 +544,52 @@ impl<'a> Job<'a> {
             valid_examples: feats.len(),
             ..Default::default()
         };
-        if self.causal {
-            m.valid_mean_token_accuracy = Some(correct / n);
-        } else {
-            m.valid_accuracy = Some(correct / n);
-            m.valid_macro_f1 = Some(macro_f1(&pairs, num_labels));
+        match self.task {
+            Task::CausalLm => m.valid_mean_token_accuracy = Some(correct / n),
+            Task::SequenceClassification => {
+                let pairs: Vec<(i64, i64)> = outputs
+                    .iter()
+                    .map(|(row, t)| {
+                        let truth = match t {
+                            Target::Class(c) => *c,
+                            _ => -1,
+                        };
+                        (metrics::argmax(row) as i64, truth)
+                    })
+                    .collect();
+                m.valid_accuracy = Some(correct / n);
+                m.valid_macro_f1 = Some(macro_f1(&pairs, num_labels));
+            }
+            Task::SequenceRegression => {
+                let (pred, truth): (Vec<f64>, Vec<f64>) = outputs
+                    .iter()
+                    .filter_map(|(row, t)| match t {
+                        Target::Values(v) => Some((f64::from(row[0]), f64::from(v[0]))),
+                        _ => None,
+                    })
+                    .unzip();
+                let r = metrics::regression(&pred, &truth);
+                m.valid_rmse = Some(r.rmse);
+                m.valid_pearson = r.pearson;
+                m.valid_spearman = r.spearman;
+            }
+            Task::MultiLabelClassification => {
+                let (pred, truth): (Vec<Vec<bool>>, Vec<Vec<bool>>) = outputs
+                    .iter()
+                    .filter_map(|(row, t)| match t {
+                        Target::Values(v) => Some((
+                            // sigmoid(x) > 0.5 exactly when x > 0
+                            row.iter().map(|x| *x > 0.0).collect(),
+                            v.iter().map(|y| *y > 0.5).collect(),
+                        )),
+                        _ => None,
+                    })
+                    .unzip();
+                let f = metrics::multi_label_f1(&pred, &truth, num_labels);
+                m.valid_micro_f1 = Some(f.micro);
+                m.valid_macro_f1 = Some(f.macro_);
+                m.valid_subset_accuracy = Some(f.subset_accuracy);
+            }
         }
         Ok(Some(m))
     }
@@ -585,12 +628,11 @@ pub fn train(
 ) -> Result<TrainOutcome> {
     let started = Instant::now();
     let spec = inputs.spec;
-    let causal = spec.task == Task::CausalLm;
     if inputs.train_examples.is_empty() {
         return Err(Error::Data("the training data holds no examples".into()));
     }
     let resume = inputs.resume_from.map(checkpoint::load).transpose()?;
-    let label_map = label_map(inputs.train_examples, causal, resume.as_ref())?;
+    let label_map = label_map(inputs.train_examples, spec.task, resume.as_ref())?;
 
     callback(TrainerEvent::Phase {
         phase: Phase::LoadingModel,
@@ -634,20 +676,25 @@ pub(crate) fn optimiser(model: &dyn Model, weight_decay: f64, bf16_moments: bool
     )
 }
 
-/// Sequence classification: the labels of the whole training file (before any validation
-/// split), which must be the checkpoint's when resuming. None for causal LM.
+/// Classification (single- or multi-label): the labels of the whole training file (before any
+/// validation split), which must be the checkpoint's when resuming. None for causal LM and
+/// regression.
 fn label_map(
     train_examples: &[(u64, Example)],
-    causal: bool,
+    task: Task,
     resume: Option<&Resume>,
 ) -> Result<Option<LabelMap>> {
-    if causal {
+    if !matches!(
+        task,
+        Task::SequenceClassification | Task::MultiLabelClassification
+    ) {
         return Ok(None);
     }
     let m = LabelMap::from_examples(train_examples);
     if m.len() < 2 {
         return Err(Error::Data(format!(
-            "sequence classification needs at least two distinct labels in the training data, found {}",
+            "{} needs at least two distinct labels in the training data, found {}",
+            task.as_str(),
             m.len()
         )));
     }
@@ -661,17 +708,33 @@ fn label_map(
     Ok(Some(m))
 }
 
-/// The job's model (with a classification head over `labels`, if any) and its tokenizer.
+/// The head a job trains: the LM head, or a sequence-level head over `labels` (one output
+/// for regression, named `LABEL_0` as transformers names it).
+pub fn task_head(task: Task, labels: Option<&LabelMap>) -> TaskHead {
+    let id2label = || labels.map(LabelMap::id2label).unwrap_or_default();
+    match task {
+        Task::CausalLm => TaskHead::CausalLm,
+        Task::SequenceClassification => TaskHead::SequenceClassification {
+            id2label: id2label(),
+            problem_type: ProblemType::SingleLabel,
+        },
+        Task::MultiLabelClassification => TaskHead::SequenceClassification {
+            id2label: id2label(),
+            problem_type: ProblemType::MultiLabel,
+        },
+        Task::SequenceRegression => TaskHead::SequenceClassification {
+            id2label: vec!["LABEL_0".into()],
+            problem_type: ProblemType::Regression,
+        },
+    }
+}
+
+/// The job's model (with its task's head) and its tokenizer.
 fn load_model_and_tokenizer(
     inputs: &TrainInputs,
     labels: Option<&LabelMap>,
 ) -> Result<(Box<dyn Model>, Tok)> {
-    let task = match labels {
-        None => TaskHead::CausalLm,
-        Some(m) => TaskHead::SequenceClassification {
-            id2label: m.id2label(),
-        },
-    };
+    let task = task_head(inputs.spec.task, labels);
     let opts = load_options(inputs.spec, inputs.device, task);
     let model = guarded(|| crate::models::load_model(inputs.model_dir, &opts))?;
     let tok = Tok::load(inputs.model_dir, model.info().is_decoder)?;
@@ -1059,7 +1122,7 @@ impl<'a> Run<'a> {
 
     /// The `metrics` event over the window, which starts again.
     fn log_metrics(&mut self, s: &Stepped, callback: &mut dyn FnMut(TrainerEvent)) {
-        let (w, total_steps, causal) = (&self.window, self.plan.total_steps, self.job.causal);
+        let (w, total_steps, task) = (&self.window, self.plan.total_steps, self.job.task);
         let secs = w.since.elapsed().as_secs_f64().max(1e-9);
         let run_secs = self.run_start.elapsed().as_secs_f64();
         let done = (self.state.step - self.start_step) as f64;
@@ -1069,8 +1132,8 @@ impl<'a> Run<'a> {
             total_steps,
             epoch: self.state.step as f64 / self.plan.steps_per_epoch as f64,
             train_loss: w.loss / w.targets.max(1) as f64,
-            train_mean_token_accuracy: causal.then_some(acc),
-            train_accuracy: (!causal).then_some(acc),
+            train_mean_token_accuracy: (task == Task::CausalLm).then_some(acc),
+            train_accuracy: (task == Task::SequenceClassification).then_some(acc),
             learning_rate: s.lr,
             grad_norm: s.result.grad_norm,
             tokens_per_second: w.tokens as f64 / secs,

@@ -1123,6 +1123,11 @@ async fn handle_event(
                 fmt_num("valid_loss", Some(m.valid_loss)),
                 fmt_num("valid_mean_token_accuracy", m.valid_mean_token_accuracy),
                 fmt_num("valid_accuracy", m.valid_accuracy),
+                fmt_num("valid_macro_f1", m.valid_macro_f1),
+                fmt_num("valid_micro_f1", m.valid_micro_f1),
+                fmt_num("valid_rmse", m.valid_rmse),
+                fmt_num("valid_pearson", m.valid_pearson),
+                fmt_num("valid_spearman", m.valid_spearman),
             ]
             .into_iter()
             .flatten()

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tuna_db::queue::{self, Control, WorkerInfo};
 
-use crate::helpers::{create, error_of, json, spawn_app, TestApp, CHAT, LABELED};
+use crate::helpers::{create, error_of, fixture, json, spawn_app, TestApp, CHAT, LABELED};
 
 #[tokio::test]
 async fn create_resolves_hyperparameters_echoes_extensions_and_queues() {
@@ -124,6 +124,94 @@ async fn validation_failures_name_the_cause() {
     assert_eq!(
         app.wait_validated(ok["id"].as_str().unwrap()).await["status"],
         "queued"
+    );
+}
+
+#[tokio::test]
+async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
+    let app = spawn_app().await;
+    tuna_api::models::register_base_model(&app.db.pool, "bert", &fixture("bert"))
+        .await
+        .expect("register bert");
+    let numbers = app
+        .upload_ok(
+            "scores.csv",
+            "sentence1,sentence2,label\na cat,a cat sits,4.5\na dog,the sun,0.5\n",
+        )
+        .await;
+    let mixed = app
+        .upload_ok(
+            "mixed.jsonl",
+            "{\"text\": \"a\", \"label\": 1.5}\n{\"text\": \"b\", \"label\": 2}\n{\"text\": \"c\", \"label\": \"high\"}\n",
+        )
+        .await;
+    let tags = app
+        .upload_ok(
+            "tags.jsonl",
+            "{\"text\": \"a\", \"labels\": [\"x\", \"y\"]}\n{\"text\": \"b\", \"labels\": []}\n",
+        )
+        .await;
+    let labeled = app.upload_ok("l.jsonl", LABELED).await;
+    // (body, expected status, a part of the error message)
+    let cases = [
+        (json!({"model": "bert", "training_file": numbers, "task": "sequence_regression"}), "queued", ""),
+        (json!({"model": "gpt2", "training_file": numbers, "task": "sequence_regression"}), "queued", ""),
+        (
+            json!({"model": "bert", "training_file": mixed, "task": "sequence_regression"}),
+            "failed",
+            "line 3: the label is not a number; task 'sequence_regression' trains on numeric labels",
+        ),
+        (json!({"model": "bert", "training_file": mixed, "task": "sequence_classification"}), "queued", ""),
+        (json!({"model": "bert", "training_file": tags, "task": "multi_label_classification"}), "queued", ""),
+        (
+            json!({"model": "bert", "training_file": tags, "task": "sequence_classification"}),
+            "failed",
+            "holds `text_labels` records, but task 'sequence_classification' needs `text` + `label` records; these records suit task 'multi_label_classification'",
+        ),
+        (
+            json!({"model": "bert", "training_file": labeled, "task": "multi_label_classification"}),
+            "failed",
+            "these records suit task 'sequence_classification' or 'sequence_regression'",
+        ),
+        (
+            json!({"model": "bert", "training_file": labeled}),
+            "failed",
+            "model 'bert' does not support task 'causal_lm'; it supports: sequence_classification, sequence_regression, multi_label_classification",
+        ),
+    ];
+    for (body, status, message) in cases {
+        let job = create(&app, body.clone()).await;
+        let done = app.wait_validated(job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], status, "{body} -> {done}");
+        if !message.is_empty() {
+            let got = done["error"]["message"].as_str().unwrap_or_default();
+            assert!(got.contains(message), "{body} -> {got}");
+        }
+    }
+    // The task is echoed, and the model object lists every task the model can do.
+    let job = create(
+        &app,
+        json!({"model": "bert", "training_file": numbers, "task": "sequence_regression"}),
+    )
+    .await;
+    assert_eq!(job["task"], "sequence_regression");
+    let model: Value = app
+        .client
+        .get(format!("{}/v1/models/bert", app.base))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        model["architecture"]["tasks"],
+        json!([
+            "sequence_classification",
+            "sequence_regression",
+            "multi_label_classification"
+        ])
     );
 }
 

@@ -28,7 +28,7 @@ fn assert_facts(c: &HfConfig, family: &str, layers_heads_kv: [i64; 3], params: i
     let mut want: Vec<String> = lora.iter().map(|s| s.to_string()).collect();
     want.push("all-linear".into());
     assert_eq!(d.lora_target_modules, want);
-    assert_eq!(d.tasks, vec![Task::CausalLm, Task::SequenceClassification]);
+    assert_eq!(d.tasks, Task::ALL.to_vec());
     // The memory planner's LoRA sizes: one (in, out) per linear module of a layer, whose
     // weights add up to the attention and MLP parameters.
     let f = c.arch.facts();

@@ -29,7 +29,7 @@ fn roberta_base() -> Value {
 fn roberta_and_xlm_roberta_facts() {
     let c = parse(&roberta_base());
     assert_eq!(c.family(), "roberta");
-    assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
+    assert_eq!(c.tasks(), Task::ALL[1..].to_vec());
     assert_eq!(c.num_parameters(), 124_055_040, "roberta-base");
     // Positions start after the padding index: 514 - 1 - 1 tokens.
     assert_eq!(c.dims().context_length, 512);
@@ -90,7 +90,7 @@ fn distilbert_base() -> Value {
 fn distilbert_facts_and_bert_style_names() {
     let c = parse(&distilbert_base());
     assert_eq!(c.family(), "distilbert");
-    assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
+    assert_eq!(c.tasks(), Task::ALL[1..].to_vec());
     assert_eq!(c.num_parameters(), 66_362_880, "distilbert-base-uncased");
     let d = c.dims();
     assert_eq!((d.num_layers, d.hidden_size, d.num_heads), (6, 768, 12));
@@ -138,7 +138,7 @@ fn deberta_v3_base() -> Value {
 fn deberta_v3_and_v2_facts() {
     let c = parse(&deberta_v3_base());
     assert_eq!(c.family(), "deberta-v2");
-    assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
+    assert_eq!(c.tasks(), Task::ALL[1..].to_vec());
     assert_eq!(c.num_parameters(), 183_831_552, "deberta-v3-base");
     let Arch::DebertaV2(d) = &c.arch else {
         panic!()
@@ -255,7 +255,7 @@ fn modernbert_base() -> Value {
 fn modernbert_facts_and_both_key_forms() {
     let c = parse(&modernbert_base());
     assert_eq!(c.family(), "modernbert");
-    assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
+    assert_eq!(c.tasks(), Task::ALL[1..].to_vec());
     assert_eq!(c.num_parameters(), 149_014_272, "ModernBERT-base");
     assert_eq!(c.dims().context_length, 8192);
     assert_eq!(c.module_names(), vec!["Wqkv", "Wo", "Wi"]);

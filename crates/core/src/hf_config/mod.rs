@@ -497,13 +497,14 @@ impl HfConfig {
         self.arch.facts().dims()
     }
 
-    /// Decoders: causal LM and sequence classification; encoders: sequence classification only.
+    /// Decoders: causal LM and the sequence-level tasks (classification, regression,
+    /// multi-label: one `*ForSequenceClassification` head with its `problem_type`); encoders: the
+    /// sequence-level tasks.
     pub fn tasks(&self) -> Vec<Task> {
-        if self.is_decoder() {
-            vec![Task::CausalLm, Task::SequenceClassification]
-        } else {
-            vec![Task::SequenceClassification]
-        }
+        Task::ALL
+            .into_iter()
+            .filter(|t| self.is_decoder() || t.is_sequence_level())
+            .collect()
     }
 
     /// Short names of the linear modules inside the transformer layers (what PEFT's

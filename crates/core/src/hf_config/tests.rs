@@ -79,10 +79,7 @@ fn qwen2_has_qkv_bias_and_untied_default() {
     assert!(l.qkv_bias && !l.o_bias);
     assert_eq!(l.sliding_window, None);
     assert_eq!(l.shape.head_dim, 64);
-    assert_eq!(
-        c.tasks(),
-        vec![Task::CausalLm, Task::SequenceClassification]
-    );
+    assert_eq!(c.tasks(), Task::ALL.to_vec());
 }
 
 #[test]
@@ -127,7 +124,7 @@ fn bert_is_classification_only_with_labels() {
             "max_position_embeddings": 512, "id2label": {"1": "positive", "0": "negative"}}"#,
     )
     .unwrap();
-    assert_eq!(c.tasks(), vec![Task::SequenceClassification]);
+    assert_eq!(c.tasks(), Task::ALL[1..].to_vec());
     assert_eq!(
         c.common.id2label,
         Some(vec!["negative".to_string(), "positive".to_string()])

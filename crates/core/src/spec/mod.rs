@@ -21,14 +21,44 @@ pub use request::parse_create_request;
 #[serde(rename_all = "snake_case")]
 pub enum Task {
     CausalLm,
+    /// One label per text (or text pair), softmax + cross-entropy.
     SequenceClassification,
+    /// A number per text, one output, mean squared error.
+    SequenceRegression,
+    /// Any number of labels per text, a sigmoid per label + binary cross-entropy.
+    MultiLabelClassification,
 }
 
 impl Task {
+    pub const ALL: [Task; 4] = [
+        Task::CausalLm,
+        Task::SequenceClassification,
+        Task::SequenceRegression,
+        Task::MultiLabelClassification,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Task::CausalLm => "causal_lm",
             Task::SequenceClassification => "sequence_classification",
+            Task::SequenceRegression => "sequence_regression",
+            Task::MultiLabelClassification => "multi_label_classification",
+        }
+    }
+
+    /// A head over the whole sequence (`*ForSequenceClassification`, whatever its
+    /// `problem_type`).
+    pub fn is_sequence_level(self) -> bool {
+        !matches!(self, Task::CausalLm)
+    }
+
+    /// transformers' `problem_type` in config.json for the sequence-level tasks.
+    pub fn problem_type(self) -> Option<&'static str> {
+        match self {
+            Task::CausalLm => None,
+            Task::SequenceClassification => Some("single_label_classification"),
+            Task::SequenceRegression => Some("regression"),
+            Task::MultiLabelClassification => Some("multi_label_classification"),
         }
     }
 }

@@ -641,8 +641,8 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         .unwrap_or(1.0);
     let base_lr = match (training_type, task) {
         (TrainingType::Lora, _) => 2e-4,
-        (TrainingType::Full, Task::SequenceClassification) => 5e-5,
         (TrainingType::Full, Task::CausalLm) => 2e-5,
+        (TrainingType::Full, _) => 5e-5,
     };
     let learning_rate = k
         .learning_rate
@@ -655,7 +655,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
     let gradient_accumulation_steps = k.gradient_accumulation_steps.count(1, 1024, 1)?;
     let default_max_len = match task {
         Task::CausalLm => 1024,
-        Task::SequenceClassification => 128,
+        _ => 128,
     };
     let max_seq_length = k.max_seq_length.count(8, 131_072, default_max_len)?;
     let max_grad_norm = k.max_grad_norm.number_in(0.0, 1e6, true)?.unwrap_or(1.0);

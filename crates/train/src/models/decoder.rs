@@ -643,7 +643,7 @@ pub(super) fn build<F: DecoderFamily>(
     let tied = hf.common.tie_word_embeddings;
     let head = match &opts.task {
         TaskHead::CausalLm => Head::Lm(b.lm_head(&embed, tied, vocab, d)?),
-        TaskHead::SequenceClassification { id2label } => {
+        TaskHead::SequenceClassification { id2label, .. } => {
             Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?)
         }
     };

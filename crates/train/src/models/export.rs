@@ -31,7 +31,11 @@ impl Core {
         }
         c.remove("num_labels");
         match &self.task {
-            TaskHead::SequenceClassification { id2label } => {
+            TaskHead::SequenceClassification {
+                id2label,
+                problem_type,
+            } => {
+                c.insert("problem_type".into(), json!(problem_type.as_str()));
                 let id2: Map<String, Value> = id2label
                     .iter()
                     .enumerate()
@@ -55,6 +59,7 @@ impl Core {
             TaskHead::CausalLm => {
                 c.remove("id2label");
                 c.remove("label2id");
+                c.remove("problem_type");
             }
         }
         Value::Object(c)

@@ -69,7 +69,7 @@ pub(super) fn build(
     let tied = hf.common.tie_word_embeddings;
     let head = match &opts.task {
         TaskHead::CausalLm => Head::Lm(b.lm_head(&wte, tied, cfg.vocab_size, d)?),
-        TaskHead::SequenceClassification { id2label } => {
+        TaskHead::SequenceClassification { id2label, .. } => {
             Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?)
         }
     };

@@ -125,11 +125,11 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     match &opts.task {
         TaskHead::CausalLm if !hf.is_decoder() => {
             return Err(Error::Config(format!(
-                "model type '{}' is an encoder: it supports sequence_classification only",
+                "model type '{}' is an encoder: it supports the sequence-level tasks only (sequence_classification, sequence_regression, multi_label_classification)",
                 hf.model_type()
             )))
         }
-        TaskHead::SequenceClassification { id2label } if id2label.is_empty() => {
+        TaskHead::SequenceClassification { id2label, .. } if id2label.is_empty() => {
             return Err(Error::Config(
                 "sequence classification needs at least one label".into(),
             ))
@@ -167,7 +167,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
 /// The number of labels of an encoder's task (encoders train sequence classification only).
 fn encoder_labels(opts: &LoadOptions, family: &str) -> Result<i64> {
     match &opts.task {
-        TaskHead::SequenceClassification { id2label } => Ok(id2label.len() as i64),
+        TaskHead::SequenceClassification { id2label, .. } => Ok(id2label.len() as i64),
         TaskHead::CausalLm => Err(Error::Config(format!(
             "{family} supports sequence_classification only"
         ))),

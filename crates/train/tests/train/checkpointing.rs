@@ -35,7 +35,11 @@ pub(crate) fn loss_and_grads(
     let cfg = StepConfig {
         micro: 3,
         pad_id: 0,
-        causal: model.info().is_decoder,
+        task: if model.info().is_decoder {
+            Task::CausalLm
+        } else {
+            Task::SequenceClassification
+        },
         with_types: model.uses_token_type_ids(),
         pack_len: None,
         group_overhead_tokens: None,
@@ -90,6 +94,7 @@ pub(crate) fn task(name: &str) -> TaskHead {
     let n = cfg["id2label"].as_object().map_or(2, |m| m.len());
     TaskHead::SequenceClassification {
         id2label: (0..n).map(|i| i.to_string()).collect(),
+        problem_type: Default::default(),
     }
 }
 
@@ -109,6 +114,7 @@ pub(crate) fn features(dir: &Path, task: &TaskHead) -> Vec<Features> {
                     i as u64 + 1,
                     Example::Labeled {
                         text: t.to_string(),
+                        text_pair: None,
                         label,
                     },
                 )

@@ -36,6 +36,7 @@ fn reference(name: &str) -> BTreeMap<String, Tensor> {
 fn labels(n: usize) -> TaskHead {
     TaskHead::SequenceClassification {
         id2label: (0..n).map(|i| format!("l{i}")).collect(),
+        problem_type: Default::default(),
     }
 }
 

@@ -91,12 +91,14 @@ pub(crate) struct Export {
 pub(crate) fn three_labels() -> TaskHead {
     TaskHead::SequenceClassification {
         id2label: vec!["negative".into(), "neutral".into(), "positive".into()],
+        problem_type: Default::default(),
     }
 }
 
 pub(crate) fn two_labels() -> TaskHead {
     TaskHead::SequenceClassification {
         id2label: vec!["bad".into(), "good".into()],
+        problem_type: Default::default(),
     }
 }
 
@@ -257,7 +259,7 @@ pub(crate) fn export(tmp: &Path, e: &Export) -> Case {
         TaskHead::SequenceClassification { .. } => "sequence_classification",
     };
     let mut base_kwargs = json!({});
-    if let TaskHead::SequenceClassification { id2label } = &e.task {
+    if let TaskHead::SequenceClassification { id2label, .. } = &e.task {
         base_kwargs = json!({"num_labels": id2label.len(), "pad_token_id": pad});
     }
     let mut spec = json!({

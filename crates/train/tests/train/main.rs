@@ -12,6 +12,8 @@
 //! - `checkpointing`: activation checkpointing gives the ordinary backward's gradients.
 //! - `quant`: NF4 quantisation equals bitsandbytes'; LoRA over an NF4 base is LoRA over the
 //!   dequantised base.
+//! - `tasks`: regression, multi-label classification and sentence pairs: they learn, and
+//!   transformers' tokenizer, model and pipeline agree with tuna on the exports.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!
@@ -29,5 +31,6 @@ mod parity;
 mod planner;
 mod quant;
 mod support;
+mod tasks;
 mod train_loop;
 mod unit;

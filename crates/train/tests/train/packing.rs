@@ -8,8 +8,11 @@
 
 use serde_json::json;
 use tch::Device;
+use tuna_core::spec::Task;
 use tuna_train::data::group_by_length;
-use tuna_train::data::{collate, collate_packed, loss_and_correct, pack_rows, Collated, Features};
+use tuna_train::data::{
+    collate, collate_packed, loss_and_correct, pack_rows, Collated, Features, Target,
+};
 use tuna_train::model::{Batch, Model, TaskHead};
 use tuna_train::trainer::{accumulate, train, Control, StepConfig, TrainInputs, TrainerEvent};
 
@@ -37,7 +40,7 @@ fn examples(vocab: i64) -> Vec<Features> {
                 input_ids: ids,
                 labels,
                 token_type_ids: vec![],
-                class: None,
+                target: Target::Tokens,
             }
         })
         .collect()
@@ -56,7 +59,7 @@ fn loss_of(model: &dyn Model, c: &Collated) -> (f64, f64) {
             false,
         )
         .unwrap();
-    let (l, k) = loss_and_correct(&logits, &c.labels, true).unwrap();
+    let (l, k) = loss_and_correct(&logits, &c.labels, Task::CausalLm).unwrap();
     (l.double_value(&[]), k.double_value(&[]))
 }
 
@@ -202,6 +205,7 @@ fn length_grouped_classification_gives_the_same_loss_and_gradients() {
     // Llama fixture as a classifier: no dropout, so both layouts compute the same numbers.
     let opts = cpu_options(TaskHead::SequenceClassification {
         id2label: vec!["a".into(), "b".into()],
+        problem_type: Default::default(),
     });
     let model = tuna_train::load_model(&fixture("llama"), &opts).unwrap();
     let feats: Vec<Features> = examples(model.info().vocab_size)
@@ -209,7 +213,7 @@ fn length_grouped_classification_gives_the_same_loss_and_gradients() {
         .enumerate()
         .map(|(i, mut f)| {
             f.labels.clear();
-            f.class = Some((i % 2) as i64);
+            f.target = Target::Class((i % 2) as i64);
             f
         })
         .collect();
@@ -221,7 +225,7 @@ fn length_grouped_classification_gives_the_same_loss_and_gradients() {
         let cfg = StepConfig {
             micro: refs.len(),
             pad_id: 0,
-            causal: false,
+            task: Task::SequenceClassification,
             with_types: false,
             pack_len: None,
             group_overhead_tokens: group,

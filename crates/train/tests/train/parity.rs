@@ -135,6 +135,7 @@ fn bert_hidden_states_and_pooler_match_transformers() {
     let r = reference(&dir);
     let task = TaskHead::SequenceClassification {
         id2label: vec!["a".into(), "b".into()],
+        problem_type: Default::default(),
     };
     let model = tuna_train::models::bert::load(&dir, &opts(task)).unwrap();
     let batch = Batch {
@@ -167,6 +168,7 @@ fn minilm_loads_for_classification_and_matches_transformers() {
     let r = read_safetensors(&reference).unwrap();
     let task = TaskHead::SequenceClassification {
         id2label: vec!["negative".into(), "positive".into()],
+        problem_type: Default::default(),
     };
     let model = tuna_train::models::bert::load(&dir, &opts(task)).unwrap();
     let batch = Batch {
@@ -354,6 +356,7 @@ fn freeze_options_select_trainable_parameters() {
 fn lora_trains_adapters_and_classification_head_only() {
     let task = TaskHead::SequenceClassification {
         id2label: vec!["a".into(), "b".into(), "c".into()],
+        problem_type: Default::default(),
     };
     let m = load_model(
         &fixture("qwen2"),
@@ -426,6 +429,7 @@ fn backward_reaches_exactly_the_trainable_parameters() {
             "bert",
             TaskHead::SequenceClassification {
                 id2label: vec!["a".into(), "b".into()],
+                problem_type: Default::default(),
             },
         ),
     ] {
@@ -582,12 +586,14 @@ fn all_padding_rows_stay_finite() {
             "llama",
             TaskHead::SequenceClassification {
                 id2label: vec!["a".into(), "b".into()],
+                problem_type: Default::default(),
             },
         ),
         (
             "bert",
             TaskHead::SequenceClassification {
                 id2label: vec!["a".into(), "b".into()],
+                problem_type: Default::default(),
             },
         ),
     ] {
@@ -616,6 +622,7 @@ fn bert_without_pooler_weights_gets_a_fresh_pooler() {
     });
     let task = TaskHead::SequenceClassification {
         id2label: vec!["a".into(), "b".into()],
+        problem_type: Default::default(),
     };
     let m = load_model(tmp.path(), &opts(task)).unwrap();
     let notes = m.load_notes().join("; ");
@@ -683,6 +690,7 @@ fn config_parameter_count_matches_loaded_model() {
         let task = if name == "bert" {
             TaskHead::SequenceClassification {
                 id2label: vec!["a".into(), "b".into()],
+                problem_type: Default::default(),
             }
         } else {
             TaskHead::CausalLm

@@ -47,6 +47,7 @@ fn planned_lora_parameters_equal_the_models_adapters() {
             let id2label = hf.common.id2label.clone();
             TaskHead::SequenceClassification {
                 id2label: id2label.unwrap_or_else(|| vec!["a".into(), "b".into()]),
+                problem_type: Default::default(),
             }
         };
         let opts = LoadOptions {

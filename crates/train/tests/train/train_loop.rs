@@ -178,6 +178,7 @@ pub(crate) fn reviews() -> Vec<(u64, Example)> {
             i as u64 + 2,
             Example::Labeled {
                 text: t.into(),
+                text_pair: None,
                 label: Label::Name(l.into()),
             },
         ));
@@ -362,7 +363,7 @@ fn accumulated_gradients_do_not_depend_on_the_micro_batch_size() {
             &items,
             micro,
             0,
-            true,
+            tuna_core::spec::Task::CausalLm,
             false,
             1,
             0,

@@ -212,6 +212,7 @@ fn classification_features_and_truncation_keep_sep() {
             2,
             Example::Labeled {
                 text: "good".into(),
+                text_pair: None,
                 label: Label::Name("pos".into()),
             },
         ),
@@ -219,6 +220,7 @@ fn classification_features_and_truncation_keep_sep() {
             3,
             Example::Labeled {
                 text: long,
+                text_pair: None,
                 label: Label::Name("neg".into()),
             },
         ),
@@ -235,7 +237,7 @@ fn classification_features_and_truncation_keep_sep() {
     )
     .unwrap();
     assert_eq!(stats.truncated, 1);
-    assert_eq!(f[0].class, Some(1));
+    assert_eq!(f[0].target, tuna_train::data::Target::Class(1));
     assert_eq!(
         (f[0].input_ids[0], *f[0].input_ids.last().unwrap()),
         (cls, sep)
@@ -252,6 +254,7 @@ fn bad_data_is_an_error_naming_the_line() {
         7,
         Example::Labeled {
             text: "x".into(),
+            text_pair: None,
             label: Label::Int(5),
         },
     )];

@@ -144,12 +144,13 @@ pub fn metric(v: &Value) -> String {
     }
 }
 
-/// Metrics worth showing in a summary: step, epoch, losses and accuracies (not rates, timings
-/// or the learning rate of one step).
+/// Metrics worth showing in a summary: step, epoch, losses and each task's measures
+/// (accuracies, F1, RMSE, correlations), not rates, timings or the learning rate of one step.
 pub fn is_summary_metric(k: &str) -> bool {
+    const MEASURES: [&str; 5] = ["accuracy", "f1", "rmse", "pearson", "spearman"];
     matches!(k, "step" | "epoch")
         || ((k.starts_with("train_") || k.starts_with("valid_") || k.starts_with("full_valid_"))
-            && (k.ends_with("loss") || k.contains("accuracy")))
+            && (k.ends_with("loss") || MEASURES.iter().any(|m| k.contains(m))))
 }
 
 /// `k=v` pairs of the numeric summary entries ([`is_summary_metric`]) of a metrics object.
@@ -169,6 +170,31 @@ pub fn metrics_line(m: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn summaries_show_every_task_s_measures() {
+        for k in [
+            "valid_loss",
+            "valid_accuracy",
+            "valid_macro_f1",
+            "valid_micro_f1",
+            "valid_rmse",
+            "valid_pearson",
+            "valid_spearman",
+            "valid_subset_accuracy",
+            "train_mean_token_accuracy",
+        ] {
+            assert!(is_summary_metric(k), "{k}");
+        }
+        for k in [
+            "learning_rate",
+            "tokens_per_second",
+            "valid_examples",
+            "grad_norm",
+        ] {
+            assert!(!is_summary_metric(k), "{k}");
+        }
+    }
 
     #[test]
     fn formats() {

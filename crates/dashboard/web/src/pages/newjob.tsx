@@ -33,11 +33,11 @@ interface Ctx {
 /** The server's defaults (crates/core/src/spec/request.rs, docs/job-spec.md). */
 function learningRate(c: Ctx): string {
   if (c.method === "lora") return "0.0002";
-  return c.task === "sequence_classification" ? "0.00005" : "0.00002";
+  return c.task !== "causal_lm" ? "0.00005" : "0.00002";
 }
 
 function seqLength(c: Ctx): string {
-  const d = c.task === "sequence_classification" ? 128 : 1024;
+  const d = c.task !== "causal_lm" ? 128 : 1024;
   const ctx = c.model?.architecture.context_length;
   return String(ctx && ctx > 0 ? Math.min(d, ctx) : d);
 }
@@ -82,7 +82,7 @@ export function NewJobPage() {
   const [busy, setBusy] = useState(false);
 
   const model = models.value?.data.find((m) => m.id === modelId);
-  const tasks = model?.architecture.tasks ?? ["causal_lm", "sequence_classification"];
+  const tasks = model?.architecture.tasks ?? ["causal_lm", "sequence_classification", "sequence_regression", "multi_label_classification"];
   const effectiveTask = tasks.includes(task) ? task : tasks[0];
   const ctx: Ctx = { method, task: effectiveTask, model, lora_r: values.lora_r ?? "" };
   const shown = KNOBS.filter((k) => !k.methods || k.methods.includes(method));
