@@ -609,11 +609,23 @@ pub fn collate(
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0i64; b * t];
     let mut types = vec![0i64; b * t];
-    let width = match items.first().map(|f| &f.target) {
+    // Every item's target is of the first one's kind (and, for numbers, its width).
+    let first = items.first().map(|f| &f.target);
+    let width = match first {
         Some(Target::Values(v)) => v.len(),
         _ => 0,
     };
-    let mut labels = match items.first().map(|f| &f.target) {
+    let same_kind = |f: &Features| match (first, &f.target) {
+        (Some(Target::Values(_)), Target::Values(v)) => v.len() == width,
+        (Some(a), b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        (None, _) => true,
+    };
+    if !items.iter().all(|f| same_kind(f)) {
+        return Err(Error::Data(
+            "a batch mixes examples of different tasks".into(),
+        ));
+    }
+    let mut labels = match first {
         Some(Target::Tokens) | None => vec![-100i64; b * t],
         Some(Target::Class(_)) => vec![0i64; b],
         Some(Target::Values(_)) => Vec::new(),
@@ -629,18 +641,9 @@ pub fn collate(
             types[r * t..r * t + n].copy_from_slice(&f.token_type_ids[..n]);
         }
         match &f.target {
-            Target::Class(c) if labels.len() == b => labels[r] = *c,
-            Target::Tokens if labels.len() == b * t => {
-                labels[r * t..r * t + n].copy_from_slice(&f.labels)
-            }
-            Target::Values(v) if v.len() == width => {
-                values[r * width..(r + 1) * width].copy_from_slice(v)
-            }
-            _ => {
-                return Err(Error::Data(
-                    "a batch mixes examples of different tasks".into(),
-                ))
-            }
+            Target::Class(c) => labels[r] = *c,
+            Target::Tokens => labels[r * t..r * t + n].copy_from_slice(&f.labels),
+            Target::Values(v) => values[r * width..(r + 1) * width].copy_from_slice(v),
         }
         tokens += n;
         targets += f.targets();
@@ -649,7 +652,7 @@ pub fn collate(
     let to = |v: &[i64], s: &[i64]| -> Result<Tensor> {
         Ok(Tensor::f_from_slice(v)?.f_view(s)?.f_to_device(device)?)
     };
-    let labels = match items.first().map(|f| &f.target) {
+    let labels = match first {
         Some(Target::Class(_)) => to(&labels, &[b as i64])?,
         Some(Target::Values(_)) => Tensor::f_from_slice(&values)?
             .f_view([b as i64, width as i64])?

@@ -195,16 +195,8 @@ async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
     )
     .await;
     assert_eq!(job["task"], "sequence_regression");
-    let model: Value = app
-        .client
-        .get(format!("{}/v1/models/bert", app.base))
-        .bearer_auth(&app.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, model) = json(app.get("/v1/models/bert").await).await;
+    assert_eq!(status, 200, "{model}");
     assert_eq!(
         model["architecture"]["tasks"],
         json!([

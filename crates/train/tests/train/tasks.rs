@@ -18,7 +18,7 @@ use tuna_train::trainer::{task_head, TrainOutcome};
 use crate::support::{cpu_options, fixture, lock, python, workspace};
 use crate::train_loop::{run, spec};
 
-/// A cheap deterministic shuffle (a linear congruential generator), so the tests need no
+/// A cheap deterministic pick (a multiplicative hash of `i` and `salt`), so the tests need no
 /// random crate.
 fn pick(i: usize, salt: usize, n: usize) -> usize {
     (i.wrapping_mul(2_654_435_761).wrapping_add(salt * 40_503) >> 7) % n
