@@ -4,7 +4,8 @@
 Usage: HF_HUB_OFFLINE=1 .venv/bin/python python/check_export.py CASES.json OUT.safetensors
 
 CASES.json is a list of objects:
-  {"name": "...", "kind": "full" | "lora", "task": "causal_lm" | "sequence_classification",
+  {"name": "...", "kind": "full" | "lora",
+   "task": "causal_lm" | "sequence_classification" | "token_classification",
    "dir": <checkpoint or adapter folder>, "base": <base model folder, for "lora">,
    "base_kwargs": {...extra from_pretrained kwargs for the base, e.g. num_labels/pad_token_id},
    "nf4_base": {"double_quant": bool} (optional, "lora": a QLoRA adapter: after PEFT has loaded
@@ -24,11 +25,15 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
 
 
 def model_class(task):
-    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    return {
+        "causal_lm": AutoModelForCausalLM,
+        "token_classification": AutoModelForTokenClassification,
+    }.get(task, AutoModelForSequenceClassification)
 
 
 def round_through_nf4(model, double_quant):

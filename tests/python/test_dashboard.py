@@ -267,7 +267,7 @@ def test_new_job_refuses_a_bad_file_by_line_then_trains_with_live_curves_and_dow
 
     page.set_input_files("#training-file", files=[{"name": "count.jsonl", "mimeType": "application/jsonl", "buffer": lines(good)}])
     expect(page.locator(".file-field .ok").first).to_contain_text("96 examples")
-    # The task list is the model's: an encoder offers the sequence-level tasks only.
+    # The task list is the model's: an encoder offers the classification tasks, not causal_lm.
     page.locator('select[name="model"]').select_option("bert")
     bert_tasks = api.get("/v1/models/bert")["architecture"]["tasks"]
     assert "sequence_regression" in bert_tasks and "causal_lm" not in bert_tasks

@@ -82,15 +82,16 @@ EXAMPLE = re.compile(r"^(#+ [^\n]*)$|^```(json|text)\n(.*?)^```\s*$", re.M | re.
 
 
 def test_data_formats_examples_are_accepted_as_their_shape(live_server):
-    """Every example file in docs/data-formats.md (```json: JSONL, ```text: CSV or TSV, by its
-    header) uploads as `processed`, with the shape its section names."""
+    """Every example file in docs/data-formats.md (```json: JSONL, ```text: CoNLL in its section,
+    else CSV or TSV by its header) uploads as `processed`, with the shape its section names."""
     import httpx2 as httpx
 
     text = (DOCS / "data-formats.md").read_text()
     # First match wins: "text + labels" before "text + label".
     shapes = {"chat": "messages", "prompt / completion": "prompt_completion", "text + labels": "text_labels",
               "text + label": "text_label", "text + number": "text_label", "sentence pairs": "text_label",
-              "text — causal": "text", "csv and tsv": "text_label"}
+              "text — causal": "text", "csv and tsv": "text_label", "tokens + tags": "tokens_tags",
+              "conll": "tokens_tags"}
     heading, checked = "", 0
     for m in EXAMPLE.finditer(text):
         if m.group(1):
@@ -99,6 +100,8 @@ def test_data_formats_examples_are_accepted_as_their_shape(live_server):
         lang, body = m.group(2), m.group(3)
         if lang == "json":
             name = "example.jsonl"
+        elif "conll" in heading:
+            name = "example.conll"
         else:
             name = "example.tsv" if "\t" in body.splitlines()[0] else "example.csv"
         r = httpx.post(f"{live_server['base']}/v1/files", headers={"Authorization": f"Bearer {live_server['key']}"},
@@ -110,7 +113,7 @@ def test_data_formats_examples_are_accepted_as_their_shape(live_server):
         assert want != "unknown", f"no expected shape for section {heading!r}"
         assert f["format"] == want, (heading, body, f)
         checked += 1
-    assert checked >= 8, checked
+    assert checked >= 10, checked
 
 
 def test_cli_doc_covers_every_command():

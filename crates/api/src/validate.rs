@@ -433,6 +433,9 @@ fn check_shape(
             Task::CausalLm => "chat `messages`, `prompt`/`completion` or `text` records",
             Task::SequenceClassification | Task::SequenceRegression => "`text` + `label` records",
             Task::MultiLabelClassification => "`text` + `labels` (a list) records",
+            Task::TokenClassification => {
+                "`tokens` + `tags` records (JSONL) or a CoNLL file (`.conll`: a word and its tag per line)"
+            }
         };
         let instead = Task::ALL
             .into_iter()
@@ -468,6 +471,11 @@ fn check_shape(
                 format!("file '{file_id}' has {labels} distinct label(s); classification needs at least 2"),
             ))
         }
+        Task::TokenClassification if labels < 2 && param == "training_file" => Err(fail(
+            code,
+            param,
+            format!("file '{file_id}' has {labels} distinct tag(s); token classification needs at least 2"),
+        )),
         _ => Ok(()),
     }
 }

@@ -11,10 +11,16 @@
 //!     empty)
 //!   - both labelled shapes take a second text, `text_pair` (sentence-pair tasks); GLUE's
 //!     `sentence1` / `sentence2` keys are read as `text` / `text_pair`
+//!   - tokens + tags: `{"tokens": [...], "tags": [...]}` (token classification: a word list and
+//!     one tag per word, names or ids; `ner_tags` is read as `tags`, as Hugging Face datasets
+//!     name them)
 //! - CSV or TSV with a header row: a `text` column (aliases `sentence`, `content`, and
 //!   `sentence1` beside `sentence2`), an optional `text_pair` (or `sentence2`) column, and a
 //!   `label` column or a `labels` column (a JSON list, or names separated by commas); or
 //!   `prompt` and `completion` columns.
+//! - CoNLL (`.conll`, `.iob`, `.bio`): a word and its tag per line, separated by whitespace
+//!   (the first column is the word, the last the tag: CoNLL-2003's four columns read as word and
+//!   NER tag), a blank line between sentences, `-DOCSTART-` lines skipped.
 //!
 //! Errors carry the 1-based line number and a rule name (`invalid_json`, `unrecognized_role`, …)
 //! so a user can find and fix the record. The readers never hold the whole file in memory.
@@ -33,10 +39,12 @@ pub enum Format {
     Jsonl,
     Csv,
     Tsv,
+    Conll,
 }
 
 impl Format {
-    /// By file name: `.csv`, `.tsv`, anything else is JSONL.
+    /// By file name: `.csv`, `.tsv`, `.conll` (or `.iob`, `.iob2`, `.bio`), anything else is
+    /// JSONL.
     pub fn from_filename(name: &str) -> Format {
         let lower = name.to_ascii_lowercase();
         let lower = lower.split(['?', '#']).next().unwrap_or_default();
@@ -44,6 +52,11 @@ impl Format {
             Format::Csv
         } else if lower.ends_with(".tsv") {
             Format::Tsv
+        } else if [".conll", ".iob", ".iob2", ".bio"]
+            .iter()
+            .any(|e| lower.ends_with(e))
+        {
+            Format::Conll
         } else {
             Format::Jsonl
         }
@@ -54,6 +67,7 @@ impl Format {
             Format::Jsonl => "jsonl",
             Format::Csv => "csv",
             Format::Tsv => "tsv",
+            Format::Conll => "conll",
         }
     }
 }
@@ -68,6 +82,8 @@ pub enum Shape {
     TextLabel,
     /// Multi-label: a list of labels per text.
     TextLabels,
+    /// Token classification: a word list and a tag per word.
+    TokensTags,
 }
 
 impl Shape {
@@ -78,6 +94,7 @@ impl Shape {
             Shape::Text => "text",
             Shape::TextLabel => "text_label",
             Shape::TextLabels => "text_labels",
+            Shape::TokensTags => "tokens_tags",
         }
     }
 
@@ -89,6 +106,7 @@ impl Shape {
             Shape::Text,
             Shape::TextLabel,
             Shape::TextLabels,
+            Shape::TokensTags,
         ]
         .into_iter()
         .find(|s| s.as_str() == name)
@@ -108,12 +126,17 @@ impl Shape {
             Task::CausalLm => self.fits_causal_lm(),
             Task::SequenceClassification | Task::SequenceRegression => self == Shape::TextLabel,
             Task::MultiLabelClassification => self == Shape::TextLabels,
+            Task::TokenClassification => self == Shape::TokensTags,
         }
     }
 
-    /// Whether the shape carries labels (and the scan collects them).
+    /// Whether the shape carries labels (and the scan collects them: a token-classification
+    /// file's tags).
     pub fn is_labelled(self) -> bool {
-        matches!(self, Shape::TextLabel | Shape::TextLabels)
+        matches!(
+            self,
+            Shape::TextLabel | Shape::TextLabels | Shape::TokensTags
+        )
     }
 }
 
@@ -180,6 +203,11 @@ pub enum Example {
         text_pair: Option<String>,
         labels: Vec<Label>,
     },
+    /// Token classification: words and one tag per word (as many tags as tokens).
+    Tagged {
+        tokens: Vec<String>,
+        tags: Vec<Label>,
+    },
 }
 
 impl Example {
@@ -190,6 +218,7 @@ impl Example {
             Example::Text { .. } => Shape::Text,
             Example::Labeled { .. } => Shape::TextLabel,
             Example::MultiLabeled { .. } => Shape::TextLabels,
+            Example::Tagged { .. } => Shape::TokensTags,
         }
     }
 
@@ -198,6 +227,7 @@ impl Example {
         match self {
             Example::Labeled { label, .. } => std::slice::from_ref(label),
             Example::MultiLabeled { labels, .. } => labels,
+            Example::Tagged { tags, .. } => tags,
             _ => &[],
         }
     }
@@ -252,6 +282,9 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
     };
     if let Some(messages) = obj.get("messages") {
         return parse_messages(messages, line_no).map(|messages| Example::Chat { messages });
+    }
+    if obj.contains_key("tokens") {
+        return parse_tagged(&obj, line_no);
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
         let prompt = string_field(&obj, "prompt", line_no)?;
@@ -325,9 +358,97 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
         line_no,
         "unknown_shape",
         format!(
-            "expected `messages`, `prompt`/`completion`, `text`, `text`/`label` or `text`/`labels`; found keys {keys:?}"
+            "expected `messages`, `prompt`/`completion`, `text`, `text`/`label`, `text`/`labels` or `tokens`/`tags`; found keys {keys:?}"
         ),
     ))
+}
+
+/// A token-classification record: `tokens` (non-empty strings) and as many `tags` (names or
+/// ids; `ner_tags` is the Hugging Face datasets spelling).
+fn parse_tagged(obj: &serde_json::Map<String, Value>, line_no: u64) -> Result<Example, LineError> {
+    let Some(Value::Array(items)) = obj.get("tokens") else {
+        return Err(LineError::new(
+            line_no,
+            "invalid_type",
+            format!(
+                "`tokens` must be a list of words, found {}",
+                obj.get("tokens").map_or("nothing", type_name)
+            ),
+        ));
+    };
+    if items.is_empty() {
+        return Err(LineError::new(line_no, "empty_tokens", "`tokens` is empty"));
+    }
+    let mut tokens = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Value::String(w) if !w.trim().is_empty() => tokens.push(w.clone()),
+            other => {
+                return Err(LineError::new(
+                    line_no,
+                    "invalid_type",
+                    format!(
+                        "`tokens[{i}]` must be a non-empty string, found {}",
+                        match other {
+                            Value::String(_) => "an empty string",
+                            o => type_name(o),
+                        }
+                    ),
+                ))
+            }
+        }
+    }
+    let key = if obj.contains_key("tags") || !obj.contains_key("ner_tags") {
+        "tags"
+    } else {
+        "ner_tags"
+    };
+    let tags = match obj.get(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) if !s.trim().is_empty() => Ok(Label::Name(s.trim().to_string())),
+                Value::Number(n) if n.as_i64().is_some() => {
+                    Ok(Label::Int(n.as_i64().unwrap_or_default()))
+                }
+                other => Err(LineError::new(
+                    line_no,
+                    "invalid_label",
+                    format!(
+                        "`{key}[{i}]` must be a non-empty string or an integer, found {}",
+                        type_name(other)
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<Label>, LineError>>()?,
+        Some(other) => {
+            return Err(LineError::new(
+                line_no,
+                "invalid_label",
+                format!("`{key}` must be a list, found {}", type_name(other)),
+            ))
+        }
+        None => {
+            return Err(LineError::new(
+                line_no,
+                "missing_key",
+                "a record with `tokens` needs `tags`, one per token",
+            ))
+        }
+    };
+    if tags.len() != tokens.len() {
+        return Err(LineError::new(
+            line_no,
+            "length_mismatch",
+            format!(
+                "{} tokens but {} tags: each token needs exactly one tag",
+                tokens.len(),
+                tags.len()
+            ),
+        ));
+    }
+    Ok(Example::Tagged { tokens, tags })
 }
 
 fn string_field(
@@ -640,6 +761,7 @@ pub fn scan<R: BufRead>(
     match format {
         Format::Jsonl => scan_jsonl(reader, &mut report, &mut push),
         Format::Csv | Format::Tsv => scan_delimited(reader, format, &mut report, &mut push),
+        Format::Conll => scan_conll(reader, &mut report, &mut push),
     }
     report.labels = labels.into_iter().collect();
     report
@@ -687,6 +809,97 @@ fn scan_jsonl<R: BufRead>(
             continue;
         }
         push(report, line_no, parse_json_line(text, line_no));
+    }
+}
+
+/// CoNLL: one `word ... tag` line per token, sentences separated by blank lines. A sentence is
+/// reported at the line of its first word; a line without a tag at its own line.
+fn scan_conll<R: BufRead>(
+    mut reader: R,
+    report: &mut Report,
+    push: &mut impl FnMut(&mut Report, u64, Result<Example, LineError>),
+) {
+    let mut buf = Vec::new();
+    let mut line_no = 0u64;
+    // The sentence being read: its first line, words and tags, and its first bad line.
+    let mut start = 0u64;
+    let mut tokens: Vec<String> = Vec::new();
+    let mut tags: Vec<Label> = Vec::new();
+    let mut bad: Option<LineError> = None;
+    let mut flush = |report: &mut Report,
+                     start: u64,
+                     tokens: &mut Vec<String>,
+                     tags: &mut Vec<Label>,
+                     bad: &mut Option<LineError>| {
+        let parsed = match bad.take() {
+            Some(e) => Err(e),
+            None => Ok(Example::Tagged {
+                tokens: std::mem::take(tokens),
+                tags: std::mem::take(tags),
+            }),
+        };
+        tokens.clear();
+        tags.clear();
+        push(report, start, parsed);
+    };
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                bad.get_or_insert(LineError::new(line_no + 1, "read_error", e.to_string()));
+                break;
+            }
+        }
+        line_no += 1;
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) => t.trim_start_matches('\u{feff}').trim(),
+            Err(_) => {
+                if tokens.is_empty() && bad.is_none() {
+                    start = line_no;
+                }
+                bad.get_or_insert(LineError::new(
+                    line_no,
+                    "invalid_utf8",
+                    "the line is not valid UTF-8",
+                ));
+                continue;
+            }
+        };
+        if text.is_empty() {
+            if !tokens.is_empty() || bad.is_some() {
+                flush(report, start, &mut tokens, &mut tags, &mut bad);
+            }
+            continue;
+        }
+        if text.starts_with("-DOCSTART-") {
+            continue;
+        }
+        if tokens.is_empty() && bad.is_none() {
+            start = line_no;
+        }
+        let cols: Vec<&str> = text.split_whitespace().collect();
+        if cols.len() < 2 {
+            bad.get_or_insert(LineError::new(
+                line_no,
+                "conll_missing_tag",
+                format!(
+                    "`{text}` has no tag: each line is a word and its tag, separated by whitespace"
+                ),
+            ));
+            continue;
+        }
+        let tag = cols[cols.len() - 1];
+        tokens.push(cols[0].to_string());
+        tags.push(
+            tag.parse::<i64>()
+                .map(Label::Int)
+                .unwrap_or_else(|_| Label::Name(tag.to_string())),
+        );
+    }
+    if !tokens.is_empty() || bad.is_some() {
+        flush(report, start, &mut tokens, &mut tags, &mut bad);
     }
 }
 
@@ -1125,5 +1338,77 @@ mod tests {
         assert_eq!(err.examples, 0);
         assert_eq!(Format::from_filename("x.TSV"), Format::Tsv);
         assert_eq!(Format::from_filename("https://h/x.csv?sig=1"), Format::Csv);
+    }
+
+    #[test]
+    fn tagged_records_from_jsonl_and_conll() {
+        let jsonl = "{\"tokens\":[\"EU\",\"rejects\",\"German\"],\"tags\":[\"B-ORG\",\"O\",\"B-MISC\"]}\n{\"tokens\":[\"Peter\"],\"ner_tags\":[1]}\n";
+        let mut seen = vec![];
+        let r = scan(jsonl.as_bytes(), Format::Jsonl, 10, |l, e| {
+            seen.push((l, e))
+        });
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.shape, Some(Shape::TokensTags));
+        assert!(Shape::TokensTags.fits(Task::TokenClassification));
+        assert!(!Shape::TokensTags.fits(Task::SequenceClassification));
+        assert_eq!(
+            seen[0].1,
+            Example::Tagged {
+                tokens: vec!["EU".into(), "rejects".into(), "German".into()],
+                tags: vec![
+                    Label::Name("B-ORG".into()),
+                    Label::Name("O".into()),
+                    Label::Name("B-MISC".into())
+                ],
+            }
+        );
+        assert_eq!(seen[1].1.labels(), &[Label::Int(1)]);
+        assert_eq!(r.labels.len(), 4);
+
+        // CoNLL-2003's four columns, a document marker, sentences at the line of their first word.
+        let conll = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n";
+        let mut seen = vec![];
+        let r = scan(conll.as_bytes(), Format::Conll, 10, |l, e| {
+            seen.push((l, e))
+        });
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(seen.len(), 2);
+        assert_eq!((seen[0].0, seen[1].0), (3, 7));
+        assert_eq!(
+            seen[1].1,
+            Example::Tagged {
+                tokens: vec!["Peter".into(), "Blackburn".into()],
+                tags: vec![Label::Name("B-PER".into()), Label::Name("I-PER".into())],
+            }
+        );
+        assert_eq!(Format::from_filename("train.conll"), Format::Conll);
+        assert_eq!(Format::from_filename("dev.iob2"), Format::Conll);
+    }
+
+    #[test]
+    fn tagged_errors_name_their_line() {
+        let cases = [
+            (r#"{"tokens":["a","b"],"tags":["O"]}"#, "length_mismatch"),
+            (r#"{"tokens":[],"tags":[]}"#, "empty_tokens"),
+            (r#"{"tokens":"a b","tags":["O"]}"#, "invalid_type"),
+            (r#"{"tokens":["a",""],"tags":["O","O"]}"#, "invalid_type"),
+            (r#"{"tokens":["a"]}"#, "missing_key"),
+            (r#"{"tokens":["a"],"tags":[1.5]}"#, "invalid_label"),
+            (r#"{"tokens":["a"],"tags":"O"}"#, "invalid_label"),
+        ];
+        for (line, rule) in cases {
+            let e = parse_json_line(line, 4).unwrap_err();
+            assert_eq!((e.line, e.rule.as_str()), (4, rule), "{line}");
+        }
+        let e = parse_json_line(r#"{"tokens":["a","b"],"tags":["O"]}"#, 4).unwrap_err();
+        assert!(e.message.contains("2 tokens but 1 tags"), "{}", e.message);
+        // The bad line of a sentence, and the sentences around it still read.
+        let conll = "a O\nb O\n\nc O\nd\ne O\n\nf O\n";
+        let r = scan(conll.as_bytes(), Format::Conll, 10, |_, _| {});
+        assert_eq!(r.examples, 2);
+        assert_eq!(
+            (r.errors[0].line, r.errors[0].rule.as_str()),
+            (5, "conll_missing_tag")
+        );
     }
 }

@@ -110,6 +110,16 @@ pub struct EvalMetrics {
     pub valid_pearson: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_spearman: Option<f64>,
+    /// Token classification: entity-level precision, recall and F1 over the validation rows'
+    /// words (seqeval's defaults: entities read from IOB/IOBES tags, micro-averaged), as
+    /// transformers' NER examples report them; `valid_accuracy` is the share of words tagged
+    /// right.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_precision: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_recall: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_f1: Option<f64>,
     pub valid_examples: usize,
 }
 

@@ -23,6 +23,11 @@
 //! order, then names); a multi-label record becomes one 0/1 target per label of the map; a
 //! regression label must read as a number.
 //!
+//! Token classification: the words tokenized as pre-split input (each word on its own, as
+//! transformers' `is_split_into_words=True` does) with the special tokens; each word's tag on
+//! its first sub-token, -100 on the rest ([`first_subtoken_labels`]); cut keeping the trailing
+//! special tokens, so the words past the cut are not scored.
+//!
 //! Everything is cut to `max_len` tokens (the start is kept). Cuts are counted in [`DataStats`];
 //! a causal example left with no target after the cut is dropped and counted. A record that
 //! yields nothing to learn from, a record of the wrong shape and (at evaluation) a label unseen
@@ -61,6 +66,9 @@ pub enum Target {
     Class(i64),
     /// Regression (one number) or multi-label classification (0 or 1 per label).
     Values(Vec<f32>),
+    /// Token classification: the per-position tag ids are [`Features::labels`] (-100 where
+    /// no word starts), not shifted.
+    Tags,
 }
 
 impl Features {
@@ -68,6 +76,7 @@ impl Features {
     pub fn targets(&self) -> usize {
         match self.target {
             Target::Tokens => self.labels.iter().skip(1).filter(|l| **l != -100).count(),
+            Target::Tags => self.labels.iter().filter(|l| **l != -100).count(),
             Target::Class(_) | Target::Values(_) => 1,
         }
     }
@@ -218,6 +227,36 @@ pub fn featurize(
                     target,
                 }
             }
+            (Task::TokenClassification, Example::Tagged { tokens, tags }) => {
+                let map = labels.ok_or_else(|| err(line, "no label map".into()))?;
+                let ids = tags
+                    .iter()
+                    .map(|t| {
+                        map.get(t).ok_or_else(|| {
+                            err(
+                                line,
+                                format!(
+                                    "tag `{t}` does not occur in the training data (tags: {})",
+                                    map.id2label().join(", ")
+                                ),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<i64>>>()?;
+                let enc = tok
+                    .encode_words_truncated(tokens, max_len)
+                    .map_err(|e| err(line, e.to_string()))?;
+                if enc.cut {
+                    stats.truncated += 1;
+                }
+                Features {
+                    line,
+                    input_ids: enc.ids.iter().map(|i| i64::from(*i)).collect(),
+                    labels: first_subtoken_labels(&enc.word_ids, &ids),
+                    token_type_ids: enc.type_ids.iter().map(|i| i64::from(*i)).collect(),
+                    target: Target::Tags,
+                }
+            }
             (task, ex) => {
                 return Err(err(
                     line,
@@ -229,7 +268,8 @@ pub fn featurize(
                 ))
             }
         };
-        if f.input_ids.is_empty() || (f.is_causal() && f.targets() == 0) {
+        let per_token = matches!(f.target, Target::Tokens | Target::Tags);
+        if f.input_ids.is_empty() || (per_token && f.targets() == 0) {
             return Err(err(line, "the example has no tokens to learn from".into()));
         }
         if f.input_ids.len() > max_len {
@@ -248,6 +288,23 @@ pub fn featurize(
         out.push(f);
     }
     Ok((out, stats))
+}
+
+/// Token classification's labels, as transformers' examples align them: each word's tag on its
+/// first sub-token, -100 on the word's other sub-tokens and on the special tokens.
+pub fn first_subtoken_labels(word_ids: &[Option<u32>], tags: &[i64]) -> Vec<i64> {
+    let mut prev = None;
+    word_ids
+        .iter()
+        .map(|w| {
+            let label = match *w {
+                Some(i) if Some(i) != prev => tags.get(i as usize).copied().unwrap_or(-100),
+                _ => -100,
+            };
+            prev = *w;
+            label
+        })
+        .collect()
 }
 
 /// The target of a sequence-level record: its label id (classification), its number
@@ -626,7 +683,7 @@ pub fn collate(
         ));
     }
     let mut labels = match first {
-        Some(Target::Tokens) | None => vec![-100i64; b * t],
+        Some(Target::Tokens | Target::Tags) | None => vec![-100i64; b * t],
         Some(Target::Class(_)) => vec![0i64; b],
         Some(Target::Values(_)) => Vec::new(),
     };
@@ -642,7 +699,7 @@ pub fn collate(
         }
         match &f.target {
             Target::Class(c) => labels[r] = *c,
-            Target::Tokens => labels[r * t..r * t + n].copy_from_slice(&f.labels),
+            Target::Tokens | Target::Tags => labels[r * t..r * t + n].copy_from_slice(&f.labels),
             Target::Values(v) => values[r * width..(r + 1) * width].copy_from_slice(v),
         }
         tokens += n;
@@ -681,6 +738,8 @@ pub fn collate(
 /// - causal LM: token cross-entropy, logits at `i - 1` against labels at `i`; correct tokens;
 /// - classification: example cross-entropy; correct examples;
 /// - regression: squared error (`[b, 1]` logits against `[b, 1]` labels); correct is 0;
+/// - token classification: cross-entropy of every tagged position (`[b, t, labels]` logits
+///   against `[b, t]` tag ids, -100 elsewhere); correct tags;
 /// - multi-label: binary cross-entropy with logits, the mean over the labels of each example
 ///   (so the mean over examples is transformers' `BCEWithLogitsLoss`); correct is 0.
 pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, task: Task) -> Result<(Tensor, Tensor)> {
@@ -713,6 +772,24 @@ pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, task: Task) -> Result<
             let correct = pred
                 .f_eq_tensor(&shift_labels)?
                 .f_logical_and(&valid)?
+                .f_sum(Kind::Int64)?;
+            Ok((loss, correct))
+        }
+        Task::TokenClassification => {
+            let v = *logits.size().last().unwrap_or(&1);
+            let flat_logits = logits.f_reshape([-1, v])?;
+            let flat_labels = labels.f_reshape([-1])?;
+            let loss = flat_logits.f_cross_entropy_loss(
+                &flat_labels,
+                None::<Tensor>,
+                tch::Reduction::Sum,
+                -100,
+                0.0,
+            )?;
+            let correct = flat_logits
+                .f_argmax(-1, false)?
+                .f_eq_tensor(&flat_labels)?
+                .f_logical_and(&flat_labels.f_ne(-100)?)?
                 .f_sum(Kind::Int64)?;
             Ok((loss, correct))
         }

@@ -165,6 +165,80 @@ pub fn multi_label_f1(pred: &[Vec<bool>], truth: &[Vec<bool>], num_labels: usize
     }
 }
 
+/// Entity-level scores of token classification (seqeval's default mode).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Entities {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+}
+
+/// The entities of `sentences` of tags as seqeval's `get_entities` reads them (its default,
+/// conlleval-compatible mode, not `mode="strict"`): the sentences joined with an `O` between
+/// them; a tag's first character is its prefix (`B`, `I`, `E`, `S`, `O`) and what follows the
+/// first `-` its type; a chunk starts at `B`/`S`, at an `I`/`E` after `O`, `E` or `S`, or
+/// where the type changes, and ends where the next one starts or at `O`. Returns `(type,
+/// first, last)` positions in the joined sequence. Written here because no Rust crate
+/// reproduces seqeval, and the numbers must be the ones users compare with.
+pub fn entities<S: AsRef<str>>(sentences: &[Vec<S>]) -> Vec<(String, usize, usize)> {
+    let mut seq: Vec<&str> = Vec::new();
+    for s in sentences {
+        seq.extend(s.iter().map(AsRef::as_ref));
+        seq.push("O");
+    }
+    seq.push("O");
+    let split = |chunk: &str| -> (char, String) {
+        let mut chars = chunk.chars();
+        let tag = chars.next().unwrap_or('O');
+        let rest = chars.as_str();
+        let ty = match rest.split_once('-') {
+            Some((_, t)) => t,
+            None => rest,
+        };
+        (tag, if ty.is_empty() { "_".into() } else { ty.into() })
+    };
+    let end_of_chunk = |prev: char, tag: char, prev_type: &str, ty: &str| {
+        matches!(prev, 'E' | 'S')
+            || (matches!(prev, 'B' | 'I') && matches!(tag, 'B' | 'S' | 'O'))
+            || (prev != 'O' && prev != '.' && prev_type != ty)
+    };
+    let start_of_chunk = |prev: char, tag: char, prev_type: &str, ty: &str| {
+        matches!(tag, 'B' | 'S')
+            || (matches!(prev, 'E' | 'S' | 'O') && matches!(tag, 'E' | 'I'))
+            || (tag != 'O' && tag != '.' && prev_type != ty)
+    };
+    let (mut prev_tag, mut prev_type) = ('O', String::new());
+    let mut begin = 0usize;
+    let mut out = Vec::new();
+    for (i, chunk) in seq.iter().enumerate() {
+        let (tag, ty) = split(chunk);
+        if end_of_chunk(prev_tag, tag, &prev_type, &ty) {
+            out.push((prev_type.clone(), begin, i.saturating_sub(1)));
+        }
+        if start_of_chunk(prev_tag, tag, &prev_type, &ty) {
+            begin = i;
+        }
+        prev_tag = tag;
+        prev_type = ty;
+    }
+    out
+}
+
+/// seqeval's micro-averaged `precision_score`, `recall_score` and `f1_score` (0 where a
+/// denominator is 0) of predicted against true tag sequences.
+pub fn entity_scores<S: AsRef<str>>(truth: &[Vec<S>], pred: &[Vec<S>]) -> Entities {
+    let t: std::collections::BTreeSet<_> = entities(truth).into_iter().collect();
+    let p: std::collections::BTreeSet<_> = entities(pred).into_iter().collect();
+    let correct = t.intersection(&p).count() as f64;
+    let ratio = |a: f64, b: usize| if b == 0 { 0.0 } else { a / b as f64 };
+    let f1 = ratio(2.0 * correct, t.len() + p.len());
+    Entities {
+        precision: ratio(correct, p.len()),
+        recall: ratio(correct, t.len()),
+        f1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +281,34 @@ mod tests {
         // labels 1 and 2 neither true nor predicted: F1 0 each.
         let m = multi_label_f1(&b(&[[1, 0, 0], [0, 0, 0]]), &b(&[[1, 0, 0], [1, 0, 0]]), 3);
         assert!((m.macro_ - 0.222_222_222_222_222_2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn entities_read_as_seqeval_reads_them() {
+        // seqeval.metrics.sequence_labeling.get_entities on the same lists.
+        let seqs = vec![
+            vec!["B-PER", "I-PER", "O", "B-LOC"],
+            vec!["I-ORG", "I-ORG", "B-ORG", "I-LOC", "O", "S-MISC", "E-MISC"],
+        ];
+        let got = entities(&seqs);
+        let want = [
+            ("PER", 0, 1),
+            ("LOC", 3, 3),
+            ("ORG", 5, 6),
+            ("ORG", 7, 7),
+            ("LOC", 8, 8),
+            ("MISC", 10, 10),
+            ("MISC", 11, 11),
+        ];
+        let got: Vec<(&str, usize, usize)> =
+            got.iter().map(|(t, a, b)| (t.as_str(), *a, *b)).collect();
+        assert_eq!(got, want);
+        let truth = vec![vec!["B-PER", "I-PER", "O", "B-LOC"]];
+        let pred = vec![vec!["B-PER", "I-PER", "O", "O"]];
+        let e = entity_scores(&truth, &pred);
+        assert_eq!((e.precision, e.recall), (1.0, 0.5));
+        assert!((e.f1 - 2.0 / 3.0).abs() < 1e-12);
+        let none: Vec<Vec<&str>> = vec![vec!["O"]];
+        assert_eq!(entity_scores(&none, &none).f1, 0.0);
     }
 }

@@ -25,6 +25,22 @@ pub enum TaskHead {
         id2label: Vec<String>,
         problem_type: ProblemType,
     },
+    /// Token classification: `forward` returns logits `[batch, seq, num_labels]`, a linear
+    /// layer on every position's last hidden state (after dropout), as transformers'
+    /// `*ForTokenClassification` computes them (`classifier` on encoders and GPT-2, after
+    /// ModernBERT's prediction head; `score` on the Llama-style decoders).
+    TokenClassification { id2label: Vec<String> },
+}
+
+impl TaskHead {
+    /// The labels of a classification head (None: the LM head).
+    pub fn id2label(&self) -> Option<&[String]> {
+        match self {
+            TaskHead::CausalLm => None,
+            TaskHead::SequenceClassification { id2label, .. }
+            | TaskHead::TokenClassification { id2label } => Some(id2label),
+        }
+    }
 }
 
 /// transformers' `problem_type` of a `*ForSequenceClassification` head: which loss it trains

@@ -63,6 +63,16 @@ pub struct Encoded {
     pub type_ids: Vec<u32>,
 }
 
+/// Pre-split words encoded ([`Tok::encode_words_truncated`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WordEncoding {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// The word each token belongs to; None for the special tokens.
+    pub word_ids: Vec<Option<u32>>,
+    pub cut: bool,
+}
+
 pub struct Tok {
     tokenizer: Tokenizer,
     pub bos: Option<Special>,
@@ -232,6 +242,33 @@ impl Tok {
         out_ids.extend_from_slice(&ids[ids.len() - tail..]);
         out_types.extend_from_slice(&types[types.len() - tail..]);
         Ok((out_ids, out_types, true))
+    }
+
+    /// Encodes pre-split `words` as transformers' `tokenizer(words, is_split_into_words=True,
+    /// truncation=True, max_length=max_len)` does: each word tokenized on its own, cut to fit
+    /// `max_len` with the model's special tokens, then the template applied. Returns the ids,
+    /// token types, the word each token came from (None for special tokens) and whether it cut.
+    pub fn encode_words_truncated(&self, words: &[String], max_len: usize) -> Result<WordEncoding> {
+        let fail = |e: tokenizers::Error| Error::Data(format!("tokenizer failed: {e}"));
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        let mut enc = self.tokenizer.encode(words, false).map_err(fail)?;
+        let added = self
+            .tokenizer
+            .get_post_processor()
+            .map(|p| p.added_tokens(false))
+            .unwrap_or(0);
+        let room = max_len.saturating_sub(added);
+        let cut = enc.len() > room;
+        if cut {
+            enc.truncate(room, 0, tokenizers::TruncationDirection::Right);
+        }
+        let enc = self.tokenizer.post_process(enc, None, true).map_err(fail)?;
+        Ok(WordEncoding {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+            word_ids: enc.get_word_ids().to_vec(),
+            cut,
+        })
     }
 
     /// Encodes the pair (`text`, `pair`) as transformers' `tokenizer(text, pair,

@@ -505,9 +505,10 @@ impl<'a> Job<'a> {
     fn evaluate(
         &self,
         feats: &[Features],
-        num_labels: usize,
+        id2label: &[String],
         control: &Control,
     ) -> Result<Option<EvalMetrics>> {
+        let num_labels = id2label.len();
         let _g = tch::no_grad_guard();
         let mut loss = 0.0;
         let mut targets = 0usize;
@@ -526,6 +527,13 @@ impl<'a> Job<'a> {
                 let (l, k) = data::loss_and_correct(&logits, &c.labels, self.task)?;
                 let rows = if self.task == Task::CausalLm {
                     Vec::new()
+                } else if self.task == Task::TokenClassification {
+                    // Each row's predicted tag per position (the labels say which count).
+                    let pred = logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?;
+                    let pred = Vec::<Vec<i64>>::try_from(pred)?;
+                    pred.into_iter()
+                        .map(|r| r.into_iter().map(|v| v as f32).collect())
+                        .collect()
                 } else {
                     let host = logits.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?;
                     Vec::<Vec<f32>>::try_from(host)?
@@ -546,6 +554,26 @@ impl<'a> Job<'a> {
         };
         match self.task {
             Task::CausalLm => m.valid_mean_token_accuracy = Some(correct / n),
+            Task::TokenClassification => {
+                let name = |i: i64| id2label.get(i as usize).map_or("O", String::as_str);
+                let (mut truth, mut pred) = (Vec::new(), Vec::new());
+                for ((row, _), f) in outputs.iter().zip(feats) {
+                    let (mut t, mut p) = (Vec::new(), Vec::new());
+                    for (j, label) in f.labels.iter().enumerate() {
+                        if *label != -100 {
+                            t.push(name(*label));
+                            p.push(name(row[j] as i64));
+                        }
+                    }
+                    truth.push(t);
+                    pred.push(p);
+                }
+                let e = metrics::entity_scores(&truth, &pred);
+                m.valid_accuracy = Some(correct / n);
+                m.valid_precision = Some(e.precision);
+                m.valid_recall = Some(e.recall);
+                m.valid_f1 = Some(e.f1);
+            }
             Task::SequenceClassification => {
                 let pairs: Vec<(i64, i64)> = outputs
                     .iter()
@@ -677,17 +705,14 @@ pub(crate) fn optimiser(model: &dyn Model, weight_decay: f64, bf16_moments: bool
 }
 
 /// Classification (single- or multi-label): the labels of the whole training file (before any
-/// validation split), which must be the checkpoint's when resuming. None for causal LM and
-/// regression.
+/// validation split), which must be the checkpoint's when resuming; token classification: the
+/// tags. None for causal LM and regression.
 fn label_map(
     train_examples: &[(u64, Example)],
     task: Task,
     resume: Option<&Resume>,
 ) -> Result<Option<LabelMap>> {
-    if !matches!(
-        task,
-        Task::SequenceClassification | Task::MultiLabelClassification
-    ) {
+    if !task.has_label_set() {
         return Ok(None);
     }
     let m = LabelMap::from_examples(train_examples);
@@ -725,6 +750,9 @@ pub fn task_head(task: Task, labels: Option<&LabelMap>) -> TaskHead {
         Task::SequenceRegression => TaskHead::SequenceClassification {
             id2label: vec!["LABEL_0".into()],
             problem_type: ProblemType::Regression,
+        },
+        Task::TokenClassification => TaskHead::TokenClassification {
+            id2label: id2label(),
         },
     }
 }
@@ -958,7 +986,8 @@ struct Run<'a> {
     opt: AdamW,
     schedule: Schedule,
     state: TrainState,
-    num_labels: usize,
+    /// Classification: the label names by id.
+    id2label: Vec<String>,
     /// This process started at `start_step` with `elapsed_before` seconds of earlier runs.
     run_start: Instant,
     start_step: u64,
@@ -1002,7 +1031,7 @@ impl<'a> Run<'a> {
             opt,
             schedule,
             state,
-            num_labels: labels.map(LabelMap::len).unwrap_or(0),
+            id2label: labels.map(LabelMap::id2label).unwrap_or_default(),
             run_start: Instant::now(),
             start_step,
             elapsed_before,
@@ -1133,7 +1162,11 @@ impl<'a> Run<'a> {
             epoch: self.state.step as f64 / self.plan.steps_per_epoch as f64,
             train_loss: w.loss / w.targets.max(1) as f64,
             train_mean_token_accuracy: (task == Task::CausalLm).then_some(acc),
-            train_accuracy: (task == Task::SequenceClassification).then_some(acc),
+            train_accuracy: matches!(
+                task,
+                Task::SequenceClassification | Task::TokenClassification
+            )
+            .then_some(acc),
             learning_rate: s.lr,
             grad_norm: s.result.grad_norm,
             tokens_per_second: w.tokens as f64 / secs,
@@ -1175,7 +1208,7 @@ impl<'a> Run<'a> {
         });
         let Some(m) = self
             .job
-            .evaluate(&self.data.valid, self.num_labels, control)?
+            .evaluate(&self.data.valid, &self.id2label, control)?
         else {
             return Ok(ControlFlow::Break(TrainOutcome::Cancelled { step }));
         };

@@ -1128,6 +1128,9 @@ async fn handle_event(
                 fmt_num("valid_rmse", m.valid_rmse),
                 fmt_num("valid_pearson", m.valid_pearson),
                 fmt_num("valid_spearman", m.valid_spearman),
+                fmt_num("valid_precision", m.valid_precision),
+                fmt_num("valid_recall", m.valid_recall),
+                fmt_num("valid_f1", m.valid_f1),
             ]
             .into_iter()
             .flatten()

@@ -176,7 +176,7 @@ async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
         (
             json!({"model": "bert", "training_file": labeled}),
             "failed",
-            "model 'bert' does not support task 'causal_lm'; it supports: sequence_classification, sequence_regression, multi_label_classification",
+            "model 'bert' does not support task 'causal_lm'; it supports: sequence_classification, sequence_regression, multi_label_classification, token_classification",
         ),
     ];
     for (body, status, message) in cases {
@@ -202,9 +202,78 @@ async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
         json!([
             "sequence_classification",
             "sequence_regression",
-            "multi_label_classification"
+            "multi_label_classification",
+            "token_classification"
         ])
     );
+}
+
+#[tokio::test]
+async fn token_classification_checks_its_data_and_model_at_create_time() {
+    let app = spawn_app().await;
+    let db = &app.db.pool;
+    tuna_api::models::register_base_model(db, "bert", &fixture("bert"))
+        .await
+        .expect("register bert");
+    tuna_api::models::register_base_model(db, "olmo2", &fixture("olmo2"))
+        .await
+        .expect("register olmo2");
+    let jsonl = app
+        .upload_ok(
+            "ner.jsonl",
+            "{\"tokens\": [\"John\", \"lives\", \"in\", \"Paris\"], \"tags\": [\"B-PER\", \"O\", \"O\", \"B-LOC\"]}\n",
+        )
+        .await;
+    let conll = app
+        .upload_ok(
+            "ner.conll",
+            "-DOCSTART- O\n\nJohn B-PER\nlives O\n\nParis B-LOC\n",
+        )
+        .await;
+    let (_, file) = json(app.get(&format!("/v1/files/{conll}")).await).await;
+    assert_eq!(file["status"], "processed", "{file}");
+    // A sentence whose tags are fewer than its words: the upload names the line.
+    let resp = app
+        .upload(
+            &app.key,
+            "bad.jsonl",
+            b"{\"tokens\": [\"a\"], \"tags\": [\"O\"]}\n{\"tokens\": [\"a\", \"b\"], \"tags\": [\"O\"]}\n".to_vec(),
+            "fine-tune",
+        )
+        .await;
+    let (status, bad) = json(resp).await;
+    assert_eq!(status, 400, "{bad}");
+    let e = error_of(&bad);
+    assert_eq!(e["code"], "invalid_file_format");
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("line 2: 2 tokens but 1 tags") && msg.contains("length_mismatch"),
+        "{msg}"
+    );
+    let cases = [
+        (json!({"model": "bert", "training_file": jsonl, "task": "token_classification"}), "queued", ""),
+        (json!({"model": "bert", "training_file": conll, "task": "token_classification"}), "queued", ""),
+        (json!({"model": "gpt2", "training_file": conll, "task": "token_classification"}), "queued", ""),
+        (
+            json!({"model": "bert", "training_file": conll, "task": "sequence_classification"}),
+            "failed",
+            "holds `tokens_tags` records, but task 'sequence_classification' needs `text` + `label` records; these records suit task 'token_classification'",
+        ),
+        (
+            json!({"model": "olmo2", "training_file": conll, "task": "token_classification"}),
+            "failed",
+            "model 'olmo2' does not support task 'token_classification'; it supports: causal_lm, sequence_classification",
+        ),
+    ];
+    for (body, status, message) in cases {
+        let job = create(&app, body.clone()).await;
+        let done = app.wait_validated(job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], status, "{body} -> {done}");
+        if !message.is_empty() {
+            let got = done["error"]["message"].as_str().unwrap_or_default();
+            assert!(got.contains(message), "{body} -> {got}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -499,11 +499,17 @@ impl HfConfig {
 
     /// Decoders: causal LM and the sequence-level tasks (classification, regression,
     /// multi-label: one `*ForSequenceClassification` head with its `problem_type`); encoders: the
-    /// sequence-level tasks.
+    /// sequence-level tasks. Token classification on every family transformers has a
+    /// `*ForTokenClassification` class for (all but Gemma 3 and OLMo 2).
     pub fn tasks(&self) -> Vec<Task> {
+        let token_cls = !matches!(self.model_type(), "gemma3_text" | "gemma3" | "olmo2");
         Task::ALL
             .into_iter()
-            .filter(|t| self.is_decoder() || t.is_sequence_level())
+            .filter(|t| match t {
+                Task::CausalLm => self.is_decoder(),
+                Task::TokenClassification => token_cls,
+                _ => true,
+            })
             .collect()
     }
 

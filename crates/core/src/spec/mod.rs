@@ -27,14 +27,18 @@ pub enum Task {
     SequenceRegression,
     /// Any number of labels per text, a sigmoid per label + binary cross-entropy.
     MultiLabelClassification,
+    /// A tag per word (named entities, parts of speech): a label per token, cross-entropy on
+    /// each word's first sub-token.
+    TokenClassification,
 }
 
 impl Task {
-    pub const ALL: [Task; 4] = [
+    pub const ALL: [Task; 5] = [
         Task::CausalLm,
         Task::SequenceClassification,
         Task::SequenceRegression,
         Task::MultiLabelClassification,
+        Task::TokenClassification,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,19 +47,31 @@ impl Task {
             Task::SequenceClassification => "sequence_classification",
             Task::SequenceRegression => "sequence_regression",
             Task::MultiLabelClassification => "multi_label_classification",
+            Task::TokenClassification => "token_classification",
         }
     }
 
     /// A head over the whole sequence (`*ForSequenceClassification`, whatever its
     /// `problem_type`).
     pub fn is_sequence_level(self) -> bool {
-        !matches!(self, Task::CausalLm)
+        !matches!(self, Task::CausalLm | Task::TokenClassification)
+    }
+
+    /// Whether the task learns a label set from the training data (single-label, multi-label
+    /// and token classification).
+    pub fn has_label_set(self) -> bool {
+        matches!(
+            self,
+            Task::SequenceClassification
+                | Task::MultiLabelClassification
+                | Task::TokenClassification
+        )
     }
 
     /// transformers' `problem_type` in config.json for the sequence-level tasks.
     pub fn problem_type(self) -> Option<&'static str> {
         match self {
-            Task::CausalLm => None,
+            Task::CausalLm | Task::TokenClassification => None,
             Task::SequenceClassification => Some("single_label_classification"),
             Task::SequenceRegression => Some("regression"),
             Task::MultiLabelClassification => Some("multi_label_classification"),

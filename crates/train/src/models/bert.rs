@@ -283,7 +283,10 @@ pub struct EncoderPass {
 pub struct Bert {
     cfg: BertConfig,
     encoder: BertEncoder,
-    pooler: Linear,
+    /// None under token classification (`BertForTokenClassification` has no pooler).
+    pooler: Option<Linear>,
+    /// The head reads every position rather than the pooled `[CLS]`.
+    per_token: bool,
     classifier: Linear,
     classifier_dropout: f64,
 }
@@ -323,7 +326,12 @@ fn build_net(
     let mut b = Builder::new::<Bert>(ckpt, cfg.num_hidden_layers as usize, &hf, opts)?;
     let d = cfg.hidden_size;
     let encoder = BertEncoder::load(&mut b, EncoderSpec::bert(&cfg))?;
-    let pooler = b.linear_or_init("pooler.dense", d, d, Role::Other)?;
+    let per_token = matches!(opts.task, TaskHead::TokenClassification { .. });
+    let pooler = if per_token {
+        None
+    } else {
+        Some(b.linear_or_init("pooler.dense", d, d, Role::Other)?)
+    };
     let classifier = b.classifier("classifier", d, labels, true)?;
     let tied = false;
     let core = b.finish(dir, hf, opts, tied)?;
@@ -334,6 +342,7 @@ fn build_net(
             cfg,
             encoder,
             pooler,
+            per_token,
             classifier,
             classifier_dropout,
         },
@@ -350,7 +359,12 @@ impl Bert {
 
     /// The tanh pooler on `[CLS]`.
     fn pool(&self, h: &Tensor, p: &EncoderPass) -> Result<Tensor> {
-        Ok(self.pooler.forward(&h.f_select(1, 0)?, p.f)?.f_tanh()?)
+        let Some(pooler) = &self.pooler else {
+            return Err(Error::Config(
+                "a token-classification BERT has no pooler".into(),
+            ));
+        };
+        Ok(pooler.forward(&h.f_select(1, 0)?, p.f)?.f_tanh()?)
     }
 }
 
@@ -370,6 +384,7 @@ impl Architecture for Bert {
         match task {
             TaskHead::CausalLm => "BertForCausalLM".into(),
             TaskHead::SequenceClassification { .. } => "BertForSequenceClassification".into(),
+            TaskHead::TokenClassification { .. } => "BertForTokenClassification".into(),
         }
     }
 
@@ -411,6 +426,9 @@ impl Architecture for Bert {
     }
 
     fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &EncoderPass) -> Result<Tensor> {
+        if self.per_token {
+            return super::token_logits(h, &self.classifier, self.classifier_dropout, p.f);
+        }
         let pooled = dropout(self.pool(h, p)?, self.classifier_dropout, p.f.train)?;
         self.classifier.forward(&pooled, p.f)
     }

@@ -441,7 +441,11 @@ impl<'a> Builder<'a> {
             hf_class,
             ..
         } = self;
-        let is_cls = matches!(opts.task, TaskHead::SequenceClassification { .. });
+        let is_cls = opts.task.id2label().is_some();
+        // Token classification has no pooler (BERT's `pooler`, DeBERTa's `pooler`), no
+        // DistilBERT `pre_classifier` and none of a sequence head's other parts (RoBERTa's
+        // `classifier.dense`): noted as another task's.
+        let per_token = matches!(opts.task, TaskHead::TokenClassification { .. });
         // Heads of the other tasks, by the names transformers' task classes give them on every
         // architecture, are left unused with a note.
         let notes = ld.finish(
@@ -451,6 +455,10 @@ impl<'a> Builder<'a> {
                     || n.starts_with("qa_outputs.")
                     || (is_cls && n.starts_with("lm_head."))
                     || (!is_cls && (n.starts_with("score.") || n.starts_with("classifier.")))
+                    || (per_token
+                        && ["pooler.", "pre_classifier.", "classifier.", "score."]
+                            .iter()
+                            .any(|p| n.starts_with(p) || n.contains(&format!(".{p}"))))
             },
         )?;
         let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();

@@ -61,7 +61,8 @@ pub struct DebertaV2 {
     rel_ln: Option<LayerNorm>,
     conv: Option<Conv>,
     layers: Vec<Layer>,
-    pooler: Linear,
+    /// `ContextPooler`'s dense; None under token classification (no pooler there).
+    pooler: Option<Linear>,
     classifier: Linear,
 }
 
@@ -126,7 +127,10 @@ pub(super) fn build(
         }
         None => None,
     };
-    let pooler = b.classifier("pooler.dense", d, d, true)?;
+    let pooler = match opts.task {
+        TaskHead::TokenClassification { .. } => None,
+        _ => Some(b.classifier("pooler.dense", d, d, true)?),
+    };
     let classifier = b.classifier("classifier", d, labels, true)?;
     let core = b.finish(dir, hf, opts, false)?;
     Ok(Box::new(Net {
@@ -340,6 +344,7 @@ impl Architecture for DebertaV2 {
         match task {
             TaskHead::CausalLm => "DebertaV2ForMaskedLM".into(),
             TaskHead::SequenceClassification { .. } => "DebertaV2ForSequenceClassification".into(),
+            TaskHead::TokenClassification { .. } => "DebertaV2ForTokenClassification".into(),
         }
     }
 
@@ -421,11 +426,15 @@ impl Architecture for DebertaV2 {
         }
     }
 
-    /// Dropout, the pooler on `[CLS]` with its activation, dropout, `classifier`.
+    /// Dropout, the pooler on `[CLS]` with its activation, dropout, `classifier`; token
+    /// classification: dropout (`hidden_dropout_prob`) and `classifier` on every position.
     fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &Pass) -> Result<Tensor> {
         let (c, f) = (&self.cfg, p.f);
+        let Some(pooler) = &self.pooler else {
+            return super::token_logits(h, &self.classifier, c.hidden_dropout_prob, f);
+        };
         let x = dropout(h.f_select(1, 0)?, c.pooler_dropout, f.train)?;
-        let x = activation(&self.pooler.forward(&x, f)?, &c.pooler_hidden_act)?;
+        let x = activation(&pooler.forward(&x, f)?, &c.pooler_hidden_act)?;
         let x = dropout(x, c.cls_dropout, f.train)?;
         self.classifier.forward(&x, f)
     }

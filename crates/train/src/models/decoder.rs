@@ -557,11 +557,12 @@ pub trait DecoderFamily: Send + 'static {
     }
 }
 
-/// `{base}ForCausalLM` or `{base}ForSequenceClassification`.
+/// `{base}ForCausalLM`, `{base}ForSequenceClassification` or `{base}ForTokenClassification`.
 pub(super) fn class(base: &str, task: &TaskHead) -> String {
     match task {
         TaskHead::CausalLm => format!("{base}ForCausalLM"),
         TaskHead::SequenceClassification { .. } => format!("{base}ForSequenceClassification"),
+        TaskHead::TokenClassification { .. } => format!("{base}ForTokenClassification"),
     }
 }
 
@@ -646,6 +647,10 @@ pub(super) fn build<F: DecoderFamily>(
         TaskHead::SequenceClassification { id2label, .. } => {
             Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?)
         }
+        TaskHead::TokenClassification { id2label } => Head::Tokens(
+            b.classifier("score", d, id2label.len() as i64, true)?,
+            super::decoder_token_dropout(dir),
+        ),
     };
     let core = b.finish(dir, hf, opts, tied)?;
     let hd = s.head_dim;

@@ -51,7 +51,8 @@ fn spec(c: &DistilBertConfig) -> EncoderSpec {
 pub struct DistilBert {
     cfg: DistilBertConfig,
     encoder: BertEncoder,
-    pre_classifier: Linear,
+    /// None under token classification.
+    pre_classifier: Option<Linear>,
     classifier: Linear,
 }
 
@@ -65,7 +66,11 @@ pub(super) fn build(
     let labels = encoder_labels(opts, "DistilBERT")?;
     let mut b = Builder::new::<DistilBert>(ckpt, cfg.n_layers as usize, &hf, opts)?;
     let encoder = BertEncoder::load(&mut b, spec(&cfg))?;
-    let pre_classifier = b.classifier("pre_classifier", cfg.dim, cfg.dim, true)?;
+    // DistilBertForTokenClassification has no `pre_classifier`.
+    let pre_classifier = match opts.task {
+        TaskHead::TokenClassification { .. } => None,
+        _ => Some(b.classifier("pre_classifier", cfg.dim, cfg.dim, true)?),
+    };
     let classifier = b.classifier("classifier", cfg.dim, labels, true)?;
     let core = b.finish(dir, hf, opts, false)?;
     Ok(Box::new(Net {
@@ -86,6 +91,7 @@ impl Architecture for DistilBert {
         match task {
             TaskHead::CausalLm => "DistilBertForMaskedLM".into(),
             TaskHead::SequenceClassification { .. } => "DistilBertForSequenceClassification".into(),
+            TaskHead::TokenClassification { .. } => "DistilBertForTokenClassification".into(),
         }
     }
 
@@ -115,13 +121,14 @@ impl Architecture for DistilBert {
         self.encoder.layer(i, h, p)
     }
 
-    /// `pre_classifier` and ReLU on `[CLS]`, dropout, `classifier`.
+    /// `pre_classifier` and ReLU on `[CLS]`, dropout, `classifier`; token classification:
+    /// dropout (`dropout`) and `classifier` on every position.
     fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &EncoderPass) -> Result<Tensor> {
         let f = p.f;
-        let x = self
-            .pre_classifier
-            .forward(&h.f_select(1, 0)?, f)?
-            .f_relu()?;
+        let Some(pre) = &self.pre_classifier else {
+            return super::token_logits(h, &self.classifier, self.cfg.dropout, f);
+        };
+        let x = pre.forward(&h.f_select(1, 0)?, f)?.f_relu()?;
         let x = dropout(x, self.cfg.seq_classif_dropout, f.train)?;
         self.classifier.forward(&x, f)
     }

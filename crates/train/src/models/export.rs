@@ -30,24 +30,23 @@ impl Core {
             c.insert("dtype".into(), json!(dtype));
         }
         c.remove("num_labels");
+        if let Some(id2label) = self.task.id2label() {
+            let id2: Map<String, Value> = id2label
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), json!(l)))
+                .collect();
+            let l2i: Map<String, Value> = id2label
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.clone(), json!(i)))
+                .collect();
+            c.insert("id2label".into(), Value::Object(id2));
+            c.insert("label2id".into(), Value::Object(l2i));
+        }
         match &self.task {
-            TaskHead::SequenceClassification {
-                id2label,
-                problem_type,
-            } => {
+            TaskHead::SequenceClassification { problem_type, .. } => {
                 c.insert("problem_type".into(), json!(problem_type.as_str()));
-                let id2: Map<String, Value> = id2label
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| (i.to_string(), json!(l)))
-                    .collect();
-                let l2i: Map<String, Value> = id2label
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| (l.clone(), json!(i)))
-                    .collect();
-                c.insert("id2label".into(), Value::Object(id2));
-                c.insert("label2id".into(), Value::Object(l2i));
                 if self.info.is_decoder && c.get("pad_token_id").is_none_or(|v| v.is_null()) {
                     let pad = self
                         .info
@@ -55,6 +54,9 @@ impl Core {
                         .or(self.info.eos_token_ids.first().copied());
                     c.insert("pad_token_id".into(), json!(pad));
                 }
+            }
+            TaskHead::TokenClassification { .. } => {
+                c.remove("problem_type");
             }
             TaskHead::CausalLm => {
                 c.remove("id2label");
@@ -141,6 +143,7 @@ impl Core {
         let (task_type, to_save) = match self.task {
             TaskHead::CausalLm => ("CAUSAL_LM", None),
             TaskHead::SequenceClassification { .. } => ("SEQ_CLS", Some(heads)),
+            TaskHead::TokenClassification { .. } => ("TOKEN_CLS", Some(heads)),
         };
         let cfg = lora::adapter_config(
             opts,

@@ -72,6 +72,10 @@ pub(super) fn build(
         TaskHead::SequenceClassification { id2label, .. } => {
             Head::Cls(b.classifier("score", d, id2label.len() as i64, false)?)
         }
+        TaskHead::TokenClassification { id2label } => Head::Tokens(
+            b.classifier("classifier", d, id2label.len() as i64, true)?,
+            super::decoder_token_dropout(dir),
+        ),
     };
     let core = b.finish(dir, hf, opts, tied)?;
     Ok(Box::new(Net {
@@ -94,6 +98,7 @@ impl Architecture for Gpt2 {
         match task {
             TaskHead::CausalLm => "GPT2LMHeadModel".into(),
             TaskHead::SequenceClassification { .. } => "GPT2ForSequenceClassification".into(),
+            TaskHead::TokenClassification { .. } => "GPT2ForTokenClassification".into(),
         }
     }
 

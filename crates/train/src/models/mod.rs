@@ -129,9 +129,12 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
                 hf.model_type()
             )))
         }
-        TaskHead::SequenceClassification { id2label, .. } if id2label.is_empty() => {
+        TaskHead::SequenceClassification { id2label, .. }
+        | TaskHead::TokenClassification { id2label }
+            if id2label.is_empty() =>
+        {
             return Err(Error::Config(
-                "sequence classification needs at least one label".into(),
+                "a classification head needs at least one label".into(),
             ))
         }
         _ => {}
@@ -164,14 +167,32 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     }
 }
 
-/// The number of labels of an encoder's task (encoders train sequence classification only).
+/// The number of labels of an encoder's task (encoders train classification heads only).
 fn encoder_labels(opts: &LoadOptions, family: &str) -> Result<i64> {
-    match &opts.task {
-        TaskHead::SequenceClassification { id2label, .. } => Ok(id2label.len() as i64),
-        TaskHead::CausalLm => Err(Error::Config(format!(
-            "{family} supports sequence_classification only"
+    match opts.task.id2label() {
+        Some(id2label) => Ok(id2label.len() as i64),
+        None => Err(Error::Config(format!(
+            "{family} is an encoder: it trains classification heads, not causal_lm"
         ))),
     }
+}
+
+/// A token-classification head's logits `[b, t, labels]`: dropout `p` on every position's
+/// hidden state `h`, then `classifier`.
+fn token_logits(h: &Tensor, classifier: &Linear, p: f64, f: crate::layers::Fwd) -> Result<Tensor> {
+    classifier.forward(&crate::layers::dropout(h.shallow_clone(), p, f.train)?, f)
+}
+
+/// The dropout transformers' decoder `*ForTokenClassification` classes put before their head:
+/// `classifier_dropout` of `dir/config.json`, else `hidden_dropout`, else 0.1.
+fn decoder_token_dropout(dir: &Path) -> f64 {
+    let config: Option<Map<String, Value>> = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    ["classifier_dropout", "hidden_dropout"]
+        .iter()
+        .find_map(|k| config.as_ref()?.get(*k).and_then(Value::as_f64))
+        .unwrap_or(0.1)
 }
 
 /// Encoders read whole rows: packing several examples into one is for causal language models.
@@ -328,11 +349,13 @@ pub enum Head {
     Lm(Tensor),
     /// Classification head read at the last real token (decoders) or on the pooled output (BERT).
     Cls(Linear),
+    /// Token classification: dropout and the head on every position.
+    Tokens(Linear, f64),
 }
 
 impl Head {
-    /// Decoder output: logits `[b, t, vocab]` or, for classification, `[b, labels]` at each row's
-    /// last real token.
+    /// Decoder output: logits `[b, t, vocab]`, for classification `[b, labels]` at each row's
+    /// last real token, for token classification `[b, t, labels]`.
     pub fn decoder_logits(
         &self,
         h: &Tensor,
@@ -345,6 +368,7 @@ impl Head {
                 let idx = crate::layers::last_token_index(attention_mask)?;
                 lin.forward(&crate::layers::gather_rows(h, &idx)?, f)
             }
+            Head::Tokens(lin, p) => token_logits(h, lin, *p, f),
         }
     }
 }

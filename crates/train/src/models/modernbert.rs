@@ -46,6 +46,8 @@ pub struct ModernBert {
     head_dense: Linear,
     head_norm: LayerNorm,
     classifier: Linear,
+    /// Token classification: the head on every position, not on a pooled one.
+    per_token: bool,
 }
 
 pub(super) fn build(
@@ -102,6 +104,7 @@ pub(super) fn build(
             head_dense,
             head_norm,
             classifier,
+            per_token: matches!(opts.task, TaskHead::TokenClassification { .. }),
         },
     }))
 }
@@ -207,6 +210,7 @@ impl Architecture for ModernBert {
         match task {
             TaskHead::CausalLm => "ModernBertForMaskedLM".into(),
             TaskHead::SequenceClassification { .. } => "ModernBertForSequenceClassification".into(),
+            TaskHead::TokenClassification { .. } => "ModernBertForTokenClassification".into(),
         }
     }
 
@@ -273,6 +277,8 @@ impl Architecture for ModernBert {
         let (c, f) = (&self.cfg, p.f);
         let h = self.final_norm.forward(h)?;
         let pooled = match c.classifier_pooling {
+            // Token classification: the same head on every position, no pooling.
+            _ if self.per_token => h,
             Pooling::Cls => h.f_select(1, 0)?,
             Pooling::Mean => {
                 // A row of padding only averages nothing: zeros (transformers divides 0 by 0).

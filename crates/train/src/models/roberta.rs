@@ -19,9 +19,15 @@ use crate::Result;
 pub struct Roberta {
     cfg: RobertaConfig,
     encoder: BertEncoder,
-    dense: Linear,
-    out_proj: Linear,
+    head: RobertaHead,
     classifier_dropout: f64,
+}
+
+/// `RobertaClassificationHead` on `<s>`, or token classification's `classifier` on every
+/// position.
+enum RobertaHead {
+    Sequence { dense: Linear, out_proj: Linear },
+    Tokens { classifier: Linear },
 }
 
 pub(super) fn build(
@@ -36,8 +42,15 @@ pub(super) fn build(
     let mut b = Builder::new::<Roberta>(ckpt, c.num_hidden_layers as usize, &hf, opts)?;
     let d = c.hidden_size;
     let encoder = BertEncoder::load(&mut b, EncoderSpec::bert(c))?;
-    let dense = b.classifier("classifier.dense", d, d, true)?;
-    let out_proj = b.classifier("classifier.out_proj", d, labels, true)?;
+    let head = match opts.task {
+        TaskHead::TokenClassification { .. } => RobertaHead::Tokens {
+            classifier: b.classifier("classifier", d, labels, true)?,
+        },
+        _ => RobertaHead::Sequence {
+            dense: b.classifier("classifier.dense", d, d, true)?,
+            out_proj: b.classifier("classifier.out_proj", d, labels, true)?,
+        },
+    };
     let core = b.finish(dir, hf, opts, false)?;
     let classifier_dropout = c.classifier_dropout.unwrap_or(c.hidden_dropout_prob);
     Ok(Box::new(Net {
@@ -45,8 +58,7 @@ pub(super) fn build(
         arch: Roberta {
             cfg,
             encoder,
-            dense,
-            out_proj,
+            head,
             classifier_dropout,
         },
     }))
@@ -77,6 +89,7 @@ impl Architecture for Roberta {
         match task {
             TaskHead::CausalLm => format!("{family}ForCausalLM"),
             TaskHead::SequenceClassification { .. } => format!("{family}ForSequenceClassification"),
+            TaskHead::TokenClassification { .. } => format!("{family}ForTokenClassification"),
         }
     }
 
@@ -110,12 +123,18 @@ impl Architecture for Roberta {
         self.encoder.layer(i, h, p)
     }
 
-    /// The classification head on `<s>`: dropout, dense, tanh, dropout, `out_proj`.
+    /// The classification head on `<s>`: dropout, dense, tanh, dropout, `out_proj`; or
+    /// dropout and `classifier` on every position.
     fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &EncoderPass) -> Result<Tensor> {
         let (f, drop) = (p.f, self.classifier_dropout);
-        let x = dropout(h.f_select(1, 0)?, drop, f.train)?;
-        let x = self.dense.forward(&x, f)?.f_tanh()?;
-        let x = dropout(x, drop, f.train)?;
-        self.out_proj.forward(&x, f)
+        match &self.head {
+            RobertaHead::Tokens { classifier } => super::token_logits(h, classifier, drop, f),
+            RobertaHead::Sequence { dense, out_proj } => {
+                let x = dropout(h.f_select(1, 0)?, drop, f.train)?;
+                let x = dense.forward(&x, f)?.f_tanh()?;
+                let x = dropout(x, drop, f.train)?;
+                out_proj.forward(&x, f)
+            }
+        }
     }
 }

@@ -14,6 +14,8 @@
 //!   dequantised base.
 //! - `tasks`: regression, multi-label classification and sentence pairs: they learn, and
 //!   transformers' tokenizer, model and pipeline agree with tuna on the exports.
+//! - `tokens`: token classification: exports on every family, NER jobs that learn, read word
+//!   for word by transformers, with seqeval's entity scores.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!
@@ -32,5 +34,6 @@ mod planner;
 mod quant;
 mod support;
 mod tasks;
+mod tokens;
 mod train_loop;
 mod unit;

@@ -104,8 +104,8 @@ pub struct CreateArgs {
     /// Validation data URL.
     #[arg(long)]
     pub validation_dataset_url: Option<String>,
-    /// Task: causal_lm, sequence_classification, sequence_regression or
-    /// multi_label_classification.
+    /// Task: causal_lm, sequence_classification, sequence_regression,
+    /// multi_label_classification or token_classification.
     #[arg(long)]
     pub task: Option<String>,
     /// Number of epochs (`n_epochs`).

@@ -147,7 +147,15 @@ pub fn metric(v: &Value) -> String {
 /// Metrics worth showing in a summary: step, epoch, losses and each task's measures
 /// (accuracies, F1, RMSE, correlations), not rates, timings or the learning rate of one step.
 pub fn is_summary_metric(k: &str) -> bool {
-    const MEASURES: [&str; 5] = ["accuracy", "f1", "rmse", "pearson", "spearman"];
+    const MEASURES: [&str; 7] = [
+        "accuracy",
+        "f1",
+        "precision",
+        "recall",
+        "rmse",
+        "pearson",
+        "spearman",
+    ];
     matches!(k, "step" | "epoch")
         || ((k.starts_with("train_") || k.starts_with("valid_") || k.starts_with("full_valid_"))
             && (k.ends_with("loss") || MEASURES.iter().any(|m| k.contains(m))))
@@ -182,6 +190,9 @@ mod tests {
             "valid_pearson",
             "valid_spearman",
             "valid_subset_accuracy",
+            "valid_precision",
+            "valid_recall",
+            "valid_f1",
             "train_mean_token_accuracy",
         ] {
             assert!(is_summary_metric(k), "{k}");
