@@ -5,7 +5,7 @@ Usage: HF_HUB_OFFLINE=1 .venv/bin/python python/check_export.py CASES.json OUT.s
 
 CASES.json is a list of objects:
   {"name": "...", "kind": "full" | "lora",
-   "task": "causal_lm" | "sequence_classification" | "token_classification",
+   "task": "causal_lm" | "sequence_classification" | "token_classification" | "question_answering",
    "dir": <checkpoint or adapter folder>, "base": <base model folder, for "lora">,
    "base_kwargs": {...extra from_pretrained kwargs for the base, e.g. num_labels/pad_token_id},
    "nf4_base": {"double_quant": bool} (optional, "lora": a QLoRA adapter: after PEFT has loaded
@@ -13,7 +13,8 @@ CASES.json is a list of objects:
                bitsandbytes' NF4, block 64, as tuna stored them while training),
    "input_ids": [[...], ...], "attention_mask": [[...], ...]}
 
-OUT.safetensors gets one fp32 tensor per case (its logits, eval mode, CPU); the script also prints
+OUT.safetensors gets one fp32 tensor per case (its logits, eval mode, CPU; question answering's
+start and end logits stacked as [batch, seq, 2]); the script also prints
 one JSON line per case with the label names transformers read (`id2label`) and the logits' shape.
 Used by crates/train/tests/train/export.rs; any load error (missing/unexpected keys included, in the
 full checkpoint or the adapter) fails.
@@ -25,14 +26,15 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification)
+from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                          AutoModelForSequenceClassification, AutoModelForTokenClassification)
 
 
 def model_class(task):
     return {
         "causal_lm": AutoModelForCausalLM,
         "token_classification": AutoModelForTokenClassification,
+        "question_answering": AutoModelForQuestionAnswering,
     }.get(task, AutoModelForSequenceClassification)
 
 
@@ -106,7 +108,11 @@ def main():
         ids = torch.tensor(case["input_ids"], dtype=torch.long)
         mask = torch.tensor(case["attention_mask"], dtype=torch.long)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float().contiguous()
+            out = model(input_ids=ids, attention_mask=mask)
+            # Question answering: [batch, seq, 2], the start and end logits side by side.
+            logits = out.logits if case["task"] != "question_answering" else \
+                torch.stack([out.start_logits, out.end_logits], -1)
+            logits = logits.float().contiguous()
         outputs[case["name"]] = logits
         config = model.config if case["kind"] == "full" else model.base_model.model.config
         id2label = {str(k): v for k, v in (config.id2label or {}).items()} if case["task"] != "causal_lm" else None

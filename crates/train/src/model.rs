@@ -30,13 +30,34 @@ pub enum TaskHead {
     /// `*ForTokenClassification` computes them (`classifier` on encoders and GPT-2, after
     /// ModernBERT's prediction head; `score` on the Llama-style decoders).
     TokenClassification { id2label: Vec<String> },
+    /// Extractive question answering: `forward` returns `[batch, seq, 2]`, each position's
+    /// start and end logits, from transformers' `*ForQuestionAnswering` head (`qa_outputs` on
+    /// every position; ModernBERT's prediction head and `classifier`).
+    QuestionAnswering,
 }
 
 impl TaskHead {
+    /// A head read at every position (token classification, question answering).
+    pub fn is_per_token(&self) -> bool {
+        matches!(
+            self,
+            TaskHead::TokenClassification { .. } | TaskHead::QuestionAnswering
+        )
+    }
+
+    /// The number of outputs of a head over the hidden states (None: the LM head); question
+    /// answering's two are the start and end logits, `num_labels` 2 in config.json.
+    pub fn num_outputs(&self) -> Option<i64> {
+        match self {
+            TaskHead::QuestionAnswering => Some(2),
+            other => other.id2label().map(|l| l.len() as i64),
+        }
+    }
+
     /// The labels of a classification head (None: the LM head).
     pub fn id2label(&self) -> Option<&[String]> {
         match self {
-            TaskHead::CausalLm => None,
+            TaskHead::CausalLm | TaskHead::QuestionAnswering => None,
             TaskHead::SequenceClassification { id2label, .. }
             | TaskHead::TokenClassification { id2label } => Some(id2label),
         }

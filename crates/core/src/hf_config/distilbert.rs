@@ -25,7 +25,7 @@ fn parse(value: &Value, _model_type: &str) -> Result<Arch, HfConfigError> {
 
 /// config.json as it is. The aliases are the names `DistilBertConfig.attribute_map` accepts.
 /// `sinusoidal_pos_embds` only chose how transformers initialises the position embeddings, which
-/// the checkpoint holds either way; `qa_dropout` and `tie_weights_` concern other heads.
+/// the checkpoint holds either way; `tie_weights_` concerns the MLM head.
 #[derive(Deserialize)]
 struct RawDistilBertConfig {
     vocab_size: Option<Int>,
@@ -41,6 +41,7 @@ struct RawDistilBertConfig {
     attention_dropout: Option<f64>,
     activation: Option<String>,
     seq_classif_dropout: Option<f64>,
+    qa_dropout: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -57,6 +58,8 @@ pub struct DistilBertConfig {
     pub activation: String,
     /// Dropout before `classifier`.
     pub seq_classif_dropout: f64,
+    /// Dropout before `qa_outputs` (question answering).
+    pub qa_dropout: f64,
 }
 
 /// DistilBERT's LayerNorm epsilon (fixed in transformers' code, not in config.json).
@@ -81,6 +84,7 @@ impl RawDistilBertConfig {
             attention_dropout: dropout(self.attention_dropout, 0.1, "attention_dropout")?,
             activation: activation(self.activation, "gelu", "activation")?,
             seq_classif_dropout: dropout(self.seq_classif_dropout, 0.2, "seq_classif_dropout")?,
+            qa_dropout: dropout(self.qa_dropout, 0.1, "qa_dropout")?,
         })
     }
 }

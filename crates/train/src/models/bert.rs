@@ -326,16 +326,26 @@ fn build_net(
     let mut b = Builder::new::<Bert>(ckpt, cfg.num_hidden_layers as usize, &hf, opts)?;
     let d = cfg.hidden_size;
     let encoder = BertEncoder::load(&mut b, EncoderSpec::bert(&cfg))?;
-    let per_token = matches!(opts.task, TaskHead::TokenClassification { .. });
+    let per_token = opts.task.is_per_token();
+    // BertForQuestionAnswering: `qa_outputs` on the hidden states, no dropout.
+    let qa = opts.task == TaskHead::QuestionAnswering;
     let pooler = if per_token {
         None
     } else {
         Some(b.linear_or_init("pooler.dense", d, d, Role::Other)?)
     };
-    let classifier = b.classifier("classifier", d, labels, true)?;
+    let classifier = b.classifier(
+        if qa { "qa_outputs" } else { "classifier" },
+        d,
+        labels,
+        true,
+    )?;
     let tied = false;
     let core = b.finish(dir, hf, opts, tied)?;
-    let classifier_dropout = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);
+    let classifier_dropout = match qa {
+        true => 0.0,
+        false => cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob),
+    };
     Ok(Net {
         core,
         arch: Bert {
@@ -385,6 +395,7 @@ impl Architecture for Bert {
             TaskHead::CausalLm => "BertForCausalLM".into(),
             TaskHead::SequenceClassification { .. } => "BertForSequenceClassification".into(),
             TaskHead::TokenClassification { .. } => "BertForTokenClassification".into(),
+            TaskHead::QuestionAnswering => "BertForQuestionAnswering".into(),
         }
     }
 

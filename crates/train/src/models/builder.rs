@@ -14,7 +14,7 @@ use crate::freeze::{FreezePlan, Role};
 use crate::layers::{HostRng, LayerNorm, Linear, RmsNorm, RmsScale};
 use crate::loader::{kind_from_name, Checkpoint, WeightLoader};
 use crate::lora::{self, LoraAdapter};
-use crate::model::{LoadOptions, LoraOptions, ModelInfo, Nf4Options, TaskHead};
+use crate::model::{LoadOptions, LoraOptions, ModelInfo, Nf4Options};
 use crate::quant::Nf4Weight;
 use crate::{Error, Result};
 
@@ -441,11 +441,11 @@ impl<'a> Builder<'a> {
             hf_class,
             ..
         } = self;
-        let is_cls = opts.task.id2label().is_some();
+        let is_cls = opts.task.num_outputs().is_some();
         // Token classification has no pooler (BERT's `pooler`, DeBERTa's `pooler`), no
         // DistilBERT `pre_classifier` and none of a sequence head's other parts (RoBERTa's
         // `classifier.dense`): noted as another task's.
-        let per_token = matches!(opts.task, TaskHead::TokenClassification { .. });
+        let per_token = opts.task.is_per_token();
         // Heads of the other tasks, by the names transformers' task classes give them on every
         // architecture, are left unused with a note.
         let notes = ld.finish(

@@ -64,6 +64,8 @@ pub struct DebertaV2 {
     /// `ContextPooler`'s dense; None under token classification (no pooler there).
     pooler: Option<Linear>,
     classifier: Linear,
+    /// Dropout before a per-token head.
+    token_dropout: f64,
 }
 
 pub(super) fn build(
@@ -127,11 +129,19 @@ pub(super) fn build(
         }
         None => None,
     };
-    let pooler = match opts.task {
-        TaskHead::TokenClassification { .. } => None,
-        _ => Some(b.classifier("pooler.dense", d, d, true)?),
+    let pooler = match opts.task.is_per_token() {
+        true => None,
+        false => Some(b.classifier("pooler.dense", d, d, true)?),
     };
-    let classifier = b.classifier("classifier", d, labels, true)?;
+    // DebertaV2ForQuestionAnswering: `qa_outputs`, no dropout.
+    let qa = opts.task == TaskHead::QuestionAnswering;
+    let token_dropout = if qa { 0.0 } else { cfg.hidden_dropout_prob };
+    let classifier = b.classifier(
+        if qa { "qa_outputs" } else { "classifier" },
+        d,
+        labels,
+        true,
+    )?;
     let core = b.finish(dir, hf, opts, false)?;
     Ok(Box::new(Net {
         core,
@@ -147,6 +157,7 @@ pub(super) fn build(
             layers,
             pooler,
             classifier,
+            token_dropout,
         },
     }))
 }
@@ -345,6 +356,7 @@ impl Architecture for DebertaV2 {
             TaskHead::CausalLm => "DebertaV2ForMaskedLM".into(),
             TaskHead::SequenceClassification { .. } => "DebertaV2ForSequenceClassification".into(),
             TaskHead::TokenClassification { .. } => "DebertaV2ForTokenClassification".into(),
+            TaskHead::QuestionAnswering => "DebertaV2ForQuestionAnswering".into(),
         }
     }
 
@@ -431,7 +443,7 @@ impl Architecture for DebertaV2 {
     fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &Pass) -> Result<Tensor> {
         let (c, f) = (&self.cfg, p.f);
         let Some(pooler) = &self.pooler else {
-            return super::token_logits(h, &self.classifier, c.hidden_dropout_prob, f);
+            return super::token_logits(h, &self.classifier, self.token_dropout, f);
         };
         let x = dropout(h.f_select(1, 0)?, c.pooler_dropout, f.train)?;
         let x = activation(&pooler.forward(&x, f)?, &c.pooler_hidden_act)?;

@@ -563,6 +563,7 @@ pub(super) fn class(base: &str, task: &TaskHead) -> String {
         TaskHead::CausalLm => format!("{base}ForCausalLM"),
         TaskHead::SequenceClassification { .. } => format!("{base}ForSequenceClassification"),
         TaskHead::TokenClassification { .. } => format!("{base}ForTokenClassification"),
+        TaskHead::QuestionAnswering => format!("{base}ForQuestionAnswering"),
     }
 }
 
@@ -651,6 +652,14 @@ pub(super) fn build<F: DecoderFamily>(
             b.classifier("score", d, id2label.len() as i64, true)?,
             super::decoder_token_dropout(dir),
         ),
+        // transformers' Llama-style `*ForQuestionAnswering` classes keep their base under
+        // `transformer.`, which the export does not write yet.
+        TaskHead::QuestionAnswering => {
+            return Err(crate::Error::Config(format!(
+                "question answering is not supported on {} yet",
+                hf.model_type()
+            )))
+        }
     };
     let core = b.finish(dir, hf, opts, tied)?;
     let hd = s.head_dim;

@@ -53,7 +53,10 @@ pub struct DistilBert {
     encoder: BertEncoder,
     /// None under token classification.
     pre_classifier: Option<Linear>,
+    /// `classifier`, or question answering's `qa_outputs`.
     classifier: Linear,
+    /// Dropout before a per-token head (`dropout`; `qa_dropout` for question answering).
+    token_dropout: f64,
 }
 
 pub(super) fn build(
@@ -67,11 +70,14 @@ pub(super) fn build(
     let mut b = Builder::new::<DistilBert>(ckpt, cfg.n_layers as usize, &hf, opts)?;
     let encoder = BertEncoder::load(&mut b, spec(&cfg))?;
     // DistilBertForTokenClassification has no `pre_classifier`.
-    let pre_classifier = match opts.task {
-        TaskHead::TokenClassification { .. } => None,
-        _ => Some(b.classifier("pre_classifier", cfg.dim, cfg.dim, true)?),
+    let pre_classifier = match opts.task.is_per_token() {
+        true => None,
+        false => Some(b.classifier("pre_classifier", cfg.dim, cfg.dim, true)?),
     };
-    let classifier = b.classifier("classifier", cfg.dim, labels, true)?;
+    let qa = opts.task == TaskHead::QuestionAnswering;
+    let name = if qa { "qa_outputs" } else { "classifier" };
+    let classifier = b.classifier(name, cfg.dim, labels, true)?;
+    let token_dropout = if qa { cfg.qa_dropout } else { cfg.dropout };
     let core = b.finish(dir, hf, opts, false)?;
     Ok(Box::new(Net {
         core,
@@ -80,6 +86,7 @@ pub(super) fn build(
             encoder,
             pre_classifier,
             classifier,
+            token_dropout,
         },
     }))
 }
@@ -92,6 +99,7 @@ impl Architecture for DistilBert {
             TaskHead::CausalLm => "DistilBertForMaskedLM".into(),
             TaskHead::SequenceClassification { .. } => "DistilBertForSequenceClassification".into(),
             TaskHead::TokenClassification { .. } => "DistilBertForTokenClassification".into(),
+            TaskHead::QuestionAnswering => "DistilBertForQuestionAnswering".into(),
         }
     }
 
@@ -126,7 +134,7 @@ impl Architecture for DistilBert {
     fn head(&self, h: &Tensor, _batch: &Batch<'_>, p: &EncoderPass) -> Result<Tensor> {
         let f = p.f;
         let Some(pre) = &self.pre_classifier else {
-            return super::token_logits(h, &self.classifier, self.cfg.dropout, f);
+            return super::token_logits(h, &self.classifier, self.token_dropout, f);
         };
         let x = pre.forward(&h.f_select(1, 0)?, f)?.f_relu()?;
         let x = dropout(x, self.cfg.seq_classif_dropout, f.train)?;

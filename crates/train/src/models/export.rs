@@ -30,7 +30,13 @@ impl Core {
             c.insert("dtype".into(), json!(dtype));
         }
         c.remove("num_labels");
-        if let Some(id2label) = self.task.id2label() {
+        // Question answering's two outputs are transformers' default labels (`num_labels` 2).
+        let qa_labels = ["LABEL_0".to_string(), "LABEL_1".to_string()];
+        let labels = match self.task {
+            TaskHead::QuestionAnswering => Some(&qa_labels[..]),
+            _ => self.task.id2label(),
+        };
+        if let Some(id2label) = labels {
             let id2: Map<String, Value> = id2label
                 .iter()
                 .enumerate()
@@ -55,7 +61,7 @@ impl Core {
                     c.insert("pad_token_id".into(), json!(pad));
                 }
             }
-            TaskHead::TokenClassification { .. } => {
+            TaskHead::TokenClassification { .. } | TaskHead::QuestionAnswering => {
                 c.remove("problem_type");
             }
             TaskHead::CausalLm => {
@@ -144,6 +150,7 @@ impl Core {
             TaskHead::CausalLm => ("CAUSAL_LM", None),
             TaskHead::SequenceClassification { .. } => ("SEQ_CLS", Some(heads)),
             TaskHead::TokenClassification { .. } => ("TOKEN_CLS", Some(heads)),
+            TaskHead::QuestionAnswering => ("QUESTION_ANS", Some(heads)),
         };
         let cfg = lora::adapter_config(
             opts,

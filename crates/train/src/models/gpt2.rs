@@ -76,6 +76,8 @@ pub(super) fn build(
             b.classifier("classifier", d, id2label.len() as i64, true)?,
             super::decoder_token_dropout(dir),
         ),
+        // GPT2ForQuestionAnswering: `qa_outputs` on every position, no dropout.
+        TaskHead::QuestionAnswering => Head::Tokens(b.classifier("qa_outputs", d, 2, true)?, 0.0),
     };
     let core = b.finish(dir, hf, opts, tied)?;
     Ok(Box::new(Net {
@@ -99,6 +101,7 @@ impl Architecture for Gpt2 {
             TaskHead::CausalLm => "GPT2LMHeadModel".into(),
             TaskHead::SequenceClassification { .. } => "GPT2ForSequenceClassification".into(),
             TaskHead::TokenClassification { .. } => "GPT2ForTokenClassification".into(),
+            TaskHead::QuestionAnswering => "GPT2ForQuestionAnswering".into(),
         }
     }
 

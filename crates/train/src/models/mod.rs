@@ -169,8 +169,8 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
 
 /// The number of labels of an encoder's task (encoders train classification heads only).
 fn encoder_labels(opts: &LoadOptions, family: &str) -> Result<i64> {
-    match opts.task.id2label() {
-        Some(id2label) => Ok(id2label.len() as i64),
+    match opts.task.num_outputs() {
+        Some(n) => Ok(n),
         None => Err(Error::Config(format!(
             "{family} is an encoder: it trains classification heads, not causal_lm"
         ))),

@@ -104,7 +104,7 @@ pub(super) fn build(
             head_dense,
             head_norm,
             classifier,
-            per_token: matches!(opts.task, TaskHead::TokenClassification { .. }),
+            per_token: opts.task.is_per_token(),
         },
     }))
 }
@@ -211,6 +211,7 @@ impl Architecture for ModernBert {
             TaskHead::CausalLm => "ModernBertForMaskedLM".into(),
             TaskHead::SequenceClassification { .. } => "ModernBertForSequenceClassification".into(),
             TaskHead::TokenClassification { .. } => "ModernBertForTokenClassification".into(),
+            TaskHead::QuestionAnswering => "ModernBertForQuestionAnswering".into(),
         }
     }
 

@@ -46,13 +46,20 @@ pub(super) fn build(
         TaskHead::TokenClassification { .. } => RobertaHead::Tokens {
             classifier: b.classifier("classifier", d, labels, true)?,
         },
+        TaskHead::QuestionAnswering => RobertaHead::Tokens {
+            classifier: b.classifier("qa_outputs", d, labels, true)?,
+        },
         _ => RobertaHead::Sequence {
             dense: b.classifier("classifier.dense", d, d, true)?,
             out_proj: b.classifier("classifier.out_proj", d, labels, true)?,
         },
     };
     let core = b.finish(dir, hf, opts, false)?;
-    let classifier_dropout = c.classifier_dropout.unwrap_or(c.hidden_dropout_prob);
+    // RobertaForQuestionAnswering has no dropout before `qa_outputs`.
+    let classifier_dropout = match opts.task {
+        TaskHead::QuestionAnswering => 0.0,
+        _ => c.classifier_dropout.unwrap_or(c.hidden_dropout_prob),
+    };
     Ok(Box::new(Net {
         core,
         arch: Roberta {
@@ -90,6 +97,7 @@ impl Architecture for Roberta {
             TaskHead::CausalLm => format!("{family}ForCausalLM"),
             TaskHead::SequenceClassification { .. } => format!("{family}ForSequenceClassification"),
             TaskHead::TokenClassification { .. } => format!("{family}ForTokenClassification"),
+            TaskHead::QuestionAnswering => format!("{family}ForQuestionAnswering"),
         }
     }
 

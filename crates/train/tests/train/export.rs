@@ -258,12 +258,14 @@ pub(crate) fn export(tmp: &Path, e: &Export) -> Case {
         TaskHead::CausalLm => "causal_lm",
         TaskHead::SequenceClassification { .. } => "sequence_classification",
         TaskHead::TokenClassification { .. } => "token_classification",
+        TaskHead::QuestionAnswering => "question_answering",
     };
     let base_kwargs = match &e.task {
         TaskHead::SequenceClassification { id2label, .. } => {
             json!({"num_labels": id2label.len(), "pad_token_id": pad})
         }
         TaskHead::TokenClassification { id2label } => json!({"num_labels": id2label.len()}),
+        TaskHead::QuestionAnswering => json!({"num_labels": 2}),
         TaskHead::CausalLm => json!({}),
     };
     let mut spec = json!({
@@ -351,7 +353,7 @@ pub(crate) fn assert_equal_logits(cases: &[Case], theirs: &BTreeMap<String, Tens
         let want = &theirs[&c.name];
         assert_eq!(c.tuna.size(), want.size(), "{}: shapes differ", c.name);
         let mut d = (&c.tuna - want).abs();
-        if matches!(c.task, TaskHead::TokenClassification { .. }) {
+        if c.task.is_per_token() {
             // Padding positions are never scored; where a sliding window leaves a pad query no
             // real key (ModernBERT), its output is whatever the masked softmax gives.
             let mask: Vec<Vec<i64>> =

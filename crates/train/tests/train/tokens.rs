@@ -382,3 +382,25 @@ fn unseen_tags_and_other_shapes_fail_with_their_line() {
     .to_string();
     assert!(e.contains("t.jsonl line 4"), "{e}");
 }
+
+/// The extractive question-answering head (the start and end logits of every position) on the
+/// encoders and GPT-2: exports load in transformers' `AutoModelForQuestionAnswering` and PEFT
+/// with the same logits. (The task itself, its data and its evaluation, is still to come.)
+#[test]
+fn question_answering_heads_export_with_transformers_logits() {
+    let qa = || TaskHead::QuestionAnswering;
+    assert_exports_match(&[
+        Export::new("bert_qa", "bert", qa(), &["qa_outputs", "layer.1"]).first(2),
+        Export::new("bert_qa_lora", "bert", qa(), &["lora_B", "qa_outputs"])
+            .lora(&["query", "value"])
+            .first(2),
+        Export::new("roberta_qa", "roberta", qa(), &["qa_outputs"]).first(0),
+        Export::new("xlmr_qa", "xlm-roberta", qa(), &["qa_outputs"]).first(0),
+        Export::new("distilbert_qa", "distilbert-odd", qa(), &["qa_outputs"]).first(2),
+        Export::new("deberta_qa", "deberta-v3", qa(), &["qa_outputs"]).first(1),
+        Export::new("modernbert_qa", "modernbert", qa(), &["classifier", "head"]).first(1),
+        Export::new("gpt2_qa_merged", "gpt2", qa(), &["lora_B"])
+            .lora(&["c_attn"])
+            .merged(),
+    ]);
+}
