@@ -20,20 +20,15 @@ import json
 import sys
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import AutoModelForSequenceClassification, pipeline
+
+from hf_load import load_exactly
 
 
 def main():
     with open(sys.argv[1]) as f:
         case = json.load(f)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        case["dir"], dtype=torch.float32, output_loading_info=True
-    )
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        sys.exit(f"transformers reports {bad}")
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(case["dir"])
+    model, tok = load_exactly(AutoModelForSequenceClassification, case["dir"])
     out = {
         "problem_type": model.config.problem_type,
         "num_labels": model.config.num_labels,

@@ -21,20 +21,15 @@ import sys
 
 import torch
 from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
-from transformers import AutoModelForTokenClassification, AutoTokenizer
+from transformers import AutoModelForTokenClassification
+
+from hf_load import load_exactly
 
 
 def main():
     with open(sys.argv[1]) as f:
         case = json.load(f)
-    model, info = AutoModelForTokenClassification.from_pretrained(
-        case["dir"], dtype=torch.float32, output_loading_info=True
-    )
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        sys.exit(f"transformers reports {bad}")
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(case["dir"])
+    model, tok = load_exactly(AutoModelForTokenClassification, case["dir"])
     id2label = model.config.id2label
     out = {
         "architectures": model.config.architectures,

