@@ -433,6 +433,9 @@ fn check_shape(
             Task::CausalLm => "chat `messages`, `prompt`/`completion` or `text` records",
             Task::SequenceClassification | Task::SequenceRegression => "`text` + `label` records",
             Task::MultiLabelClassification => "`text` + `labels` (a list) records",
+            Task::QuestionAnswering => {
+                "`question` + `context` + `answers` records (SQuAD's layout)"
+            }
             Task::TokenClassification => {
                 "`tokens` + `tags` records (JSONL) or a CoNLL file (`.conll`: a word and its tag per line)"
             }

@@ -11,10 +11,14 @@
 //!     empty)
 //!   - both labelled shapes take a second text, `text_pair` (sentence-pair tasks); GLUE's
 //!     `sentence1` / `sentence2` keys are read as `text` / `text_pair`
+//!   - question answering: `{"question", "context", "answers": {"text": [...],
+//!     "answer_start": [...]}}` (SQuAD's layout: each answer's text and its character offset in
+//!     the context, which must match; empty lists for an unanswerable question, as in SQuAD v2)
 //!   - tokens + tags: `{"tokens": [...], "tags": [...]}` (token classification: a word list and
 //!     one tag per word, names or ids; `ner_tags` is read as `tags`, as Hugging Face datasets
 //!     name them)
-//! - CSV or TSV with a header row: a `text` column (aliases `sentence`, `content`, and
+//! - CSV or TSV with a header row: `question`, `context` and `answers` (SQuAD's object as JSON)
+//!   columns; or a `text` column (aliases `sentence`, `content`, and
 //!   `sentence1` beside `sentence2`), an optional `text_pair` (or `sentence2`) column, and a
 //!   `label` column or a `labels` column (a JSON list, or names separated by commas); or
 //!   `prompt` and `completion` columns.
@@ -84,6 +88,8 @@ pub enum Shape {
     TextLabels,
     /// Token classification: a word list and a tag per word.
     TokensTags,
+    /// Extractive question answering: a question, a context and the answers' spans in it.
+    QuestionAnswers,
 }
 
 impl Shape {
@@ -95,6 +101,7 @@ impl Shape {
             Shape::TextLabel => "text_label",
             Shape::TextLabels => "text_labels",
             Shape::TokensTags => "tokens_tags",
+            Shape::QuestionAnswers => "question_answers",
         }
     }
 
@@ -107,6 +114,7 @@ impl Shape {
             Shape::TextLabel,
             Shape::TextLabels,
             Shape::TokensTags,
+            Shape::QuestionAnswers,
         ]
         .into_iter()
         .find(|s| s.as_str() == name)
@@ -127,6 +135,7 @@ impl Shape {
             Task::SequenceClassification | Task::SequenceRegression => self == Shape::TextLabel,
             Task::MultiLabelClassification => self == Shape::TextLabels,
             Task::TokenClassification => self == Shape::TokensTags,
+            Task::QuestionAnswering => self == Shape::QuestionAnswers,
         }
     }
 
@@ -208,6 +217,20 @@ pub enum Example {
         tokens: Vec<String>,
         tags: Vec<Label>,
     },
+    /// Extractive question answering: none, one or several answers, each a span of `context`.
+    Answered {
+        question: String,
+        context: String,
+        answers: Vec<Answer>,
+    },
+}
+
+/// An answer of a question-answering record: its text and where it starts in the context, in
+/// characters (Unicode scalar values), as SQuAD's `answer_start` counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub text: String,
+    pub start: usize,
 }
 
 impl Example {
@@ -219,6 +242,7 @@ impl Example {
             Example::Labeled { .. } => Shape::TextLabel,
             Example::MultiLabeled { .. } => Shape::TextLabels,
             Example::Tagged { .. } => Shape::TokensTags,
+            Example::Answered { .. } => Shape::QuestionAnswers,
         }
     }
 
@@ -285,6 +309,18 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
     }
     if obj.contains_key("tokens") {
         return parse_tagged(&obj, line_no);
+    }
+    if obj.contains_key("question") || obj.contains_key("context") {
+        let question = string_field(&obj, "question", line_no)?;
+        let context = string_field(&obj, "context", line_no)?;
+        let answers = obj.get("answers").ok_or_else(|| {
+            LineError::new(
+                line_no,
+                "missing_key",
+                "a question needs `answers` (`{\"text\": [...], \"answer_start\": [...]}`; empty lists when the context has no answer)",
+            )
+        })?;
+        return answered(question, context, answers, line_no);
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
         let prompt = string_field(&obj, "prompt", line_no)?;
@@ -358,9 +394,87 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
         line_no,
         "unknown_shape",
         format!(
-            "expected `messages`, `prompt`/`completion`, `text`, `text`/`label`, `text`/`labels` or `tokens`/`tags`; found keys {keys:?}"
+            "expected `messages`, `prompt`/`completion`, `text`, `text`/`label`, `text`/`labels`, `tokens`/`tags` or `question`/`context`/`answers`; found keys {keys:?}"
         ),
     ))
+}
+
+/// A question-answering record, its answers checked against the context.
+fn answered(
+    question: String,
+    context: String,
+    answers: &Value,
+    line_no: u64,
+) -> Result<Example, LineError> {
+    if question.trim().is_empty() {
+        return Err(LineError::new(
+            line_no,
+            "empty_question",
+            "`question` is empty",
+        ));
+    }
+    if context.trim().is_empty() {
+        return Err(LineError::new(
+            line_no,
+            "empty_context",
+            "`context` is empty",
+        ));
+    }
+    let bad = |m: String| LineError::new(line_no, "invalid_answers", m);
+    let Value::Object(a) = answers else {
+        return Err(bad(format!(
+            "`answers` must be an object with `text` and `answer_start` lists, found {}",
+            type_name(answers)
+        )));
+    };
+    let list = |k: &str| match a.get(k) {
+        Some(Value::Array(v)) => Ok(v),
+        other => Err(bad(format!(
+            "`answers.{k}` must be a list, found {}",
+            other.map_or("nothing", type_name)
+        ))),
+    };
+    let (texts, starts) = (list("text")?, list("answer_start")?);
+    if texts.len() != starts.len() {
+        return Err(bad(format!(
+            "`answers` has {} texts but {} answer_start offsets",
+            texts.len(),
+            starts.len()
+        )));
+    }
+    let chars: Vec<char> = context.chars().collect();
+    let mut out = Vec::with_capacity(texts.len());
+    for (i, (t, s)) in texts.iter().zip(starts).enumerate() {
+        let (Value::String(text), Some(start)) = (t, s.as_u64()) else {
+            return Err(bad(format!(
+                "answer {i}: `text` must be a string and `answer_start` a non-negative integer"
+            )));
+        };
+        if text.is_empty() {
+            return Err(bad(format!("answer {i} is empty")));
+        }
+        let start = start as usize;
+        let n = text.chars().count();
+        let found: String = chars.iter().skip(start).take(n).collect();
+        if found != *text {
+            return Err(LineError::new(
+                line_no,
+                "answer_not_found",
+                format!(
+                    "answer {i} `{text}` is not at character {start} of the context (found `{found}` there)"
+                ),
+            ));
+        }
+        out.push(Answer {
+            text: text.clone(),
+            start,
+        });
+    }
+    Ok(Example::Answered {
+        question,
+        context,
+        answers: out,
+    })
 }
 
 /// A token-classification record: `tokens` (non-empty strings) and as many `tags` (names or
@@ -942,8 +1056,24 @@ fn scan_delimited<R: BufRead>(
     let label_col = find(&["label"]);
     let labels_col = find(&["labels"]);
     let prompt_col = find(&["prompt"]);
+    let qa_cols = (find(&["question"]), find(&["context"]), find(&["answers"]));
     let completion_col = find(&["completion"]);
     let layout = match (text_col, label_col, labels_col, prompt_col, completion_col) {
+        _ if qa_cols.0.is_some() || qa_cols.1.is_some() => match qa_cols {
+            (Some(q), Some(c), Some(a)) => Layout::Answered(q, c, a),
+            _ => {
+                push(
+                    report,
+                    1,
+                    Err(LineError::new(
+                        1,
+                        "csv_missing_column",
+                        format!("question answering needs `question`, `context` and `answers` columns; found {headers:?}"),
+                    )),
+                );
+                return;
+            }
+        },
         (_, _, _, Some(p), Some(c)) => Layout::PromptCompletion(p, c),
         (Some(t), Some(l), None, _, _) => Layout::TextLabel(t, pair_col, l),
         (Some(t), None, Some(l), _, _) => Layout::TextLabels(t, pair_col, l),
@@ -1034,6 +1164,14 @@ fn scan_delimited<R: BufRead>(
                     })
                 }
             }
+            Layout::Answered(q, c, a) => match serde_json::from_str::<Value>(&get(a)) {
+                Ok(answers) => answered(get(q), get(c), &answers, line),
+                Err(e) => Err(LineError::new(
+                    line,
+                    "invalid_answers",
+                    format!("`answers` is not valid JSON: {e}"),
+                )),
+            },
             Layout::Text(t) | Layout::TextLabel(t, _, _) | Layout::TextLabels(t, _, _)
                 if get(t).trim().is_empty() =>
             {
@@ -1081,6 +1219,8 @@ enum Layout {
     Text(usize),
     TextLabel(usize, Option<usize>, usize),
     TextLabels(usize, Option<usize>, usize),
+    /// Question, context, answers (JSON).
+    Answered(usize, usize, usize),
 }
 
 /// Reads every example of a file, or the first `max_errors` errors if any record is bad.
@@ -1410,5 +1550,81 @@ mod tests {
             (r.errors[0].line, r.errors[0].rule.as_str()),
             (5, "conll_missing_tag")
         );
+    }
+
+    #[test]
+    fn question_answering_records_from_jsonl_and_csv() {
+        let jsonl = "{\"question\":\"Who?\",\"context\":\"Élise met Bob.\",\"answers\":{\"text\":[\"Bob\"],\"answer_start\":[10]}}\n{\"id\":\"x\",\"question\":\"Why?\",\"context\":\"No reason.\",\"answers\":{\"text\":[],\"answer_start\":[]}}\n";
+        let mut seen = vec![];
+        let r = scan(jsonl.as_bytes(), Format::Jsonl, 10, |l, e| {
+            seen.push((l, e))
+        });
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.shape, Some(Shape::QuestionAnswers));
+        assert!(Shape::QuestionAnswers.fits(Task::QuestionAnswering));
+        // Offsets count characters, as SQuAD's do (`É` is two bytes).
+        assert_eq!(
+            seen[0].1,
+            Example::Answered {
+                question: "Who?".into(),
+                context: "Élise met Bob.".into(),
+                answers: vec![Answer {
+                    text: "Bob".into(),
+                    start: 10
+                }],
+            }
+        );
+        let Example::Answered { answers, .. } = &seen[1].1 else {
+            panic!()
+        };
+        assert!(answers.is_empty());
+        let csv = "question,context,answers\nWho?,\"Ann, then Bob\",\"{\"\"text\"\": [\"\"Bob\"\"], \"\"answer_start\"\": [10]}\"\n";
+        let r = scan_str(csv, Format::Csv);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.shape, Some(Shape::QuestionAnswers));
+    }
+
+    #[test]
+    fn question_answering_errors_name_their_line() {
+        let cases = [
+            (
+                r#"{"question":"q","context":"a b","answers":{"text":["b"],"answer_start":[0]}}"#,
+                "answer_not_found",
+            ),
+            (
+                r#"{"question":"","context":"a","answers":{"text":[],"answer_start":[]}}"#,
+                "empty_question",
+            ),
+            (
+                r#"{"question":"q","context":" ","answers":{"text":[],"answer_start":[]}}"#,
+                "empty_context",
+            ),
+            (r#"{"question":"q","context":"a"}"#, "missing_key"),
+            (
+                r#"{"question":"q","context":"a","answers":{"text":["a"],"answer_start":[]}}"#,
+                "invalid_answers",
+            ),
+            (
+                r#"{"question":"q","context":"a","answers":["a"]}"#,
+                "invalid_answers",
+            ),
+            (
+                r#"{"question":"q","context":"a","answers":{"text":["a"],"answer_start":[-1]}}"#,
+                "invalid_answers",
+            ),
+        ];
+        for (line, rule) in cases {
+            let e = parse_json_line(line, 6).unwrap_err();
+            assert_eq!((e.line, e.rule.as_str()), (6, rule), "{line}");
+        }
+        let e = parse_json_line(cases[0].0, 6).unwrap_err();
+        assert!(
+            e.message
+                .contains("answer 0 `b` is not at character 0 of the context (found `a`"),
+            "{}",
+            e.message
+        );
+        let r = scan_str("question,context\nq,a\n", Format::Csv);
+        assert_eq!(r.errors[0].rule, "csv_missing_column");
     }
 }

@@ -120,6 +120,10 @@ pub struct EvalMetrics {
     pub valid_recall: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_f1: Option<f64>,
+    /// Question answering: SQuAD's exact match over the validation questions (`valid_f1` is
+    /// SQuAD's token F1), each answer normalised as its evaluation script does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_exact_match: Option<f64>,
     pub valid_examples: usize,
 }
 

@@ -69,6 +69,25 @@ pub enum Target {
     /// Token classification: the per-position tag ids are [`Features::labels`] (-100 where
     /// no word starts), not shifted.
     Tags,
+    /// Question answering: one window of a record's context.
+    Span(Box<Span>),
+}
+
+/// A question-answering window: where its answer lies and what evaluation needs to read a span
+/// back as text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Span {
+    /// The positions of the answer's first and last token; both 0 (the first token, `[CLS]`)
+    /// when the window does not hold the whole answer or the question has none.
+    pub start: i64,
+    pub end: i64,
+    /// The record's index in the file's examples (its windows share it).
+    pub example: usize,
+    /// The context characters each token covers (None outside the context).
+    pub offsets: Vec<Option<(usize, usize)>>,
+    pub context: std::sync::Arc<Vec<char>>,
+    /// The record's answers (none: unanswerable).
+    pub answers: std::sync::Arc<Vec<String>>,
 }
 
 impl Features {
@@ -77,7 +96,7 @@ impl Features {
         match self.target {
             Target::Tokens => self.labels.iter().skip(1).filter(|l| **l != -100).count(),
             Target::Tags => self.labels.iter().filter(|l| **l != -100).count(),
-            Target::Class(_) | Target::Values(_) => 1,
+            Target::Class(_) | Target::Values(_) | Target::Span(_) => 1,
         }
     }
 
@@ -150,11 +169,39 @@ pub fn featurize(
     labels: Option<&LabelMap>,
     source: &str,
 ) -> Result<(Vec<Features>, DataStats)> {
+    let stride = (max_len / 3).min(128);
+    featurize_with(tok, task, examples, max_len, stride, labels, source)
+}
+
+/// [`featurize`] with question answering's windows sharing `doc_stride` tokens.
+pub fn featurize_with(
+    tok: &Tok,
+    task: Task,
+    examples: &[(u64, Example)],
+    max_len: usize,
+    doc_stride: usize,
+    labels: Option<&LabelMap>,
+    source: &str,
+) -> Result<(Vec<Features>, DataStats)> {
     let mut out = Vec::with_capacity(examples.len());
     let mut stats = DataStats::default();
     let err = |line: u64, msg: String| Error::Data(format!("{source} line {line}: {msg}"));
-    for (line, ex) in examples {
+    for (index, (line, ex)) in examples.iter().enumerate() {
         let line = *line;
+        if let (Task::QuestionAnswering, Example::Answered { .. }) = (task, ex) {
+            let windows = qa_windows(tok, ex, index, max_len, doc_stride)
+                .map_err(|e| err(line, e.to_string()))?;
+            if windows.len() > 1 {
+                stats.truncated += 1;
+            }
+            for input_ids in windows {
+                stats.examples += 1;
+                stats.tokens += input_ids.input_ids.len();
+                stats.target_tokens += 1;
+                out.push(input_ids.with_line(line));
+            }
+            continue;
+        }
         let mut f = match (task, ex) {
             (Task::CausalLm, Example::Text { text }) => {
                 let mut ids = tok.ids(text, true).map_err(|e| err(line, e.to_string()))?;
@@ -288,6 +335,68 @@ pub fn featurize(
         out.push(f);
     }
     Ok((out, stats))
+}
+
+/// The windows of a question-answering record ([`Tok::encode_question_windows`]), each with its
+/// answer's token span as transformers' `run_qa.py` finds it (the first answer: the last token
+/// starting at or before its first character, the first token ending at or after its last; the
+/// first token when the window does not hold it all).
+fn qa_windows(
+    tok: &Tok,
+    ex: &Example,
+    example: usize,
+    max_len: usize,
+    stride: usize,
+) -> Result<Vec<Features>> {
+    let Example::Answered {
+        question,
+        context,
+        answers,
+    } = ex
+    else {
+        return Err(Error::Data("not a question-answering record".into()));
+    };
+    let chars = std::sync::Arc::new(context.chars().collect::<Vec<char>>());
+    let texts = std::sync::Arc::new(answers.iter().map(|a| a.text.clone()).collect::<Vec<_>>());
+    let span = answers
+        .first()
+        .map(|a| (a.start, a.start + a.text.chars().count()));
+    let windows = tok.encode_question_windows(question, context, max_len, stride)?;
+    Ok(windows
+        .into_iter()
+        .map(|w| {
+            let ctx: Vec<(usize, (usize, usize))> = w
+                .offsets
+                .iter()
+                .enumerate()
+                .filter_map(|(j, o)| o.map(|o| (j, o)))
+                .collect();
+            let (start, end) = match (span, ctx.first(), ctx.last()) {
+                (Some((s, e)), Some((_, first)), Some((_, last)))
+                    if first.0 <= s && last.1 >= e =>
+                {
+                    let start = ctx.iter().rev().find(|(_, o)| o.0 <= s).map(|(j, _)| *j);
+                    let end = ctx.iter().find(|(_, o)| o.1 >= e).map(|(j, _)| *j);
+                    (start.unwrap_or(0) as i64, end.unwrap_or(0) as i64)
+                }
+                _ => (0, 0),
+            };
+            Features {
+                line: 0,
+                input_ids: w.ids.iter().map(|i| i64::from(*i)).collect(),
+                labels: vec![],
+                token_type_ids: w.type_ids.iter().map(|i| i64::from(*i)).collect(),
+                target: Target::Span(Box::new(Span {
+                    start,
+                    end,
+                    example,
+                    offsets: w.offsets,
+                    context: chars.clone(),
+                    answers: texts.clone(),
+                })),
+            }
+        })
+        .collect())
 }
 
 /// Token classification's labels, as transformers' examples align them: each word's tag on its
@@ -685,6 +794,7 @@ pub fn collate(
     let mut labels = match first {
         Some(Target::Tokens | Target::Tags) | None => vec![-100i64; b * t],
         Some(Target::Class(_)) => vec![0i64; b],
+        Some(Target::Span(_)) => vec![0i64; 2 * b],
         Some(Target::Values(_)) => Vec::new(),
     };
     let mut values = vec![0f32; b * width];
@@ -701,6 +811,10 @@ pub fn collate(
             Target::Class(c) => labels[r] = *c,
             Target::Tokens | Target::Tags => labels[r * t..r * t + n].copy_from_slice(&f.labels),
             Target::Values(v) => values[r * width..(r + 1) * width].copy_from_slice(v),
+            Target::Span(s) => {
+                labels[2 * r] = s.start;
+                labels[2 * r + 1] = s.end;
+            }
         }
         tokens += n;
         targets += f.targets();
@@ -711,6 +825,7 @@ pub fn collate(
     };
     let labels = match first {
         Some(Target::Class(_)) => to(&labels, &[b as i64])?,
+        Some(Target::Span(_)) => to(&labels, &[b as i64, 2])?,
         Some(Target::Values(_)) => Tensor::f_from_slice(&values)?
             .f_view([b as i64, width as i64])?
             .f_to_device(device)?,
@@ -764,6 +879,22 @@ pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, task: Task) -> Result<
         Task::TokenClassification => {
             let v = *logits.size().last().unwrap_or(&1);
             per_position(&logits.f_reshape([-1, v])?, &labels.f_reshape([-1])?)
+        }
+        Task::QuestionAnswering => {
+            // transformers' `*ForQuestionAnswering`: the mean of the start and the end
+            // position's cross-entropy, per window.
+            let (start, end) = (logits.f_select(-1, 0)?, logits.f_select(-1, 1)?);
+            let ce = |x: &Tensor, i: i64| -> Result<Tensor> {
+                Ok(x.f_cross_entropy_loss(
+                    &labels.f_select(1, i)?,
+                    None::<Tensor>,
+                    tch::Reduction::Sum,
+                    -100,
+                    0.0,
+                )?)
+            };
+            let loss = ce(&start, 0)?.f_add(&ce(&end, 1)?)?.f_div_scalar(2.0)?;
+            Ok((loss, Tensor::f_zeros([], (Kind::Int64, logits.device()))?))
         }
         Task::SequenceClassification => {
             let loss = logits.f_cross_entropy_loss(

@@ -1,7 +1,11 @@
 //! Evaluation metrics: accuracy and macro F1 (classification), RMSE with Pearson and Spearman
 //! correlation (regression), micro / macro F1 and subset accuracy (multi-label), each as
-//! scikit-learn / SciPy compute it. The numbers reported with each logged step and each
+//! scikit-learn / SciPy compute it; entity scores as seqeval computes them (token
+//! classification); answers read from span logits and scored as SQuAD does (question
+//! answering). The numbers reported with each logged step and each
 //! evaluation are protocol types (`tuna_core::protocol`), re-exported here.
+
+use std::collections::BTreeMap;
 
 pub use tuna_core::protocol::{EvalMetrics, StepMetrics};
 
@@ -237,6 +241,165 @@ pub fn entity_scores<S: AsRef<str>>(truth: &[Vec<S>], pred: &[Vec<S>]) -> Entiti
         recall: ratio(correct, t.len()),
         f1,
     }
+}
+
+/// Question answering: the start and end logits of one window and the context characters its
+/// tokens cover (None outside the context), as [`qa_answer`] reads them.
+pub struct QaLogits<'a> {
+    pub start: &'a [f32],
+    pub end: &'a [f32],
+    pub offsets: &'a [Option<(usize, usize)>],
+}
+
+/// How many start and end positions [`qa_answer`] pairs, and the longest answer in tokens
+/// (transformers' question-answering examples: `n_best_size` 20, `max_answer_length` 30).
+pub const QA_N_BEST: usize = 20;
+pub const QA_MAX_ANSWER_TOKENS: usize = 30;
+
+/// A record's predicted answer from the logits of its windows, as transformers' examples
+/// (`utils_qa.postprocess_qa_predictions`) read them: each window's 20 highest start and end
+/// positions paired where both lie in the context, the end not before the start and at most
+/// 30 tokens on; the best sum of logits wins. `with_negative` (SQuAD v2 data, where questions
+/// may have no answer): the empty answer when the lowest `[CLS]` score of the windows beats
+/// it. No candidate at all gives "empty", as there. Written here to be that function exactly
+/// (its order of candidates and its ties included), which no crate provides.
+pub fn qa_answer(windows: &[QaLogits<'_>], context: &[char], with_negative: bool) -> String {
+    let top = |v: &[f32]| -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|a, b| v[*b].total_cmp(&v[*a]));
+        idx.truncate(QA_N_BEST);
+        idx
+    };
+    // (score, character span); the null answer is the span (0, 0).
+    let mut cands: Vec<(f32, (usize, usize))> = Vec::new();
+    let mut null: Option<f32> = None;
+    for w in windows {
+        let score = w.start[0] + w.end[0];
+        if null.is_none_or(|n| n > score) {
+            null = Some(score);
+        }
+        let ends = top(w.end);
+        for s in top(w.start) {
+            for &e in &ends {
+                let (Some(Some(a)), Some(Some(b))) = (w.offsets.get(s), w.offsets.get(e)) else {
+                    continue;
+                };
+                if e < s || e - s + 1 > QA_MAX_ANSWER_TOKENS {
+                    continue;
+                }
+                cands.push((w.start[s] + w.end[e], (a.0, b.1)));
+            }
+        }
+    }
+    let null_score = null.unwrap_or(0.0);
+    if with_negative {
+        cands.push((null_score, (0, 0)));
+    }
+    // A stable sort, as Python's `sorted`: equal scores keep their order.
+    cands.sort_by(|a, b| b.0.total_cmp(&a.0));
+    cands.truncate(QA_N_BEST);
+    let text = |(a, b): (usize, usize)| -> String {
+        context
+            .get(a..b.min(context.len()))
+            .unwrap_or_default()
+            .iter()
+            .collect()
+    };
+    let mut texts: Vec<(f32, String)> = cands.iter().map(|(sc, sp)| (*sc, text(*sp))).collect();
+    if texts.is_empty() || (texts.len() == 1 && texts[0].1.is_empty()) {
+        texts.insert(0, (0.0, "empty".into()));
+    }
+    if !with_negative {
+        return texts.swap_remove(0).1;
+    }
+    let (score, best) = texts
+        .into_iter()
+        .find(|(_, t)| !t.is_empty())
+        .unwrap_or((0.0, "empty".into()));
+    if null_score - score > 0.0 {
+        String::new()
+    } else {
+        best
+    }
+}
+
+/// SQuAD's answer normalisation (its official evaluation script): lower case, punctuation
+/// removed, the articles a/an/the removed as words, whitespace collapsed.
+pub fn squad_normalize(s: &str) -> String {
+    // string.punctuation
+    const PUNCT: &str = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
+    let lower: String = s
+        .to_lowercase()
+        .chars()
+        .filter(|c| !PUNCT.contains(*c))
+        .collect();
+    // `\b(a|an|the)\b` over Python's word characters (letters, digits, `_`).
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut out = String::new();
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if matches!(run.as_str(), "a" | "an" | "the") {
+            out.push(' ');
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in lower.chars() {
+        if word(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// SQuAD's exact match and token F1 of `pred` against the best of `golds` (an unanswerable
+/// question's gold is the empty answer), as SQuAD v2's script scores them.
+pub fn squad_scores(pred: &str, golds: &[String]) -> (f64, f64) {
+    // Golds that normalise to nothing do not count; none left: the empty answer.
+    let mut golds: Vec<&str> = golds
+        .iter()
+        .map(String::as_str)
+        .filter(|g| !squad_normalize(g).is_empty())
+        .collect();
+    if golds.is_empty() {
+        golds.push("");
+    }
+    let p = squad_normalize(pred);
+    let pt: Vec<&str> = p.split_whitespace().collect();
+    let mut best = (0.0f64, 0.0f64);
+    for g in golds {
+        let g = squad_normalize(g);
+        let em = f64::from(u8::from(g == p));
+        let gt: Vec<&str> = g.split_whitespace().collect();
+        let f1 = if gt.is_empty() || pt.is_empty() {
+            f64::from(u8::from(gt == pt))
+        } else {
+            let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+            for t in &gt {
+                *counts.entry(t).or_default() += 1;
+            }
+            let mut same = 0i64;
+            for t in &pt {
+                if let Some(c) = counts.get_mut(t).filter(|c| **c > 0) {
+                    *c -= 1;
+                    same += 1;
+                }
+            }
+            if same == 0 {
+                0.0
+            } else {
+                let (pr, rc) = (same as f64 / pt.len() as f64, same as f64 / gt.len() as f64);
+                2.0 * pr * rc / (pr + rc)
+            }
+        };
+        best = (best.0.max(em), best.1.max(f1));
+    }
+    best
 }
 
 #[cfg(test)]

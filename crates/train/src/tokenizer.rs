@@ -63,6 +63,16 @@ pub struct Encoded {
     pub type_ids: Vec<u32>,
 }
 
+/// One window of a question and its context ([`Tok::encode_question_windows`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QaWindow {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// The characters of the context each token covers; None for the question's and the
+    /// special tokens.
+    pub offsets: Vec<Option<(usize, usize)>>,
+}
+
 /// Pre-split words encoded ([`Tok::encode_words_truncated`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WordEncoding {
@@ -242,6 +252,64 @@ impl Tok {
         out_ids.extend_from_slice(&ids[ids.len() - tail..]);
         out_types.extend_from_slice(&types[types.len() - tail..]);
         Ok((out_ids, out_types, true))
+    }
+
+    /// Encodes a question and its context as transformers' `tokenizer(question, context,
+    /// truncation="only_second", max_length=max_len, stride=stride,
+    /// return_overflowing_tokens=True, return_offsets_mapping=True)` does: the question whole,
+    /// the context cut into windows of what is left of `max_len`, each sharing `stride` tokens
+    /// with the one before, laid out with the pair template. Offsets are in characters.
+    pub fn encode_question_windows(
+        &self,
+        question: &str,
+        context: &str,
+        max_len: usize,
+        stride: usize,
+    ) -> Result<Vec<QaWindow>> {
+        let fail = |e: tokenizers::Error| Error::Data(format!("tokenizer failed: {e}"));
+        let q = self
+            .tokenizer
+            .encode_char_offsets(question, false)
+            .map_err(fail)?;
+        let mut c = self
+            .tokenizer
+            .encode_char_offsets(context, false)
+            .map_err(fail)?;
+        let added = self
+            .tokenizer
+            .get_post_processor()
+            .map(|p| p.added_tokens(true))
+            .unwrap_or(0);
+        let room = max_len.saturating_sub(added + q.len());
+        if room <= stride {
+            return Err(Error::Data(format!(
+                "the question takes {} tokens: with max_seq_length {max_len} and doc_stride {stride} no window of the context fits (raise max_seq_length or lower doc_stride)",
+                q.len()
+            )));
+        }
+        c.truncate(room, stride, tokenizers::TruncationDirection::Right);
+        let rest = c.take_overflowing();
+        std::iter::once(c)
+            .chain(rest)
+            .map(|mut w| {
+                w.take_overflowing();
+                let enc = self
+                    .tokenizer
+                    .post_process(q.clone(), Some(w), true)
+                    .map_err(fail)?;
+                let offsets = enc
+                    .get_sequence_ids()
+                    .iter()
+                    .zip(enc.get_offsets())
+                    .map(|(s, o)| (*s == Some(1)).then_some(*o))
+                    .collect();
+                Ok(QaWindow {
+                    ids: enc.get_ids().to_vec(),
+                    type_ids: enc.get_type_ids().to_vec(),
+                    offsets,
+                })
+            })
+            .collect()
     }
 
     /// Encodes pre-split `words` as transformers' `tokenizer(words, is_split_into_words=True,

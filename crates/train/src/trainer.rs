@@ -425,6 +425,9 @@ pub fn train_step(
 struct Job<'a> {
     model: &'a dyn Model,
     task: Task,
+    /// Question answering on data where some questions have no answer (SQuAD v2): the empty
+    /// answer is a prediction too.
+    with_negative: bool,
     with_types: bool,
     pad_id: i64,
     device: Device,
@@ -451,9 +454,15 @@ impl<'a> Job<'a> {
             .or(info.pad_token_id)
             .or(info.eos_token_ids.first().copied())
             .unwrap_or(0);
+        let unanswerable = |ex: &[(u64, Example)]| {
+            ex.iter()
+                .any(|(_, e)| matches!(e, Example::Answered { answers, .. } if answers.is_empty()))
+        };
         Job {
             model,
             task: spec.task,
+            with_negative: unanswerable(inputs.train_examples)
+                || inputs.valid_examples.is_some_and(unanswerable),
             with_types: model.uses_token_type_ids(),
             pad_id,
             device: inputs.device,
@@ -527,6 +536,14 @@ impl<'a> Job<'a> {
                 let (l, k) = data::loss_and_correct(&logits, &c.labels, self.task)?;
                 let rows = if self.task == Task::CausalLm {
                     Vec::new()
+                } else if self.task == Task::QuestionAnswering {
+                    // Each window's start logits, then its end logits.
+                    let host = logits
+                        .f_to_kind(Kind::Float)?
+                        .f_transpose(1, 2)?
+                        .f_reshape([b as i64, -1])?
+                        .f_to_device(Device::Cpu)?;
+                    Vec::<Vec<f32>>::try_from(host)?
                 } else if self.task == Task::TokenClassification {
                     // Each row's predicted tag per position (the labels say which count).
                     let pred = logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?;
@@ -554,6 +571,11 @@ impl<'a> Job<'a> {
         };
         match self.task {
             Task::CausalLm => m.valid_mean_token_accuracy = Some(correct / n),
+            Task::QuestionAnswering => {
+                let (em, f1) = self.qa_scores(&outputs);
+                m.valid_exact_match = Some(em);
+                m.valid_f1 = Some(f1);
+            }
             Task::TokenClassification => {
                 let name = |i: i64| id2label.get(i as usize).map_or("O", String::as_str);
                 let (mut truth, mut pred) = (Vec::new(), Vec::new());
@@ -621,6 +643,56 @@ impl<'a> Job<'a> {
         }
         Ok(Some(m))
     }
+}
+
+impl Job<'_> {
+    /// SQuAD's exact match and F1 over the records of `outputs` (each window's start and end
+    /// logits, padded to its batch, and its target), each record answered from all its windows.
+    fn qa_scores(&self, outputs: &[(Vec<f32>, &Target)]) -> (f64, f64) {
+        let answers = qa_predictions(outputs, self.with_negative);
+        let n = answers.len().max(1) as f64;
+        let (em, f1) = answers.iter().fold((0.0, 0.0), |(e, f), (pred, span)| {
+            let (a, b) = metrics::squad_scores(pred, &span.answers);
+            (e + a, f + b)
+        });
+        (em / n, f1 / n)
+    }
+}
+
+/// Question answering: each record's predicted answer ([`metrics::qa_answer`] over its windows)
+/// and its first window's target, in the order the records come. `outputs` pairs each window's
+/// logits (the start logits then the end logits, each padded to the batch's length) with its
+/// target.
+pub fn qa_predictions<'t>(
+    outputs: &[(Vec<f32>, &'t Target)],
+    with_negative: bool,
+) -> Vec<(String, &'t data::Span)> {
+    let mut out: Vec<(String, &data::Span)> = Vec::new();
+    let mut i = 0;
+    while i < outputs.len() {
+        let Target::Span(first) = outputs[i].1 else {
+            i += 1;
+            continue;
+        };
+        let mut windows = Vec::new();
+        while let Some((row, Target::Span(s))) = outputs.get(i) {
+            if s.example != first.example {
+                break;
+            }
+            let (t, n) = (row.len() / 2, s.offsets.len());
+            windows.push(metrics::QaLogits {
+                start: &row[..n],
+                end: &row[t..t + n],
+                offsets: &s.offsets,
+            });
+            i += 1;
+        }
+        out.push((
+            metrics::qa_answer(&windows, &first.context, with_negative),
+            first.as_ref(),
+        ));
+    }
+    out
 }
 
 fn merge_metrics(into: &mut Map<String, Value>, v: impl Serialize) {
@@ -754,6 +826,7 @@ pub fn task_head(task: Task, labels: Option<&LabelMap>) -> TaskHead {
         Task::TokenClassification => TaskHead::TokenClassification {
             id2label: id2label(),
         },
+        Task::QuestionAnswering => TaskHead::QuestionAnswering,
     }
 }
 
@@ -798,11 +871,15 @@ fn tokenize(
         Some(v) => (inputs.train_examples.to_vec(), v.to_vec()),
         None => data::split_validation(inputs.train_examples, spec.validation_split, spec.seed),
     };
-    let (train, train_stats) = data::featurize(
+    let stride = spec
+        .doc_stride
+        .map_or((max_len / 3).min(128), |s| s as usize);
+    let (train, train_stats) = data::featurize_with(
         tok,
         spec.task,
         &train_part,
         max_len,
+        stride,
         labels,
         "training file",
     )?;
@@ -820,7 +897,15 @@ fn tokenize(
     let (valid, valid_stats) = if valid_part.is_empty() {
         (Vec::new(), None)
     } else {
-        let (f, s) = data::featurize(tok, spec.task, &valid_part, max_len, labels, valid_source)?;
+        let (f, s) = data::featurize_with(
+            tok,
+            spec.task,
+            &valid_part,
+            max_len,
+            stride,
+            labels,
+            valid_source,
+        )?;
         (f, Some(s))
     };
     Ok(JobData {

@@ -1131,6 +1131,7 @@ async fn handle_event(
                 fmt_num("valid_precision", m.valid_precision),
                 fmt_num("valid_recall", m.valid_recall),
                 fmt_num("valid_f1", m.valid_f1),
+                fmt_num("valid_exact_match", m.valid_exact_match),
             ]
             .into_iter()
             .flatten()

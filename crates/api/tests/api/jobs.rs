@@ -190,7 +190,7 @@ async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
         (
             json!({"model": "bert", "training_file": labeled}),
             "failed",
-            "model 'bert' does not support task 'causal_lm'; it supports: sequence_classification, sequence_regression, multi_label_classification, token_classification",
+            "model 'bert' does not support task 'causal_lm'; it supports: sequence_classification, sequence_regression, multi_label_classification, token_classification, question_answering",
         ),
     ];
     assert_validated(&app, &cases).await;
@@ -209,9 +209,71 @@ async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
             "sequence_classification",
             "sequence_regression",
             "multi_label_classification",
-            "token_classification"
+            "token_classification",
+            "question_answering"
         ])
     );
+}
+
+#[tokio::test]
+async fn question_answering_checks_its_data_and_model_at_create_time() {
+    let app = spawn_app().await;
+    tuna_api::models::register_base_model(&app.db.pool, "bert", &fixture("bert"))
+        .await
+        .expect("register bert");
+    tuna_api::models::register_base_model(&app.db.pool, "llama", &fixture("llama"))
+        .await
+        .expect("register llama");
+    let squad = app
+        .upload_ok(
+            "squad.jsonl",
+            "{\"question\": \"Who?\", \"context\": \"Ann met Bob.\", \"answers\": {\"text\": [\"Bob\"], \"answer_start\": [8]}}\n",
+        )
+        .await;
+    // An answer that is not where its offset says: the upload names the line.
+    let resp = app
+        .upload(
+            &app.key,
+            "bad.jsonl",
+            b"{\"question\": \"Who?\", \"context\": \"Ann met Bob.\", \"answers\": {\"text\": [\"Bob\"], \"answer_start\": [8]}}\n{\"question\": \"Who?\", \"context\": \"Ann met Bob.\", \"answers\": {\"text\": [\"Bob\"], \"answer_start\": [2]}}\n".to_vec(),
+            "fine-tune",
+        )
+        .await;
+    let (status, bad) = json(resp).await;
+    assert_eq!(status, 400, "{bad}");
+    let msg = error_of(&bad)["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("line 2: answer 0 `Bob` is not at character 2 of the context"),
+        "{msg}"
+    );
+    assert_validated(
+        &app,
+        &[
+            (json!({"model": "bert", "training_file": squad, "task": "question_answering"}), "queued", ""),
+            (json!({"model": "gpt2", "training_file": squad, "task": "question_answering", "doc_stride": 32}), "queued", ""),
+            (
+                json!({"model": "bert", "training_file": squad, "task": "sequence_classification"}),
+                "failed",
+                "holds `question_answers` records, but task 'sequence_classification' needs `text` + `label` records; these records suit task 'question_answering'",
+            ),
+            (
+                json!({"model": "llama", "training_file": squad, "task": "question_answering"}),
+                "failed",
+                "model 'llama' does not support task 'question_answering'",
+            ),
+        ],
+    )
+    .await;
+    let (status, body) = json(
+        app.post_json(
+            "/v1/fine_tuning/jobs",
+            &json!({"model": "bert", "training_file": squad, "doc_stride": 16}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_of(&body)["param"], "doc_stride");
 }
 
 #[tokio::test]

@@ -500,7 +500,8 @@ impl HfConfig {
     /// Decoders: causal LM and the sequence-level tasks (classification, regression,
     /// multi-label: one `*ForSequenceClassification` head with its `problem_type`); encoders: the
     /// sequence-level tasks. Token classification on every family transformers has a
-    /// `*ForTokenClassification` class for (all but Gemma 3 and OLMo 2).
+    /// `*ForTokenClassification` class for (all but Gemma 3 and OLMo 2); question answering on
+    /// the encoders and GPT-2.
     pub fn tasks(&self) -> Vec<Task> {
         let token_cls = !matches!(self.model_type(), "gemma3_text" | "gemma3" | "olmo2");
         Task::ALL
@@ -508,6 +509,9 @@ impl HfConfig {
             .filter(|t| match t {
                 Task::CausalLm => self.is_decoder(),
                 Task::TokenClassification => token_cls,
+                // The span head on the encoders and GPT-2 (the Llama-style classes keep their
+                // base under another prefix, not written yet).
+                Task::QuestionAnswering => !self.is_decoder() || self.model_type() == "gpt2",
                 _ => true,
             })
             .collect()

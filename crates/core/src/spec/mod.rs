@@ -30,15 +30,18 @@ pub enum Task {
     /// A tag per word (named entities, parts of speech): a label per token, cross-entropy on
     /// each word's first sub-token.
     TokenClassification,
+    /// Extractive question answering: the answer's span in a context, start and end logits.
+    QuestionAnswering,
 }
 
 impl Task {
-    pub const ALL: [Task; 5] = [
+    pub const ALL: [Task; 6] = [
         Task::CausalLm,
         Task::SequenceClassification,
         Task::SequenceRegression,
         Task::MultiLabelClassification,
         Task::TokenClassification,
+        Task::QuestionAnswering,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,13 +51,17 @@ impl Task {
             Task::SequenceRegression => "sequence_regression",
             Task::MultiLabelClassification => "multi_label_classification",
             Task::TokenClassification => "token_classification",
+            Task::QuestionAnswering => "question_answering",
         }
     }
 
     /// A head over the whole sequence (`*ForSequenceClassification`, whatever its
     /// `problem_type`).
     pub fn is_sequence_level(self) -> bool {
-        !matches!(self, Task::CausalLm | Task::TokenClassification)
+        !matches!(
+            self,
+            Task::CausalLm | Task::TokenClassification | Task::QuestionAnswering
+        )
     }
 
     /// Whether the task learns a label set from the training data (single-label, multi-label
@@ -71,7 +78,7 @@ impl Task {
     /// transformers' `problem_type` in config.json for the sequence-level tasks.
     pub fn problem_type(self) -> Option<&'static str> {
         match self {
-            Task::CausalLm | Task::TokenClassification => None,
+            Task::CausalLm | Task::TokenClassification | Task::QuestionAnswering => None,
             Task::SequenceClassification => Some("single_label_classification"),
             Task::SequenceRegression => Some("regression"),
             Task::MultiLabelClassification => Some("multi_label_classification"),
@@ -219,6 +226,9 @@ pub struct JobSpec {
     pub gradient_accumulation_steps: u32,
     pub max_seq_length: u32,
     pub max_grad_norm: f64,
+    /// Question answering: how many tokens consecutive windows of a long context share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_stride: Option<u32>,
     /// Evaluate every N optimiser steps (0: at the end of each epoch).
     pub eval_interval: u32,
     /// Save a checkpoint every N optimiser steps (0: at the end of each epoch).
@@ -325,6 +335,8 @@ pub struct MethodHyperparameters<'a> {
     pub gradient_accumulation_steps: u32,
     pub max_seq_length: u32,
     pub max_grad_norm: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_stride: Option<u32>,
     pub eval_interval: u32,
     pub checkpoint_interval: u32,
     pub early_stopping_patience: u32,
@@ -401,6 +413,7 @@ impl JobSpec {
             gradient_accumulation_steps: self.gradient_accumulation_steps,
             max_seq_length: self.max_seq_length,
             max_grad_norm: self.max_grad_norm,
+            doc_stride: self.doc_stride,
             eval_interval: self.eval_interval,
             checkpoint_interval: self.checkpoint_interval,
             early_stopping_patience: self.early_stopping_patience,

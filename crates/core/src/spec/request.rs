@@ -58,6 +58,7 @@ struct Knobs {
     gradient_accumulation_steps: Knob<Int>,
     max_seq_length: Knob<Int>,
     max_grad_norm: Knob<f64>,
+    doc_stride: Knob<Int>,
     eval_interval: Knob<Int>,
     checkpoint_interval: Knob<Int>,
     early_stopping_patience: Knob<Int>,
@@ -655,10 +656,31 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
     let gradient_accumulation_steps = k.gradient_accumulation_steps.count(1, 1024, 1)?;
     let default_max_len = match task {
         Task::CausalLm => 1024,
+        // transformers' question-answering example: 384 tokens, windows 128 apart.
+        Task::QuestionAnswering => 384,
         _ => 128,
     };
     let max_seq_length = k.max_seq_length.count(8, 131_072, default_max_len)?;
     let max_grad_norm = k.max_grad_norm.number_in(0.0, 1e6, true)?.unwrap_or(1.0);
+    // Question answering: the tokens consecutive windows of a long context share (transformers'
+    // example: 128 of 384; a third of a shorter max_seq_length).
+    let doc_stride = match task {
+        Task::QuestionAnswering => {
+            let stride = k.doc_stride.count(0, 65_536, 128.min(max_seq_length / 3))?;
+            if stride >= max_seq_length / 2 {
+                return Err(k.doc_stride.error(format!(
+                    "doc_stride {stride} must be less than half of max_seq_length ({max_seq_length}), so that each window moves on"
+                )));
+            }
+            Some(stride)
+        }
+        _ if k.doc_stride.is_given() => {
+            return Err(k
+                .doc_stride
+                .error("doc_stride applies to task 'question_answering' only".into()))
+        }
+        _ => None,
+    };
     let eval_interval = k.eval_interval.count(0, 10_000_000, 0)?;
     let checkpoint_interval = k.checkpoint_interval.count(0, 10_000_000, 0)?;
     let early_stopping_patience = k.early_stopping_patience.count(0, 1000, 0)?;
@@ -720,6 +742,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         gradient_accumulation_steps,
         max_seq_length,
         max_grad_norm,
+        doc_stride,
         eval_interval,
         checkpoint_interval,
         early_stopping_patience,

@@ -16,6 +16,8 @@
 //!   transformers' tokenizer, model and pipeline agree with tuna on the exports.
 //! - `tokens`: token classification: exports on every family, NER jobs that learn, read word
 //!   for word by transformers, with seqeval's entity scores.
+//! - `qa`: extractive question answering: jobs that learn, long contexts in windows, answers
+//!   and SQuAD scores equal to transformers' question-answering example's.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!
@@ -31,6 +33,7 @@ mod minilm;
 mod packing;
 mod parity;
 mod planner;
+mod qa;
 mod quant;
 mod support;
 mod tasks;

@@ -145,6 +145,7 @@ fn learns_and_transformers_agrees(model: &str, class: &str, max_length: usize) {
     let r = run(&fixture(model), &s, &data, dir.path(), None, None);
     let (first, last) = (&r.evals[0], r.evals.last().unwrap());
     let (f0, f1) = (metric(first, "valid_f1"), metric(last, "valid_f1"));
+    eprintln!("{model}: valid entity F1 {f0} -> {f1}");
     assert!(
         f1 > 0.8 && f1 > f0 + 0.3,
         "{model}: valid entity F1 {f0} -> {f1}"

@@ -105,7 +105,7 @@ pub struct CreateArgs {
     #[arg(long)]
     pub validation_dataset_url: Option<String>,
     /// Task: causal_lm, sequence_classification, sequence_regression,
-    /// multi_label_classification or token_classification.
+    /// multi_label_classification, token_classification or question_answering.
     #[arg(long)]
     pub task: Option<String>,
     /// Number of epochs (`n_epochs`).

@@ -147,8 +147,9 @@ pub fn metric(v: &Value) -> String {
 /// Metrics worth showing in a summary: step, epoch, losses and each task's measures
 /// (accuracies, F1, RMSE, correlations), not rates, timings or the learning rate of one step.
 pub fn is_summary_metric(k: &str) -> bool {
-    const MEASURES: [&str; 7] = [
+    const MEASURES: [&str; 8] = [
         "accuracy",
+        "exact_match",
         "f1",
         "precision",
         "recall",
@@ -193,6 +194,7 @@ mod tests {
             "valid_precision",
             "valid_recall",
             "valid_f1",
+            "valid_exact_match",
             "train_mean_token_accuracy",
         ] {
             assert!(is_summary_metric(k), "{k}");

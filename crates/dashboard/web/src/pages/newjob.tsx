@@ -82,7 +82,7 @@ export function NewJobPage() {
   const [busy, setBusy] = useState(false);
 
   const model = models.value?.data.find((m) => m.id === modelId);
-  const tasks = model?.architecture.tasks ?? ["causal_lm", "sequence_classification", "sequence_regression", "multi_label_classification", "token_classification"];
+  const tasks = model?.architecture.tasks ?? ["causal_lm", "sequence_classification", "sequence_regression", "multi_label_classification", "token_classification", "question_answering"];
   const effectiveTask = tasks.includes(task) ? task : tasks[0];
   const ctx: Ctx = { method, task: effectiveTask, model, lora_r: values.lora_r ?? "" };
   const shown = KNOBS.filter((k) => !k.methods || k.methods.includes(method));
