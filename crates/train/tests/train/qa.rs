@@ -5,16 +5,15 @@
 //! as tuna does.
 
 use serde_json::{json, Value};
-use tch::{Kind, Tensor};
 use tuna_core::data::{Answer, Example};
 use tuna_core::spec::Task;
 use tuna_train::data::{featurize_with, split_validation, Target};
 use tuna_train::metrics::{squad_normalize, squad_scores};
-use tuna_train::model::{Batch, TaskHead};
+use tuna_train::model::TaskHead;
 use tuna_train::tokenizer::Tok;
 use tuna_train::trainer::qa_predictions;
 
-use crate::support::{cpu_options, fixture, lock, run_check};
+use crate::support::{cpu_options, fixture, forward_one, lock, run_check};
 use crate::tasks::{final_dir, metric};
 use crate::train_loop::{run, spec};
 
@@ -127,22 +126,7 @@ fn learns_and_transformers_agrees(model: &str, class: &str) {
     let rows: Vec<Vec<f32>> = feats
         .iter()
         .map(|f| {
-            let n = f.input_ids.len() as i64;
-            let ids = Tensor::from_slice(&f.input_ids).view([1, n]);
-            let mask = Tensor::ones([1, n], (Kind::Int64, tch::Device::Cpu));
-            let types = Tensor::from_slice(&f.token_type_ids).view([1, n]);
-            let logits = tch::no_grad(|| {
-                tuna.forward(
-                    &Batch {
-                        input_ids: &ids,
-                        attention_mask: &mask,
-                        token_type_ids: tuna.uses_token_type_ids().then_some(&types),
-                        packed: None,
-                    },
-                    false,
-                )
-                .unwrap()
-            });
+            let logits = forward_one(tuna.as_ref(), f);
             Vec::try_from(logits.get(0).transpose(0, 1).reshape([-1])).unwrap()
         })
         .collect();

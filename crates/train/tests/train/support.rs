@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use serde_json::Value;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 use tuna_core::data::Example;
 use tuna_core::spec::{parse_create_request, JobSpec, SpecPolicy};
-use tuna_train::model::{FreezeOptions, LoadOptions, TaskHead};
+use tuna_train::data::Features;
+use tuna_train::model::{Batch, FreezeOptions, LoadOptions, Model, TaskHead};
 
 /// The repository root.
 pub fn workspace() -> PathBuf {
@@ -41,6 +42,27 @@ pub fn python() -> PathBuf {
         py.display()
     );
     py
+}
+
+/// `model`'s eval-mode output for one tokenised example alone (no padding; its token types
+/// where the model reads them), batch dimension included.
+pub fn forward_one(model: &dyn Model, f: &Features) -> Tensor {
+    let n = f.input_ids.len() as i64;
+    let ids = Tensor::from_slice(&f.input_ids).view([1, n]);
+    let mask = Tensor::ones([1, n], (Kind::Int64, Device::Cpu));
+    let types = Tensor::from_slice(&f.token_type_ids).view([1, n]);
+    tch::no_grad(|| {
+        model.forward(
+            &Batch {
+                input_ids: &ids,
+                attention_mask: &mask,
+                token_type_ids: model.uses_token_type_ids().then_some(&types),
+                packed: None,
+            },
+            false,
+        )
+    })
+    .unwrap()
 }
 
 /// Runs `python/<script>` on `case` (written to `<dir>/<script>.json`) and returns the JSON

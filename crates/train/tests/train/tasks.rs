@@ -7,15 +7,15 @@
 use std::path::Path;
 
 use serde_json::{json, Value};
-use tch::{Kind, Tensor};
+use tch::Kind;
 use tuna_core::data::{Example, Label};
 use tuna_core::spec::Task;
 use tuna_train::data::{featurize, LabelMap};
-use tuna_train::model::{Batch, ProblemType, TaskHead};
+use tuna_train::model::{ProblemType, TaskHead};
 use tuna_train::tokenizer::Tok;
 use tuna_train::trainer::{task_head, TrainOutcome};
 
-use crate::support::{cpu_options, fixture, lock, run_check};
+use crate::support::{cpu_options, fixture, forward_one, lock, run_check};
 use crate::train_loop::{run, spec};
 
 /// A cheap deterministic pick (a multiplicative hash of `i` and `salt`), so the tests need no
@@ -178,23 +178,7 @@ fn assert_transformers_agrees(
                 "row {i}"
             );
         }
-        let n = f.input_ids.len() as i64;
-        let ids = Tensor::from_slice(&f.input_ids).view([1, n]);
-        let mask = Tensor::ones([1, n], (Kind::Int64, tch::Device::Cpu));
-        let types = Tensor::from_slice(&f.token_type_ids).view([1, n]);
-        let logits = tch::no_grad(|| {
-            model
-                .forward(
-                    &Batch {
-                        input_ids: &ids,
-                        attention_mask: &mask,
-                        token_type_ids: model.uses_token_type_ids().then_some(&types),
-                        packed: None,
-                    },
-                    false,
-                )
-                .unwrap()
-        });
+        let logits = forward_one(model.as_ref(), f);
         let ours: Vec<f64> = Vec::try_from(logits.view([-1]).to_kind(Kind::Double)).unwrap();
         let their: Vec<f64> = theirs["logits"][i]
             .as_array()

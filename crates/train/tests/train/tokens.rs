@@ -12,12 +12,12 @@ use tuna_core::data::{Example, Label};
 use tuna_core::spec::Task;
 use tuna_train::data::{featurize, split_validation, LabelMap};
 use tuna_train::metrics::entity_scores;
-use tuna_train::model::{Batch, TaskHead};
+use tuna_train::model::TaskHead;
 use tuna_train::tokenizer::Tok;
 use tuna_train::trainer::task_head;
 
 use crate::export::{assert_exports_match, Export};
-use crate::support::{cpu_options, fixture, lock, python, run_check};
+use crate::support::{cpu_options, fixture, forward_one, lock, python, run_check};
 use crate::tasks::{final_dir, metric};
 use crate::train_loop::{run, spec};
 
@@ -183,22 +183,7 @@ fn learns_and_transformers_agrees(model: &str, class: &str, max_length: usize) {
     let (mut truth, mut pred) = (Vec::new(), Vec::new());
     for (i, f) in feats.iter().enumerate() {
         assert_eq!(theirs["input_ids"][i], json!(f.input_ids), "row {i}");
-        let n = f.input_ids.len() as i64;
-        let ids = Tensor::from_slice(&f.input_ids).view([1, n]);
-        let mask = Tensor::ones([1, n], (Kind::Int64, tch::Device::Cpu));
-        let types = Tensor::from_slice(&f.token_type_ids).view([1, n]);
-        let logits = tch::no_grad(|| {
-            tuna.forward(
-                &Batch {
-                    input_ids: &ids,
-                    attention_mask: &mask,
-                    token_type_ids: tuna.uses_token_type_ids().then_some(&types),
-                    packed: None,
-                },
-                false,
-            )
-            .unwrap()
-        });
+        let logits = forward_one(tuna.as_ref(), f);
         let want = Tensor::from_slice(
             &theirs["logits"][i]
                 .as_array()
@@ -207,7 +192,7 @@ fn learns_and_transformers_agrees(model: &str, class: &str, max_length: usize) {
                 .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
                 .collect::<Vec<f64>>(),
         )
-        .view([n, names.len() as i64]);
+        .view([f.input_ids.len() as i64, names.len() as i64]);
         let diff =
             f64::try_from((logits.get(0).to_kind(Kind::Double) - &want).abs().max()).unwrap();
         assert!(diff < 1e-4, "row {i}: logits differ by {diff}");
