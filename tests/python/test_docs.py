@@ -91,7 +91,8 @@ def test_data_formats_examples_are_accepted_as_their_shape(live_server):
     shapes = {"chat": "messages", "prompt / completion": "prompt_completion", "text + labels": "text_labels",
               "text + label": "text_label", "text + number": "text_label", "sentence pairs": "text_label",
               "text — causal": "text", "csv and tsv": "text_label", "tokens + tags": "tokens_tags",
-              "conll": "tokens_tags", "question + context": "question_answers"}
+              "conll": "tokens_tags", "question + context": "question_answers",
+              "preference pairs": "preference"}
     heading, checked = "", 0
     for m in EXAMPLE.finditer(text):
         if m.group(1):
@@ -113,7 +114,7 @@ def test_data_formats_examples_are_accepted_as_their_shape(live_server):
         assert want != "unknown", f"no expected shape for section {heading!r}"
         assert f["format"] == want, (heading, body, f)
         checked += 1
-    assert checked >= 11, checked
+    assert checked >= 13, checked
 
 
 def test_cli_doc_covers_every_command():

@@ -173,7 +173,7 @@ async fn check_with(
             ))));
         };
         let outcome = match (stored_scan(file), read_files_as) {
-            (Some(scan), _) => check_shape(spec.task, &scan, file_id, code, param),
+            (Some(scan), _) => check_shape(spec, &scan, file_id, code, param),
             (None, Some(job_id)) => check_content(st, job_id, spec, file, code, param).await?,
             (None, None) => return Ok(None),
         };
@@ -248,6 +248,17 @@ fn check_arch(spec: &JobSpec, arch: &Arch, config: Option<&HfConfig>) -> Result<
     if let Some(tasks) = &tasks {
         if !tasks.contains(&spec.task) {
             let names: Vec<&str> = tasks.iter().map(|t| t.as_str()).collect();
+            if spec.dpo.is_some() {
+                return Err(fail(
+                    "unsupported_task",
+                    "method",
+                    format!(
+                        "model '{}' cannot be tuned with method 'dpo', which needs a causal language model; it supports: {}",
+                        spec.model,
+                        names.join(", ")
+                    ),
+                ));
+            }
             return Err(fail(
                 "unsupported_task",
                 "task",
@@ -410,17 +421,17 @@ async fn check_content(
         labels: report.labels.len(),
         non_numeric_label_line: report.first_non_numeric_label.map(|(line, _)| line),
     };
-    Ok(check_shape(spec.task, &scan, file_id, code, param))
+    Ok(check_shape(spec, &scan, file_id, code, param))
 }
 
 fn check_shape(
-    task: Task,
+    spec: &JobSpec,
     scan: &Scan,
     file_id: &str,
     code: &str,
     param: &str,
 ) -> Result<(), JobError> {
-    let labels = scan.labels;
+    let (task, labels) = (spec.task, scan.labels);
     let Some(shape) = scan.shape else {
         return Err(fail(
             code,
@@ -428,6 +439,29 @@ fn check_shape(
             format!("file '{file_id}' holds no examples"),
         ));
     };
+    match (spec.dpo.is_some(), shape == Shape::Preference) {
+        (true, false) => {
+            return Err(fail(
+                code,
+                param,
+                format!(
+                    "file '{file_id}' holds `{}` records, but method 'dpo' trains on preference pairs (`input`, `preferred_output` and `non_preferred_output`, or `prompt`, `chosen` and `rejected`)",
+                    shape.as_str()
+                ),
+            ))
+        }
+        (false, true) => {
+            return Err(fail(
+                code,
+                param,
+                format!(
+                    "file '{file_id}' holds preference pairs, which train a job of method 'dpo' (`\"method\": {{\"type\": \"dpo\"}}`)"
+                ),
+            ))
+        }
+        (true, true) => return Ok(()),
+        (false, false) => {}
+    }
     if !shape.fits(task) {
         let need = match task {
             Task::CausalLm => "chat `messages`, `prompt`/`completion` or `text` records",

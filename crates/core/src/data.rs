@@ -90,6 +90,8 @@ pub enum Shape {
     TokensTags,
     /// Extractive question answering: a question, a context and the answers' spans in it.
     QuestionAnswers,
+    /// Preference tuning (DPO): a prompt, a preferred and a rejected completion.
+    Preference,
 }
 
 impl Shape {
@@ -102,6 +104,7 @@ impl Shape {
             Shape::TextLabels => "text_labels",
             Shape::TokensTags => "tokens_tags",
             Shape::QuestionAnswers => "question_answers",
+            Shape::Preference => "preference",
         }
     }
 
@@ -115,6 +118,7 @@ impl Shape {
             Shape::TextLabels,
             Shape::TokensTags,
             Shape::QuestionAnswers,
+            Shape::Preference,
         ]
         .into_iter()
         .find(|s| s.as_str() == name)
@@ -128,7 +132,16 @@ impl Shape {
         )
     }
 
-    /// Whether a job of `task` can train on records of this shape.
+    /// Whether `spec`'s job can train on records of this shape: preference pairs for a DPO
+    /// job, else what its task takes ([`Shape::fits`]).
+    pub fn fits_spec(self, spec: &crate::spec::JobSpec) -> bool {
+        match spec.dpo {
+            Some(_) => self == Shape::Preference,
+            None => self.fits(spec.task),
+        }
+    }
+
+    /// Whether a supervised job of `task` can train on records of this shape.
     pub fn fits(self, task: Task) -> bool {
         match task {
             Task::CausalLm => self.fits_causal_lm(),
@@ -223,6 +236,22 @@ pub enum Example {
         context: String,
         answers: Vec<Answer>,
     },
+    /// Preference tuning: a prompt and two completions of it, `chosen` preferred to `rejected`.
+    /// The three are all conversations or all plain text.
+    Preference {
+        prompt: Turns,
+        chosen: Turns,
+        rejected: Turns,
+    },
+}
+
+/// A part of a preference pair: chat messages (rendered with the model's chat template) or
+/// plain text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Turns {
+    Chat(Vec<Message>),
+    Text(String),
 }
 
 /// An answer of a question-answering record: its text and where it starts in the context, in
@@ -243,6 +272,7 @@ impl Example {
             Example::MultiLabeled { .. } => Shape::TextLabels,
             Example::Tagged { .. } => Shape::TokensTags,
             Example::Answered { .. } => Shape::QuestionAnswers,
+            Example::Preference { .. } => Shape::Preference,
         }
     }
 
@@ -304,6 +334,15 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
             "each line must be a JSON object",
         ));
     };
+    if ["input", "preferred_output", "non_preferred_output"]
+        .iter()
+        .any(|k| obj.contains_key(*k))
+    {
+        return openai_preference(&obj, line_no);
+    }
+    if obj.contains_key("chosen") || obj.contains_key("rejected") {
+        return trl_preference(&obj, line_no);
+    }
     if let Some(messages) = obj.get("messages") {
         return parse_messages(messages, line_no).map(|messages| Example::Chat { messages });
     }
@@ -394,7 +433,7 @@ pub fn parse_json_line(line: &str, line_no: u64) -> Result<Example, LineError> {
         line_no,
         "unknown_shape",
         format!(
-            "expected `messages`, `prompt`/`completion`, `text`, `text`/`label`, `text`/`labels`, `tokens`/`tags` or `question`/`context`/`answers`; found keys {keys:?}"
+            "expected `messages`, `prompt`/`completion`, `text`, `text`/`label`, `text`/`labels`, `tokens`/`tags`, `question`/`context`/`answers` or a preference pair (`input`/`preferred_output`/`non_preferred_output`, or `prompt`/`chosen`/`rejected`); found keys {keys:?}"
         ),
     ))
 }
@@ -662,18 +701,31 @@ fn parse_label_field(raw: &str, line_no: u64) -> Result<Vec<Label>, LineError> {
 }
 
 fn parse_messages(value: &Value, line_no: u64) -> Result<Vec<Message>, LineError> {
+    let out = message_list(value, "messages", line_no)?;
+    if !out.iter().any(|m| m.role == "assistant") {
+        return Err(LineError::new(
+            line_no,
+            "example_missing_assistant_message",
+            "the conversation has no assistant message to learn from",
+        ));
+    }
+    Ok(out)
+}
+
+/// A non-empty list of chat messages at `key`.
+fn message_list(value: &Value, key: &str, line_no: u64) -> Result<Vec<Message>, LineError> {
     let Value::Array(items) = value else {
         return Err(LineError::new(
             line_no,
             "missing_messages_list",
-            "`messages` must be a list",
+            format!("`{key}` must be a list of messages"),
         ));
     };
     if items.is_empty() {
         return Err(LineError::new(
             line_no,
             "missing_messages_list",
-            "`messages` is empty",
+            format!("`{key}` is empty"),
         ));
     }
     let mut out = Vec::with_capacity(items.len());
@@ -763,14 +815,183 @@ fn parse_messages(value: &Value, line_no: u64) -> Result<Vec<Message>, LineError
             weight,
         });
     }
-    if !out.iter().any(|m| m.role == "assistant") {
-        return Err(LineError::new(
-            line_no,
-            "example_missing_assistant_message",
-            "the conversation has no assistant message to learn from",
+    Ok(out)
+}
+
+/// OpenAI's preference record: `{"input": {"messages": [...]}, "preferred_output": [assistant
+/// message], "non_preferred_output": [assistant message]}` (`input` may also carry `tools` and
+/// `parallel_tool_calls`, which tuna does not render: an error when tools are given).
+fn openai_preference(
+    obj: &serde_json::Map<String, Value>,
+    line_no: u64,
+) -> Result<Example, LineError> {
+    let bad = |m: String| LineError::new(line_no, "invalid_preference", m);
+    for k in obj.keys() {
+        if !["input", "preferred_output", "non_preferred_output"].contains(&k.as_str()) {
+            return Err(bad(format!(
+                "unrecognised key `{k}` (a preference pair has `input`, `preferred_output` and `non_preferred_output`)"
+            )));
+        }
+    }
+    let input = match obj.get("input") {
+        Some(Value::Object(i)) => i,
+        Some(other) => {
+            return Err(bad(format!(
+                "`input` must be an object with `messages`, found {}",
+                type_name(other)
+            )))
+        }
+        None => {
+            return Err(bad(
+                "the pair has no `input` (`{\"messages\": [...]}`)".into()
+            ))
+        }
+    };
+    if let Some(k) = input
+        .keys()
+        .find(|k| !["messages", "tools", "parallel_tool_calls"].contains(&k.as_str()))
+    {
+        return Err(bad(format!("unrecognised key `input.{k}`")));
+    }
+    if input
+        .get("tools")
+        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(bad(
+            "`input.tools` is not supported: tuna renders messages without tool definitions".into(),
         ));
     }
-    Ok(out)
+    let messages = input
+        .get("messages")
+        .ok_or_else(|| bad("`input` has no `messages`".into()))?;
+    let prompt = message_list(messages, "input.messages", line_no)?;
+    let output = |key: &str| -> Result<Vec<Message>, LineError> {
+        let v = obj
+            .get(key)
+            .ok_or_else(|| bad(format!("the pair has no `{key}`")))?;
+        let out = message_list(v, key, line_no)?;
+        if let Some(m) = out.iter().find(|m| m.role != "assistant") {
+            return Err(bad(format!(
+                "`{key}` holds a `{}` message; the completions of a pair are assistant messages",
+                m.role
+            )));
+        }
+        Ok(out)
+    };
+    pair(
+        Turns::Chat(prompt),
+        Turns::Chat(output("preferred_output")?),
+        Turns::Chat(output("non_preferred_output")?),
+        line_no,
+    )
+}
+
+/// TRL's preference records: `prompt`, `chosen` and `rejected` as strings or message lists
+/// (without `prompt`, the prompt is what `chosen` and `rejected` begin with, as TRL's
+/// `extract_prompt` finds it).
+fn trl_preference(
+    obj: &serde_json::Map<String, Value>,
+    line_no: u64,
+) -> Result<Example, LineError> {
+    let bad = |m: String| LineError::new(line_no, "invalid_preference", m);
+    for k in obj.keys() {
+        if !["prompt", "chosen", "rejected"].contains(&k.as_str()) {
+            return Err(bad(format!(
+                "unrecognised key `{k}` (a preference pair has `prompt`, `chosen` and `rejected`)"
+            )));
+        }
+    }
+    let part = |key: &str| -> Result<Option<Turns>, LineError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(Turns::Text(s.clone()))),
+            Some(v @ Value::Array(_)) => Ok(Some(Turns::Chat(message_list(v, key, line_no)?))),
+            Some(other) => Err(bad(format!(
+                "`{key}` must be a string or a list of messages, found {}",
+                type_name(other)
+            ))),
+        }
+    };
+    let (Some(chosen), Some(rejected)) = (part("chosen")?, part("rejected")?) else {
+        return Err(bad(
+            "a preference pair needs both `chosen` and `rejected`".into()
+        ));
+    };
+    let (prompt, chosen, rejected) = match (part("prompt")?, chosen, rejected) {
+        (Some(p), c, r) => (p, c, r),
+        (None, Turns::Chat(c), Turns::Chat(r)) => {
+            let n = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+            (
+                Turns::Chat(c[..n].to_vec()),
+                Turns::Chat(c[n..].to_vec()),
+                Turns::Chat(r[n..].to_vec()),
+            )
+        }
+        (None, Turns::Text(c), Turns::Text(r)) => {
+            let (cb, rb) = (c.as_bytes(), r.as_bytes());
+            let mut n = cb.iter().zip(rb).take_while(|(a, b)| a == b).count();
+            // TRL's rule: a space before the point they differ goes with the completions.
+            if n > 0 && n < cb.len().min(rb.len()) && cb[n - 1] == b' ' {
+                n -= 1;
+            }
+            while !c.is_char_boundary(n) {
+                n -= 1;
+            }
+            (
+                Turns::Text(c[..n].to_string()),
+                Turns::Text(c[n..].to_string()),
+                Turns::Text(r[n..].to_string()),
+            )
+        }
+        _ => {
+            return Err(bad(
+                "`chosen` and `rejected` must both be strings or both lists of messages".into(),
+            ))
+        }
+    };
+    pair(prompt, chosen, rejected, line_no)
+}
+
+/// A preference pair's checks: the three parts of one kind, a prompt and two different,
+/// non-empty completions.
+fn pair(prompt: Turns, chosen: Turns, rejected: Turns, line_no: u64) -> Result<Example, LineError> {
+    let bad = |rule: &str, m: &str| Err(LineError::new(line_no, rule, m));
+    let empty = |t: &Turns| match t {
+        Turns::Chat(m) => m.is_empty() || m.iter().all(|m| m.content.trim().is_empty()),
+        Turns::Text(s) => s.trim().is_empty(),
+    };
+    match (&prompt, &chosen, &rejected) {
+        (Turns::Chat(_), Turns::Chat(_), Turns::Chat(_))
+        | (Turns::Text(_), Turns::Text(_), Turns::Text(_)) => {}
+        _ => {
+            return bad(
+                "invalid_preference",
+                "`prompt`, `chosen` and `rejected` must all be strings or all lists of messages",
+            )
+        }
+    }
+    if let Turns::Chat(p) = &prompt {
+        if p.is_empty() {
+            return bad(
+                "invalid_preference",
+                "the pair has no prompt: the two completions start differently from their first message",
+            );
+        }
+    }
+    if chosen == rejected {
+        return bad(
+            "identical_pair",
+            "the preferred and the rejected completion are the same; the pair teaches nothing",
+        );
+    }
+    if empty(&chosen) || empty(&rejected) {
+        return bad("empty_completion", "a completion of the pair is empty");
+    }
+    Ok(Example::Preference {
+        prompt,
+        chosen,
+        rejected,
+    })
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -1058,7 +1279,23 @@ fn scan_delimited<R: BufRead>(
     let prompt_col = find(&["prompt"]);
     let qa_cols = (find(&["question"]), find(&["context"]), find(&["answers"]));
     let completion_col = find(&["completion"]);
+    let pref_cols = (find(&["chosen"]), find(&["rejected"]));
     let layout = match (text_col, label_col, labels_col, prompt_col, completion_col) {
+        _ if pref_cols.0.is_some() || pref_cols.1.is_some() => match (prompt_col, pref_cols) {
+            (Some(p), (Some(c), Some(r))) => Layout::Preference(p, c, r),
+            _ => {
+                push(
+                    report,
+                    1,
+                    Err(LineError::new(
+                        1,
+                        "csv_missing_column",
+                        format!("preference pairs need `prompt`, `chosen` and `rejected` columns; found {headers:?}"),
+                    )),
+                );
+                return;
+            }
+        },
         _ if qa_cols.0.is_some() || qa_cols.1.is_some() => match qa_cols {
             (Some(q), Some(c), Some(a)) => Layout::Answered(q, c, a),
             _ => {
@@ -1164,6 +1401,12 @@ fn scan_delimited<R: BufRead>(
                     })
                 }
             }
+            Layout::Preference(p, c, r) => pair(
+                Turns::Text(get(p)),
+                Turns::Text(get(c)),
+                Turns::Text(get(r)),
+                line,
+            ),
             Layout::Answered(q, c, a) => match serde_json::from_str::<Value>(&get(a)) {
                 Ok(answers) => answered(get(q), get(c), &answers, line),
                 Err(e) => Err(LineError::new(
@@ -1221,6 +1464,8 @@ enum Layout {
     TextLabels(usize, Option<usize>, usize),
     /// Question, context, answers (JSON).
     Answered(usize, usize, usize),
+    /// Prompt, chosen, rejected (plain text).
+    Preference(usize, usize, usize),
 }
 
 /// Reads every example of a file, or the first `max_errors` errors if any record is bad.
@@ -1626,5 +1871,112 @@ mod tests {
         );
         let r = scan_str("question,context\nq,a\n", Format::Csv);
         assert_eq!(r.errors[0].rule, "csv_missing_column");
+    }
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            weight: None,
+        }
+    }
+
+    #[test]
+    fn preference_pairs_in_openai_and_trl_layouts() {
+        let openai = r#"{"input":{"messages":[{"role":"system","content":"be kind"},{"role":"user","content":"hi"}],"tools":[],"parallel_tool_calls":true},"preferred_output":[{"role":"assistant","content":"hello!"}],"non_preferred_output":[{"role":"assistant","content":"go away"}]}"#;
+        let want = Example::Preference {
+            prompt: Turns::Chat(vec![msg("system", "be kind"), msg("user", "hi")]),
+            chosen: Turns::Chat(vec![msg("assistant", "hello!")]),
+            rejected: Turns::Chat(vec![msg("assistant", "go away")]),
+        };
+        assert_eq!(parse_json_line(openai, 1).unwrap(), want);
+        // TRL's explicit prompt, and its implicit one: the turns both conversations begin with.
+        let explicit = r#"{"prompt":[{"role":"system","content":"be kind"},{"role":"user","content":"hi"}],"chosen":[{"role":"assistant","content":"hello!"}],"rejected":[{"role":"assistant","content":"go away"}]}"#;
+        assert_eq!(parse_json_line(explicit, 1).unwrap(), want);
+        let implicit = r#"{"chosen":[{"role":"system","content":"be kind"},{"role":"user","content":"hi"},{"role":"assistant","content":"hello!"}],"rejected":[{"role":"system","content":"be kind"},{"role":"user","content":"hi"},{"role":"assistant","content":"go away"}]}"#;
+        assert_eq!(parse_json_line(implicit, 1).unwrap(), want);
+        // Plain text; without a prompt, TRL's extract_prompt keeps the space with the answers.
+        let text = r#"{"prompt":"Q: sky?","chosen":" blue","rejected":" green"}"#;
+        let Example::Preference { prompt, chosen, .. } = parse_json_line(text, 1).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (prompt, chosen),
+            (Turns::Text("Q: sky?".into()), Turns::Text(" blue".into()))
+        );
+        let implicit = r#"{"chosen":"The sky is blue","rejected":"The sky is green"}"#;
+        assert_eq!(
+            parse_json_line(implicit, 1).unwrap(),
+            Example::Preference {
+                prompt: Turns::Text("The sky is".into()),
+                chosen: Turns::Text(" blue".into()),
+                rejected: Turns::Text(" green".into()),
+            }
+        );
+        let r = scan_str(&format!("{openai}\n{explicit}\n"), Format::Jsonl);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.shape, Some(Shape::Preference));
+        assert_eq!(Shape::parse("preference"), Some(Shape::Preference));
+        assert!(!Shape::Preference.fits(Task::CausalLm));
+        let r = scan_str(
+            "prompt,chosen,rejected\nQ: sky?, blue, green\n",
+            Format::Csv,
+        );
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.shape, Some(Shape::Preference));
+    }
+
+    #[test]
+    fn malformed_pairs_name_their_line() {
+        let pair = |input: &str, good: &str, bad: &str| {
+            format!(r#"{{"input":{input},"preferred_output":{good},"non_preferred_output":{bad}}}"#)
+        };
+        let user = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let a = |c: &str| format!(r#"[{{"role":"assistant","content":"{c}"}}]"#);
+        let cases = [
+            (pair(user, &a("yes"), r#"[{"role":"user","content":"no"}]"#), "invalid_preference"),
+            (pair(user, &a("yes"), "[]"), "missing_messages_list"),
+            (pair(user, &a("same"), &a("same")), "identical_pair"),
+            (pair(user, &a(" "), &a("no")), "empty_completion"),
+            (pair(r#"{"messages":[]}"#, &a("yes"), &a("no")), "missing_messages_list"),
+            (pair(r#""hi""#, &a("yes"), &a("no")), "invalid_preference"),
+            (
+                pair(r#"{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}"#, &a("yes"), &a("no")),
+                "invalid_preference",
+            ),
+            (format!(r#"{{"input":{user},"preferred_output":{}}}"#, a("yes")), "invalid_preference"),
+            (r#"{"prompt":"q","chosen":"a"}"#.to_string(), "invalid_preference"),
+            (r#"{"prompt":"q","chosen":"a","rejected":[{"role":"assistant","content":"b"}]}"#.to_string(), "invalid_preference"),
+            (r#"{"chosen":"same start","rejected":"same start"}"#.to_string(), "identical_pair"),
+            (
+                r#"{"chosen":[{"role":"user","content":"a"}],"rejected":[{"role":"assistant","content":"b"}]}"#.to_string(),
+                "invalid_preference",
+            ),
+        ];
+        for (line, rule) in &cases {
+            let e = parse_json_line(line, 9).unwrap_err();
+            assert_eq!((e.line, e.rule.as_str()), (9, *rule), "{line}: {e}");
+        }
+        let e = parse_json_line(&cases[0].0, 9).unwrap_err();
+        assert!(
+            e.message
+                .contains("`non_preferred_output` holds a `user` message"),
+            "{e}"
+        );
+        let r = scan_str("prompt,chosen\nq,a\n", Format::Csv);
+        assert_eq!(r.errors[0].rule, "csv_missing_column");
+        // A pair among chat records is a mixed file.
+        let r = scan_str(
+            &format!(
+                "{}\n{}\n",
+                r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]}"#,
+                pair(user, &a("yes"), &a("no"))
+            ),
+            Format::Jsonl,
+        );
+        assert_eq!(
+            (r.errors[0].line, r.errors[0].rule.as_str()),
+            (2, "mixed_shapes")
+        );
     }
 }

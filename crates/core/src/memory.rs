@@ -103,7 +103,13 @@ pub fn estimate_with(
         d.num_heads as f64,
     );
     let seq = u64::from(spec.max_seq_length).min(d.context_length.max(1) as u64);
-    let tokens = (micro_batch * seq) as f64;
+    // DPO runs each pair's preferred and rejected sequence side by side.
+    let rows = if spec.dpo.is_some() {
+        2 * micro_batch
+    } else {
+        micro_batch
+    };
+    let tokens = (rows * seq) as f64;
     let bf16 = accelerator == Accelerator::Cuda && spec.precision != Precision::Fp32;
 
     let params = hf.num_parameters().max(0) as u64;
@@ -141,7 +147,7 @@ pub fn estimate_with(
     }
     let mut one_layer = tokens * per_layer_token;
     if accelerator == Accelerator::Cpu && f.cpu_attention_keeps_scores() {
-        one_layer += micro_batch as f64 * heads * (seq * seq) as f64 * ATTENTION_SCORE_BYTES;
+        one_layer += rows as f64 * heads * (seq * seq) as f64 * ATTENTION_SCORE_BYTES;
     }
     if bf16 {
         one_layer /= 2.0;
@@ -580,6 +586,21 @@ mod tests {
                 + e.logits_bytes
                 + e.runtime_bytes
         );
+    }
+
+    #[test]
+    fn a_dpo_job_holds_the_activations_of_both_sequences_of_each_pair() {
+        let hf = gpt2_124m();
+        let sft = estimate(&hf, &spec(json!({"max_seq_length": 256})), Accelerator::Cpu);
+        let dpo = estimate(
+            &hf,
+            &spec(json!({"max_seq_length": 256, "method": {"type": "dpo"}})),
+            Accelerator::Cpu,
+        );
+        assert_eq!(dpo.micro_batch, sft.micro_batch);
+        assert_eq!(dpo.logits_bytes, 2 * sft.logits_bytes);
+        assert_eq!(dpo.activations_bytes, 2 * sft.activations_bytes);
+        assert_eq!(dpo.weights_bytes, sft.weights_bytes);
     }
 
     #[test]

@@ -124,6 +124,33 @@ pub struct EvalMetrics {
     /// SQuAD's token F1), each answer normalised as its evaluation script does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_exact_match: Option<f64>,
+    /// DPO, named as TRL names them: the mean over the validation pairs of the preferred
+    /// completion's reward β(log π(chosen) - log π_ref(chosen)), of the rejected one's, of
+    /// whether the preferred one's is higher, and of the difference of the two.
+    #[serde(
+        default,
+        rename = "valid_rewards/chosen",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub valid_rewards_chosen: Option<f64>,
+    #[serde(
+        default,
+        rename = "valid_rewards/rejected",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub valid_rewards_rejected: Option<f64>,
+    #[serde(
+        default,
+        rename = "valid_rewards/accuracies",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub valid_rewards_accuracies: Option<f64>,
+    #[serde(
+        default,
+        rename = "valid_rewards/margins",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub valid_rewards_margins: Option<f64>,
     pub valid_examples: usize,
 }
 
@@ -147,6 +174,20 @@ pub struct StepMetrics {
     pub train_mean_token_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_accuracy: Option<f64>,
+    /// DPO: the share of the logged steps' pairs whose preferred completion has the higher
+    /// reward, and their mean reward margin (TRL's `rewards/accuracies` and `rewards/margins`).
+    #[serde(
+        default,
+        rename = "train_rewards/accuracies",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub train_rewards_accuracies: Option<f64>,
+    #[serde(
+        default,
+        rename = "train_rewards/margins",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub train_rewards_margins: Option<f64>,
     pub learning_rate: f64,
     /// Before clipping.
     pub grad_norm: f64,

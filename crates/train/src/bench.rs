@@ -553,6 +553,7 @@ fn step_config(
         pack_len: (causal && packing).then_some(file.max_len),
         group_overhead_tokens: (!causal && packing).then_some(trainer::GROUP_OVERHEAD_TOKENS),
         checkpointing: false,
+        dpo_beta: None,
     }
 }
 

@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
-use tuna_core::data::{Example, Label};
+use tuna_core::data::{Example, Label, Turns};
 use tuna_core::spec::Task;
 
 use crate::tokenizer::{ChatMessage, Tok};
@@ -71,6 +71,19 @@ pub enum Target {
     Tags,
     /// Question answering: one window of a record's context.
     Span(Box<Span>),
+    /// DPO: [`Features::input_ids`] and [`Features::labels`] are the preferred sequence
+    /// (prompt and completion, the completion's tokens as labels), this the rejected one.
+    Pair(Box<Pair>),
+}
+
+/// The rejected side of a preference pair and the reference model's log-probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    pub rejected_ids: Vec<i64>,
+    pub rejected_labels: Vec<i64>,
+    /// The summed log-probabilities of the preferred and the rejected completion under the
+    /// reference model ([`completion_logps`]); NaN until the trainer has computed them.
+    pub reference: [f32; 2],
 }
 
 /// A question-answering window: where its answer lies and what evaluation needs to read a span
@@ -96,7 +109,7 @@ impl Features {
         match self.target {
             Target::Tokens => self.labels.iter().skip(1).filter(|l| **l != -100).count(),
             Target::Tags => self.labels.iter().filter(|l| **l != -100).count(),
-            Target::Class(_) | Target::Values(_) | Target::Span(_) => 1,
+            Target::Class(_) | Target::Values(_) | Target::Span(_) | Target::Pair(_) => 1,
         }
     }
 
@@ -237,6 +250,33 @@ pub fn featurize_with(
                     token_type_ids: vec![],
                     target: Target::Tokens,
                 }
+            }
+            (
+                Task::CausalLm,
+                Example::Preference {
+                    prompt,
+                    chosen,
+                    rejected,
+                },
+            ) => {
+                let Some((f, cut)) = pair_features(tok, prompt, chosen, rejected, max_len)
+                    .map_err(|e| err(line, e.to_string()))?
+                else {
+                    stats.dropped += 1;
+                    continue;
+                };
+                let Target::Pair(p) = &f.target else {
+                    unreachable!("pair_features makes pairs")
+                };
+                stats.truncated += usize::from(cut);
+                stats.examples += 1;
+                stats.tokens += f.input_ids.len() + p.rejected_ids.len();
+                stats.target_tokens += [&f.labels, &p.rejected_labels]
+                    .iter()
+                    .map(|l| l.iter().filter(|i| **i != -100).count())
+                    .sum::<usize>();
+                out.push(f.with_line(line));
+                continue;
             }
             (Task::CausalLm, Example::Chat { messages }) => chat_features(tok, messages)
                 .map_err(|e| err(line, e.to_string()))?
@@ -523,6 +563,100 @@ pub fn assistant_spans(
     Ok(spans)
 }
 
+/// A preference pair tokenised as TRL's `DPOTrainer` does: the prompt alone (with the chat
+/// template's generation prompt) and the prompt followed by each completion (a conversation
+/// rendered whole; plain text with the end-of-sequence token appended and the tokenizer's
+/// special tokens), the completions starting where the prompt's tokens and each full
+/// sequence's first differ. Each sequence is cut to `max_len` tokens from the end; `None` when
+/// the prompt alone fills `max_len` (nothing of the completions is left), else the pair and
+/// whether a sequence was cut. Line set by the caller.
+fn pair_features(
+    tok: &Tok,
+    prompt: &Turns,
+    chosen: &Turns,
+    rejected: &Turns,
+    max_len: usize,
+) -> Result<Option<(Features, bool)>> {
+    let ids = |text: &str, special: bool| -> Result<Vec<i64>> {
+        Ok(tok.ids(text, special)?.into_iter().map(i64::from).collect())
+    };
+    let (p, pc, pr) = match (prompt, chosen, rejected) {
+        (Turns::Chat(p), Turns::Chat(c), Turns::Chat(r)) => {
+            let render = |parts: &[&[tuna_core::data::Message]], generation: bool| {
+                let msgs: Vec<ChatMessage<'_>> = parts
+                    .iter()
+                    .flat_map(|m| m.iter())
+                    .map(|m| ChatMessage {
+                        role: &m.role,
+                        content: &m.content,
+                    })
+                    .collect();
+                tok.render_chat(&msgs, generation)
+            };
+            (
+                ids(&render(&[p], true)?, false)?,
+                ids(&render(&[p, c], false)?, false)?,
+                ids(&render(&[p, r], false)?, false)?,
+            )
+        }
+        (Turns::Text(p), Turns::Text(c), Turns::Text(r)) => {
+            let eos = tok.eos.as_ref().map_or("", |e| e.content.as_str());
+            let with_eos = |s: &str| {
+                if s.ends_with(eos) {
+                    s.to_string()
+                } else {
+                    format!("{s}{eos}")
+                }
+            };
+            (
+                ids(p, true)?,
+                ids(&format!("{p}{}", with_eos(c)), true)?,
+                ids(&format!("{p}{}", with_eos(r)), true)?,
+            )
+        }
+        _ => {
+            return Err(Error::Data(
+                "a preference pair mixes messages and plain text".into(),
+            ))
+        }
+    };
+    let common = |a: &[i64], b: &[i64]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let n = common(&p, &pc).min(common(&p, &pr));
+    if n >= max_len {
+        return Ok(None);
+    }
+    let cut = pc.len() > max_len || pr.len() > max_len;
+    let side = |mut full: Vec<i64>| {
+        full.truncate(max_len);
+        let labels: Vec<i64> = full
+            .iter()
+            .enumerate()
+            .map(|(i, t)| if i < n { -100 } else { *t })
+            .collect();
+        (full, labels)
+    };
+    let ((input_ids, labels), (rejected_ids, rejected_labels)) = (side(pc), side(pr));
+    if labels.len() <= n || rejected_labels.len() <= n {
+        return Err(Error::Data(
+            "a completion of the pair has no tokens after the prompt".into(),
+        ));
+    }
+    Ok(Some((
+        Features {
+            line: 0,
+            input_ids,
+            labels,
+            token_type_ids: vec![],
+            target: Target::Pair(Box::new(Pair {
+                rejected_ids,
+                rejected_labels,
+                reference: [f32::NAN; 2],
+            })),
+        },
+        cut,
+    )))
+}
+
 /// Tokens and labels of one conversation (line set by the caller).
 fn chat_features(tok: &Tok, messages: &[tuna_core::data::Message]) -> Result<Features> {
     let msgs: Vec<ChatMessage<'_>> = messages
@@ -619,6 +753,8 @@ pub struct Collated {
     pub targets: usize,
     /// Packed rows: where each example sits (see [`collate_packed`]).
     pub packed: Option<PackedLayout>,
+    /// Preference pairs: the reference log-probabilities of the rows ([`collate_pairs`]).
+    pub reference: Option<Tensor>,
 }
 
 /// The layout of packed rows (several causal-LM examples per row), `[b, t]` Int64 each on the
@@ -759,6 +895,7 @@ pub fn collate_packed(
             segment_ids: to(&seg)?,
             position_ids: to(&pos)?,
         }),
+        reference: None,
     })
 }
 
@@ -770,6 +907,9 @@ pub fn collate(
     device: Device,
     with_types: bool,
 ) -> Result<Collated> {
+    if let Some(Target::Pair(_)) = items.first().map(|f| &f.target) {
+        return collate_pairs(items, pad_id, device);
+    }
     let b = items.len();
     let t = items.iter().map(|f| f.input_ids.len()).max().unwrap_or(0);
     let mut ids = vec![pad_id; b * t];
@@ -792,7 +932,7 @@ pub fn collate(
         ));
     }
     let mut labels = match first {
-        Some(Target::Tokens | Target::Tags) | None => vec![-100i64; b * t],
+        Some(Target::Tokens | Target::Tags | Target::Pair(_)) | None => vec![-100i64; b * t],
         Some(Target::Class(_)) => vec![0i64; b],
         Some(Target::Span(_)) => vec![0i64; 2 * b],
         Some(Target::Values(_)) => Vec::new(),
@@ -815,6 +955,7 @@ pub fn collate(
                 labels[2 * r] = s.start;
                 labels[2 * r + 1] = s.end;
             }
+            Target::Pair(_) => unreachable!("pairs are collated by collate_pairs"),
         }
         tokens += n;
         targets += f.targets();
@@ -845,6 +986,135 @@ pub fn collate(
         tokens,
         targets,
         packed: None,
+        reference: None,
+    })
+}
+
+/// DPO: a micro-batch of preference pairs as `2b` rows, the `b` preferred sequences then the
+/// `b` rejected ones (as TRL batches them), padded on the right to the longest; labels are each
+/// completion's tokens (-100 elsewhere), `reference` the reference log-probabilities in the
+/// same order (`[2b]` fp32). `targets` counts pairs.
+pub fn collate_pairs(items: &[&Features], pad_id: i64, device: Device) -> Result<Collated> {
+    let pairs: Vec<&Pair> = items
+        .iter()
+        .map(|f| match &f.target {
+            Target::Pair(p) => Ok(p.as_ref()),
+            _ => Err(Error::Data(
+                "a batch mixes preference pairs and other examples".into(),
+            )),
+        })
+        .collect::<Result<_>>()?;
+    let rows: Vec<(&[i64], &[i64])> = items
+        .iter()
+        .map(|f| (f.input_ids.as_slice(), f.labels.as_slice()))
+        .chain(
+            pairs
+                .iter()
+                .map(|p| (p.rejected_ids.as_slice(), p.rejected_labels.as_slice())),
+        )
+        .collect();
+    let (b, t) = (
+        rows.len(),
+        rows.iter().map(|r| r.0.len()).max().unwrap_or(0),
+    );
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0i64; b * t];
+    let mut labels = vec![-100i64; b * t];
+    let mut tokens = 0;
+    for (r, (row_ids, row_labels)) in rows.iter().enumerate() {
+        let n = row_ids.len();
+        ids[r * t..r * t + n].copy_from_slice(row_ids);
+        mask[r * t..r * t + n].iter_mut().for_each(|m| *m = 1);
+        labels[r * t..r * t + n].copy_from_slice(row_labels);
+        tokens += n;
+    }
+    let reference: Vec<f32> = pairs
+        .iter()
+        .map(|p| p.reference[0])
+        .chain(pairs.iter().map(|p| p.reference[1]))
+        .collect();
+    let shape = [b as i64, t as i64];
+    let to = |v: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(v)?
+            .f_view(shape)?
+            .f_to_device(device)?)
+    };
+    Ok(Collated {
+        input_ids: to(&ids)?,
+        attention_mask: to(&mask)?,
+        labels: to(&labels)?,
+        token_type_ids: None,
+        batch_size: b,
+        seq_len: t,
+        tokens,
+        targets: items.len(),
+        packed: None,
+        reference: Some(Tensor::f_from_slice(&reference)?.f_to_device(device)?),
+    })
+}
+
+/// Each row's summed log-probability of its labelled tokens (`[r, t, vocab]` logits, `[r, t]`
+/// labels with -100 where nothing counts, the token at `i` predicted from position `i - 1`):
+/// `[r]` fp32, what TRL's `DPOTrainer` sums over a completion.
+pub fn completion_logps(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logits = logits.f_to_kind(Kind::Float)?;
+    let v = *logits.size().last().unwrap_or(&1);
+    let s = labels.size();
+    let shifted = Tensor::f_cat(
+        &[
+            labels.f_narrow(1, 1, s[1] - 1)?,
+            Tensor::f_full([s[0], 1], -100, (Kind::Int64, labels.device()))?,
+        ],
+        1,
+    )?
+    .f_reshape([-1])?;
+    // Cross-entropy without reduction is each position's -log p (0 where the label is -100).
+    let nll = logits.f_reshape([-1, v])?.f_cross_entropy_loss(
+        &shifted,
+        None::<Tensor>,
+        tch::Reduction::None,
+        -100,
+        0.0,
+    )?;
+    Ok(nll
+        .f_view([s[0], s[1]])?
+        .f_sum_dim_intlist(1, false, Kind::Float)?
+        .f_neg()?)
+}
+
+/// DPO's sigmoid loss and TRL's reward statistics for `b` pairs, from the policy's and the
+/// reference's `[2b]` log-probabilities (the preferred completions first). All 0-dim fp32
+/// tensors on the device but the per-pair rewards.
+pub struct DpoTerms {
+    /// Σ -log σ(β((π_c - ref_c) - (π_r - ref_r))).
+    pub loss_sum: Tensor,
+    /// Pairs whose preferred completion has the higher reward.
+    pub correct: Tensor,
+    /// Σ (reward_c - reward_r).
+    pub margin_sum: Tensor,
+    /// `[b]` β(π_c - ref_c) and β(π_r - ref_r), detached.
+    pub chosen_rewards: Tensor,
+    pub rejected_rewards: Tensor,
+}
+
+pub fn dpo_terms(logps: &Tensor, reference: &Tensor, beta: f64) -> Result<DpoTerms> {
+    let b = logps.size()[0] / 2;
+    let ratios = logps.f_sub(reference)?;
+    let (c, r) = (ratios.f_narrow(0, 0, b)?, ratios.f_narrow(0, b, b)?);
+    let margin = c.f_sub(&r)?.f_mul_scalar(beta)?;
+    let loss_sum = margin.f_log_sigmoid()?.f_neg()?.f_sum(Kind::Float)?;
+    let (chosen_rewards, rejected_rewards) = (
+        c.f_detach()?.f_mul_scalar(beta)?,
+        r.f_detach()?.f_mul_scalar(beta)?,
+    );
+    Ok(DpoTerms {
+        loss_sum,
+        correct: chosen_rewards
+            .f_gt_tensor(&rejected_rewards)?
+            .f_sum(Kind::Float)?,
+        margin_sum: margin.f_detach()?.f_sum(Kind::Float)?,
+        chosen_rewards,
+        rejected_rewards,
     })
 }
 

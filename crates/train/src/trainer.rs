@@ -221,6 +221,8 @@ pub struct Accumulated {
     pub tokens: usize,
     /// Targets of the whole step: what the loss was divided by.
     pub targets: usize,
+    /// DPO: the summed reward margins of the step's pairs (0 otherwise).
+    pub margin_sum: Tensor,
 }
 
 /// With `packing` on a classification job: what one more micro-batch is taken to cost, in
@@ -247,6 +249,10 @@ pub struct StepConfig {
     pub group_overhead_tokens: Option<usize>,
     /// Activation checkpointing ([`Model::forward_backward_checkpointed`]).
     pub checkpointing: bool,
+    /// DPO's β: the items are preference pairs ([`data::Target::Pair`]) and the loss is DPO's
+    /// ([`data::dpo_terms`]); the forward runs without dropout, as TRL's `disable_dropout`
+    /// default does, so that the policy and the reference see the same network.
+    pub dpo_beta: Option<f64>,
 }
 
 /// Runs forward and backward over `items` in micro-batches of `micro`, each loss divided by the
@@ -273,6 +279,7 @@ pub fn accumulate_gradients(
         pack_len: None,
         group_overhead_tokens: None,
         checkpointing: false,
+        dpo_beta: None,
     };
     accumulate(model, items, &cfg, seed, step)
 }
@@ -290,6 +297,7 @@ pub fn accumulate(
     let denom = targets.max(1) as f64;
     let mut loss_acc = Tensor::f_zeros([], (Kind::Float, device))?;
     let mut correct_acc = Tensor::f_zeros([], (Kind::Float, device))?;
+    let mut margin_acc = Tensor::f_zeros([], (Kind::Float, device))?;
     let mut tokens = 0;
     let mut chunks: Vec<Vec<&Features>> = Vec::new();
     for chunk in items.chunks(cfg.micro.max(1)) {
@@ -322,16 +330,25 @@ pub fn accumulate(
                 packed: c.packed.as_ref(),
             };
             let mut backward = |logits: &Tensor| -> Result<()> {
-                let (loss, correct) = data::loss_and_correct(logits, &c.labels, cfg.task)?;
+                let (loss, correct) = match (cfg.dpo_beta, &c.reference) {
+                    (Some(beta), Some(reference)) => {
+                        let logps = data::completion_logps(logits, &c.labels)?;
+                        let t = data::dpo_terms(&logps, reference, beta)?;
+                        let _ = margin_acc.f_add_(&t.margin_sum)?;
+                        (t.loss_sum, t.correct)
+                    }
+                    _ => data::loss_and_correct(logits, &c.labels, cfg.task)?,
+                };
                 loss.f_div_scalar(denom)?.f_backward()?;
                 let _ = loss_acc.f_add_(&loss.f_detach()?)?;
                 let _ = correct_acc.f_add_(&correct.f_to_kind(Kind::Float)?)?;
                 Ok(())
             };
+            let train = cfg.dpo_beta.is_none();
             if cfg.checkpointing {
-                model.forward_backward_checkpointed(&batch, true, &mut backward)
+                model.forward_backward_checkpointed(&batch, train, &mut backward)
             } else {
-                backward(&model.forward(&batch, true)?)
+                backward(&model.forward(&batch, train)?)
             }
         });
         r.map_err(|e| classify(e, device, b, t))?;
@@ -341,6 +358,7 @@ pub fn accumulate(
         correct: correct_acc,
         tokens,
         targets,
+        margin_sum: margin_acc,
     })
 }
 
@@ -354,6 +372,8 @@ pub struct StepResult {
     /// Non-padding tokens.
     pub tokens: usize,
     pub examples: usize,
+    /// DPO: the summed reward margins (0 otherwise).
+    pub margin_sum: f64,
 }
 
 /// One optimiser step as the trainer runs it: forward and backward over `items`
@@ -376,19 +396,20 @@ pub fn train_step(
     opt.zero_grad();
     let acc = accumulate(model, items, cfg, seed, step)?;
     let (loss_acc, correct_acc, tokens) = (acc.loss_sum, acc.correct, acc.tokens);
-    let (loss_sum, grad_norm, correct) = guarded(|| {
+    let (loss_sum, grad_norm, correct, margin_sum) = guarded(|| {
         let norm = opt.grad_norm()?;
         let host = Tensor::f_stack(
             &[
                 loss_acc.shallow_clone(),
                 norm.shallow_clone(),
                 correct_acc.shallow_clone(),
+                acc.margin_sum.shallow_clone(),
             ],
             0,
         )?
         .f_to_device(Device::Cpu)?;
         let v: Vec<f64> = Vec::<f64>::try_from(host.f_to_kind(Kind::Double)?)?;
-        Ok((v[0], v[1], v[2]))
+        Ok((v[0], v[1], v[2], v[3]))
     })?;
     if !loss_sum.is_finite() {
         return Err(Error::NonFiniteLoss {
@@ -419,6 +440,7 @@ pub fn train_step(
         grad_norm,
         tokens,
         examples: items.len(),
+        margin_sum,
     })
 }
 
@@ -476,6 +498,7 @@ impl<'a> Job<'a> {
                 group_overhead_tokens: (!causal && spec.packing).then_some(GROUP_OVERHEAD_TOKENS),
                 // QLoRA needs it (the create request turns it on with nf4).
                 checkpointing: spec.gradient_checkpointing == Some(true) || spec.nf4().is_some(),
+                dpo_beta: spec.dpo.map(|d| d.beta),
             },
         }
     }
@@ -511,12 +534,102 @@ impl<'a> Job<'a> {
         )
     }
 
+    /// DPO: each pair's summed completion log-probabilities under the model as it is now (the
+    /// reference: the starting weights, LoRA's adapters still zero), written into its
+    /// [`data::Pair::reference`]. Run once before the first step, so no second model is held
+    /// (TRL's `precompute_ref_log_probs`); a resumed job computes them again from the base
+    /// before the checkpoint's weights are loaded.
+    fn reference_logps(&self, feats: &mut [Features], control: &Control) -> Result<bool> {
+        let _g = tch::no_grad_guard();
+        for chunk in feats.chunks_mut(self.micro.max(1)) {
+            if control.is_aborted() {
+                return Ok(false);
+            }
+            let refs: Vec<&Features> = chunk.iter().collect();
+            let c = data::collate_pairs(&refs, self.pad_id, self.device)?;
+            let (b, t) = (c.batch_size, c.seq_len);
+            let logps = guarded(|| {
+                let logits = self.model.forward(&self.batch(&c), false)?;
+                let host = data::completion_logps(&logits, &c.labels)?.f_to_device(Device::Cpu)?;
+                Ok(Vec::<f32>::try_from(host)?)
+            })
+            .map_err(|e| classify(e, self.device, b, t))?;
+            let n = chunk.len();
+            for (i, f) in chunk.iter_mut().enumerate() {
+                if let Target::Pair(p) = &mut f.target {
+                    p.reference = [logps[i], logps[n + i]];
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// DPO's evaluation: the mean loss over the validation pairs and TRL's reward statistics
+    /// (the means over the pairs of `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`
+    /// and `rewards/margins`, as TRL reports them for an evaluation in one batch).
+    fn evaluate_dpo(
+        &self,
+        feats: &[Features],
+        beta: f64,
+        control: &Control,
+    ) -> Result<Option<EvalMetrics>> {
+        let _g = tch::no_grad_guard();
+        let mut sums = [0.0f64; 5];
+        let refs: Vec<&Features> = feats.iter().collect();
+        for chunk in refs.chunks(self.micro.max(1)) {
+            if control.is_aborted() {
+                return Ok(None);
+            }
+            let c = data::collate_pairs(chunk, self.pad_id, self.device)?;
+            let (b, t) = (c.batch_size, c.seq_len);
+            let v = guarded(|| {
+                let logits = self.model.forward(&self.batch(&c), false)?;
+                let logps = data::completion_logps(&logits, &c.labels)?;
+                let reference = c
+                    .reference
+                    .as_ref()
+                    .ok_or_else(|| Error::Data("a pair batch without reference".into()))?;
+                let d = data::dpo_terms(&logps, reference, beta)?;
+                let host = Tensor::f_stack(
+                    &[
+                        d.loss_sum,
+                        d.chosen_rewards.f_sum(Kind::Float)?,
+                        d.rejected_rewards.f_sum(Kind::Float)?,
+                        d.correct,
+                        d.margin_sum,
+                    ],
+                    0,
+                )?
+                .f_to_kind(Kind::Double)?
+                .f_to_device(Device::Cpu)?;
+                Ok(Vec::<f64>::try_from(host)?)
+            })
+            .map_err(|e| classify(e, self.device, b, t))?;
+            for (s, x) in sums.iter_mut().zip(v) {
+                *s += x;
+            }
+        }
+        let n = feats.len().max(1) as f64;
+        Ok(Some(EvalMetrics {
+            valid_loss: sums[0] / n,
+            valid_rewards_chosen: Some(sums[1] / n),
+            valid_rewards_rejected: Some(sums[2] / n),
+            valid_rewards_accuracies: Some(sums[3] / n),
+            valid_rewards_margins: Some(sums[4] / n),
+            valid_examples: feats.len(),
+            ..Default::default()
+        }))
+    }
+
     fn evaluate(
         &self,
         feats: &[Features],
         id2label: &[String],
         control: &Control,
     ) -> Result<Option<EvalMetrics>> {
+        if let Some(beta) = self.step_cfg.dpo_beta {
+            return self.evaluate_dpo(feats, beta, control);
+        }
         let num_labels = id2label.len();
         let _g = tch::no_grad_guard();
         let mut loss = 0.0;
@@ -731,6 +844,7 @@ pub fn train(
     if inputs.train_examples.is_empty() {
         return Err(Error::Data("the training data holds no examples".into()));
     }
+    check_method_data(inputs)?;
     let resume = inputs.resume_from.map(checkpoint::load).transpose()?;
     let label_map = label_map(inputs.train_examples, spec.task, resume.as_ref())?;
 
@@ -745,11 +859,25 @@ pub fn train(
         phase: Phase::Tokenizing,
         message: "tokenizing the data".into(),
     });
-    let data = tokenize(inputs, &tok, model.info(), label_map.as_ref())?;
+    let mut data = tokenize(inputs, &tok, model.info(), label_map.as_ref())?;
     let plan = Plan::new(spec, data.train.len());
     report_data(&data, &plan, label_map.as_ref(), notes, callback);
 
     let job = Job::new(model.as_ref(), &tok, inputs, plan.micro, data.max_len);
+    if spec.dpo.is_some() {
+        callback(TrainerEvent::Phase {
+            phase: Phase::Tokenizing,
+            message: format!(
+                "scoring {} pair(s) with the reference model (the starting weights)",
+                data.train.len() + data.valid.len()
+            ),
+        });
+        for feats in [&mut data.train, &mut data.valid] {
+            if !job.reference_logps(feats, control)? {
+                return Ok(TrainOutcome::Cancelled { step: 0 });
+            }
+        }
+    }
     let mut run = Run::new(
         *inputs,
         job,
@@ -762,6 +890,34 @@ pub fn train(
         ControlFlow::Break(outcome) => Ok(outcome),
         ControlFlow::Continue(()) => run.finish(started, callback),
     }
+}
+
+/// A DPO job trains on preference pairs only, and only a DPO job trains on them.
+fn check_method_data(inputs: &TrainInputs) -> Result<()> {
+    let dpo = inputs.spec.dpo.is_some();
+    let files = [
+        ("training file", Some(inputs.train_examples)),
+        ("validation file", inputs.valid_examples),
+    ];
+    for (name, examples) in files {
+        let Some(examples) = examples else { continue };
+        if let Some((line, ex)) = examples
+            .iter()
+            .find(|(_, e)| matches!(e, Example::Preference { .. }) != dpo)
+        {
+            return Err(Error::Data(if dpo {
+                format!(
+                    "{name} line {line}: method 'dpo' trains on preference pairs (`input`, `preferred_output`, `non_preferred_output`), not `{}` records",
+                    ex.shape().as_str()
+                )
+            } else {
+                format!(
+                    "{name} line {line}: a preference pair trains a job of method 'dpo' (`\"method\": {{\"type\": \"dpo\"}}`)"
+                )
+            }));
+        }
+    }
+    Ok(())
 }
 
 /// AdamW over the model's trainable parameters, its moments in fp32 or (`bf16_moments`) bf16.
@@ -1029,6 +1185,7 @@ struct Window {
     loss: f64,
     targets: usize,
     correct: f64,
+    margin: f64,
     tokens: usize,
     examples: usize,
     since: Instant,
@@ -1040,6 +1197,7 @@ impl Window {
             loss: 0.0,
             targets: 0,
             correct: 0.0,
+            margin: 0.0,
             tokens: 0,
             examples: 0,
             since: Instant::now(),
@@ -1050,6 +1208,7 @@ impl Window {
         self.loss += r.loss_sum;
         self.targets += r.targets;
         self.correct += r.correct;
+        self.margin += r.margin_sum;
         self.tokens += r.tokens;
         self.examples += r.examples;
     }
@@ -1241,17 +1400,20 @@ impl<'a> Run<'a> {
         let run_secs = self.run_start.elapsed().as_secs_f64();
         let done = (self.state.step - self.start_step) as f64;
         let acc = w.correct / w.targets.max(1) as f64;
+        let dpo = self.job.step_cfg.dpo_beta.is_some();
         let m = StepMetrics {
             step: self.state.step,
             total_steps,
             epoch: self.state.step as f64 / self.plan.steps_per_epoch as f64,
             train_loss: w.loss / w.targets.max(1) as f64,
-            train_mean_token_accuracy: (task == Task::CausalLm).then_some(acc),
+            train_mean_token_accuracy: (task == Task::CausalLm && !dpo).then_some(acc),
             train_accuracy: matches!(
                 task,
                 Task::SequenceClassification | Task::TokenClassification
             )
             .then_some(acc),
+            train_rewards_accuracies: dpo.then_some(acc),
+            train_rewards_margins: dpo.then(|| w.margin / w.targets.max(1) as f64),
             learning_rate: s.lr,
             grad_norm: s.result.grad_norm,
             tokens_per_second: w.tokens as f64 / secs,

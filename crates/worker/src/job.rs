@@ -1108,6 +1108,8 @@ async fn handle_event(
                 fmt_num("train_loss", Some(m.train_loss)),
                 fmt_num("train_mean_token_accuracy", m.train_mean_token_accuracy),
                 fmt_num("train_accuracy", m.train_accuracy),
+                fmt_num("train_rewards/accuracies", m.train_rewards_accuracies),
+                fmt_num("train_rewards/margins", m.train_rewards_margins),
             ]
             .into_iter()
             .flatten()
@@ -1132,6 +1134,10 @@ async fn handle_event(
                 fmt_num("valid_recall", m.valid_recall),
                 fmt_num("valid_f1", m.valid_f1),
                 fmt_num("valid_exact_match", m.valid_exact_match),
+                fmt_num("valid_rewards/chosen", m.valid_rewards_chosen),
+                fmt_num("valid_rewards/rejected", m.valid_rewards_rejected),
+                fmt_num("valid_rewards/accuracies", m.valid_rewards_accuracies),
+                fmt_num("valid_rewards/margins", m.valid_rewards_margins),
             ]
             .into_iter()
             .flatten()

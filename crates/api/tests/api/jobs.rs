@@ -944,3 +944,93 @@ async fn a_stored_spec_that_no_longer_reads_still_retrieves_and_lists() {
     assert_eq!(status, 200, "{list}");
     assert_eq!(list["data"][0]["id"], id);
 }
+
+#[tokio::test]
+async fn dpo_jobs_check_their_pairs_and_model_at_create_time() {
+    let app = spawn_app().await;
+    tuna_api::models::register_base_model(&app.db.pool, "bert", &fixture("bert"))
+        .await
+        .expect("register bert");
+    let pairs = app
+        .upload_ok(
+            "pairs.jsonl",
+            "{\"input\": {\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}, \"preferred_output\": [{\"role\": \"assistant\", \"content\": \"hello!\"}], \"non_preferred_output\": [{\"role\": \"assistant\", \"content\": \"go away\"}]}\n",
+        )
+        .await;
+    let chats = app
+        .upload_ok(
+            "chats.jsonl",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n",
+        )
+        .await;
+    // A malformed pair: the upload names its line.
+    let resp = app
+        .upload(
+            &app.key,
+            "bad.jsonl",
+            b"{\"prompt\": \"q\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{\"prompt\": \"q\", \"chosen\": \"a\"}\n".to_vec(),
+            "fine-tune",
+        )
+        .await;
+    let (status, bad) = json(resp).await;
+    assert_eq!(status, 400, "{bad}");
+    let msg = error_of(&bad)["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("line 2: a preference pair needs both `chosen` and `rejected`"),
+        "{msg}"
+    );
+    let dpo = json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}});
+    assert_validated(
+        &app,
+        &[
+            (json!({"model": "gpt2", "training_file": pairs, "method": dpo}), "queued", ""),
+            (
+                json!({"model": "gpt2", "training_file": chats, "method": dpo}),
+                "failed",
+                "holds `messages` records, but method 'dpo' trains on preference pairs",
+            ),
+            (
+                json!({"model": "gpt2", "training_file": pairs}),
+                "failed",
+                "holds preference pairs, which train a job of method 'dpo'",
+            ),
+            (
+                json!({"model": "bert", "training_file": pairs, "method": dpo}),
+                "failed",
+                "model 'bert' cannot be tuned with method 'dpo', which needs a causal language model",
+            ),
+        ],
+    )
+    .await;
+    let (status, job) = json(
+        app.get(&format!(
+            "/v1/fine_tuning/jobs/{}",
+            create(
+                &app,
+                json!({"model": "gpt2", "training_file": pairs, "method": dpo})
+            )
+            .await["id"]
+                .as_str()
+                .unwrap()
+        ))
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(job["method"]["type"], "dpo", "{job}");
+    assert_eq!(
+        job["method"]["dpo"]["hyperparameters"]["beta"], 0.2,
+        "{job}"
+    );
+    assert!(job["method"].get("supervised").is_none(), "{job}");
+    let (status, body) = json(
+        app.post_json(
+            "/v1/fine_tuning/jobs",
+            &json!({"model": "gpt2", "training_file": pairs, "method": {"type": "dpo"}, "task": "sequence_classification"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_of(&body)["param"], "task");
+}

@@ -190,6 +190,15 @@ pub struct Nf4 {
     pub double_quantization: bool,
 }
 
+/// Preference tuning (`method.type: "dpo"`): DPO's sigmoid loss over pairs of a preferred and
+/// a rejected completion, against the frozen starting model as the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Dpo {
+    /// How far the tuned model may move from the reference (DPO's β; OpenAI's and TRL's
+    /// default 0.1).
+    pub beta: f64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Freeze {
     pub embeddings: bool,
@@ -268,6 +277,9 @@ pub struct JobSpec {
     /// AdamW's moments in fp32 or bf16 (absent in specs stored before the knob: fp32).
     #[serde(default, skip_serializing_if = "Moments::is_fp32")]
     pub optimizer_moments: Moments,
+    /// `method.type: "dpo"`: train on preference pairs (the task is causal LM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<Dpo>,
 }
 
 /// A request that cannot be accepted: `param` names the offending field.
@@ -320,12 +332,15 @@ pub struct OpenAiHyperparameters {
     pub n_epochs: u32,
 }
 
-/// `method.supervised.hyperparameters` as returned: OpenAI's three plus every tuna knob,
-/// resolved (so a user sees exactly what runs). The LoRA keys are present for LoRA jobs only.
+/// `method.supervised.hyperparameters` (or `method.dpo.hyperparameters`) as returned: OpenAI's
+/// three (and DPO's `beta`) plus every tuna knob, resolved (so a user sees exactly what runs).
+/// The LoRA keys are present for LoRA jobs only.
 #[derive(Debug, Clone, Serialize)]
 pub struct MethodHyperparameters<'a> {
     #[serde(flatten)]
     pub openai: OpenAiHyperparameters,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
     pub task: Task,
     pub learning_rate: f64,
     pub lr_scheduler: LrSchedule,
@@ -371,12 +386,16 @@ pub struct MethodHyperparameters<'a> {
     pub optimizer_moments: Moments,
 }
 
-/// The `method` object as returned: `{"type": "supervised", "supervised": {"hyperparameters": ...}}`.
+/// The `method` object as returned: `{"type": "supervised", "supervised": {"hyperparameters":
+/// ...}}`, or `{"type": "dpo", "dpo": {"hyperparameters": ...}}` as OpenAI shows a DPO job.
 #[derive(Debug, Clone, Serialize)]
 pub struct Method<'a> {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub supervised: Supervised<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<Supervised<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<Supervised<'a>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -404,6 +423,7 @@ impl JobSpec {
         let lora = self.lora.as_ref();
         MethodHyperparameters {
             openai: self.openai_hyperparameters(),
+            beta: self.dpo.map(|d| d.beta),
             task: self.task,
             learning_rate: self.learning_rate,
             lr_scheduler: self.lr_scheduler,
@@ -447,10 +467,19 @@ impl JobSpec {
 
     /// The `method` object as returned.
     pub fn method(&self) -> Method<'_> {
-        Method {
-            kind: "supervised",
-            supervised: Supervised {
-                hyperparameters: self.method_hyperparameters(),
+        let body = Supervised {
+            hyperparameters: self.method_hyperparameters(),
+        };
+        match self.dpo {
+            Some(_) => Method {
+                kind: "dpo",
+                supervised: None,
+                dpo: Some(body),
+            },
+            None => Method {
+                kind: "supervised",
+                supervised: Some(body),
+                dpo: None,
             },
         }
     }
@@ -575,7 +604,7 @@ mod tests {
             ),
             (json!({"model": 3, "training_file": "f"}), Some("model")),
             (
-                json!({"model": "m", "training_file": "f", "method": {"type": "dpo"}}),
+                json!({"model": "m", "training_file": "f", "method": {"type": "reinforcement"}}),
                 Some("method.type"),
             ),
             (
@@ -596,6 +625,22 @@ mod tests {
             let err = parse(body.clone()).unwrap_err();
             assert_eq!(err.param.as_deref(), param, "{body} -> {err:?}");
         }
+    }
+
+    #[test]
+    fn a_dpo_job_shows_its_method_as_openai_does() {
+        let r = parse(json!({"model": "m", "training_file": "f",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}}))
+        .unwrap();
+        assert_eq!(r.spec.dpo, Some(Dpo { beta: 0.25 }));
+        let m = serde_json::to_value(r.spec.method()).unwrap();
+        assert_eq!(m["type"], "dpo");
+        assert!(m.get("supervised").is_none(), "{m}");
+        assert_eq!(m["dpo"]["hyperparameters"]["beta"], 0.25);
+        assert_eq!(m["dpo"]["hyperparameters"]["n_epochs"], 2);
+        let sft = parse(json!({"model": "m", "training_file": "f"})).unwrap();
+        let m = serde_json::to_value(sft.spec.method()).unwrap();
+        assert!(m.get("dpo").is_none() && m["supervised"]["hyperparameters"].get("beta").is_none());
     }
 
     #[test]

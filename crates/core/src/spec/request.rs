@@ -18,7 +18,7 @@ use serde_aux::serde_introspection::serde_introspect;
 use serde_json::{Map, Value};
 
 use super::{
-    check_dataset_url, CreateRequest, Device, Freeze, JobSpec, Lora, LrSchedule, Moments, Nf4,
+    check_dataset_url, CreateRequest, Device, Dpo, Freeze, JobSpec, Lora, LrSchedule, Moments, Nf4,
     Precision, Quantization, SpecError, SpecPolicy, Task, TrainingType,
 };
 
@@ -35,8 +35,9 @@ const TOP_LEVEL: [&str; 9] = [
     "integrations",
 ];
 
-/// OpenAI's three hyperparameters: only inside a hyperparameters object.
-const OPENAI_HP: [&str; 3] = ["batch_size", "learning_rate_multiplier", "n_epochs"];
+/// OpenAI's hyperparameters (its three, and DPO's `beta`): only inside a hyperparameters
+/// object.
+const OPENAI_HP: [&str; 4] = ["batch_size", "learning_rate_multiplier", "n_epochs", "beta"];
 
 /// Every knob a request may give, each once. Field names are the request's keys.
 #[derive(Debug, Deserialize)]
@@ -46,6 +47,8 @@ struct Knobs {
     n_epochs: Knob<Int>,
     batch_size: Knob<Int>,
     learning_rate_multiplier: Knob<f64>,
+    /// `method.dpo.hyperparameters.beta`.
+    beta: Knob<f64>,
     // tuna's extensions.
     dataset_url: Knob<Text>,
     validation_dataset_url: Knob<Text>,
@@ -383,7 +386,7 @@ pub fn parse_create_request(
             param: None,
         });
     };
-    let knobs = gather(obj)?;
+    let (knobs, dpo) = gather(obj)?;
     let knobs = Knobs::deserialize(Value::Object(knobs)).map_err(|e| SpecError {
         message: format!("internal error reading the knobs: {e}"),
         param: None,
@@ -408,7 +411,7 @@ pub fn parse_create_request(
     };
     let metadata = metadata(obj.get("metadata"))?;
     let integrations = integrations(obj.get("integrations"))?;
-    let (spec, priority) = resolve(&knobs, model, files, seed)?;
+    let (spec, priority) = resolve(&knobs, model, files, seed, dpo)?;
     Ok(CreateRequest {
         spec,
         suffix,
@@ -423,8 +426,9 @@ pub fn parse_create_request(
 /// Step 1: checks every key and merges the knobs into `key -> [param, value]` (every knob
 /// present, null when not given). Top-level extensions come first, then the hyperparameters
 /// objects; `method` wins over the deprecated top-level `hyperparameters`, and the same knob
-/// given twice with different values is an error otherwise.
-fn gather(obj: &Map<String, Value>) -> Result<Map<String, Value>, SpecError> {
+/// given twice with different values is an error otherwise. Also says whether `method.type` is
+/// `dpo`.
+fn gather(obj: &Map<String, Value>) -> Result<(Map<String, Value>, bool), SpecError> {
     for key in obj.keys() {
         if !TOP_LEVEL.contains(&key.as_str()) && !extensions().any(|k| k == key) {
             return Err(SpecError::new(
@@ -441,7 +445,8 @@ fn gather(obj: &Map<String, Value>) -> Result<Map<String, Value>, SpecError> {
             origin.insert(key.to_string(), key.to_string());
         }
     }
-    for (prefix, hp) in hyperparameter_objects(obj)? {
+    let (objects, dpo) = hyperparameter_objects(obj)?;
+    for (prefix, hp) in objects {
         for (k, v) in hp {
             let param = format!("{prefix}.{k}");
             if !is_knob(k) {
@@ -466,7 +471,7 @@ fn gather(obj: &Map<String, Value>) -> Result<Map<String, Value>, SpecError> {
             origin.insert(k.clone(), param);
         }
     }
-    Ok(serde_introspect::<Knobs>()
+    let merged = serde_introspect::<Knobs>()
         .iter()
         .map(|k| {
             let param = origin.remove(*k).unwrap_or_else(|| k.to_string());
@@ -476,15 +481,19 @@ fn gather(obj: &Map<String, Value>) -> Result<Map<String, Value>, SpecError> {
                 Value::Array(vec![Value::String(param), value]),
             )
         })
-        .collect())
+        .collect();
+    Ok((merged, dpo))
 }
 
 /// A hyperparameters object and its path.
 type Hyperparameters<'a> = (&'static str, &'a Map<String, Value>);
 
 /// The hyperparameters objects of a request with their paths: the deprecated top-level
-/// `hyperparameters`, then `method.supervised.hyperparameters`.
-fn hyperparameter_objects(obj: &Map<String, Value>) -> Result<Vec<Hyperparameters<'_>>, SpecError> {
+/// `hyperparameters`, then `method.supervised.hyperparameters` (or `method.dpo.hyperparameters`);
+/// and whether the method is DPO.
+fn hyperparameter_objects(
+    obj: &Map<String, Value>,
+) -> Result<(Vec<Hyperparameters<'_>>, bool), SpecError> {
     let mut found = Vec::new();
     if let Some(hp) = object_at(
         obj,
@@ -495,46 +504,47 @@ fn hyperparameter_objects(obj: &Map<String, Value>) -> Result<Vec<Hyperparameter
         found.push(("hyperparameters", hp));
     }
     let Some(m) = object_at(obj, "method", "method", "`method`")? else {
-        return Ok(found);
+        return Ok((found, false));
     };
-    match m.get("type") {
-        Some(Value::String(t)) if t == "supervised" => {}
+    let kind: &'static str = match m.get("type") {
+        Some(Value::String(t)) if t == "supervised" => "supervised",
+        Some(Value::String(t)) if t == "dpo" => "dpo",
         Some(Value::String(t)) => {
             return Err(SpecError::new(
                 "method.type",
-                format!("method type '{t}' is not supported; tuna supports 'supervised'"),
+                format!("method type '{t}' is not supported; tuna supports 'supervised' and 'dpo'"),
             ))
         }
         _ => {
             return Err(SpecError::new(
                 "method.type",
-                "`method.type` is required and must be 'supervised'",
+                "`method.type` is required and must be 'supervised' or 'dpo'",
             ))
         }
-    }
-    if let Some(k) = m.keys().find(|k| *k != "type" && *k != "supervised") {
+    };
+    if let Some(k) = m.keys().find(|k| *k != "type" && *k != kind) {
         return Err(SpecError::new(
             &format!("method.{k}"),
-            format!("unrecognised method argument: {k}"),
+            format!("unrecognised method argument: {k} (method type '{kind}' takes `{kind}`)"),
         ));
     }
-    let Some(sup) = object_at(m, "supervised", "method.supervised", "`method.supervised`")? else {
-        return Ok(found);
+    let (body_param, hp_param) = match kind {
+        "dpo" => ("method.dpo", "method.dpo.hyperparameters"),
+        _ => ("method.supervised", "method.supervised.hyperparameters"),
     };
-    if let Some(k) = sup.keys().find(|k| *k != "hyperparameters") {
+    let dpo = kind == "dpo";
+    let Some(body) = object_at(m, kind, body_param, &format!("`{body_param}`"))? else {
+        return Ok((found, dpo));
+    };
+    if let Some(k) = body.keys().find(|k| *k != "hyperparameters") {
         return Err(SpecError::new(
-            &format!("method.supervised.{k}"),
-            format!("unrecognised argument: method.supervised.{k}"),
+            &format!("{body_param}.{k}"),
+            format!("unrecognised argument: {body_param}.{k}"),
         ));
     }
-    let hp = object_at(
-        sup,
-        "hyperparameters",
-        "method.supervised.hyperparameters",
-        "`hyperparameters`",
-    )?;
-    found.extend(hp.map(|hp| ("method.supervised.hyperparameters", hp)));
-    Ok(found)
+    let hp = object_at(body, "hyperparameters", hp_param, "`hyperparameters`")?;
+    found.extend(hp.map(|hp| (hp_param, hp)));
+    Ok((found, dpo))
 }
 
 /// `obj[key]` as an object (`None` when absent or null); `param` and `name` for the error.
@@ -606,8 +616,37 @@ impl Files {
 
 /// Step 3: defaults and ranges, checked in a fixed order (the first error is reported); also
 /// the job's priority.
-fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec, i32), SpecError> {
+fn resolve(
+    k: &Knobs,
+    model: String,
+    files: Files,
+    seed: u64,
+    dpo: bool,
+) -> Result<(JobSpec, i32), SpecError> {
     let task = k.task.choice(Task::CausalLm, false)?;
+    let dpo = if dpo {
+        if task != Task::CausalLm {
+            return Err(k.task.error(format!(
+                "method 'dpo' tunes a causal language model on preference pairs: `task` must be 'causal_lm' (or left out), not '{}'",
+                task.as_str()
+            )));
+        }
+        if k.packing.flag()? {
+            return Err(k.packing.error(
+                "packing is not available with method 'dpo' (each pair's two sequences are scored whole)".into(),
+            ));
+        }
+        // TRL's and OpenAI's default.
+        let beta = k.beta.number_in(0.0, 1000.0, false)?.unwrap_or(0.1);
+        Some(Dpo { beta })
+    } else {
+        if k.beta.is_given() {
+            return Err(k.beta.error(
+                "`beta` applies to method 'dpo' (`method.dpo.hyperparameters.beta`)".into(),
+            ));
+        }
+        None
+    };
     let nf4_asked = k.quantization.choice(Quantization::None, false)? == Quantization::Nf4;
     let lora_given = [
         k.lora_r.is_given(),
@@ -641,6 +680,10 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         .number_in(0.0, 100.0, false)?
         .unwrap_or(1.0);
     let base_lr = match (training_type, task) {
+        // DPO moves a tuned model a little: TRL's default for full fine-tuning, and ten times
+        // that for adapters that start from zero.
+        (TrainingType::Full, _) if dpo.is_some() => 1e-6,
+        (TrainingType::Lora, _) if dpo.is_some() => 1e-5,
         (TrainingType::Lora, _) => 2e-4,
         (TrainingType::Full, Task::CausalLm) => 2e-5,
         (TrainingType::Full, _) => 5e-5,
@@ -759,6 +802,7 @@ fn resolve(k: &Knobs, model: String, files: Files, seed: u64) -> Result<(JobSpec
         fixed_batch_size: k.batch_size.is_given() && !matches!(k.batch_size.given, Given::Auto),
         gradient_checkpointing,
         optimizer_moments: k.optimizer_moments.choice(Moments::Fp32, false)?,
+        dpo,
     };
     Ok((spec, priority))
 }

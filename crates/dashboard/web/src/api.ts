@@ -231,7 +231,12 @@ export interface Job {
   user_provided_suffix: string | null;
   error: { code: string; message: string; param: string | null } | null;
   hyperparameters: Record<string, unknown>;
-  method: { type: string; supervised?: { hyperparameters: Record<string, unknown> } } | null;
+  /** OpenAI's shape: the resolved hyperparameters under `supervised`, or `dpo` for a DPO job. */
+  method: {
+    type: string;
+    supervised?: { hyperparameters: Record<string, unknown> };
+    dpo?: { hyperparameters: Record<string, unknown> };
+  } | null;
   progress: {
     step?: number;
     total_steps?: number;
@@ -328,4 +333,9 @@ export function allowed(job: Job): { cancel: boolean; pause: boolean; resume: bo
 
 export function jobPath(id: string): string {
   return `/v1/fine_tuning/jobs/${encodeURIComponent(id)}`;
+}
+
+/** A job's resolved hyperparameters, under whichever method it runs (`supervised` or `dpo`). */
+export function methodHyperparameters(j: Job): Record<string, unknown> | undefined {
+  return (j.method?.dpo ?? j.method?.supervised)?.hyperparameters;
 }

@@ -44,11 +44,12 @@ export class Curves {
       if (v !== undefined) row[k] = v;
     };
     set("train_loss", value(d, "train_loss"));
-    set("train_accuracy", value(d, "train_mean_token_accuracy", "train_accuracy"));
+    // DPO's accuracy is the share of pairs whose preferred answer has the higher reward.
+    set("train_accuracy", value(d, "train_mean_token_accuracy", "train_accuracy", "train_rewards/accuracies"));
     set("learning_rate", value(d, "learning_rate"));
     set("tokens_per_second", value(d, "tokens_per_second"));
     set("valid_loss", value(d, "valid_loss"));
-    set("valid_accuracy", value(d, "valid_mean_token_accuracy", "valid_accuracy"));
+    set("valid_accuracy", value(d, "valid_mean_token_accuracy", "valid_accuracy", "valid_rewards/accuracies"));
     const total = value(d, "total_steps");
     if (total !== undefined) this.totalSteps = total;
     this.rows.set(step, row);

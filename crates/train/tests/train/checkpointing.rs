@@ -44,6 +44,7 @@ pub(crate) fn loss_and_grads(
         pack_len: None,
         group_overhead_tokens: None,
         checkpointing,
+        dpo_beta: None,
     };
     let acc = accumulate(model, items, &cfg, 1, 0).unwrap();
     let loss = f64::try_from(&acc.loss_sum).unwrap() / acc.targets as f64;

@@ -18,6 +18,8 @@
 //!   for word by transformers, with seqeval's entity scores.
 //! - `qa`: extractive question answering: jobs that learn, long contexts in windows, answers
 //!   and SQuAD scores equal to transformers' question-answering example's.
+//! - `dpo`: preference tuning: DPO jobs that learn to prefer, resume, and refuse records of the
+//!   other method.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!
@@ -27,6 +29,7 @@
 mod checkpointing;
 mod cli;
 mod decoders;
+mod dpo;
 mod encoders;
 mod export;
 mod minilm;

@@ -230,6 +230,7 @@ fn length_grouped_classification_gives_the_same_loss_and_gradients() {
             pack_len: None,
             group_overhead_tokens: group,
             checkpointing: false,
+            dpo_beta: None,
         };
         let acc = accumulate(model.as_ref(), &refs, &cfg, 1, 0).unwrap();
         let grads: Vec<tch::Tensor> = model

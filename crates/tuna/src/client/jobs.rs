@@ -2,8 +2,8 @@
 //!
 //! `create` builds the same JSON body the API takes, from a job file (`-f job.yaml` or
 //! `job.json`, `-` for stdin) and/or flags; flags win over the file. Epochs and batch size go
-//! to `method.supervised.hyperparameters` (or to the file's top-level `hyperparameters` when it
-//! uses that older place), tuna's extensions (`task`, `learning_rate`, `lora_r`, …) to the top
+//! to `method.supervised.hyperparameters` (`method.dpo.hyperparameters` for `--method dpo`, with
+//! `--beta`; or to the file's top-level `hyperparameters` when it uses that older place), tuna's extensions (`task`, `learning_rate`, `lora_r`, …) to the top
 //! level, and `--set a.b=value` writes any key (the value is parsed as JSON when it is JSON,
 //! else taken as a string).
 
@@ -108,6 +108,12 @@ pub struct CreateArgs {
     /// multi_label_classification, token_classification or question_answering.
     #[arg(long)]
     pub task: Option<String>,
+    /// Training method: supervised (the default) or dpo (preference pairs).
+    #[arg(long, value_parser = ["supervised", "dpo"])]
+    pub method: Option<String>,
+    /// DPO's beta (`method.dpo.hyperparameters.beta`, default 0.1); with `--method dpo`.
+    #[arg(long)]
+    pub beta: Option<f64>,
     /// Number of epochs (`n_epochs`).
     #[arg(long)]
     pub epochs: Option<u32>,
@@ -334,7 +340,8 @@ fn print_job(j: &Value) {
         ("fine-tuned model", output::text(&j["fine_tuned_model"])),
         ("trained tokens", output::text(&j["trained_tokens"])),
     ];
-    let hp = j["method"]["supervised"]["hyperparameters"]
+    let kind = j["method"]["type"].as_str().unwrap_or("supervised");
+    let hp = j["method"][kind]["hyperparameters"]
         .as_object()
         .or_else(|| j["hyperparameters"].as_object());
     if let Some(hp) = hp {
@@ -495,21 +502,49 @@ pub fn build_body(args: &CreateArgs) -> Result<Map<String, Value>> {
     put("lora_r", args.lora_r.map(Value::from));
     put("suffix", args.suffix.clone().map(Value::from));
     put("seed", args.seed.map(Value::from));
-    if args.epochs.is_some() || args.batch_size.is_some() {
-        let legacy = body.contains_key("hyperparameters") && !body.contains_key("method");
+    if let Some(kind) = &args.method {
+        // The method's hyperparameters move with it: `--method dpo` over a file's supervised
+        // method keeps what the file set.
+        let hp = body
+            .get("method")
+            .and_then(|m| m.get(m.get("type")?.as_str()?))
+            .and_then(|b| b.get("hyperparameters"))
+            .cloned();
+        let mut m = json!({"type": kind});
+        if let Some(hp) = hp {
+            m[kind.as_str()] = json!({"hyperparameters": hp});
+        }
+        body.insert("method".into(), m);
+    }
+    let kind = body
+        .get("method")
+        .and_then(|m| m.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("supervised")
+        .to_string();
+    if args.beta.is_some() && kind != "dpo" {
+        return Err(Failure::Usage("--beta applies to --method dpo".into()));
+    }
+    if args.epochs.is_some() || args.batch_size.is_some() || args.beta.is_some() {
+        let legacy = body.contains_key("hyperparameters")
+            && !body.contains_key("method")
+            && args.beta.is_none();
         let prefix = if legacy {
-            "hyperparameters"
+            "hyperparameters".to_string()
         } else {
             if !body.contains_key("method") {
                 body.insert("method".into(), json!({"type": "supervised"}));
             }
-            "method.supervised.hyperparameters"
+            format!("method.{kind}.hyperparameters")
         };
         if let Some(e) = args.epochs {
             set_path(&mut body, &format!("{prefix}.n_epochs"), json!(e))?;
         }
         if let Some(b) = args.batch_size {
             set_path(&mut body, &format!("{prefix}.batch_size"), json!(b))?;
+        }
+        if let Some(b) = args.beta {
+            set_path(&mut body, &format!("{prefix}.beta"), json!(b))?;
         }
     }
     for pair in &args.metadata {
@@ -651,6 +686,31 @@ mod tests {
                 "warmup_ratio": 0.1, "lora_target_modules": ["c_attn"],
             })
         );
+    }
+
+    #[test]
+    fn method_dpo_puts_beta_and_the_hyperparameters_under_dpo() {
+        let b = body(&[
+            "--model",
+            "m",
+            "--training-file",
+            "f",
+            "--method",
+            "dpo",
+            "--beta",
+            "0.3",
+            "--epochs",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            b["method"],
+            json!({"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "beta": 0.3}}})
+        );
+        assert!(matches!(
+            body(&["--model", "m", "--training-file", "f", "--beta", "0.3"]),
+            Err(Failure::Usage(_))
+        ));
     }
 
     #[test]

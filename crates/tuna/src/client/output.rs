@@ -147,8 +147,10 @@ pub fn metric(v: &Value) -> String {
 /// Metrics worth showing in a summary: step, epoch, losses and each task's measures
 /// (accuracies, F1, RMSE, correlations), not rates, timings or the learning rate of one step.
 pub fn is_summary_metric(k: &str) -> bool {
-    const MEASURES: [&str; 8] = [
+    const MEASURES: [&str; 9] = [
         "accuracy",
+        // DPO's rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins
+        "rewards/",
         "exact_match",
         "f1",
         "precision",
@@ -195,6 +197,8 @@ mod tests {
             "valid_recall",
             "valid_f1",
             "valid_exact_match",
+            "valid_rewards/margins",
+            "train_rewards/accuracies",
             "train_mean_token_accuracy",
         ] {
             assert!(is_summary_metric(k), "{k}");

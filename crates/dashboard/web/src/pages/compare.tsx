@@ -2,7 +2,7 @@
 // reached (the best one marked), to tell which run was better.
 
 import { useMemo, useState } from "preact/hooks";
-import { get, isTerminal, jobPath, listAll, type Job, type JobEvent, type ListPage } from "../api";
+import { get, isTerminal, jobPath, listAll, methodHyperparameters, type Job, type JobEvent, type ListPage } from "../api";
 import { Chart, PALETTE } from "../chart";
 import { num } from "../format";
 import { Curves, CURVE_LABELS, type Curve } from "../metrics";
@@ -111,7 +111,7 @@ export function ComparePage(props: { query: URLSearchParams }) {
               </thead>
               <tbody>
                 {runs.value.map((r, i) => {
-                  const hp = r.job.method?.supervised?.hyperparameters ?? {};
+                  const hp = methodHyperparameters(r.job) ?? {};
                   const acc = r.curves.best("valid_accuracy", false) ?? r.curves.best("train_accuracy", false);
                   return (
                     <tr data-job={r.job.id} class={best === r.job.id ? "best" : undefined}>

@@ -10,6 +10,7 @@ import {
   get,
   isTerminal,
   jobPath,
+  methodHyperparameters,
   post,
   type ArtifactFile,
   type Checkpoint,
@@ -117,7 +118,7 @@ function JobHeader(props: { job: Job; onChange: (j: Job) => void }) {
       setBusy(null);
     }
   };
-  const hp = j.method?.supervised?.hyperparameters ?? {};
+  const hp = methodHyperparameters(j) ?? {};
   return (
     <>
       <div class="page-head">
@@ -290,7 +291,7 @@ function EventLog(props: { events: JobEvent[] }) {
 
 function Hyperparameters(props: { job: Job }) {
   const j = props.job;
-  const hp = j.method?.supervised?.hyperparameters ?? j.hyperparameters ?? {};
+  const hp = methodHyperparameters(j) ?? j.hyperparameters ?? {};
   const rows: [string, unknown][] = [
     ["model", j.model],
     ["training_file", j.training_file],
