@@ -198,6 +198,41 @@ pub fn causal_mask(
     })
 }
 
+/// Mask for incremental decoding: the last `t` of the `T` positions `attention_mask` (`[b, T]`)
+/// covers query the keys of all `T` (the cache's and their own): query `i` (position `T - t +
+/// i`) sees key `j <= T - t + i` that is not padding, within `sliding_window` positions. A query
+/// with no visible key (left padding) sees itself. `[b, 1, t, T]`.
+pub fn step_mask(attention_mask: &Tensor, t: i64, sliding_window: Option<i64>) -> Result<AttnMask> {
+    let total = attention_mask.size()[1];
+    let dev = attention_mask.device();
+    let q = Tensor::f_arange_start(total - t, total, (Kind::Int64, dev))?.f_view([t, 1])?;
+    let k = Tensor::f_arange(total, (Kind::Int64, dev))?.f_view([1, total])?;
+    let mut allowed = k.f_le_tensor(&q)?;
+    if let Some(w) = sliding_window {
+        allowed = allowed.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?;
+    }
+    let eye = q.f_eq_tensor(&k)?.f_view([1, 1, t, total])?;
+    let keys = attention_mask.f_ne(0)?.f_view([-1, 1, 1, total])?;
+    let allowed = allowed.f_view([1, 1, t, total])?.f_logical_and(&keys)?;
+    let none = allowed.f_any_dim(-1, true)?.f_logical_not()?;
+    Ok(AttnMask {
+        mask: Some(allowed.f_logical_or(&eye.f_logical_and(&none)?)?),
+        is_causal: false,
+    })
+}
+
+/// Position ids of the last `t` tokens of rows padded on the left: each row's count of real
+/// tokens before a token (as transformers' `generate` numbers them; padding gets 1), `[b, t]`.
+pub fn step_positions(attention_mask: &Tensor, t: i64) -> Result<Tensor> {
+    let m = attention_mask.f_ne(0)?.f_to_kind(Kind::Int64)?;
+    let pos = m
+        .f_cumsum(-1, Kind::Int64)?
+        .f_sub_scalar(1)?
+        .f_masked_fill(&m.f_eq(0)?, 1)?;
+    let total = pos.size()[1];
+    Ok(pos.f_narrow(1, total - t, t)?)
+}
+
 /// The causal pattern of `t` positions, `[1, 1, t, t]` (`true` where query `i` may see key
 /// `j`: `j <= i`, and `i - j < window` with a sliding window), and the diagonal `[1, 1, t, t]`.
 fn causal_window(

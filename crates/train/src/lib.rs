@@ -18,6 +18,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod freeze;
+pub mod generate;
 pub mod layers;
 pub mod loader;
 pub mod lora;

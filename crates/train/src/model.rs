@@ -161,6 +161,50 @@ pub struct Batch<'a> {
     pub packed: Option<&'a crate::data::PackedLayout>,
 }
 
+/// The keys and values a causal LM has computed for the tokens so far (incremental decoding),
+/// per layer `[b, kv_heads, T, head_dim]` each (GPT-2: `[b, heads, T, head_dim]`).
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> i64 {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the rows `rows` (a batch's unfinished sequences), in that order.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.f_index_select(0, rows)?;
+            *v = v.f_index_select(0, rows)?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends `k` and `v` (`[b, h, t, d]`) to a layer's cache and returns the whole of both.
+pub fn extend_kv(
+    slot: &mut Option<(Tensor, Tensor)>,
+    k: Tensor,
+    v: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (k, v) = match slot.take() {
+        Some((pk, pv)) => (Tensor::f_cat(&[pk, k], 2)?, Tensor::f_cat(&[pv, v], 2)?),
+        None => (k, v),
+    };
+    *slot = Some((k.shallow_clone(), v.shallow_clone()));
+    Ok((k, v))
+}
+
 pub trait Model {
     fn info(&self) -> &ModelInfo;
     fn device(&self) -> Device;
@@ -171,6 +215,20 @@ pub trait Model {
     }
     /// Logits as described by [`TaskHead`]. `train` turns dropout on.
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor>;
+    /// Incremental decoding (causal LMs): the next-token logits `[b, vocab]` after `batch`'s
+    /// tokens, which follow those already in `cache` (`batch.attention_mask` covers both, left
+    /// padded); their keys and values are appended to `cache`. No dropout, no graph.
+    fn forward_step(&self, _batch: &Batch<'_>, _cache: &mut KvCache) -> Result<Tensor> {
+        Err(crate::Error::Config(
+            "this model has no incremental decoding".into(),
+        ))
+    }
+    /// LongRoPE (Phi-3): the original context length past which the rotary frequencies switch
+    /// to their long set. A cache made within it is computed again when a sequence grows past
+    /// it, as transformers' Phi-3 `prepare_inputs_for_generation` does.
+    fn rope_switch_length(&self) -> Option<i64> {
+        None
+    }
     /// Forward and backward of one batch with activation checkpointing: only each layer's
     /// input is kept through the forward, and each layer runs again in the backward.
     /// `backward` gets the logits, computes the loss and calls its backward.

@@ -16,8 +16,8 @@ use tuna_core::hf_config::{DecoderShape, HfConfig, LayerType, RopeConfig, RopeSc
 use super::{Architecture, Builder, Core, Head, Net};
 use crate::freeze::Role;
 use crate::layers::{
-    activation, all_real, causal_mask, dropout, embedding, packed_mask, sdpa, AttnMask, Fwd,
-    Linear, RmsNorm, RmsScale,
+    activation, all_real, causal_mask, dropout, embedding, packed_mask, sdpa, step_mask,
+    step_positions, AttnMask, Fwd, Linear, RmsNorm, RmsScale,
 };
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
@@ -325,6 +325,8 @@ impl AttnSpec {
 }
 
 impl Attention {
+    /// With `kv`, the queries also attend to the cached keys and values, and this pass's are
+    /// appended to them.
     fn forward(
         &self,
         x: &Tensor,
@@ -332,6 +334,7 @@ impl Attention {
         mask: &AttnMask,
         s: &AttnSpec,
         f: Fwd,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (s.heads, s.kv_heads, s.head_dim);
@@ -358,6 +361,10 @@ impl Attention {
         }
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = match kv {
+            Some(slot) => crate::model::extend_kv(slot, k, v)?,
+            None => (k, v),
+        };
         let p = if f.train { s.dropout } else { 0.0 };
         let y = match s.softcap {
             Some(cap) => softcapped_attention(&q, &k, &v, mask, s, cap, p, f.train)?,
@@ -598,11 +605,42 @@ impl<F: DecoderFamily> Architecture for DecoderNet<F> {
     }
 
     fn layer(&self, i: usize, h: &Tensor, p: &PassInputs) -> Result<Tensor> {
-        self.decoder.layer(i, h, p)
+        self.decoder.layer(i, h, p, None)
     }
 
     fn head(&self, h: &Tensor, batch: &Batch<'_>, p: &PassInputs) -> Result<Tensor> {
         self.decoder.head_logits(h, batch, p)
+    }
+
+    fn embed_step(
+        &self,
+        core: &Core,
+        batch: &Batch<'_>,
+        past: i64,
+    ) -> Result<(PassInputs, Tensor)> {
+        let p = self.decoder.step_inputs(core, batch, past)?;
+        let h = self.decoder.embed(core, batch, &p)?;
+        Ok((p, h))
+    }
+
+    fn layer_step(
+        &self,
+        i: usize,
+        h: &Tensor,
+        p: &PassInputs,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        self.decoder.layer(i, h, p, Some(kv))
+    }
+
+    fn rope_switch_length(&self) -> Option<i64> {
+        match self.decoder.rope.cfg.scaling {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            } => Some(original_max_position_embeddings),
+            _ => None,
+        }
     }
 }
 
@@ -811,6 +849,55 @@ impl Decoder {
         })
     }
 
+    /// The pass inputs of an incremental step: `batch`'s tokens follow `past` cached ones,
+    /// `batch.attention_mask` covers all of them (left padded); positions count each row's
+    /// real tokens, as transformers' `generate` does.
+    fn step_inputs(&self, core: &Core, batch: &Batch<'_>, past: i64) -> Result<PassInputs> {
+        let t = batch.input_ids.size()[1];
+        let total = batch.attention_mask.size()[1];
+        if total != past + t {
+            return Err(crate::Error::Data(format!(
+                "a decoding step of {t} token(s) after {past} needs a mask of {} positions, got {total}",
+                past + t
+            )));
+        }
+        let f = Fwd {
+            kind: core.compute_kind,
+            train: false,
+        };
+        let positions = step_positions(batch.attention_mask, t)?;
+        let rope_kind = if self.rope_in_fp32 {
+            Kind::Float
+        } else {
+            f.kind
+        };
+        // The sequence's whole length decides long-context RoPE (dynamic NTK, LongRoPE).
+        let cs = self
+            .rope
+            .cos_sin(total, Some(&positions), core.device, rope_kind)?;
+        let any_sliding = self.sliding.iter().any(|s| *s);
+        let local_cs = match &self.local_rope {
+            Some(r) if any_sliding => {
+                Some(r.cos_sin(total, Some(&positions), core.device, rope_kind)?)
+            }
+            _ => None,
+        };
+        let mask = |window: Option<i64>| step_mask(batch.attention_mask, t, window);
+        Ok(PassInputs {
+            f,
+            cs,
+            local_cs,
+            global: match self.sliding.iter().any(|s| !s) {
+                true => Some(mask(None)?),
+                false => None,
+            },
+            local: match any_sliding {
+                true => Some(mask(self.sliding_window)?),
+                false => None,
+            },
+        })
+    }
+
     fn embed(&self, core: &Core, batch: &Batch<'_>, p: &PassInputs) -> Result<Tensor> {
         let mut h = embedding(&self.embed, batch.input_ids, p.f.kind)?;
         if let Some(s) = self.embed_scale {
@@ -821,8 +908,15 @@ impl Decoder {
         Ok(h)
     }
 
-    /// Layer `i` on the hidden states `h`.
-    fn layer(&self, i: usize, h: &Tensor, p: &PassInputs) -> Result<Tensor> {
+    /// Layer `i` on the hidden states `h` (with `kv`, an incremental step's: see
+    /// [`Attention::forward`]).
+    fn layer(
+        &self,
+        i: usize,
+        h: &Tensor,
+        p: &PassInputs,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (l, f) = (&self.layers[i], p.f);
         let (m, cs) = match (self.sliding[i], &p.local_cs) {
             (true, Some(lcs)) => (p.local.as_ref(), lcs),
@@ -830,9 +924,14 @@ impl Decoder {
             (false, _) => (p.global.as_ref(), &p.cs),
         };
         let m = m.expect("a mask for every kind of layer");
-        let a = l
-            .attn
-            .forward(&norm(&l.attn_in, h.shallow_clone())?, cs, m, &self.attn, f)?;
+        let a = l.attn.forward(
+            &norm(&l.attn_in, h.shallow_clone())?,
+            cs,
+            m,
+            &self.attn,
+            f,
+            kv,
+        )?;
         let a = dropout(norm(&l.attn_out, a)?, self.resid_dropout, f.train)?;
         let h = h.f_add(&a)?;
         let y = l.mlp.forward(&norm(&l.mlp_in, h.shallow_clone())?, f)?;

@@ -10,8 +10,8 @@ use tuna_core::hf_config::{Gpt2Config, HfConfig};
 use super::{Architecture, Builder, Core, Head, Net};
 use crate::freeze::Role;
 use crate::layers::{
-    activation, all_real, causal_mask, dropout, embedding, packed_mask, sdpa, AttnMask, Fwd,
-    LayerNorm, Linear,
+    activation, all_real, causal_mask, dropout, embedding, packed_mask, sdpa, step_mask,
+    step_positions, AttnMask, Fwd, LayerNorm, Linear,
 };
 use crate::loader::Checkpoint;
 use crate::model::{Batch, LoadOptions, Model, TaskHead};
@@ -132,11 +132,60 @@ impl Architecture for Gpt2 {
         Ok((Pass { f, mask }, h))
     }
 
+    fn embed_step(&self, core: &Core, batch: &Batch<'_>, past: i64) -> Result<(Pass, Tensor)> {
+        let t = batch.input_ids.size()[1];
+        let total = batch.attention_mask.size()[1];
+        if total != past + t || total > self.cfg.n_positions {
+            return Err(crate::Error::Data(format!(
+                "a decoding step of {t} token(s) after {past} needs a mask of {} and at most {} positions, got {total}",
+                past + t,
+                self.cfg.n_positions
+            )));
+        }
+        let f = Fwd {
+            kind: core.compute_kind,
+            train: false,
+        };
+        let pos = step_positions(batch.attention_mask, t)?;
+        let h = embedding(&self.wte, batch.input_ids, f.kind)?
+            .f_add(&embedding(&self.wpe, &pos, f.kind)?)?;
+        let mask = step_mask(batch.attention_mask, t, None)?;
+        Ok((Pass { f, mask }, h))
+    }
+
+    fn layer_step(
+        &self,
+        i: usize,
+        h: &Tensor,
+        p: &Pass,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        self.block(i, h, p, Some(kv))
+    }
+
     fn num_layers(&self) -> usize {
         self.blocks.len()
     }
 
     fn layer(&self, i: usize, h: &Tensor, p: &Pass) -> Result<Tensor> {
+        self.block(i, h, p, None)
+    }
+
+    fn head(&self, h: &Tensor, batch: &Batch<'_>, p: &Pass) -> Result<Tensor> {
+        let h = self.ln_f.forward(h)?;
+        self.head.decoder_logits(&h, batch.attention_mask, p.f)
+    }
+}
+
+impl Gpt2 {
+    /// Block `i`; with `kv`, attending to the cached keys and values too (and adding its own).
+    fn block(
+        &self,
+        i: usize,
+        h: &Tensor,
+        p: &Pass,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (c, blk, f) = (&self.cfg, &self.blocks[i], p.f);
         let (nh, d, s) = (c.n_head, c.n_embd, h.size());
         let (bsz, t) = (s[0], s[1]);
@@ -149,6 +198,10 @@ impl Architecture for Gpt2 {
             .f_view([bsz, t, 3, nh, hd])?
             .f_permute([2, 0, 3, 1, 4])?;
         let (q, k, v) = (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?);
+        let (k, v) = match kv {
+            Some(slot) => crate::model::extend_kv(slot, k, v)?,
+            None => (k, v),
+        };
         let mut scale = if c.scale_attn_weights {
             1.0 / (hd as f64).sqrt()
         } else {
@@ -165,10 +218,5 @@ impl Architecture for Gpt2 {
         let m = activation(&blk.c_fc.forward(&m, f)?, &c.activation_function)?;
         let m = dropout(blk.mlp_proj.forward(&m, f)?, c.resid_pdrop, f.train)?;
         Ok(h.f_add(&m)?)
-    }
-
-    fn head(&self, h: &Tensor, batch: &Batch<'_>, p: &Pass) -> Result<Tensor> {
-        let h = self.ln_f.forward(h)?;
-        self.head.decoder_logits(&h, batch.attention_mask, p.f)
     }
 }

@@ -80,6 +80,35 @@ pub trait Architecture: Send {
     fn layer(&self, i: usize, h: &Tensor, pass: &Self::Pass) -> Result<Tensor>;
     /// The output for the task (see [`Model::forward`]) from the last layer's output.
     fn head(&self, h: &Tensor, batch: &Batch<'_>, pass: &Self::Pass) -> Result<Tensor>;
+    /// Incremental decoding: the pass inputs and embeddings of `batch`'s tokens, which follow
+    /// `past` tokens in the cache (`batch.attention_mask` covers all of them, left padded).
+    fn embed_step(
+        &self,
+        _core: &Core,
+        _batch: &Batch<'_>,
+        _past: i64,
+    ) -> Result<(Self::Pass, Tensor)> {
+        Err(Error::Config(
+            "only causal language models decode incrementally".into(),
+        ))
+    }
+    /// Layer `i` of an incremental step: attends to the cached keys and values of `kv` and
+    /// appends its own.
+    fn layer_step(
+        &self,
+        _i: usize,
+        _h: &Tensor,
+        _pass: &Self::Pass,
+        _kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        Err(Error::Config(
+            "only causal language models decode incrementally".into(),
+        ))
+    }
+    /// See [`Model::rope_switch_length`].
+    fn rope_switch_length(&self) -> Option<i64> {
+        None
+    }
     /// An encoder's `last_hidden_state [b, t, d]`, as transformers' base model returns it.
     fn last_hidden_state(&self, _core: &Core, _batch: &Batch<'_>, _train: bool) -> Result<Tensor> {
         Err(Error::Config(
@@ -309,6 +338,18 @@ impl<A: Architecture> Model for Net<A> {
     }
     fn forward(&self, batch: &Batch<'_>, train: bool) -> Result<Tensor> {
         pass::forward(&self.arch, &self.core, batch, train)
+    }
+    fn forward_step(&self, batch: &Batch<'_>, cache: &mut crate::model::KvCache) -> Result<Tensor> {
+        if self.core.task != TaskHead::CausalLm {
+            return Err(Error::Config(
+                "only a causal language model generates text".into(),
+            ));
+        }
+        let _g = tch::no_grad_guard();
+        pass::forward_step(&self.arch, &self.core, batch, cache)
+    }
+    fn rope_switch_length(&self) -> Option<i64> {
+        self.arch.rope_switch_length()
     }
     fn forward_backward_checkpointed(
         &self,

@@ -33,6 +33,26 @@ pub(super) fn forward<A: Architecture>(
     a.head(&h, batch, &p)
 }
 
+/// Incremental decoding: `batch`'s tokens through every layer, each attending to the cached
+/// keys and values and appending its own to `cache`; the logits of the last position, `[b,
+/// vocab]`.
+pub(super) fn forward_step<A: Architecture>(
+    a: &A,
+    core: &Core,
+    batch: &Batch<'_>,
+    cache: &mut crate::model::KvCache,
+) -> Result<Tensor> {
+    let n = a.num_layers();
+    cache.layers.resize_with(n, || None);
+    let (p, mut h) = a.embed_step(core, batch, cache.len())?;
+    for (i, kv) in cache.layers.iter_mut().enumerate() {
+        h = a.layer_step(i, &h, &p, kv)?;
+    }
+    let t = h.size()[1];
+    let last = h.f_narrow(1, t - 1, 1)?;
+    Ok(a.head(&last, batch, &p)?.f_select(1, 0)?)
+}
+
 /// Forward and backward of one batch with activation checkpointing: the forward keeps only
 /// each layer's input (run without a graph), and the backward runs each layer's forward
 /// again, last layer first, then its backward from the gradient of its output. `backward`

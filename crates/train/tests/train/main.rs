@@ -20,6 +20,8 @@
 //!   and SQuAD scores equal to transformers' question-answering example's.
 //! - `dpo`: preference tuning: DPO jobs that learn to prefer, resume, and refuse records of the
 //!   other method.
+//! - `generate`: KV-cache decoding: greedy output equal to transformers' `generate` on every
+//!   causal-LM family, seeded sampling, stop tokens and sequences.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!
@@ -32,6 +34,7 @@ mod decoders;
 mod dpo;
 mod encoders;
 mod export;
+mod generate;
 mod minilm;
 mod packing;
 mod parity;

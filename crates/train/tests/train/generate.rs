@@ -1,0 +1,197 @@
+//! Generation with a KV cache (`tuna_train::generate`): greedy output equals transformers'
+//! `generate` token for token on every causal-LM family's fixture (odd ones included: sliding
+//! windows shorter than the text, soft-capping, dynamic NTK and LongRoPE past their original
+//! length), for prompts of different lengths in one left-padded batch and each alone; sampling
+//! is reproducible with its seed; stop tokens and stop sequences end a text.
+
+use serde_json::json;
+use tuna_train::generate::{complete, generate, sample, Finish, Prompt, Sampling};
+use tuna_train::model::TaskHead;
+use tuna_train::tokenizer::Tok;
+
+use crate::support::{cpu_options, fixture, lock, run_check};
+
+const FAMILIES: [&str; 14] = [
+    "gpt2",
+    "llama",
+    "llama-tied",
+    "llama-dynamic",
+    "qwen2",
+    "qwen2-yarn",
+    "qwen3",
+    "qwen3-sliding",
+    "mistral",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "phi3-longrope",
+    "olmo2",
+];
+
+/// Prompts of 3, 11 and 6 tokens, drawn from the vocabulary above the special tokens.
+fn prompts(vocab: i64) -> Vec<Vec<i64>> {
+    let mut x: i64 = 12345;
+    let mut next = || {
+        x = (x * 1_103_515_245 + 12_345) % 2_147_483_648;
+        8 + x % (vocab - 8)
+    };
+    [3, 11, 6]
+        .iter()
+        .map(|n| (0..*n).map(|_| next()).collect())
+        .collect()
+}
+
+#[test]
+fn greedy_decoding_equals_transformers_generate_on_every_family() {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    for name in FAMILIES {
+        let model =
+            tuna_train::load_model(&fixture(name), &cpu_options(TaskHead::CausalLm)).unwrap();
+        let info = model.info().clone();
+        let vocab = info.vocab_size;
+        let ps = prompts(vocab);
+        let pad = info
+            .pad_token_id
+            .or(info.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        let s = Sampling {
+            max_tokens: 12,
+            stop_token_ids: info.eos_token_ids.clone(),
+            ..Default::default()
+        };
+        let batched = generate(model.as_ref(), &ps, pad, &s, &mut |_, _| true).unwrap();
+        let single: Vec<Vec<i64>> = ps
+            .iter()
+            .map(|p| {
+                generate(
+                    model.as_ref(),
+                    std::slice::from_ref(p),
+                    pad,
+                    &s,
+                    &mut |_, _| true,
+                )
+                .unwrap()[0]
+                    .tokens
+                    .clone()
+            })
+            .collect();
+        let hf = run_check(
+            "check_generate.py",
+            dir.path(),
+            &json!({"dir": fixture(name), "prompts": ps, "max_new_tokens": 12, "pad_id": pad,
+                    "eos": info.eos_token_ids}),
+        );
+        let tokens: Vec<Vec<i64>> = batched.iter().map(|g| g.tokens.clone()).collect();
+        assert_eq!(json!(tokens), hf["batched"], "{name}: batched");
+        assert_eq!(json!(single), hf["single"], "{name}: one prompt at a time");
+        for g in &batched {
+            let want = if g.tokens.len() == 12 {
+                Finish::Length
+            } else {
+                Finish::Stop
+            };
+            assert_eq!(g.finish, want, "{name}");
+        }
+        // Enough tokens that the sliding windows (6) and the original RoPE lengths (8) are
+        // passed.
+        assert!(tokens.iter().any(|t| t.len() >= 8), "{name}: {tokens:?}");
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_with_its_seed_and_stops_where_asked() {
+    let _g = lock();
+    let model =
+        tuna_train::load_model(&fixture("qwen2"), &cpu_options(TaskHead::CausalLm)).unwrap();
+    let ps = prompts(model.info().vocab_size);
+    let sampled = |seed: u64, top_k: usize, top_p: f64| {
+        let s = Sampling {
+            max_tokens: 10,
+            temperature: 1.5,
+            top_k,
+            top_p,
+            seed,
+            ..Default::default()
+        };
+        generate(model.as_ref(), &ps, 0, &s, &mut |_, _| true)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.tokens)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sampled(7, 0, 1.0), sampled(7, 0, 1.0));
+    assert_ne!(sampled(7, 0, 1.0), sampled(8, 0, 1.0));
+    // top_k 1 and a tiny top_p keep only the most likely token: greedy.
+    let greedy = generate(
+        model.as_ref(),
+        &ps,
+        0,
+        &Sampling {
+            max_tokens: 10,
+            ..Default::default()
+        },
+        &mut |_, _| true,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|g| g.tokens)
+    .collect::<Vec<_>>();
+    assert_eq!(sampled(3, 1, 1.0), greedy);
+    assert_eq!(sampled(3, 0, 1e-9), greedy);
+
+    // The filters themselves, on a known distribution.
+    let probs = [0.1f32, 0.5, 0.3, 0.1];
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let draws: Vec<usize> = (0..2000)
+        .map(|_| sample(&probs, 2, 1.0, &mut rng))
+        .collect();
+    assert!(draws.iter().all(|d| *d == 1 || *d == 2));
+    let share = draws.iter().filter(|d| **d == 1).count() as f64 / 2000.0;
+    assert!((share - 0.625).abs() < 0.04, "{share}");
+    let draws: Vec<usize> = (0..500).map(|_| sample(&probs, 0, 0.7, &mut rng)).collect();
+    assert!(
+        draws.iter().all(|d| *d == 1 || *d == 2),
+        "top_p 0.7 keeps 0.5 and 0.3"
+    );
+
+    // A stop sequence cuts the text before it; the model's end token stops it too.
+    let tok = Tok::load(&fixture("qwen2"), true).unwrap();
+    let prompt = [Prompt::Chat(vec![("user".into(), "hello there".into())])];
+    let free = complete(
+        model.as_ref(),
+        &tok,
+        &prompt,
+        &[],
+        &Sampling {
+            max_tokens: 12,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(free[0].completion_tokens > 0);
+    let text = &free[0].text;
+    let stop: String = text
+        .chars()
+        .skip(text.chars().count() / 2)
+        .take(2)
+        .collect();
+    let cut = complete(
+        model.as_ref(),
+        &tok,
+        &prompt,
+        std::slice::from_ref(&stop),
+        &Sampling {
+            max_tokens: 12,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(cut[0].finish, Finish::Stop);
+    assert_eq!(
+        cut[0].text,
+        text[..text.find(&stop).unwrap()],
+        "{text:?} / {stop:?}"
+    );
+    assert!(cut[0].prompt_tokens > 3);
+}
