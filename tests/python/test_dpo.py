@@ -138,6 +138,15 @@ def test_full_dpo_on_plain_text_pairs_matches_trl(api):
     tuna = last_eval(client, job.id)
     # Part way: the loss is well below ln 2 (where the policy is the reference) and above 0.
     assert 0.01 < tuna["valid_loss"] < math.log(2) - 0.1, tuna
+    # Each evaluation also shows what the model writes after the first validation prompts
+    # (eval_samples, default 3), beside the preferred answers.
+    samples = [ev for ev in client.fine_tuning.jobs.list_events(job.id, limit=100)
+               if isinstance(ev.data, dict) and "samples" in ev.data]
+    assert len(samples) == 2, [ev.message for ev in samples]
+    shown = samples[0].data["samples"]
+    assert [x["prompt"] for x in shown] == [r["prompt"] for r in valid[:3]], shown
+    assert [x["reference"] for x in shown] == [r["chosen"] for r in valid[:3]], shown
+    assert samples[0].message.startswith("Step ") and "samples" in samples[0].message
 
     final = download(http, job.id, tmp / "gpt2-dpo")
     policy = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)

@@ -250,6 +250,12 @@ pub enum TrainerEvent {
         #[serde(flatten)]
         metrics: EvalMetrics,
     },
+    /// Causal LM: at an evaluation, greedy completions of a few validation prompts
+    /// (`eval_samples`), each beside the answer the data gives.
+    Samples {
+        step: u64,
+        samples: Vec<Sample>,
+    },
     /// A checkpoint folder is complete on the local disk.
     Checkpoint {
         step: u64,
@@ -281,6 +287,14 @@ pub enum TrainerEvent {
         /// The job field the user should change (`batch_size` for out-of-memory, ...).
         param: Option<String>,
     },
+}
+
+/// One validation prompt, what the model wrote after it and what the data says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub completion: String,
+    pub reference: String,
 }
 
 impl TrainerEvent {

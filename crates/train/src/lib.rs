@@ -11,6 +11,7 @@
 //! - model side: `loader.rs`, `layers.rs`, `lora.rs`, `freeze.rs`, `models/` (one architecture per
 //!   file, the parameter builder and the export; config.json parsing is `tuna_core::hf_config`).
 //! - training side: `tokenizer.rs`, `data.rs`, `optim.rs`, `schedule.rs`, `checkpoint.rs`, `trainer.rs`.
+//! - `generate.rs`: text generation with a KV cache (greedy, seeded sampling, stop sequences).
 //! - `bench.rs`: `tuna-trainer bench`, the training-speed benchmark against transformers.
 //! - `memory.rs`: measured peak memory (metrics events, benchmarks).
 

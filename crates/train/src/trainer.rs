@@ -878,6 +878,15 @@ pub fn train(
             }
         }
     }
+    let samples = match data.samples.is_empty() {
+        true => None,
+        false => Some(Samples::new(
+            &tok,
+            model.info(),
+            &data.samples,
+            data.max_len,
+        )?),
+    };
     let mut run = Run::new(
         *inputs,
         job,
@@ -885,6 +894,7 @@ pub fn train(
         plan,
         label_map.as_ref(),
         resume.as_ref(),
+        samples,
     )?;
     match run.steps(callback, control)? {
         ControlFlow::Break(outcome) => Ok(outcome),
@@ -1006,6 +1016,146 @@ struct JobData {
     valid_stats: Option<DataStats>,
     /// Examples are cut to this many tokens.
     max_len: usize,
+    /// Causal LM: the validation prompts whose completions the evaluations show.
+    samples: Vec<SamplePrompt>,
+}
+
+/// A validation prompt for the samples of an evaluation (`eval_samples`).
+struct SamplePrompt {
+    prompt: crate::generate::Prompt,
+    /// The prompt as the event shows it (the last user turn of a conversation).
+    shown: String,
+    reference: String,
+}
+
+/// The first `n` validation records as prompts and the answers the data gives: a prompt and
+/// its completion; a conversation up to its last assistant turn and that turn; a text's first
+/// half of words and the rest; a preference pair's prompt and its preferred answer.
+fn sample_prompts(examples: &[(u64, Example)], n: usize) -> Vec<SamplePrompt> {
+    use crate::generate::Prompt;
+    use tuna_core::data::{Message, Turns};
+    let chat = |m: &[Message], reference: String| {
+        let shown = m
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map_or_else(String::new, |m| m.content.clone());
+        let turns = m
+            .iter()
+            .map(|m| (m.role.clone(), m.content.clone()))
+            .collect();
+        SamplePrompt {
+            prompt: Prompt::Chat(turns),
+            shown,
+            reference,
+        }
+    };
+    let text = |p: &str, reference: String| SamplePrompt {
+        prompt: Prompt::Text(p.to_string()),
+        shown: p.to_string(),
+        reference,
+    };
+    examples
+        .iter()
+        .filter_map(|(_, ex)| match ex {
+            Example::PromptCompletion { prompt, completion } if !prompt.is_empty() => {
+                Some(text(prompt, completion.clone()))
+            }
+            Example::Chat { messages } => {
+                let last = messages.iter().rposition(|m| m.role == "assistant")?;
+                (last > 0).then(|| chat(&messages[..last], messages[last].content.clone()))
+            }
+            Example::Text { text: t } => {
+                let words: Vec<&str> = t.split_whitespace().collect();
+                (words.len() >= 2).then(|| {
+                    let half = words.len() / 2;
+                    text(&words[..half].join(" "), words[half..].join(" "))
+                })
+            }
+            Example::Preference { prompt, chosen, .. } => match (prompt, chosen) {
+                (Turns::Chat(p), Turns::Chat(c)) => Some(chat(
+                    p,
+                    c.iter()
+                        .map(|m| m.content.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )),
+                (Turns::Text(p), Turns::Text(c)) if !p.is_empty() => Some(text(p, c.clone())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .take(n)
+        .collect()
+}
+
+/// What an evaluation's samples need: the prompts' tokens, the tokenizer to read the
+/// completions, and when to stop.
+struct Samples {
+    prompts: Vec<(Vec<i64>, String, String)>,
+    decoder: tokenizers::Tokenizer,
+    pad_id: i64,
+    sampling: crate::generate::Sampling,
+}
+
+/// New tokens a sample gets at most (fewer when the job's `max_seq_length` leaves less).
+const SAMPLE_TOKENS: usize = 32;
+
+impl Samples {
+    fn new(
+        tok: &Tok,
+        info: &ModelInfo,
+        prompts: &[SamplePrompt],
+        max_len: usize,
+    ) -> Result<Samples> {
+        let mut stop: Vec<i64> = info.eos_token_ids.clone();
+        stop.extend(tok.eos.as_ref().map(|e| i64::from(e.id)));
+        // A prompt and its completion fit the job's (and the model's) length: prompts that
+        // leave fewer than 4 new tokens are left out, and the longest kept sets the budget.
+        let mut out = Vec::new();
+        for p in prompts {
+            let ids = crate::generate::prompt_ids(tok, &p.prompt)?;
+            if !ids.is_empty() && ids.len() + 4 <= max_len {
+                out.push((ids, p.shown.clone(), p.reference.clone()));
+            }
+        }
+        let longest = out.iter().map(|p| p.0.len()).max().unwrap_or(0);
+        Ok(Samples {
+            prompts: out,
+            decoder: tok.inner().clone(),
+            pad_id: tok
+                .pad
+                .as_ref()
+                .map(|p| i64::from(p.id))
+                .or(info.pad_token_id)
+                .or(info.eos_token_ids.first().copied())
+                .unwrap_or(0),
+            sampling: crate::generate::Sampling {
+                max_tokens: SAMPLE_TOKENS.min(max_len.saturating_sub(longest)),
+                stop_token_ids: stop,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Greedy completions of the prompts with the model as it is now.
+    fn generate(&self, model: &dyn Model) -> Result<Vec<tuna_core::protocol::Sample>> {
+        let ids: Vec<Vec<i64>> = self.prompts.iter().map(|p| p.0.clone()).collect();
+        let out =
+            crate::generate::generate(model, &ids, self.pad_id, &self.sampling, &mut |_, _| true)?;
+        Ok(out
+            .into_iter()
+            .zip(&self.prompts)
+            .map(|(g, (_, shown, reference))| {
+                let toks: Vec<u32> = g.tokens.iter().map(|t| *t as u32).collect();
+                tuna_core::protocol::Sample {
+                    prompt: shown.clone(),
+                    completion: self.decoder.decode(&toks, true).unwrap_or_default(),
+                    reference: reference.clone(),
+                }
+            })
+            .collect())
+    }
 }
 
 /// Splits the validation part off the training data (unless there is a validation file) and
@@ -1064,12 +1214,17 @@ fn tokenize(
         )?;
         (f, Some(s))
     };
+    let samples = match spec.task {
+        Task::CausalLm => sample_prompts(&valid_part, spec.eval_samples.unwrap_or(0) as usize),
+        _ => Vec::new(),
+    };
     Ok(JobData {
         train,
         train_stats,
         valid,
         valid_stats,
         max_len,
+        samples,
     })
 }
 
@@ -1243,6 +1398,8 @@ struct Run<'a> {
     /// The step of the latest checkpoint this process saved.
     last_saved: Option<u64>,
     stop_early: bool,
+    /// Causal LM: what each evaluation generates for its samples event.
+    samples: Option<Samples>,
 }
 
 impl<'a> Run<'a> {
@@ -1254,6 +1411,7 @@ impl<'a> Run<'a> {
         plan: Plan,
         labels: Option<&LabelMap>,
         resume: Option<&Resume>,
+        samples: Option<Samples>,
     ) -> Result<Run<'a>> {
         let spec = inputs.spec;
         let bf16_moments = spec.optimizer_moments == tuna_core::spec::Moments::Bf16;
@@ -1284,6 +1442,7 @@ impl<'a> Run<'a> {
             window: Window::new(),
             last_saved: None,
             stop_early: false,
+            samples,
         })
     }
 
@@ -1470,6 +1629,15 @@ impl<'a> Run<'a> {
         }
         let evals_without_improvement = state.evals_without_improvement;
         callback(TrainerEvent::Eval { step, metrics: m });
+        if let Some(samples) = &self.samples {
+            let generated = guarded(|| samples.generate(self.job.model))?;
+            if !generated.is_empty() {
+                callback(TrainerEvent::Samples {
+                    step,
+                    samples: generated,
+                });
+            }
+        }
         let patience = self.inputs.spec.early_stopping_patience;
         if patience > 0 && evals_without_improvement >= patience {
             callback(TrainerEvent::Warning {

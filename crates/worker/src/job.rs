@@ -1160,6 +1160,15 @@ async fn handle_event(
             }
             Ok(())
         }
+        TrainerEvent::Samples { step, samples } => {
+            ctx.event(
+                Level::Info,
+                &samples_message(*step, samples),
+                Some(&event_data(ev)),
+                EventKind::Message,
+            )
+            .await
+        }
         TrainerEvent::Warning { message } => {
             ctx.event(Level::Warn, message, None, EventKind::Message)
                 .await
@@ -1170,6 +1179,30 @@ async fn handle_event(
         | TrainerEvent::Cancelled { .. }
         | TrainerEvent::Error { .. } => Ok(()),
     }
+}
+
+/// The text of a samples event: each prompt, what the model wrote and the reference, quoted
+/// and shortened to a line each.
+fn samples_message(step: u64, samples: &[tuna_core::protocol::Sample]) -> String {
+    fn short(s: &str) -> String {
+        let one_line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut cut: String = one_line.chars().take(120).collect();
+        if cut.len() < one_line.len() {
+            cut.push('…');
+        }
+        format!("{cut:?}")
+    }
+    let mut msg = format!("Step {step}: samples");
+    for (i, s) in samples.iter().enumerate() {
+        msg.push_str(&format!(
+            "\n{}. {} → {} (reference: {})",
+            i + 1,
+            short(&s.prompt),
+            short(&s.completion),
+            short(&s.reference)
+        ));
+    }
+    msg
 }
 
 async fn finish_failed(ctx: &Ctx<'_>, err: &JobError) -> Result<Outcome, WorkerError> {

@@ -240,6 +240,10 @@ pub struct JobSpec {
     pub doc_stride: Option<u32>,
     /// Evaluate every N optimiser steps (0: at the end of each epoch).
     pub eval_interval: u32,
+    /// Causal LM: at each evaluation, greedy completions of this many validation prompts go
+    /// into the job's events beside their reference answers (None for the other tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_samples: Option<u32>,
     /// Save a checkpoint every N optimiser steps (0: at the end of each epoch).
     pub checkpoint_interval: u32,
     /// Stop after this many evaluations without improvement (0: never).
@@ -353,6 +357,8 @@ pub struct MethodHyperparameters<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doc_stride: Option<u32>,
     pub eval_interval: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_samples: Option<u32>,
     pub checkpoint_interval: u32,
     pub early_stopping_patience: u32,
     pub validation_split: f64,
@@ -435,6 +441,7 @@ impl JobSpec {
             max_grad_norm: self.max_grad_norm,
             doc_stride: self.doc_stride,
             eval_interval: self.eval_interval,
+            eval_samples: self.eval_samples,
             checkpoint_interval: self.checkpoint_interval,
             early_stopping_patience: self.early_stopping_patience,
             validation_split: self.validation_split,

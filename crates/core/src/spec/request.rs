@@ -63,6 +63,7 @@ struct Knobs {
     max_grad_norm: Knob<f64>,
     doc_stride: Knob<Int>,
     eval_interval: Knob<Int>,
+    eval_samples: Knob<Int>,
     checkpoint_interval: Knob<Int>,
     early_stopping_patience: Knob<Int>,
     validation_split: Knob<f64>,
@@ -725,6 +726,17 @@ fn resolve(
         _ => None,
     };
     let eval_interval = k.eval_interval.count(0, 10_000_000, 0)?;
+    // Causal LM (SFT or DPO): greedy completions of a few validation prompts at each evaluation.
+    let eval_samples = match task {
+        Task::CausalLm => Some(k.eval_samples.count(0, 20, 3)?),
+        _ if k.eval_samples.is_given() => {
+            return Err(k.eval_samples.error(format!(
+                "eval_samples applies to causal language models (task 'causal_lm'), not task '{}'",
+                task.as_str()
+            )))
+        }
+        _ => None,
+    };
     let checkpoint_interval = k.checkpoint_interval.count(0, 10_000_000, 0)?;
     let early_stopping_patience = k.early_stopping_patience.count(0, 1000, 0)?;
     let validation_split = k.validation_split.number_in(0.0, 0.5, true)?.unwrap_or(0.1);
@@ -787,6 +799,7 @@ fn resolve(
         max_grad_norm,
         doc_stride,
         eval_interval,
+        eval_samples,
         checkpoint_interval,
         early_stopping_patience,
         validation_split,

@@ -195,3 +195,62 @@ fn sampling_is_reproducible_with_its_seed_and_stops_where_asked() {
     );
     assert!(cut[0].prompt_tokens > 3);
 }
+
+#[test]
+fn causal_lm_evaluations_show_completions_of_validation_prompts() {
+    use tuna_core::data::Example;
+    use tuna_train::trainer::{train, Control, TrainInputs, TrainerEvent};
+
+    let _g = lock();
+    // Every completion is the same: the samples show the model learning it.
+    let data: Vec<(u64, Example)> = (0..24)
+        .map(|i| {
+            (
+                i + 1,
+                Example::PromptCompletion {
+                    prompt: format!("item {i}:"),
+                    completion: " yes it is".into(),
+                },
+            )
+        })
+        .collect();
+    let s = crate::train_loop::spec(
+        json!({"n_epochs": 4, "batch_size": 4, "learning_rate": 3e-3,
+                                           "validation_split": 0.25, "eval_samples": 2, "eval_interval": 1}),
+    );
+    assert_eq!(s.eval_samples, Some(2));
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = TrainInputs {
+        model_dir: &fixture("gpt2"),
+        spec: &s,
+        train_examples: &data,
+        valid_examples: None,
+        output_dir: dir.path(),
+        resume_from: None,
+        device: tch::Device::Cpu,
+    };
+    let (mut evals, mut samples) = (Vec::new(), Vec::new());
+    let mut cb = |ev: TrainerEvent| match ev {
+        TrainerEvent::Eval { step, .. } => evals.push(step),
+        TrainerEvent::Samples { step, samples: s } => samples.push((step, s)),
+        _ => {}
+    };
+    train(&inputs, &mut cb, &Control::new()).unwrap();
+    // One samples event after each evaluation, two validation prompts each, with the data's
+    // answers beside them.
+    assert_eq!(samples.iter().map(|(s, _)| *s).collect::<Vec<_>>(), evals);
+    for (_, s) in &samples {
+        assert_eq!(s.len(), 2);
+        for x in s {
+            assert!(x.prompt.starts_with("item "), "{x:?}");
+            assert_eq!(x.reference, " yes it is");
+        }
+    }
+    let last = &samples.last().unwrap().1;
+    assert!(
+        last.iter().all(|x| x.completion.starts_with(" yes it is")),
+        "{last:?}"
+    );
+    // Not learned after the first step, learned at the end.
+    assert_ne!(samples[0].1, *last);
+}
