@@ -4,7 +4,9 @@
 Usage: HF_HUB_OFFLINE=1 .venv/bin/python python/check_generate.py CASE.json
 
 CASE.json: {"dir": <model folder>, "prompts": [[token ids], ...], "max_new_tokens": N,
-            "pad_id": P, "eos": [token ids]}
+            "pad_id": P, "eos": [token ids], "adapter": <optional PEFT adapter folder>}
+
+With `adapter`, the model is PEFT's PeftModel of the adapter over `dir`.
 
 Prints {"batched": [...], "single": [...]}: per prompt the new tokens of greedy `generate`
 (fp32, CPU), all prompts in one batch padded on the left with `pad_id` (`batched`) and each
@@ -33,6 +35,11 @@ def main():
         case = json.load(f)
     torch.set_num_threads(2)
     model, _ = load_exactly(AutoModelForCausalLM, case["dir"])
+    if case.get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, case["adapter"])
+        model.eval()
     n, pad, eos = case["max_new_tokens"], case["pad_id"], set(case["eos"])
     prompts = case["prompts"]
     kwargs = dict(max_new_tokens=n, do_sample=False, pad_token_id=pad, eos_token_id=sorted(eos) or None)

@@ -223,6 +223,13 @@ pub trait Model {
             "this model has no incremental decoding".into(),
         ))
     }
+    /// Loads a PEFT LoRA adapter folder into the model's LoRA weights (see
+    /// `Core::load_adapter`).
+    fn load_adapter(&self, _dir: &Path) -> Result<()> {
+        Err(crate::Error::Config(
+            "this model cannot load adapters".into(),
+        ))
+    }
     /// LongRoPE (Phi-3): the original context length past which the rotary frequencies switch
     /// to their long set. A cache made within it is computed again when a sequence grows past
     /// it, as transformers' Phi-3 `prepare_inputs_for_generation` does.

@@ -145,6 +145,46 @@ pub struct Net<A> {
     pub arch: A,
 }
 
+/// The LoRA settings of the PEFT adapter in `dir` (`adapter_config.json`: `r`, `lora_alpha`,
+/// `lora_dropout`, `target_modules`) and the base it names (`base_model_name_or_path`), to load
+/// the base with before [`Model::load_adapter`].
+pub fn adapter_options(dir: &Path) -> Result<(LoraOptions, String)> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let cfg: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    let bad = |what: &str| Error::Config(format!("{}: {what}", path.display()));
+    if cfg
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t != "LORA")
+    {
+        return Err(bad("only LoRA adapters are supported"));
+    }
+    let r = cfg["r"].as_i64().ok_or_else(|| bad("no integer `r`"))?;
+    let targets = match &cfg["target_modules"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        _ => return Err(bad("no `target_modules`")),
+    };
+    Ok((
+        LoraOptions {
+            r,
+            alpha: cfg["lora_alpha"].as_f64().unwrap_or(8.0),
+            dropout: cfg["lora_dropout"].as_f64().unwrap_or(0.0),
+            target_modules: targets,
+        },
+        cfg["base_model_name_or_path"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    ))
+}
+
 /// Loads the Hugging Face model in `dir` (config.json + safetensors weights) for `opts.task`.
 pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     let hf = read_config(dir)?;
@@ -297,6 +337,53 @@ impl Core {
         out
     }
 
+    /// Loads the PEFT LoRA adapter in `dir` (`adapter_model.safetensors`, as tuna and PEFT save
+    /// it) into this model's LoRA weights, and a task head saved beside them: switching
+    /// adapters of one base copies their weights, the base stays as loaded. The model must
+    /// have been loaded with the adapter's rank and target modules ([`adapter_options`]).
+    pub fn load_adapter(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("adapter_model.safetensors");
+        let tensors = crate::loader::read_safetensors(&path)?;
+        let _g = tch::no_grad_guard();
+        let copy = |key: &str, dst: &Tensor| -> Result<()> {
+            let src = tensors.get(key).ok_or_else(|| {
+                Error::Weights(format!(
+                    "{} has no {key}: the adapter was made for other target modules",
+                    path.display()
+                ))
+            })?;
+            if src.size() != dst.size() {
+                return Err(Error::Weights(format!(
+                    "{key}: the adapter's shape {:?}, the model's {:?}",
+                    src.size(),
+                    dst.size()
+                )));
+            }
+            let mut d = dst.shallow_clone();
+            d.f_copy_(src)?;
+            Ok(())
+        };
+        for l in &self.loras {
+            copy(&lora::peft_key(&l.module, "lora_A"), &l.a)?;
+            copy(&lora::peft_key(&l.module, "lora_B"), &l.b)?;
+        }
+        let lora_keys = tensors.keys().filter(|k| k.contains(".lora_")).count();
+        if lora_keys != 2 * self.loras.len() {
+            return Err(Error::Weights(format!(
+                "{} holds {lora_keys} LoRA tensors; this model has {} (other target modules)",
+                path.display(),
+                2 * self.loras.len()
+            )));
+        }
+        for p in self.params.iter().filter(|p| p.head) {
+            let key = lora::peft_saved_key(&p.name);
+            if tensors.contains_key(&key) {
+                copy(&key, &p.tensor)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn load_trainable(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         let _g = tch::no_grad_guard();
         let mut missing = Vec::new();
@@ -374,6 +461,9 @@ impl<A: Architecture> Model for Net<A> {
     }
     fn load_trainable(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         self.core.load_trainable(tensors)
+    }
+    fn load_adapter(&self, dir: &Path) -> Result<()> {
+        self.core.load_adapter(dir)
     }
     fn load_notes(&self) -> Vec<String> {
         self.core.notes.clone()

@@ -254,3 +254,157 @@ fn causal_lm_evaluations_show_completions_of_validation_prompts() {
     // Not learned after the first step, learned at the end.
     assert_ne!(samples[0].1, *last);
 }
+
+/// A prompt/completion job's data: every completion is `answer`.
+fn answering(answer: &str) -> Vec<(u64, tuna_core::data::Example)> {
+    (0..24)
+        .map(|i| {
+            (
+                i + 1,
+                tuna_core::data::Example::PromptCompletion {
+                    prompt: format!("item {i}:"),
+                    completion: answer.to_string(),
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn fine_tuned_models_and_adapters_generate_as_transformers_and_peft_do() {
+    use crate::tasks::final_dir;
+    use crate::train_loop::{run, spec};
+
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let knobs = json!({"n_epochs": 3, "batch_size": 4, "learning_rate": 3e-3, "validation_split": 0.0,
+                       "eval_samples": 0});
+    // A full fine-tune of GPT-2, generating from its export.
+    let full = run(
+        &fixture("gpt2"),
+        &spec(knobs.clone()),
+        &answering(" yes it is"),
+        &dir.path().join("full"),
+        None,
+        None,
+    );
+    let full_dir = final_dir(&full.outcome);
+    let model = tuna_train::load_model(full_dir, &cpu_options(TaskHead::CausalLm)).unwrap();
+    let tok = Tok::load(full_dir, true).unwrap();
+    let ps: Vec<Vec<i64>> = ["item 3:", "item 40:", "what now"]
+        .iter()
+        .map(|p| {
+            tok.ids(p, true)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect()
+        })
+        .collect();
+    let s = Sampling {
+        max_tokens: 8,
+        stop_token_ids: model.info().eos_token_ids.clone(),
+        ..Default::default()
+    };
+    let tokens = |m: &dyn tuna_train::model::Model| -> Vec<Vec<i64>> {
+        generate(m, &ps, 0, &s, &mut |_, _| true)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.tokens)
+            .collect()
+    };
+    let hf = run_check(
+        "check_generate.py",
+        dir.path(),
+        &json!({"dir": full_dir, "prompts": ps, "max_new_tokens": 8, "pad_id": 0,
+                "eos": model.info().eos_token_ids}),
+    );
+    let out = tokens(model.as_ref());
+    assert_eq!(json!(out), hf["batched"], "full fine-tune");
+    assert!(tok
+        .inner()
+        .decode(&out[0].iter().map(|t| *t as u32).collect::<Vec<_>>(), true)
+        .unwrap()
+        .starts_with(" yes"));
+
+    // Two LoRA adapters of one Llama base, swapped on one loaded model.
+    let mut lora = knobs.clone();
+    lora["lora_r"] = json!(8);
+    lora["lora_target_modules"] = json!(["q_proj", "v_proj", "down_proj"]);
+    let a = run(
+        &fixture("llama"),
+        &spec(lora.clone()),
+        &answering(" yes it is"),
+        &dir.path().join("a"),
+        None,
+        None,
+    );
+    let b = run(
+        &fixture("llama"),
+        &spec(lora),
+        &answering(" no it is not"),
+        &dir.path().join("b"),
+        None,
+        None,
+    );
+    let (a_dir, b_dir) = (final_dir(&a.outcome), final_dir(&b.outcome));
+    let (opts, base) = tuna_train::models::adapter_options(a_dir).unwrap();
+    assert_eq!((opts.r, opts.target_modules.len()), (8, 3));
+    assert!(base.ends_with("llama"), "{base}");
+    let mut load = cpu_options(TaskHead::CausalLm);
+    load.lora = Some(opts);
+    let shared = tuna_train::load_model(&fixture("llama"), &load).unwrap();
+    let tok = Tok::load(a_dir, true).unwrap();
+    let ps: Vec<Vec<i64>> = ["item 3:", "item 40:"]
+        .iter()
+        .map(|p| {
+            tok.ids(p, true)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect()
+        })
+        .collect();
+    let s = Sampling {
+        max_tokens: 8,
+        stop_token_ids: shared.info().eos_token_ids.clone(),
+        ..Default::default()
+    };
+    let gen = |adapter: &std::path::Path| -> Vec<Vec<i64>> {
+        shared.load_adapter(adapter).unwrap();
+        generate(shared.as_ref(), &ps, 0, &s, &mut |_, _| true)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.tokens)
+            .collect()
+    };
+    let (with_a, with_b, a_again) = (gen(a_dir), gen(b_dir), gen(a_dir));
+    assert_ne!(with_a, with_b);
+    assert_eq!(
+        with_a, a_again,
+        "switching back to an adapter gives its output again"
+    );
+    for (adapter, out) in [(a_dir, &with_a), (b_dir, &with_b)] {
+        let hf = run_check(
+            "check_generate.py",
+            dir.path(),
+            &json!({"dir": fixture("llama"), "adapter": adapter, "prompts": ps, "max_new_tokens": 8,
+                    "pad_id": 0, "eos": shared.info().eos_token_ids}),
+        );
+        assert_eq!(json!(out), hf["batched"], "{adapter:?}");
+    }
+    // An adapter for other modules does not fit this model.
+    let mut other = cpu_options(TaskHead::CausalLm);
+    other.lora = Some(tuna_train::model::LoraOptions {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into()],
+    });
+    let e = tuna_train::load_model(&fixture("llama"), &other)
+        .unwrap()
+        .load_adapter(a_dir)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("LoRA tensors"), "{e}");
+}
