@@ -351,6 +351,110 @@ impl std::str::FromStr for ControlLine {
     }
 }
 
+/// `tuna-trainer serve`, the inference process: one request per stdin line, events on stdout
+/// (one JSON object per line). Requests run one at a time, in order; a failed request answers
+/// an `error` event and the process goes on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum InferRequest {
+    /// Text completions of one or more prompts (OpenAI's `/v1/completions` and
+    /// `/v1/chat/completions` map onto it).
+    Complete(CompleteRequest),
+    /// Finish and exit.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    /// Echoed in every event of the request.
+    pub id: String,
+    /// A model folder: a base, a full fine-tune's export, or a LoRA adapter's base.
+    pub model_dir: PathBuf,
+    /// A PEFT LoRA adapter folder applied over `model_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_dir: Option<PathBuf>,
+    pub prompts: Vec<InferPrompt>,
+    pub max_tokens: u32,
+    /// 0: greedy.
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default = "one")]
+    pub top_p: f64,
+    /// 0: no limit.
+    #[serde(default)]
+    pub top_k: u32,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Send `delta` events as the texts grow.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A prompt: plain text, or chat messages laid out with the model's chat template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InferPrompt {
+    Text(String),
+    Chat(Vec<ChatTurn>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatTurn {
+    pub role: String,
+    pub content: String,
+}
+
+/// What the inference process prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum InferEvent {
+    /// Started, reading requests.
+    Ready {
+        device: String,
+    },
+    /// A model was loaded (`bytes`: its weights in memory) or, to stay within the memory
+    /// budget, evicted.
+    Loaded {
+        model_dir: PathBuf,
+        bytes: u64,
+    },
+    Evicted {
+        model_dir: PathBuf,
+    },
+    /// More text of prompt `index` (streaming requests).
+    Delta {
+        id: String,
+        index: usize,
+        text: String,
+    },
+    /// The request's texts, in prompt order.
+    Done {
+        id: String,
+        choices: Vec<InferChoice>,
+    },
+    Error {
+        id: Option<String>,
+        /// `model_not_found`, `invalid_request`, `insufficient_memory`, `inference_error`.
+        code: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferChoice {
+    pub text: String,
+    /// `stop` or `length`, as OpenAI's.
+    pub finish_reason: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

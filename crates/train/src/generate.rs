@@ -256,6 +256,20 @@ pub fn complete(
     stop: &[String],
     s: &Sampling,
 ) -> Result<Vec<Completion>> {
+    complete_streaming(model, tok, prompts, stop, s, &mut |_, _| {})
+}
+
+/// [`complete`], handing each prompt's text to `on_text(index, delta)` as it grows: the deltas
+/// of a prompt add up to its final text. Text that may still turn out to begin a stop sequence,
+/// or that ends inside a character, is held back until it cannot.
+pub fn complete_streaming(
+    model: &dyn Model,
+    tok: &Tok,
+    prompts: &[Prompt],
+    stop: &[String],
+    s: &Sampling,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<Vec<Completion>> {
     let ids = prompts
         .iter()
         .map(|p| prompt_ids(tok, p))
@@ -279,38 +293,59 @@ pub fn complete(
         .or(info.pad_token_id)
         .or(info.eos_token_ids.first().copied())
         .unwrap_or(0);
+    let stop: Vec<&str> = stop
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
     let text_of = |t: &[i64]| -> String {
         let u: Vec<u32> = t.iter().map(|i| *i as u32).collect();
         tok.inner().decode(&u, true).unwrap_or_default()
     };
-    let mut keep_going = |_: usize, t: &[i64]| {
-        if stop.is_empty() {
-            return true;
+    // The text before the first stop sequence, and whether one was found.
+    let cut = |text: &str| -> (usize, bool) {
+        match stop.iter().filter_map(|st| text.find(st)).min() {
+            Some(i) => (i, true),
+            None => (text.len(), false),
         }
-        let text = text_of(t);
-        !stop
-            .iter()
-            .any(|st| !st.is_empty() && text.contains(st.as_str()))
     };
-    let generated = generate(model, &ids, pad, &s, &mut keep_going)?;
+    let hold = stop.iter().map(|s| s.chars().count()).max().unwrap_or(1) - 1;
+    let mut sent = vec![0usize; ids.len()];
+    let generated = {
+        let mut keep_going = |r: usize, t: &[i64]| {
+            let text = text_of(t);
+            let (end, found) = cut(&text);
+            // Safe to show: up to a stop sequence, or all but what could begin one and a
+            // trailing partial character.
+            let safe = if found {
+                end
+            } else {
+                let body = text.trim_end_matches('\u{FFFD}');
+                let keep = body.chars().count().saturating_sub(hold);
+                body.char_indices().nth(keep).map_or(body.len(), |(i, _)| i)
+            };
+            if safe > sent[r] && text.is_char_boundary(sent[r]) {
+                on_text(r, &text[sent[r]..safe]);
+                sent[r] = safe;
+            }
+            !found
+        };
+        generate(model, &ids, pad, &s, &mut keep_going)?
+    };
     Ok(generated
         .into_iter()
         .zip(&ids)
-        .map(|(g, p)| {
+        .enumerate()
+        .map(|(r, (g, p))| {
             let mut text = text_of(&g.tokens);
-            let mut finish = g.finish;
-            if let Some(cut) = stop
-                .iter()
-                .filter(|st| !st.is_empty())
-                .filter_map(|st| text.find(st.as_str()))
-                .min()
-            {
-                text.truncate(cut);
-                finish = Finish::Stop;
+            let (end, found) = cut(&text);
+            text.truncate(end);
+            if text.len() > sent[r] && text.is_char_boundary(sent[r]) {
+                on_text(r, &text[sent[r]..]);
             }
             Completion {
                 text,
-                finish,
+                finish: if found { Finish::Stop } else { g.finish },
                 prompt_tokens: p.len(),
                 completion_tokens: g.tokens.len(),
             }

@@ -12,6 +12,8 @@
 //!   file, the parameter builder and the export; config.json parsing is `tuna_core::hf_config`).
 //! - training side: `tokenizer.rs`, `data.rs`, `optim.rs`, `schedule.rs`, `checkpoint.rs`, `trainer.rs`.
 //! - `generate.rs`: text generation with a KV cache (greedy, seeded sampling, stop sequences).
+//! - `serve.rs`: `tuna-trainer serve`, the inference process (requests on stdin, events on
+//!   stdout, an LRU of loaded models within a memory budget).
 //! - `bench.rs`: `tuna-trainer bench`, the training-speed benchmark against transformers.
 //! - `memory.rs`: measured peak memory (metrics events, benchmarks).
 
@@ -30,6 +32,7 @@ pub mod models;
 pub mod optim;
 pub mod quant;
 pub mod schedule;
+pub mod serve;
 pub mod tokenizer;
 pub mod trainer;
 

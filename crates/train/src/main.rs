@@ -4,6 +4,8 @@
 //! tuna-trainer run --model-dir DIR --spec spec.json --train-file F [--valid-file V]
 //!                  --output-dir OUT [--resume-from CKPT_DIR] [--device auto|cpu|cuda]
 //! tuna-trainer info --model-dir DIR
+//! tuna-trainer serve [--device auto|cpu|cuda] [--precision auto|fp32|bf16]
+//!                    [--memory-budget-mib MIB] [--threads T]
 //! tuna-trainer bench --model-dir DIR --data BATCHES.json [--device cpu|cuda] [--precision ..]
 //!                    [--lora-r R] [--packing] [--warmup W] [--steps N] [--threads T]
 //!                    [--peak-tflops P]
@@ -17,7 +19,9 @@
 //! # Protocol
 //! The events printed on stdout, the control lines read on stdin and the exit statuses are the
 //! types of `tuna_core::protocol` (the worker reads them with the same types). `info` prints one
-//! line: the model's `ModelInfo` as JSON. Logs go to stderr.
+//! line: the model's `ModelInfo` as JSON. `serve` is the inference process: it reads
+//! `InferRequest` lines on stdin and prints `InferEvent` lines (`tuna_train::serve`). Logs go
+//! to stderr.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -62,6 +66,21 @@ enum Cmd {
         /// auto, cpu or cuda (default: the spec's device).
         #[arg(long)]
         device: Option<Device>,
+        /// Intra-op CPU threads (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
+    },
+    /// The inference process: completion requests on stdin, events on stdout.
+    Serve {
+        /// auto (CUDA when available), cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: Device,
+        /// auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
+        #[arg(long, default_value = "auto")]
+        precision: Precision,
+        /// Model weights kept loaded at most; the least recently used go first.
+        #[arg(long, default_value_t = 8192)]
+        memory_budget_mib: u64,
         /// Intra-op CPU threads (default: libtorch's choice).
         #[arg(long)]
         threads: Option<i32>,
@@ -182,6 +201,12 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Info { model_dir } => info(&model_dir),
+        Cmd::Serve {
+            device,
+            precision,
+            memory_budget_mib,
+            threads,
+        } => serve(device, precision, memory_budget_mib, threads),
         Cmd::Bench {
             model_dir,
             data,
@@ -268,6 +293,47 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Reads inference requests until `shutdown` or the end of stdin.
+fn serve(device: Device, precision: Precision, budget_mib: u64, threads: Option<i32>) -> i32 {
+    use tuna_core::protocol::{InferEvent, InferRequest};
+    if let Some(t) = threads {
+        tch::set_num_threads(t);
+    }
+    let emit = |ev: &InferEvent| print_line(&serde_json::to_string(ev).unwrap_or_default());
+    let dev = match trainer::resolve_device(device) {
+        Ok(d) => d,
+        Err(e) => {
+            emit(&InferEvent::Error {
+                id: None,
+                code: "invalid_request".into(),
+                message: e.to_string(),
+            });
+            return EXIT_JOB_ERROR;
+        }
+    };
+    let mut server =
+        tuna_train::serve::Server::new(dev, trainer::base_kind(dev, precision), budget_mib << 20);
+    emit(&InferEvent::Ready {
+        device: format!("{dev:?}").to_lowercase(),
+    });
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<InferRequest>(&line) {
+            Ok(InferRequest::Complete(req)) => server.handle(&req, &mut |ev| emit(&ev)),
+            Ok(InferRequest::Shutdown) => break,
+            Err(e) => emit(&InferEvent::Error {
+                id: None,
+                code: "invalid_request".into(),
+                message: format!("not a request: {e}"),
+            }),
+        }
+    }
+    EXIT_OK
 }
 
 fn info(model_dir: &std::path::Path) -> i32 {

@@ -256,7 +256,7 @@ fn causal_lm_evaluations_show_completions_of_validation_prompts() {
 }
 
 /// A prompt/completion job's data: every completion is `answer`.
-fn answering(answer: &str) -> Vec<(u64, tuna_core::data::Example)> {
+pub(crate) fn answering(answer: &str) -> Vec<(u64, tuna_core::data::Example)> {
     (0..24)
         .map(|i| {
             (

@@ -22,6 +22,8 @@
 //!   other method.
 //! - `generate`: KV-cache decoding: greedy output equal to transformers' `generate` on every
 //!   causal-LM family, seeded sampling, stop tokens and sequences.
+//! - `serve`: `tuna-trainer serve`, the inference process: requests in order, streaming, chat,
+//!   errors, eviction past the memory budget.
 //! - `cli`: the `tuna-trainer` binary as the worker runs it.
 //! - `minilm`: the real all-MiniLM-L6-v2 fine-tuned on SST-2 (the slow one).
 //!
@@ -41,6 +43,7 @@ mod parity;
 mod planner;
 mod qa;
 mod quant;
+mod serve;
 mod support;
 mod tasks;
 mod tokens;
