@@ -876,12 +876,7 @@ pub fn collate_packed(
             targets += f.targets();
         }
     }
-    let shape = [b as i64, t as i64];
-    let to = |v: &[i64]| -> Result<Tensor> {
-        Ok(Tensor::f_from_slice(v)?
-            .f_view(shape)?
-            .f_to_device(device)?)
-    };
+    let to = |v: &[i64]| rows_on(v, b, t, device);
     Ok(Collated {
         input_ids: to(&ids)?,
         attention_mask: to(&mask)?,
@@ -990,6 +985,13 @@ pub fn collate(
     })
 }
 
+/// `b` rows of `t` values (row after row) as a `[b, t]` Int64 tensor on `device`.
+fn rows_on(v: &[i64], b: usize, t: usize, device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_from_slice(v)?
+        .f_view([b as i64, t as i64])?
+        .f_to_device(device)?)
+}
+
 /// DPO: a micro-batch of preference pairs as `2b` rows, the `b` preferred sequences then the
 /// `b` rejected ones (as TRL batches them), padded on the right to the longest; labels are each
 /// completion's tokens (-100 elsewhere), `reference` the reference log-probabilities in the
@@ -1033,12 +1035,7 @@ pub fn collate_pairs(items: &[&Features], pad_id: i64, device: Device) -> Result
         .map(|p| p.reference[0])
         .chain(pairs.iter().map(|p| p.reference[1]))
         .collect();
-    let shape = [b as i64, t as i64];
-    let to = |v: &[i64]| -> Result<Tensor> {
-        Ok(Tensor::f_from_slice(v)?
-            .f_view(shape)?
-            .f_to_device(device)?)
-    };
+    let to = |v: &[i64]| rows_on(v, b, t, device);
     Ok(Collated {
         input_ids: to(&ids)?,
         attention_mask: to(&mask)?,
@@ -1060,14 +1057,7 @@ pub fn completion_logps(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let logits = logits.f_to_kind(Kind::Float)?;
     let v = *logits.size().last().unwrap_or(&1);
     let s = labels.size();
-    let shifted = Tensor::f_cat(
-        &[
-            labels.f_narrow(1, 1, s[1] - 1)?,
-            Tensor::f_full([s[0], 1], -100, (Kind::Int64, labels.device()))?,
-        ],
-        1,
-    )?
-    .f_reshape([-1])?;
+    let shifted = shifted_labels(labels)?;
     // Cross-entropy without reduction is each position's -log p (0 where the label is -100).
     let nll = logits.f_reshape([-1, v])?.f_cross_entropy_loss(
         &shifted,
@@ -1135,16 +1125,7 @@ pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, task: Task) -> Result<
             // flattening it would copy the whole `[b, t, vocab]` tensor (and its gradient) once
             // more.
             let v = *logits.size().last().unwrap_or(&1);
-            let s = labels.size();
-            let shift_labels = Tensor::f_cat(
-                &[
-                    labels.f_narrow(1, 1, s[1] - 1)?,
-                    Tensor::f_full([s[0], 1], -100, (Kind::Int64, labels.device()))?,
-                ],
-                1,
-            )?
-            .f_reshape([-1])?;
-            per_position(&logits.f_reshape([-1, v])?, &shift_labels)
+            per_position(&logits.f_reshape([-1, v])?, &shifted_labels(labels)?)
         }
         Task::TokenClassification => {
             let v = *logits.size().last().unwrap_or(&1);
@@ -1195,6 +1176,20 @@ pub fn loss_and_correct(logits: &Tensor, labels: &Tensor, task: Task) -> Result<
             Ok((loss, Tensor::f_zeros([], (Kind::Int64, logits.device()))?))
         }
     }
+}
+
+/// `[b, t]` labels moved one position left (-100 last), flattened: position `i`'s target is the
+/// token at `i + 1`.
+fn shifted_labels(labels: &Tensor) -> Result<Tensor> {
+    let s = labels.size();
+    Ok(Tensor::f_cat(
+        &[
+            labels.f_narrow(1, 1, s[1] - 1)?,
+            Tensor::f_full([s[0], 1], -100, (Kind::Int64, labels.device()))?,
+        ],
+        1,
+    )?
+    .f_reshape([-1])?)
 }
 
 /// Cross-entropy summed over the positions whose label is not -100 (`[n, classes]` logits,

@@ -276,23 +276,12 @@ pub fn complete_streaming(
         .collect::<Result<Vec<_>>>()?;
     let info = model.info();
     let mut s = s.clone();
-    for id in info
-        .eos_token_ids
-        .iter()
-        .copied()
-        .chain(tok.eos.as_ref().map(|e| i64::from(e.id)))
-    {
+    for id in tok.stop_ids(info) {
         if !s.stop_token_ids.contains(&id) {
             s.stop_token_ids.push(id);
         }
     }
-    let pad = tok
-        .pad
-        .as_ref()
-        .map(|p| i64::from(p.id))
-        .or(info.pad_token_id)
-        .or(info.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let pad = tok.pad_id(info);
     let stop: Vec<&str> = stop
         .iter()
         .map(String::as_str)

@@ -374,6 +374,28 @@ impl Tok {
         Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec(), cut))
     }
 
+    /// The id that pads a batch: the tokenizer's pad token, else the model's, else its first
+    /// end token (0 without any).
+    pub fn pad_id(&self, info: &crate::model::ModelInfo) -> i64 {
+        self.pad
+            .as_ref()
+            .map(|p| i64::from(p.id))
+            .or(info.pad_token_id)
+            .or(info.eos_token_ids.first().copied())
+            .unwrap_or(0)
+    }
+
+    /// The tokens that end a generated text: the model's end tokens and the tokenizer's.
+    pub fn stop_ids(&self, info: &crate::model::ModelInfo) -> Vec<i64> {
+        let mut ids = info.eos_token_ids.clone();
+        if let Some(e) = &self.eos {
+            if !ids.contains(&i64::from(e.id)) {
+                ids.push(i64::from(e.id));
+            }
+        }
+        ids
+    }
+
     /// Renders the chat template (the model's, else the fallback).
     pub fn render_chat(
         &self,

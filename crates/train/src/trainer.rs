@@ -469,13 +469,7 @@ impl<'a> Job<'a> {
     ) -> Job<'a> {
         let (spec, info) = (inputs.spec, model.info());
         let causal = spec.task == Task::CausalLm;
-        let pad_id = tok
-            .pad
-            .as_ref()
-            .map(|p| i64::from(p.id))
-            .or(info.pad_token_id)
-            .or(info.eos_token_ids.first().copied())
-            .unwrap_or(0);
+        let pad_id = tok.pad_id(info);
         let unanswerable = |ex: &[(u64, Example)]| {
             ex.iter()
                 .any(|(_, e)| matches!(e, Example::Answered { answers, .. } if answers.is_empty()))
@@ -1108,8 +1102,7 @@ impl Samples {
         prompts: &[SamplePrompt],
         max_len: usize,
     ) -> Result<Samples> {
-        let mut stop: Vec<i64> = info.eos_token_ids.clone();
-        stop.extend(tok.eos.as_ref().map(|e| i64::from(e.id)));
+        let stop = tok.stop_ids(info);
         // A prompt and its completion fit the job's (and the model's) length: prompts that
         // leave fewer than 4 new tokens are left out, and the longest kept sets the budget.
         let mut out = Vec::new();
@@ -1123,13 +1116,7 @@ impl Samples {
         Ok(Samples {
             prompts: out,
             decoder: tok.inner().clone(),
-            pad_id: tok
-                .pad
-                .as_ref()
-                .map(|p| i64::from(p.id))
-                .or(info.pad_token_id)
-                .or(info.eos_token_ids.first().copied())
-                .unwrap_or(0),
+            pad_id: tok.pad_id(info),
             sampling: crate::generate::Sampling {
                 max_tokens: SAMPLE_TOKENS.min(max_len.saturating_sub(longest)),
                 stop_token_ids: stop,

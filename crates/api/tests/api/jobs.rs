@@ -141,6 +141,18 @@ async fn assert_validated(app: &TestApp, cases: &[(Value, &str, &str)]) {
     }
 }
 
+/// Uploads `body` as `name` and checks the upload is refused with an error message holding
+/// each of `parts` (the line and what is wrong with it).
+async fn assert_upload_refused(app: &TestApp, name: &str, body: &[u8], parts: &[&str]) {
+    let resp = app.upload(&app.key, name, body.to_vec(), "fine-tune").await;
+    let (status, bad) = json(resp).await;
+    assert_eq!(status, 400, "{bad}");
+    let e = error_of(&bad);
+    assert_eq!(e["code"], "invalid_file_format", "{bad}");
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert!(parts.iter().all(|p| msg.contains(p)), "{msg}");
+}
+
 #[tokio::test]
 async fn sequence_level_tasks_check_their_data_and_model_at_create_time() {
     let app = spawn_app().await;
@@ -231,21 +243,13 @@ async fn question_answering_checks_its_data_and_model_at_create_time() {
         )
         .await;
     // An answer that is not where its offset says: the upload names the line.
-    let resp = app
-        .upload(
-            &app.key,
-            "bad.jsonl",
-            b"{\"question\": \"Who?\", \"context\": \"Ann met Bob.\", \"answers\": {\"text\": [\"Bob\"], \"answer_start\": [8]}}\n{\"question\": \"Who?\", \"context\": \"Ann met Bob.\", \"answers\": {\"text\": [\"Bob\"], \"answer_start\": [2]}}\n".to_vec(),
-            "fine-tune",
-        )
-        .await;
-    let (status, bad) = json(resp).await;
-    assert_eq!(status, 400, "{bad}");
-    let msg = error_of(&bad)["message"].as_str().unwrap_or_default();
-    assert!(
-        msg.contains("line 2: answer 0 `Bob` is not at character 2 of the context"),
-        "{msg}"
-    );
+    assert_upload_refused(
+        &app,
+        "bad.jsonl",
+        b"{\"question\": \"Who?\", \"context\": \"Ann met Bob.\", \"answers\": {\"text\": [\"Bob\"], \"answer_start\": [8]}}\n{\"question\": \"Who?\", \"context\": \"Ann met Bob.\", \"answers\": {\"text\": [\"Bob\"], \"answer_start\": [2]}}\n",
+        &["line 2: answer 0 `Bob` is not at character 2 of the context"],
+    )
+    .await;
     assert_validated(
         &app,
         &[
@@ -301,23 +305,13 @@ async fn token_classification_checks_its_data_and_model_at_create_time() {
     let (_, file) = json(app.get(&format!("/v1/files/{conll}")).await).await;
     assert_eq!(file["status"], "processed", "{file}");
     // A sentence whose tags are fewer than its words: the upload names the line.
-    let resp = app
-        .upload(
-            &app.key,
-            "bad.jsonl",
-            b"{\"tokens\": [\"a\"], \"tags\": [\"O\"]}\n{\"tokens\": [\"a\", \"b\"], \"tags\": [\"O\"]}\n".to_vec(),
-            "fine-tune",
-        )
-        .await;
-    let (status, bad) = json(resp).await;
-    assert_eq!(status, 400, "{bad}");
-    let e = error_of(&bad);
-    assert_eq!(e["code"], "invalid_file_format");
-    let msg = e["message"].as_str().unwrap_or_default();
-    assert!(
-        msg.contains("line 2: 2 tokens but 1 tags") && msg.contains("length_mismatch"),
-        "{msg}"
-    );
+    assert_upload_refused(
+        &app,
+        "bad.jsonl",
+        b"{\"tokens\": [\"a\"], \"tags\": [\"O\"]}\n{\"tokens\": [\"a\", \"b\"], \"tags\": [\"O\"]}\n",
+        &["line 2: 2 tokens but 1 tags", "length_mismatch"],
+    )
+    .await;
     let cases = [
         (json!({"model": "bert", "training_file": jsonl, "task": "token_classification"}), "queued", ""),
         (json!({"model": "bert", "training_file": conll, "task": "token_classification"}), "queued", ""),
@@ -964,21 +958,13 @@ async fn dpo_jobs_check_their_pairs_and_model_at_create_time() {
         )
         .await;
     // A malformed pair: the upload names its line.
-    let resp = app
-        .upload(
-            &app.key,
-            "bad.jsonl",
-            b"{\"prompt\": \"q\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{\"prompt\": \"q\", \"chosen\": \"a\"}\n".to_vec(),
-            "fine-tune",
-        )
-        .await;
-    let (status, bad) = json(resp).await;
-    assert_eq!(status, 400, "{bad}");
-    let msg = error_of(&bad)["message"].as_str().unwrap_or_default();
-    assert!(
-        msg.contains("line 2: a preference pair needs both `chosen` and `rejected`"),
-        "{msg}"
-    );
+    assert_upload_refused(
+        &app,
+        "bad.jsonl",
+        b"{\"prompt\": \"q\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{\"prompt\": \"q\", \"chosen\": \"a\"}\n",
+        &["line 2: a preference pair needs both `chosen` and `rejected`", "invalid_preference"],
+    )
+    .await;
     let dpo = json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}});
     assert_validated(
         &app,

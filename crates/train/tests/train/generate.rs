@@ -255,6 +255,29 @@ fn causal_lm_evaluations_show_completions_of_validation_prompts() {
     assert_ne!(samples[0].1, *last);
 }
 
+/// Each text's token ids (with the tokenizer's special tokens).
+fn text_ids(tok: &Tok, texts: &[&str]) -> Vec<Vec<i64>> {
+    texts
+        .iter()
+        .map(|p| {
+            tok.ids(p, true)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect()
+        })
+        .collect()
+}
+
+/// Greedy decoding of `n` tokens, stopping at `model`'s end tokens.
+fn greedy(n: usize, model: &dyn tuna_train::model::Model) -> Sampling {
+    Sampling {
+        max_tokens: n,
+        stop_token_ids: model.info().eos_token_ids.clone(),
+        ..Default::default()
+    }
+}
+
 /// A prompt/completion job's data: every completion is `answer`.
 pub(crate) fn answering(answer: &str) -> Vec<(u64, tuna_core::data::Example)> {
     (0..24)
@@ -291,21 +314,8 @@ fn fine_tuned_models_and_adapters_generate_as_transformers_and_peft_do() {
     let full_dir = final_dir(&full.outcome);
     let model = tuna_train::load_model(full_dir, &cpu_options(TaskHead::CausalLm)).unwrap();
     let tok = Tok::load(full_dir, true).unwrap();
-    let ps: Vec<Vec<i64>> = ["item 3:", "item 40:", "what now"]
-        .iter()
-        .map(|p| {
-            tok.ids(p, true)
-                .unwrap()
-                .into_iter()
-                .map(i64::from)
-                .collect()
-        })
-        .collect();
-    let s = Sampling {
-        max_tokens: 8,
-        stop_token_ids: model.info().eos_token_ids.clone(),
-        ..Default::default()
-    };
+    let ps = text_ids(&tok, &["item 3:", "item 40:", "what now"]);
+    let s = greedy(8, model.as_ref());
     let tokens = |m: &dyn tuna_train::model::Model| -> Vec<Vec<i64>> {
         generate(m, &ps, 0, &s, &mut |_, _| true)
             .unwrap()
@@ -355,21 +365,8 @@ fn fine_tuned_models_and_adapters_generate_as_transformers_and_peft_do() {
     load.lora = Some(opts);
     let shared = tuna_train::load_model(&fixture("llama"), &load).unwrap();
     let tok = Tok::load(a_dir, true).unwrap();
-    let ps: Vec<Vec<i64>> = ["item 3:", "item 40:"]
-        .iter()
-        .map(|p| {
-            tok.ids(p, true)
-                .unwrap()
-                .into_iter()
-                .map(i64::from)
-                .collect()
-        })
-        .collect();
-    let s = Sampling {
-        max_tokens: 8,
-        stop_token_ids: shared.info().eos_token_ids.clone(),
-        ..Default::default()
-    };
+    let ps = text_ids(&tok, &["item 3:", "item 40:"]);
+    let s = greedy(8, shared.as_ref());
     let gen = |adapter: &std::path::Path| -> Vec<Vec<i64>> {
         shared.load_adapter(adapter).unwrap();
         generate(shared.as_ref(), &ps, 0, &s, &mut |_, _| true)

@@ -76,6 +76,27 @@ impl Proc {
     }
 }
 
+/// What in-process generation gives for `prompts` (10 greedy tokens) with the model in `dir`,
+/// or the LoRA `adapter` over it.
+fn in_process(
+    dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    prompts: &[Prompt],
+) -> Vec<tuna_train::generate::Completion> {
+    let mut opts = cpu_options(TaskHead::CausalLm);
+    opts.lora = adapter.map(|a| tuna_train::models::adapter_options(a).unwrap().0);
+    let model = tuna_train::load_model(dir, &opts).unwrap();
+    if let Some(a) = adapter {
+        model.load_adapter(a).unwrap();
+    }
+    let tok = Tok::load(adapter.unwrap_or(dir), true).unwrap();
+    let s = Sampling {
+        max_tokens: 10,
+        ..Default::default()
+    };
+    complete(model.as_ref(), &tok, prompts, &[], &s).unwrap()
+}
+
 #[test]
 fn the_inference_process_answers_completion_requests_in_order() {
     let _g = lock();
@@ -88,22 +109,14 @@ fn the_inference_process_answers_completion_requests_in_order() {
     let done = evs.last().unwrap();
     assert_eq!(done["event"], "done", "{evs:?}");
     assert_eq!(done["id"], "a");
-    let model = tuna_train::load_model(&gpt2, &cpu_options(TaskHead::CausalLm)).unwrap();
-    let tok = Tok::load(&gpt2, true).unwrap();
-    let want = complete(
-        model.as_ref(),
-        &tok,
+    let want = in_process(
+        &gpt2,
+        None,
         &[
             Prompt::Text("the cat".into()),
             Prompt::Text("a dog sat on".into()),
         ],
-        &[],
-        &Sampling {
-            max_tokens: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    );
     for (c, w) in done["choices"].as_array().unwrap().iter().zip(&want) {
         assert_eq!(c["text"], w.text.as_str());
         assert_eq!(c["completion_tokens"], w.completion_tokens);
@@ -138,19 +151,11 @@ fn the_inference_process_answers_completion_requests_in_order() {
     let evs = p.request(json!({"id": "d", "model_dir": qwen,
                                "prompts": [[{"role": "user", "content": "hello"}]]}));
     assert_eq!(evs.last().unwrap()["event"], "done", "{evs:?}");
-    let model = tuna_train::load_model(&qwen, &cpu_options(TaskHead::CausalLm)).unwrap();
-    let tok = Tok::load(&qwen, true).unwrap();
-    let want = complete(
-        model.as_ref(),
-        &tok,
+    let want = in_process(
+        &qwen,
+        None,
         &[Prompt::Chat(vec![("user".into(), "hello".into())])],
-        &[],
-        &Sampling {
-            max_tokens: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    );
     assert_eq!(
         evs.last().unwrap()["choices"][0]["text"],
         want[0].text.as_str()
@@ -173,21 +178,7 @@ fn the_inference_process_answers_completion_requests_in_order() {
     let tuned = p.request(
         json!({"id": "l", "model_dir": llama, "adapter_dir": adapter, "prompts": ["item 3:"]}),
     );
-    let mut opts = cpu_options(TaskHead::CausalLm);
-    opts.lora = Some(tuna_train::models::adapter_options(adapter).unwrap().0);
-    let model = tuna_train::load_model(&llama, &opts).unwrap();
-    model.load_adapter(adapter).unwrap();
-    let want = complete(
-        model.as_ref(),
-        &Tok::load(adapter, true).unwrap(),
-        &[Prompt::Text("item 3:".into())],
-        &[],
-        &Sampling {
-            max_tokens: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let want = in_process(&llama, Some(adapter), &[Prompt::Text("item 3:".into())]);
     assert_eq!(
         tuned.last().unwrap()["choices"][0]["text"],
         want[0].text.as_str(),
