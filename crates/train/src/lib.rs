@@ -14,10 +14,12 @@
 //! - `generate.rs`: text generation with a KV cache (greedy, seeded sampling, stop sequences).
 //! - `serve.rs`: `tuna-trainer serve`, the inference process (requests on stdin, events on
 //!   stdout, an LRU of loaded models within a memory budget).
-//! - `bench.rs`: `tuna-trainer bench`, the training-speed benchmark against transformers.
+//! - `bench.rs`: `tuna-trainer bench`, the training-speed benchmark against transformers;
+//!   `bench_generate.rs`: `tuna-trainer bench-generate`, the generation-speed one.
 //! - `memory.rs`: measured peak memory (metrics events, benchmarks).
 
 pub mod bench;
+pub mod bench_generate;
 pub mod checkpoint;
 pub mod data;
 pub mod freeze;

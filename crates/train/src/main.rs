@@ -4,6 +4,8 @@
 //! tuna-trainer run --model-dir DIR --spec spec.json --train-file F [--valid-file V]
 //!                  --output-dir OUT [--resume-from CKPT_DIR] [--device auto|cpu|cuda]
 //! tuna-trainer info --model-dir DIR
+//! tuna-trainer bench-generate --model-dir DIR --prompts PROMPTS.json --batch B
+//!                    --new-tokens N [--rounds R] [--device cpu|cuda] [--precision ..] [--threads T]
 //! tuna-trainer serve [--device auto|cpu|cuda] [--precision auto|fp32|bf16]
 //!                    [--memory-budget-mib MIB] [--threads T]
 //! tuna-trainer bench --model-dir DIR --data BATCHES.json [--device cpu|cuda] [--precision ..]
@@ -67,6 +69,26 @@ enum Cmd {
         #[arg(long)]
         device: Option<Device>,
         /// Intra-op CPU threads (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
+    },
+    /// Times greedy generation on a prompts file; prints one JSON line.
+    BenchGenerate {
+        #[arg(long)]
+        model_dir: PathBuf,
+        /// Prompts file written by `python/bench_generate_peer.py prepare`.
+        #[arg(long)]
+        prompts: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+        #[arg(long, default_value = "auto")]
+        precision: Precision,
         #[arg(long)]
         threads: Option<i32>,
     },
@@ -207,6 +229,18 @@ fn main() {
             memory_budget_mib,
             threads,
         } => serve(device, precision, memory_budget_mib, threads),
+        Cmd::BenchGenerate {
+            model_dir,
+            prompts,
+            batch,
+            new_tokens,
+            rounds,
+            device,
+            precision,
+            threads,
+        } => bench_generate(
+            model_dir, prompts, batch, new_tokens, rounds, device, precision, threads,
+        ),
         Cmd::Bench {
             model_dir,
             data,
@@ -293,6 +327,43 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_generate(
+    model_dir: PathBuf,
+    prompts: PathBuf,
+    batch: usize,
+    new_tokens: usize,
+    rounds: usize,
+    device: Device,
+    precision: Precision,
+    threads: Option<i32>,
+) -> i32 {
+    if let Some(t) = threads {
+        tch::set_num_threads(t);
+    }
+    let run = trainer::resolve_device(device).and_then(|device| {
+        tuna_train::bench_generate::run(&tuna_train::bench_generate::GenerateBench {
+            model_dir,
+            prompts,
+            batch,
+            new_tokens,
+            rounds,
+            device,
+            precision,
+        })
+    });
+    match run {
+        Ok(v) => {
+            print_line(&v.to_string());
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("bench-generate failed: {e}");
+            EXIT_JOB_ERROR
+        }
+    }
 }
 
 /// Reads inference requests until `shutdown` or the end of stdin.

@@ -239,3 +239,57 @@ fn bench_prints_one_json_line_per_run() {
     assert_eq!(code, Some(2));
     assert_eq!(ev[0]["event"], "error");
 }
+
+#[test]
+fn bench_generate_times_the_prompts_of_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts: Vec<Vec<usize>> = [12usize, 7, 9]
+        .iter()
+        .map(|n| (0..*n).map(|j| 5 + j * 11 % 390).collect())
+        .collect();
+    let file = dir.path().join("prompts.json");
+    std::fs::write(&file, json!({ "prompts": prompts }).to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tuna-trainer"))
+        .args(["bench-generate", "--model-dir"])
+        .arg(fixture("gpt2"))
+        .arg("--prompts")
+        .arg(&file)
+        .args([
+            "--batch",
+            "3",
+            "--new-tokens",
+            "6",
+            "--rounds",
+            "2",
+            "--threads",
+            "1",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let ev = events(&out.stdout);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    let r = &ev[0];
+    assert_eq!(
+        (r["batch"].as_u64(), r["new_tokens"].as_u64()),
+        (Some(3), Some(6))
+    );
+    assert_eq!(r["prompt_tokens"], json!([12, 7, 9]));
+    assert_eq!(r["ttft_times_s"].as_array().unwrap().len(), 2);
+    assert!(
+        r["ttft_s"].as_f64().unwrap() > 0.0 && r["decode_tokens_per_s"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    // Fewer prompts than the batch: an error, not a number.
+    let out = Command::new(env!("CARGO_BIN_EXE_tuna-trainer"))
+        .args(["bench-generate", "--model-dir"])
+        .arg(fixture("gpt2"))
+        .arg("--prompts")
+        .arg(&file)
+        .args(["--batch", "4"])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+}
