@@ -19,6 +19,27 @@ use crate::model::{FreezeOptions, LoadOptions, LoraOptions, Model, TaskHead};
 use crate::tokenizer::Tok;
 use crate::{Error, Result};
 
+/// Why a request failed, as its `error` event's `code` says.
+enum Failure {
+    /// No model (or adapter) folder where the request says.
+    NotFound(String),
+    /// The model alone is larger than the memory budget.
+    Memory(String),
+    /// A bad request (no prompt, not a causal LM, an empty prompt).
+    Request(String),
+    /// Loading or generating failed.
+    Engine(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        match e {
+            Error::Data(m) => Failure::Request(m),
+            e => Failure::Engine(e),
+        }
+    }
+}
+
 /// A loaded model: which folder, with which LoRA layout, and the adapter its LoRA weights
 /// hold now.
 struct Loaded {
@@ -60,31 +81,26 @@ impl Server {
         let id = req.id.clone();
         let outcome =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.complete(req, emit)));
-        let err = match outcome {
+        let failure = match outcome {
             Ok(Ok(choices)) => {
                 emit(InferEvent::Done { id, choices });
                 return;
             }
-            Ok(Err(e)) => e,
-            Err(p) => Error::Other(anyhow::anyhow!(
+            Ok(Err(f)) => f,
+            Err(p) => Failure::Engine(Error::Other(anyhow::anyhow!(
                 "libtorch failed: {}",
                 p.downcast_ref::<String>()
                     .cloned()
                     .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default()
-            )),
+            ))),
         };
-        let code = match &err {
-            Error::Config(m) if m.starts_with("model_not_found") => "model_not_found",
-            Error::Config(m) if m.starts_with("insufficient_memory") => "insufficient_memory",
-            Error::Data(_) => "invalid_request",
-            _ => "inference_error",
+        let (code, message) = match failure {
+            Failure::NotFound(m) => ("model_not_found", m),
+            Failure::Memory(m) => ("insufficient_memory", m),
+            Failure::Request(m) => ("invalid_request", m),
+            Failure::Engine(e) => ("inference_error", e.to_string()),
         };
-        let message = err.to_string();
-        let message = message
-            .strip_prefix(&format!("{code}: "))
-            .unwrap_or(&message)
-            .to_string();
         emit(InferEvent::Error {
             id: Some(id),
             code: code.into(),
@@ -96,9 +112,9 @@ impl Server {
         &mut self,
         req: &CompleteRequest,
         emit: &mut dyn FnMut(InferEvent),
-    ) -> Result<Vec<InferChoice>> {
+    ) -> std::result::Result<Vec<InferChoice>, Failure> {
         if req.prompts.is_empty() {
-            return Err(Error::Data("the request has no prompt".into()));
+            return Err(Failure::Request("the request has no prompt".into()));
         }
         let i = self.model(&req.model_dir, req.adapter_dir.as_deref(), emit)?;
         let m = &self.loaded[i];
@@ -161,20 +177,14 @@ impl Server {
         dir: &Path,
         adapter: Option<&Path>,
         emit: &mut dyn FnMut(InferEvent),
-    ) -> Result<usize> {
+    ) -> std::result::Result<usize, Failure> {
         if !dir.join("config.json").is_file() {
-            return Err(Error::Config(format!(
-                "model_not_found: no model at {}",
-                dir.display()
-            )));
+            return Err(Failure::NotFound(format!("no model at {}", dir.display())));
         }
         let lora = match adapter {
             Some(a) => {
                 if !a.join("adapter_config.json").is_file() {
-                    return Err(Error::Config(format!(
-                        "model_not_found: no adapter at {}",
-                        a.display()
-                    )));
+                    return Err(Failure::NotFound(format!("no adapter at {}", a.display())));
                 }
                 Some(crate::models::adapter_options(a)?.0)
             }
@@ -189,8 +199,8 @@ impl Server {
             None => {
                 let need = self.estimate(dir)?;
                 if need > self.budget {
-                    return Err(Error::Config(format!(
-                        "insufficient_memory: {} needs about {} MiB of weights; the inference budget is {} MiB",
+                    return Err(Failure::Memory(format!(
+                        "{} needs about {} MiB of weights; the inference budget is {} MiB",
                         dir.display(),
                         need >> 20,
                         self.budget >> 20
@@ -213,7 +223,7 @@ impl Server {
                 };
                 let model = crate::load_model(dir, &opts)?;
                 if !model.info().is_decoder {
-                    return Err(Error::Data(format!(
+                    return Err(Failure::Request(format!(
                         "{} is not a causal language model",
                         dir.display()
                     )));

@@ -244,4 +244,15 @@ fn models_beyond_the_budget_are_evicted_least_recently_used_first() {
     let evs = load(&mut p, &qwen);
     assert_eq!(evs[0], format!("evicted {}", name(&llama)), "{evs:?}");
     assert_eq!(evs.last().unwrap(), &format!("loaded {}", name(&qwen)));
+    // A model larger than the whole budget is refused, with what it needs.
+    let mut none = Proc::start(0);
+    let evs = none.request(json!({"id": "y", "model_dir": gpt2, "prompts": ["hi"]}));
+    assert_eq!(evs[0]["code"], "insufficient_memory", "{evs:?}");
+    assert!(
+        evs[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the inference budget is 0 MiB"),
+        "{evs:?}"
+    );
 }
